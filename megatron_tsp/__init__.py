@@ -1,0 +1,34 @@
+"""megatron-tsp: folded Tensor and Sequence Parallelism (TSP) for Megatron-core.
+
+One device axis of size D (`--tsp-size D`, Megatron's TP slot) on which every rank holds 1/D
+of each layer's weights and 1/D of the tokens (zigzag layout).
+"""
+
+from .config import TSPConfigError, tsp_transformer_config, validate_transformer_config
+from .parallel_state import (
+    destroy_model_parallel,
+    get_tsp_group,
+    get_tsp_rank,
+    get_tsp_world_size,
+    initialize_model_parallel,
+    tsp_process_groups,
+)
+from .zigzag import from_zigzag, local_positions, to_zigzag, zigzag_permutation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TSPConfigError",
+    "tsp_transformer_config",
+    "validate_transformer_config",
+    "initialize_model_parallel",
+    "destroy_model_parallel",
+    "get_tsp_group",
+    "get_tsp_rank",
+    "get_tsp_world_size",
+    "tsp_process_groups",
+    "zigzag_permutation",
+    "local_positions",
+    "to_zigzag",
+    "from_zigzag",
+]

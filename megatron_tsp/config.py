@@ -1,0 +1,127 @@
+"""What TSP supports, checked once, before any collective.
+
+Every check here is a pure function of the configuration, so every rank raises the same
+`TSPConfigError` before the first broadcast or all-gather: a bad flag never hangs a job.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class TSPConfigError(ValueError):
+    """A configuration TSP cannot run. The message names the flag or shape at fault."""
+
+
+def check_tsp_size(tsp_size: int) -> None:
+    if not isinstance(tsp_size, int) or isinstance(tsp_size, bool) or tsp_size < 1:
+        raise TSPConfigError(f"--tsp-size must be a positive integer, got {tsp_size!r}")
+
+
+def check_seq_length(seq_length: int, tsp_size: int, what: str = "--seq-length") -> None:
+    """Zigzag needs 2*D equal chunks per sequence."""
+    if seq_length % (2 * tsp_size) != 0:
+        raise TSPConfigError(
+            f"{what} = {seq_length} must be divisible by 2 x --tsp-size = {2 * tsp_size} "
+            f"(the zigzag layout cuts each sequence into 2*D equal chunks)"
+        )
+
+
+def check_world_size(world_size: int, tsp_size: int, pipeline_model_parallel_size: int = 1) -> None:
+    model_size = tsp_size * pipeline_model_parallel_size
+    if world_size % model_size != 0:
+        raise TSPConfigError(
+            f"world size {world_size} is not divisible by --tsp-size ({tsp_size}) x "
+            f"--pipeline-model-parallel-size ({pipeline_model_parallel_size}) = {model_size}"
+        )
+
+
+def check_parallel_sizes(
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+) -> None:
+    """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP."""
+    if tensor_model_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--tensor-model-parallel-size = {tensor_model_parallel_size} cannot be combined with "
+            f"--tsp-size: TSP takes the tensor-parallel slot (leave it at 1)"
+        )
+    if context_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--context-parallel-size = {context_parallel_size} cannot be combined with "
+            f"--tsp-size: TSP already splits the sequence (leave it at 1)"
+        )
+    if expert_model_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-model-parallel-size = {expert_model_parallel_size}: MoE is not supported "
+            f"with --tsp-size in this version"
+        )
+
+
+def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int] = None) -> None:
+    """Reject every TransformerConfig option the TSP attention and ring MLP do not implement."""
+    check_tsp_size(tsp_size)
+    D = tsp_size
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    if heads % D != 0:
+        raise TSPConfigError(
+            f"--num-attention-heads = {heads} must be divisible by --tsp-size = {D}"
+        )
+    if groups % D != 0:
+        raise TSPConfigError(
+            f"--num-query-groups = {groups} must be divisible by --tsp-size = {D} "
+            f"(each TSP weight shard holds whole KV groups)"
+        )
+    ffn = config.ffn_hidden_size
+    if ffn % D != 0:
+        raise TSPConfigError(f"--ffn-hidden-size = {ffn} must be divisible by --tsp-size = {D}")
+    if seq_length is not None:
+        check_seq_length(seq_length, D)
+    check_parallel_sizes(
+        config.tensor_model_parallel_size if D == 1 else 1,
+        config.context_parallel_size,
+        config.expert_model_parallel_size,
+    )
+    if D > 1 and config.tensor_model_parallel_size != D:
+        raise TSPConfigError(
+            f"TransformerConfig.tensor_model_parallel_size = {config.tensor_model_parallel_size} "
+            f"but --tsp-size = {D}: build the config with megatron_tsp.tsp_transformer_config "
+            f"(TSP runs in the tensor-parallel slot)"
+        )
+    if D > 1 and not config.sequence_parallel:
+        raise TSPConfigError(
+            "TransformerConfig.sequence_parallel must be True with --tsp-size > 1 "
+            "(norm gradients are summed over the TSP group like Megatron's sequence parallelism)"
+        )
+    unsupported = {
+        "num_moe_experts": ("--num-experts", lambda v: v not in (None, 0)),
+        "multi_latent_attention": ("--multi-latent-attention", bool),
+        "qk_layernorm": ("--qk-layernorm", bool),
+        "attention_output_gate": ("--attention-output-gate", bool),
+        "tp_comm_overlap": ("--tp-comm-overlap", bool),
+        "use_te_activation_func": ("--use-te-activation-func", bool),
+        "attention_dropout": ("--attention-dropout", lambda v: v not in (None, 0, 0.0)),
+        "fp8": ("--fp8-format", lambda v: v not in (None, False)),
+        "flash_decode": ("--flash-decode", bool),
+        "mrope_section": ("--mrope-section", lambda v: v is not None),
+    }
+    for field, (flag, bad) in unsupported.items():
+        value = getattr(config, field, None)
+        if bad(value):
+            raise TSPConfigError(
+                f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version"
+            )
+
+
+def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kwargs):
+    """A Megatron `TransformerConfig` for a TSP run: the TSP axis in the TP slot
+    (`tensor_model_parallel_size = D`, `sequence_parallel = D > 1`), validated."""
+    from megatron.core.transformer import TransformerConfig
+
+    check_tsp_size(tsp_size)
+    check_parallel_sizes(kwargs.pop("tensor_model_parallel_size", 1), kwargs.get("context_parallel_size", 1))
+    config = TransformerConfig(tensor_model_parallel_size=tsp_size, sequence_parallel=tsp_size > 1, **kwargs)
+    validate_transformer_config(config, tsp_size, seq_length)
+    return config

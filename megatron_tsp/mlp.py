@@ -1,0 +1,138 @@
+"""TSP ring MLP: weight shards travel around the ring, tokens never leave their rank.
+
+Shard j = rows [gate_j; up_j] of fc1 (Megatron's stride-2 GLU layout on TP rank j) and the
+matching columns of fc2. On TSP rank p, at ring step t it holds shard j = (p - t) mod D:
+
+    out = 0
+    for t in 0..D-1:
+        post send(shard -> p+1), recv(next <- p-1)        # overlapped with the GEMMs below
+        out += fc2_j(act(fc1_j(x_p)))                     # local accumulation, no all-reduce
+        wait; shard = next
+
+Backward runs the ring again. The gradient of shard j travels with it: every rank adds its
+partial, and after D hops the sum arrives at the owner. Saves x_p and the owned shard only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.mlp import MLP
+
+from . import comm
+from .attention import run_holder_pre_hooks
+from .config import TSPConfigError, validate_transformer_config
+
+
+class Activation:
+    """Megatron MLP's unfused activation: act(x), or for GLU act(gate) * (up + offset),
+    with the optional clamp. Fused kernels compute the same function."""
+
+    def __init__(self, config):
+        self.func = config.activation_func
+        self.gated = config.gated_linear_unit
+        self.clamp = getattr(config, "activation_func_clamp_value", None)
+        self.offset = getattr(config, "glu_linear_offset", 0.0)
+
+    def __call__(self, h):
+        if not self.gated:
+            return self.func(h)
+        gate, up = torch.chunk(h, 2, dim=-1)
+        if self.clamp is not None:
+            gate = gate.clamp(min=None, max=self.clamp)
+            up = up.clamp(min=-self.clamp, max=self.clamp)
+        return self.func(gate) * (up + self.offset)
+
+
+def mlp_shard(x, w_fc1, b_fc1, w_fc2, activation):
+    return F.linear(activation(F.linear(x, w_fc1, b_fc1)), w_fc2)
+
+
+class TSPRingMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group):
+        packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
+        D = group.size()
+        shard, out = packer.pack([w_fc1, b_fc1, w_fc2]), None
+        for t in range(D):
+            if t + 1 < D:
+                incoming = packer.empty()
+                requests = comm.ring_shift(shard, incoming, group)
+            y = mlp_shard(x, *packer.unpack(shard), activation)
+            out = y if out is None else out.add_(y)
+            del y
+            if t + 1 < D:
+                comm.wait_all(requests)
+                shard = incoming
+        ctx.activation, ctx.group, ctx.packer = activation, group, packer
+        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_fc1, b_fc1, w_fc2 = ctx.saved_tensors
+        activation, group, packer = ctx.activation, ctx.group, ctx.packer
+        D = group.size()
+        shard = packer.pack([w_fc1, b_fc1, w_fc2])
+        dx = torch.zeros_like(x)
+        grad_in, grad_requests = None, None  # the accumulated gradient arriving from p-1
+        for t in range(D):
+            if t + 1 < D:
+                incoming = packer.empty()
+                weight_requests = comm.ring_shift(shard, incoming, group)
+            with torch.enable_grad():
+                x_ = x.detach().requires_grad_()
+                weights = [None if w is None else w.detach().requires_grad_() for w in packer.unpack(shard)]
+                y = mlp_shard(x_, *weights, activation)
+                grads = torch.autograd.grad(y, [x_] + [w for w in weights if w is not None], grad_out)
+            del y, weights
+            dx.add_(grads[0])
+            grad_acc = torch.cat([g.reshape(-1) for g in grads[1:]])
+            del grads
+            if t > 0:  # add the partials of the ranks this shard visited before
+                comm.wait_all(grad_requests)
+                grad_acc.add_(grad_in)
+            if D > 1:  # after the D-th hop the gradient of shard p+1 reaches its owner
+                grad_in = torch.empty_like(grad_acc)
+                grad_requests = comm.ring_shift(grad_acc, grad_in, group)
+            else:
+                grad_in = grad_acc
+            if t + 1 < D:
+                comm.wait_all(weight_requests)
+                shard = incoming
+        comm.wait_all(grad_requests)
+        dw_fc1, db_fc1, dw_fc2 = packer.unpack(grad_in)
+        return dx, dw_fc1, db_fc1, dw_fc2, None, None
+
+
+class TSPRingMLP(MLP):
+    """Megatron's MLP whose `linear_fc1` / `linear_fc2` hold this rank's shard (native TP
+    layout), with the TSP ring as forward. Input and output: this rank's tokens, [S/D, b, h].
+    The TSP group comes in as `tp_group` (the spec factory passes it)."""
+
+    def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None):
+        if is_expert:
+            raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
+        if tp_group is None:
+            from megatron.core import parallel_state
+
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        validate_transformer_config(config, tp_group.size())
+        super().__init__(
+            config, submodules, input_size=input_size,
+            ffn_hidden_size=config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size,
+            tp_group=tp_group,
+        )
+        self.tsp_group = self.tp_group
+        self.activation = Activation(config)
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if per_token_scale is not None:
+            raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP ring MLP")
+        run_holder_pre_hooks(self.linear_fc1, self.linear_fc2)
+        out = TSPRingMLPFunction.apply(
+            hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
+            self.activation, self.tsp_group,
+        )
+        return out, self.linear_fc2.bias

@@ -1,0 +1,54 @@
+"""`TSPGPTModel`: a drop-in for Megatron's GPTModel that takes full sequences on every TSP
+rank and returns the per-token loss (or logits) in natural order.
+
+The zigzag layout is a permutation of the full sequence: tokens, positions, labels and the
+loss mask are permuted before the model, so Megatron's contiguous sequence-parallel scatter
+hands rank r chunks r and 2D-1-r; the per-token output is un-permuted on the way out.
+Embedding, LM head and vocab-parallel cross-entropy are Megatron's, on the same group.
+"""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state as mpu
+from megatron.core.models.gpt import GPTModel
+
+from .config import TSPConfigError, check_seq_length, validate_transformer_config
+from .specs import get_tsp_block_spec
+from .zigzag import from_zigzag, to_zigzag
+
+
+class TSPGPTModel(GPTModel):
+    """GPTModel with the TSP decoder. Arguments as GPTModel's; `transformer_layer_spec`
+    defaults to `get_tsp_block_spec`. The TSP group is `pg_collection.tp`."""
+
+    def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None, **kwargs):
+        pg_collection = kwargs.get("pg_collection")
+        group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
+        validate_transformer_config(config, group.size())
+        if kwargs.get("mtp_block_spec") is not None:
+            raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
+        if transformer_layer_spec is None:
+            vp_stage = kwargs.get("vp_stage")
+            pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
+            transformer_layer_spec = get_tsp_block_spec(config, vp_stage, pp_rank, tsp_group=group)
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        self.tsp_group = group
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
+        D = self.tsp_group.size()
+        if decoder_input is not None:
+            raise TSPConfigError("decoder_input is not supported by TSPGPTModel: pass input_ids")
+        if kwargs.get("packed_seq_params") is not None:
+            raise TSPConfigError("packed sequences (packed_seq_params) are not supported with --tsp-size")
+        full = next((t for t in (input_ids, labels) if t is not None), None)
+        if full is not None:
+            check_seq_length(full.shape[1], D, what="sequence length of the batch")
+        permute = lambda t: None if t is None else to_zigzag(t, D, dim=1)  # noqa: E731
+        if position_ids is not None and position_ids.shape[1] > 1:
+            position_ids = permute(position_ids)
+        if kwargs.get("loss_mask") is not None:
+            kwargs["loss_mask"] = permute(kwargs["loss_mask"])
+        output = super().forward(permute(input_ids), position_ids, attention_mask, None, permute(labels), *args, **kwargs)
+        if not self.post_process:
+            return output  # hidden states of this stage's local tokens, [S/D, b, h]
+        return from_zigzag(output, D, dim=1)  # loss [b, S] or logits [b, S, V/D]

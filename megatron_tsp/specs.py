@@ -1,0 +1,54 @@
+"""Layer and block specs: Megatron's local GPT spec with TSP's attention, ring MLP and
+sequence-parallel-capable norms swapped in. Everything else (linear layers as shard holders,
+bias-dropout-add, checkpoint key map) stays Megatron's, so TSP checkpoints are native-TP ones."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from .attention import TSPSelfAttention
+from .mlp import TSPRingMLP
+from .norm import TSPNorm
+
+
+def _local_spec_with_sp_norms(config) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    spec.submodules.input_layernorm = TSPNorm
+    spec.submodules.pre_mlp_layernorm = TSPNorm
+    return spec
+
+
+def get_tsp_layer_spec(config, tsp_group=None) -> ModuleSpec:
+    """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group`
+    (Megatron's TP group when None)."""
+    spec = _local_spec_with_sp_norms(config)
+    spec.submodules.self_attention.module = TSPSelfAttention
+    mlp = spec.submodules.mlp
+    # TransformerLayer passes tp_group only to MLP itself, so the group rides in params.
+    spec.submodules.mlp = ModuleSpec(module=TSPRingMLP, params={"tp_group": tsp_group}, submodules=mlp.submodules)
+    return spec
+
+
+def get_sp_layer_spec(config) -> ModuleSpec:
+    """Megatron's native local layer (TP, TP + sequence parallelism) with norms that accept
+    sequence parallelism: the baseline and the reference of the parity tests."""
+    return _local_spec_with_sp_norms(config)
+
+
+def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=TSPNorm)
+
+
+def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None) -> TransformerBlockSubmodules:
+    """The decoder block of a TSP GPT model (the final norm sequence-parallel-capable too)."""
+    return _block(config, get_tsp_layer_spec(config, tsp_group), vp_stage, pp_rank)
+
+
+def get_sp_block_spec(config, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
+    return _block(config, get_sp_layer_spec(config), vp_stage, pp_rank)

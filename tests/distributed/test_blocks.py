@@ -1,0 +1,91 @@
+"""TSP attention and ring MLP vs Megatron's native modules with the same full weights:
+output, input gradient and every weight gradient, float64, D in {1, 2, 4}."""
+
+import pytest
+import torch
+
+from tests.distributed.parity import block_parity
+from tests.utils import skip_unless_divides
+
+TOL = 1e-10
+
+
+def _check(errors, seed, tol=TOL):
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol} (seed {seed}): {bad}"
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_attention_parity(world, D, groups, bias):
+    skip_unless_divides(world, D)
+    if groups is not None and groups % D:
+        groups = D  # GQA with one KV group per shard at D=4
+    errors, seed = block_parity("attention", D, groups=groups, bias=bias, rope=True, heads=8 if groups else 4)
+    _check(errors, seed)
+    assert "linear_qkv.weight" in errors and "linear_proj.weight" in errors
+    assert ("linear_qkv.bias" in errors) == bias
+
+
+@pytest.mark.parametrize("D", [2, 4])
+def test_attention_parity_without_rope(world, D):
+    skip_unless_divides(world, D)
+    errors, seed = block_parity("attention", D, rope=False)
+    _check(errors, seed)
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_ring_mlp_parity(world, D, gated, bias):
+    skip_unless_divides(world, D)
+    errors, seed = block_parity("mlp", D, gated=gated, bias=bias)
+    _check(errors, seed)
+    assert ("linear_fc1.bias" in errors) == bias
+
+
+# --- test the test: a broken schedule must fail the same comparison ------------------------
+
+def test_broken_zigzag_inverse_is_caught(world, monkeypatch):
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    import megatron_tsp.attention as attention
+
+    monkeypatch.setattr(attention, "from_zigzag", lambda t, D, dim: t)  # K/V left in rank order
+    errors, _ = block_parity("attention", D)
+    assert errors["output"] > 1e-3 and errors["linear_qkv.weight"] > 1e-3
+
+
+def test_dropped_weight_gradient_reduction_is_caught(world, monkeypatch):
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    from megatron_tsp import comm
+
+    monkeypatch.setattr(comm, "reduce_to", lambda buf, dst, group, async_op=False: None)
+    errors, _ = block_parity("attention", D)
+    assert errors["output"] <= TOL  # the forward is untouched ...
+    assert errors["linear_qkv.weight"] > 1e-3 and errors["linear_proj.weight"] > 1e-3  # ... the grads are not
+
+
+def test_dropped_ring_gradient_hop_is_caught(world, monkeypatch):
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    import megatron_tsp.mlp as mlp
+
+    real = mlp.comm.ring_shift
+    calls = {"n": 0}
+
+    def lossy_ring_shift(send, recv, group):
+        calls["n"] += 1
+        if torch.is_grad_enabled() is False and calls["n"] > D - 1:  # backward: zero one gradient hop
+            send = torch.zeros_like(send)
+        return real(send, recv, group)
+
+    monkeypatch.setattr(mlp.comm, "ring_shift", lossy_ring_shift)
+    errors, _ = block_parity("mlp", D)
+    assert errors["output"] <= TOL
+    assert errors["linear_fc1.weight"] > 1e-3

@@ -1,0 +1,125 @@
+"""Test helpers: tiny configs, groups, and Megatron's TP shard layout (to build a TSP shard
+from a full weight and to gather full weights back)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import TransformerConfig
+
+import megatron_tsp
+
+_SINGLETONS = {}
+
+
+def device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def skip_unless_divides(world, D):
+    import pytest
+
+    if world % D != 0:
+        pytest.skip(f"world size {world} is not a multiple of D={D}")
+
+
+def singleton_group():
+    """A process group holding only this rank (every rank creates all of them, in order)."""
+    world = dist.get_world_size()
+    if world not in _SINGLETONS:
+        groups = [dist.new_group([r]) for r in range(world)]
+        _SINGLETONS[world] = groups[dist.get_rank()]
+    return _SINGLETONS[world]
+
+
+def singleton_pgs() -> ProcessGroupCollection:
+    g = singleton_group()
+    return ProcessGroupCollection(tp=g, cp=g, pp=g)
+
+
+def init_tsp(D, pp=1, seed=1234):
+    megatron_tsp.destroy_model_parallel() if mpu.model_parallel_is_initialized() else None
+    megatron_tsp.initialize_model_parallel(tsp_size=D, pipeline_model_parallel_size=pp)
+    mrandom.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def tiny_config(D, *, heads=4, groups=None, hidden=32, ffn=64, layers=1, bias=False, gated=True,
+                dtype=torch.float64, normalization="RMSNorm", sp=None, **kw) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=ffn,
+        tensor_model_parallel_size=D,
+        sequence_parallel=(D > 1) if sp is None else sp,
+        add_bias_linear=bias,
+        gated_linear_unit=gated,
+        activation_func=F.silu if gated else F.gelu,
+        bias_activation_fusion=False,
+        normalization=normalization,
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        **kw,
+    )
+
+
+# --- Megatron's TP layout: rank r of D holds chunks r, r+D, ... of `stride * D` chunks ------
+
+def shard_of(full: torch.Tensor, rank: int, D: int, dim: int, stride: int = 1) -> torch.Tensor:
+    chunks = torch.chunk(full, stride * D, dim=dim)
+    return torch.cat(chunks[rank::D], dim=dim)
+
+
+def full_from_shards(shards, dim: int, stride: int = 1) -> torch.Tensor:
+    D = len(shards)
+    pieces = [torch.chunk(s, stride, dim=dim) for s in shards]
+    return torch.cat([pieces[i % D][i // D] for i in range(stride * D)], dim=dim)
+
+
+def layout(param):
+    if getattr(param, "tensor_model_parallel", False):
+        return param.partition_dim, getattr(param, "partition_stride", 1)
+    return None
+
+
+def gather_full(t: torch.Tensor, param, group) -> torch.Tensor:
+    """The full tensor of a (maybe TP-sharded) parameter-shaped tensor `t`."""
+    lay = layout(param)
+    if lay is None or group.size() == 1:
+        return t.clone()
+    shards = [torch.empty_like(t) for _ in range(group.size())]
+    dist.all_gather(shards, t.contiguous(), group=group)
+    return full_from_shards(shards, *lay)
+
+
+def load_full_into(module, full_state: dict, group):
+    """Copy full weights into a TP/TSP-sharded module, by Megatron's layout."""
+    D, r = group.size(), group.rank()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            full = full_state[name]
+            lay = layout(p)
+            p.copy_(full if lay is None or D == 1 else shard_of(full, r, D, *lay))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def sum_sequence_parallel_grads(module, group):
+    """What Megatron's finalize_model_grads does for sequence-parallel (norm) parameters."""
+    for p in module.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None and group.size() > 1:
+            dist.all_reduce(p.grad, group=group)
