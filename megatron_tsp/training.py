@@ -1,0 +1,176 @@
+"""Model, DDP and optimizer set-up and one training step, from megatron-core's own parts.
+
+Shared by the tiny example, the tests and (later) the training driver. Layouts:
+`tsp` (TSPGPTModel on the TSP group) and `native` (Megatron's GPTModel with the local spec
+and sequence-parallel-capable norms: DP, TP or TP+SP).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import TransformerConfig
+
+from .config import check_seq_length, validate_transformer_config
+from .model import TSPGPTModel
+from .specs import get_sp_block_spec
+
+
+@dataclass
+class ModelShape:
+    """A GPT model's shape. Field names follow Megatron's flags."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: MHA
+    ffn_hidden_size: int = 128
+    vocab_size: int = 128
+    seq_length: int = 64
+    swiglu: bool = True
+    add_bias_linear: bool = False
+    normalization: str = "RMSNorm"
+    position_embedding_type: str = "rope"  # or "learned_absolute"
+    share_embeddings_and_output_weights: bool = False
+
+
+def init_distributed() -> str:
+    """torch.distributed from torchrun's environment (a world of one without it):
+    NCCL with one GPU per process when CUDA is present, else gloo on CPU with the shims."""
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not torch.cuda.is_available():
+        from .cpu import install_cpu_shims
+
+        install_cpu_shims()
+    return dist.get_backend()
+
+
+def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        add_bias_linear=shape.add_bias_linear,
+        gated_linear_unit=shape.swiglu,
+        activation_func=F.silu if shape.swiglu else F.gelu,
+        bias_activation_fusion=False,
+        normalization=shape.normalization,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        **kw,
+    )
+
+
+def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234, **config_kw):
+    """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
+    slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank)."""
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    D = pgs.tp.size()
+    config = transformer_config(shape, D, sequence_parallel=D > 1, dtype=dtype, **config_kw)
+    if layout == "tsp":
+        validate_transformer_config(config, D, shape.seq_length)
+    torch.manual_seed(seed)
+    mrandom.model_parallel_cuda_manual_seed(seed)
+    cls = TSPGPTModel if layout == "tsp" else GPTModel
+    spec = None if layout == "tsp" else get_sp_block_spec(config, pp_rank=pgs.pp.rank())
+    model = cls(
+        config,
+        spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        position_embedding_type=shape.position_embedding_type,
+        share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        pg_collection=pgs,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0):
+    config = model.config
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
+            use_distributed_optimizer=use_distributed_optimizer,
+            bf16=config.bf16, params_dtype=config.params_dtype,
+        ),
+        [ddp],
+    )
+    return ddp, optimizer
+
+
+def synthetic_batch(step: int, batch: int, shape: ModelShape, seed: int = 0, device=None):
+    """A learnable mock batch, identical on every rank: arithmetic token sequences
+    `(a + k*i) mod V` with random (a, k) per row; labels are the next token."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    a = torch.randint(0, shape.vocab_size, (batch, 1), generator=g)
+    k = torch.randint(1, 8, (batch, 1), generator=g)
+    pos = torch.arange(shape.seq_length + 1).unsqueeze(0)
+    seq = (a + k * pos) % shape.vocab_size
+    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    position_ids = torch.arange(shape.seq_length).unsqueeze(0).expand(batch, -1).contiguous()
+    dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    return tuple(t.to(dev) if dev is not None else t for t in (tokens, labels, position_ids))
+
+
+def dp_slice(t: torch.Tensor) -> torch.Tensor:
+    """This data-parallel rank's rows of a global batch."""
+    dp, r = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    if t.shape[0] % dp:
+        raise ValueError(f"global batch {t.shape[0]} is not divisible by the data-parallel size {dp}")
+    n = t.shape[0] // dp
+    return t[r * n : (r + 1) * n]
+
+
+def train_step(ddp_model, optimizer, tokens, labels, position_ids):
+    """One step (pipeline size 1) on this DP rank's micro-batch; returns the global mean loss
+    and the grad norm."""
+    check_seq_length(tokens.shape[1], 1)
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp_model(tokens, position_ids, None, labels=labels).float().mean()
+    loss.backward()
+    finalize_model_grads([ddp_model])
+    _, grad_norm, _ = optimizer.step()
+    reported = loss.detach().clone()
+    dist.all_reduce(reported, group=mpu.get_data_parallel_group())
+    return reported.item() / mpu.get_data_parallel_world_size(), grad_norm
