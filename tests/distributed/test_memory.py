@@ -1,0 +1,47 @@
+"""Memory is the product: what a TSP layer saves for backward at D = 4 is at most 1.25/D of
+what the same layer saves at D = 1 for the same global batch, and no saved tensor is another
+rank's weight shard or a gathered K/V."""
+
+import pytest
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_tsp.specs import get_tsp_layer_spec
+from megatron_tsp.zigzag import to_zigzag
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from tests.utils import init_tsp, singleton_pgs, tiny_config
+
+S, B, H, HEADS = 48, 2, 32, 4
+
+
+def _saved_by_layer_forward(D, pgs):
+    config = tiny_config(D, heads=HEADS, hidden=H, ffn=4 * H, dtype=torch.float32)
+    layer = TransformerLayer(config, get_tsp_layer_spec(config, pgs.tp).submodules, pg_collection=pgs)
+    params = {p.data_ptr() for p in layer.parameters()}
+    x = to_zigzag(torch.randn(S, B, H), D, 0)[: S // D].clone().requires_grad_()  # this rank's tokens
+    rope = RotaryEmbedding(kv_channels=H // HEADS, rotary_percent=1.0)(S)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+    out.sum().backward()
+    activations = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                   if t.data_ptr() not in params and t.numel() > 1}
+    return saved, params, sum(activations.values()), layer
+
+
+def test_saved_activations_shrink_with_D(world):
+    if world != 4:
+        pytest.skip("needs D = 4")
+    init_tsp(1)
+    _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs())
+    init_tsp(4)
+    saved, params, bytes_d4, layer = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups())
+    assert bytes_d4 <= 1.25 / 4 * bytes_d1, f"saved {bytes_d4} B at D=4 vs {bytes_d1} B at D=1"
+
+    weight_shapes = {tuple(p.shape) for p in layer.parameters() if p.dim() > 1}
+    for t in saved:
+        if t.data_ptr() in params:
+            continue  # the owned shard: saved by reference, no extra memory
+        assert t.shape[0] != S, f"a full-sequence tensor {tuple(t.shape)} (gathered K/V?) was saved"
+        assert tuple(t.shape) not in weight_shapes, f"a foreign weight shard {tuple(t.shape)} was saved"
