@@ -20,7 +20,7 @@ def _config(D=2, **kw):
 
 
 @pytest.mark.parametrize("kw,D,message", [
-    (dict(num_attention_heads=6, tensor_model_parallel_size=1), 4, r"--num-attention-heads = 6 must be divisible by --tsp-size = 4"),
+    (dict(num_attention_heads=6, tensor_model_parallel_size=1, sequence_parallel=False), 4, r"--num-attention-heads = 6 must be divisible by --tsp-size = 4"),
     (dict(num_attention_heads=8, num_query_groups=2), 4, r"--num-query-groups = 2 must be divisible by --tsp-size = 4"),
     (dict(ffn_hidden_size=66), 4, r"--ffn-hidden-size = 66 must be divisible by --tsp-size = 4"),
     (dict(qk_layernorm=True), 2, r"--qk-layernorm"),
