@@ -64,6 +64,7 @@ def tiny_config(D, *, heads=4, groups=None, hidden=32, ffn=64, layers=1, bias=Fa
         bias_activation_fusion=False,
         normalization=normalization,
         params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,

@@ -10,17 +10,17 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_tsp.specs import get_tsp_layer_spec
 from megatron_tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from tests.utils import init_tsp, singleton_pgs, tiny_config
+from tests.utils import device, init_tsp, singleton_pgs, tiny_config
 
 S, B, H, HEADS = 48, 2, 32, 4
 
 
 def _saved_by_layer_forward(D, pgs):
     config = tiny_config(D, heads=HEADS, hidden=H, ffn=4 * H, dtype=torch.float32)
-    layer = TransformerLayer(config, get_tsp_layer_spec(config, pgs.tp).submodules, pg_collection=pgs)
+    layer = TransformerLayer(config, get_tsp_layer_spec(config, pgs.tp).submodules, pg_collection=pgs).to(device())
     params = {p.data_ptr() for p in layer.parameters()}
-    x = to_zigzag(torch.randn(S, B, H), D, 0)[: S // D].clone().requires_grad_()  # this rank's tokens
-    rope = RotaryEmbedding(kv_channels=H // HEADS, rotary_percent=1.0)(S)
+    x = to_zigzag(torch.randn(S, B, H, device=device()), D, 0)[: S // D].clone().requires_grad_()  # this rank's tokens
+    rope = RotaryEmbedding(kv_channels=H // HEADS, rotary_percent=1.0)(S).to(device())
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
         out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
