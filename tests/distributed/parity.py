@@ -25,7 +25,7 @@ from tests.utils import (device, gather_full, init_tsp, load_full_into, rel_err,
 
 def fresh_seed() -> int:
     """A new random seed per call, the same on every rank."""
-    seed = torch.tensor([int.from_bytes(os.urandom(4), "little") % (2**31)], dtype=torch.long)
+    seed = torch.tensor([int.from_bytes(os.urandom(4), "little") % (2**31)], dtype=torch.long, device=device())
     dist.broadcast(seed, src=0)
     return int(seed.item())
 
@@ -79,6 +79,6 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
         assert p.grad is not None, f"{name} got no gradient"
         errors[name] = rel_err(gather_full(p.grad, p, group), ref_params[name].grad)
     # Every rank must agree: gather the worst error of each entry.
-    vals = torch.tensor(list(errors.values()), dtype=torch.float64)
+    vals = torch.tensor(list(errors.values()), dtype=torch.float64, device=dev)
     dist.all_reduce(vals, op=dist.ReduceOp.MAX)
     return dict(zip(errors, vals.tolist())), seed

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU validation on the 4 x H200 machine: the parity suites under NCCL (float64 blocks and
+# float32 model from tests/distributed, bfloat16 from tests/gpu) at world sizes 2 and 4, and
+# the tiny example. Logs go to ${OUT:-runs/gpu}. megatron-core comes as a carried wheel in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version())"; git rev-parse HEAD 2>/dev/null; } > "$OUT/device.txt" 2>&1
+status=0
+for n in 2 4; do
+  torchrun --standalone --nproc-per-node "$n" -m pytest -q -s -rs tests/gpu tests/distributed 2>&1 | tee "$OUT/pytest_world$n.log" | grep -E "BF16|passed|failed|Error" || true
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+torchrun --standalone --nproc-per-node 4 -m megatron_tsp.example --steps 20 --seq-length 1024 2>&1 | tee "$OUT/example_world4.log" | tail -6
+exit $status
