@@ -14,8 +14,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version())"; git rev-parse HEAD 2>/dev/null; } > "$OUT/device.txt" 2>&1
 status=0
 for n in 2 4; do
-  torchrun --standalone --nproc-per-node "$n" -m pytest -q -s -rs tests/gpu tests/distributed 2>&1 | tee "$OUT/pytest_world$n.log" | grep -E "BF16|passed|failed|Error" || true
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  torchrun --standalone --nproc-per-node "$n" -m pytest -q -s -rs tests/gpu tests/distributed > "$OUT/pytest_world$n.log" 2>&1 || status=1
+  grep -E "^BF16|passed|failed|^E " "$OUT/pytest_world$n.log" | sort -u | head -40
 done
 torchrun --standalone --nproc-per-node 4 -m megatron_tsp.example --steps 20 --seq-length 1024 2>&1 | tee "$OUT/example_world4.log" | tail -6
 exit $status
