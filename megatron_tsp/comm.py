@@ -26,21 +26,15 @@ def _global(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def _overlap(group, async_op: bool) -> bool:
-    """Asynchronous collectives only where they can overlap with compute (NCCL). On gloo
-    (the CPU test path) they run synchronously: same results, and several outstanding gloo
-    operations mixed with point-to-point traffic were seen to hang on oversubscribed CPUs."""
-    return async_op and dist.get_backend(group) != "gloo"
-
 
 def broadcast_from(buf: torch.Tensor, src: int, group, async_op: bool = False):
     """In place: every rank's `buf` becomes rank `src`'s. Backward: `reduce_to(src)`."""
-    return dist.broadcast(buf, src=_global(group, src), group=group, async_op=_overlap(group, async_op))
+    return dist.broadcast(buf, src=_global(group, src), group=group, async_op=async_op)
 
 
 def reduce_to(buf: torch.Tensor, dst: int, group, async_op: bool = False):
     """In place on rank `dst`: the SUM of every rank's `buf` (others' buffers are scratch)."""
-    return dist.reduce(buf, dst=_global(group, dst), op=dist.ReduceOp.SUM, group=group, async_op=_overlap(group, async_op))
+    return dist.reduce(buf, dst=_global(group, dst), op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 def ring_shift(send: torch.Tensor, recv: torch.Tensor, group) -> List:

@@ -38,7 +38,13 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
 
 
 def destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel, which only forgets the groups, plus destroying them:
+    each gloo group holds threads, and re-initializing without this leaks them."""
     mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = None
+    for group in (getattr(mpu, "_global_process_group_list", None) or [])[1:]:  # [0] is WORLD
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
+    mpu._global_process_group_list = None
     mpu.destroy_model_parallel()
 
 

@@ -11,9 +11,21 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+import logging
+
 from .attention import TSPSelfAttention
 from .mlp import TSPRingMLP
 from .norm import TSPNorm
+
+
+class _QuietTSPMLPNotice(logging.Filter):
+    """TransformerLayer logs "Unknown MLP type" for any MLP subclass; ours is known."""
+
+    def filter(self, record):
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietTSPMLPNotice())
 
 
 def _local_spec_with_sp_norms(config) -> ModuleSpec:

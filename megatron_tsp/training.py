@@ -65,6 +65,7 @@ def init_distributed() -> str:
 
 
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
+    cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -81,7 +82,8 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
         normalization=shape.normalization,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=cpu_init,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         apply_rope_fusion=False,
@@ -92,12 +94,15 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
     )
 
 
-def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234, **config_kw):
+def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
+              sequence_parallel: Optional[bool] = None, **config_kw):
     """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
-    slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank)."""
+    slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
+    unless `sequence_parallel=False`)."""
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     D = pgs.tp.size()
-    config = transformer_config(shape, D, sequence_parallel=D > 1, dtype=dtype, **config_kw)
+    sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
+    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, **config_kw)
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)

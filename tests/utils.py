@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
 import megatron_tsp
+from megatron_tsp.training import ModelShape, transformer_config
 
 _SINGLETONS = {}
 
@@ -50,30 +50,9 @@ def init_tsp(D, pp=1, seed=1234):
 
 def tiny_config(D, *, heads=4, groups=None, hidden=32, ffn=64, layers=1, bias=False, gated=True,
                 dtype=torch.float64, normalization="RMSNorm", sp=None, **kw) -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        ffn_hidden_size=ffn,
-        tensor_model_parallel_size=D,
-        sequence_parallel=(D > 1) if sp is None else sp,
-        add_bias_linear=bias,
-        gated_linear_unit=gated,
-        activation_func=F.silu if gated else F.gelu,
-        bias_activation_fusion=False,
-        normalization=normalization,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        **kw,
-    )
+    shape = ModelShape(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+                       ffn_hidden_size=ffn, swiglu=gated, add_bias_linear=bias, normalization=normalization)
+    return transformer_config(shape, D, sequence_parallel=(D > 1) if sp is None else sp, dtype=dtype, **kw)
 
 
 # --- Megatron's TP layout: rank r of D holds chunks r, r+D, ... of `stride * D` chunks ------

@@ -1,0 +1,262 @@
+"""Training recipes: YAML files in `configs/` plus `key=value` overrides.
+
+A recipe has four sections, each a dataclass whose fields document themselves:
+`model` (ModelShape), `parallel`, `train`, `data`. Unknown keys, wrong types and impossible
+layouts raise one `RecipeError` that names the key and lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .config import TSPConfigError, check_seq_length
+
+LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
+DTYPES = ("float32", "bfloat16")
+
+
+class RecipeError(TSPConfigError):
+    """A recipe or override that cannot run."""
+
+
+@dataclass
+class ModelRecipe:
+    num_layers: int = 2
+    """Transformer layers (--num-layers)."""
+    hidden_size: int = 64
+    """Hidden size h (--hidden-size)."""
+    num_attention_heads: int = 4
+    """Query heads (--num-attention-heads)."""
+    num_query_groups: Optional[int] = None
+    """KV groups for GQA (--num-query-groups); null for MHA."""
+    ffn_hidden_size: int = 128
+    """MLP width (--ffn-hidden-size)."""
+    vocab_size: int = 128
+    """Vocabulary size (padded); mock data draws tokens below it."""
+    seq_length: int = 64
+    """Tokens per sequence (--seq-length); a multiple of 2 x tsp_size under TSP."""
+    swiglu: bool = True
+    """Gated SiLU MLP (--swiglu); false: GELU."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers."""
+    normalization: str = "RMSNorm"
+    """LayerNorm or RMSNorm."""
+    position_embedding_type: str = "rope"
+    """rope or learned_absolute."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the LM head."""
+    dtype: str = "float32"
+    """Parameter and compute dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+
+    def shape(self):
+        from .training import ModelShape
+
+        names = {f.name for f in dataclasses.fields(ModelShape)}
+        return ModelShape(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass
+class ParallelRecipe:
+    layout: str = "tsp"
+    """tsp (the product), or the baselines dp, tp (tensor parallel), tp_sp (tensor + sequence parallel)."""
+    size: int = 2
+    """The size of the tsp / tp axis (ignored by dp)."""
+    pipeline_size: int = 1
+    """Pipeline-parallel stages (composes with every layout)."""
+
+
+@dataclass
+class TrainRecipe:
+    steps: int = 30
+    """Optimizer steps to run (in total, counting resumed ones)."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 4
+    """Sequences per step; a multiple of micro_batch_size x data-parallel size."""
+    lr: float = 3e-3
+    """Adam learning rate (constant)."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    distributed_optimizer: bool = True
+    """Megatron's distributed optimizer (optimizer state sharded over data parallel)."""
+    seed: int = 1234
+    """Seed of weights and data order."""
+    log_interval: int = 1
+    """Steps between log lines on rank 0."""
+    save_dir: Optional[str] = None
+    """Checkpoint directory (distributed checkpoint format); null: no checkpoints."""
+    save_interval: int = 0
+    """Save every N steps (and always at the end when save_dir is set); 0: only at the end."""
+    resume: bool = False
+    """Resume from the latest checkpoint in save_dir."""
+    metrics_file: Optional[str] = None
+    """Append one JSON line per step to this file (rank 0)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 when stdout is a terminal."""
+
+
+@dataclass
+class DataRecipe:
+    path: Optional[str] = None
+    """Megatron indexed dataset prefix (PATH.bin + PATH.idx); null: mock data."""
+    split: str = "100,0,0"
+    """train,valid,test split of the indexed dataset."""
+    cache_dir: Optional[str] = None
+    """Where Megatron caches the dataset indices (defaults next to the data)."""
+
+
+@dataclass
+class Recipe:
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- validation -----------------------------------------------------------------------
+    def check(self, world_size: Optional[int] = None) -> "Recipe":
+        m, p, t = self.model, self.parallel, self.train
+        if p.layout not in LAYOUTS:
+            raise RecipeError(f"parallel.layout = {p.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if m.dtype not in DTYPES:
+            raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
+        if m.normalization not in ("LayerNorm", "RMSNorm"):
+            raise RecipeError(f"model.normalization = {m.normalization!r} is not one of LayerNorm, RMSNorm")
+        if m.position_embedding_type not in ("rope", "learned_absolute"):
+            raise RecipeError(f"model.position_embedding_type = {m.position_embedding_type!r} is not one of rope, learned_absolute")
+        for key in ("steps", "micro_batch_size", "global_batch_size"):
+            if getattr(t, key) < 1:
+                raise RecipeError(f"train.{key} = {getattr(t, key)} must be >= 1")
+        for key in ("size", "pipeline_size"):
+            if getattr(p, key) < 1:
+                raise RecipeError(f"parallel.{key} = {getattr(p, key)} must be >= 1")
+        size = self.axis_size
+        for what, value in (("model.num_attention_heads", m.num_attention_heads),
+                            ("model.num_query_groups", m.num_query_groups or m.num_attention_heads),
+                            ("model.ffn_hidden_size", m.ffn_hidden_size)):
+            if value % size:
+                raise RecipeError(f"{what} = {value} must be divisible by parallel.size = {size} ({p.layout})")
+        if p.layout == "tsp":
+            try:
+                check_seq_length(m.seq_length, size, what="model.seq_length")
+            except TSPConfigError as e:
+                raise RecipeError(str(e).replace("--tsp-size", "parallel.size")) from None
+        if p.layout == "tp_sp" and m.seq_length % size:
+            raise RecipeError(f"model.seq_length = {m.seq_length} must be divisible by parallel.size = {size} (tp_sp)")
+        if m.num_layers % p.pipeline_size:
+            raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
+        if t.save_interval < 0:
+            raise RecipeError("train.save_interval must be >= 0")
+        if t.resume and not t.save_dir:
+            raise RecipeError("train.resume = true needs train.save_dir")
+        if world_size is not None:
+            model = size * p.pipeline_size
+            if world_size % model:
+                raise RecipeError(
+                    f"world size {world_size} does not fit the layout: parallel.size ({size}) x "
+                    f"parallel.pipeline_size ({p.pipeline_size}) = {model} must divide it "
+                    f"(launch with torchrun --nproc-per-node a multiple of {model})"
+                )
+            dp = world_size // model
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise RecipeError(
+                    f"train.global_batch_size = {t.global_batch_size} must be a multiple of "
+                    f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+                )
+        return self
+
+    @property
+    def axis_size(self) -> int:
+        return 1 if self.parallel.layout == "dp" else self.parallel.size
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def _field_doc(section_cls) -> Dict[str, str]:
+    return {f.name: f.type for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check `value` against the type hint of `key`; ints are accepted for floats."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, value, inner)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise RecipeError(f"{key} = {value!r} has the wrong type: expected {getattr(hint, '__name__', hint)}")
+
+
+def _apply(recipe: Recipe, data: dict, origin: str) -> None:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of sections, got {type(data).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    for section, values in data.items():
+        if section not in sections:
+            raise RecipeError(f"{origin}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+        target = getattr(recipe, section)
+        hints = get_type_hints(type(target))
+        if not isinstance(values, dict):
+            raise RecipeError(f"{origin}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            if key not in hints:
+                raise RecipeError(
+                    f"{origin}: unknown key {section}.{key}; valid keys of {section}: {', '.join(hints)}"
+                )
+            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=value` -> {'a': {'b': value}} (the value parsed as YAML: 4, 1e-3, true, null, text)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError(f"override {text!r} must look like section.key=value (e.g. parallel.size=4)")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return {section: {name: value}}
+
+
+def load_recipe(path: Optional[str] = None, overrides: List[str] = ()) -> Recipe:
+    """The recipe at `path` (default: configs/tiny.yaml's embedded twin) with overrides applied."""
+    recipe = Recipe()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"recipe file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _apply(recipe, data, path)
+    for text in overrides:
+        _apply(recipe, parse_override(text), "override")
+    return recipe.check()
+
+
+def valid_keys() -> str:
+    lines = []
+    for f in dataclasses.fields(Recipe):
+        lines.append(f"{f.name}: " + ", ".join(fl.name for fl in dataclasses.fields(f.default_factory)))
+    return "\n".join(lines)
