@@ -70,6 +70,9 @@ class ParallelRecipe:
     """The size of the tsp / tp axis (ignored by dp)."""
     pipeline_size: int = 1
     """Pipeline-parallel stages (composes with every layout)."""
+    baseline_attention: str = "sdpa"
+    """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
+    local (Megatron's DotProductAttention, which materializes the S x S scores)."""
 
 
 @dataclass
@@ -86,11 +89,12 @@ class TrainRecipe:
     """Adam weight decay."""
     clip_grad: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
-    distributed_optimizer: bool = True
-    """Megatron's distributed optimizer (optimizer state sharded over data parallel)."""
+    distributed_optimizer: bool = False
+    """Megatron's distributed optimizer (optimizer state sharded over data parallel). Without
+    TE/apex its checkpoints do not resume bit-exactly (Megatron-core 0.16.1); see README."""
     seed: int = 1234
     """Seed of weights and data order."""
-    log_interval: int = 1
+    log_interval: int = 5
     """Steps between log lines on rank 0."""
     save_dir: Optional[str] = None
     """Checkpoint directory (distributed checkpoint format); null: no checkpoints."""
@@ -129,6 +133,8 @@ class Recipe:
         m, p, t = self.model, self.parallel, self.train
         if p.layout not in LAYOUTS:
             raise RecipeError(f"parallel.layout = {p.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if p.baseline_attention not in ("sdpa", "local"):
+            raise RecipeError(f"parallel.baseline_attention = {p.baseline_attention!r} is not one of sdpa, local")
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in ("LayerNorm", "RMSNorm"):

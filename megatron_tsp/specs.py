@@ -46,10 +46,14 @@ def get_tsp_layer_spec(config, tsp_group=None) -> ModuleSpec:
     return spec
 
 
-def get_sp_layer_spec(config) -> ModuleSpec:
+def get_sp_layer_spec(config, core_attention=None) -> ModuleSpec:
     """Megatron's native local layer (TP, TP + sequence parallelism) with norms that accept
-    sequence parallelism: the baseline and the reference of the parity tests."""
-    return _local_spec_with_sp_norms(config)
+    sequence parallelism: the baseline and the reference of the parity tests. `core_attention`
+    replaces Megatron's DotProductAttention (e.g. SDPACoreAttention for long contexts)."""
+    spec = _local_spec_with_sp_norms(config)
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec
 
 
 def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
@@ -62,5 +66,5 @@ def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None) -> T
     return _block(config, get_tsp_layer_spec(config, tsp_group), vp_stage, pp_rank)
 
 
-def get_sp_block_spec(config, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
-    return _block(config, get_sp_layer_spec(config), vp_stage, pp_rank)
+def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None) -> TransformerBlockSubmodules:
+    return _block(config, get_sp_layer_spec(config, core_attention), vp_stage, pp_rank)

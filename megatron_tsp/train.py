@@ -116,7 +116,8 @@ def build(recipe: Recipe):
         raise RecipeError("model.dtype = bfloat16 needs GPUs; use float32 on CPU")
     model = build_gpt(
         m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
-        sequence_parallel=p.layout in ("tsp", "tp_sp"), init_method_std=m.init_method_std,
+        sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
+        init_method_std=m.init_method_std,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
@@ -213,7 +214,10 @@ def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> None:
 
 def _sharded_state(model, optimizer, is_loading: bool):
     model_sd = model.sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    # dp_reshardable: each rank saves its own optimizer shard, no gather (resume keeps the layout).
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
 def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
@@ -238,9 +242,21 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
     return path
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state (no 'step'), which Megatron's DistributedOptimizer
+    state_dict requires without TE/apex; take one zero-gradient step (no parameter change with
+    zero gradients), as Megatron itself does before loading FSDP checkpoints. The loaded
+    checkpoint then overwrites every state tensor and the step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            with torch.no_grad():
+                opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(model, optimizer, recipe: Recipe) -> int:
     from megatron.core import dist_checkpointing
 
+    _materialize_optimizer_state(optimizer)
     step = latest_step(recipe.train.save_dir)
     path = _step_dir(recipe.train.save_dir, step)
     state = _sharded_state(model, optimizer, is_loading=True)
@@ -249,8 +265,9 @@ def load_checkpoint(model, optimizer, recipe: Recipe) -> int:
         loaded = dist_checkpointing.load(state, path)
     except Exception as e:  # shapes or keys that do not fit this model
         raise RecipeError(f"checkpoint {path!r} does not fit this model: {e}") from e
-    model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # float32 main params are views of the (grad-requiring) model params
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
     return int(loaded["step"])
 
 
@@ -315,6 +332,12 @@ def summarize(history: List[dict], recipe: Recipe, world: int) -> dict:
     }
 
 
+def _have_te_or_apex() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 def run(recipe: Recipe, out=None) -> dict:
@@ -336,6 +359,11 @@ def run(recipe: Recipe, out=None) -> dict:
         elif not t.resume and (found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META))):
             raise RecipeError(f"train.save_dir = {t.save_dir!r} already holds checkpoints: set train.resume=true "
                               "to continue them, or choose another directory (they are never overwritten)")
+    if t.save_dir and t.distributed_optimizer and not _have_te_or_apex():
+        warnings.warn("train.distributed_optimizer=true without Transformer Engine/apex: Megatron-core 0.16.1 "
+                      "does not restore torch Adam's state exactly from its checkpoint, so a resumed run drifts "
+                      "from an uninterrupted one after the first resumed step (train.distributed_optimizer=false "
+                      "resumes bit-exactly)")
     _init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, ddp, optimizer = build(recipe)

@@ -95,10 +95,11 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
-              sequence_parallel: Optional[bool] = None, **config_kw):
+              sequence_parallel: Optional[bool] = None, core_attention: str = "local", **config_kw):
     """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
     slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
-    unless `sequence_parallel=False`)."""
+    unless `sequence_parallel=False`), with Megatron's DotProductAttention (`core_attention=
+    'local'`) or torch SDPA (`'sdpa'`, the same kernel family TSP uses: for long contexts)."""
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     D = pgs.tp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
@@ -108,7 +109,13 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     torch.manual_seed(seed)
     mrandom.model_parallel_cuda_manual_seed(seed)
     cls = TSPGPTModel if layout == "tsp" else GPTModel
-    spec = None if layout == "tsp" else get_sp_block_spec(config, pp_rank=pgs.pp.rank())
+    if layout == "tsp":
+        spec = None
+    else:
+        from .sdpa_attention import SDPACoreAttention
+
+        core = SDPACoreAttention if core_attention == "sdpa" else None
+        spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core)
     model = cls(
         config,
         spec,

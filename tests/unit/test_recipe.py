@@ -1,0 +1,50 @@
+"""Recipes: the embedded default equals configs/tiny.yaml; bad keys, types and layouts are one
+clear error naming the key and listing what is valid."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from megatron_tsp.recipe import Recipe, RecipeError, load_recipe
+from megatron_tsp.train import parser
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    assert dataclasses.asdict(load_recipe(os.path.join(CONFIGS, "tiny.yaml"))) == dataclasses.asdict(Recipe())
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))))
+def test_every_recipe_loads(path):
+    load_recipe(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["model.hidden=64"], r"unknown key model.hidden; valid keys of model: num_layers, hidden_size"),
+    (["optim.lr=1"], r"unknown section 'optim'; valid sections: model, parallel, train, data"),
+    (["train.lr=fast"], r"train.lr = 'fast' has the wrong type: expected float"),
+    (["train.steps=2.5"], r"train.steps = 2.5 has the wrong type: expected int"),
+    (["parallel.layout=cp"], r"parallel.layout = 'cp' is not one of tsp, dp, tp, tp_sp"),
+    (["parallel.size=3"], r"model.num_attention_heads = 4 must be divisible by parallel.size = 3"),
+    (["model.seq_length=66"], r"model.seq_length = 66 must be divisible by 2 x parallel.size = 4"),
+    (["steps=3"], r"override 'steps=3' must look like section.key=value"),
+    (["train.resume=true"], r"train.resume = true needs train.save_dir"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, override)
+
+
+def test_world_size_and_batch_checks():
+    with pytest.raises(RecipeError, match=r"world size 3 does not fit the layout"):
+        Recipe().check(world_size=3)
+    with pytest.raises(RecipeError, match=r"train.global_batch_size = 4 must be a multiple of train.micro_batch_size \(2\) x data-parallel size \(4\)"):
+        Recipe().check(world_size=8)
+
+
+def test_help_lists_the_keys():
+    text = parser().format_help()
+    assert "parallel: layout, size, pipeline_size" in text and "--resume" in text
