@@ -15,6 +15,8 @@ setup(
         "packaging",
         "PyYAML",
     ],
+    entry_points={"console_scripts": ["megatron-tsp=megatron_tsp.cli:main"]},
+    package_data={},
     extras_require={
         # psutil: megatron-core's distributed checkpointing imports it without declaring it
         "test": ["pytest", "psutil"],
