@@ -7,6 +7,7 @@ and sequence-parallel-capable norms: DP, TP or TP+SP).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -127,9 +128,50 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         post_process=mpu.is_pipeline_last_stage(),
         pg_collection=pgs,
     )
+    if config.use_cpu_initialization:
+        layout_invariant_init(model, seed)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _global_name(model, name: str) -> str:
+    """Parameter name with the pipeline stage's local layer index made global, and a tied
+    output layer named as the embedding it copies."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    if parts[0] == "output_layer" and model.share_embeddings_and_output_weights:
+        parts = ["embedding", "word_embeddings", "weight"]
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def layout_invariant_init(model, seed: int) -> None:
+    """Redraw every weight matrix from a generator keyed by (seed, global parameter name) and
+    keep this rank's TP/TSP shard of it: the same initial model for every layout, pipeline split
+    included (Megatron's CPU init draws each stage's layers in stage order). Megatron's
+    init_method / output_layer_init_method scales; norms and biases keep their constant init."""
+    import zlib
+
+    config = model.config
+    out_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    tp = mpu.get_tensor_model_parallel_group()
+    D, r = tp.size(), tp.rank()
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        gname = _global_name(model, name)
+        shape = list(p.shape)
+        dim, stride = (p.partition_dim, getattr(p, "partition_stride", 1)) if getattr(p, "tensor_model_parallel", False) else (None, 1)
+        if dim is not None:
+            shape[dim] *= D
+        std = out_std if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else config.init_method_std
+        g = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(gname.encode()))
+        full = torch.randn(shape, generator=g, dtype=torch.float32) * std
+        if dim is not None and D > 1:
+            full = torch.cat(torch.chunk(full, stride * D, dim=dim)[r::D], dim=dim)
+        p.copy_(full.to(p.dtype))
 
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0):
