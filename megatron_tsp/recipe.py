@@ -54,6 +54,9 @@ class ModelRecipe:
     """Parameter and compute dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation."""
+    cpu_init: Optional[bool] = None
+    """Draw the initial weights on the CPU, the same for every layout and pipeline split (slow
+    for large models); null: on CPU-only machines, Megatron's GPU init otherwise."""
 
     def shape(self):
         from .training import ModelShape

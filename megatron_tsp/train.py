@@ -118,7 +118,7 @@ def build(recipe: Recipe):
         m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
         sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
         init_method_std=m.init_method_std,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,

@@ -89,7 +89,8 @@ def test_pipeline_x_tsp_matches_single_process(world):
     initial weights and data."""
     if world != 4:
         pytest.skip("pipeline 2 x TSP 2 needs 4 processes")
-    common = ["train.steps=3", "train.log_interval=100", "model.num_layers=4", "train.micro_batch_size=1"]
+    common = ["train.steps=3", "train.log_interval=100", "model.num_layers=4", "train.micro_batch_size=1",
+              "model.cpu_init=true"]
     ref = _single_process_losses(common + ["parallel.layout=dp", "parallel.size=1"])
     got = losses(run(load_recipe(TINY, common + ["parallel.size=2", "parallel.pipeline_size=2"])))
     assert len(got) == 3 and got[-1] < got[0]
