@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_t
 import yaml
 
 from .config import TSPConfigError, check_seq_length
+from .training import ModelShape
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
@@ -25,31 +26,9 @@ class RecipeError(TSPConfigError):
 
 
 @dataclass
-class ModelRecipe:
-    num_layers: int = 2
-    """Transformer layers (--num-layers)."""
-    hidden_size: int = 64
-    """Hidden size h (--hidden-size)."""
-    num_attention_heads: int = 4
-    """Query heads (--num-attention-heads)."""
-    num_query_groups: Optional[int] = None
-    """KV groups for GQA (--num-query-groups); null for MHA."""
-    ffn_hidden_size: int = 128
-    """MLP width (--ffn-hidden-size)."""
-    vocab_size: int = 128
-    """Vocabulary size (padded); mock data draws tokens below it."""
-    seq_length: int = 64
-    """Tokens per sequence (--seq-length); a multiple of 2 x tsp_size under TSP."""
-    swiglu: bool = True
-    """Gated SiLU MLP (--swiglu); false: GELU."""
-    add_bias_linear: bool = False
-    """Biases in the linear layers."""
-    normalization: str = "RMSNorm"
-    """LayerNorm or RMSNorm."""
-    position_embedding_type: str = "rope"
-    """rope or learned_absolute."""
-    share_embeddings_and_output_weights: bool = False
-    """Tie the input embedding and the LM head."""
+class ModelRecipe(ModelShape):
+    """The model: its shape (ModelShape's fields) and how it is stored and initialised."""
+
     dtype: str = "float32"
     """Parameter and compute dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
     init_method_std: float = 0.02
@@ -58,9 +37,7 @@ class ModelRecipe:
     """Draw the initial weights on the CPU, the same for every layout and pipeline split (slow
     for large models); null: on CPU-only machines, Megatron's GPU init otherwise."""
 
-    def shape(self):
-        from .training import ModelShape
-
+    def shape(self) -> ModelShape:
         names = {f.name for f in dataclasses.fields(ModelShape)}
         return ModelShape(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
