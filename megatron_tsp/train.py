@@ -283,6 +283,7 @@ class Progress:
         self.bar = recipe.train.progress_bar and self.out.isatty()
         self.metrics = open(recipe.train.metrics_file, "a") if (recipe.train.metrics_file and self.rank0) else None
         self.history: List[dict] = []
+        self.unit = "GPU" if torch.cuda.is_available() else "process"
 
     def print(self, text: str):
         if self.rank0:
@@ -302,7 +303,7 @@ class Progress:
         if record["step"] % t.log_interval == 0 or last:
             mem = f" | peak mem {record['peak_mem_gb']:.2f} GB" if record.get("peak_mem_gb") is not None else ""
             self.print(f"step {record['step']:5d}/{t.steps} | loss {record['loss']:.4f} | grad norm {record['grad_norm']:.3f}"
-                       f" | {record['tokens_per_s']:.0f} tok/s | {record['tokens_per_s_per_gpu']:.0f} tok/s/GPU"
+                       f" | {record['tokens_per_s']:.0f} tok/s | {record['tokens_per_s_per_gpu']:.0f} tok/s/{self.unit}"
                        f" | step {record['step_time_s'] * 1e3:.0f} ms{mem}")
         if self.bar:
             done = int(30 * record["step"] / t.steps)
@@ -401,7 +402,7 @@ def run(recipe: Recipe, out=None) -> dict:
         mem = f", peak mem {summary['peak_mem_gb']:.2f} GB/GPU" if summary["peak_mem_gb"] is not None else ""
         progress.print(f"summary: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
                        f"median step {summary['median_step_time_s'] * 1e3:.0f} ms, {summary['tokens_per_s']:.0f} tok/s, "
-                       f"{summary['tokens_per_s_per_gpu']:.0f} tok/s/GPU{mem}")
+                       f"{summary['tokens_per_s_per_gpu']:.0f} tok/s/{progress.unit}{mem}")
     return {"history": progress.history, "summary": summary}
 
 
