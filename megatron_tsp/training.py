@@ -186,11 +186,17 @@ def layout_invariant_init(model, seed: int) -> None:
         p.copy_(full.to(p.dtype))
 
 
-def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0):
+def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
+                           overlap=False, bucket_size=None):
+    """Megatron DDP + optimizer. `overlap`: overlap the gradient reduce-scatter with backward and
+    (distributed optimizer) the parameter all-gather with the next forward."""
     config = model.config
     ddp = DistributedDataParallel(
         config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer),
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+                                      overlap_grad_reduce=overlap,
+                                      overlap_param_gather=overlap and use_distributed_optimizer,
+                                      bucket_size=bucket_size),
         model,
     )
     optimizer = get_megatron_optimizer(

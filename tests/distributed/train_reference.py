@@ -10,9 +10,10 @@ SHAPE = ModelShape(seq_length=32, num_attention_heads=8, num_query_groups=4)
 GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
 
 
-def run_steps(layout, distributed_optimizer=True):
+def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=None):
     model = build_gpt(SHAPE, layout=layout, seed=SEED)
-    ddp, opt = wrap_ddp_and_optimizer(model, lr=1e-2, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer)
+    ddp, opt = wrap_ddp_and_optimizer(model, lr=1e-2, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer,
+                                      overlap=overlap, bucket_size=bucket_size)
     losses, norms = [], []
     for step in range(STEPS):
         tokens, labels, pos = (dp_slice(t) for t in synthetic_batch(step, GLOBAL_BATCH, SHAPE, seed=SEED))
