@@ -2,7 +2,6 @@
 with the same weights (float32): per-token loss and every parameter gradient."""
 
 import pytest
-import torch
 from megatron.core import parallel_state as mpu
 
 from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch

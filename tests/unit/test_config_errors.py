@@ -3,7 +3,6 @@
 import argparse
 
 import pytest
-import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 import megatron_tsp
