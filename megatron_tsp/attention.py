@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from . import comm
 from .config import TSPConfigError, check_seq_length, validate_transformer_config
-from .zigzag import from_zigzag, local_chunk_starts, local_positions
+from .zigzag import from_zigzag, local_chunk_starts, local_position_index
 
 try:  # moved between megatron-core releases; YaRN scaling only
     from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
@@ -223,8 +223,7 @@ class TSPSelfAttention(SelfAttention):
                     f"RoPE table has {rotary_pos_emb.shape[0]} positions but the sequence has {S}: "
                     "pass the full-sequence table (Megatron does when sequence_parallel=True)"
                 )
-            positions = local_positions(S, D, p).to(rotary_pos_emb.device)
-            freqs = rotary_pos_emb.index_select(0, positions)
+            freqs = rotary_pos_emb.index_select(0, local_position_index(S, D, p, rotary_pos_emb.device))
 
         run_holder_pre_hooks(self.linear_qkv, self.linear_proj)
         step = AttentionShardStep(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -168,10 +168,6 @@ class Recipe:
 
 
 # -- loading ---------------------------------------------------------------------------------
-
-def _field_doc(section_cls) -> Dict[str, str]:
-    return {f.name: f.type for f in dataclasses.fields(section_cls)}
-
 
 def _coerce(key: str, value: Any, hint) -> Any:
     """Check `value` against the type hint of `key`; ints are accepted for floats."""

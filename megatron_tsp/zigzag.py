@@ -33,6 +33,19 @@ def zigzag_permutation(seq_length: int, tsp_size: int) -> torch.Tensor:
     return _permutation(seq_length, tsp_size).clone()
 
 
+@functools.lru_cache(maxsize=256)
+def _index_on(kind: str, seq_length: int, tsp_size: int, device: torch.device, tsp_rank: int = 0) -> torch.Tensor:
+    """The permutation ('perm'), its inverse ('inv') or a rank's positions ('local'), built once
+    per device: these are read in every layer's forward and backward."""
+    perm = _permutation(seq_length, tsp_size)
+    if kind == "inv":
+        perm = inverse_permutation(perm)
+    elif kind == "local":
+        s_local = seq_length // tsp_size
+        perm = perm[tsp_rank * s_local : (tsp_rank + 1) * s_local]
+    return perm.to(device)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -45,20 +58,23 @@ def local_positions(seq_length: int, tsp_size: int, tsp_rank: int) -> torch.Tens
     return _permutation(seq_length, tsp_size)[tsp_rank * s_local : (tsp_rank + 1) * s_local].clone()
 
 
+def local_position_index(seq_length: int, tsp_size: int, tsp_rank: int, device) -> torch.Tensor:
+    """`local_positions` as a cached index tensor on `device` (read-only: do not modify)."""
+    return _index_on("local", seq_length, tsp_size, torch.device(device), tsp_rank)
+
+
 def to_zigzag(t: torch.Tensor, tsp_size: int, dim: int) -> torch.Tensor:
     """Natural order -> zigzag order along `dim` (the full sequence, on every rank)."""
     if tsp_size == 1:
         return t
-    perm = _permutation(t.shape[dim], tsp_size).to(t.device)
-    return t.index_select(dim, perm)
+    return t.index_select(dim, _index_on("perm", t.shape[dim], tsp_size, t.device))
 
 
 def from_zigzag(t: torch.Tensor, tsp_size: int, dim: int) -> torch.Tensor:
     """Zigzag order -> natural order along `dim`; the inverse of `to_zigzag`."""
     if tsp_size == 1:
         return t
-    inv = inverse_permutation(_permutation(t.shape[dim], tsp_size)).to(t.device)
-    return t.index_select(dim, inv)
+    return t.index_select(dim, _index_on("inv", t.shape[dim], tsp_size, t.device))
 
 
 def local_chunk_starts(seq_length: int, tsp_size: int, tsp_rank: int) -> tuple[int, int]:
