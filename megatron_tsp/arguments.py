@@ -1,6 +1,6 @@
 """`--tsp-size` for Megatron-style argument parsers.
 
-`add_tsp_args(parser)` adds the flag (usable as Megatron's `extra_args_provider`);
+`add_tsp_args(parser)` adds the flags (usable as Megatron's `extra_args_provider`);
 `apply_tsp_args(args)` maps it before Megatron validates its arguments: TSP takes the TP slot
 (`tensor_model_parallel_size = D`, `sequence_parallel = True`, `args.tsp = True`). Works on a
 plain argparse namespace: attributes Megatron would define are read with defaults.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from .config import TSPConfigError, check_parallel_sizes, check_seq_length, check_tsp_size
+from .config import (RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes, check_seq_length,
+                     check_tsp_size)
+from .kernels import BACKENDS
 
 
 def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,7 +22,23 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Size D of the TSP axis: every rank of a group of D holds 1/D of each layer's weights "
              "and 1/D of the tokens. Takes the tensor-parallel slot; 1 disables TSP.",
     )
+    group.add_argument(
+        "--tsp-recompute", choices=RECOMPUTE_MODES, default="none",
+        help="none: save each weight shard's q, k/v, attention output and fc1 output for backward "
+             "(as Megatron without recompute); full: save only block inputs and recompute each shard's "
+             "forward in backward (least memory).",
+    )
+    group.add_argument(
+        "--tsp-attention-backend", choices=BACKENDS, default="auto",
+        help="Chunk-attention kernel of TSP attention: auto (cudnn on GPUs in bf16/fp16, else math), "
+             "cudnn, flash, math, math_split.",
+    )
     return parser
+
+
+def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
+    return TSPOptions(recompute=getattr(args, "tsp_recompute", "none"),
+                      attention_backend=getattr(args, "tsp_attention_backend", "auto"))
 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:

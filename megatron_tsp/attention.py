@@ -10,28 +10,32 @@ Per layer, on TSP rank p holding tokens x_p (its two zigzag chunks) and owning s
         o     = each local chunk against its causal prefix of K,V (lower-right mask)
         out  += o @ Wo_j                    # accumulates locally: no all-reduce
 
-Backward, per shard j: re-broadcast W_j, recompute that shard's forward under autograd (the
-K/V all-gather's backward is the reduce-scatter of dK,dV to the token owners), accumulate dx
-locally and reduce the shard's weight gradient onto its owner j. Only x_p and the owned shard
-are saved: never another rank's shard, never a gathered K/V.
+Backward, per shard j: re-broadcast W_j; dWo_j = g^T o, do = g Wo_j; re-gather K,V (posted a
+shard ahead) and run the attention kernel's backward from the saved o and log-sum-exp;
+reduce-scatter dK,dV to the token owners; undo RoPE; dx += dqkv Wqkv_j, dWqkv_j = dqkv^T x_p;
+reduce the shard's weight gradient onto its owner j. With `recompute='none'` each shard's q, the
+local k/v, o and the log-sum-exps are saved (what Megatron saves without recompute, over the
+local tokens); with `'full'` only x_p and the owned shard are, and each shard's projection and
+attention forward run again in backward. Never saved: another rank's shard, a gathered K/V.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from . import comm
-from .config import TSPConfigError, check_seq_length, validate_transformer_config
-from .zigzag import from_zigzag, local_chunk_starts, local_position_index
+from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from .kernels import chunk_backward, chunk_forward, resolve_backend
+from .zigzag import from_zigzag, local_chunk_starts, local_position_index, to_zigzag
 
 try:  # moved between megatron-core releases; YaRN scaling only
     from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
@@ -40,9 +44,17 @@ except ImportError:  # pragma: no cover
         return 1.0
 
 
+def _bhcd(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[c, b, heads*hn] or [c, b, heads, hn] -> a [b, heads, c, hn] view."""
+    c, b = t.shape[:2]
+    return t.reshape(c, b, heads, -1).permute(1, 2, 0, 3)
+
+
 @dataclass
-class AttentionShardStep:
-    """One shard's forward on the local tokens; called in forward and recomputed in backward."""
+class AttentionShard:
+    """One weight shard's attention on the local tokens: forward, and backward from saved
+    activations. Shapes: x [s, b, h]; q [s, b, heads, hn]; kv [s, b, groups, 2hn] (k after
+    RoPE, then v); o [s, b, heads*hn]; lses: one [b, heads, c] per local chunk."""
 
     config: object
     group: object
@@ -52,42 +64,80 @@ class AttentionShardStep:
     softmax_scale: float
     chunk_starts: tuple  # true start positions of the two local chunks
     chunk_len: int
+    backend: str = "auto"
+
+    def _rope(self, t, freqs):
+        mscale = _yarn_get_concentration_factor_from_config(self.config)
+        return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale, cp_group=self.group)
 
     def project(self, x, w_qkv, b_qkv, freqs):
-        """[s, b, h] -> q [s, b, heads, hn], kv [s, b, groups, 2*hn] (Megatron's grouped layout)."""
+        """[s, b, h] -> q [s, b, heads, hn], kv [s, b, groups, 2hn] (Megatron's grouped layout)."""
         s, b, _ = x.shape
         hn, per_group = self.head_dim, self.heads // self.groups
         mixed = F.linear(x, w_qkv, b_qkv).view(s, b, self.groups, (per_group + 2) * hn)
         q, k, v = torch.split(mixed, [per_group * hn, hn, hn], dim=3)
         q = q.reshape(s, b, self.heads, hn)
         if freqs is not None:
-            mscale = _yarn_get_concentration_factor_from_config(self.config)
-            q = apply_rotary_pos_emb(q, freqs, config=self.config, mscale=mscale, cp_group=self.group)
-            k = apply_rotary_pos_emb(k, freqs, config=self.config, mscale=mscale, cp_group=self.group)
+            q, k = self._rope(q, freqs), self._rope(k, freqs)
         return q, torch.cat([k, v], dim=-1)
 
-    def attend(self, q, kv_natural):
-        """Each local chunk against its causal prefix [0, start + c) of the gathered K,V."""
+    def unproject(self, dq, dkv, freqs):
+        """The adjoint of `project` up to the GEMM: dq, dkv -> d(mixed) [s*b, out]. RoPE is a
+        rotation by the position angles, so its adjoint is the rotation by minus them."""
+        s, b = dq.shape[:2]
+        hn = self.head_dim
+        dk, dv = dkv[..., :hn], dkv[..., hn:]
+        if freqs is not None:
+            dq, dk = self._rope(dq, -freqs), self._rope(dk, -freqs)
+        dq = dq.reshape(s, b, self.groups, (self.heads // self.groups) * hn)
+        return torch.cat([dq, dk, dv], dim=-1).view(s * b, -1)
+
+    def gather(self, kv, async_op=False):
+        """Local K,V -> the whole sequence's, in natural order (with `async_op`: (zigzag, request),
+        to be passed through `natural` after the wait)."""
+        if async_op:
+            return comm.all_gather_sequence_raw(kv, self.group, async_op=True)
+        return self.natural(comm.all_gather_sequence_raw(kv, self.group))
+
+    def natural(self, kv_gathered):
+        return from_zigzag(kv_gathered, self.group.size(), dim=0)
+
+    def attend(self, q, kv_nat):
+        """Each local chunk against its causal prefix [0, start + c) of K,V -> o, lses."""
         c, hn = self.chunk_len, self.head_dim
-        outs = []
+        backend = resolve_backend(self.backend, q)
+        outs, lses = [], []
         for i, start in enumerate(self.chunk_starts):
-            q_chunk = q[i * c : (i + 1) * c].permute(1, 2, 0, 3)  # [b, heads, c, hn]
-            prefix = kv_natural[: start + c].permute(1, 2, 0, 3)  # [b, groups, L, 2hn]
-            k, v = prefix[..., :hn], prefix[..., hn:]
-            o = F.scaled_dot_product_attention(
-                q_chunk, k, v,
-                attn_mask=causal_lower_right(c, start + c),
-                scale=self.softmax_scale,
-                enable_gqa=self.heads != self.groups,
+            prefix = _bhcd(kv_nat[: start + c], self.groups)
+            o, lse = chunk_forward(
+                _bhcd(q[i * c : (i + 1) * c], self.heads), prefix[..., :hn], prefix[..., hn:],
+                self.softmax_scale, backend,
             )
             outs.append(o.permute(2, 0, 1, 3).reshape(c, o.shape[0], self.heads * hn))
-        return torch.cat(outs, dim=0)
+            lses.append(lse)
+        return torch.cat(outs, dim=0), lses
 
-    def __call__(self, x, w_qkv, b_qkv, w_proj, freqs):
-        q, kv_local = self.project(x, w_qkv, b_qkv, freqs)
-        kv_gathered = comm.all_gather_sequence(kv_local, self.group)  # [S, b, groups, 2hn], rank order
-        kv_natural = from_zigzag(kv_gathered, self.group.size(), dim=0)
-        return F.linear(self.attend(q, kv_natural), w_proj)
+    def attend_backward(self, do, q, kv_nat, o, lses):
+        """-> dq [s, b, heads, hn] and dK,dV of the whole sequence in natural order."""
+        c, hn = self.chunk_len, self.head_dim
+        backend = resolve_backend(self.backend, q)
+        dq = torch.empty_like(q)
+        dkv_nat = torch.zeros_like(kv_nat)
+        for i, start in enumerate(self.chunk_starts):
+            rows = slice(i * c, (i + 1) * c)
+            prefix = _bhcd(kv_nat[: start + c], self.groups)
+            dq_i, dk, dv = chunk_backward(
+                _bhcd(do[rows], self.heads), _bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
+                _bhcd(o[rows], self.heads), lses[i], self.softmax_scale, backend,
+            )
+            dq[rows] = dq_i.permute(2, 0, 1, 3)
+            dkv_nat[: start + c, ..., :hn] += dk.permute(2, 0, 1, 3)
+            dkv_nat[: start + c, ..., hn:] += dv.permute(2, 0, 1, 3)
+        return dq, dkv_nat
+
+    def scatter(self, dkv_nat):
+        """dK,dV of the whole sequence -> this rank's tokens, summed over the group."""
+        return comm.reduce_scatter_sequence_raw(to_zigzag(dkv_nat, self.group.size(), dim=0), self.group)
 
 
 def broadcast_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
@@ -95,7 +145,7 @@ def broadcast_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
     D, p = group.size(), group.rank()
 
     def post(j):
-        if D == 1:
+        if D == 1 or isinstance(group, comm.ComputeOnlyGroup):
             return owned, None
         buf = owned if j == p else packer.empty()
         return buf, comm.broadcast_from(buf, j, group, async_op=True)
@@ -110,46 +160,99 @@ def broadcast_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
         yield j, buf
 
 
+class _Reductions:
+    """Weight-gradient reductions onto their owners, at most `depth` in flight (each holds a
+    shard-sized buffer until it completes)."""
+
+    def __init__(self, group, depth: int = 2):
+        self.group, self.depth, self.pending = group, depth, []
+
+    def post(self, buf: torch.Tensor, owner: int) -> None:
+        if self.group.size() == 1:
+            return
+        self.pending.append(comm.reduce_to(buf, owner, self.group, async_op=True))
+        while len(self.pending) > self.depth:
+            comm.wait_all([self.pending.pop(0)])
+
+    def wait(self) -> None:
+        comm.wait_all(self.pending)
+        self.pending = []
+
+
 class TSPAttentionFunction(torch.autograd.Function):
-    """out = sum_j attention(x_p; shard j). Saves x_p and the owned shard only."""
+    """out = sum_j attention(x_p; shard j). Saves x_p, the owned shard and, unless
+    recompute='full', each shard's (q, local kv, o, lses)."""
 
     @staticmethod
-    def forward(ctx, x, w_qkv, b_qkv, w_proj, freqs, step: AttentionShardStep):
+    def forward(ctx, x, w_qkv, b_qkv, w_proj, freqs, shard: AttentionShard, recompute: str):
         packer = comm.ShardPacker([w_qkv, b_qkv, w_proj])
-        out = None
-        for _, shard in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, step.group):
-            y = step(x, *packer.unpack(shard), freqs)
+        out, saved = None, []
+        for _, buf in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, shard.group):
+            wq, bq, wp = packer.unpack(buf)
+            q, kv = shard.project(x, wq, bq, freqs)
+            o, lses = shard.attend(q, shard.gather(kv))
+            y = F.linear(o, wp)
             out = y if out is None else out.add_(y)
-            del y, shard
-        ctx.step, ctx.packer = step, packer
-        ctx.save_for_backward(x, w_qkv, b_qkv, w_proj, freqs)
+            if recompute == "none":
+                saved += [q, kv, o, *lses]
+            del y, buf, wq, bq, wp, q, kv, o, lses
+        ctx.shard, ctx.packer, ctx.recompute = shard, packer, recompute
+        ctx.save_for_backward(x, w_qkv, b_qkv, w_proj, freqs, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_qkv, b_qkv, w_proj, freqs = ctx.saved_tensors
-        step, packer, group = ctx.step, ctx.packer, ctx.step.group
-        p = group.rank()
-        dx, owned_grad, reductions = torch.zeros_like(x), None, []
-        for j, shard in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, group):
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_()
-                weights = [None if w is None else w.detach().requires_grad_() for w in packer.unpack(shard)]
-                y = step(x_, *weights, freqs)
-                leaves = [x_] + [w for w in weights if w is not None]
-                grads = torch.autograd.grad(y, leaves, grad_out)
-            del y, shard, weights
-            dx.add_(grads[0])
-            shard_grad = torch.cat([g.reshape(-1) for g in grads[1:]])
-            del grads
-            if group.size() > 1:
-                reductions.append(comm.reduce_to(shard_grad, j, group, async_op=True))
+        x, w_qkv, b_qkv, w_proj, freqs, *saved = ctx.saved_tensors
+        shard, packer, group = ctx.shard, ctx.packer, ctx.shard.group
+        D, p = group.size(), group.rank()
+        n_chunks = len(shard.chunk_starts)
+        per_shard = 3 + n_chunks
+        acts = [saved[j * per_shard : (j + 1) * per_shard] for j in range(D)] if saved else None
+
+        h = x.shape[-1]
+        x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
+        dx = torch.zeros_like(x2d)
+        reductions, owned_grad = _Reductions(group), None
+        gathers = {}  # j -> (zigzag K,V, request): shard j+1's gather posted while j computes
+
+        def post_gather(j):
+            if acts is not None and j < D:
+                gathers[j] = shard.gather(acts[j][1], async_op=True)
+
+        post_gather(0)
+        for j, buf in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, group):
+            wq, bq, wp = packer.unpack(buf)
+            if acts is not None:
+                q, kv, o, *lses = acts[j]
+                kv_zig, request = gathers.pop(j)
+                comm.wait_all([request])
+                kv_nat = shard.natural(kv_zig)
+                del kv_zig
+                post_gather(j + 1)
+            else:
+                q, kv = shard.project(x, wq, bq, freqs)
+                kv_nat = shard.gather(kv)
+                o, lses = shard.attend(q, kv_nat)
+            grad_buf = packer.empty()
+            gwq, gbq, gwp = packer.unpack(grad_buf)
+            torch.mm(g2d.t(), o.reshape(-1, o.shape[-1]), out=gwp)
+            do = torch.mm(g2d, wp).view(o.shape)
+            dq, dkv_nat = shard.attend_backward(do, q, kv_nat, o, lses)
+            del do, kv_nat, o, lses
+            dmixed = shard.unproject(dq, shard.scatter(dkv_nat), freqs)
+            del dq, dkv_nat
+            dx.addmm_(dmixed, wq)
+            torch.mm(dmixed.t(), x2d, out=gwq)
+            if gbq is not None:
+                torch.sum(dmixed, dim=0, out=gbq)
+            del dmixed, buf, wq, bq, wp
+            reductions.post(grad_buf, j)
             if j == p:
-                owned_grad = shard_grad
-            del shard_grad
-        comm.wait_all(reductions)
+                owned_grad = grad_buf
+            del grad_buf, gwq, gbq, gwp
+        reductions.wait()
         dw_qkv, db_qkv, dw_proj = packer.unpack(owned_grad)
-        return dx, dw_qkv, db_qkv, dw_proj, None, None
+        return dx.view_as(x), dw_qkv, db_qkv, dw_proj, None, None, None
 
 
 def run_holder_pre_hooks(*holders: torch.nn.Module) -> None:
@@ -166,7 +269,8 @@ class TSPSelfAttention(SelfAttention):
     (native TP layout, init and checkpoints), with the TSP schedule as forward.
     The TSP group is `pg_collection.tp`. Input and output: this rank's tokens, [S/D, b, h]."""
 
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, **kwargs):
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
+                 tsp_options: Optional[TSPOptions] = None, **kwargs):
         tp = kwargs.get("pg_collection").tp if kwargs.get("pg_collection") is not None else None
         if tp is None:
             from megatron.core import parallel_state
@@ -176,7 +280,10 @@ class TSPSelfAttention(SelfAttention):
         if attn_mask_type != AttnMaskType.causal:
             raise TSPConfigError(f"TSP attention supports causal masks only, got attn_mask_type={attn_mask_type}")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
+        self.tsp_options = tsp_options or TSPOptions()
         self.tsp_group = self.pg_collection.tp
+        if self.tsp_options.compute_only:
+            self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         hn = self.hidden_size_per_attention_head
         self.softmax_scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(hn)
 
@@ -226,7 +333,7 @@ class TSPSelfAttention(SelfAttention):
             freqs = rotary_pos_emb.index_select(0, local_position_index(S, D, p, rotary_pos_emb.device))
 
         run_holder_pre_hooks(self.linear_qkv, self.linear_proj)
-        step = AttentionShardStep(
+        shard = AttentionShard(
             config=self.config,
             group=group,
             heads=self.num_attention_heads_per_partition,
@@ -235,8 +342,10 @@ class TSPSelfAttention(SelfAttention):
             softmax_scale=self.softmax_scale,
             chunk_starts=local_chunk_starts(S, D, p),
             chunk_len=S // (2 * D),
+            backend=self.tsp_options.attention_backend,
         )
         out = TSPAttentionFunction.apply(
-            hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, step
+            hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, shard,
+            self.tsp_options.recompute,
         )
         return out, self.linear_proj.bias

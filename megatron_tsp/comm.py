@@ -26,20 +26,46 @@ def _global(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
+class ComputeOnlyGroup:
+    """Stands in for the TSP group in the compute-only benchmark: the same size and rank, and
+    every primitive below skips its communication (a broadcast or ring buffer keeps this rank's
+    shard, an all-gather repeats the local part, a reduction is a no-op). Results are wrong by
+    design; shapes, kernels and memory are those of the real schedule."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def size(self) -> int:
+        return self.group.size()
+
+    def rank(self) -> int:
+        return self.group.rank()
+
+
+def _skip(group) -> bool:
+    return isinstance(group, ComputeOnlyGroup)
+
 
 def broadcast_from(buf: torch.Tensor, src: int, group, async_op: bool = False):
     """In place: every rank's `buf` becomes rank `src`'s. Backward: `reduce_to(src)`."""
+    if _skip(group):
+        return None
     return dist.broadcast(buf, src=_global(group, src), group=group, async_op=async_op)
 
 
 def reduce_to(buf: torch.Tensor, dst: int, group, async_op: bool = False):
     """In place on rank `dst`: the SUM of every rank's `buf` (others' buffers are scratch)."""
+    if _skip(group):
+        return None
     return dist.reduce(buf, dst=_global(group, dst), op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 def ring_shift(send: torch.Tensor, recv: torch.Tensor, group) -> List:
     """Post `send` -> rank p+1 and `recv` <- rank p-1; returns the requests to wait on."""
     D, p = group.size(), group.rank()
+    if _skip(group):
+        recv.copy_(send)
+        return []
     ops = [
         dist.P2POp(dist.isend, send, _global(group, (p + 1) % D), group),
         dist.P2POp(dist.irecv, recv, _global(group, (p - 1) % D), group),
@@ -53,17 +79,25 @@ def wait_all(requests: Optional[Sequence]) -> None:
             r.wait()
 
 
-def all_gather_sequence_raw(local: torch.Tensor, group) -> torch.Tensor:
+def all_gather_sequence_raw(local: torch.Tensor, group, async_op: bool = False):
+    """[s, ...] -> [D*s, ...] in rank order; with `async_op`, returns (out, request)."""
     D = group.size()
     out = torch.empty((D * local.shape[0],) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
-    _all_gather_tensor(out, local.contiguous(), group=group)
-    return out
+    if _skip(group):
+        out.view(D, *local.shape).copy_(local.unsqueeze(0).expand(D, *local.shape))
+        request = None
+    else:
+        request = _all_gather_tensor(out, local.contiguous(), group=group, async_op=async_op)
+    return (out, request) if async_op else out
 
 
 def reduce_scatter_sequence_raw(full: torch.Tensor, group) -> torch.Tensor:
     D = group.size()
     out = torch.empty((full.shape[0] // D,) + tuple(full.shape[1:]), dtype=full.dtype, device=full.device)
-    _reduce_scatter_tensor(out, full.contiguous(), group=group)
+    if _skip(group):
+        out.copy_(full[group.rank() * out.shape[0] : (group.rank() + 1) * out.shape[0]])
+    else:
+        _reduce_scatter_tensor(out, full.contiguous(), group=group)
     return out
 
 

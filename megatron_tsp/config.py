@@ -6,6 +6,7 @@ Every check here is a pure function of the configuration, so every rank raises t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -125,3 +126,34 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
     config = TransformerConfig(tensor_model_parallel_size=tsp_size, sequence_parallel=tsp_size > 1, **kwargs)
     validate_transformer_config(config, tsp_size, seq_length)
     return config
+
+
+RECOMPUTE_MODES = ("none", "full")
+
+
+@dataclass(frozen=True)
+class TSPOptions:
+    """How the TSP blocks run; passed explicitly through the layer spec (no global state).
+
+    recompute: `none` saves, per weight shard, what the backward reads (attention: q and the
+      local k/v after RoPE, the attention output and its log-sum-exp; MLP: the fc1 output), as
+      Megatron does without recompute; `full` saves only the block input and recomputes each
+      shard's forward in backward (least memory, one more forward of GEMMs and attention).
+    attention_backend: the chunk-attention kernel (megatron_tsp.kernels.BACKENDS).
+    compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
+      the numbers are wrong) to time the same kernels without communication.
+    """
+
+    recompute: str = "none"
+    attention_backend: str = "auto"
+    compute_only: bool = False
+
+    def __post_init__(self):
+        from .kernels import BACKENDS
+
+        if self.recompute not in RECOMPUTE_MODES:
+            raise TSPConfigError(f"--tsp-recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
+        if self.attention_backend not in BACKENDS:
+            raise TSPConfigError(
+                f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"
+            )

@@ -10,10 +10,14 @@ matching columns of fc2. On TSP rank p, at ring step t it holds shard j = (p - t
         wait; shard = next
 
 Backward runs the ring again. The gradient of shard j travels with it: every rank adds its
-partial, and after D hops the sum arrives at the owner. Saves x_p and the owned shard only.
+partial, and after D hops the sum arrives at the owner. Saves x_p, the owned shard and, unless
+recompute='full', each shard's fc1 output (what Megatron's MLP saves, over the local tokens);
+with 'full', each shard's fc1 runs again in backward.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +26,7 @@ from megatron.core.transformer.mlp import MLP
 
 from . import comm
 from .attention import run_holder_pre_hooks
-from .config import TSPConfigError, validate_transformer_config
+from .config import TSPConfigError, TSPOptions, validate_transformer_config
 
 
 class Activation:
@@ -45,56 +49,77 @@ class Activation:
         return self.func(gate) * (up + self.offset)
 
 
-def mlp_shard(x, w_fc1, b_fc1, w_fc2, activation):
-    return F.linear(activation(F.linear(x, w_fc1, b_fc1)), w_fc2)
+def fc1(x, w_fc1, b_fc1):
+    return F.linear(x, w_fc1, b_fc1)
+
+
+def shard_backward(g2d, x2d, h1, w_fc1, w_fc2, activation, grad_views, dx):
+    """One shard's backward from its fc1 output h1 [s, b, 2f/D or f/D]: writes the shard's
+    weight gradients into `grad_views` (views of one flat buffer) and adds its dx."""
+    gw1, gb1, gw2 = grad_views
+    with torch.enable_grad():
+        h1_ = h1.detach().requires_grad_()
+        a = activation(h1_)
+    a2d = a.detach().reshape(g2d.shape[0], -1)
+    torch.mm(g2d.t(), a2d, out=gw2)
+    del a2d
+    (dh1,) = torch.autograd.grad(a, h1_, torch.mm(g2d, w_fc2).view(a.shape))
+    del a, h1_
+    dh1 = dh1.reshape(g2d.shape[0], -1)
+    torch.mm(dh1.t(), x2d, out=gw1)
+    if gb1 is not None:
+        torch.sum(dh1, dim=0, out=gb1)
+    dx.addmm_(dh1, w_fc1)
 
 
 class TSPRingMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group):
+    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
         packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
         D = group.size()
-        shard, out = packer.pack([w_fc1, b_fc1, w_fc2]), None
+        shard, out, saved = packer.pack([w_fc1, b_fc1, w_fc2]), None, []
         for t in range(D):
             if t + 1 < D:
                 incoming = packer.empty()
                 requests = comm.ring_shift(shard, incoming, group)
-            y = mlp_shard(x, *packer.unpack(shard), activation)
+            w1, b1, w2 = packer.unpack(shard)
+            h1 = fc1(x, w1, b1)
+            y = F.linear(activation(h1), w2)
             out = y if out is None else out.add_(y)
-            del y
+            if recompute == "none":
+                saved.append(h1)
+            del y, h1, w1, b1, w2
             if t + 1 < D:
                 comm.wait_all(requests)
                 shard = incoming
-        ctx.activation, ctx.group, ctx.packer = activation, group, packer
-        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2)
+        ctx.activation, ctx.group, ctx.packer, ctx.recompute = activation, group, packer, recompute
+        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_fc1, b_fc1, w_fc2 = ctx.saved_tensors
+        x, w_fc1, b_fc1, w_fc2, *saved = ctx.saved_tensors
         activation, group, packer = ctx.activation, ctx.group, ctx.packer
         D = group.size()
+        h = x.shape[-1]
+        x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
         shard = packer.pack([w_fc1, b_fc1, w_fc2])
-        dx = torch.zeros_like(x)
+        dx = torch.zeros_like(x2d)
         grad_in, grad_requests = None, None  # the accumulated gradient arriving from p-1
         for t in range(D):
             if t + 1 < D:
                 incoming = packer.empty()
                 weight_requests = comm.ring_shift(shard, incoming, group)
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_()
-                weights = [None if w is None else w.detach().requires_grad_() for w in packer.unpack(shard)]
-                y = mlp_shard(x_, *weights, activation)
-                grads = torch.autograd.grad(y, [x_] + [w for w in weights if w is not None], grad_out)
-            del y, weights
-            dx.add_(grads[0])
-            grad_acc = torch.cat([g.reshape(-1) for g in grads[1:]])
-            del grads
+            w1, b1, w2 = packer.unpack(shard)
+            h1 = saved[t] if saved else fc1(x, w1, b1)
+            grad_acc = packer.empty()
+            shard_backward(g2d, x2d, h1, w1, w2, activation, packer.unpack(grad_acc), dx)
+            del h1, w1, b1, w2
             if t > 0:  # add the partials of the ranks this shard visited before
                 comm.wait_all(grad_requests)
                 grad_acc.add_(grad_in)
             if D > 1:  # after the D-th hop the gradient of shard p+1 reaches its owner
-                grad_in = torch.empty_like(grad_acc)
+                grad_in = packer.empty()
                 grad_requests = comm.ring_shift(grad_acc, grad_in, group)
             else:
                 grad_in = grad_acc
@@ -103,7 +128,7 @@ class TSPRingMLPFunction(torch.autograd.Function):
                 shard = incoming
         comm.wait_all(grad_requests)
         dw_fc1, db_fc1, dw_fc2 = packer.unpack(grad_in)
-        return dx, dw_fc1, db_fc1, dw_fc2, None, None
+        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
 
 
 class TSPRingMLP(MLP):
@@ -111,7 +136,8 @@ class TSPRingMLP(MLP):
     layout), with the TSP ring as forward. Input and output: this rank's tokens, [S/D, b, h].
     The TSP group comes in as `tp_group` (the spec factory passes it)."""
 
-    def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None):
+    def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
+                 tsp_options: Optional[TSPOptions] = None):
         if is_expert:
             raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
         if tp_group is None:
@@ -124,7 +150,10 @@ class TSPRingMLP(MLP):
             ffn_hidden_size=config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size,
             tp_group=tp_group,
         )
+        self.tsp_options = tsp_options or TSPOptions()
         self.tsp_group = self.tp_group
+        if self.tsp_options.compute_only:
+            self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         self.activation = Activation(config)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
@@ -133,6 +162,6 @@ class TSPRingMLP(MLP):
         run_holder_pre_hooks(self.linear_fc1, self.linear_fc2)
         out = TSPRingMLPFunction.apply(
             hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
-            self.activation, self.tsp_group,
+            self.activation, self.tsp_group, self.tsp_options.recompute,
         )
         return out, self.linear_fc2.bias

@@ -9,19 +9,23 @@ Embedding, LM head and vocab-parallel cross-entropy are Megatron's, on the same 
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 
-from .config import TSPConfigError, check_seq_length, validate_transformer_config
+from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .specs import get_tsp_block_spec
 from .zigzag import from_zigzag, to_zigzag
 
 
 class TSPGPTModel(GPTModel):
     """GPTModel with the TSP decoder. Arguments as GPTModel's; `transformer_layer_spec`
-    defaults to `get_tsp_block_spec`. The TSP group is `pg_collection.tp`."""
+    defaults to `get_tsp_block_spec(..., tsp_options=tsp_options)`. The TSP group is
+    `pg_collection.tp`."""
 
-    def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None, **kwargs):
+    def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None,
+                 tsp_options: Optional[TSPOptions] = None, **kwargs):
         pg_collection = kwargs.get("pg_collection")
         group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
         validate_transformer_config(config, group.size())
@@ -30,7 +34,9 @@ class TSPGPTModel(GPTModel):
         if transformer_layer_spec is None:
             vp_stage = kwargs.get("vp_stage")
             pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
-            transformer_layer_spec = get_tsp_block_spec(config, vp_stage, pp_rank, tsp_group=group)
+            transformer_layer_spec = get_tsp_block_spec(
+                config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
+            )
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.tsp_group = group
 

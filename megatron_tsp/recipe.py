@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 
 import yaml
 
-from .config import TSPConfigError, check_seq_length
+from .config import TSPConfigError, TSPOptions, check_seq_length
 from .training import ModelShape
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
@@ -50,6 +50,14 @@ class ParallelRecipe:
     """The size of the tsp / tp axis (ignored by dp)."""
     pipeline_size: int = 1
     """Pipeline-parallel stages (composes with every layout)."""
+    tsp_recompute: str = "none"
+    """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
+    does without recompute) or full (save only block inputs, recompute each shard's forward)."""
+    tsp_attention_backend: str = "auto"
+    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
+    math, math_split."""
+    tsp_compute_only: bool = False
+    """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     baseline_attention: str = "sdpa"
     """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
     local (Megatron's DotProductAttention, which materializes the S x S scores)."""
@@ -115,6 +123,11 @@ class Recipe:
             raise RecipeError(f"parallel.layout = {p.layout!r} is not one of {', '.join(LAYOUTS)}")
         if p.baseline_attention not in ("sdpa", "local"):
             raise RecipeError(f"parallel.baseline_attention = {p.baseline_attention!r} is not one of sdpa, local")
+        try:
+            self.tsp_options()
+        except TSPConfigError as e:
+            raise RecipeError(str(e).replace("--tsp-recompute", "parallel.tsp_recompute")
+                              .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")) from None
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in ("LayerNorm", "RMSNorm"):
@@ -161,6 +174,11 @@ class Recipe:
                     f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
                 )
         return self
+
+    def tsp_options(self) -> TSPOptions:
+        p = self.parallel
+        return TSPOptions(recompute=p.tsp_recompute, attention_backend=p.tsp_attention_backend,
+                          compute_only=p.tsp_compute_only)
 
     @property
     def axis_size(self) -> int:

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 import logging
 
 from .attention import TSPSelfAttention
+from .config import TSPOptions
 from .mlp import TSPRingMLP
 from .norm import TSPNorm
 
@@ -35,14 +36,20 @@ def _local_spec_with_sp_norms(config) -> ModuleSpec:
     return spec
 
 
-def get_tsp_layer_spec(config, tsp_group=None) -> ModuleSpec:
+def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions] = None) -> ModuleSpec:
     """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group`
-    (Megatron's TP group when None)."""
+    (Megatron's TP group when None), as `tsp_options` says (recompute, kernel)."""
+    options = tsp_options or TSPOptions()
     spec = _local_spec_with_sp_norms(config)
-    spec.submodules.self_attention.module = TSPSelfAttention
+    attention = spec.submodules.self_attention
+    spec.submodules.self_attention = ModuleSpec(
+        module=TSPSelfAttention, params={**attention.params, "tsp_options": options}, submodules=attention.submodules
+    )
     mlp = spec.submodules.mlp
     # TransformerLayer passes tp_group only to MLP itself, so the group rides in params.
-    spec.submodules.mlp = ModuleSpec(module=TSPRingMLP, params={"tp_group": tsp_group}, submodules=mlp.submodules)
+    spec.submodules.mlp = ModuleSpec(
+        module=TSPRingMLP, params={"tp_group": tsp_group, "tsp_options": options}, submodules=mlp.submodules
+    )
     return spec
 
 
@@ -61,9 +68,10 @@ def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) 
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=TSPNorm)
 
 
-def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None) -> TransformerBlockSubmodules:
+def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None,
+                       tsp_options: Optional[TSPOptions] = None) -> TransformerBlockSubmodules:
     """The decoder block of a TSP GPT model (the final norm sequence-parallel-capable too)."""
-    return _block(config, get_tsp_layer_spec(config, tsp_group), vp_stage, pp_rank)
+    return _block(config, get_tsp_layer_spec(config, tsp_group, tsp_options), vp_stage, pp_rank)
 
 
 def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None) -> TransformerBlockSubmodules:

@@ -115,6 +115,7 @@ def build(recipe: Recipe):
     model = build_gpt(
         m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
         sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
+        tsp_options=recipe.tsp_options(),
         init_method_std=m.init_method_std,
         use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
     )

@@ -23,7 +23,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
-from .config import check_seq_length, validate_transformer_config
+from .config import TSPOptions, check_seq_length, validate_transformer_config
 from .model import TSPGPTModel
 from .specs import get_sp_block_spec
 
@@ -108,9 +108,10 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
-              sequence_parallel: Optional[bool] = None, core_attention: str = "local", **config_kw):
+              sequence_parallel: Optional[bool] = None, core_attention: str = "local",
+              tsp_options: Optional[TSPOptions] = None, **config_kw):
     """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
-    slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
+    slot, run as `tsp_options` say (recompute, attention kernel); `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
     unless `sequence_parallel=False`), with Megatron's DotProductAttention (`core_attention=
     'local'`) or torch SDPA (`'sdpa'`, the same kernel family TSP uses: for long contexts)."""
     pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -122,8 +123,9 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     torch.manual_seed(seed)
     mrandom.model_parallel_cuda_manual_seed(seed)
     cls = TSPGPTModel if layout == "tsp" else GPTModel
+    extra = {}
     if layout == "tsp":
-        spec = None
+        spec, extra = None, {"tsp_options": tsp_options}
     else:
         from .sdpa_attention import SDPACoreAttention
 
@@ -139,6 +141,7 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         pre_process=mpu.is_pipeline_first_stage(),
         post_process=mpu.is_pipeline_last_stage(),
         pg_collection=pgs,
+        **extra,
     )
     if config.use_cpu_initialization:
         layout_invariant_init(model, seed)

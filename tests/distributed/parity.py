@@ -36,7 +36,7 @@ def _local(t, D, r):
 
 
 def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=16, b=2,
-                 dtype=torch.float64, heads=4, hidden=32, ffn=64):
+                 dtype=torch.float64, heads=4, hidden=32, ffn=64, options=None):
     init_tsp(D)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     group, r = pgs.tp, pgs.tp.rank()
@@ -50,11 +50,11 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
         sub = spec.self_attention.submodules
         ref = SelfAttention(ref_cfg, sub, layer_number=1, attn_mask_type=AttnMaskType.causal,
                             pg_collection=singleton_pgs())
-        tsp = TSPSelfAttention(tsp_cfg, sub, layer_number=1, pg_collection=pgs)
+        tsp = TSPSelfAttention(tsp_cfg, sub, layer_number=1, pg_collection=pgs, tsp_options=options)
     else:
         sub = spec.mlp.submodules
         ref = MLP(ref_cfg, sub, ffn_hidden_size=ffn, tp_group=singleton_pgs().tp)
-        tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group)
+        tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
     ref, tsp = ref.to(dev, dtype), tsp.to(dev, dtype)
     load_full_into(tsp, dict(ref.named_parameters()), group)
 

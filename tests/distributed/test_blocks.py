@@ -4,6 +4,7 @@ output, input gradient and every weight gradient, float64, D in {1, 2, 4}."""
 import pytest
 import torch
 
+from megatron_tsp.config import TSPOptions
 from tests.distributed.parity import block_parity
 from tests.utils import skip_unless_divides
 
@@ -15,14 +16,19 @@ def _check(errors, seed, tol=TOL):
     assert not bad, f"relative errors above {tol} (seed {seed}): {bad}"
 
 
+RECOMPUTE = [TSPOptions(recompute="none"), TSPOptions(recompute="full")]
+
+
 @pytest.mark.parametrize("D", [1, 2, 4])
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_attention_parity(world, D, groups, bias):
+@pytest.mark.parametrize("options", RECOMPUTE, ids=["save", "recompute"])
+def test_attention_parity(world, D, groups, bias, options):
     skip_unless_divides(world, D)
     if groups is not None and groups % D:
         groups = D  # GQA with one KV group per shard at D=4
-    errors, seed = block_parity("attention", D, groups=groups, bias=bias, rope=True, heads=8 if groups else 4)
+    errors, seed = block_parity("attention", D, groups=groups, bias=bias, rope=True, heads=8 if groups else 4,
+                                options=options)
     _check(errors, seed)
     assert "linear_qkv.weight" in errors and "linear_proj.weight" in errors
     assert ("linear_qkv.bias" in errors) == bias
@@ -35,12 +41,24 @@ def test_attention_parity_without_rope(world, D):
     _check(errors, seed)
 
 
+@pytest.mark.parametrize("D", [2, 4])
+@pytest.mark.parametrize("options", [TSPOptions(attention_backend="math_split"),
+                                     TSPOptions(attention_backend="math_split", recompute="full")],
+                         ids=["save", "recompute"])
+def test_attention_parity_split_kernel(world, D, options):
+    """The prefix + square-causal split with log-sum-exp merge (the cuDNN path) on CPU."""
+    skip_unless_divides(world, D)
+    errors, seed = block_parity("attention", D, groups=D, heads=8, options=options)
+    _check(errors, seed)
+
+
 @pytest.mark.parametrize("D", [1, 2, 4])
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_ring_mlp_parity(world, D, gated, bias):
+@pytest.mark.parametrize("options", RECOMPUTE, ids=["save", "recompute"])
+def test_ring_mlp_parity(world, D, gated, bias, options):
     skip_unless_divides(world, D)
-    errors, seed = block_parity("mlp", D, gated=gated, bias=bias)
+    errors, seed = block_parity("mlp", D, gated=gated, bias=bias, options=options)
     _check(errors, seed)
     assert ("linear_fc1.bias" in errors) == bias
 
@@ -89,3 +107,34 @@ def test_dropped_ring_gradient_hop_is_caught(world, monkeypatch):
     errors, _ = block_parity("mlp", D)
     assert errors["output"] <= TOL
     assert errors["linear_fc1.weight"] > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_compute_only_mode_skips_every_collective(world, kind, monkeypatch):
+    """The benchmark's compute-only mode runs forward and backward without one collective
+    (any call would raise) and yields finite outputs and gradients."""
+    import torch.distributed as dist
+
+    from megatron_tsp import comm
+
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    real = block_parity(kind, D)[0]
+    assert real["output"] <= TOL
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective ran in compute-only mode")
+
+    for name in ("broadcast", "reduce", "batch_isend_irecv", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        monkeypatch.setattr(dist, name, forbidden)
+    monkeypatch.setattr(comm, "_all_gather_tensor", forbidden)
+    monkeypatch.setattr(comm, "_reduce_scatter_tensor", forbidden)
+    monkeypatch.setattr("tests.distributed.parity.sum_sequence_parallel_grads", lambda *a: None)
+    monkeypatch.setattr("tests.distributed.parity.gather_full", lambda g, p, group: g)
+    monkeypatch.setattr("tests.distributed.parity.dist.all_reduce", lambda *a, **k: None)
+    monkeypatch.setattr("tests.distributed.parity.fresh_seed", lambda: 7)
+    monkeypatch.setattr("tests.distributed.parity.load_full_into", lambda *a: None)
+    monkeypatch.setattr("tests.distributed.parity.rel_err", lambda a, b: float(torch.isfinite(a).all()))
+    errors, _ = block_parity(kind, D, options=TSPOptions(compute_only=True))
+    assert errors["output"] == 1.0 and errors["input_grad"] == 1.0  # ran, finite

@@ -1,12 +1,13 @@
 """Memory is the product: what a TSP layer saves for backward at D = 4 is at most 1.25/D of
 what the same layer saves at D = 1 for the same global batch, and no saved tensor is another
-rank's weight shard or a gathered K/V."""
+rank's weight shard or a gathered K/V; in both recompute modes, `full` saving less."""
 
 import pytest
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_tsp.config import TSPOptions
 from megatron_tsp.specs import get_tsp_layer_spec
 from megatron_tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -15,9 +16,10 @@ from tests.utils import device, init_tsp, singleton_pgs, tiny_config
 S, B, H, HEADS = 48, 2, 32, 4
 
 
-def _saved_by_layer_forward(D, pgs):
+def _saved_by_layer_forward(D, pgs, options):
     config = tiny_config(D, heads=HEADS, hidden=H, ffn=4 * H, dtype=torch.float32)
-    layer = TransformerLayer(config, get_tsp_layer_spec(config, pgs.tp).submodules, pg_collection=pgs).to(device())
+    spec = get_tsp_layer_spec(config, pgs.tp, options)
+    layer = TransformerLayer(config, spec.submodules, pg_collection=pgs).to(device())
     params = {p.data_ptr() for p in layer.parameters()}
     x = to_zigzag(torch.randn(S, B, H, device=device()), D, 0)[: S // D].clone().requires_grad_()  # this rank's tokens
     rope = RotaryEmbedding(kv_channels=H // HEADS, rotary_percent=1.0)(S).to(device())
@@ -30,14 +32,22 @@ def _saved_by_layer_forward(D, pgs):
     return saved, params, sum(activations.values()), layer
 
 
-def test_saved_activations_shrink_with_D(world):
+_BYTES = {}
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_saved_activations_shrink_with_D(world, recompute):
     if world != 4:
         pytest.skip("needs D = 4")
+    options = TSPOptions(recompute=recompute)
     init_tsp(1)
-    _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs())
+    _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
     init_tsp(4)
-    saved, params, bytes_d4, layer = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups())
+    saved, params, bytes_d4, layer = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(), options)
     assert bytes_d4 <= 1.25 / 4 * bytes_d1, f"saved {bytes_d4} B at D=4 vs {bytes_d1} B at D=1"
+    _BYTES[recompute] = bytes_d4
+    if len(_BYTES) == 2:  # full recompute keeps the block inputs only: well under half of `none`
+        assert _BYTES["full"] < 0.5 * _BYTES["none"], _BYTES
 
     weight_shapes = {tuple(p.shape) for p in layer.parameters() if p.dim() > 1}
     for t in saved:
