@@ -108,11 +108,25 @@ def _flash_forward(q, k, v, scale, causal):
     return out[0], out[1]
 
 
+_FLASH_AUX = {}
+
+
+def _flash_aux(q, k, v, scale):
+    """The non-varlen, no-dropout extras the flash backward takes (cum_seq_q/k as the forward
+    returns them, i.e. undefined; rng state), read once from a tiny forward per device/dtype."""
+    key = (q.device, q.dtype)
+    if key not in _FLASH_AUX:
+        t = torch.zeros(1, 1, 8, q.shape[-1], device=q.device, dtype=q.dtype)
+        out = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False, False, scale=scale)
+        _FLASH_AUX[key] = (out[2], out[3], out[6], out[7])
+    return _FLASH_AUX[key]
+
+
 def _flash_backward(do, q, k, v, o, lse, scale, causal):
     c, L = q.shape[2], k.shape[2]
-    empty = torch.empty(0, dtype=torch.int64, device=q.device)  # no varlen, no dropout rng
+    cum_q, cum_k, seed, offset = _flash_aux(q, k, v, scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        do, q, k, v, o, lse, empty, empty, c, L, 0.0, causal, empty, empty, scale=scale
+        do, q, k, v, o, lse, cum_q, cum_k, c, L, 0.0, causal, seed, offset, scale=scale
     )
     return dq, dk, dv
 
@@ -126,15 +140,26 @@ def _cudnn_forward(q, k, v, scale, causal):
     return out[0], out[1].reshape(q.shape[:3])
 
 
+_CUDNN_AUX = {}
+
+
+def _cudnn_aux(q, scale):
+    """The no-dropout rng extras the cuDNN backward takes, read once from a tiny forward."""
+    key = (q.device, q.dtype)
+    if key not in _CUDNN_AUX:
+        t = torch.zeros(1, 1, 8, q.shape[-1], device=q.device, dtype=q.dtype)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(t, t, t, None, True, 0.0, False, False, scale=scale)
+        _CUDNN_AUX[key] = (out[6], out[7])
+    return _CUDNN_AUX[key]
+
+
 def _cudnn_backward(do, q, k, v, o, lse, scale, causal):
     hq, hk = q.shape[1], k.shape[1]
     c, L = q.shape[2], k.shape[2]
-    empty = torch.empty(0, device=q.device)
+    seed, offset = _cudnn_aux(q, scale)
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    # cuDNN wants its stats as [b, h, c, 1] and dense o / do
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do.contiguous(), q, ke, ve, o.contiguous(), lse.unsqueeze(-1).contiguous(), empty, empty, empty,
-        empty, empty, c, L, 0.0, causal, scale=scale,
+        do, q, ke, ve, o, lse.unsqueeze(-1), seed, offset, None, None, None, c, L, 0.0, causal, scale=scale,
     )
     return dq, _fold_kv(dk, hk), _fold_kv(dv, hk)
 
