@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
+from megatron_tsp.config import TSPOptions
 from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
 from tests.distributed.parity import block_parity, fresh_seed
 from tests.utils import gather_full, init_tsp, rel_err, skip_unless_divides, sum_sequence_parallel_grads
@@ -24,13 +25,17 @@ def _record(name, D, errors, seed):
     assert not bad, f"{name} D={D} (seed {seed}): {bad}"
 
 
+OPTIONS = {"cudnn-save": TSPOptions(), "flash-recompute": TSPOptions(attention_backend="flash", recompute="full")}
+
+
 @pytest.mark.parametrize("D", [2, 4])
 @pytest.mark.parametrize("kind,groups", [("attention", None), ("attention", 4), ("mlp", None)], ids=["attn-mha", "attn-gqa", "mlp"])
-def test_blocks_bf16(world, D, kind, groups):
+@pytest.mark.parametrize("mode", list(OPTIONS))
+def test_blocks_bf16(world, D, kind, groups, mode):
     skip_unless_divides(world, D)
     errors, seed = block_parity(kind, D, groups=groups, heads=8, hidden=256, ffn=1024, S=512, b=2,
-                                dtype=torch.bfloat16, bias=True)
-    _record(f"{kind}{'-gqa' if groups else ''}", D, errors, seed)
+                                dtype=torch.bfloat16, bias=True, options=OPTIONS[mode])
+    _record(f"{kind}{'-gqa' if groups else ''} {mode}", D, errors, seed)
 
 
 def _gpt(layout, D, shape, seed):
