@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: as each layout runs today (TSP recomputes each block, baselines none); "
                         "none: TSP saves per-shard activations, baselines no recompute; full: TSP block "
                         "recompute, baselines Megatron full-layer recompute")
+    t.add_argument("--norm", choices=["torch", "fused"], default="torch",
+                   help="torch: composite torch norm (no Transformer Engine, what runs here); fused: TE/apex")
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
     c.add_argument("--nodes", type=int, default=1)
@@ -85,7 +87,7 @@ def build_inputs(args):
         raise PlanError("--seq-len is required without a recipe")
     train = TrainSpec(seq_len=seq, micro_batch=args.micro_batch, global_batch=args.global_batch,
                       optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer,
-                      recompute=args.recompute)
+                      recompute=args.recompute, norm=args.norm)
     cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
                       gpu_memory_gib=args.gpu_memory_gb)
     layouts = [Layout.parse(x) for x in args.layout] if args.layout else None

@@ -22,10 +22,13 @@ FP32 = 4
 
 # -- what is saved for backward, bytes per token of one layer ----------------------------------
 
-def norm_saved(m: ModelSpec) -> float:
+def norm_saved(m: ModelSpec, impl: str = "torch") -> float:
     """torch.nn.RMSNorm/LayerNorm without Transformer Engine is torch's composite op: it keeps
     two float32 copies of its input width (the upcast input and the normalized value) and a
-    float32 rstd per token. Its output is saved by the next op (counted there)."""
+    float32 rstd per token. A fused kernel (TE / apex) keeps its input and rstd. The norm's
+    output is saved by the next op (counted there)."""
+    if impl == "fused":
+        return m.dtype_bytes * m.hidden + FP32
     return 2 * FP32 * m.hidden + FP32
 
 
@@ -35,14 +38,14 @@ def rope_saved(m: ModelSpec) -> float:
     return FP32 * m.head_dim
 
 
-def tsp_saved_per_token(m: ModelSpec, save_activations: bool) -> Dict[str, float]:
+def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "torch") -> Dict[str, float]:
     """TSP, per local token of one layer. Block recompute (today): the two norms, the inputs of
     the attention and MLP functions (x_p) and the RoPE slice; nothing per shard. "Save
     activations" mode adds, summed over the D shards: q, the local k/v, the attention output
     and its log-sum-exp, and the MLP fc1 output."""
     b = m.dtype_bytes
     items = {
-        "norms (2 x fp32 upcast + normalized)": 2 * norm_saved(m),
+        "norms": 2 * norm_saved(m, norm),
         "block inputs x_p (attention, MLP)": 2 * b * m.hidden,
         "RoPE table slice": rope_saved(m),
     }
@@ -57,14 +60,14 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool) -> Dict[str, float
     return items
 
 
-def native_saved(m: ModelSpec, lay: Layout) -> Dict[str, tuple]:
+def native_saved(m: ModelSpec, lay: Layout, norm: str = "torch") -> Dict[str, tuple]:
     """Megatron's local-spec layer (SDPA core attention), per token: {item: (bytes, region)}
     with region 'norm' (tokens of the norm/residual region) or 'core' (tokens of the attention
     / MLP region, widths already divided by T)."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = (5 if m.gated else 2) * m.f  # gated: fc1 out (2f), act(gate), up + offset, product
     return {
-        "norms (2 x fp32 upcast + normalized)": (2 * norm_saved(m), "norm"),
+        "norms": (2 * norm_saved(m, norm), "norm"),
         "inputs of linear_qkv and linear_fc1": (2 * b * m.hidden, "norm"),
         "mixed qkv (v is a view of it)": (b * (m.q_dim + 2 * m.kv_dim) / T, "core"),
         "q, k after RoPE": (b * (m.q_dim + m.kv_dim) / T, "core"),
@@ -164,12 +167,12 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
     tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
     if lay.kind == "tsp":
-        per_tok = tsp_saved_per_token(m, save_activations=(mode == "save"))
+        per_tok = tsp_saved_per_token(m, save_activations=(mode == "save"), norm=train.norm)
         for k, v in per_tok.items():
             detail[k] = v * tokens_norm * L
         layer_act = sum(per_tok.values()) * tokens_norm
     else:
-        items = native_saved(m, lay)
+        items = native_saved(m, lay, train.norm)
         layer_act = 0.0
         for k, (v, region) in items.items():
             n = tokens_norm if region == "norm" else tokens_core
@@ -180,7 +183,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
                       "one layer recomputed in backward": layer_act}
     activations = sum(detail.values())
     # final norm + the output layer's (local) input
-    final = (norm_saved(m) + b * m.hidden) * tokens_norm
+    final = (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm
     detail["final norm and LM-head input"] = final
     activations += final
 
@@ -335,7 +338,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     if lay.kind == "tsp":
         s_core_width = s  # each rank runs all D shards on its s tokens
     refwd = 1 if mode in ("block", "full") else 0
-    norm = 108 * h  # composite fp32 norm, fwd 36h + bwd 72h bytes per token
+    norm = 108 * h if train.norm == "torch" else 6 * h * b  # composite fp32: fwd 36h + bwd 72h bytes
     rope = 28 * (m.q_dim + m.kv_dim) * b / 2  # per token, one direction
     act = (16 if m.gated else 4) * m.f * b / 2  # fwd
     act_bwd = (26 if m.gated else 6) * m.f * b / 2

@@ -134,6 +134,7 @@ class TrainSpec:
     distributed_optimizer: bool = False
     recompute: str = "auto"  # auto: as each layout runs today; none; full
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.wrap_ddp_and_optimizer sets it
+    norm: str = "torch"  # torch: composite torch norm (no TE, as on the GPU machine); fused: TE/apex kernel
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len)
@@ -142,6 +143,8 @@ class TrainSpec:
             _positive("--global-batch", self.global_batch)
         if self.optimizer != "adam":
             raise PlanError(f"--optimizer = {self.optimizer!r}: only adam is modelled")
+        if self.norm not in ("torch", "fused"):
+            raise PlanError(f"--norm = {self.norm!r} is not one of torch, fused")
         if self.recompute not in RECOMPUTE:
             raise PlanError(f"--recompute = {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
 
