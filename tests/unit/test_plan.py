@@ -171,3 +171,16 @@ def test_validate_command_writes_the_table(tmp_path):
 def test_peak_gib_units():
     mem = memory(MHA, TrainSpec(seq_len=16384), Layout("tsp", tsp=4), NODE4)
     assert mem.as_gib()["peak"] == pytest.approx(mem.peak / GIB)
+
+
+def test_whole_step_crossover_at_13h_tokens_for_d4():
+    """DESIGN.md section 6 said backward roughly doubles both; it does not: forward + backward,
+    D=4, MHA, f=4h: TSP 39h^2 + 4.5 BSh vs TP+SP 7.5 BSh, equal at B*S = 13h."""
+    def total(layout, S):
+        items = comm_items(MHA, TrainSpec(seq_len=S), layout, NODE4)
+        return volume_per_layer(items, "fwd") + volume_per_layer(items, "bwd")
+
+    tsp, tpsp = Layout("tsp", tsp=4), Layout("tp_sp", tp=4)
+    assert total(tsp, 13 * H) == pytest.approx(total(tpsp, 13 * H))
+    assert total(tsp, 13 * H) == pytest.approx((39 * H * H + 4.5 * 13 * H * H) * 2)
+    assert total(tsp, 8 * H) > total(tpsp, 8 * H)
