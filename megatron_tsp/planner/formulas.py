@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from .model import Cluster, Layout, ModelSpec, PlanError, TrainSpec
+from .model import Cluster, Layout, ModelSpec, TrainSpec
 
 GIB = 2.0**30
 FP32 = 4
