@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
+    "plan": ("megatron_tsp.plan", "memory, communication and step time of TSP and its baselines"),
 }
 
 

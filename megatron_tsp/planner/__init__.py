@@ -1,0 +1,107 @@
+"""`megatron-tsp plan`: per-GPU memory, communication and step time of TSP and its baselines.
+
+    from megatron_tsp.planner import ModelSpec, TrainSpec, Cluster, Layout, plan_all, hardware
+    model = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000)
+    plans, skipped = plan_all(model, TrainSpec(seq_len=16384), Cluster(gpus_per_node=4), hardware.load("h200x4"))
+
+Formulas and their symbols: docs/planner.md; validation: docs/plan_validation.md.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from . import hardware
+from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
+                       memory, param_counts, recompute_mode, volume_per_layer)
+from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
+                    usable_layouts)
+
+__all__ = ["Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
+           "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
+           "step_time", "volume_per_layer", "param_counts", "GIB"]
+
+ATTENTION_FAMILY = {  # which SDPA kernel shape each layout runs
+    "tsp": "rect_lower_right",  # each local chunk against its causal prefix
+    "cp": "rect_lower_right", "tp_cp": "rect_lower_right", "fsdp_cp": "rect_lower_right",
+    "tp": "square_causal", "tp_sp": "square_causal",  # the whole sequence, square causal
+}
+
+
+def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware,
+              items: Optional[List[CommItem]] = None) -> dict:
+    """Seconds per optimizer step: compute (GEMM FLOPs over the matmul rate, attention FLOPs
+    over the attention rate of the layout's kernel shape, memory-bound bytes over HBM x
+    efficiency), communication (bytes over the bus bandwidth of its collective and link), the
+    optimizer, and the per-step data-parallel gradient sync."""
+    items = comm_items(m, train, lay, cluster) if items is None else items
+    fl = flops(m, train, lay)
+    ew = elementwise_bytes(m, train, lay)
+    t_mm = fl["matmul"] / (hw.matmul_tflops * 1e12)
+    t_attn = fl["attention"] / (hw.attention(ATTENTION_FAMILY[lay.kind]) * 1e12)
+    t_ew = ew["total"] / (hw.hbm_tb_s * 1e12 * hw.elementwise_efficiency)
+    compute = t_mm + t_attn + t_ew
+
+    def seconds(i: CommItem) -> float:
+        return i.time_bytes / (hw.bus_gb_s(i.collective, i.link) * 1e9) * (m.layers if i.per_layer else 1)
+
+    micro_items = [i for i in items if i.per_layer]
+    comm_all = sum(seconds(i) for i in micro_items)
+    comm_serial = sum(seconds(i) for i in micro_items if not i.overlapped)
+    comm_hidden = comm_all - comm_serial
+    step_comm = sum(seconds(i) for i in items if not i.per_layer)
+    dp = cluster.world // lay.size
+    gb = train.global_batch or train.micro_batch * dp
+    n_micro = gb // (train.micro_batch * dp)
+    P = param_counts(m, lay)["total"]
+    opt_shard = dp * lay.cp if train.distributed_optimizer and lay.kind != "fsdp_cp" else 1
+    t_opt = ADAM_BYTES_PER_PARAM * P / opt_shard / (hw.hbm_tb_s * 1e12)
+    micro = {
+        "no_overlap": compute + comm_all,
+        "as_implemented": compute + comm_serial + max(0.0, comm_hidden - compute),
+        "full_overlap": compute + max(0.0, comm_all - compute),
+    }
+    out = {k: n_micro * v + t_opt + step_comm for k, v in micro.items()}
+    out.update({"matmul_s": n_micro * t_mm, "attention_s": n_micro * t_attn, "elementwise_s": n_micro * t_ew,
+                "comm_s": n_micro * comm_all, "comm_exposed_s": n_micro * (micro["as_implemented"] - compute),
+                "optimizer_s": t_opt, "dp_sync_s": step_comm, "micro_batches": n_micro,
+                "model_flops": fl["model_flops"] * n_micro})
+    tokens = gb * train.seq_len
+    out["tokens_per_s_per_gpu"] = tokens / out["as_implemented"] / cluster.world
+    peak = hw.raw.get("matmul", {}).get("peak_bf16_tflops", hw.matmul_tflops)
+    out["mfu"] = out["model_flops"] / out["as_implemented"] / (peak * 1e12)
+    return out
+
+
+def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware) -> Plan:
+    check_layout(m, train, lay, cluster)
+    mem = memory(m, train, lay, cluster)
+    items = comm_items(m, train, lay, cluster)
+    t = step_time(m, train, lay, cluster, hw, items)
+    dp = cluster.world // lay.size
+    p = Plan(layout=lay, dp=dp, micro_batches=t["micro_batches"], memory=mem, comm=items,
+             flops=flops(m, train, lay), time=t)
+    capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
+    p.fits = mem.peak / GIB <= capacity
+    p.notes.append(f"recompute: {recompute_mode(lay, train)}")
+    if lay.cp > 1:
+        p.notes.append("CP modelled as K/V all-gather (re-gathered in backward), zigzag, local q/k/v/o saved")
+    return p
+
+
+def plan_all(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw: hardware.Hardware,
+             layouts: Optional[Sequence[Layout]] = None):
+    """Plans for every usable layout (or the given ones: an unusable given layout is an error)
+    and the skipped candidates with their reasons. Marks what fits and the fastest that fits."""
+    if layouts:
+        for lay in layouts:
+            check_layout(m, train, lay, cluster)
+        usable, skipped = list(layouts), []
+    else:
+        usable, skipped = usable_layouts(m, train, cluster)
+    plans = [plan_layout(m, train, lay, cluster, hw) for lay in usable]
+    fitting = [p for p in plans if p.fits]
+    if fitting:
+        min(fitting, key=lambda p: p.time["as_implemented"]).fastest = True
+    return plans, skipped
+

@@ -1,0 +1,186 @@
+"""The planner (`megatron-tsp plan`): formulas on hand-computable cases, errors, CLI, and the
+validation bounds against the 4 x H200 measurements."""
+
+import json
+import os
+
+import pytest
+
+from megatron_tsp.plan import main as plan_main
+from megatron_tsp.planner import (GIB, Cluster, Layout, ModelSpec, PlanError, TrainSpec, candidate_layouts,
+                                  comm_items, hardware, memory, plan_all, plan_layout, volume_per_layer)
+from megatron_tsp.planner.formulas import tsp_saved_per_token
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+H = 4096
+MHA = ModelSpec(layers=32, hidden=H, heads=32, ffn=4 * H, vocab=32000)
+GQA = ModelSpec(layers=32, hidden=H, heads=32, kv_groups=8, ffn=4 * H, vocab=32000)
+NODE4 = Cluster(gpus_per_node=4)
+
+
+def fwd_volume(model, layout, S, B=1, cluster=NODE4):
+    return volume_per_layer(comm_items(model, TrainSpec(seq_len=S, micro_batch=B), layout, cluster), "fwd")
+
+
+@pytest.mark.parametrize("D", [2, 4])
+def test_tsp_forward_volume_by_hand(D):
+    S = 16384
+    want = (D - 1) / D * (16 * H * H + 2 * S * H) * 2  # bf16 elements -> bytes
+    assert fwd_volume(MHA, Layout("tsp", tsp=D), S) == pytest.approx(want)
+    assert fwd_volume(MHA, Layout("tp_sp", tp=D), S) == pytest.approx(4 * (D - 1) / D * S * H * 2)
+
+
+def test_tsp_vs_tp_sp_forward_crossover_at_8h_tokens():
+    tsp, tpsp = Layout("tsp", tsp=4), Layout("tp_sp", tp=4)
+    cross = 8 * H  # B*S = 8h = 32K tokens
+    assert fwd_volume(MHA, tsp, cross) == pytest.approx(fwd_volume(MHA, tpsp, cross))
+    assert fwd_volume(MHA, tsp, cross // 2) > fwd_volume(MHA, tpsp, cross // 2)
+    assert fwd_volume(MHA, tsp, 2 * cross) < fwd_volume(MHA, tpsp, 2 * cross)
+    # the crossover is in B*S, not S: two sequences of 16K cross too
+    assert fwd_volume(MHA, tsp, cross // 2, B=2) == pytest.approx(fwd_volume(MHA, tpsp, cross // 2, B=2))
+
+
+def test_gqa_lowers_the_kv_term():
+    S, D = 65536, 4
+    lay = Layout("tsp", tsp=D)
+    diff = fwd_volume(MHA, lay, S) - fwd_volume(GQA, lay, S)
+    kv_mha, kv_gqa = 32 * 128, 8 * 128
+    # K/V all-gather: (D-1)/D * S * 2kv; weights: Wk, Wv shrink by h*(kv_mha - kv_gqa) each
+    want = (D - 1) / D * (S * 2 * (kv_mha - kv_gqa) + 2 * H * (kv_mha - kv_gqa)) * 2
+    assert diff == pytest.approx(want)
+    assert diff > 0
+
+
+def test_static_memory_is_18_bytes_per_parameter_and_the_distributed_optimizer_shards_12():
+    P = MHA.total_params
+    assert P == 32 * (16 * H * H + 2 * H) + 2 * 32000 * H + H
+    lay = Layout("tsp", tsp=4)
+    mem = memory(MHA, TrainSpec(seq_len=16384), lay, NODE4)
+    assert mem.params + mem.grads + mem.optimizer == pytest.approx((P - 32 * 2 * H - H) / 4 * 18 + (32 * 2 * H + H) * 18)
+    node8 = Cluster(gpus_per_node=8)  # TSP D=4 x DP 2
+    plain = memory(MHA, TrainSpec(seq_len=16384, global_batch=2), lay, node8)
+    dist = memory(MHA, TrainSpec(seq_len=16384, global_batch=2, distributed_optimizer=True), lay, node8)
+    assert dist.optimizer == pytest.approx(plain.optimizer / 2)
+    assert dist.params == plain.params and dist.grads == plain.grads
+
+
+def test_tsp_activation_items_by_hand():
+    block = tsp_saved_per_token(MHA, save_activations=False)
+    assert sum(block.values()) == pytest.approx(2 * (8 * H + 4) + 2 * 2 * H + 4 * 128)
+    save = tsp_saved_per_token(MHA, save_activations=True)
+    extra = sum(save.values()) - sum(block.values())
+    assert extra == pytest.approx(2 * (H + 2 * H + H) + 4 * 32 + 2 * 2 * 4 * H)  # q, k/v, o, lse, fc1 out
+
+
+def test_tsp_memory_beats_tp_sp_and_recompute_modes_order():
+    t = TrainSpec(seq_len=65536)
+    tsp = memory(MHA, t, Layout("tsp", tsp=4), NODE4)
+    tpsp = memory(MHA, t, Layout("tp_sp", tp=4), NODE4)
+    assert tsp.peak < tpsp.peak
+    save = memory(MHA, TrainSpec(seq_len=65536, recompute="none"), Layout("tsp", tsp=4), NODE4)
+    assert save.activations > tsp.activations
+    full = memory(MHA, TrainSpec(seq_len=65536, recompute="full"), Layout("tp_sp", tp=4), NODE4)
+    assert full.activations < tpsp.activations
+
+
+def test_candidate_layouts_of_one_8_gpu_node():
+    labels = {lay.label for lay in candidate_layouts(Cluster(gpus_per_node=8))}
+    for want in ("TSP D=2", "TSP D=4", "TSP D=8", "TP 8", "TP+SP 8", "CP 8", "FSDP-over-CP 8",
+                 "TP+SP 2 x CP 4", "TP+SP 4 x CP 2"):
+        assert want in labels
+
+
+def test_paper_ordering_at_128k_on_8_gpus():
+    hw = hardware.load("h200x4")
+    cl = Cluster(gpus_per_node=8, gpu_memory_gib=178.8)
+    t = TrainSpec(seq_len=131072)
+    peak = {k: plan_layout(MHA, t, Layout.parse(k), cl, hw).memory.peak for k in ("tsp8", "tp_sp8", "tp2xcp4", "tp4xcp2")}
+    assert peak["tsp8"] < peak["tp_sp8"] < min(peak["tp2xcp4"], peak["tp4xcp2"])
+
+
+def test_measured_rows_within_bounds():
+    from megatron_tsp.planner.validate import load_file, validate
+
+    rows, bad = validate(os.path.join(ROOT, "benchmarks", "results"))
+    assert not [m.source for m in bad if "train_7b_h200x4" in m.source]
+    ours = [r for r in rows if "train_7b_h200x4" in r["m"].source]
+    assert len(ours) == 4
+    for r in ours:
+        assert r["mem_ok"] and r["time_ok"], (r["m"].source, r["mem_err"], r["time_err"])
+        if r["mem_err"] is not None:
+            assert abs(r["mem_err"]) <= 0.10
+        if r["time_err"] is not None:
+            assert abs(r["time_err"]) <= 0.25
+    assert load_file(os.path.join(ROOT, "README.md"))[0].problem  # not a JSON: listed, not dropped
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: ModelSpec(layers=2, hidden=4096, heads=30), r"--hidden = 4096 must be divisible by --heads = 30"),
+    (lambda: ModelSpec(layers=2, hidden=4096, heads=32, kv_groups=6), r"--heads = 32 must be divisible by --kv-groups = 6"),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp=8)]),
+     r"layout TSP D=8 needs 8 GPUs per replica, which does not divide --gpus-per-node x --nodes = 4"),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
+                      [Layout("tsp", tsp=8)]), r"the TSP axis \(8\) must fit in one node"),
+    (lambda: plan_all(ModelSpec(layers=2, hidden=3072, heads=6, ffn=8192), TrainSpec(seq_len=4096), NODE4,
+                      hardware.load("h200x4"), [Layout("tsp", tsp=4)]), r"--heads = 6 must be divisible by the layout TSP D=4"),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=1004), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
+     r"--seq-len = 1004 must be divisible by 2 x D = 8"),
+    (lambda: hardware.load("mi300x_nonexistent"), r"--hardware 'mi300x_nonexistent': no such profile; available: .*h200x4"),
+    (lambda: Layout.parse("zp4"), r"--layout 'zp4': expected one of"),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=16384), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
+                      [Layout("cp", cp=8)]), r"no inter-node link"),
+    (lambda: TrainSpec(seq_len=16384, recompute="some"), r"--recompute = 'some'"),
+])
+def test_bad_inputs_are_clear_errors(build, message):
+    with pytest.raises(PlanError, match=message):
+        build()
+
+
+def test_unusable_candidates_are_listed_with_reasons():
+    m = ModelSpec(layers=2, hidden=3072, heads=6, ffn=8192, vocab=32000)
+    plans, skipped = plan_all(m, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"))
+    reasons = {s.layout.label: s.reason for s in skipped}
+    assert "--heads = 6 must be divisible" in reasons["TSP D=4"]
+    assert any(p.layout.label == "TSP D=2" for p in plans)
+    assert sum(p.fastest for p in plans) == 1
+
+
+def test_cli_json_and_table(capsys):
+    args = ["--layers", "32", "--hidden", "4096", "--heads", "32", "--ffn", "16384", "--vocab", "32000",
+            "--seq-len", "65536", "--gpus-per-node", "4"]
+    assert plan_main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by = {p["layout"]: p for p in data["plans"]}
+    assert by["TSP D=4"]["fits"] and not by["TP+SP 4"]["fits"]
+    assert by["TSP D=4"]["memory_gib"]["peak"] == pytest.approx(81.6, rel=0.1)
+    assert plan_main(args + ["--layout", "tsp4", "--detail"]) == 0
+    out = capsys.readouterr().out
+    assert "TSP D=4" in out and "K/V all-gather" in out and "fastest" in out
+    assert plan_main(["--layers", "2", "--hidden", "64", "--heads", "5", "--seq-len", "64"]) == 2
+    assert "--hidden = 64 must be divisible by --heads = 5" in capsys.readouterr().err
+
+
+def test_validate_command_writes_the_table(tmp_path):
+    out = tmp_path / "v.md"
+    assert plan_main(["validate", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| benchmarks/results/train_7b_h200x4.json#0 | TSP D=4 | 16K | 48.3 |" in text
+    assert "The paper's 8-GPU 7B setting" in text
+
+
+def test_peak_gib_units():
+    mem = memory(MHA, TrainSpec(seq_len=16384), Layout("tsp", tsp=4), NODE4)
+    assert mem.as_gib()["peak"] == pytest.approx(mem.peak / GIB)
+
+
+def test_whole_step_crossover_at_13h_tokens_for_d4():
+    """DESIGN.md section 6 said backward roughly doubles both; it does not: forward + backward,
+    D=4, MHA, f=4h: TSP 39h^2 + 4.5 BSh vs TP+SP 7.5 BSh, equal at B*S = 13h."""
+    def total(layout, S):
+        items = comm_items(MHA, TrainSpec(seq_len=S), layout, NODE4)
+        return volume_per_layer(items, "fwd") + volume_per_layer(items, "bwd")
+
+    tsp, tpsp = Layout("tsp", tsp=4), Layout("tp_sp", tp=4)
+    assert total(tsp, 13 * H) == pytest.approx(total(tpsp, 13 * H))
+    assert total(tsp, 13 * H) == pytest.approx((39 * H * H + 4.5 * 13 * H * H) * 2)
+    assert total(tsp, 8 * H) > total(tpsp, 8 * H)
