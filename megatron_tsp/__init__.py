@@ -4,21 +4,29 @@ One device axis of size D (`--tsp-size D`, Megatron's TP slot) on which every ra
 of each layer's weights and 1/D of the tokens (zigzag layout).
 """
 
-from .config import TSPConfigError, tsp_transformer_config, validate_transformer_config
-from .parallel_state import (
-    destroy_model_parallel,
-    get_tsp_group,
-    get_tsp_rank,
-    get_tsp_world_size,
-    initialize_model_parallel,
-    tsp_process_groups,
-)
+import importlib
+
+from .config import TSPConfigError, TSPOptions, tsp_transformer_config, validate_transformer_config
 from .zigzag import from_zigzag, local_positions, to_zigzag, zigzag_permutation
+
+# megatron.core takes seconds to import: the process-group API loads on first use, so light
+# commands (`megatron-tsp plan`, `--help`) start fast.
+_LAZY = {name: ".parallel_state" for name in (
+    "destroy_model_parallel", "get_tsp_group", "get_tsp_rank", "get_tsp_world_size",
+    "initialize_model_parallel", "tsp_process_groups",
+)}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TSPConfigError",
+    "TSPOptions",
     "tsp_transformer_config",
     "validate_transformer_config",
     "initialize_model_parallel",
