@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
+    "bench": ("megatron_tsp.bench", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
 }
 
 
