@@ -97,7 +97,7 @@ LAYOUTS: Dict[str, Layout] = {
     "tsp_recompute_none": Layout("TSP D={n}, no recompute", ("parallel.layout=tsp", "parallel.size={n}",
                                                              "parallel.tsp_recompute=none")),
 }
-DEFAULT_LAYOUTS = "tsp,tp,tp_sp,cp4,tp2_cp2,fsdp_cp4,tsp_compute_only"
+DEFAULT_LAYOUTS = "tsp,tp_sp,tsp_compute_only,tp,cp4,tp2_cp2,fsdp_cp4"  # run order: the main comparison first
 
 MODELS = {
     # 7B-class: h=4096, 32 heads (MHA; GQA: 8 KV groups), SwiGLU FFN 4h, vocab 32000, RoPE, RMSNorm, bf16.
@@ -182,7 +182,8 @@ def causal_area(q_len: int, start: int) -> int:
 # -- planning ----------------------------------------------------------------------------------
 
 def plan_rows(args) -> List[dict]:
-    """Every (layout, variant, S) row, in run order: layout by layout, variants, S upward."""
+    """Every (layout, variant, S) row, in run order: variant by variant (MHA first), layout by
+    layout in the order given, S upward."""
     seqs = sorted({parse_seq(s) for s in args.seq.split(",") if s.strip()})
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     variants = [x.strip() for x in args.variants.split(",") if x.strip()]
@@ -198,9 +199,9 @@ def plan_rows(args) -> List[dict]:
     layers = args.layers or m["layers"]
     dtype = m["dtype"]
     rows = []
-    for name in layouts:
-        lay = LAYOUTS[name]
-        for variant in variants:
+    for variant in variants:
+        for name in layouts:
+            lay = LAYOUTS[name]
             if variant == "gqa" and gqa_layouts is not None and name not in gqa_layouts:
                 continue
             for S in seqs:
@@ -444,60 +445,63 @@ def orchestrate(args, argv: List[str]) -> int:
     pending = [r for r in rows if r["id"] not in done]
     t0 = time.time()
     deadline = t0 + args.budget if args.budget else None
+
+    def record(rec):
+        _append(paths["jsonl"], rec)
+        done[rec["id"]] = rec
+
     while pending:
-        res = _launch(pending, args, paths, deadline)
+        if deadline is not None and time.time() > deadline:
+            for r in pending:
+                record(_row_base(r, status="skipped", note="over the --budget", measured=False))
+            break
+        batch = pending if args.launch == "one" else [r for r in pending if r["layout"] == pending[0]["layout"]]
+        res = _launch(batch, args, paths, deadline)
         for rec in _read_records(paths["jsonl"]):
             if rec.get("kind") == "row":
                 done[rec["id"]] = rec
+        left = {r["id"]: r for r in batch if r["id"] not in done}
         pending = [r for r in pending if r["id"] not in done]
-        if not pending:
+        if not left:
+            continue
+        failed = next((f["row"] for f in res["fails"] if f.get("kind") == "oom" and f.get("row") in left), None)
+        failed = failed or next((f["row"] for f in res["fails"] if f.get("row") in left), None)
+        failed = failed or (res["current"] if res["current"] in left else None)
+        if res["over_budget"]:
+            for r in pending:
+                record(_row_base(r, status="skipped", note="over the --budget", measured=r["id"] == failed))
             break
-        by_id = {r["id"]: r for r in pending}
-        failed = next((f["row"] for f in res["fails"] if f.get("kind") == "oom" and f.get("row") in by_id), None)
-        failed = failed or next((f["row"] for f in res["fails"] if f.get("row") in by_id), None)
-        failed = failed or (res["current"] if res["current"] in by_id else None)
-        if failed is None:
+        if failed is None:  # a failure outside any row (start-up): it would repeat, so stop here
             why = (f"the workers stopped before their first row (rc {res['rc']})" if res["current"] is None
                    else f"the workers stopped with rc {res['rc']} and left no record")
-            tail = _log_tail(paths["log"])
-            print(f"bench: {why}; log tail:\n{tail}", file=sys.stderr, flush=True)
+            print(f"bench: {why}; log tail:\n{_log_tail(paths['log'])}", file=sys.stderr, flush=True)
             for r in pending:
-                status = "skipped" if res["over_budget"] else "error"
-                rec = _row_base(r, status=status, note="over the --budget" if res["over_budget"] else why)
-                _append(paths["jsonl"], rec)
+                record(_row_base(r, status="error", note=why))
             break
-        row = by_id[failed]
+        row = left[failed]
         msgs = [f for f in res["fails"] if f.get("row") == failed]
-        if any(f.get("kind") == "oom" for f in msgs):
-            oom = next(f for f in msgs if f.get("kind") == "oom")
+        oom = next((f for f in msgs if f.get("kind") == "oom"), None)
+        if oom is not None:
             rec = _row_base(row, status="oom", note=f"rank {oom['rank']}: {oom['message'][:160]}",
                             memory_at_oom=oom.get("memory"))
-            follow_status, follow_note = "oom", f"not run: out of memory at S={seq_label(row['seq'])} (memory grows with S)"
-        elif res["timed_out"] or res["over_budget"]:
-            what = "over the --budget" if res["over_budget"] else f"no result after {args.timeout} s (--timeout)"
-            rec = _row_base(row, status="skipped" if res["over_budget"] else "timeout", note=what)
-            follow_status, follow_note = "skipped", f"not run: timeout at S={seq_label(row['seq'])}"
+            follow = ("oom", f"not run: out of memory at S={seq_label(row['seq'])} (memory grows with S)")
+        elif res["timed_out"]:
+            rec = _row_base(row, status="timeout", note=f"no result after {args.timeout:.0f} s (--timeout)")
+            follow = ("skipped", f"not run: timeout at S={seq_label(row['seq'])}")
         else:
             msg = msgs[0]["message"] if msgs else (_log_tail(paths["log"], 3) or f"rc {res['rc']}")
             rec = _row_base(row, status="error", note=msg[:300])
             print(f"bench: {row['id']} failed (rc {res['rc']}); log tail:\n{_log_tail(paths['log'])}",
                   file=sys.stderr, flush=True)
-            follow_status, follow_note = "skipped", f"not run: error at S={seq_label(row['seq'])}"
-        _append(paths["jsonl"], rec)
+            follow = ("skipped", f"not run: error at S={seq_label(row['seq'])}")
+        record(rec)
         print(_row_line(rec), flush=True)
         for r in pending:
             if r["layout"] == row["layout"] and r["variant"] == row["variant"] and r["seq"] > row["seq"]:
-                _append(paths["jsonl"], _row_base(r, status=follow_status, note=follow_note, measured=False))
-        if res["over_budget"]:
-            for r in pending:
-                if r["id"] != failed:
-                    _append(paths["jsonl"], _row_base(r, status="skipped", note="over the --budget", measured=False))
-        for rec in _read_records(paths["jsonl"]):
-            if rec.get("kind") == "row":
-                done[rec["id"]] = rec
+                record(_row_base(r, status=follow[0], note=follow[1], measured=False))
         pending = [r for r in pending if r["id"] not in done]
     print(f"bench: finished in {(time.time() - t0) / 60:.1f} min", flush=True)
-    return write_reports(paths["jsonl"], args.out, args.tag)
+    return write_reports(paths["jsonl"], args.out, args.tag, args.readme)
 
 
 def _row_base(row: dict, status: str, note: str = "", measured: bool = True, **extra) -> dict:
@@ -619,14 +623,14 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
     elif kind == "sdpa":
         import torch.nn.functional as F
 
-        q = torch.randn(1, heads, S, d, device=device, dtype=dtype, generator=gen).requires_grad_()
-        k = torch.randn(1, groups, S, d, device=device, dtype=dtype, generator=gen).requires_grad_()
-        v = torch.randn(1, groups, S, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        q = torch.randn(S, 1, heads, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        k = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        v = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         pairs = causal_area(S, 0)
 
-        def fn():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(d),
-                                                  enable_gqa=heads != groups)
+        def fn():  # as SDPACoreAttention: [s, b, n, d] permuted to [b, n, s, d] views
+            return F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
+                                                  scale=1 / math.sqrt(d), enable_gqa=heads != groups)
     else:
         return None
     out = fn()
@@ -722,8 +726,13 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             if rank == 0:
                 _append(jsonl, _row_base(row, status="unavailable", note=str(e).splitlines()[0]))
             continue
+        t_row = time.perf_counter()
         key = json.dumps(recipe.to_dict()["parallel"], sort_keys=True)
         if key != groups_key:
+            if cuda:
+                torch.cuda.synchronize()
+            if groups_key is not None:
+                dist.barrier()
             driver._init_groups(recipe)
             groups_key = key
         else:  # same groups: drop Megatron's global buffer (sized by the previous S)
@@ -738,6 +747,9 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
         model, ddp, optimizer = driver.build(recipe)
         dataset = driver.build_train_dataset(recipe)
         build_s = time.perf_counter() - t_build
+        if cuda:  # the peak of training (model states included), not of the build's transients
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
         times, losses = [], []
         n_steps = spec["warmup"] + spec["steps"]
@@ -776,6 +788,8 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             probe["tflops_per_rank"] = [p["tflops"] for p in probes]
         if rank == 0:
             _append(jsonl, _result_record(row, recipe, world, per_rank, step_times.tolist(), losses, peak, build_s, probe))
+            print(f"[bench] {row['id']}: {time.perf_counter() - t_row:.1f} s (build {build_s:.1f} s, "
+                  f"{n_steps} steps {sum(times):.1f} s timed)", flush=True)
         dist.barrier()
     return 0
 
@@ -919,35 +933,19 @@ def _fmt(x, spec, empty="-"):
     return empty if x is None else format(x, spec)
 
 
-def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[dict]) -> str:
-    dev = devices[0] if devices else {}
-    m = MODELS.get(meta.get("model", "7b"), {})
-    lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
-    lines += [
-        f"- **Command:** `{meta.get('command', '?')}`",
-        f"- **Commit:** `{meta.get('commit', '?')}`. **Started:** {meta.get('started', '?')}.",
-        f"- **Device:** {dev.get('world', '?')} x {dev.get('device', '?')}"
-        + (f" ({dev['total_memory_gb']:.0f} GiB each)" if dev.get("total_memory_gb") else "")
-        + f", {dev.get('backend', '?')}; torch {dev.get('torch', meta.get('torch', '?'))}, CUDA {dev.get('cuda')}, NCCL {dev.get('nccl')}.",
-        f"- **Measured peak:** {_fmt(dev.get('peak_tflops'), '.0f')} TFLOP/s ({dev.get('peak_what', '?')}; the largest of the"
-        f" ranks: {', '.join(f'{p:.0f}' for p in dev.get('peak_tflops_per_rank', []))}).",
-        f"- **Model:** h={m.get('hidden_size')}, {m.get('num_attention_heads')} heads (MHA; GQA: {m.get('gqa_groups')} KV groups),"
-        f" SwiGLU FFN {m.get('ffn_hidden_size')}, vocab {m.get('vocab_size')}, RoPE, RMSNorm, {m.get('dtype')}, with embedding"
-        f" and LM head; **{meta.get('layers')} layers** (a 7B model has 32: the per-GPU fixed costs, embedding, LM head"
-        " logits and their optimizer state, weigh more here than in the full model). Adam, Megatron's distributed"
-        " optimizer, fp32 gradient reduction; micro batch 1, global batch 1 (one replica on all GPUs), mock data.",
-        f"- **Timing:** {meta.get('warmup')} warm-up steps, then {meta.get('steps')} timed steps, each whole training step"
-        " (forward, backward, gradient reduction, optimizer) between CUDA events; the median of the per-step maximum over"
-        " ranks. Memory: `max_memory_allocated` / `max_memory_reserved` over all steps of the row, the maximum over ranks.",
-        "- **MFU** = model FLOPs per step / (median step time x GPUs x measured peak). Model FLOPs = 6 T N (N = the"
-        " layers' matmul weights) + 6 T h V (LM head) + 6 L h S(S+1) (causal attention, QK^T and PV; forward"
-        " 2 h S(S+1) per layer), T = S tokens; recomputation is not counted (`megatron_tsp.bench.model_flops`).",
-        "",
-        "| layout | variant | S | alloc GB | reserved GB | step s | tok/s/GPU | MFU | alloc / TP+SP | step / TP+SP | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def _results_table(rows: List[dict]) -> List[str]:
+    lines = ["| layout | variant | S | alloc GiB | reserved GiB | step s | tok/s/GPU | MFU | alloc / TP+SP | step / TP+SP | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    shown_unavailable = set()
     for r in rows:
         base = _find(rows, "tp_sp", r["variant"], r["seq"])
+        if r["status"] == "unavailable":  # one line per layout and variant
+            key = (r["layout"], r["variant"], r.get("note"))
+            if key in shown_unavailable:
+                continue
+            shown_unavailable.add(key)
+            seqs = [x["seq"] for x in rows if (x["layout"], x["variant"], x.get("note")) == key]
+            r = dict(r, seq_text=", ".join(seq_label(x) for x in seqs))
         if r["status"] == "ok":
             ra, rs = _ratio(r, base, "peak_alloc_gb"), _ratio(r, base, "median_step_s")
             if base and base["status"] == "oom" and r["layout"] != "tp_sp":
@@ -963,7 +961,72 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
             note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
             if r["status"] == "unavailable":
                 note = note[:140] + ("..." if len(note) > 140 else "")
-            lines.append(f"| {r['label']} | {r['variant']} | {seq_label(r['seq'])} | {word} | {word} | - | - | - | - | - | {note} |")
+            lines.append(f"| {r['label']} | {r['variant']} | {r.get('seq_text') or seq_label(r['seq'])} | {word} | {word} | - | - | - "
+                         f"| - | - | {note} |")
+    return lines
+
+
+def _targets_table(targets: List[dict]) -> List[str]:
+    lines = ["| target | variant | verdict | detail |", "|---|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['variant']} | **{t['verdict']}** | {t['detail']} |")
+    return lines
+
+
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict], targets: List[dict],
+                  md_path: str, png_path: Optional[str]) -> None:
+    """Replace the README's block between the bench markers with this run's tables and plot."""
+    with open(readme) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"bench: {readme} has no {README_BEGIN} ... {README_END} block")
+    here = os.path.dirname(os.path.abspath(readme))
+    rel = lambda p: os.path.relpath(os.path.abspath(p), here)  # noqa: E731
+    dev = devices[0] if devices else {}
+    block = [README_BEGIN,
+             f"`{meta.get('command', '')}` at commit `{str(meta.get('commit', '?'))[:12]}` on {dev.get('world', '?')} x "
+             f"{dev.get('device', '?')}; {meta.get('layers')} layers of the 7B-class model, measured bf16 peak "
+             f"{_fmt(dev.get('peak_tflops'), '.0f')} TFLOP/s. Full report: [{os.path.basename(md_path)}]({rel(md_path)}).", ""]
+    if png_path:
+        block += [f"![memory and throughput vs sequence length]({rel(png_path)})", ""]
+    block += _results_table(rows) + [""] + _targets_table(targets) + [README_END]
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(readme, "w") as f:
+        f.write(head + "\n".join(block) + tail)
+
+
+def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[dict]) -> str:
+    dev = devices[0] if devices else {}
+    m = MODELS.get(meta.get("model", "7b"), {})
+    lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
+    lines += [
+        f"- **Command:** `{meta.get('command', '?')}`",
+        f"- **Commit:** `{meta.get('commit', '?')}`. **Started:** {meta.get('started', '?')}.",
+        f"- **Device:** {dev.get('world', '?')} x {dev.get('device', '?')}"
+        + (f" ({dev['total_memory_gb']:.0f} GiB each)" if dev.get("total_memory_gb") else "")
+        + f", {dev.get('backend', '?')}; torch {dev.get('torch', meta.get('torch', '?'))}, CUDA {dev.get('cuda')}, NCCL {dev.get('nccl')}.",
+        f"- **Measured peak:** {_fmt(dev.get('peak_tflops'), '.0f')} TFLOP/s ({dev.get('peak_what', '?')}; the largest of the"
+        f" ranks: {', '.join(f'{p:.0f}' for p in dev.get('peak_tflops_per_rank', []))}).",
+        f"- **Model:** h={m.get('hidden_size')}, {m.get('num_attention_heads')} heads (MHA; GQA: {m.get('gqa_groups')} KV groups),"
+        f" SwiGLU FFN {m.get('ffn_hidden_size')}, vocab {m.get('vocab_size')}, RoPE, RMSNorm, {m.get('dtype')}, with embedding"
+        f" and LM head; **{meta.get('layers')} layers**"
+        + (" (a 7B model has 32: the per-GPU fixed costs, embedding, LM head logits and their optimizer state, weigh"
+           " more here than in the full model)" if meta.get("model") == "7b" and meta.get("layers") != 32 else "")
+        + ". Adam, Megatron's distributed optimizer, fp32 gradient reduction; micro batch 1, global batch 1 (one"
+        " replica on all GPUs), mock data.",
+        f"- **Timing:** {meta.get('warmup')} warm-up steps, then {meta.get('steps')} timed steps, each whole training step"
+        " (forward, backward, gradient reduction, optimizer) between CUDA events; the median of the per-step maximum over"
+        " ranks. Memory: `max_memory_allocated` / `max_memory_reserved` over all steps of the row, the maximum over ranks.",
+        "- **MFU** = model FLOPs per step / (median step time x GPUs x measured peak). Model FLOPs = 6 T N (N = the"
+        " layers' matmul weights) + 6 T h V (LM head) + 6 L h S(S+1) (causal attention, QK^T and PV; forward"
+        " 2 h S(S+1) per layer), T = S tokens; recomputation is not counted (`megatron_tsp.bench.model_flops`).",
+        "",
+    ]
+    lines += _results_table(rows)
     probes = [r for r in rows if r["status"] == "ok" and r.get("attention_probe")]
     if probes:
         lines += ["", "Attention kernel alone (forward + backward of one layer shard on each rank's shapes, model FLOPs;"
@@ -975,9 +1038,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
             p = r["attention_probe"]
             lines.append(f"| {r['label']} | {r['variant']} | {seq_label(r['seq'])} | {1e3 * p['seconds']:.1f} | "
                          f"{p['tflops']:.3g} | {100 * p['mfu']:.1f}% | {100 * r['attention_flops_share']:.0f}% |")
-    lines += ["", "## Targets", "", "| target | variant | verdict | detail |", "|---|---|---|---|"]
-    for t in targets:
-        lines.append(f"| {t['target']} | {t['variant']} | **{t['verdict']}** | {t['detail']} |")
+    lines += ["", "## Targets", ""] + _targets_table(targets)
     lines += ["", TARGETS_DOC, ""]
     notes = {r["layout"]: (r["label"], meta.get("layouts", {}).get(r["layout"], {})) for r in rows}
     n = meta.get("gpus", 4)
@@ -1003,8 +1064,9 @@ def plot(rows: List[dict], meta: dict, devices: List[dict], path: str) -> bool:
         series.setdefault((r["layout"], r["variant"], r["label"]), []).append(r)
     cap = devices[0].get("total_memory_gb") if devices else None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, ((layout, variant, label), rs) in enumerate(series.items()):
-        color = colors[i % len(colors)]
+    layout_color = {}
+    for (layout, variant, label), rs in series.items():
+        color = layout_color.setdefault(layout, colors[len(layout_color) % len(colors)])
         style = "-" if variant == "mha" else "--"
         ok = [r for r in rs if r["status"] == "ok"]
         oom = [r for r in rs if r["status"] == "oom"]
@@ -1019,7 +1081,7 @@ def plot(rows: List[dict], meta: dict, devices: List[dict], path: str) -> bool:
                         transform=ax.get_xaxis_transform(), clip_on=False,
                         label=None if ok else name + " (OOM)")
     seqs = sorted({r["seq"] for r in rows})
-    for ax, title in ((axes[0], "peak allocated memory per GPU (GB)"), (axes[1], "tokens / s / GPU")):
+    for ax, title in ((axes[0], "peak allocated memory per GPU (GiB)"), (axes[1], "tokens / s / GPU (log scale)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs)
         ax.set_xticklabels([seq_label(s) for s in seqs])
@@ -1029,7 +1091,7 @@ def plot(rows: List[dict], meta: dict, devices: List[dict], path: str) -> bool:
     if cap:
         axes[0].axhline(cap, color="gray", linestyle=":", label=f"GPU memory {cap:.0f} GiB")
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title="solid: MHA, dashed: GQA", title_fontsize=7)
     dev = devices[0] if devices else {}
     model = "7B-class" if meta.get("model") == "7b" else meta.get("model", "")
     fig.suptitle(f"megatron-tsp bench {meta.get('tag', '')}: {meta.get('layers')}-layer {model} model on "
@@ -1040,7 +1102,7 @@ def plot(rows: List[dict], meta: dict, devices: List[dict], path: str) -> bool:
     return True
 
 
-def write_reports(jsonl: str, out: str, tag: str) -> int:
+def write_reports(jsonl: str, out: str, tag: str, readme: Optional[str] = None) -> int:
     records = _read_records(jsonl)
     meta, devices, rows = collect(records)
     targets = evaluate_targets(rows)
@@ -1050,6 +1112,8 @@ def write_reports(jsonl: str, out: str, tag: str) -> int:
     with open(base + ".md", "w") as f:
         f.write(markdown(meta, devices, rows, targets))
     made = plot(rows, meta, devices, base + ".png")
+    if readme:
+        update_readme(readme, meta, devices, rows, targets, base + ".md", base + ".png" if made else None)
     print(f"bench: wrote {base}.json, {base}.md" + (f", {base}.png" if made else
           " (no matplotlib here: rebuild the plot elsewhere with --from-jsonl)"), flush=True)
     for t in targets:
@@ -1077,7 +1141,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-layouts", default="tsp,tp_sp", help="layouts that also run the GQA variant, or 'all' (default tsp,tp_sp)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per row (default 3)")
-    p.add_argument("--timeout", type=float, default=240, help="seconds one row may take before it is killed (default 240)")
+    p.add_argument("--timeout", type=float, default=150,
+                   help=f"seconds one row may take before it is killed (default 150; the first row gets {STARTUP_S} s more)")
+    p.add_argument("--launch", choices=("one", "per-layout"), default="one",
+                   help="one torchrun for all rows (relaunched after a failure), or one per layout (slower start, "
+                        "no process-group rebuild inside a process) (default one)")
     p.add_argument("--budget", type=float, default=None, help="stop the whole benchmark after this many seconds (and still report)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; with --from-jsonl: the file's folder)")
     p.add_argument("--tag", default=None, help="output name bench_<tag>.* (default: model and GPU count)")
@@ -1085,6 +1153,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep the rows already in bench_<tag>.jsonl and run the rest")
     p.add_argument("--dry-run", action="store_true", help="print the plan, unavailable layouts and the time estimate")
     p.add_argument("--from-jsonl", metavar="FILE", help="only rebuild .json/.md/.png from a bench_<tag>.jsonl")
+    p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE between {README_BEGIN} "
+                                                     f"and {README_END}")
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
 
@@ -1099,7 +1169,7 @@ def main(argv=None) -> int:
         tag = args.tag or (name[len("bench_"):-len(".jsonl")] if name.startswith("bench_") and name.endswith(".jsonl") else "rebuilt")
         out = args.out or os.path.dirname(os.path.abspath(args.from_jsonl))
         os.makedirs(out, exist_ok=True)
-        return write_reports(args.from_jsonl, out, tag)
+        return write_reports(args.from_jsonl, out, tag, args.readme)
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         print("megatron-tsp bench launches torchrun itself: run it without torchrun", file=sys.stderr)
         return 2
