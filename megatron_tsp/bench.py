@@ -87,8 +87,9 @@ LAYOUTS: Dict[str, Layout] = {
     "tp2_cp2": Layout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
                       "TP x CP mesh (the paper's TP+SP)"),
     "fsdp_cp4": Layout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
-                                                   "parallel.fsdp=true"),
-                       "weights, gradients and optimizer state sharded over the context-parallel group"),
+                                                   "parallel.fsdp=true", "train.distributed_optimizer=false"),
+                       "weights, gradients and optimizer state sharded over the context-parallel group (torch FSDP2; "
+                       "it shards the optimizer state itself, so Megatron's distributed optimizer is off)"),
     "tsp_compute_only": Layout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
                                                            "parallel.tsp_compute_only=true"),
                                "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
@@ -206,7 +207,7 @@ def plan_rows(args) -> List[dict]:
                 continue
             for S in seqs:
                 shape = model_shape(args.model, variant, layers, S)
-                overrides = [o.format(n=n, half=max(n // 2, 1)) for o in lay.overrides] + [
+                overrides = [
                     f"model.num_layers={layers}", f"model.hidden_size={shape.hidden_size}",
                     f"model.num_attention_heads={shape.num_attention_heads}",
                     f"model.num_query_groups={shape.num_query_groups if shape.num_query_groups else 'null'}",
@@ -216,7 +217,7 @@ def plan_rows(args) -> List[dict]:
                     "train.distributed_optimizer=true", "train.micro_batch_size=1", "train.global_batch_size=1",
                     f"train.steps={args.warmup + args.steps}", "train.lr=0.0003", "train.log_interval=1000000",
                     "train.progress_bar=false", "parallel.baseline_attention=sdpa",
-                ]
+                ] + [o.format(n=n, half=max(n // 2, 1)) for o in lay.overrides]  # last: a layout may override the rest
                 rows.append({"id": f"{name}/{variant}/{seq_label(S)}", "layout": name, "variant": variant, "seq": S,
                              "label": lay.label.format(n=n, half=max(n // 2, 1)), "layers": layers,
                              "probe": lay.probe, "overrides": overrides})
@@ -777,15 +778,22 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             torch.cuda.empty_cache()
         probe = None
         if spec.get("probe") and row.get("probe"):
-            probe = attention_probe(row["probe"], recipe, mpu.get_tensor_model_parallel_rank(), device,
-                                    reps=spec.get("probe_steps", 3))
+            try:  # no collective inside: an OOM here is this rank's alone and costs only the probe
+                probe = attention_probe(row["probe"], recipe, mpu.get_tensor_model_parallel_rank(), device,
+                                        reps=spec.get("probe_steps", 3))
+            except torch.OutOfMemoryError as e:
+                probe = {"kind": row["probe"], "error": f"OutOfMemoryError: {str(e)[:120]}"}
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
             probes = [None] * world
             dist.all_gather_object(probes, probe)
-            probe = max(probes, key=lambda p: p["seconds"])  # the slowest rank's shard
-            probe["tflops_per_rank"] = [p["tflops"] for p in probes]
+            failed = [p for p in probes if "error" in p]
+            if failed:
+                probe = failed[0]
+            else:
+                probe = max(probes, key=lambda p: p["seconds"])  # the slowest rank's shard
+                probe["tflops_per_rank"] = [p["tflops"] for p in probes]
         if rank == 0:
             _append(jsonl, _result_record(row, recipe, world, per_rank, step_times.tolist(), losses, peak, build_s, probe))
             print(f"[bench] {row['id']}: {time.perf_counter() - t_row:.1f} s (build {build_s:.1f} s, "
@@ -814,7 +822,8 @@ def _result_record(row, recipe, world, per_rank, step_times, losses, peak, build
         "recipe_parallel": recipe.to_dict()["parallel"],
     })
     if probe is not None:
-        probe["mfu"] = probe["tflops"] * 1e12 / peak
+        if "tflops" in probe:
+            probe["mfu"] = probe["tflops"] * 1e12 / peak
         rec["attention_probe"] = probe
     return rec
 
@@ -919,13 +928,14 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
         t = _find(rows, "tsp", v, 128 * K)
         if t is not None:
             p = t.get("attention_probe")
-            if t["status"] == "ok" and p:
+            if t["status"] == "ok" and p and "mfu" in p:
                 out.append({"target": "6. attention MFU at 128K >= 40% of peak", "variant": v,
                             "verdict": "reached" if p["mfu"] >= 0.4 else "not reached",
                             "detail": f"{100 * p['mfu']:.1f}% ({p['tflops']:.0f} TFLOP/s of {t['peak_tflops']:.0f})"})
             else:
                 out.append({"target": "6. attention MFU at 128K >= 40% of peak", "variant": v, "verdict": "not measured",
-                            "detail": f"TSP 128K {t['status']}" + ("" if t["status"] != "ok" else ", no probe")})
+                            "detail": f"TSP 128K {t['status']}" + ("" if t["status"] != "ok" else
+                                                                    f", probe: {(p or {}).get('error', 'not run')}")})
     return out
 
 
@@ -1027,7 +1037,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
         "",
     ]
     lines += _results_table(rows)
-    probes = [r for r in rows if r["status"] == "ok" and r.get("attention_probe")]
+    probes = [r for r in rows if r["status"] == "ok" and "seconds" in r.get("attention_probe", {})]
     if probes:
         lines += ["", "Attention kernel alone (forward + backward of one layer shard on each rank's shapes, model FLOPs;"
                   " TSP: its two zigzag chunks against their causal prefixes, `AttentionShardStep.attend`; TP: causal SDPA"
