@@ -294,8 +294,10 @@ def _row_line(rec: dict) -> str:
     if rec["status"] != "ok":
         return head + rec["status"].upper() + (f" ({rec.get('note')})" if rec.get("note") else "")
     mfu = f", MFU {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else ""
+    left = rec.get("alloc_before_build_gb") or 0
+    warn = f" [WARNING: {left:.2f} GiB still allocated before the build]" if left > 0.25 else ""
     return (head + f"{rec['median_step_s']:.3f} s/step, {rec['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
-            f"peak {rec['peak_alloc_gb']:.2f} GB alloc / {rec['peak_reserved_gb']:.2f} GB reserved{mfu}")
+            f"peak {rec['peak_alloc_gb']:.2f} GiB alloc / {rec['peak_reserved_gb']:.2f} GiB reserved{mfu}{warn}")
 
 
 def _kill(proc: subprocess.Popen, state_dir: str) -> None:
@@ -649,6 +651,19 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
             "shape": {"query_heads": heads, "kv_groups": groups, "head_dim": d, "pairs": pairs}}
 
 
+def _release_caches() -> None:
+    """Clear megatron's and megatron_tsp's functools caches: Megatron's RotaryEmbedding.forward
+    is an lru_cache keyed by the module, so it keeps every model's RoPE table (S x d floats on
+    the GPU) alive after the model is gone and would inflate the next rows' memory."""
+    import functools
+
+    gc.collect()
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and (getattr(obj, "__module__", None) or "").startswith("megatron"):
+            obj.cache_clear()
+    gc.collect()
+
+
 def worker(spec_path: str) -> int:
     import warnings
 
@@ -773,7 +788,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
         step_times = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(step_times, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
         del model, ddp, optimizer, dataset, batches
-        gc.collect()
+        _release_caches()
         if cuda:
             torch.cuda.empty_cache()
         probe = None

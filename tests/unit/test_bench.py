@@ -133,3 +133,31 @@ def test_targets_verdicts():
     assert got["5"]["verdict"] == "not reached"  # 64K: 3.0 / 2.5 = 1.2 > 1.15
     assert got["6"]["verdict"] == "reached"
     assert "2" not in got  # no CP rows planned: no CP target
+
+
+def test_rows_leave_no_model_memory_behind():
+    """What a row leaves behind after its model is deleted: nothing of the model's size (Megatron's
+    RoPE lru_cache keeps each model's S x d table alive until _release_caches clears it)."""
+    import gc
+
+    from megatron_tsp import train as driver
+    from megatron_tsp.recipe import load_recipe
+
+    S = 72  # a length no other test uses
+    recipe = load_recipe(None, ["parallel.layout=tsp", "parallel.size=1", "train.distributed_optimizer=true",
+                                "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=1",
+                                f"model.seq_length={S}"])
+    driver._init_groups(recipe)
+    model, ddp, optimizer = driver.build(recipe)
+    batches = list(driver.micro_batches(driver.build_train_dataset(recipe), 0, recipe, 0, 1, torch.device("cpu")))
+    driver.train_step(ddp, optimizer, batches, recipe)
+
+    def left():
+        gc.collect()
+        return [o for o in gc.get_objects() if torch.is_tensor(o) and o.dim() >= 1 and o.shape[0] == S
+                and o.is_floating_point()] + [o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)]
+
+    del model, ddp, optimizer, batches
+    assert left(), "the RoPE cache should still hold the S x d table here (else this test checks nothing)"
+    bench._release_caches()
+    assert left() == []
