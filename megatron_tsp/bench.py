@@ -431,9 +431,20 @@ def orchestrate(args, argv: List[str]) -> int:
 
     done = {}
     if args.resume:
-        for rec in _read_records(paths["jsonl"]):
+        old = _read_records(paths["jsonl"])
+        before = next((r for r in reversed(old) if r.get("kind") == "meta"), None)
+        layers = rows[0]["layers"] if rows else None
+        if before is not None:
+            for key, mine in (("model", args.model), ("layers", layers), ("gpus", args.gpus), ("warmup", args.warmup),
+                              ("steps", args.steps)):
+                if before.get(key) != mine:
+                    raise SystemExit(f"bench: --resume: {paths['jsonl']} was written with {key} = {before.get(key)!r}, "
+                                     f"this run has {mine!r}; use another --tag")
+        for rec in old:
             if rec.get("kind") == "row" and rec["status"] not in ("timeout", "error", "skipped"):
                 done[rec["id"]] = rec
+        if done:
+            print(f"  --resume: {len([r for r in rows if r['id'] in done])} of the planned rows are already done", flush=True)
     else:
         open(paths["jsonl"], "w").close()
         open(paths["log"], "w").close()
@@ -859,14 +870,23 @@ and as not comparable for the time targets."""
 
 
 def collect(records: List[dict]):
-    meta = next((r for r in records if r.get("kind") == "meta"), {})
+    """(meta, device records, rows): the last meta (a --resume appends one), the last record of
+    each row, rows ordered MHA first, layouts in the order the plans first named them, S upward."""
+    metas = [r for r in records if r.get("kind") == "meta"]
+    meta = dict(metas[-1]) if metas else {}
+    if len(metas) > 1:
+        meta["commands"] = [m.get("command") for m in metas]
     devices = [r for r in records if r.get("kind") == "device"]
     rows = {}
     for r in records:
         if r.get("kind") == "row":
             rows[r["id"]] = r  # the last record of a row wins
-    order = {rid: i for i, rid in enumerate(meta.get("plan", []))}
-    ordered = sorted(rows.values(), key=lambda r: (order.get(r["id"], 1e9), r["layout"], r["variant"], r["seq"]))
+    layout_order = {}
+    for m in metas:
+        for rid in m.get("plan", []):
+            layout_order.setdefault(rid.split("/")[0], len(layout_order))
+    ordered = sorted(rows.values(), key=lambda r: (r["variant"] != "mha", r["variant"],
+                                                   layout_order.get(r["layout"], 1e9), r["layout"], r["seq"]))
     return meta, devices, ordered
 
 
@@ -1029,7 +1049,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
     m = MODELS.get(meta.get("model", "7b"), {})
     lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
     lines += [
-        f"- **Command:** `{meta.get('command', '?')}`",
+        "- **Command:** " + " then ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "?")])),
         f"- **Commit:** `{meta.get('commit', '?')}`. **Started:** {meta.get('started', '?')}.",
         f"- **Device:** {dev.get('world', '?')} x {dev.get('device', '?')}"
         + (f" ({dev['total_memory_gb']:.0f} GiB each)" if dev.get("total_memory_gb") else "")

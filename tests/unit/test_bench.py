@@ -161,3 +161,32 @@ def test_rows_leave_no_model_memory_behind():
     assert left(), "the RoPE cache should still hold the S x d table here (else this test checks nothing)"
     bench._release_caches()
     assert left() == []
+
+
+def test_resume_keeps_done_rows_and_refuses_another_model(tmp_path, monkeypatch):
+    """--resume: rows already measured are not rerun (here all are: no torchrun is launched), a
+    second command's rows join the first's in one report; a file written with another layer
+    count is refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "r", "--seq", "64,128", "--layouts", "tsp,tp_sp",
+            "--variants", "mha", "--warmup", "1", "--steps", "2", "--resume"]
+    args = bench.parser().parse_args(argv)
+    args.seq, args.tag = "64,128", "r"
+    rows = bench.plan_rows(args)
+    meta = {"kind": "meta", "command": "first", "model": "tiny", "layers": 2, "gpus": 2, "warmup": 1, "steps": 2,
+            "plan": [r["id"] for r in rows if r["layout"] == "tp_sp"]}
+    with open(out / "bench_r.jsonl", "w") as f:
+        f.write(json.dumps(meta) + "\n")
+        for r in reversed(rows):
+            rec = bench._row_base(r, status="ok")
+            rec.update(peak_alloc_gb=1.0, peak_reserved_gb=1.0, median_step_s=0.5, tokens_per_s_per_gpu=r["seq"],
+                       mfu=0.1, peak_tflops=1.0)
+            f.write(json.dumps(rec) + "\n")
+    monkeypatch.setattr(bench, "_launch", lambda *a, **k: pytest.fail("nothing is left to run"))
+    assert bench.main(argv) == 0
+    report = json.loads((out / "bench_r.json").read_text())
+    assert [r["id"] for r in report["rows"]] == ["tp_sp/mha/64", "tp_sp/mha/128", "tsp/mha/64", "tsp/mha/128"]
+    assert report["meta"]["commands"][0] == "first" and report["meta"]["commands"][1].startswith("megatron-tsp bench")
+    with pytest.raises(SystemExit, match="layers = 2"):
+        bench.main(argv + ["--layers", "3"])
