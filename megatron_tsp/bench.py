@@ -7,11 +7,12 @@
     megatron-tsp bench --gpus 2 --model tiny --seq 64,128 --layouts tsp,tp_sp --steps 2   # CPU (gloo)
 
 How it runs. This process (the orchestrator, plain python: no torchrun around it) plans the rows
-(layout x variant x sequence length), checks each layout against the installed recipe (a layout
-whose recipe keys the package rejects is reported "unavailable: <reason>"), then launches ONE
-torchrun that walks every pending row in order, layout by layout, sequence lengths upward (model,
-DDP and optimizer rebuilt per row; memory freed and the peak counters reset between rows; the
-process groups rebuilt when the parallel layout changes). Each finished row is appended to
+(variant x layout x sequence length: MHA first, layouts in the order given, S upward) and launches
+ONE torchrun that walks every pending row (`--launch per-layout`: one torchrun per layout). Per
+row, the workers first check the row's recipe overrides against the installed package: a layout
+whose keys it rejects is recorded "unavailable: <reason>" and costs nothing. Then the model, DDP
+and optimizer are rebuilt, memory is freed and the peak counters are reset between rows, and the
+process groups are rebuilt when the parallel layout changes. Each finished row is appended to
 `bench_<tag>.jsonl` at once, so a partial run still leaves data.
 
 - Out of memory is a result: the rank that catches it writes an OOM record and leaves with
@@ -343,6 +344,14 @@ def _launch(rows: List[dict], args, paths: dict, deadline: Optional[float]) -> d
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     current, started, timed_out, over_budget = None, time.time(), False, False
     marker = os.path.join(state, "current.json")
+
+    def read_marker():
+        try:
+            with open(marker) as f:
+                return json.load(f)["row"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     while True:
         rc = proc.poll()
         recs = _read_records(paths["jsonl"])
@@ -354,12 +363,9 @@ def _launch(rows: List[dict], args, paths: dict, deadline: Optional[float]) -> d
                       f"({rec['peak_what']})", flush=True)
         seen = len(recs)
         if rc is not None:
+            current = read_marker() or current  # the row it stopped in, even if it stopped at once
             break
-        try:
-            with open(marker) as f:
-                now_row = json.load(f)["row"]
-        except (OSError, ValueError, KeyError):
-            now_row = None
+        now_row = read_marker()
         if now_row is not None and now_row != current:
             current, started = now_row, time.time()
         # Before the first row starts, torchrun, imports and NCCL set-up get STARTUP_S more.
