@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # A throw-away one-node SLURM cluster on this machine, for tests/slurm (CI: Debian, root, no GPUs).
-#   bash scripts/ci_slurm.sh up DIR     install slurm-wlm and munge if missing (apt-get, as root),
-#                                       then start munged, slurmctld and slurmd with their key,
-#                                       slurm.conf, state, logs and sockets under DIR (new or
-#                                       empty; its parents must be executable by all, as /tmp is)
-#                                       and wait until the node is idle.
-#                                       Clients then need SLURM_CONF=DIR/slurm.conf.
-#   bash scripts/ci_slurm.sh down DIR   cancel the jobs, stop those three daemons, remove DIR.
+#   bash scripts/ci_slurm.sh up DIR    start munged, slurmctld and slurmd with their key, slurm.conf,
+#                                      state, logs and sockets under DIR (new or empty; every
+#                                      directory above it executable by all, as /tmp is) and wait
+#                                      until the node is idle; clients then need SLURM_CONF=DIR/slurm.conf.
+#                                      Missing slurm-wlm / munge are apt-get installed (as root)
+#                                      only when TSP_SLURM_INSTALL=1 (.ci/run sets it).
+#   bash scripts/ci_slurm.sh down DIR  cancel the jobs, stop those three daemons, remove DIR.
 # The node is this host with nproc CPUs; no cgroups (proctrack/linuxproc, task/none), no
-# accounting, its own ports (SLURMCTLD_PORT, SLURMD_PORT; default: free ones), so it leaves a
-# system SLURM alone. `up` exits 77 with "SKIP: <reason>" on stderr when SLURM cannot run here
-# (not installed and no root or apt-get, the install failed, a daemon did not start: its log
-# follows); it stops what it started before it exits.
+# accounting, its own ports (SLURMCTLD_PORT, SLURMD_PORT; default: free ones), so a system SLURM
+# is left alone. `up` exits 77 with "SKIP: <reason>" on stderr when SLURM cannot run here: not
+# installed (and no TSP_SLURM_INSTALL=1, root or apt-get), the install failed, or a daemon did not
+# start (its log follows); it stops what it started first.
 set -euo pipefail
 
 skip() { echo "SKIP: $*" >&2; stop_daemons; exit 77; }
@@ -30,7 +30,7 @@ stop_daemons() {
 
 log_tail() { for f in "$@"; do [[ -f $f ]] && { echo "--- $f"; tail -n 15 "$f"; }; done; true; }
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+free_port() { "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 
 install_slurm() {
   local missing=() cmd
@@ -38,6 +38,8 @@ install_slurm() {
     command -v "$cmd" >/dev/null || missing+=("$cmd")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
+  [[ ${TSP_SLURM_INSTALL:-0} == 1 ]] \
+    || skip "SLURM is not installed (no ${missing[*]}); TSP_SLURM_INSTALL=1 lets this script apt-get install slurm-wlm munge"
   [[ $EUID -eq 0 ]] || skip "SLURM is not installed (no ${missing[*]}) and installing it needs root"
   command -v apt-get >/dev/null || skip "SLURM is not installed (no ${missing[*]}) and there is no apt-get"
   echo "ci_slurm.sh: apt-get install slurm-wlm munge (missing: ${missing[*]})"

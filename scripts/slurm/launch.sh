@@ -34,7 +34,8 @@
 #   RESUME          1: continue from the latest checkpoint in CKPT_DIR if there is one (requeue-safe);
 #                   0: start fresh                                (default 1)
 #   PYTHON          interpreter (with torch, megatron-core, megatron_tsp)   (default python3)
-#   TSP_SETUP       a file sourced first on every node (modules, venv)      (default none)
+#   TSP_SETUP       a file sourced first (modules, venv); srun hands its environment to every node
+#                                                                  (default none)
 #   TSP_REPO        this checkout, put on PYTHONPATH (default: the submit directory, in the job script)
 #   DRY_RUN         1: print the srun command line and exit       (default 0)
 #   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 (NVLink multicast off),

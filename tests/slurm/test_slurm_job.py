@@ -39,7 +39,8 @@ def cluster():
     work = Path(tempfile.mkdtemp(prefix="tsp-slurm-jobs-"))
     cluster_dir = tempfile.mkdtemp(prefix="tsp-slurm-")  # under /tmp: munged wants every parent executable by all
     try:
-        up = subprocess.run(["bash", str(HELPER), "up", cluster_dir], capture_output=True, text=True, timeout=1200)
+        up = subprocess.run(["bash", str(HELPER), "up", cluster_dir], capture_output=True, text=True, timeout=1200,
+                            env=dict(os.environ, PYTHON=sys.executable))
         print(up.stdout, up.stderr, sep="\n")
         if up.returncode == 77:
             _skip_or_fail(up.stderr.strip().removeprefix("SKIP: "))

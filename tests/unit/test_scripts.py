@@ -42,8 +42,10 @@ def _job(script: str, tmp_path, *args, **env):
 def _command(r):
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout)
-    srun, torchrun = argv[:argv.index("bash")], argv[argv.index("torchrun") + 1:]
-    return srun, torchrun
+    bash = argv.index("bash")
+    assert argv[bash + 1] == "-c" and argv[bash + 3] == "torchrun"
+    # srun's options, the per-task shell line, and what follows torchrun: python, its options, the program
+    return argv[:bash], argv[bash + 2], argv[bash + 4:]
 
 
 def _value(argv, flag):
@@ -51,10 +53,10 @@ def _value(argv, flag):
 
 
 def test_tsp_job_runs_megatron_lm_runner(tmp_path):
-    srun, torchrun = _command(_job("tsp.sbatch", tmp_path, "--lr", "1e-4", EXTRA_ARGS="--train-iters 20"))
+    srun, per_task, torchrun = _command(_job("tsp.sbatch", tmp_path, "--lr", "1e-4", EXTRA_ARGS="--train-iters 20"))
     assert _value(srun, "--nodes") == "2" and _value(srun, "--ntasks-per-node") == "1"
     assert _value(srun, "--cpus-per-task") == "96"
-    assert '-m torch.distributed.run --node-rank "$SLURM_NODEID"' in _value(srun, "-c")  # per task, on its node
+    assert '-m torch.distributed.run --node-rank "$SLURM_NODEID"' in per_task  # expanded on each node
     python, rest = torchrun[0], torchrun[1:]
     assert python == "python3"
     assert rest[:rest.index("-m")] == ["--nnodes", "2", "--nproc-per-node", "8", "--master-addr", "gpu07",
@@ -66,7 +68,7 @@ def test_tsp_job_runs_megatron_lm_runner(tmp_path):
 
 
 def test_tp_sp_job_runs_native_baseline(tmp_path):
-    _, torchrun = _command(_job("tp_sp.sbatch", tmp_path, TSP_SIZE="4", RESUME="0",
+    _, _, torchrun = _command(_job("tp_sp.sbatch", tmp_path, TSP_SIZE="4", RESUME="0",
                                 RECIPE="configs/tiny.yaml"))
     program = torchrun[torchrun.index("-m"):]
     assert program[3:] == ["--tsp-size", "1", "--tensor-model-parallel-size", "4", "--sequence-parallel",
@@ -76,7 +78,7 @@ def test_tp_sp_job_runs_native_baseline(tmp_path):
 
 @pytest.mark.parametrize("layout", ["tsp", "tp_sp"])
 def test_driver_entry(tmp_path, layout):
-    _, torchrun = _command(_job(f"{layout}.sbatch", tmp_path, "train.steps=3", TSP_ENTRY="driver", NPROC_PER_NODE="2",
+    _, _, torchrun = _command(_job(f"{layout}.sbatch", tmp_path, "train.steps=3", TSP_ENTRY="driver", NPROC_PER_NODE="2",
                                 CKPT_DIR="/ckpt", SAVE_INTERVAL="5"))
     assert _value(torchrun, "--nproc-per-node") == "2"
     program = torchrun[torchrun.index("-m"):]
