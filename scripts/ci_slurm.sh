@@ -68,6 +68,8 @@ up() {
 
   local host ctld_port slurmd_port
   host=$(hostname -s)
+  # the node's name is the jobs' MASTER_ADDR: use localhost where this host's name does not resolve
+  getent hosts "$host" >/dev/null || host=localhost
   ctld_port=${SLURMCTLD_PORT:-$(free_port)}
   slurmd_port=${SLURMD_PORT:-$(free_port)}
   cat >"$dir/slurm.conf" <<EOF

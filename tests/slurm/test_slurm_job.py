@@ -1,7 +1,8 @@
 """The SLURM job scripts under a real SLURM: scripts/ci_slurm.sh starts a one-node cluster
 (munged, slurmctld, slurmd) on this machine, `sbatch` submits scripts/slurm/tsp.sbatch and
 tp_sp.sbatch pointed at the plugin's driver and configs/tiny.yaml (2 CPU processes, gloo), and the
-test reads the jobs' logs and checkpoints. Skipped, with the reason, only when SLURM cannot run
+test reads the jobs' logs and checkpoints, resubmits the tsp job to see it resume, and submits one
+that the launcher must refuse. Skipped, with the reason, only when SLURM cannot run
 here; TSP_REQUIRE_SLURM=1 turns that skip into a failure.
 
     python -m pytest -m slurm tests/slurm
@@ -88,10 +89,10 @@ def _read(path: Path) -> str:
     return path.read_text() if path.exists() else f"<no {path}>"
 
 
-def test_tsp_and_tp_sp_jobs_train(cluster):
+def test_tsp_and_tp_sp_jobs_train_and_resume(cluster):
     """Both job scripts run the driver on tiny.yaml through srun + torchrun, log every step, the
     summary and the checkpoint under LOG_DIR and CKPT_DIR; the job script's arguments reach the
-    driver."""
+    driver; the tsp job submitted again with more steps resumes from its checkpoint."""
     work = cluster["work"]
     jobs = {}
     for layout in ("tsp", "tp_sp"):
@@ -112,6 +113,18 @@ def test_tsp_and_tp_sp_jobs_train(cluster):
         assert re.search(rf"^0: summary: {STEPS} steps, loss \d+\.\d+ -> \d+\.\d+", text, re.M), text[-4000:]
         assert "train.seed=7" in text  # the job script's own arguments are passed on
         assert (work / f"ckpt_{layout}" / f"step_{STEPS:07d}").is_dir()
+
+    # RESUME=1 (the default): the tsp job submitted again continues from CKPT_DIR's latest checkpoint.
+    ckpt = work / "ckpt_tsp"
+    env = _env(cluster, TSP_ENTRY="driver", RECIPE="configs/tiny.yaml", NPROC_PER_NODE="2",
+               LOG_DIR=str(work / "logs"), CKPT_DIR=str(ckpt), EXTRA_ARGS=f"train.steps={STEPS + 2} train.log_interval=1")
+    job = _submit(cluster, "tsp.sbatch", env, "train.seed=7")
+    state, text = _wait(cluster, job), _read(work / "logs" / f"tsp-{job}.out")
+    assert state == "COMPLETED", text[-4000:]
+    assert f"steps {STEPS + 1}..{STEPS + 2} (resumed from {ckpt})" in text, text[-4000:]
+    steps = [int(s) for s in re.findall(rf"^0: step +(\d+)/{STEPS + 2} \| loss", text, re.M)]
+    assert steps == [STEPS + 1, STEPS + 2], text[-4000:]
+    assert (ckpt / f"step_{STEPS + 2:07d}").is_dir()
 
 
 def test_tsp_size_must_divide_processes_per_node(cluster):
