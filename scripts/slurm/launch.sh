@@ -69,10 +69,12 @@ if [[ -n ${TSP_SETUP:-} ]]; then
 fi
 
 [[ $LAYOUT == tsp || $LAYOUT == tp_sp ]] || die "LAYOUT=$LAYOUT: expected tsp or tp_sp"
-[[ -n $NPROC_PER_NODE ]] || die "no GPUs in this allocation (SLURM_GPUS_ON_NODE is unset): request them (--gpus-per-node) or set NPROC_PER_NODE"
+[[ -n $NPROC_PER_NODE ]] \
+  || die "no GPUs in this allocation (SLURM_GPUS_ON_NODE is unset): request them (--gpus-per-node) or set NPROC_PER_NODE"
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: expected a positive integer"
 [[ $TSP_SIZE =~ ^[1-9][0-9]*$ ]] || die "TSP_SIZE=$TSP_SIZE: expected a positive integer"
-(( NPROC_PER_NODE % TSP_SIZE == 0 )) || die "TSP_SIZE=$TSP_SIZE must divide the $NPROC_PER_NODE processes (GPUs) per node: the $LAYOUT group stays inside a node"
+(( NPROC_PER_NODE % TSP_SIZE == 0 )) \
+  || die "TSP_SIZE=$TSP_SIZE must divide the $NPROC_PER_NODE processes (GPUs) per node: the $LAYOUT group stays inside a node"
 [[ $SAVE_INTERVAL =~ ^[1-9][0-9]*$ ]] || die "SAVE_INTERVAL=$SAVE_INTERVAL: expected a positive integer"
 [[ $RESUME == 0 || $RESUME == 1 ]] || die "RESUME=$RESUME: expected 0 or 1"
 case $TSP_ENTRY in
@@ -89,7 +91,8 @@ read -r -a extra <<<"$EXTRA_ARGS"   # split on spaces, no globbing
 extra+=("$@")
 case $TSP_ENTRY in
   megatron-lm)
-    [[ -f $MEGATRON_LM/pretrain_gpt.py ]] || die "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py: point MEGATRON_LM at a Megatron-LM checkout"
+    [[ -f $MEGATRON_LM/pretrain_gpt.py ]] \
+      || die "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py: point MEGATRON_LM at a Megatron-LM checkout"
     if [[ $LAYOUT == tsp ]]; then layout_args=(--tsp-size "$TSP_SIZE")
     else layout_args=(--tsp-size 1 --tensor-model-parallel-size "$TSP_SIZE" --sequence-parallel); fi
     program=(-m megatron_tsp.run "$MEGATRON_LM/pretrain_gpt.py" "${layout_args[@]}")
@@ -117,6 +120,7 @@ export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1} CUDA_DEVICE_MAX_CONNECTIO
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # One task per node; each runs torchrun with its own node rank ($SLURM_NODEID is per task).
+# shellcheck disable=SC2016  # $1, $SLURM_NODEID and $@ expand in each task's shell
 srun_cmd=(srun --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1
           --cpus-per-task "$CPUS_PER_NODE" --kill-on-bad-exit=1 --label
           bash -c 'exec "$1" -m torch.distributed.run --node-rank "$SLURM_NODEID" "${@:2}"' torchrun "$PYTHON"
