@@ -38,7 +38,7 @@ def cluster():
     if os.environ.get("RANK") not in (None, "0"):
         pytest.skip("one cluster per machine: run under plain pytest, not torchrun")
     work = Path(tempfile.mkdtemp(prefix="tsp-slurm-jobs-"))
-    cluster_dir = tempfile.mkdtemp(prefix="tsp-slurm-")  # under /tmp: munged wants every parent executable by all
+    cluster_dir = tempfile.mkdtemp(prefix="tsp-slurm-", dir="/tmp")  # munged wants every parent executable by all
     try:
         up = subprocess.run(["bash", str(HELPER), "up", cluster_dir], capture_output=True, text=True, timeout=1200,
                             env=dict(os.environ, PYTHON=sys.executable))
