@@ -107,7 +107,8 @@ def test_tsp_and_tp_sp_jobs_train_and_resume(cluster):
         assert state == "COMPLETED", f"{layout} job {job}: {state}\n{slurm_out}\n{text[-4000:]}"
         assert f"launch.sh: log {log}" in slurm_out
         assert f"layout {layout}, size 2, 2 processes per node, entry driver" in text
-        assert f"megatron-tsp train: layout {layout} size 2 x pipeline 1 x data 1 on 2 CPU processes (gloo)" in text, text[-4000:]
+        assert re.search(rf"megatron-tsp train: layout {layout} size 2 x pipeline 1 x data 1 on 2 "
+                         r"(CPU processes \(gloo\)|GPUs \(nccl\))", text), text[-4000:]
         steps = [int(s) for s in re.findall(rf"^0: step +(\d+)/{STEPS} \| loss \d+\.\d+", text, re.M)]
         assert steps == list(range(1, STEPS + 1)), text[-4000:]
         assert re.search(rf"^0: summary: {STEPS} steps, loss \d+\.\d+ -> \d+\.\d+", text, re.M), text[-4000:]
