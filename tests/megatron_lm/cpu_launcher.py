@@ -1,6 +1,7 @@
 """Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
 
-`python tests/megatron_lm/cpu_launcher.py <pretrain_gpt.py> <flags>` under torchrun. Megatron-LM's
+`python tests/megatron_lm/cpu_launcher.py [--direct] <pretrain_gpt.py> <flags>` under torchrun
+(`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
 Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
 GPU runs.
@@ -86,9 +87,16 @@ def install_megatron_lm_cpu_shims():
 
 if __name__ == "__main__":
     import os
+    import runpy
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))  # the Megatron-LM tree
+    direct = sys.argv[1] == "--direct"
+    argv = sys.argv[2:] if direct else sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
-    from megatron_tsp.run import main
+    if direct:
+        sys.argv = argv
+        runpy.run_path(argv[0], run_name="__main__")
+    else:
+        from megatron_tsp.run import main
 
-    sys.exit(main(sys.argv[1:]))
+        sys.exit(main(argv))
