@@ -52,7 +52,8 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate and map `--tsp-size` onto Megatron's arguments, in place. Raises TSPConfigError."""
-    D = getattr(args, "tsp_size", 1) or 1
+    D = getattr(args, "tsp_size", None)
+    D = 1 if D is None else D  # --tsp-size 0 is an error, not "off"
     check_tsp_size(D)
     args.tsp = D > 1
     if D == 1:
@@ -100,7 +101,7 @@ def _expand_env(value: str, where: str) -> str:
     def sub(match):
         name = match.group(1)
         if name not in os.environ:
-            raise TSPConfigError(f"--tsp-recipe: {where} uses ${{{name}}}, which is not set in the environment")
+            raise TSPConfigError(f"--tsp-recipe {where} uses ${{{name}}}, which is not set in the environment")
         return os.environ[name]
     return _ENV_REF.sub(sub, value)
 
@@ -134,15 +135,15 @@ def load_recipe(path: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
         if value is True:
             flags[flag] = []
         elif isinstance(value, list):
-            flags[flag] = [_expand_env(str(v), where) for v in value]
+            flags[flag] = [_expand_env(str(v), f"{path}: {where}") for v in value]
         elif isinstance(value, dict):
             raise TSPConfigError(f"--tsp-recipe {path}: {where} is a mapping; expected a scalar or a list")
         else:
-            flags[flag] = [_expand_env(str(value), where)]
+            flags[flag] = [_expand_env(str(value), f"{path}: {where}")]
     env = data.get("ENV_VARS") or {}
     if not isinstance(env, dict):
         raise TSPConfigError(f"--tsp-recipe {path}: ENV_VARS must be a mapping of variable: value")
-    return flags, {str(k): _expand_env(str(v), f"ENV_VARS {k}") for k, v in env.items()}
+    return flags, {str(k): _expand_env(str(v), f"{path}: ENV_VARS {k}") for k, v in env.items()}
 
 
 def _flag_groups(argv: List[str]) -> List[Tuple[str, List[str]]]:

@@ -87,6 +87,7 @@ def tsp_gpt_builder(gpt_builder):
         if not tsp and native_spec == "megatron":
             return gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
 
+        _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}")
         from megatron.core import parallel_state as mpu
         from megatron.core.models.gpt import GPTModel
         from megatron.training import print_rank_0
@@ -96,7 +97,6 @@ def tsp_gpt_builder(gpt_builder):
         from .sdpa_attention import SDPACoreAttention
         from .specs import get_sp_block_spec
 
-        _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}")
         if config is None:
             config = core_transformer_config_from_args(args)
         kwargs = _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection)
@@ -142,19 +142,19 @@ def install() -> None:
     (`megatron.training.arguments.add_megatron_arguments`) and the TSP model builder in
     `gpt_builders.gpt_builder`. The Megatron-LM tree must be on sys.path."""
     import megatron.core
-    from megatron.training import arguments as megatron_arguments
 
+    try:
+        import gpt_builders
+        from megatron.training import arguments as megatron_arguments
+    except ImportError as e:
+        raise TSPConfigError(
+            f"Megatron-LM {PINNED_TAG} (gpt_builders.py, megatron/training) cannot be imported ({e}): "
+            f"run megatron_tsp.run with the path to Megatron-LM's pretrain_gpt.py"
+        ) from None
     version = getattr(megatron.core, "__version__", None)
     if version != PINNED_CORE_VERSION:
         print(f"WARNING: megatron-tsp is pinned to Megatron-LM {PINNED_TAG} (megatron-core "
               f"{PINNED_CORE_VERSION}); megatron.core here is {version}", flush=True)
-    try:
-        import gpt_builders
-    except ImportError as e:
-        raise TSPConfigError(
-            f"gpt_builders.py of Megatron-LM {PINNED_TAG} cannot be imported ({e}): run "
-            f"megatron_tsp.run with the path to Megatron-LM's pretrain_gpt.py"
-        ) from None
     if getattr(megatron_arguments.add_megatron_arguments, "tsp_installed", False):
         return
     add_megatron_arguments = megatron_arguments.add_megatron_arguments
