@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
+    "run": ("megatron_tsp.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
 }
 
 

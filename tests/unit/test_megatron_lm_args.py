@@ -266,3 +266,23 @@ def test_shell_scripts_parse(script):
 def test_python_scripts_compile():
     for script in glob.glob(os.path.join(REPO, "scripts", "*.py")):
         compile(open(script).read(), script, "exec")
+
+
+def test_compare_script_detects_a_loss_mismatch(tmp_path):
+    """compare_tsp_vs_tpsp.py --from-logs on two synthetic Megatron logs: a 0.02 gap fails."""
+    line = (" [2026-01-01 00:00:00] iteration {i:8d}/       2 | consumed samples: {i} | elapsed time per iteration (ms): "
+            "{ms} | learning rate: 1.0E-03 | global batch size:     4 | lm loss: {loss:E} | loss scale: 1.0 |\n")
+    head = "  global_batch_size ............................... 4\n  seq_length ...................................... 64\n  world_size ...................................... 2\n"
+    for name, shift in (("tsp", 0.0), ("tp_sp", 0.02)):
+        (tmp_path / f"{name}.log").write_text(head + "".join(line.format(i=i, ms=100.0, loss=5.0 - i + shift) for i in (1, 2))
+                                              + "[Rank 0] (after 2 iterations) memory (MB) | allocated: 1.0 | max allocated: 2048.0 | reserved: 3\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("MODEL_ARGS:\n  --tsp-size: 2\n  --train-iters: 2\n")
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--from-logs", "--recipe", str(recipe), "--out", str(tmp_path)]
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert failed.returncode == 1 and "FAIL" in failed.stdout
+    report = __import__("json").load(open(tmp_path / "compare.json"))
+    assert abs(report["comparisons"][0]["max_abs_loss_diff"] - 0.02) < 1e-9
+    assert report["runs"]["tsp"]["tokens_per_s_per_gpu"] == 4 * 64 / 0.1 / 2 and report["runs"]["tsp"]["peak_allocated_gb"] == 2.0
+    passed = subprocess.run(cmd + ["--tolerance", "0.03"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert passed.returncode == 0 and "OK" in passed.stdout
