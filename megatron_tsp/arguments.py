@@ -58,7 +58,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tsp = D > 1
     if D == 1:
         return args
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1),
                          get("expert_model_parallel_size", 1))
     if get("num_experts"):

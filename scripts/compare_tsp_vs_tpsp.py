@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     comparisons = [compare(summaries[a], summaries[b], opts.tolerance, iters)
                    for a, b in PAIRS if a in summaries and b in summaries]
     rows = [("run", "iterations", "final loss", "median ms/iter", "tokens/s/GPU", "peak alloc GB")]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for name, s in summaries.items():
         rows.append((LABELS[name].format(D=D), str(s["iterations"]), fmt(s["final_loss"], ".4f"),
                      fmt(s["median_iteration_ms"], ".1f"), fmt(s["tokens_per_s_per_gpu"], ",.0f"),

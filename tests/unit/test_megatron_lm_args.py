@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from megatron_tsp import TSPConfigError
-from megatron_tsp.arguments import add_tsp_args, expand_tsp_recipe, install_tsp_parsing, load_recipe
+from megatron_tsp.arguments import expand_tsp_recipe, load_recipe
 from megatron_tsp.megatron_lm import PINNED_COMMIT, tsp_extra_args_provider, tsp_gpt_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
