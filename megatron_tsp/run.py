@@ -1,0 +1,54 @@
+"""Run Megatron-LM's unmodified `pretrain_gpt.py` with `--tsp-size`.
+
+    torchrun --nproc-per-node 4 -m megatron_tsp.run <Megatron-LM>/pretrain_gpt.py \\
+        --tsp-size 4 [--tsp-recipe configs/megatron_lm/tiny.yaml] <usual Megatron flags>
+
+Puts the script's folder on sys.path, adds the TSP flags to Megatron's argument parser (mapped
+to the tensor-parallel slot before Megatron validates its arguments), puts the TSP model
+builder behind Megatron's model provider (`megatron_tsp.megatron_lm.install`), then runs the
+script as `__main__`. Without `--tsp-size` (or with 1) the run is plain `pretrain_gpt.py`.
+`<script> --help` lists Megatron's flags with the TSP ones (group "tsp").
+Megatron-LM: tag core_v0.16.1 (commit 55ac7082517c3878ae653c07c09c534b8aed49f6).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = "usage: python -m megatron_tsp.run <Megatron-LM>/pretrain_gpt.py [--tsp-size D] [--tsp-recipe FILE] [Megatron flags ...]"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.split("\n\n", 2)[2].strip(), file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    script = argv[0]
+    if script.startswith("-") or not script.endswith(".py"):
+        print(f"{USAGE}\nmegatron_tsp.run: error: the first argument must be Megatron-LM's pretrain_gpt.py, "
+              f"got {script!r}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(script):
+        print(f"megatron_tsp.run: error: {script}: no such file (give the path to Megatron-LM's "
+              f"pretrain_gpt.py)", file=sys.stderr)
+        return 2
+    script = os.path.abspath(script)
+    sys.path.insert(0, os.path.dirname(script))
+
+    from .config import TSPConfigError
+    from .megatron_lm import install
+
+    try:
+        install()
+    except TSPConfigError as e:
+        print(f"megatron_tsp.run: error: {e}", file=sys.stderr)
+        return 2
+    sys.argv = [script] + argv[1:]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

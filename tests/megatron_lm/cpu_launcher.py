@@ -1,0 +1,102 @@
+"""Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
+
+`python tests/megatron_lm/cpu_launcher.py [--direct] <pretrain_gpt.py> <flags>` under torchrun
+(`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh). Megatron-LM's
+training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
+Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
+GPU runs.
+"""
+
+import contextlib
+import sys
+import types
+
+import torch
+
+
+def _stub_batch_invariant_kernels():
+    """megatron.training.initialize imports Triton kernels unconditionally; without Triton (the
+    CPU CI), stand in a module whose batch-invariant mode cannot be enabled."""
+    try:
+        import triton  # noqa: F401
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+    module = types.ModuleType(name)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("--batch-invariant-mode needs Triton")
+
+    module.set_batch_invariant_mode = module.enable_batch_invariant_mode = refuse
+    module.disable_batch_invariant_mode = lambda *a, **k: None
+    module.is_batch_invariant_mode_enabled = lambda: False
+    sys.modules[name] = module
+
+
+class _NoStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def install_megatron_lm_cpu_shims():
+    from megatron_tsp.cpu import install_cpu_shims
+
+    if not install_cpu_shims():
+        raise SystemExit("cpu_launcher.py is for machines without CUDA")
+    torch.set_num_threads(1)
+    _stub_batch_invariant_kernels()
+    # One pretend device, so that Megatron's _initialize_distributed builds the model-parallel
+    # groups and _set_random_seed seeds the (CPU) RNG tracker, as on a GPU.
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda *a, **k: None
+    # Streams (DDP set-up runs on a side stream) and memory statistics (logging).
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.empty_cache = lambda: None
+    # The rerun state machine saves and restores the CUDA generator (there is none).
+    torch.cuda.get_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
+    torch.cuda.set_rng_state = lambda *a, **k: None
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+    torch.cuda.memory_stats = lambda *a, **k: {}
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(torch.cuda, name, lambda *a, **k: 0)
+
+    from megatron.training import arguments, training, utils
+
+    arguments.get_device_arch_version = utils.get_device_arch_version = lambda: 9  # as Hopper
+    from megatron.legacy import fused_kernels
+
+    fused_kernels.load = lambda args: None  # asks nvcc its version and builds nothing (this commit)
+
+    initialize_megatron = training.initialize_megatron
+
+    def initialize_megatron_without_cuda(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return initialize_megatron(*args, **kwargs)
+
+    training.initialize_megatron = initialize_megatron_without_cuda
+
+
+if __name__ == "__main__":
+    import os
+    import runpy
+
+    direct = sys.argv[1] == "--direct"
+    argv = sys.argv[2:] if direct else sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
+    install_megatron_lm_cpu_shims()
+    if direct:
+        sys.argv = argv
+        runpy.run_path(argv[0], run_name="__main__")
+    else:
+        from megatron_tsp.run import main
+
+        sys.exit(main(argv))
