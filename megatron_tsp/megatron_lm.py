@@ -1,7 +1,8 @@
 """Megatron-LM's `pretrain_gpt.py` with `--tsp-size`: the two hooks it needs.
 
 - `tsp_extra_args_provider(inner)`: Megatron's `extra_args_provider` that adds the TSP flags
-  (`--tsp-size`, `--tsp-recipe`, `--tsp-native-spec`) and makes the parser expand the recipe
+  (`--tsp-size`, `--tsp-recompute`, `--tsp-attention-backend`, `--tsp-recipe`,
+  `--tsp-native-spec`) and makes the parser expand the recipe
   and map `--tsp-size D` onto the TP slot (tensor_model_parallel_size = D, sequence_parallel)
   at parse time, before `validate_args`; conflicts end every rank with one error line.
 - `tsp_gpt_builder(gpt_builder)`: the model builder behind Megatron's `model_provider`. With
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from .arguments import add_tsp_args, install_tsp_parsing
+from .arguments import add_tsp_args, install_tsp_parsing, tsp_options_from_args
 from .config import TSPConfigError
 
 PINNED_TAG = "core_v0.16.1"
@@ -102,7 +103,7 @@ def tsp_gpt_builder(gpt_builder):
         kwargs = _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection)
         if tsp:
             print_rank_0(f"building TSP GPT model (--tsp-size {args.tsp_size}) ...")
-            return TSPGPTModel(config, None, **kwargs)
+            return TSPGPTModel(config, None, tsp_options=tsp_options_from_args(args), **kwargs)
         print_rank_0(f"building GPT model with --tsp-native-spec {native_spec} ...")
         pp_rank = pg_collection.pp.rank() if pg_collection is not None else mpu.get_pipeline_model_parallel_rank()
         core_attention = SDPACoreAttention if native_spec == "sdpa" else None

@@ -286,3 +286,20 @@ def test_compare_script_detects_a_loss_mismatch(tmp_path):
     assert report["runs"]["tsp"]["tokens_per_s_per_gpu"] == 4 * 64 / 0.1 / 2 and report["runs"]["tsp"]["peak_allocated_gb"] == 2.0
     passed = subprocess.run(cmd + ["--tolerance", "0.03"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert passed.returncode == 0 and "OK" in passed.stdout
+
+
+def test_tsp_schedule_flags_reach_the_options(capsys):
+    import argparse
+
+    import pytest
+
+    from megatron_tsp.arguments import add_tsp_args, tsp_options_from_args
+
+    parser = add_tsp_args(argparse.ArgumentParser(prog="pretrain_gpt.py"))
+    args = parser.parse_args(["--tsp-size", "2", "--tsp-recompute", "full", "--tsp-attention-backend", "flash"])
+    options = tsp_options_from_args(args)
+    assert (options.recompute, options.attention_backend, options.compute_only) == ("full", "flash", False)
+    assert tsp_options_from_args(parser.parse_args([])).recompute == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tsp-recompute", "some"])
+    assert "--tsp-recompute" in capsys.readouterr().err
