@@ -23,7 +23,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
-from .config import check_seq_length, validate_transformer_config
+from .baselines.context_parallel import check_context_parallel
+from .config import TSPConfigError, check_seq_length, validate_transformer_config
 from .model import TSPGPTModel
 from .specs import get_sp_block_spec
 
@@ -109,14 +110,36 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local", **config_kw):
-    """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
-    slot; `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
-    unless `sequence_parallel=False`), with Megatron's DotProductAttention (`core_attention=
-    'local'`) or torch SDPA (`'sdpa'`, the same kernel family TSP uses: for long contexts)."""
+    """A GPT model on the current Megatron groups (`megatron.core.parallel_state`).
+
+    - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
+      initialize_model_parallel(tsp_size=D)`). Takes full sequences.
+    - `layout='native'`: Megatron's GPTModel with the local spec: DP, TP, or TP + sequence
+      parallelism (when the TP group has more than one rank, unless `sequence_parallel=False`).
+      Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
+      (`'sdpa'`, the kernels TSP uses: for long contexts).
+    - Context parallelism: `layout='native'` on groups built with `context_parallel_size=CP`
+      (`mpu.initialize_model_parallel(tensor_model_parallel_size=T, context_parallel_size=CP)`;
+      CP=4 alone, or TP2 x CP2). The core attention is then
+      `baselines.context_parallel.ContextParallelAttention` (K/V all-gathered over the CP group,
+      torch SDPA; `core_attention='sdpa'` or `'cp'`). The model takes this CP rank's tokens:
+      slice tokens, labels, position ids and loss mask with `baselines.context_parallel.cp_slice`.
+      Weights ZeRO-3-sharded over the data x context group: `wrap_ddp_and_optimizer(fsdp=True)`.
+    """
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    D = pgs.tp.size()
+    D, cp = pgs.tp.size(), pgs.cp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
-    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, **config_kw)
+    if layout not in ("tsp", "native"):
+        raise TSPConfigError(f"build_gpt: layout = {layout!r} is not one of tsp, native")
+    if cp > 1:
+        if layout == "tsp":
+            raise TSPConfigError(f"context parallelism (parallel.context_size / context_parallel_size = {cp}) cannot be "
+                                 "combined with TSP (parallel.layout = tsp): TSP already splits the sequence")
+        if core_attention not in ("sdpa", "cp"):
+            raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
+                                 f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
+        check_context_parallel(shape.seq_length, cp, D, sp)
+    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, context_parallel_size=cp, **config_kw)
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
@@ -125,9 +148,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     if layout == "tsp":
         spec = None
     else:
+        from .baselines.context_parallel import ContextParallelAttention
         from .sdpa_attention import SDPACoreAttention
 
-        core = SDPACoreAttention if core_attention == "sdpa" else None
+        core = ContextParallelAttention if cp > 1 else SDPACoreAttention if core_attention in ("sdpa", "cp") else None
         spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core)
     model = cls(
         config,

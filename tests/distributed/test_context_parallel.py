@@ -1,0 +1,140 @@
+"""Context-parallel baselines: Megatron's GPTModel with ContextParallelAttention at CP = 2, 4
+and TP2 x CP2 (with and without sequence parallelism) against the unsharded model with the same
+weights (float32): per-token loss and every parameter gradient; a broken K/V order is caught;
+the gathered K/V are not kept for backward; bad layouts are clear errors."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+
+import megatron_tsp
+from megatron_tsp import TSPConfigError
+from megatron_tsp.baselines import context_parallel
+from megatron_tsp.baselines.context_parallel import ContextParallelAttention, cp_slice
+from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.zigzag import from_zigzag
+from tests.distributed.parity import fresh_seed
+from tests.utils import gather_full, rel_err, sum_sequence_parallel_grads
+
+TOL = 1e-5
+
+
+def init_groups(tp=1, cp=1, seed=1234):
+    if mpu.model_parallel_is_initialized():
+        megatron_tsp.destroy_model_parallel()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.model_parallel_cuda_manual_seed(seed)
+
+
+def skip_unless_fits(world, tp, cp):
+    if world % (tp * cp):
+        pytest.skip(f"TP{tp} x CP{cp} does not fit {world} processes")
+
+
+def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None):
+    """Per-token loss [b, S] in natural order and the full gradient of every parameter: the
+    loss is the mean over all tokens of all CP ranks; gradients are summed over CP (what DDP
+    does over the data x context group) and over TP for sequence-parallel norms."""
+    init_groups(tp, cp)
+    model = build_gpt(shape, layout="native", seed=seed, core_attention="sdpa", sequence_parallel=sp)
+    tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in synthetic_batch(0, 2, shape, seed=seed))
+    loss = model(tokens, pos, None, labels=labels)  # [b, S/CP], this CP rank's tokens
+    (loss.sum() / (loss.shape[0] * shape.seq_length)).backward()
+    cp_group, tp_group = mpu.get_context_parallel_group(), mpu.get_tensor_model_parallel_group()
+    if cp > 1:
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=cp_group)
+        pieces = [torch.empty_like(loss) for _ in range(cp)]
+        dist.all_gather(pieces, loss.detach().contiguous(), group=cp_group)
+        loss = from_zigzag(torch.cat(pieces, dim=1), cp, dim=1)
+    if model.config.sequence_parallel:
+        sum_sequence_parallel_grads(model, tp_group)
+    grads = {n: gather_full(p.grad, p, tp_group) for n, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def _assert_match(got, ref, seed):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert loss.shape == ref_loss.shape
+    assert rel_err(loss, ref_loss) <= TOL, f"loss differs (seed {seed}): {rel_err(loss, ref_loss)}"
+    assert grads.keys() == ref_grads.keys()
+    bad = {n: rel_err(grads[n], ref_grads[n]) for n in grads if not rel_err(grads[n], ref_grads[n]) <= TOL}
+    assert not bad, f"gradients differ (seed {seed}): {bad}"
+    assert all(g.abs().sum() > 0 for g in ref_grads.values())
+
+
+SHAPES = {
+    "mha": ModelShape(seq_length=32),
+    "gqa": ModelShape(seq_length=32, num_attention_heads=8, num_query_groups=4),
+    "gqa-learned-abs": ModelShape(seq_length=32, num_attention_heads=8, num_query_groups=2,
+                                  position_embedding_type="learned_absolute"),
+}
+LAYOUTS = {"cp2": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2": (2, 2, False), "tp2xcp2-sp": (2, 2, True)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_cp_loss_and_every_gradient_match_unsharded(world, layout, name):
+    tp, cp, sp = LAYOUTS[layout]
+    skip_unless_fits(world, tp, cp)
+    shape, seed = SHAPES[name], fresh_seed()
+    ref = _loss_and_grads(shape, seed)
+    got = _loss_and_grads(shape, seed, tp, cp, sp)
+    _assert_match(got, ref, seed)
+
+
+def test_broken_kv_order_is_caught(world, monkeypatch):
+    """Test the test: K/V left in the gathered (zigzag) order instead of natural order."""
+    skip_unless_fits(world, 1, 2)
+    shape, seed = SHAPES["gqa"], fresh_seed()
+    ref = _loss_and_grads(shape, seed)
+    monkeypatch.setattr(context_parallel, "from_zigzag", lambda t, size, dim: t)
+    with pytest.raises(AssertionError, match="differs"):
+        _assert_match(_loss_and_grads(shape, seed, 1, 2), ref, seed)
+
+
+def test_gathered_kv_not_saved_for_backward(world, monkeypatch):
+    """Like TE's all-gather CP, only the local K/V live from forward to backward; the gathered
+    ones are gathered again in backward. The gradients are those of the saving variant."""
+    skip_unless_fits(world, 1, 2)
+    init_groups(1, 2)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa").config
+    core = ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs)
+    gathered = []
+    real_from_zigzag = context_parallel.from_zigzag
+    monkeypatch.setattr(context_parallel, "from_zigzag",
+                        lambda *a, **k: (lambda t: (gathered.append(weakref.ref(t)), t)[1])(real_from_zigzag(*a, **k)))
+    s, b, hn = 16, 2, 8
+    q = torch.randn(s, b, 4, hn, requires_grad=True)
+    k, v = (torch.randn(s, b, 2, hn, requires_grad=True) for _ in range(2))
+    grads = []
+    for regather in (True, False):
+        core.regather_kv_in_backward = regather
+        gathered.clear()
+        out = core(q, k, v, None)
+        gc.collect()
+        assert len(gathered) == 1 and (gathered[0]() is None) == regather
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.randn_like(out, generator=torch.Generator().manual_seed(0))))
+        assert len(gathered) == 1 + regather  # gathered again in backward
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+
+
+def test_bad_layouts_are_clear_errors(world):
+    skip_unless_fits(world, 1, 2)
+    init_groups(1, 2)
+    with pytest.raises(TSPConfigError, match=r"model.seq_length = 34 must be divisible by 2 x parallel.context_size = 4"):
+        build_gpt(ModelShape(seq_length=34), layout="native", core_attention="sdpa")
+    with pytest.raises(TSPConfigError, match=r"cannot be combined with TSP"):
+        build_gpt(ModelShape(seq_length=32), layout="tsp")
+    with pytest.raises(TSPConfigError, match=r"core_attention = 'local' must be sdpa"):
+        build_gpt(ModelShape(seq_length=32), layout="native", core_attention="local")
