@@ -80,6 +80,7 @@ def init_distributed() -> str:
 
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
+    kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -211,18 +212,26 @@ def layout_invariant_init(model, seed: int) -> None:
 
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
-                           overlap=False, bucket_size=None):
-    """Megatron DDP + optimizer. `overlap`: overlap the gradient reduce-scatter with backward and
-    (distributed optimizer) the parameter all-gather with the next forward."""
+                           overlap=False, bucket_size=None, fsdp=False):
+    """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
+    `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
+    parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
+    state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
+    plain optimizer over the local shards, so `use_distributed_optimizer` must be False)."""
     config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
-                                      overlap_grad_reduce=overlap,
-                                      overlap_param_gather=overlap and use_distributed_optimizer,
-                                      bucket_size=bucket_size),
-        model,
-    )
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+                                               overlap_grad_reduce=overlap,
+                                               overlap_param_gather=overlap and use_distributed_optimizer,
+                                               bucket_size=bucket_size)
+    if fsdp:
+        if use_distributed_optimizer:
+            raise TSPConfigError("parallel.fsdp = true already shards the optimizer state over data x context: "
+                                 "set train.distributed_optimizer = false")
+        from .baselines.fsdp import FullyShardedOverDataAndContext
+
+        ddp = FullyShardedOverDataAndContext(config, ddp_config, model)
+    else:
+        ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
@@ -258,8 +267,9 @@ def dp_slice(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(ddp_model, optimizer, tokens, labels, position_ids):
-    """One step (pipeline size 1) on this DP rank's micro-batch; returns the global mean loss
-    and the grad norm."""
+    """One step (pipeline size 1) on this DP rank's micro-batch (this CP rank's tokens of it
+    under context parallelism, see `baselines.context_parallel.cp_slice`); returns the global
+    mean loss and the grad norm."""
     check_seq_length(tokens.shape[1], 1)
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -268,5 +278,7 @@ def train_step(ddp_model, optimizer, tokens, labels, position_ids):
     finalize_model_grads([ddp_model])
     _, grad_norm, _ = optimizer.step()
     reported = loss.detach().clone()
-    dist.all_reduce(reported, group=mpu.get_data_parallel_group())
-    return reported.item() / mpu.get_data_parallel_world_size(), grad_norm
+    # Every CP rank holds the same number of tokens: the mean of the local means is the mean.
+    dp_cp = mpu.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(reported, group=dp_cp)
+    return reported.item() / dp_cp.size(), grad_norm

@@ -138,3 +138,34 @@ def test_bad_layouts_are_clear_errors(world):
         build_gpt(ModelShape(seq_length=32), layout="tsp")
     with pytest.raises(TSPConfigError, match=r"core_attention = 'local' must be sdpa"):
         build_gpt(ModelShape(seq_length=32), layout="native", core_attention="local")
+
+
+# --- training: DDP / distributed optimizer and FSDP over CP, five steps -------------------------
+
+TRAIN_LAYOUTS = {  # name: (tp, cp, sequence parallel, fsdp, world sizes that run it)
+    "cp2-distopt": (1, 2, False, False, (2,)),
+    "cp2-fsdp": (1, 2, False, True, (2, 4)),  # at world 4: data 2 x context 2
+    "cp4-distopt": (1, 4, False, False, (4,)),
+    "cp4-fsdp": (1, 4, False, True, (4,)),
+    "tp2xcp2-sp-distopt": (2, 2, True, False, (4,)),
+    "tp2xcp2-fsdp": (2, 2, False, True, (4,)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_LAYOUTS))
+def test_five_steps_match_single_process(world, name):
+    """Loss and grad norm of five Adam steps (clipping on) equal those of one process."""
+    from tests.distributed.test_training import single_process_reference
+    from tests.distributed.train_reference import run_steps
+
+    tp, cp, sp, fsdp, worlds = TRAIN_LAYOUTS[name]
+    if world not in worlds:
+        pytest.skip(f"{name} runs at world sizes {worlds}")
+    ref = single_process_reference()
+    init_groups(tp, cp)
+    got = run_steps("native", distributed_optimizer=not fsdp, fsdp=fsdp, core_attention="sdpa", sequence_parallel=sp)
+    if fsdp:
+        assert mpu.get_data_parallel_group(with_context_parallel=True).size() == world // tp
+    for key in ("loss", "grad_norm"):
+        for step, (a, b) in enumerate(zip(got[key], ref[key])):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{key} at step {step}: {name} {a} vs single process {b}"
