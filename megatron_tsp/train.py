@@ -213,11 +213,13 @@ def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> None:
     with open(meta_path) as f:
         saved = json.load(f)
     mine = _checkpoint_identity(recipe)
+    defaults = Recipe().to_dict()  # a key added after the checkpoint was written has its default there
     diffs = []
     for section in ("model", "parallel"):
         for key, value in mine[section].items():
-            if saved.get(section, {}).get(key) != value:
-                diffs.append(f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, recipe {value!r}")
+            theirs = saved.get(section, {}).get(key, defaults[section].get(key))
+            if theirs != value:
+                diffs.append(f"{section}.{key}: checkpoint {theirs!r}, recipe {value!r}")
     for key in ("world_size", "distributed_optimizer"):
         if saved.get(key) != mine[key]:
             diffs.append(f"{key}: checkpoint {saved.get(key)!r}, run {mine[key]!r}")

@@ -80,8 +80,8 @@ SHAPES = {
 LAYOUTS = {"cp2": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2": (2, 2, False), "tp2xcp2-sp": (2, 2, True)}
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("layout,name", [(layout, name) for layout in LAYOUTS for name in SHAPES
+                                         if name != "gqa-learned-abs" or layout in ("cp2", "tp2xcp2-sp")])
 def test_cp_loss_and_every_gradient_match_unsharded(world, layout, name):
     tp, cp, sp = LAYOUTS[layout]
     skip_unless_fits(world, tp, cp)
