@@ -149,6 +149,7 @@ TRAIN_LAYOUTS = {  # name: (tp, cp, sequence parallel, fsdp, world sizes that ru
     "cp4-fsdp": (1, 4, False, True, (4,)),
     "tp2xcp2-sp-distopt": (2, 2, True, False, (4,)),
     "tp2xcp2-fsdp": (2, 2, False, True, (4,)),
+    "tp2xcp2-sp-fsdp": (2, 2, True, True, (4,)),
 }
 
 
@@ -202,3 +203,22 @@ def test_driver_context_parallel_matches_data_parallel(world):
         assert mpu.get_context_parallel_world_size() == int(name.split("cp")[1][0])
         for step, (a, b) in enumerate(zip(got, ref)):  # (loss, grad norm)
             assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0), f"{name} step {step}: {got} vs data parallel {ref}"
+
+
+def test_fsdp_shards_every_parameter_over_data_and_context(world):
+    """ZeRO-3: every parameter (hence its gradient and Adam state) is a DTensor sharded over
+    all data x context ranks."""
+    from torch.distributed.tensor import DTensor
+
+    from megatron_tsp.training import wrap_ddp_and_optimizer
+
+    skip_unless_fits(world, 1, 2)
+    init_groups(1, 2)
+    model = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True)
+    params = dict(ddp.module.named_parameters())
+    assert params.keys() == shapes.keys()
+    for name, p in params.items():
+        assert isinstance(p, DTensor) and p.device_mesh.size() == world, name
+        assert tuple(p.shape) == shapes[name] and p.to_local().shape[0] <= -(-p.shape[0] // world), name
