@@ -20,7 +20,7 @@ from megatron_tsp.baselines.context_parallel import ContextParallelAttention, cp
 from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
 from megatron_tsp.zigzag import from_zigzag
 from tests.distributed.parity import fresh_seed
-from tests.utils import gather_full, rel_err, sum_sequence_parallel_grads
+from tests.utils import gather_full, rel_err, singleton_group, sum_sequence_parallel_grads
 
 TOL = 1e-5
 
@@ -89,6 +89,22 @@ def test_cp_loss_and_every_gradient_match_unsharded(world, layout, name):
     ref = _loss_and_grads(shape, seed)
     got = _loss_and_grads(shape, seed, tp, cp, sp)
     _assert_match(got, ref, seed)
+
+
+def test_megatron_rope_slice_is_our_zigzag(world):
+    """Megatron's RotaryEmbedding slices the table for the CP rank (get_pos_emb_on_this_cp_rank):
+    the true positions of the tokens cp_slice hands that rank."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    for cp in (2, 4):
+        if world % cp:
+            continue
+        init_groups(1, cp)
+        group, S = mpu.get_context_parallel_group(), 32
+        rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, cp_group=group)
+        full = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, cp_group=singleton_group())(S)
+        positions = cp_slice(torch.arange(S).unsqueeze(0), group)[0]
+        assert torch.equal(rope(S), full[positions])
 
 
 def test_broken_kv_order_is_caught(world, monkeypatch):
