@@ -46,6 +46,18 @@ def destroy_model_parallel() -> None:
             dist.destroy_process_group(group)
     mpu._global_process_group_list = None
     mpu.destroy_model_parallel()
+    _forget_dtensor_meshes()
+
+
+def _forget_dtensor_meshes() -> None:
+    """DTensor caches sharding decisions by device mesh, and two meshes over the same ranks
+    compare equal whatever their process groups: after the groups are rebuilt, a cached decision
+    would name a destroyed group (FSDP over CP, `baselines.fsdp`, re-initialized in one process)."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache  # Python and C++ caches
+    except ImportError:  # pragma: no cover - other torch versions
+        return
+    _clear_sharding_prop_cache()
 
 
 def get_tsp_group():

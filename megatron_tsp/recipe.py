@@ -61,6 +61,16 @@ class ParallelRecipe:
     baseline_attention: str = "sdpa"
     """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
     local (Megatron's DotProductAttention, which materializes the S x S scores)."""
+    context_size: int = 1
+    """Context-parallel size CP of the baselines dp, tp, tp_sp (CP 4: layout dp; TP2 x CP2: layout
+    tp or tp_sp with size 2): each sequence is cut into 2*CP zigzag chunks, rank r of the CP group
+    holds chunks r and 2CP-1-r, and K/V are all-gathered over the group (torch SDPA,
+    megatron_tsp.baselines.context_parallel). Not with tsp, which already splits the sequence."""
+    fsdp: bool = False
+    """Baselines: weights, gradients and optimizer state ZeRO-3-sharded over the data x context
+    group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"
+    with context_size > 1). Not with tsp, train.distributed_optimizer, pipeline_size > 1 or
+    checkpoints."""
 
 
 @dataclass
@@ -137,9 +147,23 @@ class Recipe:
         for key in ("steps", "micro_batch_size", "global_batch_size"):
             if getattr(t, key) < 1:
                 raise RecipeError(f"train.{key} = {getattr(t, key)} must be >= 1")
-        for key in ("size", "pipeline_size"):
+        for key in ("size", "pipeline_size", "context_size"):
             if getattr(p, key) < 1:
                 raise RecipeError(f"parallel.{key} = {getattr(p, key)} must be >= 1")
+        cp = p.context_size
+        if p.layout == "tsp" and (cp > 1 or p.fsdp):
+            key = "parallel.context_size = %d" % cp if cp > 1 else "parallel.fsdp = true"
+            raise RecipeError(f"{key} cannot be combined with parallel.layout = tsp: TSP already splits the sequence "
+                              "and the weights over its group (context_size and fsdp are for the baselines dp, tp, tp_sp)")
+        if cp > 1 and p.baseline_attention != "sdpa":
+            raise RecipeError(f"parallel.context_size = {cp} runs on torch SDPA: parallel.baseline_attention = "
+                              f"{p.baseline_attention!r} must be sdpa")
+        if p.fsdp:
+            for bad, key in ((t.distributed_optimizer, "train.distributed_optimizer = true (fsdp already shards the optimizer state)"),
+                             (p.pipeline_size > 1, f"parallel.pipeline_size = {p.pipeline_size}"),
+                             (t.save_dir is not None, "train.save_dir (checkpoints of FSDP runs are not supported)")):
+                if bad:
+                    raise RecipeError(f"parallel.fsdp = true cannot be combined with {key}")
         size = self.axis_size
         for what, value in (("model.num_attention_heads", m.num_attention_heads),
                             ("model.num_query_groups", m.num_query_groups or m.num_attention_heads),
@@ -151,7 +175,14 @@ class Recipe:
                 check_seq_length(m.seq_length, size, what="model.seq_length")
             except TSPConfigError as e:
                 raise RecipeError(str(e).replace("--tsp-size", "parallel.size")) from None
-        if p.layout == "tp_sp" and m.seq_length % size:
+        if cp > 1:
+            from .baselines.context_parallel import check_context_parallel
+
+            try:
+                check_context_parallel(m.seq_length, cp, size, sequence_parallel=p.layout == "tp_sp")
+            except TSPConfigError as e:
+                raise RecipeError(str(e)) from None
+        elif p.layout == "tp_sp" and m.seq_length % size:
             raise RecipeError(f"model.seq_length = {m.seq_length} must be divisible by parallel.size = {size} (tp_sp)")
         if m.num_layers % p.pipeline_size:
             raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
@@ -160,11 +191,12 @@ class Recipe:
         if t.resume and not t.save_dir:
             raise RecipeError("train.resume = true needs train.save_dir")
         if world_size is not None:
-            model = size * p.pipeline_size
+            model = size * p.pipeline_size * cp
             if world_size % model:
+                with_cp = f" x parallel.context_size ({cp})" if cp > 1 else ""
                 raise RecipeError(
                     f"world size {world_size} does not fit the layout: parallel.size ({size}) x "
-                    f"parallel.pipeline_size ({p.pipeline_size}) = {model} must divide it "
+                    f"parallel.pipeline_size ({p.pipeline_size}){with_cp} = {model} must divide it "
                     f"(launch with torchrun --nproc-per-node a multiple of {model})"
                 )
             dp = world_size // model

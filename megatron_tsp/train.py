@@ -73,17 +73,21 @@ def build_train_dataset(recipe: Recipe):
     return train
 
 
-def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int, device):
+def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int, device, cp_group=None):
     """This DP rank's micro-batches of global step `step`: samples [step*G, (step+1)*G) split
-    contiguously over DP ranks. Deterministic, so a resumed run sees the same data."""
+    contiguously over DP ranks; under context parallelism, this CP rank's tokens of them
+    (`cp_group`; Megatron's get_batch_on_this_cp_rank). Deterministic, so a resumed run sees
+    the same data."""
+    from .baselines.context_parallel import cp_slice_batch
+
     t = recipe.train
     per_rank = t.global_batch_size // dp_size
     first = step * t.global_batch_size + dp_rank * per_rank
     for mb in range(per_rank // t.micro_batch_size):
         idx = range(first + mb * t.micro_batch_size, first + (mb + 1) * t.micro_batch_size)
         samples = [dataset[i % len(dataset)] for i in idx]
-        yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
-               for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        yield cp_slice_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
+                              for k in ("tokens", "labels", "loss_mask", "position_ids")}, cp_group)
 
 
 # -- model, optimizer, schedule ---------------------------------------------------------------
@@ -100,7 +104,8 @@ def _init_groups(recipe: Recipe):
         tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size)
     else:
         mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
-                                      pipeline_model_parallel_size=p.pipeline_size)
+                                      pipeline_model_parallel_size=p.pipeline_size,
+                                      context_parallel_size=p.context_size)
 
 
 def build(recipe: Recipe):
@@ -121,7 +126,7 @@ def build(recipe: Recipe):
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
-                                            weight_decay=t.weight_decay)
+                                            weight_decay=t.weight_decay, fsdp=p.fsdp)
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
@@ -129,9 +134,20 @@ def build(recipe: Recipe):
 
 
 def _loss_func(loss_mask, per_token_loss):
+    """Mean loss over the micro-batch. Under context parallelism each rank holds some of the
+    tokens: its loss is its sum over the count of the whole CP group, so that Megatron's schedule
+    (which multiplies by the CP size) and DDP (which averages over data x context) give the
+    gradient of the global mean; the reported value is the global mean."""
+    from megatron.core import parallel_state as mpu
+
     loss_mask = loss_mask.float()
-    loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp_min(1)
-    return loss, {"lm loss": loss.detach()}
+    local = torch.stack([(per_token_loss.float() * loss_mask).sum(), loss_mask.sum()])
+    total = local.detach().clone()
+    cp_group = mpu.get_context_parallel_group()
+    if cp_group.size() > 1:
+        dist.all_reduce(total, group=cp_group)
+    loss = local[0] / total[1].clamp_min(1)
+    return loss, {"lm loss": total[0] / total[1].clamp_min(1)}
 
 
 def _forward_step(data_iterator, model):
@@ -198,11 +214,13 @@ def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> None:
     with open(meta_path) as f:
         saved = json.load(f)
     mine = _checkpoint_identity(recipe)
+    defaults = Recipe().to_dict()  # a key added after the checkpoint was written has its default there
     diffs = []
     for section in ("model", "parallel"):
         for key, value in mine[section].items():
-            if saved.get(section, {}).get(key) != value:
-                diffs.append(f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, recipe {value!r}")
+            theirs = saved.get(section, {}).get(key, defaults[section].get(key))
+            if theirs != value:
+                diffs.append(f"{section}.{key}: checkpoint {theirs!r}, recipe {value!r}")
     for key in ("world_size", "distributed_optimizer"):
         if saved.get(key) != mine[key]:
             diffs.append(f"{key}: checkpoint {saved.get(key)!r}, run {mine[key]!r}")
@@ -324,6 +342,7 @@ def summarize(history: List[dict], recipe: Recipe, world: int) -> dict:
     peaks = [h["peak_mem_gb"] for h in history if h.get("peak_mem_gb") is not None]
     return {
         "layout": recipe.parallel.layout, "size": recipe.axis_size, "pipeline_size": recipe.parallel.pipeline_size,
+        "context_size": recipe.parallel.context_size, "fsdp": recipe.parallel.fsdp,
         "world_size": world, "seq_length": recipe.model.seq_length, "steps_run": len(history),
         "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
         "median_step_time_s": median, "tokens_per_s": tokens / median if median else None,
@@ -371,8 +390,11 @@ def run(recipe: Recipe, out=None) -> dict:
         start = load_checkpoint(model, optimizer, recipe)
     dataset = build_train_dataset(recipe)
     progress = Progress(recipe, world, out)
-    progress.print(f"megatron-tsp train: layout {recipe.parallel.layout} size {recipe.axis_size} x pipeline "
-                   f"{recipe.parallel.pipeline_size} x data {mpu.get_data_parallel_world_size()} on {world} "
+    p = recipe.parallel
+    with_cp = f" x context {p.context_size}" if p.context_size > 1 else ""
+    with_fsdp = " (FSDP over data x context)" if p.fsdp else ""
+    progress.print(f"megatron-tsp train: layout {p.layout} size {recipe.axis_size} x pipeline "
+                   f"{p.pipeline_size}{with_cp} x data {mpu.get_data_parallel_world_size()}{with_fsdp} on {world} "
                    f"{'GPUs' if backend == 'nccl' else 'CPU processes'} ({backend}); S={recipe.model.seq_length}, "
                    f"global batch {t.global_batch_size}; steps {start + 1}..{t.steps}"
                    + (f" (resumed from {t.save_dir})" if start else ""))
@@ -383,7 +405,7 @@ def run(recipe: Recipe, out=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device))
+        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, mpu.get_context_parallel_group()))
         loss, grad_norm = train_step(ddp, optimizer, batches, recipe)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -23,7 +23,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
-from .config import TSPOptions, check_seq_length, validate_transformer_config
+from .baselines.context_parallel import check_context_parallel
+from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .model import TSPGPTModel
 from .specs import get_sp_block_spec
 
@@ -79,6 +80,7 @@ def init_distributed() -> str:
 
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
+    kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -110,14 +112,37 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local",
               tsp_options: Optional[TSPOptions] = None, **config_kw):
-    """A GPT model on the current Megatron groups. `layout='tsp'` builds TSPGPTModel on the TP
-    slot, run as `tsp_options` say (recompute, attention kernel); `'native'` Megatron's GPTModel (TP+SP when the TP group has more than one rank,
-    unless `sequence_parallel=False`), with Megatron's DotProductAttention (`core_attention=
-    'local'`) or torch SDPA (`'sdpa'`, the same kernel family TSP uses: for long contexts)."""
+    """A GPT model on the current Megatron groups (`megatron.core.parallel_state`).
+
+    - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
+      initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
+      kernel, compute-only). Takes full sequences.
+    - `layout='native'`: Megatron's GPTModel with the local spec: DP, TP, or TP + sequence
+      parallelism (when the TP group has more than one rank, unless `sequence_parallel=False`).
+      Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
+      (`'sdpa'`, the kernels TSP uses: for long contexts).
+    - Context parallelism: `layout='native'` on groups built with `context_parallel_size=CP`
+      (`mpu.initialize_model_parallel(tensor_model_parallel_size=T, context_parallel_size=CP)`;
+      CP=4 alone, or TP2 x CP2). The core attention is then
+      `baselines.context_parallel.ContextParallelAttention` (K/V all-gathered over the CP group,
+      torch SDPA; `core_attention='sdpa'` or `'cp'`). The model takes this CP rank's tokens:
+      slice tokens, labels, position ids and loss mask with `baselines.context_parallel.cp_slice`.
+      Weights ZeRO-3-sharded over the data x context group: `wrap_ddp_and_optimizer(fsdp=True)`.
+    """
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    D = pgs.tp.size()
+    D, cp = pgs.tp.size(), pgs.cp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
-    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, **config_kw)
+    if layout not in ("tsp", "native"):
+        raise TSPConfigError(f"build_gpt: layout = {layout!r} is not one of tsp, native")
+    if cp > 1:
+        if layout == "tsp":
+            raise TSPConfigError(f"context parallelism (parallel.context_size / context_parallel_size = {cp}) cannot be "
+                                 "combined with TSP (parallel.layout = tsp): TSP already splits the sequence")
+        if core_attention not in ("sdpa", "cp"):
+            raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
+                                 f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
+        check_context_parallel(shape.seq_length, cp, D, sp)
+    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, context_parallel_size=cp, **config_kw)
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
@@ -127,9 +152,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     if layout == "tsp":
         spec, extra = None, {"tsp_options": tsp_options}
     else:
+        from .baselines.context_parallel import ContextParallelAttention
         from .sdpa_attention import SDPACoreAttention
 
-        core = SDPACoreAttention if core_attention == "sdpa" else None
+        core = ContextParallelAttention if cp > 1 else SDPACoreAttention if core_attention in ("sdpa", "cp") else None
         spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core)
     model = cls(
         config,
@@ -190,18 +216,26 @@ def layout_invariant_init(model, seed: int) -> None:
 
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
-                           overlap=False, bucket_size=None):
-    """Megatron DDP + optimizer. `overlap`: overlap the gradient reduce-scatter with backward and
-    (distributed optimizer) the parameter all-gather with the next forward."""
+                           overlap=False, bucket_size=None, fsdp=False):
+    """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
+    `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
+    parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
+    state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
+    plain optimizer over the local shards, so `use_distributed_optimizer` must be False)."""
     config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
-                                      overlap_grad_reduce=overlap,
-                                      overlap_param_gather=overlap and use_distributed_optimizer,
-                                      bucket_size=bucket_size),
-        model,
-    )
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+                                               overlap_grad_reduce=overlap,
+                                               overlap_param_gather=overlap and use_distributed_optimizer,
+                                               bucket_size=bucket_size)
+    if fsdp:
+        if use_distributed_optimizer:
+            raise TSPConfigError("parallel.fsdp = true already shards the optimizer state over data x context: "
+                                 "set train.distributed_optimizer = false")
+        from .baselines.fsdp import FullyShardedOverDataAndContext
+
+        ddp = FullyShardedOverDataAndContext(config, ddp_config, model)
+    else:
+        ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
@@ -237,8 +271,9 @@ def dp_slice(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(ddp_model, optimizer, tokens, labels, position_ids):
-    """One step (pipeline size 1) on this DP rank's micro-batch; returns the global mean loss
-    and the grad norm."""
+    """One step (pipeline size 1) on this DP rank's micro-batch (this CP rank's tokens of it
+    under context parallelism, see `baselines.context_parallel.cp_slice`); returns the global
+    mean loss and the grad norm."""
     check_seq_length(tokens.shape[1], 1)
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -247,5 +282,7 @@ def train_step(ddp_model, optimizer, tokens, labels, position_ids):
     finalize_model_grads([ddp_model])
     _, grad_norm, _ = optimizer.step()
     reported = loss.detach().clone()
-    dist.all_reduce(reported, group=mpu.get_data_parallel_group())
-    return reported.item() / mpu.get_data_parallel_world_size(), grad_norm
+    # Every CP rank holds the same number of tokens: the mean of the local means is the mean.
+    dp_cp = mpu.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(reported, group=dp_cp)
+    return reported.item() / dp_cp.size(), grad_norm

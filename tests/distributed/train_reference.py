@@ -4,19 +4,25 @@ Run as a script it is the single-process reference: `python -m tests.distributed
 import json
 import sys
 
+from megatron.core import parallel_state as mpu
+
+from megatron_tsp.baselines.context_parallel import cp_slice
 from megatron_tsp.training import ModelShape, build_gpt, dp_slice, synthetic_batch, train_step, wrap_ddp_and_optimizer
 
 SHAPE = ModelShape(seq_length=32, num_attention_heads=8, num_query_groups=4)
 GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
 
 
-def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=None):
-    model = build_gpt(SHAPE, layout=layout, seed=SEED)
+def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=None, fsdp=False, core_attention="local",
+              sequence_parallel=None):
+    """`layout` 'tsp' or 'native' (with context parallelism when the groups have a CP size > 1)."""
+    model = build_gpt(SHAPE, layout=layout, seed=SEED, core_attention=core_attention, sequence_parallel=sequence_parallel)
     ddp, opt = wrap_ddp_and_optimizer(model, lr=1e-2, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer,
-                                      overlap=overlap, bucket_size=bucket_size)
+                                      overlap=overlap, bucket_size=bucket_size, fsdp=fsdp)
+    cp_group = mpu.get_context_parallel_group()
     losses, norms = [], []
     for step in range(STEPS):
-        tokens, labels, pos = (dp_slice(t) for t in synthetic_batch(step, GLOBAL_BATCH, SHAPE, seed=SEED))
+        tokens, labels, pos = (cp_slice(dp_slice(t), cp_group) for t in synthetic_batch(step, GLOBAL_BATCH, SHAPE, seed=SEED))
         loss, norm = train_step(ddp, opt, tokens, labels, pos)
         losses.append(loss)
         norms.append(float(norm))

@@ -1,0 +1,217 @@
+"""Context parallelism with an all-gather of K/V, on torch SDPA: the CP baseline without
+Transformer Engine.
+
+Megatron's own context parallelism runs only inside TEDotProductAttention. This module is the
+same algorithm as its `cp_comm_type="all_gather"` (TE's AttnFuncWithCPAndKVAllGather, the
+Llama 3 scheme) with the attention kernel TSP uses, so the CP rows of the benchmark differ from
+TSP in the parallel layout only.
+
+Layout (Megatron's CP load balancing, `megatron_tsp.zigzag`): each sequence of S tokens is cut
+into 2*CP chunks of c = S/(2 CP); CP rank r holds chunks r and 2CP-1-r. The batch is sliced that
+way before the model (`cp_slice_batch`, Megatron's get_batch_on_this_cp_rank), and Megatron's
+RotaryEmbedding slices the RoPE table the same way for `pg_collection.cp`.
+
+Per layer, on CP rank r (query [s, b, np, hn] and key/value [s, b, ng, hn], s = S/CP local
+tokens, heads already split by TP):
+
+    KV  = all_gather over the CP group of [k | v]     (backward: reduce-scatter of dK, dV)
+    KV  = zigzag -> natural order
+    out = each local chunk against its causal prefix [0, start + c) of KV
+          (scaled_dot_product_attention with a lower-right causal mask, as TSP's attention)
+
+Memory: like TE, only the local K/V are kept for backward; the gathered K/V are gathered again
+in backward (a saved-tensor hook swaps every view of them for a recipe) instead of being held
+from forward to backward for every layer. The attention forward is not recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from .. import comm
+from ..config import TSPConfigError
+from ..sdpa_attention import native_gqa_ok
+from ..zigzag import from_zigzag, local_chunk_starts, local_position_index
+
+_CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
+
+
+def check_context_parallel(seq_length: int, cp_size: int, tp_size: int = 1, sequence_parallel: bool = False,
+                           what: str = "model.seq_length", cp_key: str = "parallel.context_size",
+                           tp_key: str = "parallel.size") -> None:
+    """The sequence must cut into 2*CP equal chunks, and (sequence parallel) each CP rank's
+    S/CP tokens into TP equal slices."""
+    if cp_size < 1:
+        raise TSPConfigError(f"{cp_key} = {cp_size} must be >= 1")
+    if cp_size > 1 and seq_length % (2 * cp_size):
+        raise TSPConfigError(f"{what} = {seq_length} must be divisible by 2 x {cp_key} = {2 * cp_size} "
+                             "(context parallelism cuts each sequence into 2*CP equal chunks)")
+    if sequence_parallel and (seq_length // cp_size) % tp_size:
+        raise TSPConfigError(f"{what} / {cp_key} = {seq_length // cp_size} must be divisible by {tp_key} = "
+                             f"{tp_size} (sequence parallelism splits each CP rank's tokens over TP)")
+
+
+def cp_slice(t: Tensor, cp_group, dim: int = 1) -> Tensor:
+    """This CP rank's tokens of a full-sequence tensor (tokens, labels, loss mask, position ids:
+    [b, S] -> [b, S/CP]), in zigzag order: chunks r and 2CP-1-r. Megatron's
+    get_batch_on_this_cp_rank."""
+    if cp_group is None or cp_group.size() == 1:
+        return t
+    S, cp = t.shape[dim], cp_group.size()
+    check_context_parallel(S, cp, what="sequence length of the batch")
+    return t.index_select(dim, local_position_index(S, cp, cp_group.rank(), t.device))
+
+
+def cp_slice_batch(batch: dict, cp_group, dim: int = 1) -> dict:
+    """`cp_slice` of every tensor of a batch dict (None stays None)."""
+    return {k: None if v is None else cp_slice(v, cp_group, dim) for k, v in batch.items()}
+
+
+class _RegatherInBackward:
+    """saved_tensors_hooks that keep the local K/V instead of the gathered ones: every tensor
+    autograd saves that is a view of `kv_natural` is stored as (offset, size, stride) and
+    rebuilt in backward from a second all-gather (done once, on first use)."""
+
+    def __init__(self, kv_local: Tensor, kv_natural: Tensor, group):
+        self.kv_local, self.group = kv_local.detach(), group
+        self.storage_ptr = kv_natural.untyped_storage().data_ptr()
+        self.gathered: Optional[Tensor] = None
+
+    def pack(self, t: Tensor):
+        if t.untyped_storage().data_ptr() == self.storage_ptr:
+            return (self, t.storage_offset(), tuple(t.shape), t.stride())
+        return t
+
+    @staticmethod
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        self, offset, shape, stride = packed
+        if self.gathered is None:
+            kv = comm.all_gather_sequence_raw(self.kv_local, self.group)
+            self.gathered = from_zigzag(kv, self.group.size(), dim=0)
+        return self.gathered.as_strided(shape, stride, offset)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def attend_chunks_to_prefix(q: Tensor, k: Tensor, v: Tensor, chunk_starts, scale: float) -> Tensor:
+    """q [s, b, np, hn] (the two local chunks, s = 2c), k/v [L, b, ng, hn] in natural order ->
+    [s, b, np * hn]: each chunk against its causal prefix [0, start + c), lower-right causal."""
+    s, b, np_, hn = q.shape
+    ng = k.shape[2]
+    c = s // 2
+    outs = []
+    for i, start in enumerate(chunk_starts):
+        q_chunk = q[i * c : (i + 1) * c].permute(1, 2, 0, 3)  # [b, np, c, hn]
+        k_prefix, v_prefix = (t[: start + c].permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, L, hn]
+        gqa = ng != np_
+        if gqa and not native_gqa_ok(q_chunk):
+            k_prefix, v_prefix = (t.repeat_interleave(np_ // ng, dim=1) for t in (k_prefix, v_prefix))
+            gqa = False
+        o = F.scaled_dot_product_attention(q_chunk, k_prefix, v_prefix, attn_mask=causal_lower_right(c, start + c),
+                                           scale=scale, enable_gqa=gqa)
+        outs.append(o.permute(2, 0, 1, 3).reshape(c, b, np_ * hn))
+    return torch.cat(outs, dim=0)
+
+
+class ContextParallelAttention(MegatronModule):
+    """Core attention (Megatron's `SelfAttentionSubmodules.core_attention` contract, as
+    `DotProductAttention` / `SDPACoreAttention`) with context parallelism over
+    `pg_collection.cp`: K/V all-gathered along the sequence, each local zigzag chunk against its
+    causal prefix. Heads are split by TP (`pg_collection.tp`) as in Megatron; composes with
+    sequence parallelism (the layer's linear_qkv all-gathers the CP rank's tokens over TP).
+
+    Causal self-attention only (an explicit attention_mask is ignored, as in Megatron's TE/flash
+    paths); no dropout, packed sequences, attention bias or sliding windows."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
+        if self.cp_group is None:
+            raise TSPConfigError("ContextParallelAttention needs pg_collection.cp (the context-parallel group)")
+        if config.context_parallel_size != self.cp_group.size():
+            raise TSPConfigError(f"TransformerConfig.context_parallel_size = {config.context_parallel_size} but the "
+                                 f"context-parallel group has {self.cp_group.size()} ranks")
+        if cp_comm_type not in (None, "all_gather"):
+            raise TSPConfigError(f"cp_comm_type = {cp_comm_type!r}: ContextParallelAttention implements all_gather only")
+        if attn_mask_type not in _CAUSAL_TYPES:
+            raise TSPConfigError(f"ContextParallelAttention supports causal masks only, got {attn_mask_type}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise TSPConfigError(f"ContextParallelAttention does not support attention dropout ({dropout})")
+        if config.window_size is not None:
+            raise TSPConfigError(f"ContextParallelAttention does not support sliding-window attention ({config.window_size})")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise TSPConfigError(f"ContextParallelAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
+        tp = self.tp_group.size()
+        for what, value in (("num_attention_heads", config.num_attention_heads), ("num_query_groups", config.num_query_groups)):
+            if value % tp:
+                raise TSPConfigError(f"{what} = {value} must be divisible by the tensor-parallel size {tp}")
+        self.layer_number = max(1, layer_number)
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
+        # As DotProductAttention: query-key layer scaling divides and the softmax multiplies back.
+        self.softmax_scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+        self.regather_kv_in_backward = True
+        """Gather K/V again in backward (TE's memory profile) instead of saving the gathered K/V."""
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        """[s, b, np, hn], [s, b, ng, hn] x2 (this CP rank's tokens, zigzag) -> [s, b, np * hn]."""
+        if packed_seq_params is not None:
+            raise TSPConfigError("ContextParallelAttention does not support packed sequences (packed_seq_params)")
+        if attention_bias is not None:
+            raise TSPConfigError("ContextParallelAttention does not support attention_bias")
+        if attn_mask_type is not None and attn_mask_type not in _CAUSAL_TYPES:
+            raise TSPConfigError(f"ContextParallelAttention supports causal masks only, got {attn_mask_type}")
+        s, hn = query.shape[0], query.shape[3]
+        if key.shape[0] != s:
+            raise TSPConfigError(f"ContextParallelAttention is self-attention: {s} queries but {key.shape[0]} keys")
+        group = self.cp_group
+        cp, r = group.size(), group.rank()
+        S = s * cp
+        check_context_parallel(S, cp, what=f"sequence length ({s} local tokens x context-parallel size)",
+                               cp_key="context-parallel size")
+        if s % 2:
+            raise TSPConfigError(f"ContextParallelAttention needs an even number of local tokens, got {s}")
+        kv_local = torch.cat([key, value], dim=-1)  # [s, b, ng, 2hn]: one all-gather for K and V
+        kv_natural = from_zigzag(comm.all_gather_sequence(kv_local, group), cp, dim=0)
+        k, v = kv_natural[..., :hn], kv_natural[..., hn:]
+        starts = local_chunk_starts(S, cp, r)
+        if cp > 1 and self.regather_kv_in_backward and torch.is_grad_enabled():
+            with _RegatherInBackward(kv_local, kv_natural, group).hooks():
+                return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale)
+        return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale)
