@@ -613,7 +613,8 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
     rank's shapes, and returns its model FLOPs rate (forward 4*h_shard*pairs, backward 2x).
 
     'tsp': one TSP shard (a/D query heads, g/D KV groups): the rank's two zigzag chunks against
-    their causal prefixes of the gathered K/V (TSP's own `AttentionShardStep.attend`; a layer
+    their causal prefixes of the gathered K/V (TSP's own `AttentionShard.attend` and
+    `attend_backward`; a layer
     runs it D times). 'sdpa': the TP baselines' causal SDPA over the full sequence with a/D heads
     (one layer's attention on one rank)."""
     import torch
@@ -628,38 +629,39 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     gen = torch.Generator(device=device).manual_seed(rank)
     if kind == "tsp":
-        from .attention import AttentionShardStep
+        from .attention import AttentionShard
 
         c = S // (2 * D)
         starts = local_chunk_starts(S, D, rank)
-        step = AttentionShardStep(config=None, group=None, heads=heads, groups=groups, head_dim=d,
-                                  softmax_scale=1 / math.sqrt(d), chunk_starts=starts, chunk_len=c)
-        q = torch.randn(2 * c, 1, heads, d, device=device, dtype=dtype, generator=gen).requires_grad_()
-        kv = torch.randn(S, 1, groups, 2 * d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        shard = AttentionShard(config=None, group=None, heads=heads, groups=groups, head_dim=d,
+                               softmax_scale=1 / math.sqrt(d), chunk_starts=starts, chunk_len=c,
+                               backend=recipe.parallel.tsp_attention_backend)
+        q = torch.randn(2 * c, 1, heads, d, device=device, dtype=dtype, generator=gen)
+        kv = torch.randn(S, 1, groups, 2 * d, device=device, dtype=dtype, generator=gen)
+        do = torch.randn(2 * c, 1, heads * d, device=device, dtype=dtype, generator=gen)
         pairs = sum(causal_area(c, s) for s in starts)
 
-        def fn():
-            return step.attend(q, kv)
+        def step():  # the kernels' forward and their explicit backward, as TSPAttentionFunction runs them
+            o, lses = shard.attend(q, kv)
+            shard.attend_backward(do, q, kv, o, lses)
     elif kind == "sdpa":
         import torch.nn.functional as F
 
         q = torch.randn(S, 1, heads, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         k = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         v = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+        grad = torch.randn(1, heads, S, d, device=device, dtype=dtype, generator=gen)
         pairs = causal_area(S, 0)
 
-        def fn():  # as SDPACoreAttention: [s, b, n, d] permuted to [b, n, s, d] views
-            return F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
-                                                  scale=1 / math.sqrt(d), enable_gqa=heads != groups)
+        def step():  # as SDPACoreAttention: [s, b, n, d] permuted to [b, n, s, d] views
+            F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
+                                           scale=1 / math.sqrt(d), enable_gqa=heads != groups).backward(grad)
     else:
         return None
-    out = fn()
-    grad = torch.randn_like(out)
-    del out
     times = []
     for i in range(reps + 1):
         with _Timer(device) as t:
-            fn().backward(grad)
+            step()
         if i:
             times.append(t.seconds)
     flops = 3 * 4 * heads * d * pairs
