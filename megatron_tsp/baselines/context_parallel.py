@@ -17,7 +17,7 @@ tokens, heads already split by TP):
     KV  = all_gather over the CP group of [k | v]     (backward: reduce-scatter of dK, dV)
     KV  = zigzag -> natural order
     out = each local chunk against its causal prefix [0, start + c) of KV
-          (scaled_dot_product_attention with a lower-right causal mask, as TSP's attention)
+          (TSP's chunk-attention kernels, megatron_tsp.kernels: cuDNN split on GPUs)
 
 Memory: like TE, only the local K/V are kept for backward; the gathered K/V are gathered again
 in backward (a saved-tensor hook swaps every view of them for a recipe) instead of being held
@@ -29,9 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -41,7 +39,7 @@ from megatron.core.utils import divide
 
 from .. import comm
 from ..config import TSPConfigError
-from ..sdpa_attention import native_gqa_ok
+from ..kernels import chunk_backward, chunk_forward, resolve_backend
 from ..zigzag import from_zigzag, local_chunk_starts, local_position_index
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
@@ -107,22 +105,36 @@ class _RegatherInBackward:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def attend_chunks_to_prefix(q: Tensor, k: Tensor, v: Tensor, chunk_starts, scale: float) -> Tensor:
+class _ChunkAttention(torch.autograd.Function):
+    """One chunk against its causal prefix with TSP's kernels (`megatron_tsp.kernels`: cuDNN
+    split on GPUs, math on CPU), so the CP baseline runs the same attention kernels as TSP."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, backend: str):
+        o, lse = chunk_forward(q, k, v, scale, backend)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.backend = scale, backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = chunk_backward(do, q, k, v, o, lse, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None
+
+
+def attend_chunks_to_prefix(q: Tensor, k: Tensor, v: Tensor, chunk_starts, scale: float,
+                            backend: str = "auto") -> Tensor:
     """q [s, b, np, hn] (the two local chunks, s = 2c), k/v [L, b, ng, hn] in natural order ->
     [s, b, np * hn]: each chunk against its causal prefix [0, start + c), lower-right causal."""
     s, b, np_, hn = q.shape
-    ng = k.shape[2]
     c = s // 2
+    backend = resolve_backend(backend, q)
     outs = []
     for i, start in enumerate(chunk_starts):
         q_chunk = q[i * c : (i + 1) * c].permute(1, 2, 0, 3)  # [b, np, c, hn]
         k_prefix, v_prefix = (t[: start + c].permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, L, hn]
-        gqa = ng != np_
-        if gqa and not native_gqa_ok(q_chunk):
-            k_prefix, v_prefix = (t.repeat_interleave(np_ // ng, dim=1) for t in (k_prefix, v_prefix))
-            gqa = False
-        o = F.scaled_dot_product_attention(q_chunk, k_prefix, v_prefix, attn_mask=causal_lower_right(c, start + c),
-                                           scale=scale, enable_gqa=gqa)
+        o = _ChunkAttention.apply(q_chunk, k_prefix, v_prefix, scale, backend)
         outs.append(o.permute(2, 0, 1, 3).reshape(c, b, np_ * hn))
     return torch.cat(outs, dim=0)
 
