@@ -258,6 +258,9 @@ def estimate_seconds(rows: List[dict], model: str, warmup: int, steps: int) -> f
 # -- the orchestrator --------------------------------------------------------------------------
 
 def _git_commit() -> str:
+    """BENCH_COMMIT when set (the GPU machine's copy of the tree may carry a stale .git), else git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -267,7 +270,7 @@ def _git_commit() -> str:
             return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("BENCH_COMMIT", "unknown")
+    return "unknown"
 
 
 def _read_records(path: str) -> List[dict]:

@@ -11,5 +11,5 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$OUT/device.txt" 2>&1
-export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # pass it in: the GPU copy of .git may be stale
 python3 -m megatron_tsp.cli bench --gpus 4 --tag h200x4 --out "$OUT" --budget "${BENCH_BUDGET:-420}" "$@"
