@@ -7,6 +7,7 @@
 # (megatron-core 0.16.1 and pydantic wheels for Python 3.12; scripts/gpu_env.sh installs them).
 # Usage: bash scripts/gpu_megatron_lm.sh        env: RUNS (tsp,tp_sp,patched) ITERS (30)
 #        LAYERS (8) SEQ (16384) RECIPE (configs/megatron_lm/7b_16k.yaml) RUN_TIMEOUT (420 s a run)
+#        EXTRA_ARGS (more Megatron flags, e.g. "--lr 2e-5 --min-lr 2e-5")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_megatron_lm}; mkdir -p "$OUT"
@@ -28,7 +29,7 @@ if [[ ",$RUNS," == *,patched,* ]]; then
 fi
 python3 scripts/compare_tsp_vs_tpsp.py --megatron-lm "$MLM" --recipe "$RECIPE" --size 4 --iters "$ITERS" \
   --runs "$RUNS" "${patched_args[@]}" --out "$OUT" --timeout "${RUN_TIMEOUT:-420}" \
-  -- --num-layers "$LAYERS" --seq-length "$SEQ" --max-position-embeddings "$SEQ" --log-memory-interval "$ITERS"
+  -- --num-layers "$LAYERS" --seq-length "$SEQ" --max-position-embeddings "$SEQ" --log-memory-interval "$ITERS" ${EXTRA_ARGS:-}
 rc=$?
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "Error|error:|iteration +$ITERS/" "$f" | tail -3; done
 exit $rc
