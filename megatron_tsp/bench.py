@@ -792,7 +792,8 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
         times, losses = [], []
         n_steps = spec["warmup"] + spec["steps"]
         for step in range(n_steps):
-            batches = list(driver.micro_batches(dataset, step, recipe, dp_rank, dp_size, device))
+            batches = list(driver.micro_batches(dataset, step, recipe, dp_rank, dp_size, device,
+                                                 mpu.get_context_parallel_group()))
             if step == 1 and _fake(FAKE_OOM_ENV, row["layout"], row["seq"], rank):
                 raise torch.OutOfMemoryError(f"simulated out of memory ({FAKE_OOM_ENV})")
             if step == 1 and _fake(FAKE_HANG_ENV, row["layout"], row["seq"], rank):

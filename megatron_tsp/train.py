@@ -80,6 +80,9 @@ def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int
     the same data."""
     from .baselines.context_parallel import cp_slice_batch
 
+    if recipe.parallel.context_size > 1 and (cp_group is None or cp_group.size() != recipe.parallel.context_size):
+        raise RecipeError(f"parallel.context_size = {recipe.parallel.context_size}: micro_batches needs the "
+                          "context-parallel group (cp_group) to hand each CP rank its tokens")
     t = recipe.train
     per_rank = t.global_batch_size // dp_size
     first = step * t.global_batch_size + dp_rank * per_rank
