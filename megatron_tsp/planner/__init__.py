@@ -21,9 +21,13 @@ __all__ = ["Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "
            "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "GIB"]
 
-ATTENTION_FAMILY = {  # which SDPA kernel shape each layout runs
-    "tsp": "rect_lower_right",  # each local chunk against its causal prefix
-    "cp": "rect_lower_right", "tp_cp": "rect_lower_right", "fsdp_cp": "rect_lower_right",
+ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
+    # TSP and the CP baselines: each local chunk against its causal prefix through
+    # megatron_tsp.kernels' cuDNN split (an unmasked prefix + a square causal block): cuDNN's
+    # square-causal rate (555-590 TFLOP/s measured for the split from 64K,
+    # benchmarks/results/attention_kernels_h200.md; flash's lower-right kernel,
+    # `rect_lower_right`, ran at ~245 and is no longer used)
+    "tsp": "square_causal", "cp": "square_causal", "tp_cp": "square_causal", "fsdp_cp": "square_causal",
     "tp": "square_causal", "tp_sp": "square_causal",  # the whole sequence, square causal
 }
 

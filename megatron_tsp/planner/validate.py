@@ -30,7 +30,11 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MEMORY_BOUND, TIME_BOUND = 0.10, 0.25
 
 # Why a row is outside the bounds, when it is known: (kind, seq_len) -> text.
-KNOWN_REASONS: Dict[Tuple[str, int], str] = {}
+KNOWN_REASONS: Dict[Tuple[str, int], str] = {
+    ("tsp", 65536): "Measured at commit 3c0c8d4 (train_7b_h200x4.json), before the cuDNN split kernel: its chunk "
+                    "attention ran flash's lower-right kernel at ~245 TFLOP/s (measure_hardware's rect_lower_right), "
+                    "not the cuDNN rate the planner now assumes; at the flash rate it predicted 8.26 s (+11%).",
+}
 
 # The paper's 8 x MI300X table (DESIGN.md section 1), peak GB per GPU.
 PAPER = {
@@ -91,6 +95,36 @@ def _layout(row: dict) -> Layout:
     raise PlanError(f"layout {row.get('layout')!r} is not understood")
 
 
+_BENCH_LAYOUTS = {"tsp": "tsp4", "tp": "tp4", "tp_sp": "tp_sp4", "cp4": "cp4", "tp2_cp2": "tp2xcp2",
+                  "fsdp_cp4": "fsdp_cp4"}
+
+
+def _bench_rows(data: dict) -> List[dict]:
+    """`megatron-tsp bench` JSON -> this module's row format (model, layout, train per row)."""
+    meta = data["meta"]
+    mc = meta["model_config"]
+    out = []
+    for row in data.get("rows", []):
+        r = {"bench_id": row.get("id")}
+        layout = _BENCH_LAYOUTS.get(row.get("layout"))
+        if layout is None:
+            r["unsupported"] = f"bench layout {row.get('layout')!r} (e.g. compute-only) is not a planner layout"
+        elif row.get("status") not in ("ok", "oom"):
+            r["unsupported"] = f"bench row {row.get('status')}: {row.get('note', '')}"[:160]
+        gqa = row.get("variant") == "gqa"
+        r.update(layout=layout or row.get("layout"), seq_len=row.get("seq"),
+                 model={"layers": row.get("layers") or meta.get("layers"), "hidden": mc["hidden_size"],
+                        "heads": mc["num_attention_heads"],
+                        "kv_groups": mc["gqa_groups"] if gqa else mc["num_attention_heads"],
+                        "ffn": mc["ffn_hidden_size"], "vocab": mc["vocab_size"], "dtype": mc["dtype"]},
+                 train={"micro_batch_size": 1, "global_batch_size": 1, "distributed_optimizer": True,
+                        "recompute": "none"},
+                 world_size=row.get("world") or meta.get("gpus"), oom=row.get("status") == "oom",
+                 peak_allocated_gb=row.get("peak_alloc_gb"), step_time_s=row.get("median_step_s"))
+        out.append(r)
+    return out
+
+
 def load_file(path: str) -> List[Measurement]:
     rel = os.path.relpath(path, ROOT)
     try:
@@ -98,6 +132,8 @@ def load_file(path: str) -> List[Measurement]:
             data = json.load(f)
     except (OSError, ValueError) as e:
         return [Measurement(source=rel, problem=f"not readable as JSON: {e}")]
+    if isinstance(data, dict) and isinstance(data.get("meta"), dict) and "model_config" in data["meta"]:
+        data = {"rows": _bench_rows(data)}
     top = data if isinstance(data, dict) else {}
     rows = data if isinstance(data, list) else (data.get("rows") or data.get("results") or [])
     if not isinstance(rows, list) or not rows:
@@ -105,10 +141,13 @@ def load_file(path: str) -> List[Measurement]:
     scale = 1e9 / GIB if str(top.get("memory_unit", "GiB")) == "GB" else 1.0
     out = []
     for i, row in enumerate(rows):
-        m = Measurement(source=f"{rel}#{i}", hardware=row.get("hardware") or top.get("hardware") or "h200x4", raw=row)
+        tag = row.get("bench_id") if isinstance(row, dict) and row.get("bench_id") else i
+        m = Measurement(source=f"{rel}#{tag}", hardware=row.get("hardware") or top.get("hardware") or "h200x4", raw=row)
         try:
             if not isinstance(row, dict):
                 raise PlanError("a row must be an object")
+            if row.get("unsupported"):
+                raise PlanError(row["unsupported"])
             spec = row.get("model") or ({"recipe": row["recipe"]} if "recipe" in row else None) or top.get("model") \
                 or ({"recipe": top["recipe"]} if "recipe" in top else None)
             if not spec:
