@@ -87,6 +87,11 @@ LAYOUTS: Dict[str, Layout] = {
                   "context parallelism, K/V all-gathered, weights replicated"),
     "tp2_cp2": Layout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
                       "TP x CP mesh (the paper's TP+SP)"),
+    # The paper's single-node factorizations on 8 GPUs (issue 6): explicit TP x CP meshes.
+    "tp2_cp4": Layout("TP=2+SP x CP=4", ("parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=4"),
+                      "TP x CP mesh, 8 GPUs"),
+    "tp4_cp2": Layout("TP=4+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size=4", "parallel.context_size=2"),
+                      "TP x CP mesh, 8 GPUs"),
     "fsdp_cp4": Layout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
                                                    "parallel.fsdp=true", "train.distributed_optimizer=false"),
                        "weights, gradients and optimizer state sharded over the context-parallel group (torch FSDP2; "
