@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from .config import (RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes, check_seq_length,
+from .config import (MLP_EXCHANGES, RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes, check_seq_length,
                      check_tsp_size)
 from .kernels import BACKENDS
 
@@ -60,12 +60,18 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
                  "sp_norm with torch scaled_dot_product_attention as core attention (the kernel "
                  "family TSP uses, no S x S scores). Ignored with --tsp-size > 1.",
         )
+    group.add_argument(
+        "--tsp-mlp-exchange", choices=MLP_EXCHANGES, default="ring",
+        help="How the MLP's weight shards move: ring (send/recv to the next rank, gradients travel "
+             "with the shard) or broadcast (from the owner, as attention; gradients reduced onto it).",
+    )
     return parser
 
 
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
     return TSPOptions(recompute=getattr(args, "tsp_recompute", "none"),
-                      attention_backend=getattr(args, "tsp_attention_backend", "auto"))
+                      attention_backend=getattr(args, "tsp_attention_backend", "auto"),
+                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "ring"))
 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -160,7 +160,7 @@ def broadcast_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
         yield j, buf
 
 
-class _Reductions:
+class Reductions:
     """Weight-gradient reductions onto their owners, at most `depth` in flight (each holds a
     shard-sized buffer until it completes)."""
 
@@ -212,7 +212,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         h = x.shape[-1]
         x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
         dx = torch.zeros_like(x2d)
-        reductions, owned_grad = _Reductions(group), None
+        reductions, owned_grad = Reductions(group), None
         gathers = {}  # j -> (zigzag K,V, request): shard j+1's gather posted while j computes
 
         def post_gather(j):

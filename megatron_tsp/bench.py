@@ -99,6 +99,8 @@ LAYOUTS: Dict[str, Layout] = {
     "tsp_compute_only": Layout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
                                                            "parallel.tsp_compute_only=true"),
                                "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
+    "tsp_mlp_broadcast": Layout("TSP D={n}, MLP by broadcast", ("parallel.layout=tsp", "parallel.size={n}",
+                                                                "parallel.tsp_mlp_exchange=broadcast")),
     "tsp_recompute_full": Layout("TSP D={n}, recompute full", ("parallel.layout=tsp", "parallel.size={n}",
                                                                "parallel.tsp_recompute=full")),
     "tsp_recompute_none": Layout("TSP D={n}, no recompute", ("parallel.layout=tsp", "parallel.size={n}",

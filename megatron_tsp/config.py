@@ -129,6 +129,7 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 
 
 RECOMPUTE_MODES = ("none", "full")
+MLP_EXCHANGES = ("ring", "broadcast")
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,17 @@ class TSPOptions:
       Megatron does without recompute; `full` saves only the block input and recomputes each
       shard's forward in backward (least memory, one more forward of GEMMs and attention).
     attention_backend: the chunk-attention kernel (megatron_tsp.kernels.BACKENDS).
+    mlp_exchange: how MLP weight shards reach the tokens: `ring` (send/recv to the next rank,
+      gradients travel with the shard) or `broadcast` (from the owner, as attention does;
+      gradients reduced onto the owner). The same math; the bandwidths differ (send/recv
+      131 GB/s vs broadcast 290 GB/s measured on 4 x H200, configs/hardware/h200x4.yaml).
     compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
       the numbers are wrong) to time the same kernels without communication.
     """
 
     recompute: str = "none"
     attention_backend: str = "auto"
+    mlp_exchange: str = "ring"
     compute_only: bool = False
 
     def __post_init__(self):
@@ -153,6 +159,10 @@ class TSPOptions:
 
         if self.recompute not in RECOMPUTE_MODES:
             raise TSPConfigError(f"--tsp-recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
+        if self.mlp_exchange not in MLP_EXCHANGES:
+            raise TSPConfigError(
+                f"--tsp-mlp-exchange must be one of {', '.join(MLP_EXCHANGES)}, got {self.mlp_exchange!r}"
+            )
         if self.attention_backend not in BACKENDS:
             raise TSPConfigError(
                 f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"

@@ -13,6 +13,9 @@ Backward runs the ring again. The gradient of shard j travels with it: every ran
 partial, and after D hops the sum arrives at the owner. Saves x_p, the owned shard and, unless
 recompute='full', each shard's fc1 output (what Megatron's MLP saves, over the local tokens);
 with 'full', each shard's fc1 runs again in backward.
+
+`TSPOptions(mlp_exchange='broadcast')` runs the same math with attention's exchange instead:
+shard j broadcast from its owner, its gradient reduced onto the owner (`TSPBroadcastMLPFunction`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 
 from . import comm
-from .attention import run_holder_pre_hooks
+from .attention import Reductions, broadcast_shards, run_holder_pre_hooks
 from .config import TSPConfigError, TSPOptions, validate_transformer_config
 
 
@@ -70,6 +73,49 @@ def shard_backward(g2d, x2d, h1, w_fc1, w_fc2, activation, grad_views, dx):
     if gb1 is not None:
         torch.sum(dh1, dim=0, out=gb1)
     dx.addmm_(dh1, w_fc1)
+
+
+class TSPBroadcastMLPFunction(torch.autograd.Function):
+    """The MLP with attention's exchange: shard j is broadcast from its owner (shard j+1's
+    broadcast in flight while j computes) and its gradient reduced onto the owner."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
+        packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
+        out, saved = None, []
+        for _, shard in broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
+            w1, b1, w2 = packer.unpack(shard)
+            h1 = fc1(x, w1, b1)
+            y = F.linear(activation(h1), w2)
+            out = y if out is None else out.add_(y)
+            if recompute == "none":
+                saved.append(h1)
+            del y, h1, w1, b1, w2, shard
+        ctx.activation, ctx.group, ctx.packer = activation, group, packer
+        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_fc1, b_fc1, w_fc2, *saved = ctx.saved_tensors
+        activation, group, packer = ctx.activation, ctx.group, ctx.packer
+        h = x.shape[-1]
+        x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
+        dx = torch.zeros_like(x2d)
+        reductions, owned_grad = Reductions(group), None
+        for j, shard in broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
+            w1, b1, w2 = packer.unpack(shard)
+            h1 = saved[j] if saved else fc1(x, w1, b1)
+            grad_buf = packer.empty()
+            shard_backward(g2d, x2d, h1, w1, w2, activation, packer.unpack(grad_buf), dx)
+            del h1, w1, b1, w2, shard
+            reductions.post(grad_buf, j)
+            if j == group.rank():
+                owned_grad = grad_buf
+            del grad_buf
+        reductions.wait()
+        dw_fc1, db_fc1, dw_fc2 = packer.unpack(owned_grad)
+        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
 
 
 class TSPRingMLPFunction(torch.autograd.Function):
@@ -160,7 +206,8 @@ class TSPRingMLP(MLP):
         if per_token_scale is not None:
             raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP ring MLP")
         run_holder_pre_hooks(self.linear_fc1, self.linear_fc2)
-        out = TSPRingMLPFunction.apply(
+        function = TSPBroadcastMLPFunction if self.tsp_options.mlp_exchange == "broadcast" else TSPRingMLPFunction
+        out = function.apply(
             hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
             self.activation, self.tsp_group, self.tsp_options.recompute,
         )

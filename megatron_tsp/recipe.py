@@ -56,6 +56,9 @@ class ParallelRecipe:
     tsp_attention_backend: str = "auto"
     """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
     math, math_split."""
+    tsp_mlp_exchange: str = "ring"
+    """How TSP's MLP weight shards move: ring (send/recv to the next rank) or broadcast (from the
+    owner, as attention; gradients reduced onto the owner)."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     baseline_attention: str = "sdpa"
@@ -137,7 +140,8 @@ class Recipe:
             self.tsp_options()
         except TSPConfigError as e:
             raise RecipeError(str(e).replace("--tsp-recompute", "parallel.tsp_recompute")
-                              .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")) from None
+                              .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")
+                              .replace("--tsp-mlp-exchange", "parallel.tsp_mlp_exchange")) from None
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in ("LayerNorm", "RMSNorm"):
@@ -210,7 +214,7 @@ class Recipe:
     def tsp_options(self) -> TSPOptions:
         p = self.parallel
         return TSPOptions(recompute=p.tsp_recompute, attention_backend=p.tsp_attention_backend,
-                          compute_only=p.tsp_compute_only)
+                          mlp_exchange=p.tsp_mlp_exchange, compute_only=p.tsp_compute_only)
 
     @property
     def axis_size(self) -> int:

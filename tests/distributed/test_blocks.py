@@ -55,7 +55,9 @@ def test_attention_parity_split_kernel(world, D, options):
 @pytest.mark.parametrize("D", [1, 2, 4])
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("options", RECOMPUTE, ids=["save", "recompute"])
+@pytest.mark.parametrize("options", RECOMPUTE + [TSPOptions(mlp_exchange="broadcast"),
+                                                 TSPOptions(mlp_exchange="broadcast", recompute="full")],
+                         ids=["save", "recompute", "broadcast-save", "broadcast-recompute"])
 def test_ring_mlp_parity(world, D, gated, bias, options):
     skip_unless_divides(world, D)
     errors, seed = block_parity("mlp", D, gated=gated, bias=bias, options=options)
