@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
+from measure_hardware import timed  # this folder's timing helper (median of CUDA-event timings)
 
+from megatron_tsp.bench import measure_peak
 from megatron_tsp.kernels import chunk_backward, chunk_forward
 
 
@@ -54,33 +55,10 @@ def time_rank(backend, S, D, r, hq, hk, d=128, repeats=5):
             o, lse = chunk_forward(q, k[:, :, : s + c], v[:, :, : s + c], scale, backend)
             chunk_backward(do, q, k[:, :, : s + c], v[:, :, : s + c], o, lse, scale, backend)
 
-    run()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    t = timed(run, warmup=1, iters=repeats)
     flops = sum(3.5 * 4 * hq * d * c * (s + (c + 1) / 2) for s in starts)
-    t = statistics.median(times)
     return {"backend": backend, "S": S, "rank": r, "heads": hq, "kv_heads": hk, "seconds": t,
             "tflops": flops / t / 1e12}
-
-
-def matmul_peak(n=8192, repeats=10):
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(repeats):
-        a @ b
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (s.elapsed_time(e) / 1e3) / 1e12
 
 
 def main(argv=None):
@@ -89,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--seq", default="16384,65536,131072")
     args = ap.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "matmul_bf16_tflops": matmul_peak(), "checks": [], "timings": []}
+              "matmul_bf16_tflops": measure_peak(torch.device("cuda"))[0] / 1e12, "checks": [], "timings": []}
     for backend in ("flash", "cudnn"):
         for hq, hk in ((8, 8), (8, 2)):
             for c, L in ((256, 256), (256, 1280), (512, 3584)):

@@ -75,6 +75,35 @@ def shard_backward(g2d, x2d, h1, w_fc1, w_fc2, activation, grad_views, dx):
     dx.addmm_(dh1, w_fc1)
 
 
+def ring_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
+    """Yields (t, the shard held at ring step t) for t = 0..D-1, starting with the owned one; the
+    next hop (send to p+1, receive from p-1) is in flight while step t computes."""
+    D, shard = group.size(), owned
+    for t in range(D):
+        if t + 1 < D:
+            incoming = packer.empty()
+            requests = comm.ring_shift(shard, incoming, group)
+        yield t, shard
+        if t + 1 < D:
+            comm.wait_all(requests)
+            shard = incoming
+
+
+def forward_over_shards(shards, packer, x, activation, recompute: str):
+    """out = sum over the shards of fc2_j(act(fc1_j(x))); with recompute='none' also each
+    shard's fc1 output, in shard order, for the backward."""
+    out, saved = None, []
+    for _, shard in shards:
+        w1, b1, w2 = packer.unpack(shard)
+        h1 = fc1(x, w1, b1)
+        y = F.linear(activation(h1), w2)
+        out = y if out is None else out.add_(y)
+        if recompute == "none":
+            saved.append(h1)
+        del y, h1, w1, b1, w2, shard
+    return out, saved
+
+
 class TSPBroadcastMLPFunction(torch.autograd.Function):
     """The MLP with attention's exchange: shard j is broadcast from its owner (shard j+1's
     broadcast in flight while j computes) and its gradient reduced onto the owner."""
@@ -82,15 +111,8 @@ class TSPBroadcastMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
         packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
-        out, saved = None, []
-        for _, shard in broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
-            w1, b1, w2 = packer.unpack(shard)
-            h1 = fc1(x, w1, b1)
-            y = F.linear(activation(h1), w2)
-            out = y if out is None else out.add_(y)
-            if recompute == "none":
-                saved.append(h1)
-            del y, h1, w1, b1, w2, shard
+        shards = broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
+        out, saved = forward_over_shards(shards, packer, x, activation, recompute)
         ctx.activation, ctx.group, ctx.packer = activation, group, packer
         ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
         return out
@@ -122,23 +144,9 @@ class TSPRingMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
         packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
-        D = group.size()
-        shard, out, saved = packer.pack([w_fc1, b_fc1, w_fc2]), None, []
-        for t in range(D):
-            if t + 1 < D:
-                incoming = packer.empty()
-                requests = comm.ring_shift(shard, incoming, group)
-            w1, b1, w2 = packer.unpack(shard)
-            h1 = fc1(x, w1, b1)
-            y = F.linear(activation(h1), w2)
-            out = y if out is None else out.add_(y)
-            if recompute == "none":
-                saved.append(h1)
-            del y, h1, w1, b1, w2
-            if t + 1 < D:
-                comm.wait_all(requests)
-                shard = incoming
-        ctx.activation, ctx.group, ctx.packer, ctx.recompute = activation, group, packer, recompute
+        shards = ring_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
+        out, saved = forward_over_shards(shards, packer, x, activation, recompute)
+        ctx.activation, ctx.group, ctx.packer = activation, group, packer
         ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
         return out
 
@@ -149,18 +157,14 @@ class TSPRingMLPFunction(torch.autograd.Function):
         D = group.size()
         h = x.shape[-1]
         x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
-        shard = packer.pack([w_fc1, b_fc1, w_fc2])
         dx = torch.zeros_like(x2d)
         grad_in, grad_requests = None, None  # the accumulated gradient arriving from p-1
-        for t in range(D):
-            if t + 1 < D:
-                incoming = packer.empty()
-                weight_requests = comm.ring_shift(shard, incoming, group)
+        for t, shard in ring_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
             w1, b1, w2 = packer.unpack(shard)
             h1 = saved[t] if saved else fc1(x, w1, b1)
             grad_acc = packer.empty()
             shard_backward(g2d, x2d, h1, w1, w2, activation, packer.unpack(grad_acc), dx)
-            del h1, w1, b1, w2
+            del h1, w1, b1, w2, shard
             if t > 0:  # add the partials of the ranks this shard visited before
                 comm.wait_all(grad_requests)
                 grad_acc.add_(grad_in)
@@ -169,9 +173,6 @@ class TSPRingMLPFunction(torch.autograd.Function):
                 grad_requests = comm.ring_shift(grad_acc, grad_in, group)
             else:
                 grad_in = grad_acc
-            if t + 1 < D:
-                comm.wait_all(weight_requests)
-                shard = incoming
         comm.wait_all(grad_requests)
         dw_fc1, db_fc1, dw_fc2 = packer.unpack(grad_in)
         return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
