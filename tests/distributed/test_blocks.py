@@ -78,16 +78,18 @@ def test_broken_zigzag_inverse_is_caught(world, monkeypatch):
     assert errors["output"] > 1e-3 and errors["linear_qkv.weight"] > 1e-3
 
 
-def test_dropped_weight_gradient_reduction_is_caught(world, monkeypatch):
+@pytest.mark.parametrize("kind,weights", [("attention", ("linear_qkv.weight", "linear_proj.weight")),
+                                          ("mlp", ("linear_fc1.weight", "linear_fc2.weight"))])
+def test_dropped_weight_gradient_reduction_is_caught(world, monkeypatch, kind, weights):
     D = world
     if D < 2:
         pytest.skip("needs D >= 2")
     from megatron_tsp import comm
 
     monkeypatch.setattr(comm, "reduce_to", lambda buf, dst, group, async_op=False: None)
-    errors, _ = block_parity("attention", D)
+    errors, _ = block_parity(kind, D, options=TSPOptions(mlp_exchange="broadcast"))
     assert errors["output"] <= TOL  # the forward is untouched ...
-    assert errors["linear_qkv.weight"] > 1e-3 and errors["linear_proj.weight"] > 1e-3  # ... the grads are not
+    assert all(errors[w] > 1e-3 for w in weights)  # ... the grads are not
 
 
 def test_dropped_ring_gradient_hop_is_caught(world, monkeypatch):
