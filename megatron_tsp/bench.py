@@ -336,7 +336,7 @@ def _launch(rows: List[dict], args, paths: dict, deadline: Optional[float]) -> d
     for name in os.listdir(state):
         os.remove(os.path.join(state, name))
     spec = {"rows": rows, "jsonl": paths["jsonl"], "state": state, "warmup": args.warmup, "steps": args.steps,
-            "probe": not args.no_probe, "probe_steps": 3}
+            "probe": not args.no_probe, "probe_steps": 3, "profile": args.profile}
     spec_path = os.path.join(state, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -810,6 +810,19 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             if step >= spec["warmup"]:
                 times.append(t.seconds)
                 losses.append(loss)
+        if spec.get("profile"):  # one extra step, after the timed ones and outside their statistics
+            from .profiling import StepProfile
+
+            batches = list(driver.micro_batches(dataset, n_steps, recipe, dp_rank, dp_size, device,
+                                                 mpu.get_context_parallel_group()))
+            with StepProfile() as prof, _Timer(device) as t:
+                driver.train_step(ddp, optimizer, batches, recipe)
+            if rank == 0:
+                name = row["id"].replace("/", "_")
+                with open(os.path.join(os.path.dirname(jsonl), f"profile_{name}.md"), "w") as f:
+                    f.write(prof.summary(t.seconds, title=f"{row['label']} {row['variant']} S={row['seq']}, "
+                                                         f"{row['layers']} layers, rank 0"))
+            del prof
         stats = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0,
                               torch.cuda.max_memory_reserved() if cuda else 0, base_alloc], dtype=torch.float64,
                              device=device)
@@ -1214,6 +1227,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results; with --from-jsonl: the file's folder)")
     p.add_argument("--tag", default=None, help="output name bench_<tag>.* (default: model and GPU count)")
     p.add_argument("--no-probe", action="store_true", help="skip the attention-kernel micro-measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row's timed steps, profile one more step and write profile_<row>.md beside the "
+                        "results (GPU time per kernel category and stream, top kernels and operators, rank 0)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in bench_<tag>.jsonl and run the rest")
     p.add_argument("--dry-run", action="store_true", help="print the plan, unavailable layouts and the time estimate")
     p.add_argument("--from-jsonl", metavar="FILE", help="only rebuild .json/.md/.png from a bench_<tag>.jsonl")

@@ -69,7 +69,7 @@ def test_bench_cpu(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = bench.main(["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "t", "--seq", "64,128,256",
                      "--layouts", "bogus,tsp,tp_sp", "--variants", "mha", "--warmup", "1", "--steps", "2",
-                     "--timeout", "15"])
+                     "--timeout", "15", "--profile"])
     assert rc == 0
     with open(out / "bench_t.json") as f:
         report = json.load(f)
@@ -87,6 +87,8 @@ def test_bench_cpu(tmp_path, monkeypatch):
         assert r["loss_last"] == r["loss_last"]  # not NaN
         assert r["recipe_parallel"]["layout"] == lay and r["recipe_parallel"]["size"] == 2
         assert r["attention_probe"]["kind"] == ("tsp" if lay == "tsp" else "sdpa") and r["attention_probe"]["seconds"] > 0
+        prof = (out / f"profile_{lay}_mha_64.md").read_text()  # --profile: one extra, untimed step
+        assert "step wall time" in prof and ("TSPAttentionFunction" in prof) == (lay == "tsp"), prof[:2000]
     for s in (64, 128, 256):
         assert rows[f"bogus/mha/{s}"]["status"] == "unavailable" and "no_such_key" in rows[f"bogus/mha/{s}"]["note"]
     assert rows["tsp/mha/128"]["status"] == "timeout"
@@ -107,6 +109,29 @@ def test_bench_cpu(tmp_path, monkeypatch):
     os.remove(out / "bench_t.md")
     assert bench.main(["--from-jsonl", str(out / "bench_t.jsonl")]) == 0
     assert (out / "bench_t.md").read_text() == md
+
+
+def test_profile_summary_categories_and_stream_busy_time():
+    from megatron_tsp import profiling
+
+    assert profiling.category("ncclDevKernel_AllGather_RING_LL") == "nccl"
+    assert profiling.category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention backward"
+    assert profiling.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "attention forward"
+    assert profiling.category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert profiling.category("void at::native::CatArrayBatchedCopy<...>") == "copy / cat"
+    assert profiling.category("void at::native::vectorized_elementwise_kernel<4, MulFunctor>") == "elementwise"
+    assert profiling._union([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+
+    prof = profiling.StepProfile()
+    with prof:
+        torch.ones(4).mul(2)
+    fake = [{"name": "nvjet_gemm", "stream": 7, "ts": 0.0, "dur": 600.0},
+            {"name": "cudnn_sdpa_fprop", "stream": 7, "ts": 500.0, "dur": 200.0},
+            {"name": "ncclDevKernel_Broadcast", "stream": 9, "ts": 0.0, "dur": 300.0}]
+    prof.kernels = lambda: fake
+    text = prof.summary(1e-3, title="t")
+    assert "| gemm | 0.60 | 1 | 60.0% |" in text and "| attention forward | 0.20 | 1 | 20.0% |" in text
+    assert "| 7 | 2 | 0.70 | 70.0% |" in text and "| 9 | 1 | 0.30 | 30.0% |" in text  # overlap counted once
 
 
 def test_targets_verdicts():
