@@ -28,20 +28,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from . import comm
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .kernels import chunk_backward, chunk_forward, resolve_backend
+from .rope import Rotary
 from .zigzag import from_zigzag, local_chunk_starts, local_position_index, to_zigzag
-
-try:  # moved between megatron-core releases; YaRN scaling only
-    from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
-except ImportError:  # pragma: no cover
-    def _yarn_get_concentration_factor_from_config(config):
-        return 1.0
 
 
 def _bhcd(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -66,31 +60,41 @@ class AttentionShard:
     chunk_len: int
     backend: str = "auto"
 
-    def _rope(self, t, freqs):
-        mscale = _yarn_get_concentration_factor_from_config(self.config)
-        return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale, cp_group=self.group)
+    def rotary(self, freqs, dtype) -> Optional[Rotary]:
+        return None if freqs is None else Rotary(freqs, self.config, dtype, self.group)
 
-    def project(self, x, w_qkv, b_qkv, freqs):
-        """[s, b, h] -> q [s, b, heads, hn], kv [s, b, groups, 2hn] (Megatron's grouped layout)."""
+    def project(self, x, w_qkv, b_qkv, rope: Optional[Rotary]):
+        """[s, b, h] -> q [s, b, heads, hn], kv [s, b, groups, 2hn] (Megatron's grouped layout),
+        RoPE applied while copying out of the GEMM's interleaved [q.. | k | v] per group."""
         s, b, _ = x.shape
-        hn, per_group = self.head_dim, self.heads // self.groups
-        mixed = F.linear(x, w_qkv, b_qkv).view(s, b, self.groups, (per_group + 2) * hn)
-        q, k, v = torch.split(mixed, [per_group * hn, hn, hn], dim=3)
-        q = q.reshape(s, b, self.heads, hn)
-        if freqs is not None:
-            q, k = self._rope(q, freqs), self._rope(k, freqs)
-        return q, torch.cat([k, v], dim=-1)
+        hn, g, pg = self.head_dim, self.groups, self.heads // self.groups
+        mixed = F.linear(x, w_qkv, b_qkv).view(s, b, g, pg + 2, hn)
+        q = mixed.new_empty(s, b, g, pg, hn)
+        kv = mixed.new_empty(s, b, g, 2, hn)
+        if rope is None:
+            q.copy_(mixed[..., :pg, :])
+            kv[..., 0, :].copy_(mixed[..., pg, :])
+        else:
+            rope.apply_into(q, mixed[..., :pg, :])
+            rope.apply_into(kv[..., 0, :], mixed[..., pg, :])
+        kv[..., 1, :].copy_(mixed[..., pg + 1, :])
+        return q.view(s, b, self.heads, hn), kv.view(s, b, g, 2 * hn)
 
-    def unproject(self, dq, dkv, freqs):
+    def unproject(self, dq, dkv, rope: Optional[Rotary]):
         """The adjoint of `project` up to the GEMM: dq, dkv -> d(mixed) [s*b, out]. RoPE is a
         rotation by the position angles, so its adjoint is the rotation by minus them."""
         s, b = dq.shape[:2]
-        hn = self.head_dim
-        dk, dv = dkv[..., :hn], dkv[..., hn:]
-        if freqs is not None:
-            dq, dk = self._rope(dq, -freqs), self._rope(dk, -freqs)
-        dq = dq.reshape(s, b, self.groups, (self.heads // self.groups) * hn)
-        return torch.cat([dq, dk, dv], dim=-1).view(s * b, -1)
+        hn, g, pg = self.head_dim, self.groups, self.heads // self.groups
+        dm = dq.new_empty(s, b, g, pg + 2, hn)
+        dq5, dkv5 = dq.view(s, b, g, pg, hn), dkv.view(s, b, g, 2, hn)
+        if rope is None:
+            dm[..., :pg, :].copy_(dq5)
+            dm[..., pg, :].copy_(dkv5[..., 0, :])
+        else:
+            rope.apply_into(dm[..., :pg, :], dq5, inverse=True)
+            rope.apply_into(dm[..., pg, :], dkv5[..., 0, :], inverse=True)
+        dm[..., pg + 1, :].copy_(dkv5[..., 1, :])
+        return dm.view(s * b, -1)
 
     def gather(self, kv, async_op=False):
         """Local K,V -> the whole sequence's, in natural order (with `async_op`: (zigzag, request),
@@ -103,41 +107,45 @@ class AttentionShard:
         return from_zigzag(kv_gathered, self.group.size(), dim=0)
 
     def attend(self, q, kv_nat):
-        """Each local chunk against its causal prefix [0, start + c) of K,V -> o, lses."""
+        """Each local chunk against its causal prefix [0, start + c) of K,V -> o [s, b, heads*hn]
+        (written chunk by chunk, no concatenation) and one log-sum-exp per chunk."""
         c, hn = self.chunk_len, self.head_dim
         backend = resolve_backend(self.backend, q)
-        outs, lses = [], []
-        for i, start in enumerate(self.chunk_starts):
-            prefix = _bhcd(kv_nat[: start + c], self.groups)
-            o, lse = chunk_forward(
-                _bhcd(q[i * c : (i + 1) * c], self.heads), prefix[..., :hn], prefix[..., hn:],
-                self.softmax_scale, backend,
-            )
-            outs.append(o.permute(2, 0, 1, 3).reshape(c, o.shape[0], self.heads * hn))
-            lses.append(lse)
-        return torch.cat(outs, dim=0), lses
-
-    def attend_backward(self, do, q, kv_nat, o, lses):
-        """-> dq [s, b, heads, hn] and dK,dV of the whole sequence in natural order."""
-        c, hn = self.chunk_len, self.head_dim
-        backend = resolve_backend(self.backend, q)
-        dq = torch.empty_like(q)
-        dkv_nat = torch.zeros_like(kv_nat)
+        o = q.new_empty(q.shape[0], q.shape[1], self.heads * hn)
+        lses = []
         for i, start in enumerate(self.chunk_starts):
             rows = slice(i * c, (i + 1) * c)
             prefix = _bhcd(kv_nat[: start + c], self.groups)
-            dq_i, dk, dv = chunk_backward(
+            _, lse = chunk_forward(_bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
+                                   self.softmax_scale, backend, out=_bhcd(o[rows], self.heads))
+            lses.append(lse)
+        return o, lses
+
+    def attend_backward(self, do, q, kv_nat, o, lses):
+        """-> dq [s, b, heads, hn] and dK,dV of the whole sequence in natural order. The chunk
+        with the longer prefix writes its dK,dV first (its prefix covers the other's), the other
+        adds; only the keys no local query sees are zero-filled."""
+        c, hn = self.chunk_len, self.head_dim
+        backend = resolve_backend(self.backend, q)
+        dq = torch.empty_like(q)
+        dkv_nat = torch.empty_like(kv_nat)
+        order = sorted(range(len(self.chunk_starts)), key=lambda i: -self.chunk_starts[i])
+        dkv_nat[self.chunk_starts[order[0]] + c :].zero_()
+        for n, i in enumerate(order):
+            rows, end = slice(i * c, (i + 1) * c), self.chunk_starts[i] + c
+            prefix, dprefix = _bhcd(kv_nat[:end], self.groups), _bhcd(dkv_nat[:end], self.groups)
+            chunk_backward(
                 _bhcd(do[rows], self.heads), _bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
                 _bhcd(o[rows], self.heads), lses[i], self.softmax_scale, backend,
+                dq=_bhcd(dq[rows], self.heads), dk=dprefix[..., :hn], dv=dprefix[..., hn:], accumulate=n > 0,
             )
-            dq[rows] = dq_i.permute(2, 0, 1, 3)
-            dkv_nat[: start + c, ..., :hn] += dk.permute(2, 0, 1, 3)
-            dkv_nat[: start + c, ..., hn:] += dv.permute(2, 0, 1, 3)
         return dq, dkv_nat
 
-    def scatter(self, dkv_nat):
-        """dK,dV of the whole sequence -> this rank's tokens, summed over the group."""
-        return comm.reduce_scatter_sequence_raw(to_zigzag(dkv_nat, self.group.size(), dim=0), self.group)
+    def scatter(self, dkv_nat, async_op=False):
+        """dK,dV of the whole sequence -> this rank's tokens, summed over the group (with
+        `async_op`: (out, request))."""
+        return comm.reduce_scatter_sequence_raw(to_zigzag(dkv_nat, self.group.size(), dim=0), self.group,
+                                                async_op=async_op)
 
 
 def broadcast_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
@@ -181,30 +189,51 @@ class Reductions:
 
 class TSPAttentionFunction(torch.autograd.Function):
     """out = sum_j attention(x_p; shard j). Saves x_p, the owned shard and, unless
-    recompute='full', each shard's (q, local kv, o, lses)."""
+    recompute='full', each shard's (q, local kv, o, lses).
+
+    Both directions run one shard behind their communication: the forward posts shard j's K/V
+    all-gather and attends shard j-1 while it is in flight; the backward posts shard j's dK,dV
+    reduce-scatter and finishes shard j-1 (the adjoint of its projection, its weight gradient)
+    while it is in flight. So at most two shards' gathered (or scattered) K/V exist at a time."""
 
     @staticmethod
     def forward(ctx, x, w_qkv, b_qkv, w_proj, freqs, shard: AttentionShard, recompute: str):
         packer = comm.ShardPacker([w_qkv, b_qkv, w_proj])
-        out, saved = None, []
+        rope = shard.rotary(freqs, x.dtype)
+        acc = {"out": None}
+        saved = []
+
+        def finish(q, kv, gathered, wp):
+            kv_zig, request = gathered
+            comm.wait_all([request])
+            o, lses = shard.attend(q, shard.natural(kv_zig))
+            del kv_zig, gathered
+            y = F.linear(o, wp)
+            acc["out"] = y if acc["out"] is None else acc["out"].add_(y)
+            if recompute == "none":
+                saved.extend([q, kv, o, *lses])
+
+        pending = None
         for _, buf in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, shard.group):
             wq, bq, wp = packer.unpack(buf)
-            q, kv = shard.project(x, wq, bq, freqs)
-            o, lses = shard.attend(q, shard.gather(kv))
-            y = F.linear(o, wp)
-            out = y if out is None else out.add_(y)
-            if recompute == "none":
-                saved += [q, kv, o, *lses]
-            del y, buf, wq, bq, wp, q, kv, o, lses
+            q, kv = shard.project(x, wq, bq, rope)
+            gathered = shard.gather(kv, async_op=True)
+            if pending is not None:
+                finish(*pending)
+            pending = (q, kv, gathered, wp)
+            del buf, wq, bq, wp, q, kv, gathered
+        finish(*pending)
+        del pending
         ctx.shard, ctx.packer, ctx.recompute = shard, packer, recompute
         ctx.save_for_backward(x, w_qkv, b_qkv, w_proj, freqs, *saved)
-        return out
+        return acc["out"]
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w_qkv, b_qkv, w_proj, freqs, *saved = ctx.saved_tensors
         shard, packer, group = ctx.shard, ctx.packer, ctx.shard.group
         D, p = group.size(), group.rank()
+        rope = shard.rotary(freqs, x.dtype)
         n_chunks = len(shard.chunk_starts)
         per_shard = 3 + n_chunks
         acts = [saved[j * per_shard : (j + 1) * per_shard] for j in range(D)] if saved else None
@@ -212,14 +241,30 @@ class TSPAttentionFunction(torch.autograd.Function):
         h = x.shape[-1]
         x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
         dx = torch.zeros_like(x2d)
-        reductions, owned_grad = Reductions(group), None
+        reductions, owned = Reductions(group), {}
         gathers = {}  # j -> (zigzag K,V, request): shard j+1's gather posted while j computes
 
         def post_gather(j):
             if acts is not None and j < D:
                 gathers[j] = shard.gather(acts[j][1], async_op=True)
 
+        def finish(j, dq, scattered, wq, grad_buf):
+            """Shard j after its dK,dV reduce-scatter: d(mixed) -> dx, dW_qkv, then the reduction."""
+            dkv, request = scattered
+            comm.wait_all([request])
+            dmixed = shard.unproject(dq, dkv, rope)
+            del dq, dkv, scattered
+            gwq, gbq, _ = packer.unpack(grad_buf)
+            dx.addmm_(dmixed, wq)
+            torch.mm(dmixed.t(), x2d, out=gwq)
+            if gbq is not None:
+                torch.sum(dmixed, dim=0, out=gbq)
+            reductions.post(grad_buf, j)
+            if j == p:
+                owned["grad"] = grad_buf
+
         post_gather(0)
+        pending = None
         for j, buf in broadcast_shards(packer.pack([w_qkv, b_qkv, w_proj]), packer, group):
             wq, bq, wp = packer.unpack(buf)
             if acts is not None:
@@ -230,28 +275,24 @@ class TSPAttentionFunction(torch.autograd.Function):
                 del kv_zig
                 post_gather(j + 1)
             else:
-                q, kv = shard.project(x, wq, bq, freqs)
+                q, kv = shard.project(x, wq, bq, rope)
                 kv_nat = shard.gather(kv)
                 o, lses = shard.attend(q, kv_nat)
             grad_buf = packer.empty()
-            gwq, gbq, gwp = packer.unpack(grad_buf)
-            torch.mm(g2d.t(), o.reshape(-1, o.shape[-1]), out=gwp)
+            torch.mm(g2d.t(), o.reshape(-1, o.shape[-1]), out=packer.unpack(grad_buf)[2])
             do = torch.mm(g2d, wp).view(o.shape)
             dq, dkv_nat = shard.attend_backward(do, q, kv_nat, o, lses)
-            del do, kv_nat, o, lses
-            dmixed = shard.unproject(dq, shard.scatter(dkv_nat), freqs)
-            del dq, dkv_nat
-            dx.addmm_(dmixed, wq)
-            torch.mm(dmixed.t(), x2d, out=gwq)
-            if gbq is not None:
-                torch.sum(dmixed, dim=0, out=gbq)
-            del dmixed, buf, wq, bq, wp
-            reductions.post(grad_buf, j)
-            if j == p:
-                owned_grad = grad_buf
-            del grad_buf, gwq, gbq, gwp
+            del do, kv_nat, o, lses, q, kv
+            scattered = shard.scatter(dkv_nat, async_op=True)
+            del dkv_nat
+            if pending is not None:
+                finish(*pending)
+            pending = (j, dq, scattered, wq, grad_buf)
+            del dq, scattered, buf, wq, bq, wp, grad_buf
+        finish(*pending)
+        del pending
         reductions.wait()
-        dw_qkv, db_qkv, dw_proj = packer.unpack(owned_grad)
+        dw_qkv, db_qkv, dw_proj = packer.unpack(owned["grad"])
         return dx.view_as(x), dw_qkv, db_qkv, dw_proj, None, None, None
 
 

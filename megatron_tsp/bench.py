@@ -101,6 +101,8 @@ LAYOUTS: Dict[str, Layout] = {
                                "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
     "tsp_mlp_broadcast": Layout("TSP D={n}, MLP by broadcast", ("parallel.layout=tsp", "parallel.size={n}",
                                                                 "parallel.tsp_mlp_exchange=broadcast")),
+    "tsp_high_priority": Layout("TSP D={n}, high-priority comm stream", ("parallel.layout=tsp", "parallel.size={n}",
+                                                                         "parallel.high_priority_comm=true")),
     "tsp_recompute_full": Layout("TSP D={n}, recompute full", ("parallel.layout=tsp", "parallel.size={n}",
                                                                "parallel.tsp_recompute=full")),
     "tsp_recompute_none": Layout("TSP D={n}, no recompute", ("parallel.layout=tsp", "parallel.size={n}",

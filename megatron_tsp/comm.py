@@ -91,14 +91,17 @@ def all_gather_sequence_raw(local: torch.Tensor, group, async_op: bool = False):
     return (out, request) if async_op else out
 
 
-def reduce_scatter_sequence_raw(full: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_sequence_raw(full: torch.Tensor, group, async_op: bool = False):
+    """[D*s, ...] summed over the group -> this rank's [s, ...]; with `async_op`, returns
+    (out, request)."""
     D = group.size()
     out = torch.empty((full.shape[0] // D,) + tuple(full.shape[1:]), dtype=full.dtype, device=full.device)
     if _skip(group):
         out.copy_(full[group.rank() * out.shape[0] : (group.rank() + 1) * out.shape[0]])
+        request = None
     else:
-        _reduce_scatter_tensor(out, full.contiguous(), group=group)
-    return out
+        request = _reduce_scatter_tensor(out, full.contiguous(), group=group, async_op=async_op)
+    return (out, request) if async_op else out
 
 
 class _AllGatherSequence(torch.autograd.Function):

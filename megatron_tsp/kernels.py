@@ -176,26 +176,52 @@ _ONE_CALL = {"math", "flash"}  # kernels that take a lower-right mask with c < L
 # ---- a chunk against its causal prefix ----------------------------------------------------
 
 
-def chunk_forward(q, k, v, scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (the last c positions of a length-L sequence) over k, v [.., L, d]."""
+def chunk_forward(q, k, v, scale: float, backend: str, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (the last c positions of a length-L sequence) over k, v [.., L, d].
+    With `out` (a [b, hq, c, d] tensor or strided view), o is written there."""
     fwd, _ = _CALLS[backend]
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        return fwd(q, k, v, scale, True)
+        o, lse = fwd(q, k, v, scale, True)
+        return (o, lse) if out is None else (out.copy_(o), lse)
     o1, lse1 = fwd(q, k[:, :, : L - c], v[:, :, : L - c], scale, False)  # prefix: no mask
     o2, lse2 = fwd(q, k[:, :, L - c :], v[:, :, L - c :], scale, True)  # square causal block
     lse = torch.logaddexp(lse1, lse2)
-    acc = lse.dtype
-    o = o1.to(acc) * torch.exp(lse1 - lse).unsqueeze(-1) + o2.to(acc) * torch.exp(lse2 - lse).unsqueeze(-1)
-    return o.to(q.dtype), lse
+    # o = o1 w1 + o2 w2 with w_i = exp(lse_i - lse), accumulated in lse's (fp32) precision
+    acc = torch.mul(o1, torch.exp(lse1 - lse).unsqueeze(-1))
+    acc.addcmul_(o2, torch.exp(lse2 - lse).unsqueeze(-1))
+    return (acc.to(q.dtype) if out is None else out.copy_(acc)), lse
 
 
-def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str):
-    """dq, dk, dv of `chunk_forward`, from its o and lse (no autograd graph)."""
+def _write(dst, src, accumulate: bool):
+    return dst.add_(src) if accumulate else dst.copy_(src)
+
+
+def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str, dq=None, dk=None, dv=None,
+                   accumulate: bool = False):
+    """dq, dk, dv of `chunk_forward`, from its o and lse (no autograd graph). Given `dq`, `dk`,
+    `dv` (tensors or strided views shaped like q, k, v), the gradients are written there, or
+    added to what they hold with `accumulate` (dq is always overwritten)."""
     _, bwd = _CALLS[backend]
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        return bwd(do, q, k, v, o, lse, scale, True)
-    dq1, dk1, dv1 = bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False)
-    dq2, dk2, dv2 = bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True)
-    return dq1.add_(dq2), torch.cat([dk1, dk2], dim=2), torch.cat([dv1, dv2], dim=2)
+        parts = [(0, bwd(do, q, k, v, o, lse, scale, True))]
+    else:
+        parts = [(0, bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False)),
+                 (L - c, bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True))]
+    dqs = [p[1][0] for p in parts]
+    if dq is None:
+        dq = dqs[0] if len(dqs) == 1 else dqs[0].add_(dqs[1])
+    elif len(dqs) == 1:
+        dq.copy_(dqs[0])
+    else:
+        torch.add(dqs[0], dqs[1], out=dq)
+    if dk is None:
+        if len(parts) == 1:
+            return dq, parts[0][1][1], parts[0][1][2]
+        return dq, torch.cat([p[1][1] for p in parts], dim=2), torch.cat([p[1][2] for p in parts], dim=2)
+    for start, (_, dk_i, dv_i) in parts:
+        n = dk_i.shape[2]
+        _write(dk[:, :, start : start + n], dk_i, accumulate)
+        _write(dv[:, :, start : start + n], dv_i, accumulate)
+    return dq, dk, dv

@@ -61,6 +61,10 @@ class ParallelRecipe:
     owner, as attention; gradients reduced onto the owner)."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
+    high_priority_comm: bool = False
+    """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
+    high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
+    (TSP's collectives run asynchronously beside compute; the baselines' are synchronous)."""
     baseline_attention: str = "sdpa"
     """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
     local (Megatron's DotProductAttention, which materializes the S x S scores)."""
@@ -162,6 +166,8 @@ class Recipe:
         if cp > 1 and p.baseline_attention != "sdpa":
             raise RecipeError(f"parallel.context_size = {cp} runs on torch SDPA: parallel.baseline_attention = "
                               f"{p.baseline_attention!r} must be sdpa")
+        if p.high_priority_comm and not _cuda_available():
+            raise RecipeError("parallel.high_priority_comm = true needs NCCL process groups (GPUs); this machine has none")
         if p.fsdp:
             for bad, key in ((t.distributed_optimizer, "train.distributed_optimizer = true (fsdp already shards the optimizer state)"),
                              (p.pipeline_size > 1, f"parallel.pipeline_size = {p.pipeline_size}"),
@@ -222,6 +228,12 @@ class Recipe:
 
 
 # -- loading ---------------------------------------------------------------------------------
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 
 def _coerce(key: str, value: Any, hint) -> Any:
     """Check `value` against the type hint of `key`; ints are accepted for floats."""

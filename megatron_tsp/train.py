@@ -103,12 +103,13 @@ def _init_groups(recipe: Recipe):
     if mpu.model_parallel_is_initialized():
         tsp_state.destroy_model_parallel()
     p = recipe.parallel
+    extra = {"high_priority_stream_groups": ["tp"]} if p.high_priority_comm else {}
     if p.layout == "tsp":
-        tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size)
+        tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
     else:
         mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
                                       pipeline_model_parallel_size=p.pipeline_size,
-                                      context_parallel_size=p.context_size)
+                                      context_parallel_size=p.context_size, **extra)
 
 
 def build(recipe: Recipe):

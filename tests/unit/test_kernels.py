@@ -33,6 +33,39 @@ def test_chunk_attention_matches_sdpa(backend, hq, hk, c, L):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["math", "math_split"])
+def test_chunk_attention_writes_into_strided_outputs(backend):
+    """`out=` / `dq=,dk=,dv=` write into strided views of larger buffers (TSP's [s, b, heads, d]
+    layout); `accumulate` adds dK,dV to what the views hold, dq is always overwritten."""
+    g = torch.Generator().manual_seed(7)
+    b, hq, hk, c, L, d, scale = 2, 4, 2, 3, 11, 8, 0.4
+    q = torch.randn(b, hq, c, d, dtype=torch.float64, generator=g)
+    k = torch.randn(b, hk, L, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, hk, L, d, dtype=torch.float64, generator=g)
+    do = torch.randn(b, hq, c, d, dtype=torch.float64, generator=g)
+    o, lse = chunk_forward(q, k, v, scale, backend)
+    dq, dk, dv = chunk_backward(do, q, k, v, o, lse, scale, backend)
+
+    o_buf = torch.randn(c, b, hq, d, dtype=torch.float64, generator=g)  # [s, b, heads, d]; garbage first
+    o2, lse2 = chunk_forward(q, k, v, scale, backend, out=o_buf.permute(1, 2, 0, 3))
+    assert o2.data_ptr() == o_buf.data_ptr()
+    torch.testing.assert_close(o_buf.permute(1, 2, 0, 3), o, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=1e-12)
+
+    dq_buf = torch.randn(c, b, hq, d, dtype=torch.float64, generator=g)
+    before = torch.randn(L + 2, b, hk, 2 * d, dtype=torch.float64, generator=g)  # [s, b, groups, k|v]
+    for accumulate in (False, True):
+        dkv_buf = before.clone()
+        view = dkv_buf[:L].permute(1, 2, 0, 3)
+        chunk_backward(do, q, k, v, o, lse, scale, backend, dq=dq_buf.permute(1, 2, 0, 3), dk=view[..., :d],
+                       dv=view[..., d:], accumulate=accumulate)
+        base = before[:L].permute(1, 2, 0, 3) if accumulate else torch.zeros_like(view)
+        torch.testing.assert_close(dq_buf.permute(1, 2, 0, 3), dq, rtol=0, atol=1e-12)
+        torch.testing.assert_close(view[..., :d], base[..., :d] + dk, rtol=0, atol=1e-12)
+        torch.testing.assert_close(view[..., d:], base[..., d:] + dv, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dkv_buf[L:], before[L:], rtol=0, atol=0)  # rows beyond L untouched
+
+
 def test_backend_errors_name_the_flag():
     q = torch.zeros(1, 1, 2, 4)
     with pytest.raises(TSPConfigError, match="--tsp-attention-backend"):
