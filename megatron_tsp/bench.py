@@ -448,6 +448,9 @@ def orchestrate(args, argv: List[str]) -> int:
         return 0
 
     done = {}
+    redo = set(filter(None, (args.redo or "").split(",")))
+    if redo and not args.resume:
+        raise SystemExit("bench: --redo goes with --resume (without it every row is measured anyway)")
     if args.resume:
         old = _read_records(paths["jsonl"])
         before = next((r for r in reversed(old) if r.get("kind") == "meta"), None)
@@ -459,7 +462,8 @@ def orchestrate(args, argv: List[str]) -> int:
                     raise SystemExit(f"bench: --resume: {paths['jsonl']} was written with {key} = {before.get(key)!r}, "
                                      f"this run has {mine!r}; use another --tag")
         for rec in old:
-            if rec.get("kind") == "row" and rec["status"] not in ("timeout", "error", "skipped"):
+            if (rec.get("kind") == "row" and rec["status"] not in ("timeout", "error", "skipped")
+                    and rec["layout"] not in redo):
                 done[rec["id"]] = rec
         if done:
             print(f"  --resume: {len([r for r in rows if r['id'] in done])} of the planned rows are already done", flush=True)
@@ -1233,6 +1237,9 @@ def parser() -> argparse.ArgumentParser:
                    help="after each row's timed steps, profile one more step and write profile_<row>.md beside the "
                         "results (GPU time per kernel category and stream, top kernels and operators, rank 0)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in bench_<tag>.jsonl and run the rest")
+    p.add_argument("--redo", metavar="LAYOUTS", default=None,
+                   help="with --resume: measure these layouts' rows again (e.g. after a change to TSP); the new "
+                        "records supersede the old in the reports")
     p.add_argument("--dry-run", action="store_true", help="print the plan, unavailable layouts and the time estimate")
     p.add_argument("--from-jsonl", metavar="FILE", help="only rebuild .json/.md/.png from a bench_<tag>.jsonl")
     p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE between {README_BEGIN} "

@@ -215,3 +215,16 @@ def test_resume_keeps_done_rows_and_refuses_another_model(tmp_path, monkeypatch)
     assert report["meta"]["commands"][0] == "first" and report["meta"]["commands"][1].startswith("megatron-tsp bench")
     with pytest.raises(SystemExit, match="layers = 2"):
         bench.main(argv + ["--layers", "3"])
+
+    # --redo: the named layouts' rows run again although done; the others stay
+    launched = []
+
+    def fake_launch(rows, *a, **k):
+        launched.extend(r["id"] for r in rows)
+        return {"rc": 0, "timeout": False, "row": None}
+
+    monkeypatch.setattr(bench, "_launch", fake_launch)
+    bench.main(argv + ["--redo", "tsp"])
+    assert launched == ["tsp/mha/64", "tsp/mha/128"]
+    with pytest.raises(SystemExit, match="--redo goes with --resume"):
+        bench.main([a for a in argv if a != "--resume"] + ["--redo", "tsp"])
