@@ -103,6 +103,8 @@ LAYOUTS: Dict[str, Layout] = {
                                                                 "parallel.tsp_mlp_exchange=broadcast")),
     "tsp_high_priority": Layout("TSP D={n}, high-priority comm stream", ("parallel.layout=tsp", "parallel.size={n}",
                                                                          "parallel.high_priority_comm=true")),
+    "tsp_carveout16": Layout("TSP D={n}, GEMMs leave 16 SMs", ("parallel.layout=tsp", "parallel.size={n}",
+                                                              "parallel.gemm_sm_carveout=16")),
     "tsp_recompute_full": Layout("TSP D={n}, recompute full", ("parallel.layout=tsp", "parallel.size={n}",
                                                                "parallel.tsp_recompute=full")),
     "tsp_recompute_none": Layout("TSP D={n}, no recompute", ("parallel.layout=tsp", "parallel.size={n}",

@@ -65,6 +65,9 @@ class ParallelRecipe:
     """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
     high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
     (TSP's collectives run asynchronously beside compute; the baselines' are synchronous)."""
+    gemm_sm_carveout: int = 0
+    """SMs that cuBLAS GEMMs leave free (torch._C._set_sm_carveout_experimental; process-wide,
+    GPUs only), so asynchronous collectives find SMs while a GEMM runs; 0: cuBLAS's default."""
     baseline_attention: str = "sdpa"
     """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
     local (Megatron's DotProductAttention, which materializes the S x S scores)."""
@@ -166,6 +169,10 @@ class Recipe:
         if cp > 1 and p.baseline_attention != "sdpa":
             raise RecipeError(f"parallel.context_size = {cp} runs on torch SDPA: parallel.baseline_attention = "
                               f"{p.baseline_attention!r} must be sdpa")
+        if p.gemm_sm_carveout < 0:
+            raise RecipeError(f"parallel.gemm_sm_carveout = {p.gemm_sm_carveout} must be >= 0")
+        if p.gemm_sm_carveout and not _cuda_available():
+            raise RecipeError("parallel.gemm_sm_carveout needs GPUs; this machine has none")
         if p.high_priority_comm and not _cuda_available():
             raise RecipeError("parallel.high_priority_comm = true needs NCCL process groups (GPUs); this machine has none")
         if p.fsdp:

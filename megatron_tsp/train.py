@@ -121,6 +121,8 @@ def build(recipe: Recipe):
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         raise RecipeError("model.dtype = bfloat16 needs GPUs; use float32 on CPU")
+    if torch.cuda.is_available():  # process-wide: set (or reset to cuBLAS's default) per build
+        torch._C._set_sm_carveout_experimental(p.gemm_sm_carveout or None)
     model = build_gpt(
         m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
         sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,

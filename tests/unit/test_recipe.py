@@ -6,6 +6,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from megatron_tsp.recipe import Recipe, RecipeError, load_recipe
 from megatron_tsp.train import parser
@@ -32,7 +33,11 @@ def test_every_recipe_loads(path):
     (["model.seq_length=66"], r"model.seq_length = 66 must be divisible by 2 x parallel.size = 4"),
     (["steps=3"], r"override 'steps=3' must look like section.key=value"),
     (["train.resume=true"], r"train.resume = true needs train.save_dir"),
-])
+    (["parallel.gemm_sm_carveout=-1"], r"parallel.gemm_sm_carveout = -1 must be >= 0"),
+] + ([] if torch.cuda.is_available() else [  # the CPU machine (CI): GPU-only keys are refused
+    (["parallel.gemm_sm_carveout=8"], r"parallel.gemm_sm_carveout needs GPUs"),
+    (["parallel.high_priority_comm=true"], r"parallel.high_priority_comm = true needs NCCL process groups"),
+]))
 def test_bad_overrides(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(None, override)
