@@ -61,9 +61,11 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
                  "family TSP uses, no S x S scores). Ignored with --tsp-size > 1.",
         )
     group.add_argument(
-        "--tsp-mlp-exchange", choices=MLP_EXCHANGES, default="ring",
-        help="How the MLP's weight shards move: ring (send/recv to the next rank, gradients travel "
-             "with the shard) or broadcast (from the owner, as attention; gradients reduced onto it).",
+        "--tsp-mlp-exchange", choices=MLP_EXCHANGES, default="auto",
+        help="How the MLP meets its weights: ring (weight shards sent to the next rank, gradients travel "
+             "with the shard), broadcast (from the owner, as attention; gradients reduced onto it), tokens "
+             "(weights stay, tokens all-gathered and outputs reduce-scattered: Megatron's sequence-parallel "
+             "MLP on the TSP group) or auto (tokens below 8192 tokens per rank, else ring).",
     )
     return parser
 
@@ -71,7 +73,7 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
     return TSPOptions(recompute=getattr(args, "tsp_recompute", "none"),
                       attention_backend=getattr(args, "tsp_attention_backend", "auto"),
-                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "ring"))
+                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "auto"))
 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:

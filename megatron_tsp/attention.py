@@ -255,11 +255,11 @@ class TSPAttentionFunction(torch.autograd.Function):
             dmixed = shard.unproject(dq, dkv, rope)
             del dq, dkv, scattered
             gwq, gbq, _ = packer.unpack(grad_buf)
-            dx.addmm_(dmixed, wq)
             torch.mm(dmixed.t(), x2d, out=gwq)
             if gbq is not None:
                 torch.sum(dmixed, dim=0, out=gbq)
             reductions.post(grad_buf, j)
+            dx.addmm_(dmixed, wq)  # while the reduction is in flight
             if j == p:
                 owned["grad"] = grad_buf
 

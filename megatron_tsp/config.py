@@ -129,7 +129,11 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 
 
 RECOMPUTE_MODES = ("none", "full")
-MLP_EXCHANGES = ("ring", "broadcast")
+MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
+# `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
+# shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
+# tokens = 4K per rank exposed the ring; docs/performance.md).
+AUTO_TOKENS_BELOW = 8192
 
 
 @dataclass(frozen=True)
@@ -141,17 +145,19 @@ class TSPOptions:
       Megatron does without recompute; `full` saves only the block input and recomputes each
       shard's forward in backward (least memory, one more forward of GEMMs and attention).
     attention_backend: the chunk-attention kernel (megatron_tsp.kernels.BACKENDS).
-    mlp_exchange: how MLP weight shards reach the tokens: `ring` (send/recv to the next rank,
-      gradients travel with the shard) or `broadcast` (from the owner, as attention does;
-      gradients reduced onto the owner). The same math; the bandwidths differ (send/recv
-      131 GB/s vs broadcast 290 GB/s measured on 4 x H200, configs/hardware/h200x4.yaml).
+    mlp_exchange: how the MLP meets its weights: `ring` (weight shards travel to the next rank,
+      gradients travel with the shard), `broadcast` (from the owner, as attention does;
+      gradients reduced onto the owner), `tokens` (the weights stay; the tokens are all-gathered
+      and the output reduce-scattered: Megatron's sequence-parallel MLP on the TSP group, for
+      short sequences where moving tokens is cheaper than moving weights), or `auto` (`tokens`
+      when a rank holds fewer than AUTO_TOKENS_BELOW tokens, else `ring`). The same math.
     compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
       the numbers are wrong) to time the same kernels without communication.
     """
 
     recompute: str = "none"
     attention_backend: str = "auto"
-    mlp_exchange: str = "ring"
+    mlp_exchange: str = "auto"
     compute_only: bool = False
 
     def __post_init__(self):
@@ -163,6 +169,9 @@ class TSPOptions:
             raise TSPConfigError(
                 f"--tsp-mlp-exchange must be one of {', '.join(MLP_EXCHANGES)}, got {self.mlp_exchange!r}"
             )
+        if self.compute_only and self.mlp_exchange == "tokens":
+            raise TSPConfigError("--tsp-mlp-exchange tokens runs Megatron's own collectives, which the compute-only "
+                                 "benchmark mode cannot skip: use ring, broadcast or auto")
         if self.attention_backend not in BACKENDS:
             raise TSPConfigError(
                 f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"

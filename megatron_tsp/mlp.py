@@ -29,7 +29,7 @@ from megatron.core.transformer.mlp import MLP
 
 from . import comm
 from .attention import Reductions, broadcast_shards, run_holder_pre_hooks
-from .config import TSPConfigError, TSPOptions, validate_transformer_config
+from .config import AUTO_TOKENS_BELOW, TSPConfigError, TSPOptions, validate_transformer_config
 
 
 class Activation:
@@ -56,9 +56,11 @@ def fc1(x, w_fc1, b_fc1):
     return F.linear(x, w_fc1, b_fc1)
 
 
-def shard_backward(g2d, x2d, h1, w_fc1, w_fc2, activation, grad_views, dx):
-    """One shard's backward from its fc1 output h1 [s, b, 2f/D or f/D]: writes the shard's
-    weight gradients into `grad_views` (views of one flat buffer) and adds its dx."""
+def shard_backward(g2d, x2d, h1, w_fc2, activation, grad_views):
+    """One shard's weight gradients from its fc1 output h1 [s, b, 2f/D or f/D], written into
+    `grad_views` (views of one flat buffer); returns d(fc1 output) [s*b, out] for the caller's
+    dx += dh1 @ W_fc1, which runs after the caller has posted the gradient's exchange, so the
+    last exchange of a layer overlaps that GEMM."""
     gw1, gb1, gw2 = grad_views
     with torch.enable_grad():
         h1_ = h1.detach().requires_grad_()
@@ -72,7 +74,7 @@ def shard_backward(g2d, x2d, h1, w_fc1, w_fc2, activation, grad_views, dx):
     torch.mm(dh1.t(), x2d, out=gw1)
     if gb1 is not None:
         torch.sum(dh1, dim=0, out=gb1)
-    dx.addmm_(dh1, w_fc1)
+    return dh1
 
 
 def ring_shards(owned: torch.Tensor, packer: comm.ShardPacker, group):
@@ -129,9 +131,10 @@ class TSPBroadcastMLPFunction(torch.autograd.Function):
             w1, b1, w2 = packer.unpack(shard)
             h1 = saved[j] if saved else fc1(x, w1, b1)
             grad_buf = packer.empty()
-            shard_backward(g2d, x2d, h1, w1, w2, activation, packer.unpack(grad_buf), dx)
-            del h1, w1, b1, w2, shard
+            dh1 = shard_backward(g2d, x2d, h1, w2, activation, packer.unpack(grad_buf))
             reductions.post(grad_buf, j)
+            dx.addmm_(dh1, w1)
+            del h1, dh1, w1, b1, w2, shard
             if j == group.rank():
                 owned_grad = grad_buf
             del grad_buf
@@ -163,8 +166,7 @@ class TSPRingMLPFunction(torch.autograd.Function):
             w1, b1, w2 = packer.unpack(shard)
             h1 = saved[t] if saved else fc1(x, w1, b1)
             grad_acc = packer.empty()
-            shard_backward(g2d, x2d, h1, w1, w2, activation, packer.unpack(grad_acc), dx)
-            del h1, w1, b1, w2, shard
+            dh1 = shard_backward(g2d, x2d, h1, w2, activation, packer.unpack(grad_acc))
             if t > 0:  # add the partials of the ranks this shard visited before
                 comm.wait_all(grad_requests)
                 grad_acc.add_(grad_in)
@@ -173,6 +175,8 @@ class TSPRingMLPFunction(torch.autograd.Function):
                 grad_requests = comm.ring_shift(grad_acc, grad_in, group)
             else:
                 grad_in = grad_acc
+            dx.addmm_(dh1, w1)  # while the hop is in flight
+            del h1, dh1, w1, b1, w2, shard
         comm.wait_all(grad_requests)
         dw_fc1, db_fc1, dw_fc2 = packer.unpack(grad_in)
         return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
@@ -203,11 +207,24 @@ class TSPRingMLP(MLP):
             self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         self.activation = Activation(config)
 
+    def exchange(self, hidden_states) -> str:
+        """The exchange this call runs: `auto` resolves by the local token count (compute-only
+        runs keep to TSP's own exchanges, which it can skip)."""
+        exchange = self.tsp_options.mlp_exchange
+        if exchange == "auto":
+            local_tokens = hidden_states.shape[0] * hidden_states.shape[1]
+            small = local_tokens < AUTO_TOKENS_BELOW and self.tsp_group.size() > 1
+            exchange = "tokens" if small and not self.tsp_options.compute_only else "ring"
+        return exchange
+
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:
             raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP ring MLP")
+        exchange = self.exchange(hidden_states)
+        if exchange == "tokens":  # Megatron's sequence-parallel MLP: all-gather in, reduce-scatter out
+            return super().forward(hidden_states)
         run_holder_pre_hooks(self.linear_fc1, self.linear_fc2)
-        function = TSPBroadcastMLPFunction if self.tsp_options.mlp_exchange == "broadcast" else TSPRingMLPFunction
+        function = TSPBroadcastMLPFunction if exchange == "broadcast" else TSPRingMLPFunction
         out = function.apply(
             hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
             self.activation, self.tsp_group, self.tsp_options.recompute,

@@ -56,15 +56,21 @@ class ParallelRecipe:
     tsp_attention_backend: str = "auto"
     """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
     math, math_split."""
-    tsp_mlp_exchange: str = "ring"
-    """How TSP's MLP weight shards move: ring (send/recv to the next rank) or broadcast (from the
-    owner, as attention; gradients reduced onto the owner)."""
+    tsp_mlp_exchange: str = "auto"
+    """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
+    the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
+    all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
+    below 8192 tokens per rank, else ring)."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     high_priority_comm: bool = False
     """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
     high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
     (TSP's collectives run asynchronously beside compute; the baselines' are synchronous)."""
+    comm_max_ctas: int = 0
+    """NCCL's max CTAs (thread blocks, i.e. SMs) per collective of the TSP / tensor-parallel group
+    (Megatron's nccl_comm_cfgs max_ctas), to bound what overlapped communication takes from the
+    kernels beside it; 0: NCCL's default. GPUs only."""
     gemm_sm_carveout: int = 0
     """SMs that cuBLAS GEMMs leave free (torch._C._set_sm_carveout_experimental; process-wide,
     GPUs only), so asynchronous collectives find SMs while a GEMM runs; 0: cuBLAS's default."""
@@ -169,6 +175,10 @@ class Recipe:
         if cp > 1 and p.baseline_attention != "sdpa":
             raise RecipeError(f"parallel.context_size = {cp} runs on torch SDPA: parallel.baseline_attention = "
                               f"{p.baseline_attention!r} must be sdpa")
+        if p.comm_max_ctas < 0:
+            raise RecipeError(f"parallel.comm_max_ctas = {p.comm_max_ctas} must be >= 0")
+        if p.comm_max_ctas and not _cuda_available():
+            raise RecipeError("parallel.comm_max_ctas needs NCCL process groups (GPUs); this machine has none")
         if p.gemm_sm_carveout < 0:
             raise RecipeError(f"parallel.gemm_sm_carveout = {p.gemm_sm_carveout} must be >= 0")
         if p.gemm_sm_carveout and not _cuda_available():

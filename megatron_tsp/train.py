@@ -104,12 +104,22 @@ def _init_groups(recipe: Recipe):
         tsp_state.destroy_model_parallel()
     p = recipe.parallel
     extra = {"high_priority_stream_groups": ["tp"]} if p.high_priority_comm else {}
-    if p.layout == "tsp":
-        tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
-    else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
-                                      pipeline_model_parallel_size=p.pipeline_size,
-                                      context_parallel_size=p.context_size, **extra)
+    if p.comm_max_ctas:  # Megatron reads per-group NCCL settings from a YAML file only
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(f"tp:\n  max_ctas: {p.comm_max_ctas}\n")
+        extra["nccl_communicator_config_path"] = f.name
+    try:
+        if p.layout == "tsp":
+            tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
+        else:
+            mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
+                                          pipeline_model_parallel_size=p.pipeline_size,
+                                          context_parallel_size=p.context_size, **extra)
+    finally:
+        if "nccl_communicator_config_path" in extra:
+            os.unlink(extra["nccl_communicator_config_path"])
 
 
 def build(recipe: Recipe):

@@ -56,13 +56,37 @@ def test_attention_parity_split_kernel(world, D, options):
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("options", RECOMPUTE + [TSPOptions(mlp_exchange="broadcast"),
-                                                 TSPOptions(mlp_exchange="broadcast", recompute="full")],
-                         ids=["save", "recompute", "broadcast-save", "broadcast-recompute"])
+                                                 TSPOptions(mlp_exchange="broadcast", recompute="full"),
+                                                 TSPOptions(mlp_exchange="tokens"), TSPOptions(mlp_exchange="auto")],
+                         ids=["save", "recompute", "broadcast-save", "broadcast-recompute", "tokens", "auto"])
 def test_ring_mlp_parity(world, D, gated, bias, options):
     skip_unless_divides(world, D)
     errors, seed = block_parity("mlp", D, gated=gated, bias=bias, options=options)
     _check(errors, seed)
     assert ("linear_fc1.bias" in errors) == bias
+
+
+def test_auto_mlp_exchange_moves_tokens_below_the_threshold(world, monkeypatch):
+    """`auto` picks Megatron's sequence-parallel MLP below AUTO_TOKENS_BELOW local tokens and the
+    ring above (here the threshold is moved around the test's token count); compute-only keeps
+    to the ring."""
+    import megatron_tsp.mlp as mlp
+    from megatron_tsp.comm import ComputeOnlyGroup
+
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    module = mlp.TSPRingMLP.__new__(mlp.TSPRingMLP)
+    torch.nn.Module.__init__(module)
+    x = torch.zeros(16, 2, 8)  # 32 local tokens
+    for threshold, options, want in ((33, TSPOptions(mlp_exchange="auto"), "tokens"),
+                                     (32, TSPOptions(mlp_exchange="auto"), "ring"),
+                                     (33, TSPOptions(mlp_exchange="auto", compute_only=True), "ring"),
+                                     (10**9, TSPOptions(mlp_exchange="broadcast"), "broadcast")):
+        monkeypatch.setattr(mlp, "AUTO_TOKENS_BELOW", threshold)
+        module.tsp_options = options
+        module.tsp_group = ComputeOnlyGroup(torch.distributed.group.WORLD)
+        assert module.exchange(x) == want, (threshold, options)
 
 
 # --- test the test: a broken schedule must fail the same comparison ------------------------
@@ -108,7 +132,7 @@ def test_dropped_ring_gradient_hop_is_caught(world, monkeypatch):
         return real(send, recv, group)
 
     monkeypatch.setattr(mlp.comm, "ring_shift", lossy_ring_shift)
-    errors, _ = block_parity("mlp", D)
+    errors, _ = block_parity("mlp", D, options=TSPOptions(mlp_exchange="ring"))
     assert errors["output"] <= TOL
     assert errors["linear_fc1.weight"] > 1e-3
 

@@ -39,7 +39,7 @@ _BYTES = {}
 def test_saved_activations_shrink_with_D(world, recompute):
     if world != 4:
         pytest.skip("needs D = 4")
-    options = TSPOptions(recompute=recompute)
+    options = TSPOptions(recompute=recompute, mlp_exchange="ring")
     init_tsp(1)
     _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
     init_tsp(4)
@@ -55,3 +55,17 @@ def test_saved_activations_shrink_with_D(world, recompute):
             continue  # the owned shard: saved by reference, no extra memory
         assert t.shape[0] != S, f"a full-sequence tensor {tuple(t.shape)} (gathered K/V?) was saved"
         assert tuple(t.shape) not in weight_shapes, f"a foreign weight shard {tuple(t.shape)} was saved"
+
+
+def test_tokens_mlp_saves_its_share_too(world):
+    """`--tsp-mlp-exchange tokens` (what `auto` picks for short sequences) is Megatron's
+    sequence-parallel MLP: it saves full-sequence activations split by features, still <= 1.25/D
+    of the D = 1 layer's (gathered K/V stay unsaved: the attention is TSP's)."""
+    if world != 4:
+        pytest.skip("needs D = 4")
+    options = TSPOptions(mlp_exchange="tokens")
+    init_tsp(1)
+    _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
+    init_tsp(4)
+    _, _, bytes_d4, _ = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(), options)
+    assert bytes_d4 <= 1.25 / 4 * bytes_d1, f"saved {bytes_d4} B at D=4 vs {bytes_d1} B at D=1"
