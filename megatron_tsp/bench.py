@@ -1121,7 +1121,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
     probes = [r for r in rows if r["status"] == "ok" and "seconds" in r.get("attention_probe", {})]
     if probes:
         lines += ["", "Attention kernel alone (forward + backward of one layer shard on each rank's shapes, model FLOPs;"
-                  " TSP: its two zigzag chunks against their causal prefixes, `AttentionShardStep.attend`; TP: causal SDPA"
+                  " TSP: its two zigzag chunks against their causal prefixes, `AttentionShard.attend` and `attend_backward`; TP: causal SDPA"
                   " over the full sequence; the slowest rank):", "",
                   "| layout | variant | S | time ms | TFLOP/s | % of peak | attention share of model FLOPs |",
                   "|---|---|---|---|---|---|---|"]
