@@ -1078,7 +1078,8 @@ def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict]
     rel = lambda p: os.path.relpath(os.path.abspath(p), here)  # noqa: E731
     dev = devices[0] if devices else {}
     block = [README_BEGIN,
-             f"`{meta.get('command', '')}` at commit `{str(meta.get('commit', '?'))[:12]}` on {dev.get('world', '?')} x "
+             " then ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "")]))
+             + f" at commit `{str(meta.get('commit', '?'))[:12]}` on {dev.get('world', '?')} x "
              f"{dev.get('device', '?')}; {meta.get('layers')} layers of the 7B-class model, measured bf16 peak "
              f"{_fmt(dev.get('peak_tflops'), '.0f')} TFLOP/s. Full report: [{os.path.basename(md_path)}]({rel(md_path)}).", ""]
     if png_path:
