@@ -6,14 +6,16 @@ Per layer, on TSP rank p holding tokens x_p (its two zigzag chunks) and owning s
     for j in 0..D-1:                        # shard j+1's broadcast is posted before j computes
         W_j   = broadcast(packed shard j, src=j)
         q,k,v = x_p @ Wqkv_j (+ b) ; RoPE at the true positions of x_p
-        K,V   = all_gather(k,v) over the group, zigzag -> natural order
-        o     = each local chunk against its causal prefix of K,V (lower-right mask)
-        out  += o @ Wo_j                    # accumulates locally: no all-reduce
+        post K,V_j = all_gather(k,v)        # in flight while shard j-1 is finished:
+        finish(j-1): wait K,V_{j-1}, zigzag -> natural order,
+                     o = each local chunk against its causal prefix (lower-right mask),
+                     out += o @ Wo_{j-1}    # accumulates locally: no all-reduce
+    finish(D-1)
 
 Backward, per shard j: re-broadcast W_j; dWo_j = g^T o, do = g Wo_j; re-gather K,V (posted a
-shard ahead) and run the attention kernel's backward from the saved o and log-sum-exp;
-reduce-scatter dK,dV to the token owners; undo RoPE; dx += dqkv Wqkv_j, dWqkv_j = dqkv^T x_p;
-reduce the shard's weight gradient onto its owner j. With `recompute='none'` each shard's q, the
+shard ahead) and run the attention kernel's backward from the saved o and log-sum-exp; post the
+reduce-scatter of dK,dV to the token owners and, while it is in flight, finish shard j-1: undo
+RoPE, dWqkv = dqkv^T x_p, post its reduction onto the owner, dx += dqkv Wqkv. With `recompute='none'` each shard's q, the
 local k/v, o and the log-sum-exps are saved (what Megatron saves without recompute, over the
 local tokens); with `'full'` only x_p and the owned shard are, and each shard's projection and
 attention forward run again in backward. Never saved: another rank's shard, a gathered K/V.
