@@ -16,7 +16,7 @@ import json
 import sys
 from typing import List, Optional
 
-from .config import TSPConfigError
+from .config import AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                         "recompute, baselines Megatron full-layer recompute")
     t.add_argument("--norm", choices=["torch", "fused"], default="torch",
                    help="torch: composite torch norm (no Transformer Engine, what runs here); fused: TE/apex")
+    t.add_argument("--tsp-mlp-exchange", choices=list(MLP_EXCHANGES),
+                   help="how TSP's MLP meets its weights (default: the recipe's parallel.tsp_mlp_exchange, else "
+                        f"auto: tokens below {AUTO_TOKENS_BELOW} tokens per rank, else ring)")
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
     c.add_argument("--nodes", type=int, default=1)
@@ -62,11 +65,14 @@ def parser() -> argparse.ArgumentParser:
 
 def build_inputs(args):
     from .planner import Cluster, Layout, ModelSpec, PlanError, TrainSpec, hardware
+    from .planner.model import recipe_tsp_options
 
     hw = hardware.load(args.hardware)
     seq = None
+    tsp = {"mlp_exchange": "auto"}
     if args.recipe:
         model, seq = ModelSpec.from_recipe(args.recipe, args.overrides)
+        tsp = recipe_tsp_options(args.recipe, args.overrides)
         kw = {k: v for k, v in dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_groups=args.kv_groups,
                                     ffn=args.ffn, vocab=args.vocab, dtype=args.dtype).items() if v is not None}
         if kw or args.no_gated:
@@ -87,7 +93,8 @@ def build_inputs(args):
         raise PlanError("--seq-len is required without a recipe")
     train = TrainSpec(seq_len=seq, micro_batch=args.micro_batch, global_batch=args.global_batch,
                       optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer,
-                      recompute=args.recompute, norm=args.norm)
+                      recompute=args.recompute, norm=args.norm,
+                      mlp_exchange=args.tsp_mlp_exchange or tsp["mlp_exchange"])
     cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
                       gpu_memory_gib=args.gpu_memory_gb)
     layouts = [Layout.parse(x) for x in args.layout] if args.layout else None

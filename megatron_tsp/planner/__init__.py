@@ -12,14 +12,15 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from . import hardware
+from ..config import AUTO_TOKENS_BELOW
 from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
-                       memory, param_counts, recompute_mode, volume_per_layer)
+                       memory, mlp_exchange, param_counts, recompute_mode, volume_per_layer)
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
 __all__ = ["Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
            "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
-           "step_time", "volume_per_layer", "param_counts", "GIB"]
+           "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
 ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
     # TSP and the CP baselines: each local chunk against its causal prefix through
@@ -49,10 +50,20 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     def seconds(i: CommItem) -> float:
         return i.time_bytes / (hw.bus_gb_s(i.collective, i.link) * 1e9) * (m.layers if i.per_layer else 1)
 
+    def hideable(i: CommItem) -> float:
+        """Seconds of an overlapped item that compute can hide: all of it, or at most the time
+        of the GEMMs beside it (`overlap_flops`)."""
+        if not i.overlapped:
+            return 0.0
+        if i.overlap_flops is None:
+            return seconds(i)
+        beside = i.overlap_flops * (m.layers if i.per_layer else 1) / (hw.matmul_tflops * 1e12)
+        return min(seconds(i), beside)
+
     micro_items = [i for i in items if i.per_layer]
     comm_all = sum(seconds(i) for i in micro_items)
-    comm_serial = sum(seconds(i) for i in micro_items if not i.overlapped)
-    comm_hidden = comm_all - comm_serial
+    comm_hidden = sum(hideable(i) for i in micro_items)
+    comm_serial = comm_all - comm_hidden
     step_comm = sum(seconds(i) for i in items if not i.per_layer)
     dp = cluster.world // lay.size
     gb = train.global_batch or train.micro_batch * dp
@@ -88,6 +99,11 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
     p.fits = mem.peak / GIB <= capacity
     p.notes.append(f"recompute: {recompute_mode(lay, train)}")
+    exchange = mlp_exchange(train, lay)
+    if exchange is not None:
+        why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp} tokens per rank, tokens below "
+               f"{AUTO_TOKENS_BELOW})" if train.mlp_exchange == "auto" else "")
+        p.notes.append(f"MLP exchange: {exchange}{why}")
     if lay.cp > 1:
         p.notes.append("CP modelled as K/V all-gather (re-gathered in backward), zigzag, local q/k/v/o saved")
     return p

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..config import TSPConfigError
+from ..config import MLP_EXCHANGES, TSPConfigError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
@@ -122,6 +122,14 @@ class ModelSpec:
                    name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m.seq_length
 
 
+def recipe_tsp_options(path: str, overrides: List[str] = ()) -> dict:
+    """The TSP options of a training recipe that the planner models, as TrainSpec fields:
+    {"mlp_exchange": parallel.tsp_mlp_exchange}."""
+    from ..recipe import load_recipe
+
+    return {"mlp_exchange": load_recipe(path, list(overrides)).parallel.tsp_mlp_exchange}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """One optimizer step: `micro_batch` sequences of `seq_len` tokens per micro-batch and
@@ -135,6 +143,7 @@ class TrainSpec:
     recompute: str = "auto"  # auto: as each layout runs today; none; full
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.wrap_ddp_and_optimizer sets it
     norm: str = "torch"  # torch: composite torch norm (no TE, as on the GPU machine); fused: TE/apex kernel
+    mlp_exchange: str = "auto"  # TSP's MLP exchange (parallel.tsp_mlp_exchange): ring, broadcast, tokens, auto
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len)
@@ -147,6 +156,8 @@ class TrainSpec:
             raise PlanError(f"--norm = {self.norm!r} is not one of torch, fused")
         if self.recompute not in RECOMPUTE:
             raise PlanError(f"--recompute = {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if self.mlp_exchange not in MLP_EXCHANGES:
+            raise PlanError(f"--tsp-mlp-exchange = {self.mlp_exchange!r} is not one of {', '.join(MLP_EXCHANGES)}")
 
 
 @dataclass(frozen=True)
