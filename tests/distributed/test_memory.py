@@ -69,3 +69,42 @@ def test_tokens_mlp_saves_its_share_too(world):
     init_tsp(4)
     _, _, bytes_d4, _ = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(), options)
     assert bytes_d4 <= 1.25 / 4 * bytes_d1, f"saved {bytes_d4} B at D=4 vs {bytes_d1} B at D=1"
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_at_most_two_shards_of_gathered_kv_alive(world, recompute, monkeypatch):
+    """The pipelined attention keeps the K/V of shard j in flight while shard j-1 attends (and in
+    backward re-gathers one shard ahead): whenever a K/V all-gather is posted, at most two
+    gathered-size buffers (zigzag or natural order) from earlier shards may still be alive, never
+    all D shards' (checked to fail when they are kept)."""
+    import weakref
+
+    import megatron_tsp.attention as attention
+
+    if world != 4:
+        pytest.skip("needs D = 4")
+    live, worst = [], {"n": 0}
+
+    def alive():
+        return sum(1 for r in live if r() is not None)
+
+    real_gather, real_natural = attention.comm.all_gather_sequence_raw, attention.from_zigzag
+
+    def gather(local, group, async_op=False):
+        worst["n"] = max(worst["n"], alive())
+        out = real_gather(local, group, async_op=async_op)
+        live.append(weakref.ref(out[0] if async_op else out))
+        return out
+
+    def natural(t, D, dim):
+        out = real_natural(t, D, dim)
+        live.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(attention.comm, "all_gather_sequence_raw", gather)
+    monkeypatch.setattr(attention, "from_zigzag", natural)
+    init_tsp(4)
+    _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(),
+                            TSPOptions(recompute=recompute, mlp_exchange="ring"))
+    assert len(live) >= 2 * 4, "the attention should have gathered K/V at least once per shard"
+    assert worst["n"] <= 2, f"{worst['n']} gathered K/V buffers alive when the next all-gather was posted"
