@@ -922,10 +922,12 @@ def collect(records: List[dict]):
     if len(metas) > 1:
         meta["commands"] = [m.get("command") for m in metas]
     devices = [r for r in records if r.get("kind") == "device"]
-    rows = {}
+    rows, commit = {}, None
     for r in records:
-        if r.get("kind") == "row":
-            rows[r["id"]] = r  # the last record of a row wins
+        if r.get("kind") == "meta":
+            commit = r.get("commit")
+        elif r.get("kind") == "row":
+            rows[r["id"]] = dict(r, run_commit=commit)  # the last record of a row wins; its run's commit
     layout_order = {}
     for m in metas:
         for rid in m.get("plan", []):
@@ -933,6 +935,18 @@ def collect(records: List[dict]):
     ordered = sorted(rows.values(), key=lambda r: (r["variant"] != "mha", r["variant"],
                                                    layout_order.get(r["layout"], 1e9), r["layout"], r["seq"]))
     return meta, devices, ordered
+
+
+def _commits(rows: List[dict], meta: dict) -> str:
+    """The commit of the run, or, when --resume runs of several commits are merged, which rows
+    each measured."""
+    by_commit = {}
+    for r in rows:
+        if r["status"] != "unavailable":
+            by_commit.setdefault(r.get("run_commit") or meta.get("commit", "?"), []).append(r["id"])
+    if len(by_commit) <= 1:
+        return f"`{next(iter(by_commit), meta.get('commit', '?'))}`"
+    return "; ".join(f"`{c}`: {', '.join(ids)}" for c, ids in by_commit.items())
 
 
 def _find(rows, layout, variant, seq):
@@ -1096,7 +1110,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
     lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
     lines += [
         "- **Command:** " + " then ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "?")])),
-        f"- **Commit:** `{meta.get('commit', '?')}`. **Started:** {meta.get('started', '?')}.",
+        f"- **Commit:** {_commits(rows, meta)}. **Started:** {meta.get('started', '?')}.",
         f"- **Device:** {dev.get('world', '?')} x {dev.get('device', '?')}"
         + (f" ({dev['total_memory_gb']:.0f} GiB each)" if dev.get("total_memory_gb") else "")
         + f", {dev.get('backend', '?')}; torch {dev.get('torch', meta.get('torch', '?'))}, CUDA {dev.get('cuda')}, NCCL {dev.get('nccl')}.",

@@ -228,3 +228,15 @@ def test_resume_keeps_done_rows_and_refuses_another_model(tmp_path, monkeypatch)
     assert launched == ["tsp/mha/64", "tsp/mha/128"]
     with pytest.raises(SystemExit, match="--redo goes with --resume"):
         bench.main([a for a in argv if a != "--resume"] + ["--redo", "tsp"])
+
+
+def test_merged_runs_name_the_commit_of_each_row():
+    """A report merged from --resume runs of several commits says which rows each measured."""
+    recs = [{"kind": "meta", "commit": "aaa", "plan": ["tsp/mha/64"]},
+            {"kind": "row", "id": "tsp/mha/64", "layout": "tsp", "variant": "mha", "seq": 64, "status": "ok"},
+            {"kind": "meta", "commit": "bbb", "plan": ["tp_sp/mha/64"]},
+            {"kind": "row", "id": "tp_sp/mha/64", "layout": "tp_sp", "variant": "mha", "seq": 64, "status": "ok"}]
+    meta, _, rows = bench.collect(recs)
+    assert {r["id"]: r["run_commit"] for r in rows} == {"tsp/mha/64": "aaa", "tp_sp/mha/64": "bbb"}
+    assert bench._commits(rows, meta) == "`aaa`: tsp/mha/64; `bbb`: tp_sp/mha/64"
+    assert bench._commits(rows[:1], meta) == "`aaa`"
