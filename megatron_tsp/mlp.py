@@ -16,6 +16,8 @@ with 'full', each shard's fc1 runs again in backward.
 
 `TSPOptions(mlp_exchange='broadcast')` runs the same math with attention's exchange instead:
 shard j broadcast from its owner, its gradient reduced onto the owner (`TSPBroadcastMLPFunction`).
+`'tokens'` keeps the weights and moves the tokens (Megatron's sequence-parallel MLP forward);
+`'auto'` (the default) picks `tokens` below AUTO_TOKENS_BELOW local tokens, else the ring.
 """
 
 from __future__ import annotations
@@ -106,26 +108,37 @@ def forward_over_shards(shards, packer, x, activation, recompute: str):
     return out, saved
 
 
+def _forward(ctx, shard_iterator, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
+    """Both MLP Functions' forward; they differ in how the shards arrive (`ring_shards` or
+    `broadcast_shards`)."""
+    packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
+    shards = shard_iterator(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
+    out, saved = forward_over_shards(shards, packer, x, activation, recompute)
+    ctx.activation, ctx.group, ctx.packer = activation, group, packer
+    ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
+    return out
+
+
+def _backward_inputs(ctx, grad_out):
+    """x, the weights, the saved fc1 outputs, x and grad_out as 2-D, and a zero dx."""
+    x, w_fc1, b_fc1, w_fc2, *saved = ctx.saved_tensors
+    h = x.shape[-1]
+    x2d = x.reshape(-1, h)
+    return x, w_fc1, b_fc1, w_fc2, saved, x2d, grad_out.reshape(-1, h), torch.zeros_like(x2d)
+
+
 class TSPBroadcastMLPFunction(torch.autograd.Function):
     """The MLP with attention's exchange: shard j is broadcast from its owner (shard j+1's
     broadcast in flight while j computes) and its gradient reduced onto the owner."""
 
     @staticmethod
     def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
-        packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
-        shards = broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
-        out, saved = forward_over_shards(shards, packer, x, activation, recompute)
-        ctx.activation, ctx.group, ctx.packer = activation, group, packer
-        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
-        return out
+        return _forward(ctx, broadcast_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_fc1, b_fc1, w_fc2, *saved = ctx.saved_tensors
+        x, w_fc1, b_fc1, w_fc2, saved, x2d, g2d, dx = _backward_inputs(ctx, grad_out)
         activation, group, packer = ctx.activation, ctx.group, ctx.packer
-        h = x.shape[-1]
-        x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
-        dx = torch.zeros_like(x2d)
         reductions, owned_grad = Reductions(group), None
         for j, shard in broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
             w1, b1, w2 = packer.unpack(shard)
@@ -146,21 +159,13 @@ class TSPBroadcastMLPFunction(torch.autograd.Function):
 class TSPRingMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
-        packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
-        shards = ring_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
-        out, saved = forward_over_shards(shards, packer, x, activation, recompute)
-        ctx.activation, ctx.group, ctx.packer = activation, group, packer
-        ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
-        return out
+        return _forward(ctx, ring_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_fc1, b_fc1, w_fc2, *saved = ctx.saved_tensors
+        x, w_fc1, b_fc1, w_fc2, saved, x2d, g2d, dx = _backward_inputs(ctx, grad_out)
         activation, group, packer = ctx.activation, ctx.group, ctx.packer
         D = group.size()
-        h = x.shape[-1]
-        x2d, g2d = x.reshape(-1, h), grad_out.reshape(-1, h)
-        dx = torch.zeros_like(x2d)
         grad_in, grad_requests = None, None  # the accumulated gradient arriving from p-1
         for t, shard in ring_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
             w1, b1, w2 = packer.unpack(shard)
