@@ -136,6 +136,16 @@ MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 AUTO_TOKENS_BELOW = 8192
 
 
+def resolve_mlp_exchange(exchange: str, local_tokens: int, tsp_size: int, compute_only: bool = False) -> str:
+    """The exchange an MLP call runs: `auto` -> `tokens` below AUTO_TOKENS_BELOW tokens per rank
+    (micro-batch x S / D) when D > 1, else `ring` (also in compute-only runs, which can skip only
+    TSP's own collectives). Used by the MLP and by the planner."""
+    if exchange != "auto":
+        return exchange
+    small = local_tokens < AUTO_TOKENS_BELOW and tsp_size > 1
+    return "tokens" if small and not compute_only else "ring"
+
+
 @dataclass(frozen=True)
 class TSPOptions:
     """How the TSP blocks run; passed explicitly through the layer spec (no global state).

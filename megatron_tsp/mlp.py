@@ -31,7 +31,7 @@ from megatron.core.transformer.mlp import MLP
 
 from . import comm
 from .attention import Reductions, broadcast_shards, run_holder_pre_hooks
-from .config import AUTO_TOKENS_BELOW, TSPConfigError, TSPOptions, validate_transformer_config
+from .config import TSPConfigError, TSPOptions, resolve_mlp_exchange, validate_transformer_config
 
 
 class Activation:
@@ -215,12 +215,8 @@ class TSPRingMLP(MLP):
     def exchange(self, hidden_states) -> str:
         """The exchange this call runs: `auto` resolves by the local token count (compute-only
         runs keep to TSP's own exchanges, which it can skip)."""
-        exchange = self.tsp_options.mlp_exchange
-        if exchange == "auto":
-            local_tokens = hidden_states.shape[0] * hidden_states.shape[1]
-            small = local_tokens < AUTO_TOKENS_BELOW and self.tsp_group.size() > 1
-            exchange = "tokens" if small and not self.tsp_options.compute_only else "ring"
-        return exchange
+        return resolve_mlp_exchange(self.tsp_options.mlp_exchange, hidden_states.shape[0] * hidden_states.shape[1],
+                                    self.tsp_group.size(), self.tsp_options.compute_only)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:

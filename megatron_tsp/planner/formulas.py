@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..config import AUTO_TOKENS_BELOW
+from ..config import resolve_mlp_exchange
 from .model import Cluster, Layout, ModelSpec, TrainSpec
 
 GIB = 2.0**30
@@ -44,10 +44,7 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     megatron_tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
-    if train.mlp_exchange != "auto":
-        return train.mlp_exchange
-    local_tokens = train.micro_batch * train.seq_len // lay.tsp
-    return "tokens" if lay.tsp > 1 and local_tokens < AUTO_TOKENS_BELOW else "ring"
+    return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp, lay.tsp)
 
 
 def mlp_intermediates(m: ModelSpec) -> int:

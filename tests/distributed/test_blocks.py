@@ -70,6 +70,7 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold(world, monkeypatch):
     """`auto` picks Megatron's sequence-parallel MLP below AUTO_TOKENS_BELOW local tokens and the
     ring above (here the threshold is moved around the test's token count); compute-only keeps
     to the ring."""
+    import megatron_tsp.config as config
     import megatron_tsp.mlp as mlp
     from megatron_tsp.comm import ComputeOnlyGroup
 
@@ -83,7 +84,7 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold(world, monkeypatch):
                                      (32, TSPOptions(mlp_exchange="auto"), "ring"),
                                      (33, TSPOptions(mlp_exchange="auto", compute_only=True), "ring"),
                                      (10**9, TSPOptions(mlp_exchange="broadcast"), "broadcast")):
-        monkeypatch.setattr(mlp, "AUTO_TOKENS_BELOW", threshold)
+        monkeypatch.setattr(config, "AUTO_TOKENS_BELOW", threshold)
         module.tsp_options = options
         module.tsp_group = ComputeOnlyGroup(torch.distributed.group.WORLD)
         assert module.exchange(x) == want, (threshold, options)
