@@ -167,3 +167,28 @@ def test_compute_only_mode_skips_every_collective(world, kind, monkeypatch):
     monkeypatch.setattr("tests.distributed.parity.rel_err", lambda a, b: float(torch.isfinite(a).all()))
     errors, _ = block_parity(kind, D, options=TSPOptions(compute_only=True))
     assert errors["output"] == 1.0 and errors["input_grad"] == 1.0  # ran, finite
+
+
+def test_broken_rope_adjoint_is_caught(world, monkeypatch):
+    """RoPE's backward must rotate by minus the angles: one that rotates forward again leaves the
+    output exact and breaks the gradients."""
+    from megatron_tsp.rope import Rotary
+
+    D = world
+    real = Rotary.apply_into
+    monkeypatch.setattr(Rotary, "apply_into", lambda self, out, t, inverse=False: real(self, out, t))
+    errors, _ = block_parity("attention", D, rope=True)
+    assert errors["output"] <= TOL
+    assert errors["linear_qkv.weight"] > 1e-3 and errors["input_grad"] > 1e-3
+
+
+def test_overwritten_dkv_of_the_shorter_prefix_is_caught(world, monkeypatch):
+    """The chunk with the shorter causal prefix must add its dK,dV to the other chunk's, not
+    overwrite them (attend_backward's accumulate)."""
+    from megatron_tsp import kernels
+
+    D = world
+    monkeypatch.setattr(kernels, "_write", lambda dst, src, accumulate: dst.copy_(src))
+    errors, _ = block_parity("attention", D)
+    assert errors["output"] <= TOL
+    assert errors["linear_qkv.weight"] > 1e-3
