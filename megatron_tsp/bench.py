@@ -833,8 +833,10 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             if rank == 0:
                 name = row["id"].replace("/", "_")
                 with open(os.path.join(os.path.dirname(jsonl), f"profile_{name}.md"), "w") as f:
+                    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
                     f.write(prof.summary(t.seconds, title=f"{row['label']} {row['variant']} S={row['seq']}, "
-                                                         f"{row['layers']} layers, rank 0"))
+                                                         f"{row['layers']} layers, rank 0 of {world} x {device_name}, "
+                                                         f"commit {_git_commit()}"))
             del prof
         stats = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0,
                               torch.cuda.max_memory_reserved() if cuda else 0, base_alloc], dtype=torch.float64,
