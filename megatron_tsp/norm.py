@@ -5,12 +5,14 @@ are tagged `sequence_parallel`, and Megatron's `finalize_model_grads` sums them 
 (= TP) group. Transformer Engine's TENorm is used when TE is installed; otherwise a lean torch
 LayerNorm / RMSNorm (Megatron's own torch fallback refuses sequence parallelism).
 
-Lean: torch's composite norms (RMSNorm on every device, LayerNorm's autograd on bf16 inputs on
-CPU) keep fp32 copies of their input for backward (the upcast input and the normalized value,
-8 bytes per element for a bf16 model). These keep only their input, in the model's dtype (a
-reference, not a copy), and a per-token statistic: rstd (RMSNorm), mean and rstd (LayerNorm),
-in the compute dtype (fp32 for bf16/fp16 inputs, float64 for float64). The math runs in that
-compute dtype, the output comes back in the input's dtype. Fused kernels where torch has them
+Lean: torch.nn.RMSNorm's composite path (CPU; CUDA when the weight's dtype is not the input's,
+as with the fp32 weights TSPNorm made before it followed `params_dtype`) keeps fp32 copies of its
+input for backward (the upcast input and the normalized value, 8 bytes per element for a bf16
+model), and torch's bf16 LayerNorm on CPU rounds mean and rstd to bf16. These norms keep only
+their input, in the model's dtype (a reference, not a copy), and a per-token statistic: rstd
+(RMSNorm), mean and rstd (LayerNorm), in the compute dtype (fp32 for bf16/fp16 inputs, float64
+for float64). The math runs in that compute dtype, the output comes back in the input's dtype.
+Fused kernels where torch has them
 (`native_layer_norm` and its backward; `_fused_rms_norm` forward everywhere and its backward on
 CUDA); RMSNorm's backward on other devices is written out here from the saved input and rstd.
 """
