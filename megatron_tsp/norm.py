@@ -12,9 +12,9 @@ model), and torch's bf16 LayerNorm on CPU rounds mean and rstd to bf16. These no
 their input, in the model's dtype (a reference, not a copy), and a per-token statistic: rstd
 (RMSNorm), mean and rstd (LayerNorm), in the compute dtype (fp32 for bf16/fp16 inputs, float64
 for float64). The math runs in that compute dtype, the output comes back in the input's dtype.
-Fused kernels where torch has them
-(`native_layer_norm` and its backward; `_fused_rms_norm` forward everywhere and its backward on
-CUDA); RMSNorm's backward on other devices is written out here from the saved input and rstd.
+Fused kernels where torch has them (`native_layer_norm` and its backward; `_fused_rms_norm`
+forward everywhere and its backward on CUDA); RMSNorm's backward on other devices is written out
+here from the saved input and rstd.
 """
 
 from __future__ import annotations
