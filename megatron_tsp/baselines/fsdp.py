@@ -59,9 +59,9 @@ class FullyShardedOverDataAndContext(TorchFullyShardedDataParallel):
             raise ValueError(f"FSDP over CP wraps local-spec models: config.transformer_impl = "
                              f"{config.transformer_impl!r}, expected 'local'")
         group = process_group or mpu.get_data_parallel_group(with_context_parallel=True)
-        # FSDP2 shards each module's parameters as one flat group of one dtype; the torch norms
-        # keep fp32 weights in a bf16 model (refused on the GPUs: "FSDP expects uniform original
-        # parameter dtype"), so they take the model's parameter dtype here.
+        # FSDP2 shards each module's parameters as one flat group of one dtype ("FSDP expects
+        # uniform original parameter dtype"): a guard, every parameter megatron_tsp builds
+        # (TSPNorm's included) is already in the model's parameter dtype.
         for p in module.parameters():
             if p.is_floating_point() and p.dtype != config.params_dtype:
                 p.data = p.data.to(config.params_dtype)

@@ -240,16 +240,20 @@ def test_fsdp_shards_every_parameter_over_data_and_context(world):
         assert tuple(p.shape) == shapes[name] and p.to_local().shape[0] <= -(-p.shape[0] // world), name
 
 
-def test_fsdp_wraps_a_bfloat16_model_whose_norms_keep_fp32_weights(world):
-    """The torch norms keep fp32 weights in a bf16 model; FSDP2 refuses mixed dtypes (seen on
-    the GPUs), so the wrapper casts them to the model's dtype: one bf16 step runs and every
-    gradient is finite."""
+def test_fsdp_wraps_a_bfloat16_model_with_fp32_norm_weights(world):
+    """FSDP2 refuses mixed parameter dtypes (seen on the GPUs). Every parameter of a bf16 model
+    is bf16 (TSPNorm follows params_dtype); norm weights made fp32 by hand, the wrapper casts
+    them to the model's dtype: one bf16 step runs and every gradient is finite."""
     from megatron_tsp.training import wrap_ddp_and_optimizer
 
     skip_unless_fits(world, 1, 2)
     init_groups(1, 2)
     shape = SHAPES["gqa"]
     model = build_gpt(shape, layout="native", core_attention="sdpa", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, p in model.named_parameters():
+        if "layernorm" in name:
+            p.data = p.data.float()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # the case at hand
     ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True)
     assert {p.dtype for p in ddp.module.parameters()} == {torch.bfloat16}
