@@ -92,13 +92,32 @@ def _rms_norm_backward(grad_out, x, rstd, weight, need_dx: bool, need_dw: bool):
     return dx, dw
 
 
+# torch added the fused RMSNorm ops in 2.8 (backward on CUDA later): older releases, which
+# setup.py admits, take the written-out path.
+_HAS_FUSED_RMS = hasattr(_aten, "_fused_rms_norm")
+_HAS_FUSED_RMS_BACKWARD = hasattr(_aten, "_fused_rms_norm_backward")
+
+
+def _rms_norm_forward(x, weight, eps: Optional[float]):
+    c = _compute_dtype(x.dtype)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    rstd = torch.rsqrt(x.to(c).pow(2).mean(-1, keepdim=True) + eps)
+    out = x.to(c) * rstd
+    if weight is not None:
+        out = out * weight.to(c)
+    return out.to(x.dtype), rstd
+
+
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dim; saves the input and rstd ([..., 1], compute dtype)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: Optional[float]):
         x = x.contiguous()
-        out, rstd = _aten._fused_rms_norm(x, [x.shape[-1]], _kernel_param(weight, x), eps)
+        if _HAS_FUSED_RMS:
+            out, rstd = _aten._fused_rms_norm(x, [x.shape[-1]], _kernel_param(weight, x), eps)
+        else:  # torch < 2.8: the same math, written out
+            out, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
         return out
 
@@ -106,7 +125,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, rstd, weight = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
-        if x.is_cuda:
+        if x.is_cuda and _HAS_FUSED_RMS_BACKWARD:
             dx, dw = _aten._fused_rms_norm_backward(grad_out.contiguous(), x, [x.shape[-1]], rstd,
                                                     _kernel_param(weight, x), [need_dx, need_dw])
         else:

@@ -274,3 +274,14 @@ def test_float64_model_stays_float64(layout, normalization):
     assert logits.dtype == torch.float64
     model(tokens, pos, None, labels=labels).sum().backward()
     assert all(p.grad.dtype == torch.float64 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
+def test_rms_norm_without_fused_kernel(monkeypatch, dtype):
+    """torch < 2.8 has no fused RMSNorm: the written-out forward gives the same norm."""
+    import megatron_tsp.norm as norm
+
+    monkeypatch.setattr(norm, "_HAS_FUSED_RMS", False)
+    errors, out, grads = _errors("RMSNorm", dtype, "cpu")
+    assert not _bad(errors, dtype), errors
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
