@@ -55,6 +55,7 @@ def loss_and_grads(layout, D, shape, seed, options=None):
     """Per-token loss [b, S] and every parameter's full gradient, under sum(loss * weights)."""
     init_tsp(D)
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options)
+    model.double()  # TSPNorm's torch norms hold float32 weights whatever params_dtype says (issue 14 item 2)
     tokens, labels, pos, weights = _batch(shape, seed)
     loss = model(tokens, pos, None, labels=labels)
     (loss * weights).sum().backward()
