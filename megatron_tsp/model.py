@@ -16,9 +16,9 @@ from typing import Optional
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 
-from . import lm_head
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .specs import get_tsp_block_spec
+from . import lm_head
 from .zigzag import from_zigzag, to_zigzag
 
 
@@ -43,7 +43,8 @@ class TSPGPTModel(GPTModel):
                 config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
             )
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
-        self.tsp_group, self.tsp_options = group, tsp_options
+        self.tsp_group = group
+        self.tsp_options = tsp_options
 
     def _postprocess(self, *args, **kwargs):
         return lm_head.postprocess(self, super()._postprocess, *args, **kwargs)
