@@ -8,6 +8,8 @@ Megatron's vocab-parallel cross entropy casts logits to float32 whatever the mod
 (`.float()`); for a float64 comparison the `megatron_ce_in_float64` fixture makes it compute in
 the logits' dtype when that is float64 (float32 otherwise, unchanged)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,10 +53,10 @@ def _batch(shape, seed):
     return tuple(t.to(device()) for t in (tokens, labels, pos, weights))
 
 
-def loss_and_grads(layout, D, shape, seed, options=None):
+def loss_and_grads(layout, D, shape, seed, options=None, **config_kw):
     """Per-token loss [b, S] and every parameter's full gradient, under sum(loss * weights)."""
     init_tsp(D)
-    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options)
+    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, **config_kw)
     model.double()  # TSPNorm's torch norms hold float32 weights whatever params_dtype says (issue 14 item 2)
     tokens, labels, pos, weights = _batch(shape, seed)
     loss = model(tokens, pos, None, labels=labels)
@@ -141,6 +143,22 @@ def test_broken_local_head_is_caught(world, D, breakage, megatron_ce_in_float64,
     breaker(monkeypatch)
     err, where = worst_error(loss_and_grads("tsp", D, shape, seed, local()), reference)
     assert err > 1e-3, f"{breakage} at D={D} went unnoticed (worst {where}: {err:.3e})"
+
+
+def test_mup_output_multiplier(world, megatron_ce_in_float64, monkeypatch):
+    """MuP (megatron-core >= 0.19: `use_mup`) multiplies the logits by mup_output_mult (here
+    1/2: hidden 32 over a base of 16); the local head applies it too, and fails without it."""
+    from megatron.core.transformer import TransformerConfig
+
+    if "use_mup" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        pytest.skip("this megatron-core has no MuP")
+    shape, seed, mup = SHAPES["mha-untied"], fresh_seed(), dict(use_mup=True, mup_base_hidden_size=16)
+    reference = loss_and_grads("tsp", world, shape, seed, TSPOptions(lm_head="megatron"), **mup)
+    err, where = worst_error(loss_and_grads("tsp", world, shape, seed, local(), **mup), reference)
+    assert err <= TOL, f"{where} differs from Megatron's head with MuP by {err:.3e} (seed {seed})"
+    monkeypatch.setattr(lm_head, "logit_scale", lambda config: 1.0)
+    err, where = worst_error(loss_and_grads("tsp", world, shape, seed, local(), **mup), reference)
+    assert err > 1e-3, f"the local head without MuP's multiplier went unnoticed ({where}: {err:.3e})"
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.37])
