@@ -23,11 +23,13 @@ The loss of the local tokens, [b, S/D], is all-gathered over the TSP group
 (`comm.all_gather_replicated`: every rank consumes the same full loss, so the backward takes
 this rank's slice) and returned as Megatron's is: [b, S] (zigzag here; TSPGPTModel un-permutes).
 
-Same results as Megatron's output layer + `vocab_parallel_cross_entropy` (bias-free, as GPTModel
-builds it; MuP's logit multiplier of megatron-core >= 0.19 applied). `cross_entropy_loss_fusion`
-and `fp16_lm_cross_entropy` choose Megatron's kernels (the latter is unused by GPTModel in 0.16.1
-and 0.19.2): this head always computes in fp32. Refused (TSPConfigError, at construction):
-`defer_embedding_wgrad_compute`, multi-token prediction; at call time: 0.19's `output_processor`.
+Same results as Megatron's output layer + `vocab_parallel_cross_entropy`, as GPTModel runs them
+in megatron-core 0.16.1 and 0.19.2: no output bias, label smoothing or logit soft-capping there;
+MuP's logit multiplier (0.19, `use_mup`) is applied. `cross_entropy_loss_fusion` only picks
+Megatron's kernel for the same math, and GPTModel stores `fp16_lm_cross_entropy` without using
+it: this head computes in fp32 (float64 for float64 models), as Megatron's does. Refused
+(TSPConfigError naming the flag): `defer_embedding_wgrad_compute` and multi-token prediction at
+construction; an output layer with a bias and 0.19's `output_processor` at the call.
 """
 
 from __future__ import annotations
@@ -191,6 +193,9 @@ def postprocess(model, megatron_postprocess, *args, **kwargs):
     D, p, s = group.size(), group.rank(), hidden_states.shape[0]
     if labels.shape[1] != D * s:
         raise TSPConfigError(f"labels cover {labels.shape[1]} tokens but the decoder's output covers {D} x {s}")
+    if getattr(model.output_layer, "bias", None) is not None:
+        raise TSPConfigError("an output layer with a bias is not supported by the sequence-local LM head "
+                             "(--tsp-lm-head local / parallel.tsp_lm_head = local): use --tsp-lm-head megatron")
     if model.share_embeddings_and_output_weights:
         weight = model.shared_embedding_or_output_weight()
     else:
