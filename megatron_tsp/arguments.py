@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from .config import (MLP_EXCHANGES, RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes, check_seq_length,
+from .config import (LM_HEADS, MLP_EXCHANGES, RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes, check_seq_length,
                      check_tsp_size)
 from .kernels import BACKENDS
 
@@ -67,13 +67,25 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
              "(weights stay, tokens all-gathered and outputs reduce-scattered: Megatron's sequence-parallel "
              "MLP on the TSP group) or auto (tokens below 8192 tokens per rank, else ring).",
     )
+    group.add_argument(
+        "--tsp-lm-head", choices=LM_HEADS, default="local",
+        help="local: the sequence-local LM head and cross entropy (logits of this rank's tokens only; "
+             "vocab shards travel over the TSP group; online log-sum-exp chunked along tokens); "
+             "megatron: Megatron's output layer + vocab-parallel cross entropy (all S tokens' logits).",
+    )
+    group.add_argument(
+        "--tsp-lm-head-chunk-tokens", type=int, default=4096,
+        help="Local tokens per chunk of the local LM head: at most this many x V/D logits at a time.",
+    )
     return parser
 
 
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
     return TSPOptions(recompute=getattr(args, "tsp_recompute", "none"),
                       attention_backend=getattr(args, "tsp_attention_backend", "auto"),
-                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "auto"))
+                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "auto"),
+                      lm_head=getattr(args, "tsp_lm_head", "local"),
+                      lm_head_chunk_tokens=getattr(args, "tsp_lm_head_chunk_tokens", 4096))
 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -113,6 +125,9 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         raise TSPConfigError(f"--num-query-groups = {groups} must be divisible by --tsp-size = {D}")
     if get("seq_length") is not None:
         check_seq_length(args.seq_length, D)
+    if tsp_options_from_args(args).lm_head == "local" and get("defer_embedding_wgrad_compute"):
+        raise TSPConfigError("--defer-embedding-wgrad-compute is not supported by the sequence-local LM head "
+                             "(--tsp-lm-head local): use --tsp-lm-head megatron")
     args.tensor_model_parallel_size = D
     args.sequence_parallel = True
     return args

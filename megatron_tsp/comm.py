@@ -8,6 +8,8 @@ NCCL and gloo alike and allocates on the input's device.
 | `broadcast_from`       | shard of rank j -> every rank           | `reduce_to` rank j (SUM)     |
 | `ring_shift`           | send to rank p+1, receive from p-1      | the reverse shift            |
 | `all_gather_sequence`  | [s, ...] -> [D*s, ...] in rank order    | reduce-scatter (SUM)         |
+| `all_gather_replicated`| [s, ...] -> [D*s, ...], consumed alike  | this rank's slice            |
+|                        | by every rank (the per-token loss)      |                              |
 """
 
 from __future__ import annotations
@@ -121,6 +123,28 @@ def all_gather_sequence(local: torch.Tensor, group) -> torch.Tensor:
     if group.size() == 1:
         return local
     return _AllGatherSequence.apply(local, group)
+
+
+class _AllGatherReplicated(torch.autograd.Function):
+    """[s, ...] -> [D*s, ...] in rank order, for a result that every rank consumes the same way
+    (the per-token loss: every rank computes the same objective from it). The gradient arriving
+    on each rank is then one and the same, so this rank's part is its slice; a reduce-scatter
+    would count it D times."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.rank, ctx.rows = group.rank(), local.shape[0]
+        return all_gather_sequence_raw(local, group)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather_replicated(local: torch.Tensor, group) -> torch.Tensor:
+    if group.size() == 1:
+        return local
+    return _AllGatherReplicated.apply(local, group)
 
 
 class ShardPacker:

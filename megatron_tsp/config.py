@@ -130,6 +130,7 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 
 RECOMPUTE_MODES = ("none", "full")
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
+LM_HEADS = ("local", "megatron")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
 # shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
 # tokens = 4K per rank exposed the ring; docs/performance.md).
@@ -161,6 +162,12 @@ class TSPOptions:
       and the output reduce-scattered: Megatron's sequence-parallel MLP on the TSP group, for
       short sequences where moving tokens is cheaper than moving weights), or `auto` (`tokens`
       when a rank holds fewer than AUTO_TOKENS_BELOW tokens, else `ring`). The same math.
+    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.lm_head:
+      each rank computes logits for its own tokens only, the vocab shards travel over the group,
+      online log-sum-exp); `megatron`: Megatron's output layer + vocab-parallel cross entropy
+      (all S tokens' logits, S x V/D per rank). The same loss and gradients.
+    lm_head_chunk_tokens: local tokens per chunk of the local head: at most this many x V/D logits
+      exist at a time (forward and backward).
     compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
       the numbers are wrong) to time the same kernels without communication.
     """
@@ -168,6 +175,8 @@ class TSPOptions:
     recompute: str = "none"
     attention_backend: str = "auto"
     mlp_exchange: str = "auto"
+    lm_head: str = "local"
+    lm_head_chunk_tokens: int = 4096
     compute_only: bool = False
 
     def __post_init__(self):
@@ -179,6 +188,11 @@ class TSPOptions:
             raise TSPConfigError(
                 f"--tsp-mlp-exchange must be one of {', '.join(MLP_EXCHANGES)}, got {self.mlp_exchange!r}"
             )
+        if self.lm_head not in LM_HEADS:
+            raise TSPConfigError(f"--tsp-lm-head must be one of {', '.join(LM_HEADS)}, got {self.lm_head!r}")
+        chunk = self.lm_head_chunk_tokens
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise TSPConfigError(f"--tsp-lm-head-chunk-tokens must be a positive integer, got {chunk!r}")
         if self.compute_only and self.mlp_exchange == "tokens":
             raise TSPConfigError("--tsp-mlp-exchange tokens runs Megatron's own collectives, which the compute-only "
                                  "benchmark mode cannot skip: use ring, broadcast or auto")

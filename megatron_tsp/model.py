@@ -4,7 +4,9 @@ rank and returns the per-token loss (or logits) in natural order.
 The zigzag layout is a permutation of the full sequence: tokens, positions, labels and the
 loss mask are permuted before the model, so Megatron's contiguous sequence-parallel scatter
 hands rank r chunks r and 2D-1-r; the per-token output is un-permuted on the way out.
-Embedding, LM head and vocab-parallel cross-entropy are Megatron's, on the same group.
+Embedding: Megatron's, on the same group. With labels, the loss comes from the sequence-local
+LM head (`megatron_tsp.lm_head`, `TSPOptions(lm_head='local')`, the default) or Megatron's
+output layer and vocab-parallel cross entropy (`lm_head='megatron'`); logits are Megatron's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .specs import get_tsp_block_spec
+from . import lm_head
 from .zigzag import from_zigzag, to_zigzag
 
 
@@ -31,6 +34,8 @@ class TSPGPTModel(GPTModel):
         validate_transformer_config(config, group.size())
         if kwargs.get("mtp_block_spec") is not None:
             raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
+        tsp_options = tsp_options or TSPOptions()
+        lm_head.check_lm_head(config, tsp_options, vocab_size, group.size())
         if transformer_layer_spec is None:
             vp_stage = kwargs.get("vp_stage")
             pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
@@ -39,6 +44,10 @@ class TSPGPTModel(GPTModel):
             )
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.tsp_group = group
+        self.tsp_options = tsp_options
+
+    def _postprocess(self, *args, **kwargs):
+        return lm_head.postprocess(self, super()._postprocess, *args, **kwargs)
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
         D = self.tsp_group.size()

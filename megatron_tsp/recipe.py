@@ -61,6 +61,14 @@ class ParallelRecipe:
     the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
     all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
     below 8192 tokens per rank, else ring)."""
+    tsp_lm_head: Optional[str] = None
+    """TSP's LM head and cross entropy: local (the default with layout tsp; each rank computes
+    logits for its own tokens only, vocab shards travel over the TSP group, online log-sum-exp
+    chunked along tokens: at most lm_head_chunk_tokens x V/D logits at a time) or megatron
+    (Megatron's output layer + vocab-parallel cross entropy: all S tokens' logits, S x V/D per
+    rank). Same loss and gradients. null: local. local needs layout tsp."""
+    lm_head_chunk_tokens: int = 4096
+    """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     high_priority_comm: bool = False
@@ -152,9 +160,14 @@ class Recipe:
         try:
             self.tsp_options()
         except TSPConfigError as e:
-            raise RecipeError(str(e).replace("--tsp-recompute", "parallel.tsp_recompute")
+            raise RecipeError(str(e).replace("--tsp-lm-head-chunk-tokens", "parallel.lm_head_chunk_tokens")
+                              .replace("--tsp-lm-head", "parallel.tsp_lm_head")
+                              .replace("--tsp-recompute", "parallel.tsp_recompute")
                               .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")
                               .replace("--tsp-mlp-exchange", "parallel.tsp_mlp_exchange")) from None
+        if p.tsp_lm_head == "local" and p.layout != "tsp":
+            raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = tsp (got {p.layout}): the "
+                              "baselines run Megatron's LM head (leave it null or set megatron)")
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in ("LayerNorm", "RMSNorm"):
@@ -237,7 +250,8 @@ class Recipe:
     def tsp_options(self) -> TSPOptions:
         p = self.parallel
         return TSPOptions(recompute=p.tsp_recompute, attention_backend=p.tsp_attention_backend,
-                          mlp_exchange=p.tsp_mlp_exchange, compute_only=p.tsp_compute_only)
+                          mlp_exchange=p.tsp_mlp_exchange, lm_head=p.tsp_lm_head or "local",
+                          lm_head_chunk_tokens=p.lm_head_chunk_tokens, compute_only=p.tsp_compute_only)
 
     @property
     def axis_size(self) -> int:

@@ -1,14 +1,20 @@
 """Memory is the product: what a TSP layer saves for backward at D = 4 is at most 1.25/D of
 what the same layer saves at D = 1 for the same global batch, and no saved tensor is another
-rank's weight shard or a gathered K/V; in both recompute modes, `full` saving less."""
+rank's weight shard or a gathered K/V; in both recompute modes, `full` saving less. The
+sequence-local LM head never creates more than one chunk of logits."""
+
+import math
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_tsp.config import TSPOptions
 from megatron_tsp.specs import get_tsp_layer_spec
+from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
 from megatron_tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from tests.utils import device, init_tsp, singleton_pgs, tiny_config
@@ -108,3 +114,61 @@ def test_at_most_two_shards_of_gathered_kv_alive(world, recompute, monkeypatch):
                             TSPOptions(recompute=recompute, mlp_exchange="ring"))
     assert len(live) >= 2 * 4, "the attention should have gathered K/V at least once per shard"
     assert worst["n"] <= 2, f"{worst['n']} gathered K/V buffers alive when the next all-gather was posted"
+
+
+# -- the LM head: no logits of all S tokens, nor more than one chunk's, ever exist -----------------
+
+LM_SHAPE = ModelShape(num_layers=1, hidden_size=48, num_attention_heads=4, ffn_hidden_size=64, vocab_size=4 * 37,
+                      seq_length=64)
+LM_CHUNK = 12  # local tokens: 128 / D, never a multiple of 12
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the shape of every tensor any op returns (allocations, and views of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def _lm_head_footprint(D, lm_head):
+    """Forward + backward of a TSPGPTModel with labels -> (most tokens' logits in one allocated
+    tensor, in one saved tensor, whether any tensor has all S tokens x a vocab shard). A logits
+    tensor is one with a V/D dimension that is not a vocab shard's weight [V/D, h]."""
+    init_tsp(D)
+    model = build_gpt(LM_SHAPE, layout="tsp", seed=5,
+                      tsp_options=TSPOptions(lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
+    tokens, labels, pos = synthetic_batch(0, 2, LM_SHAPE)
+    params = {p.data_ptr() for p in model.parameters()}
+    saved, allocations = [], _Allocations()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t), allocations:
+        model(tokens, pos, None, labels=labels).sum().backward()
+    vocab_shard, h = LM_SHAPE.vocab_size // D, LM_SHAPE.hidden_size
+
+    def logit_rows(shape):
+        if vocab_shard not in shape or sorted(shape) == sorted((vocab_shard, h)):
+            return 0
+        return math.prod(shape) // vocab_shard
+
+    allocated = max(map(logit_rows, allocations.shapes))
+    kept = max([logit_rows(tuple(t.shape)) for t in saved if t.data_ptr() not in params], default=0)
+    whole_sequence = any(vocab_shard in s and LM_SHAPE.seq_length in s for s in allocations.shapes)
+    return allocated, kept, whole_sequence
+
+
+def test_local_lm_head_never_holds_more_than_one_chunk_of_logits(world):
+    """With `lm_head='local'` every logits tensor of forward and backward has at most
+    lm_head_chunk_tokens rows and none is saved; Megatron's head (all S tokens' logits, saved for
+    its backward) fails the same checks: the test of the test."""
+    allocated, kept, whole_sequence = _lm_head_footprint(world, "local")
+    assert allocated == LM_CHUNK, f"the largest logits tensor has {allocated} tokens' rows, chunk {LM_CHUNK}"
+    assert kept == 0, f"a logits tensor of {kept} tokens was saved for backward"
+    assert not whole_sequence, "a tensor with all S tokens x V/D was created"
+    allocated, kept, whole_sequence = _lm_head_footprint(world, "megatron")
+    tokens = LM_SHAPE.seq_length * 2
+    assert allocated >= tokens and kept >= tokens and whole_sequence, (allocated, kept, whole_sequence)

@@ -69,6 +69,7 @@ def test_parse_known_args_maps_too():
     (["--tsp-size", "4", "--seq-length", "100"], r"--seq-length = 100 must be divisible by 2 x --tsp-size = 8"),
     (["--tsp-size", "3"], r"--num-attention-heads = 32 must be divisible by --tsp-size = 3"),
     (["--tsp-size", "0"], r"--tsp-size must be a positive integer"),
+    (["--tsp-size", "2", "--tsp-lm-head-chunk-tokens", "0"], r"--tsp-lm-head-chunk-tokens must be a positive integer"),
 ])
 def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -90,7 +91,7 @@ def test_help_lists_the_tsp_flags(capsys):
     with pytest.raises(SystemExit):
         _megatron_like_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec"):
+    for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec", "--tsp-lm-head", "--tsp-lm-head-chunk-tokens"):
         assert flag in out
 
 

@@ -34,6 +34,9 @@ def test_every_recipe_loads(path):
     (["steps=3"], r"override 'steps=3' must look like section.key=value"),
     (["train.resume=true"], r"train.resume = true needs train.save_dir"),
     (["parallel.gemm_sm_carveout=-1"], r"parallel.gemm_sm_carveout = -1 must be >= 0"),
+    (["parallel.tsp_lm_head=fused"], r"parallel.tsp_lm_head must be one of local, megatron, got 'fused'"),
+    (["parallel.lm_head_chunk_tokens=0"], r"parallel.lm_head_chunk_tokens must be a positive integer, got 0"),
+    (["parallel.layout=tp", "parallel.tsp_lm_head=local"], r"parallel.tsp_lm_head = local needs parallel.layout = tsp"),
 ] + ([] if torch.cuda.is_available() else [  # the CPU machine (CI): GPU-only keys are refused
     (["parallel.gemm_sm_carveout=8"], r"parallel.gemm_sm_carveout needs GPUs"),
     (["parallel.high_priority_comm=true"], r"parallel.high_priority_comm = true needs NCCL process groups"),
@@ -41,6 +44,13 @@ def test_every_recipe_loads(path):
 def test_bad_overrides(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(None, override)
+
+
+def test_lm_head_keys_reach_the_tsp_options():
+    assert load_recipe(None, []).tsp_options().lm_head == "local"
+    options = load_recipe(None, ["parallel.tsp_lm_head=megatron", "parallel.lm_head_chunk_tokens=7"]).tsp_options()
+    assert (options.lm_head, options.lm_head_chunk_tokens) == ("megatron", 7)
+    assert load_recipe(None, ["parallel.layout=dp", "parallel.tsp_lm_head=megatron"]).parallel.layout == "dp"
 
 
 def test_world_size_and_batch_checks():
