@@ -227,7 +227,8 @@ def recompute_mode(lay: Layout, train: TrainSpec) -> str:
 
 
 def uses_local_head(train: TrainSpec, lay: Layout) -> bool:
-    """The sequence-local LM head runs only on TSP layouts; the baselines run Megatron's."""
+    """The sequence-local LM head (megatron_tsp/lm_head.py) runs only on TSP layouts; the
+    baselines run Megatron's."""
     return lay.kind == "tsp" and train.lm_head == "local"
 
 
@@ -288,7 +289,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     # final norm + the output layer's (local) input; the local head adds lse and the target logit
     detail["final norm and LM-head input"] = (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm
     if uses_local_head(train, lay):
-        detail["LM-head statistics (lse, target logit)"] = 2 * FP32 * tokens_norm
+        detail["LM-head log-sum-exp"] = FP32 * tokens_norm  # (its input is counted above; labels are the batch's)
     activations = sum(detail.values())
 
     head = lm_head_working_set(m, train, lay)

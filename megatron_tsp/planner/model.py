@@ -352,6 +352,9 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
     if train.recompute_num_layers is not None and train.recompute_num_layers > model.layers:
         raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} is more than the layers "
                         f"per stage ({model.layers})")
+    if train.recompute_num_layers and train.recompute_method == "uniform" and model.layers % train.recompute_num_layers:
+        raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} must divide the {model.layers} "
+                        "layers per stage with parallel.recompute_method = uniform (checkpointed chunks of N layers)")
     dp = cluster.world // layout.size
     if train.global_batch is not None and train.global_batch % (train.micro_batch * dp):
         raise PlanError(f"--global-batch = {train.global_batch} must be a multiple of --micro-batch "

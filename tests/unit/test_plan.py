@@ -322,7 +322,7 @@ def test_full_uniform_recompute_keeps_one_input_per_chunk_by_hand(tsp_recompute)
     D, S = 4, 65536
     lay = Layout("tsp", tsp=D)
     inp = S / D * H * 2
-    for N, inputs in ((1, 8), (2, 4), (3, 3)):
+    for N, inputs in ((1, 8), (2, 4), (4, 2)):
         t = TrainSpec(seq_len=S, recompute="full", recompute_num_layers=N, tsp_recompute=tsp_recompute,
                       mlp_exchange="ring")
         mem = memory(SMALL, t, lay, NODE4)
@@ -418,9 +418,9 @@ def test_local_lm_head_working_set_by_hand():
     # the local head recomputes each chunk's logits in backward: 8 S h V / D FLOPs instead of 6
     fl = lambda head: flops(MHA, TrainSpec(seq_len=S, lm_head=head), lay)["matmul"]  # noqa: E731
     assert fl("local") - fl("megatron") == pytest.approx(2 * S * H * V / D)
-    # and saves 2 fp32 statistics per local token; no Megatron all-gather buffer
+    # and saves one fp32 log-sum-exp per local token (megatron_tsp/lm_head.py)
     mem = memory(MHA, TrainSpec(seq_len=S, mlp_exchange="ring"), lay, NODE4)
-    assert mem.detail["LM-head statistics (lse, target logit)"] == pytest.approx(2 * 4 * S / D)
+    assert mem.detail["LM-head log-sum-exp"] == pytest.approx(4 * S / D)
 
 
 def test_selective_recompute_of_the_baselines_by_hand():
@@ -447,6 +447,9 @@ def test_selective_recompute_of_the_baselines_by_hand():
     (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=9), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
      r"parallel.recompute_num_layers = 9 is more than the layers per stage \(8\)"),
+    (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=3), NODE4,
+                      hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
+     r"parallel.recompute_num_layers = 3 must divide the 8 layers per stage"),
     (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="selective"), NODE4, hardware.load("h200x4"),
                       [Layout("tsp", tsp=4)]), r"parallel.recompute = selective is for the baselines"),
 ])
