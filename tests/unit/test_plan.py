@@ -515,14 +515,16 @@ def test_plan_imports_neither_torch_nor_megatron():
 
 
 def test_frontier_json(capsys):
-    """Per layout: fitting contexts form a prefix of the powers of two, tokens/s/GPU does not rise
-    with S, max_seq_len fits (re-planned with its options) and the next multiple of 2 x size x
-    1024 does not fit with any configuration."""
+    """Per layout: fitting contexts form a prefix of the powers of two (memory is monotone in S),
+    the configuration chosen at 2S also fits at S and is no faster there than the one chosen at
+    S, max_seq_len fits (re-planned with its options) and the next multiple of 2 x size x 1024
+    does not fit with any configuration. (Tokens/s/GPU may rise from 16K to 32K where the
+    per-step optimizer dominates, so it is not required to fall.)"""
     import dataclasses
 
     from megatron_tsp.planner import frontier as fr
 
-    assert plan_main([RECIPE, "--frontier", "--json", "--gpus-per-node", "4"]) == 0
+    assert plan_main([RECIPE, "--frontier", "--json", "--gpus-per-node", "4", "--max-seq-len", str(2**20)]) == 0
     data = json.loads(capsys.readouterr().out)
     hw = hardware.load("h200x4")
     model, seq = ModelSpec.from_recipe(RECIPE)
@@ -532,18 +534,23 @@ def test_frontier_json(capsys):
     for r in data["layouts"]:
         fits = [c["fits"] for c in r["contexts"]]
         assert fits == sorted(fits, reverse=True), r["layout"]  # a prefix fits
-        speeds = [c["tokens_per_s_per_gpu"] for c in r["contexts"] if c["fits"]]
-        assert all(a >= b for a, b in zip(speeds, speeds[1:])), (r["layout"], speeds)
         if r["max_seq_len"] is None:
             continue
         lay = next(x for x in fr.candidate_layouts(Cluster(4)) if x.label == r["layout"])
-        opts = r["at_max"]["options"]
-        t = dataclasses.replace(base, seq_len=r["max_seq_len"], recompute=opts["recompute"],
-                                recompute_method=opts.get("recompute_method", "uniform"),
-                                recompute_num_layers=opts.get("recompute_num_layers"),
-                                offload_activations=opts.get("offload_activations", False),
-                                tsp_recompute=opts.get("tsp_recompute", "none"), lm_head=opts.get("tsp_lm_head", "local"))
-        assert memory(model, t, lay, Cluster(4)).peak <= 139.8 * GIB
+
+        def spec(opts, S):
+            return dataclasses.replace(base, seq_len=S, recompute=opts["recompute"],
+                                       recompute_method=opts.get("recompute_method", "uniform"),
+                                       recompute_num_layers=opts.get("recompute_num_layers"),
+                                       offload_activations=opts.get("offload_activations", False),
+                                       tsp_recompute=opts.get("tsp_recompute", "none"),
+                                       lm_head=opts.get("tsp_lm_head", "local"))
+
+        fitting = [c for c in r["contexts"] if c["fits"]]
+        for small, large in zip(fitting, fitting[1:]):
+            p = plan_layout(model, spec(large["options"], small["seq_len"]), lay, Cluster(4), hw)
+            assert p.fits and p.time["tokens_per_s_per_gpu"] <= small["tokens_per_s_per_gpu"] * (1 + 1e-9)
+        assert memory(model, spec(r["at_max"]["options"], r["max_seq_len"]), lay, Cluster(4)).peak <= 139.8 * GIB
         if not r["capped"]:
             step = 2 * lay.size * 1024
             assert fr._Search(model, base, lay, Cluster(4), hw).best(r["max_seq_len"] + step) is None, r["layout"]
