@@ -212,7 +212,8 @@ def main(argv=None) -> int:
             row["measured"] = measure(over, args.warmup, args.steps)
             m, p = row["measured"], row["predicted"]
             row["ratio_peak"] = m["peak_allocated_gib"] / p["peak_gib"] if m.get("peak_allocated_gib") else None
-            row["ratio_time"] = m["step_time_s"] / p["step_time_s"] if m.get("step_time_s") else None
+            # the prediction is for the profiled GPU: no time ratio on CPU (--smoke)
+            row["ratio_time"] = m["step_time_s"] / p["step_time_s"] if m.get("step_time_s") and cuda else None
             rows.append(row)
             if m["oom"]:
                 meas = "OOM"

@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
     c.add_argument("--nodes", type=int, default=1)
     c.add_argument("--gpu-memory-gb", type=float, help="usable GiB per GPU (default: the hardware profile's)")
+    c.add_argument("--host-memory-gb", type=float,
+                   help="host GiB per node for offloaded activations (default: the profile's host.memory_gib)")
     c.add_argument("--hardware", default="h200x4", help="configs/hardware/NAME.yaml or a path (default h200x4)")
     o = p.add_argument_group("output")
     o.add_argument("--layout", action="append", help="only these layouts (repeatable): tsp4, tp4, tp_sp4, cp4, "
@@ -127,7 +129,7 @@ def build_inputs(args):
             tsp[field_name] = getattr(args, flag)
     train = TrainSpec(seq_len=seq, global_batch=args.global_batch, optimizer=args.optimizer, norm=args.norm, **tsp)
     cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
-                      gpu_memory_gib=args.gpu_memory_gb)
+                      gpu_memory_gib=args.gpu_memory_gb, host_memory_gib=args.host_memory_gb)
     layouts = [Layout.parse(x) for x in args.layout] if args.layout else None
     return model, train, cluster, hw, layouts
 

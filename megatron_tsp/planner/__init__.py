@@ -19,7 +19,7 @@ from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_i
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
-__all__ = ["Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
+__all__ = ["fits", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
            "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
@@ -90,6 +90,14 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     return out
 
 
+def fits(mem: Memory, cluster: Cluster, hw: hardware.Hardware) -> bool:
+    """The peak within the GPU's memory and, with offload, every GPU's offloaded inputs within
+    the node's host memory (when the cluster or the profile gives it)."""
+    capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
+    host = cluster.host_memory_gib if cluster.host_memory_gib is not None else hw.host_memory_gib
+    return mem.peak / GIB <= capacity and (host is None or mem.host_offload * cluster.gpus_per_node / GIB <= host)
+
+
 def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware) -> Plan:
     check_layout(m, train, lay, cluster)
     mem = memory(m, train, lay, cluster)
@@ -98,8 +106,7 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     dp = cluster.world // lay.size
     p = Plan(layout=lay, dp=dp, micro_batches=t["micro_batches"], memory=mem, comm=items,
              flops=flops(m, train, lay), time=t)
-    capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
-    p.fits = mem.peak / GIB <= capacity
+    p.fits = fits(mem, cluster, hw)
     p.notes.append(f"recompute: {recompute_mode(lay, train)}")
     if lay.kind == "tsp":
         p.notes.append(f"LM head: {train.lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"

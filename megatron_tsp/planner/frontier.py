@@ -59,13 +59,14 @@ def describe(opts: Dict[str, object]) -> str:
 class _Search:
     def __init__(self, m: ModelSpec, base: TrainSpec, lay: Layout, cluster: Cluster, hw):
         self.m, self.base, self.lay, self.cluster, self.hw = m, base, lay, cluster, hw
-        self.capacity = (cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib) * GIB
 
     def _train(self, S: int, **kw) -> TrainSpec:
         return dataclasses.replace(self.base, seq_len=S, global_batch=None, **kw)
 
     def _fits(self, t: TrainSpec) -> bool:
-        return memory(self.m, t, self.lay, self.cluster).peak <= self.capacity
+        from . import fits
+
+        return fits(memory(self.m, t, self.lay, self.cluster), self.cluster, self.hw)
 
     def families(self) -> List[dict]:
         inner = [{}]
@@ -195,7 +196,8 @@ def render(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw, rows: List[dict
     cap = cluster.gpu_memory_gib or hw.gpu_memory_gib
     head = (f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} kv_groups={m.groups} ffn={m.f} V={m.vocab} "
             f"{m.dtype} | {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware "
-            f"{hw.name} (host copies {hw.host_gb_s:g} GB/s) | norms {train.norm}, micro-batch {train.micro_batch}, "
+            f"{hw.name} (host copies {hw.host_gb_s:g} GB/s, host memory "
+            f"{_host(cluster, hw)}) | norms {train.norm}, micro-batch {train.micro_batch}, "
             f"{'no optimizer' if train.optimizer == 'none' else 'Adam'}"
             f"{' (distributed)' if train.distributed_optimizer else ''} | predictions, not measurements")
     lines = [head, "", "Longest context that fits, and the fastest configuration there"]
@@ -231,3 +233,8 @@ def _seq(s: int) -> str:
     if s % 2**20 == 0:
         return f"{s // 2**20}M"
     return f"{s // 1024}K" if s % 1024 == 0 else str(s)
+
+
+def _host(cluster: Cluster, hw) -> str:
+    host = cluster.host_memory_gib if cluster.host_memory_gib is not None else hw.host_memory_gib
+    return "unchecked" if host is None else f"{host:g} GiB per node"

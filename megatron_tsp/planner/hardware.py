@@ -33,6 +33,7 @@ class Hardware:
     links: Dict[str, Dict[str, float]]  # intra / inter -> collective -> bus GB/s
     raw: dict
     host_gb_s: float = DEFAULT_HOST_GB_S  # pinned host <-> GPU copies (activation offload), one direction
+    host_memory_gib: Optional[float] = None  # host memory per node for offloaded activations; None: unchecked
 
     def bus_gb_s(self, collective: str, link: str) -> float:
         table = self.links.get(link)
@@ -102,4 +103,6 @@ def load(name_or_path: str) -> Hardware:
         raw=data,
         host_gb_s=(_num(data["host"], "copy_gb_s", f"{where} host", required=False) or DEFAULT_HOST_GB_S)
         if isinstance(data.get("host"), dict) else DEFAULT_HOST_GB_S,
+        host_memory_gib=_num(data["host"], "memory_gib", f"{where} host", required=False)
+        if isinstance(data.get("host"), dict) else None,
     )

@@ -309,12 +309,15 @@ class Cluster:
     gpus_per_node: int
     nodes: int = 1
     gpu_memory_gib: Optional[float] = None  # None: the hardware profile's
+    host_memory_gib: Optional[float] = None  # per node, for offloaded activations; None: the profile's
 
     def __post_init__(self):
         _positive("--gpus-per-node", self.gpus_per_node)
         _positive("--nodes", self.nodes)
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise PlanError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gib}")
+        if self.host_memory_gib is not None and self.host_memory_gib <= 0:
+            raise PlanError(f"--host-memory-gb must be positive, got {self.host_memory_gib}")
 
     @property
     def world(self) -> int:

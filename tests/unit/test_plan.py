@@ -399,6 +399,9 @@ def test_offload_keeps_two_inputs_on_the_gpu_and_costs_host_copies():
     ref = step_time(SMALL, TrainSpec(seq_len=S, recompute="full", mlp_exchange="ring"), lay, NODE4, hw)
     assert slow["comm_s"] - ref["comm_s"] == pytest.approx(2 * 8 * inp / 50e9)
     assert slow["as_implemented"] == pytest.approx(ref["as_implemented"])
+    # the offloaded inputs of the node's 4 GPUs must fit its host memory: 4 x 8 x 128 MiB = 4 GiB
+    assert plan_layout(SMALL, t, lay, Cluster(4, host_memory_gib=4.0), hw).fits
+    assert not plan_layout(SMALL, t, lay, Cluster(4, host_memory_gib=3.9), hw).fits
 
 
 def test_local_lm_head_working_set_by_hand():
