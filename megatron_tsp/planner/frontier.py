@@ -6,10 +6,11 @@ of two that fits and the first that does not, the largest multiple of 2 x (GPUs 
 x 1024 that fits. At each context every combination below is planned (memory first, the step
 time only of those that fit) and the fastest that fits is kept:
 
-- `parallel.recompute`: none; full uniform with N = 1, 2, 4, ... (all layers recomputed: the
-  same time, N trades checkpointed inputs for a larger rebuilt chunk: the smallest N that fits);
-  full block with the smallest N that fits (fewer recomputed layers = faster; memory falls as N
-  grows, so it is found by bisection); selective (baselines only).
+- `parallel.recompute`: none; full uniform with N = 1, 2, 4, ... dividing L (all layers
+  recomputed: the same time, N trades checkpointed inputs for a larger rebuilt chunk: the
+  smallest N that fits); full block with the smallest N that fits (fewer recomputed layers =
+  faster; GPU memory falls as N grows, so it is found by bisection; with offload the host
+  memory rises with N, so that N must also fit the host); selective (baselines only).
 - `parallel.offload_activations` false / true (with full).
 - TSP only: `parallel.tsp_recompute` none / full and `parallel.tsp_lm_head` local / megatron.
 
@@ -68,6 +69,13 @@ class _Search:
 
         return fits(memory(self.m, t, self.lay, self.cluster), self.cluster, self.hw)
 
+    def _fits_gpu(self, t: TrainSpec) -> bool:
+        """GPU memory only: monotone in block's N (host memory for offload rises with N)."""
+        from . import fits
+
+        return fits(memory(self.m, t, self.lay, self.cluster), dataclasses.replace(self.cluster, host_memory_gib=None),
+                    dataclasses.replace(self.hw, host_memory_gib=None))
+
     def families(self) -> List[dict]:
         inner = [{}]
         if self.lay.kind == "tsp":
@@ -92,20 +100,23 @@ class _Search:
                     continue
             for offload in (False, True):
                 full = dict(recompute="full", offload_activations=offload, **fam)
-                # block: memory falls as N grows (a recomputed layer keeps only its input)
+                # block: GPU memory falls as N grows (a recomputed layer keeps only its input), the
+                # host memory of offload rises: the smallest N that fits the GPU, if it fits the host
                 lo, hi = 1, L - 1
-                if hi >= 1 and self._fits(self._train(S, recompute_method="block", recompute_num_layers=hi, **full)):
+                if hi >= 1 and self._fits_gpu(self._train(S, recompute_method="block", recompute_num_layers=hi, **full)):
                     while lo < hi:
                         mid = (lo + hi) // 2
-                        if self._fits(self._train(S, recompute_method="block", recompute_num_layers=mid, **full)):
+                        if self._fits_gpu(self._train(S, recompute_method="block", recompute_num_layers=mid, **full)):
                             hi = mid
                         else:
                             lo = mid + 1
-                    out.append(self._train(S, recompute_method="block", recompute_num_layers=lo, **full))
+                    t = self._train(S, recompute_method="block", recompute_num_layers=lo, **full)
+                    if self._fits(t):
+                        out.append(t)
                 n = 1
                 while n <= L:
                     t = self._train(S, recompute_method="uniform", recompute_num_layers=n, **full)
-                    if self._fits(t):
+                    if L % n == 0 and self._fits(t):
                         out.append(t)
                         break
                     n *= 2
