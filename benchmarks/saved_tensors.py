@@ -56,8 +56,13 @@ def main():
     init_distributed()
     m = ModelSpec(layers=1, hidden=H, heads=HEADS, kv_groups=GROUPS, ffn=4 * H, vocab=V)
     lay = Layout("tp_sp", tp=1)
-    want = {"tsp": sum(tsp_saved_per_token(m, save_activations=False).values()) * S,
-            "native": sum(v for v, _ in native_saved(m, lay).values()) * S}
+    # the planner's norm model for what TSPNorm builds here: lean norms where the code has them,
+    # torch's composite norm before (the planner's default is lean)
+    from megatron_tsp import norm as tsp_norm
+
+    kind = "lean" if hasattr(tsp_norm, "LeanRMSNorm") else "torch"
+    want = {"tsp": sum(tsp_saved_per_token(m, save_activations=False, norm=kind).values()) * S,
+            "native": sum(v for v, _ in native_saved(m, lay, norm=kind).values()) * S}
     ok = True
     for layout in ("tsp", "native"):
         got = saved_bytes(layout, 2) - saved_bytes(layout, 1)

@@ -7,14 +7,14 @@ of each layer's weights and 1/D of the tokens (zigzag layout).
 import importlib
 
 from .config import TSPConfigError, TSPOptions, tsp_transformer_config, validate_transformer_config
-from .zigzag import from_zigzag, local_positions, to_zigzag, zigzag_permutation
 
-# megatron.core takes seconds to import: the process-group API loads on first use, so light
-# commands (`megatron-tsp plan`, `--help`) start fast.
+# megatron.core and torch take seconds to import: the process-group API and the zigzag helpers
+# load on first use, so light commands (`megatron-tsp plan`, `--help`) import neither.
 _LAZY = {name: ".parallel_state" for name in (
     "destroy_model_parallel", "get_tsp_group", "get_tsp_rank", "get_tsp_world_size",
     "initialize_model_parallel", "tsp_process_groups",
 )}
+_LAZY.update({name: ".zigzag" for name in ("from_zigzag", "local_positions", "to_zigzag", "zigzag_permutation")})
 
 
 def __getattr__(name):

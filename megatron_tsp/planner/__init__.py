@@ -14,11 +14,12 @@ from typing import List, Optional, Sequence
 from . import hardware
 from ..config import AUTO_TOKENS_BELOW
 from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
-                       memory, mlp_exchange, param_counts, recompute_mode, volume_per_layer)
+                       in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
+                       volume_per_layer)
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
-__all__ = ["Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
+__all__ = ["fits", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
            "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
@@ -48,7 +49,8 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     compute = t_mm + t_attn + t_ew
 
     def seconds(i: CommItem) -> float:
-        return i.time_bytes / (hw.bus_gb_s(i.collective, i.link) * 1e9) * (m.layers if i.per_layer else 1)
+        rate = hw.host_gb_s if i.collective == "host_copy" else hw.bus_gb_s(i.collective, i.link)
+        return i.time_bytes / (rate * 1e9) * (m.layers if i.per_layer else 1)
 
     def hideable(i: CommItem) -> float:
         """Seconds of an overlapped item that compute can hide: all of it, or at most the time
@@ -60,17 +62,17 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
         beside = i.overlap_flops * (m.layers if i.per_layer else 1) / (hw.matmul_tflops * 1e12)
         return min(seconds(i), beside)
 
-    micro_items = [i for i in items if i.per_layer]
+    micro_items = [i for i in items if i.per_layer or i.per_micro]
     comm_all = sum(seconds(i) for i in micro_items)
     comm_hidden = sum(hideable(i) for i in micro_items)
     comm_serial = comm_all - comm_hidden
-    step_comm = sum(seconds(i) for i in items if not i.per_layer)
+    step_comm = sum(seconds(i) for i in items if not (i.per_layer or i.per_micro))
     dp = cluster.world // lay.size
     gb = train.global_batch or train.micro_batch * dp
     n_micro = gb // (train.micro_batch * dp)
     P = param_counts(m, lay)["total"]
     opt_shard = dp * lay.cp if train.distributed_optimizer and lay.kind != "fsdp_cp" else 1
-    t_opt = ADAM_BYTES_PER_PARAM * P / opt_shard / (hw.hbm_tb_s * 1e12)
+    t_opt = ADAM_BYTES_PER_PARAM * P / opt_shard / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
     micro = {
         "no_overlap": compute + comm_all,
         "as_implemented": compute + comm_serial + max(0.0, comm_hidden - compute),
@@ -88,6 +90,14 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     return out
 
 
+def fits(mem: Memory, cluster: Cluster, hw: hardware.Hardware) -> bool:
+    """The peak within the GPU's memory and, with offload, every GPU's offloaded inputs within
+    the node's host memory (when the cluster or the profile gives it)."""
+    capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
+    host = cluster.host_memory_gib if cluster.host_memory_gib is not None else hw.host_memory_gib
+    return mem.peak / GIB <= capacity and (host is None or mem.host_offload * cluster.gpus_per_node / GIB <= host)
+
+
 def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware) -> Plan:
     check_layout(m, train, lay, cluster)
     mem = memory(m, train, lay, cluster)
@@ -96,9 +106,13 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     dp = cluster.world // lay.size
     p = Plan(layout=lay, dp=dp, micro_batches=t["micro_batches"], memory=mem, comm=items,
              flops=flops(m, train, lay), time=t)
-    capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
-    p.fits = mem.peak / GIB <= capacity
+    p.fits = fits(mem, cluster, hw)
     p.notes.append(f"recompute: {recompute_mode(lay, train)}")
+    if lay.kind == "tsp":
+        p.notes.append(f"LM head: {train.lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
+                                                      if train.lm_head == "local" else ""))
+    if mem.host_offload:
+        p.notes.append(f"host memory for offloaded inputs: {mem.host_offload / GIB:.1f} GiB per GPU")
     exchange = mlp_exchange(train, lay)
     if exchange is not None:
         why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp} tokens per rank, tokens below "

@@ -23,14 +23,15 @@ FP32 = 4
 
 # -- what is saved for backward, bytes per token of one layer ----------------------------------
 
-def norm_saved(m: ModelSpec, impl: str = "torch") -> float:
-    """torch.nn.RMSNorm/LayerNorm without Transformer Engine is torch's composite op: it keeps
-    two float32 copies of its input width (the upcast input and the normalized value) and a
-    float32 rstd per token. A fused kernel (TE / apex) keeps its input and rstd. The norm's
-    output is saved by the next op (counted there)."""
-    if impl == "fused":
-        return m.dtype_bytes * m.hidden + FP32
-    return 2 * FP32 * m.hidden + FP32
+def norm_saved(m: ModelSpec, impl: str = "lean") -> float:
+    """`lean` (TSPNorm, issue 14) and `fused` (TE's kernel): the norm keeps its input in the
+    model dtype and one fp32 statistic per token (RMSNorm: rstd; LayerNorm: mean and rstd).
+    `torch`: torch's composite RMSNorm/LayerNorm (TSPNorm before lean norms) keeps two float32
+    copies of its input width (the upcast input and the normalized value) and an fp32 rstd.
+    The norm's output is saved by the next op (counted there)."""
+    if impl == "torch":
+        return 2 * FP32 * m.hidden + FP32
+    return m.dtype_bytes * m.hidden + FP32 * m.norm_stats
 
 
 def rope_saved(m: ModelSpec) -> float:
@@ -55,7 +56,7 @@ def mlp_intermediates(m: ModelSpec) -> int:
     return (5 if m.gated else 2) * m.f
 
 
-def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "torch",
+def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean",
                         exchange: str = "ring") -> Dict[str, float]:
     """TSP, per local token of one layer. Block recompute: the two norms, the inputs of the
     attention and MLP functions (x_p) and the RoPE slice; nothing per shard. "Save activations"
@@ -83,13 +84,15 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "torch
     return items
 
 
-def native_saved(m: ModelSpec, lay: Layout, norm: str = "torch") -> Dict[str, tuple]:
+def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool = False) -> Dict[str, tuple]:
     """Megatron's local-spec layer (SDPA core attention), per token: {item: (bytes, region)}
     with region 'norm' (tokens of the norm/residual region) or 'core' (tokens of the attention
-    / MLP region, widths already divided by T)."""
+    / MLP region, widths already divided by T). `selective` (Megatron's core-attention
+    recompute): the checkpointed core attention keeps its inputs q, k, v (saved anyway, below)
+    and not its log-sum-exp; its output is still saved by linear_proj."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = mlp_intermediates(m)
-    return {
+    items = {
         "norms": (2 * norm_saved(m, norm), "norm"),
         "inputs of linear_qkv and linear_fc1": (2 * b * m.hidden, "norm"),
         "mixed qkv (v is a view of it)": (b * (m.q_dim + 2 * m.kv_dim) / T, "core"),
@@ -99,6 +102,9 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "torch") -> Dict[str, tu
         "RoPE cos/sin of q and k": (4 * b * m.head_dim, "core"),
         "MLP intermediates": (b * mlp / T, "core"),
     }
+    if selective:
+        del items["softmax log-sum-exp"]
+    return items
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -116,10 +122,14 @@ class Memory:
     peak: float
     peak_point: str
     detail: Dict[str, float] = field(default_factory=dict)
+    recompute_working_set: float = 0.0  # one checkpointed chunk's activations, rebuilt in its backward
+    host_offload: float = 0.0  # checkpointed layer inputs held in pinned host memory (per GPU)
+    at_peak: Dict[str, float] = field(default_factory=dict)  # what is allocated at the peak, by kind
 
     def as_gib(self) -> dict:
         out = {k: getattr(self, k) / GIB for k in ("params", "grads", "optimizer", "activations", "comm_buffers",
-                                                    "logits", "other_transient", "optimizer_step_transient", "peak")}
+                                                    "logits", "other_transient", "optimizer_step_transient",
+                                                    "recompute_working_set", "host_offload", "peak")}
         out["peak_point"] = self.peak_point
         return out
 
@@ -138,6 +148,7 @@ class CommItem:
     # matmul FLOPs (per layer, like volume) that run beside it: at most their time hides it;
     # None: any compute of the step may
     overlap_flops: Optional[float] = None
+    per_micro: bool = False  # once per micro-batch (the LM head, activation offload), not per layer
 
 
 @dataclass
@@ -167,61 +178,127 @@ def param_counts(m: ModelSpec, lay: Layout) -> Dict[str, float]:
     return {"layers": layers / shard, "embeddings": embed / shard, "total": (layers + embed) / shard}
 
 
-def recompute_mode(lay: Layout, train: TrainSpec) -> str:
-    """'block' (TSP today: each block recomputed from its input), 'save' (TSP saves per-shard
-    activations), 'none' (Megatron, no recompute), 'full' (Megatron full-layer recompute)."""
+def in_layer_mode(lay: Layout, train: TrainSpec) -> str:
+    """What one layer keeps inside itself: TSP 'save' (parallel.tsp_recompute = none: per-shard
+    activations) or 'block' (tsp_recompute = full: each block recomputed from its input); the
+    baselines 'none', or 'selective' (Megatron's core-attention recompute)."""
     if lay.kind == "tsp":
-        return "save" if train.recompute == "none" else "block"
-    return "full" if train.recompute == "full" else "none"
+        return "save" if train.tsp_recompute == "none" else "block"
+    return "selective" if train.recompute == "selective" else "none"
+
+
+@dataclass(frozen=True)
+class LayerRecompute:
+    """Megatron's layer checkpointing (parallel.recompute = full) over the L layers of a stage:
+    `inputs` checkpointed inputs kept ([s, b, h] each), `saved` layers that keep their full
+    activations, `chunk` layers recomputed together in one backward (their activations live at
+    once), `recomputed` layers whose forward runs twice."""
+
+    inputs: int = 0
+    saved: int = 0
+    chunk: int = 0
+    recomputed: int = 0
+    label: str = "none"
+
+
+def layer_recompute(m: ModelSpec, train: TrainSpec) -> LayerRecompute:
+    """uniform N (default 1): ceil(L/N) chunks of N layers, each keeps its input only; block N
+    (default L): the first N layers each keep their input, the other L-N save everything."""
+    L = m.layers
+    if train.recompute != "full":
+        return LayerRecompute(saved=L, label=train.recompute)
+    if train.recompute_method == "uniform":
+        N = min(train.recompute_num_layers or 1, L)
+        return LayerRecompute(inputs=-(-L // N), chunk=N, recomputed=L, label=f"full uniform N={N}")
+    N = L if train.recompute_num_layers is None else min(train.recompute_num_layers, L)
+    return LayerRecompute(inputs=N, saved=L - N, chunk=1 if N else 0, recomputed=N, label=f"full block N={N}")
+
+
+def recompute_mode(lay: Layout, train: TrainSpec) -> str:
+    """The recompute a plan runs, in words (its notes)."""
+    parts = []
+    if lay.kind == "tsp":
+        parts.append(f"TSP in-layer {'none (save activations)' if train.tsp_recompute == 'none' else 'full (block)'}")
+    parts.append(f"layers {train.recompute if train.recompute != 'full' else train.recompute_method}"
+                 + (f" N={train.recompute_num_layers}" if train.recompute_num_layers else ""))
+    if train.offload_activations:
+        parts.append("checkpointed inputs offloaded to host")
+    return ", ".join(parts)
+
+
+def uses_local_head(train: TrainSpec, lay: Layout) -> bool:
+    """The sequence-local LM head (megatron_tsp/lm_head.py) runs only on TSP layouts; the
+    baselines run Megatron's."""
+    return lay.kind == "tsp" and train.lm_head == "local"
+
+
+def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
+    """Bytes the LM head + cross entropy hold while they run (the loss point). Megatron's head
+    (every baseline; TSP with tsp_lm_head = megatron) gathers the sequence of its group: every
+    GPU holds logits of all B S / C tokens x V / (D or T), the fp32 softmax the cross entropy
+    saves and the model-dtype logits beside it. The local head: at most lm_head_chunk_tokens x
+    V/D fp32 logits (forward and backward), the vocab shard in flight (V/D x h) and, in backward,
+    its gradient (V/D x h, model dtype)."""
+    b, w = m.dtype_bytes, lay.weight_shards
+    if uses_local_head(train, lay):
+        chunk = min(train.lm_head_chunk_tokens, train.micro_batch * train.seq_len // lay.tsp)
+        return {"logits chunk (fp32)": FP32 * chunk * m.vocab / w,
+                "vocab shard and its gradient in flight": 2 * b * m.vocab / w * m.hidden}
+    tokens = train.micro_batch * train.seq_len / lay.cp
+    return {"logits (fp32 softmax)": FP32 * tokens * m.vocab / w, "logits (model dtype)": b * tokens * m.vocab / w}
 
 
 def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
+    """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
+    the LM head's working set), the backward of a layer that saved its activations (saved + its
+    in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
+    still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
     b, B, S, L = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers
     w, C = lay.weight_shards, lay.cp
     dp = cluster.world // lay.size
     P = param_counts(m, lay)["total"]
     params = P * b
     grads = P * (FP32 if train.grad_reduce_in_fp32 else b)
-    master = FP32 if b < FP32 else 0  # fp32 main params of a bf16 model
+    adam = train.optimizer == "adam"
+    master = FP32 if b < FP32 and adam else 0  # fp32 main params of a bf16 model
     opt_shard = (dp * C) if train.distributed_optimizer and lay.kind != "fsdp_cp" else 1
-    optimizer = P * (master + 2 * FP32) / opt_shard
+    optimizer = P * (master + (2 * FP32 if adam else 0)) / opt_shard
     # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps
-    opt_step_transient = P * FP32 / opt_shard
+    opt_step_transient = P * FP32 / opt_shard if adam else 0.0
 
-    mode = recompute_mode(lay, train)
+    mode = in_layer_mode(lay, train)
+    rc = layer_recompute(m, train)
     exchange = mlp_exchange(train, lay)
-    detail: Dict[str, float] = {}
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
     tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
+    layer_items: Dict[str, float] = {}  # bytes one layer saves for its backward
     if lay.kind == "tsp":
-        per_tok = tsp_saved_per_token(m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange)
-        for k, v in per_tok.items():
-            detail[k] = v * tokens_norm * L
-        layer_act = sum(per_tok.values()) * tokens_norm
+        for k, v in tsp_saved_per_token(m, save_activations=(mode == "save"), norm=train.norm,
+                                        exchange=exchange).items():
+            layer_items[k] = v * tokens_norm
     else:
-        items = native_saved(m, lay, train.norm)
-        layer_act = 0.0
-        for k, (v, region) in items.items():
-            n = tokens_norm if region == "norm" else tokens_core
-            detail[k] = v * n * L
-            layer_act += v * n
-        if mode == "full":  # Megatron full recompute keeps each layer's input only
-            detail = {"layer inputs (full recompute)": b * m.hidden * tokens_norm * L,
-                      "one layer recomputed in backward": layer_act}
+        for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective")).items():
+            layer_items[k] = v * (tokens_norm if region == "norm" else tokens_core)
+    layer_act = sum(layer_items.values())
+    layer_input = b * m.hidden * tokens_norm  # [s, b, h]: what a checkpointed layer keeps
+    inputs_on_gpu = min(2, rc.inputs) if train.offload_activations else rc.inputs
+    detail: Dict[str, float] = {k: v * rc.saved for k, v in layer_items.items() if rc.saved}
+    if rc.inputs:
+        detail[f"checkpointed layer inputs ({rc.label}: {inputs_on_gpu} of {rc.inputs} on the GPU)"] = \
+            inputs_on_gpu * layer_input
+    # final norm + the output layer's (local) input; the local head adds lse and the target logit
+    detail["final norm and LM-head input"] = (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm
+    if uses_local_head(train, lay):
+        detail["LM-head log-sum-exp"] = FP32 * tokens_norm  # (its input is counted above; labels are the batch's)
     activations = sum(detail.values())
-    # final norm + the output layer's (local) input
-    final = (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm
-    detail["final norm and LM-head input"] = final
-    activations += final
 
-    # logits: the LM head all-gathers the sequence of its TP/TSP group (sequence parallel), so
-    # every GPU of the group holds [B*S/C, V/w]; the cross entropy keeps the float32 softmax
-    # (saved) and the activation-dtype logits exist while it runs (transient).
-    logit_tokens = B * S / C
-    logits_fp32 = FP32 * logit_tokens * m.vocab / w
-    logits_low = b * logit_tokens * m.vocab / w
-    # Megatron's persistent all-gather buffer (sequence-parallel linears, the LM head)
-    mpu_buffer = b * logit_tokens * m.hidden if lay.sequence_parallel else 0.0
+    head = lm_head_working_set(m, train, lay)
+    logits = sum(head.values())
+    # Megatron's persistent all-gather buffer (sequence-parallel linears, its LM head, the
+    # `tokens` MLP); TSP's own blocks and local head do not use it
+    needs_buffer = lay.sequence_parallel and (lay.kind != "tsp" or not uses_local_head(train, lay)
+                                              or exchange == "tokens")
+    mpu_buffer = b * B * S / C * m.hidden if needs_buffer else 0.0
 
     # what is in flight while one layer runs its backward
     s = tokens_norm
@@ -237,22 +314,33 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     else:
         comm = 2 * B * S / C * 2 * m.kv_dim / w * b if C > 1 else 0.0  # gathered K/V + grad
         scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
-        if mode == "full":
-            scratch += layer_act
     comm += mpu_buffer
-    loss_point = logits_fp32 + logits_low + mpu_buffer
-    layer_point = comm + scratch
     static = params + grads + optimizer
-    fwd_bwd_peak = static + activations + max(loss_point, layer_point)
+    working = rc.chunk * layer_act if rc.recomputed else 0.0
+    points = {"loss (start of backward)": (activations, logits + mpu_buffer, 0.0, 0.0)}
+    if rc.saved:
+        points[point] = (activations, comm, scratch, 0.0)
+    if rc.recomputed:
+        points[f"checkpointed {point}"] = (inputs_on_gpu * layer_input, comm, scratch, working)
+    name, (act_at, buf_at, scratch_at, work_at) = max(points.items(), key=lambda kv: sum(kv[1]))
+    fwd_bwd_peak = static + act_at + buf_at + scratch_at + work_at
     step_peak = static + opt_step_transient + mpu_buffer
     if fwd_bwd_peak >= step_peak:
-        peak, point = fwd_bwd_peak, ("loss (start of backward)" if loss_point >= layer_point else point)
+        peak, point = fwd_bwd_peak, name
+        at_peak = {"params": params, "grads": grads, "optimizer": optimizer, "saved activations": act_at,
+                   "recompute working set": work_at,
+                   ("LM head + buffers" if name.startswith("loss") else "in-flight buffers"): buf_at,
+                   "scratch": scratch_at}
     else:
         peak, point = step_peak, "optimizer step"
+        at_peak = {"params": params, "grads": grads, "optimizer": optimizer,
+                   "optimizer step transient": opt_step_transient, "buffers": mpu_buffer}
     return Memory(
         params=params, grads=grads, optimizer=optimizer, activations=activations,
-        comm_buffers=comm, logits=logits_fp32 + logits_low, other_transient=scratch,
+        comm_buffers=comm, logits=logits, other_transient=scratch,
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
+        recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
+        at_peak=at_peak,
     )
 
 
@@ -263,7 +351,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     holds fewer (no gradients; two gathered K/V at a time) and is not modelled."""
     b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp
     s = B * S / D
-    save = recompute_mode(lay, train) == "save"
+    save = in_layer_mode(lay, train) == "save"
     shard = m.attn_params / D * b
     kv = B * S * 2 * m.kv_dim / D * b  # one head group's K and V over the whole sequence
     # weight shards: j-1 (finish pending), j (in use), j+1 (broadcast posted), and from D = 4 on
@@ -302,7 +390,7 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     # the activation's intermediates rebuilt for its backward, dx and the incoming gradient;
     # recompute adds the shard's fc1 output
     scratch = s * b * ((3 if m.gated else 1) * m.f / D + 2 * m.hidden)
-    if recompute_mode(lay, train) != "save":
+    if in_layer_mode(lay, train) != "save":
         scratch += s * b * (2 if m.gated else 1) * m.f / D
     return comm, scratch
 
@@ -317,14 +405,15 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
     """Per-layer (and per-step) traffic of one GPU. `volume`: bytes it receives; `time_bytes`:
     bytes over the collective's NCCL bus bandwidth gives its time."""
     b, B, S = m.dtype_bytes, train.micro_batch, train.seq_len
-    mode = recompute_mode(lay, train)
+    mode = in_layer_mode(lay, train)
     out: List[CommItem] = []
 
     def add(name, phase, coll, volume, group, stride, overlapped, time_bytes=None, per_layer=True,
-            overlap_flops=None):
+            overlap_flops=None, per_micro=False):
         if group > 1 and volume > 0:
             out.append(CommItem(name, phase, coll, volume, volume if time_bytes is None else time_bytes,
-                                group, _link(group, stride, cluster), overlapped, per_layer, overlap_flops))
+                                group, _link(group, stride, cluster), overlapped, per_layer, overlap_flops,
+                                per_micro))
 
     if lay.kind == "tsp":
         D = lay.tsp
@@ -379,20 +468,19 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
     if lay.kind in ("tp_sp", "tp_cp") and lay.tp > 1:
         T = lay.tp
         X = (T - 1) / T * B * S / lay.cp * m.hidden * b
-        n_fwd = 4 * (2 if mode == "full" else 1)
-        add("sequence all-gather (qkv, fc1 inputs)", "fwd", "all_gather", n_fwd / 2 * X, T, 1, False)
-        add("sequence reduce-scatter (proj, fc2 outputs)", "fwd", "reduce_scatter", n_fwd / 2 * X, T, 1, False)
+        add("sequence all-gather (qkv, fc1 inputs)", "fwd", "all_gather", 2 * X, T, 1, False)
+        add("sequence reduce-scatter (proj, fc2 outputs)", "fwd", "reduce_scatter", 2 * X, T, 1, False)
         add("all-gather (inputs for wgrad; output grads)", "bwd", "all_gather", 4 * X, T, 1, False)
         add("reduce-scatter (input grads)", "bwd", "reduce_scatter", 2 * X, T, 1, False)
     if lay.kind == "tp" and lay.tp > 1:
         T = lay.tp
         X = 2 * (T - 1) / T * B * S * m.hidden * b
-        add("all-reduce (proj, fc2 outputs)", "fwd", "all_reduce", 2 * X * (2 if mode == "full" else 1), T, 1, False)
+        add("all-reduce (proj, fc2 outputs)", "fwd", "all_reduce", 2 * X, T, 1, False)
         add("all-reduce (qkv, fc1 input grads)", "bwd", "all_reduce", 2 * X, T, 1, False)
     if lay.cp > 1:
         C, T = lay.cp, lay.weight_shards
         KV = (C - 1) / C * B * S * 2 * m.kv_dim / T * b
-        add("CP K/V all-gather", "fwd", "all_gather", KV * (2 if mode == "full" else 1), C, T, False)
+        add("CP K/V all-gather", "fwd", "all_gather", KV, C, T, False)
         add("CP K/V re-gather", "bwd", "all_gather", KV, C, T, False)
         add("CP dK/dV reduce-scatter", "bwd", "reduce_scatter", KV, C, T, False)
     if lay.kind == "fsdp_cp":
@@ -401,6 +489,31 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         add("FSDP weight all-gather", "fwd", "all_gather", W * b, C, 1, True)
         add("FSDP weight re-gather", "bwd", "all_gather", W * b, C, 1, True)
         add("FSDP grad reduce-scatter (fp32)", "bwd", "reduce_scatter", W * FP32, C, 1, True)
+    # Megatron's layer recompute runs the forward of each recomputed layer again in backward,
+    # with its communication (TSP's K/V gathers and weight exchange; TP+SP's gathers; CP's K/V)
+    rc = layer_recompute(m, train)
+    if rc.recomputed:
+        frac = rc.recomputed / m.layers  # per-layer items are per layer on average
+        for i in [i for i in out if i.per_layer and i.phase == "fwd"]:
+            out.append(CommItem(i.name + " (forward re-run by layer recompute)", "bwd", i.collective, i.volume * frac,
+                                i.time_bytes * frac, i.group, i.link, i.overlapped, True,
+                                None if i.overlap_flops is None else i.overlap_flops * frac))
+    if uses_local_head(train, lay) and lay.tsp > 1:
+        # the local head's vocab shards travel like attention's weight shards: D broadcasts in
+        # forward, again in backward, the gradients reduced onto their owners
+        D, Pv = lay.tsp, m.vocab * m.hidden * b
+        for phase in ("fwd", "bwd"):
+            add("LM-head vocab shard broadcast", phase, "broadcast", (D - 1) / D * Pv, D, 1, True, time_bytes=Pv,
+                per_layer=False, per_micro=True)
+        add("LM-head vocab-grad reduce", "bwd", "reduce", (D - 1) / D * Pv, D, 1, True, time_bytes=Pv,
+            per_layer=False, per_micro=True)
+    if train.offload_activations and rc.inputs:
+        # every checkpointed input goes to host in forward and comes back in backward, on copy
+        # engines beside the compute (hidden by it where the compute is longer)
+        x = rc.inputs * b * m.hidden * B * S / lay.token_shards
+        for phase, what in (("fwd", "device to host"), ("bwd", "host to device")):
+            out.append(CommItem(f"activation offload ({what})", phase, "host_copy", x, x, 1, "host", True,
+                                per_layer=False, per_micro=True))
     # data-parallel gradient sync, once per step, over DP x CP (not FSDP: its grads are reduced above)
     dp = cluster.world // lay.size
     n = dp * (lay.cp if lay.kind != "fsdp_cp" else 1)
@@ -427,17 +540,21 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     """FLOPs per GPU per micro-batch. Causal attention counts the unmasked half:
     forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2)."""
     B, S, L = train.micro_batch, train.seq_len, m.layers
-    mode = recompute_mode(lay, train)
+    mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
     fwd_mm = 2 * B * S * m.layer_matmul_params * L / n
     fwd_attn = 2 * B * S * S * m.q_dim * L / n
-    extra = 1.0 if mode in ("block", "full") else 0.0
+    extra = 1.0 if mode == "block" else 0.0  # TSP's block recompute, every layer
     # the tokens MLP is Megatron's: TSP's recompute does not rerun it
     extra_mm = extra * (m.attn_params / m.layer_matmul_params if mlp_exchange(train, lay) == "tokens" else 1.0)
-    head = 2 * B * S * m.hidden * m.vocab / n * 3
+    # Megatron's layer recompute: one more forward of the recomputed layers (inside which TSP's
+    # block mode still recomputes in its backward); selective: one more core-attention forward
+    rerun = layer_recompute(m, train).recomputed / L
+    extra_attn = extra + rerun + (1.0 if mode == "selective" else 0.0)
+    head = 2 * B * S * m.hidden * m.vocab / n * (4 if uses_local_head(train, lay) else 3)  # local: logits again
     return {
-        "matmul": fwd_mm * (3 + extra_mm) + head,
-        "attention": fwd_attn * (1 + extra) + 2.5 * fwd_attn,
+        "matmul": fwd_mm * (3 + extra_mm + rerun) + head,
+        "attention": fwd_attn * (1 + extra_attn) + 2.5 * fwd_attn,
         "model_flops": 3 * fwd_mm + 3.5 * fwd_attn + head,  # without recompute (for MFU)
     }
 
@@ -447,15 +564,18 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     of the code path (docs/planner.md, "time"); the profile's `elementwise_efficiency` turns
     it into seconds."""
     b, B, S, L, h = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers, m.hidden
-    mode = recompute_mode(lay, train)
+    mode = in_layer_mode(lay, train)
     s = B * S / lay.token_shards
     w = lay.weight_shards
     s_core_width = B * S / lay.cp / w  # tokens x (1/T) of the TP family's core region
     if lay.kind == "tsp":
         s_core_width = s  # each rank runs all D shards on its s tokens
-    refwd = 1 if mode in ("block", "full") else 0
+    refwd = 1 if mode == "block" else 0
     tokens_mlp = mlp_exchange(train, lay) == "tokens"  # Megatron's MLP: no TSP recompute, no per-shard adds
-    norm = 108 * h if train.norm == "torch" else 6 * h * b  # composite fp32: fwd 36h + bwd 72h bytes
+    # composite fp32: fwd 36h + bwd 72h bytes per token; lean (estimated, not profiled): the same
+    # ops, plus the backward rebuilding the fp32 normalized value from the saved input (+18h);
+    # fused: one read and one write each way
+    norm = {"torch": 108 * h, "lean": 126 * h, "fused": 6 * h * b}[train.norm]
     rope = 28 * (m.q_dim + m.kv_dim) * b / 2  # per token, one direction
     act = (16 if m.gated else 4) * m.f * b / 2  # fwd
     act_bwd = (26 if m.gated else 6) * m.f * b / 2
@@ -473,8 +593,11 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
         per_layer += packed / D * b * (2 * 2 + 2)  # pack (fwd, bwd), cat of grads
         if mlp_exchange(train, lay) == "ring":
             per_layer += (D - 1) * 3 * m.mlp_params / D * b  # ring gradient adds
-    if mode == "full" and lay.kind != "tsp":
-        per_layer += s * 2 * norm / 3  # norms rerun forward
+    # Megatron's layer recompute reruns the forward's memory-bound ops of the recomputed layers
+    fwd_part = 2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act)
+    if lay.kind == "tsp":
+        fwd_part += (lay.tsp * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp + 2 * m.q_dim * b) * s
+    per_layer += fwd_part * layer_recompute(m, train).recomputed / L
     logits = 60 * B * S / lay.cp * m.vocab / w
     return {"layers": per_layer * L, "logits": logits, "total": per_layer * L + logits}
 

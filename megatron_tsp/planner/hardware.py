@@ -16,6 +16,9 @@ from .model import PlanError
 
 HARDWARE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hardware")
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "send_recv")
+# host <-> GPU copy bandwidth (pinned memory, one direction) when a profile has no `host.copy_gb_s`:
+# an H200's PCIe 5 x16 link carries ~55 GB/s per direction at best; assumed, not measured
+DEFAULT_HOST_GB_S = 50.0
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Hardware:
     elementwise_efficiency: float
     links: Dict[str, Dict[str, float]]  # intra / inter -> collective -> bus GB/s
     raw: dict
+    host_gb_s: float = DEFAULT_HOST_GB_S  # pinned host <-> GPU copies (activation offload), one direction
+    host_memory_gib: Optional[float] = None  # host memory per node for offloaded activations; None: unchecked
 
     def bus_gb_s(self, collective: str, link: str) -> float:
         table = self.links.get(link)
@@ -96,4 +101,8 @@ def load(name_or_path: str) -> Hardware:
         elementwise_efficiency=_num(data["memory"], "elementwise_efficiency", f"{where} memory"),
         links=links,
         raw=data,
+        host_gb_s=(_num(data["host"], "copy_gb_s", f"{where} host", required=False) or DEFAULT_HOST_GB_S)
+        if isinstance(data.get("host"), dict) else DEFAULT_HOST_GB_S,
+        host_memory_gib=_num(data["host"], "memory_gib", f"{where} host", required=False)
+        if isinstance(data.get("host"), dict) else None,
     )

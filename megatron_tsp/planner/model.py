@@ -13,7 +13,11 @@ from ..config import MLP_EXCHANGES, TSPConfigError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
-RECOMPUTE = ("auto", "none", "full")
+RECOMPUTE = ("none", "full", "selective")  # parallel.recompute: Megatron's recompute_granularity
+RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
+TSP_RECOMPUTE = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
+LM_HEADS = ("local", "megatron")  # parallel.tsp_lm_head
+NORMS = ("lean", "torch", "fused")
 
 
 class PlanError(TSPConfigError):
@@ -40,6 +44,7 @@ class ModelSpec:
     gated: bool = True
     tied_embeddings: bool = False
     name: str = "model"
+    normalization: str = "RMSNorm"  # RMSNorm (one fp32 statistic per token: rstd) or LayerNorm (mean, rstd)
 
     def __post_init__(self):
         for flag, v in (("--layers", self.layers), ("--hidden", self.hidden), ("--heads", self.heads),
@@ -55,6 +60,13 @@ class ModelSpec:
             raise PlanError(f"--heads = {self.heads} must be divisible by --kv-groups = {self.groups}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"--dtype = {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise PlanError(f"model.normalization = {self.normalization!r} is not one of RMSNorm, LayerNorm")
+
+    @property
+    def norm_stats(self) -> int:
+        """fp32 statistics per token a lean norm keeps: RMSNorm rstd; LayerNorm mean and rstd."""
+        return 2 if self.normalization == "LayerNorm" else 1
 
     # symbols of docs/planner.md
     @property
@@ -112,22 +124,67 @@ class ModelSpec:
 
     @classmethod
     def from_recipe(cls, path: str, overrides: List[str] = ()):
-        """(ModelSpec, seq_length) of a training recipe (configs/*.yaml) with overrides."""
-        from ..recipe import load_recipe  # imports megatron (a few seconds): only for recipes
+        """(ModelSpec, seq_length) of a training recipe (configs/*.yaml) with overrides, read
+        without torch or megatron (planner/recipe_reader.py)."""
+        from .recipe_reader import read_recipe
 
-        m = load_recipe(path, list(overrides)).model
-        return cls(layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-                   kv_groups=m.num_query_groups, ffn=m.ffn_hidden_size, vocab=m.vocab_size,
-                   dtype=m.dtype, gated=m.swiglu, tied_embeddings=m.share_embeddings_and_output_weights,
-                   name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m.seq_length
+        m = read_recipe(path, list(overrides))["model"]
+        if m.get("add_bias_linear"):
+            raise PlanError("model.add_bias_linear = true: linear biases are not modelled by the planner")
+        if m.get("position_embedding_type", "rope") != "rope":
+            raise PlanError(f"model.position_embedding_type = {m['position_embedding_type']!r}: the planner models "
+                            "rope only")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+            _positive(f"model.{key}", m[key])
+        return cls(layers=m["num_layers"], hidden=m["hidden_size"], heads=m["num_attention_heads"],
+                   kv_groups=m["num_query_groups"], ffn=m["ffn_hidden_size"], vocab=m["vocab_size"],
+                   dtype=m["dtype"], gated=m["swiglu"], tied_embeddings=m["share_embeddings_and_output_weights"],
+                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m["seq_length"]
 
 
-def recipe_tsp_options(path: str, overrides: List[str] = ()) -> dict:
-    """The TSP options of a training recipe that the planner models, as TrainSpec fields:
-    {"mlp_exchange": parallel.tsp_mlp_exchange}."""
-    from ..recipe import load_recipe
+# recipe key -> TrainSpec field, for every `parallel` / `train` key the planner models; keys a
+# branch has not added to the recipe yet are read with their FRONTIER_SPEC.md default
+RECIPE_KEYS = {
+    "parallel.tsp_mlp_exchange": ("mlp_exchange", "auto"),
+    "parallel.tsp_recompute": ("tsp_recompute", "none"),
+    "parallel.recompute": ("recompute", "none"),
+    "parallel.recompute_method": ("recompute_method", "uniform"),
+    "parallel.recompute_num_layers": ("recompute_num_layers", None),
+    "parallel.offload_activations": ("offload_activations", False),
+    "parallel.tsp_lm_head": ("lm_head", "local"),
+    "parallel.lm_head_chunk_tokens": ("lm_head_chunk_tokens", 4096),
+    "train.micro_batch_size": ("micro_batch", 1),
+    "train.distributed_optimizer": ("distributed_optimizer", False),
+}
 
-    return {"mlp_exchange": load_recipe(path, list(overrides)).parallel.tsp_mlp_exchange}
+
+def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
+    """The training options of a recipe that the planner models, as TrainSpec fields (RECIPE_KEYS).
+    Recipe values it cannot model are a PlanError naming the key: pipeline stages, Megatron's
+    local core attention (S x S scores), TSP's compute-only benchmark mode."""
+    from .recipe_reader import read_recipe
+
+    r = read_recipe(path, list(overrides))
+    out = {}
+    for key, (field_name, default) in RECIPE_KEYS.items():
+        section, name = key.split(".")
+        out[field_name] = r[section].get(name, default)
+    if out["lm_head"] is None:  # a per-layout default: local for tsp
+        out["lm_head"] = "local"
+    if out["lm_head_chunk_tokens"] is None:
+        out["lm_head_chunk_tokens"] = 4096
+    p = r["parallel"]
+    for bad, why in ((p.get("pipeline_size", 1) != 1, f"parallel.pipeline_size = {p.get('pipeline_size')}: pipeline "
+                                                      "stages are not modelled by the planner (plan one stage's "
+                                                      "layers with --layers)"),
+                     (p.get("baseline_attention", "sdpa") != "sdpa",
+                      f"parallel.baseline_attention = {p.get('baseline_attention')!r}: the planner models the "
+                      "baselines' sdpa core attention only"),
+                     (p.get("tsp_compute_only", False), "parallel.tsp_compute_only = true: a benchmark mode without "
+                                                        "communication (results are wrong); not planned")):
+        if bad:
+            raise PlanError(why)
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,24 +195,48 @@ class TrainSpec:
     seq_len: int
     micro_batch: int = 1
     global_batch: Optional[int] = None
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # adam; none: forward + backward only (no optimizer state, no step)
     distributed_optimizer: bool = False
-    recompute: str = "auto"  # auto: as each layout runs today; none; full
+    recompute: str = "none"  # parallel.recompute: Megatron's recompute_granularity (none, full, selective)
+    recompute_method: str = "uniform"  # parallel.recompute_method (with full): uniform, block
+    recompute_num_layers: Optional[int] = None  # parallel.recompute_num_layers; None: 1 (uniform), L (block)
+    tsp_recompute: str = "none"  # parallel.tsp_recompute: TSP's in-layer mode (none: save per shard; full)
+    offload_activations: bool = False  # parallel.offload_activations: checkpointed inputs to host memory
+    lm_head: str = "local"  # parallel.tsp_lm_head (TSP layouts; the baselines run Megatron's)
+    lm_head_chunk_tokens: int = 4096  # parallel.lm_head_chunk_tokens
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.wrap_ddp_and_optimizer sets it
-    norm: str = "torch"  # torch: composite torch norm (no TE, as on the GPU machine); fused: TE/apex kernel
+    # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
+    # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
+    norm: str = "lean"
     mlp_exchange: str = "auto"  # TSP's MLP exchange (parallel.tsp_mlp_exchange): ring, broadcast, tokens, auto
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len)
-        _positive("--micro-batch", self.micro_batch)
+        _positive("--micro-batch (train.micro_batch_size)", self.micro_batch)
         if self.global_batch is not None:
             _positive("--global-batch", self.global_batch)
-        if self.optimizer != "adam":
-            raise PlanError(f"--optimizer = {self.optimizer!r}: only adam is modelled")
-        if self.norm not in ("torch", "fused"):
-            raise PlanError(f"--norm = {self.norm!r} is not one of torch, fused")
-        if self.recompute not in RECOMPUTE:
-            raise PlanError(f"--recompute = {self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if self.optimizer not in ("adam", "none"):
+            raise PlanError(f"--optimizer = {self.optimizer!r}: only adam (or none: no optimizer) is modelled")
+        if self.norm not in NORMS:
+            raise PlanError(f"--norm = {self.norm!r} is not one of {', '.join(NORMS)}")
+        for key, value, allowed in (("parallel.recompute (--recompute)", self.recompute, RECOMPUTE),
+                                    ("parallel.recompute_method (--recompute-method)", self.recompute_method,
+                                     RECOMPUTE_METHODS),
+                                    ("parallel.tsp_recompute (--tsp-recompute)", self.tsp_recompute, TSP_RECOMPUTE),
+                                    ("parallel.tsp_lm_head (--tsp-lm-head)", self.lm_head, LM_HEADS)):
+            if value not in allowed:
+                raise PlanError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+        if self.recompute_num_layers is not None:
+            _positive("parallel.recompute_num_layers (--recompute-num-layers)", self.recompute_num_layers)
+            if self.recompute != "full":
+                raise PlanError(f"parallel.recompute_num_layers = {self.recompute_num_layers} needs "
+                                f"parallel.recompute = full (got {self.recompute!r})")
+        if not isinstance(self.offload_activations, bool):
+            raise PlanError(f"parallel.offload_activations must be true or false, got {self.offload_activations!r}")
+        if self.offload_activations and self.recompute != "full":
+            raise PlanError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
+                            f"checkpointed layers' inputs); got parallel.recompute = {self.recompute!r}")
+        _positive("parallel.lm_head_chunk_tokens (--lm-head-chunk-tokens)", self.lm_head_chunk_tokens)
         if self.mlp_exchange not in MLP_EXCHANGES:
             raise PlanError(f"--tsp-mlp-exchange = {self.mlp_exchange!r} is not one of {', '.join(MLP_EXCHANGES)}")
 
@@ -228,12 +309,15 @@ class Cluster:
     gpus_per_node: int
     nodes: int = 1
     gpu_memory_gib: Optional[float] = None  # None: the hardware profile's
+    host_memory_gib: Optional[float] = None  # per node, for offloaded activations; None: the profile's
 
     def __post_init__(self):
         _positive("--gpus-per-node", self.gpus_per_node)
         _positive("--nodes", self.nodes)
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise PlanError(f"--gpu-memory-gb must be positive, got {self.gpu_memory_gib}")
+        if self.host_memory_gib is not None and self.host_memory_gib <= 0:
+            raise PlanError(f"--host-memory-gb must be positive, got {self.host_memory_gib}")
 
     @property
     def world(self) -> int:
@@ -265,6 +349,15 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
                         f"{2 * layout.cp * layout.tp} ({where}: zigzag chunks, then TP sequence split)")
     if layout.kind == "tp_sp" and train.seq_len % layout.tp:
         raise PlanError(f"--seq-len = {train.seq_len} must be divisible by TP = {layout.tp} ({where})")
+    if layout.kind == "tsp" and train.recompute == "selective":
+        raise PlanError(f"parallel.recompute = selective is for the baselines ({where}): TSP attention never "
+                        "keeps S x S scores; use full (or parallel.tsp_recompute)")
+    if train.recompute_num_layers is not None and train.recompute_num_layers > model.layers:
+        raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} is more than the layers "
+                        f"per stage ({model.layers})")
+    if train.recompute_num_layers and train.recompute_method == "uniform" and model.layers % train.recompute_num_layers:
+        raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} must divide the {model.layers} "
+                        "layers per stage with parallel.recompute_method = uniform (checkpointed chunks of N layers)")
     dp = cluster.world // layout.size
     if train.global_batch is not None and train.global_batch % (train.micro_batch * dp):
         raise PlanError(f"--global-batch = {train.global_batch} must be a multiple of --micro-batch "

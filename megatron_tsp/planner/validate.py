@@ -191,13 +191,22 @@ def load_file(path: str) -> List[Measurement]:
             m.layout = _layout(row)
             tr = dict(top.get("train") or {}, **(row.get("train") or {}))
             seq = row.get("seq_len") or row.get("seq_length") or seq
-            recompute = row.get("recompute", tr.get("recompute", "auto"))
-            recompute = {"save": "none", "block": "auto", "selective": "auto"}.get(recompute, recompute)
+            # the rows name the old planner's `recompute` (auto: TSP block, baselines none; none:
+            # TSP saves; full: TSP block, baselines Megatron's full) or the recipe keys; rows
+            # measured before lean norms ran torch's composite norm (their `norm`, default torch)
+            old = row.get("recompute", tr.get("recompute", "auto"))
+            tsp_rec = "none" if old in ("none", "save") else "full"
+            layer_rec = "full" if old == "full" else "none"
+            get = lambda k, d: row.get(k, tr.get(k, d))  # noqa: E731
             m.train = TrainSpec(seq_len=int(seq), micro_batch=int(tr.get("micro_batch_size", 1)),
                                 global_batch=tr.get("global_batch_size"),
-                                distributed_optimizer=bool(row.get("distributed_optimizer", tr.get("distributed_optimizer", False))),
-                                recompute=recompute,
-                                mlp_exchange=row.get("tsp_mlp_exchange", tr.get("tsp_mlp_exchange", "auto")))
+                                distributed_optimizer=bool(get("distributed_optimizer", False)),
+                                recompute=get("layer_recompute", layer_rec), tsp_recompute=get("tsp_recompute", tsp_rec),
+                                recompute_method=get("recompute_method", "uniform"),
+                                recompute_num_layers=get("recompute_num_layers", None),
+                                offload_activations=bool(get("offload_activations", False)),
+                                lm_head=get("tsp_lm_head", "megatron"), norm=get("norm", "torch"),
+                                mlp_exchange=get("tsp_mlp_exchange", "auto"))
             m.world = int(row.get("world_size") or top.get("world_size") or m.layout.size)
             m.compute_only = bool(row.get("compute_only"))
             m.oom = bool(row.get("oom")) or "failed_rc" in row and "oom" in str(row).lower()
@@ -270,7 +279,8 @@ def paper_section() -> List[str]:
             lay = Layout.parse(key)
             cells = []
             for norm in ("torch", "fused"):  # TSP with the paper's exchange: weights move (the ring)
-                gb = pl(model, TrainSpec(seq_len=S, norm=norm, mlp_exchange="ring"), lay, cluster, hw).memory.peak / 1e9
+                gb = pl(model, TrainSpec(seq_len=S, norm=norm, mlp_exchange="ring", tsp_recompute="full", lm_head="megatron"),
+                        lay, cluster, hw).memory.peak / 1e9
                 preds[(norm, S, key)] = gb
                 pub = table.get(key)
                 cells += [f"{gb:.1f}", "-" if pub is None else f"{gb / pub:.2f}"]
