@@ -10,6 +10,10 @@ is allowed with one warning, at the first import of a module that builds on mega
   is a callable (`functools.partial(MLP.as_mlp_submodule, submodules=...)`) that the layer calls
   with `config, pg_collection, is_mtp_layer, name` (`mlp_spec`, `mlp_submodules`).
 - `MLP.__init__` takes `name` from 0.18 (`mlp_name_kwargs`).
+- TransformerConfig's CUDA-graph scope defaults to the string "full", which every version in the
+  range itself calls deprecated (a warning per config; the field is `cuda_graph_scope` up to
+  0.17, `cuda_graph_modules` from 0.18): our configs pass the equivalent empty list
+  (`transformer_config_defaults`).
 - 0.19's `GPTModel.__init__` logs "GPTModel IS DEPRECATED" (use HybridModel); TSPGPTModel
   stays a GPTModel (README, 'Supported megatron-core versions' says why) and silences that one
   record while it constructs (`quiet_gpt_model_deprecation`).
@@ -18,12 +22,14 @@ is allowed with one warning, at the first import of a module that builds on mega
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import warnings
 
 from megatron.core import package_info
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from packaging.version import Version
@@ -82,6 +88,26 @@ _MLP_TAKES_NAME = "name" in inspect.signature(MLP.__init__).parameters
 def mlp_name_kwargs(name):
     """`{'name': name}` for `MLP.__init__` where it takes a module name (0.18+), else `{}`."""
     return {"name": name} if _MLP_TAKES_NAME else {}
+
+
+def _whole_layer_cuda_graph_field():
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    for name in ("cuda_graph_modules", "cuda_graph_scope"):
+        if defaults.get(name) == "full":
+            return name
+    return None
+
+
+_CUDA_GRAPH_FIELD = _whole_layer_cuda_graph_field()
+
+
+def transformer_config_defaults(**kwargs) -> dict:
+    """`kwargs` for a TransformerConfig, plus the CUDA-graph scope as `[]` (the whole layer,
+    what the deprecated default "full" means) unless the caller sets it: no deprecation warning
+    per config. No effect without CUDA graphs (`cuda_graph_impl='none'`, the default)."""
+    if _CUDA_GRAPH_FIELD is not None:
+        kwargs.setdefault(_CUDA_GRAPH_FIELD, [])
+    return kwargs
 
 
 class _DropGPTModelDeprecation(logging.Filter):
