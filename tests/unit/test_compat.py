@@ -177,3 +177,9 @@ def test_import_prints_no_deprecation_or_version_notice():
     # The filter is narrow: Megatron's own GPTModel keeps its notice where the version logs one.
     logs_notice = "GPTModel IS DEPRECATED" in open(sys.modules["megatron.core.models.gpt.gpt_model"].__file__).read()
     assert native_part.count("GPTModel IS DEPRECATED") == int(logs_notice), native_part[-3000:]
+
+
+def test_ci_tests_both_ends_of_the_range():
+    """.ci/run installs exactly the oldest and the newest supported megatron-core."""
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert f'"$PY312" {compat.NEWEST}' in ci and f'"$PY311" {compat.OLDEST}' in ci
