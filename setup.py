@@ -9,7 +9,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_tsp", "megatron_tsp.*"]),
     install_requires=[
-        "megatron-core==0.16.1",  # the hook points are pinned (shared/MEGATRON_NOTES.md)
+        # tested 0.16.1 <= megatron-core <= 0.19.2 (0.17+ need Python >= 3.12); a newer one
+        # installs and warns once (megatron_tsp/compat.py)
+        "megatron-core>=0.16.1",
         "torch>=2.6",
         "numpy",
         "packaging",

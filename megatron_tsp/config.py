@@ -123,7 +123,10 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 
     check_tsp_size(tsp_size)
     check_parallel_sizes(kwargs.pop("tensor_model_parallel_size", 1), kwargs.get("context_parallel_size", 1))
-    config = TransformerConfig(tensor_model_parallel_size=tsp_size, sequence_parallel=tsp_size > 1, **kwargs)
+    from .compat import transformer_config_defaults
+
+    config = TransformerConfig(tensor_model_parallel_size=tsp_size, sequence_parallel=tsp_size > 1,
+                               **transformer_config_defaults(**kwargs))
     validate_transformer_config(config, tsp_size, seq_length)
     return config
 

@@ -16,6 +16,7 @@ from typing import Optional
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 
+from . import compat
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .specs import get_tsp_block_spec
 from . import lm_head
@@ -42,7 +43,8 @@ class TSPGPTModel(GPTModel):
             transformer_layer_spec = get_tsp_block_spec(
                 config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
             )
-        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        with compat.quiet_gpt_model_deprecation():  # 0.19's notice, for GPTModel users
+            super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.tsp_group = group
         self.tsp_options = tsp_options
 

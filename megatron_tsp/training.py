@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
 from .baselines.context_parallel import check_context_parallel
+from .compat import transformer_config_defaults
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .model import TSPGPTModel
 from .specs import get_sp_block_spec
@@ -105,7 +106,7 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        **kw,
+        **transformer_config_defaults(**kw),
     )
 
 

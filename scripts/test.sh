@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The test suite: world-1 unit tests, then one torchrun per world size (the ~7 s megatron
-# import is paid once per rank), then the SLURM job scripts under a one-node SLURM started here
-# (tests/slurm; skipped, with the reason, where SLURM cannot run: see scripts/ci_slurm.sh).
-# gloo on CPU, NCCL when GPUs are present.
+# The test suite with the `python` on PATH: world-1 unit tests, then one torchrun per world size
+# (the ~7 s megatron import is paid once per rank), then the SLURM job scripts under a one-node
+# SLURM started here (tests/slurm; skipped, with the reason, where SLURM cannot run: see
+# scripts/ci_slurm.sh). gloo on CPU, NCCL when GPUs are present.
+# Arguments pick parts: `bash scripts/test.sh unit 2` runs the unit tests and world 2 only;
+# no arguments: unit 2 4 slurm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -m pytest -q tests/unit
-for n in 2 4; do
-  torchrun --standalone --nproc-per-node "$n" -m pytest -q tests/distributed
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(unit 2 4 slurm)
+python -c "import importlib.metadata as m, sys; print('megatron-core', m.version('megatron-core'), 'on Python', sys.version.split()[0])"
+for part in "${parts[@]}"; do
+  case "$part" in
+    unit) python -m pytest -q tests/unit ;;
+    [0-9]*) python -m torch.distributed.run --standalone --nproc-per-node "$part" -m pytest -q tests/distributed ;;
+    slurm) python -m pytest -q -rs -m slurm tests/slurm ;;
+    *) echo "scripts/test.sh: unknown part '$part' (unit, a world size, slurm)" >&2; exit 2 ;;
+  esac
 done
-python -m pytest -q -rs -m slurm tests/slurm
