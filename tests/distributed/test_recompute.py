@@ -184,11 +184,11 @@ def losses(overrides):
 def test_driver_tsp_five_steps_equal_with_layer_recompute(world):
     if world != 2:
         pytest.skip("tsp D=2 on 2 processes")
-    common = ["parallel.size=2", "train.steps=5", "model.num_layers=4"]
+    common = ["parallel.size=2", "train.steps=5"]
     plain = losses(common)
     assert plain[-1] < plain[0]
     for extra in (["parallel.recompute=full"],
-                  ["parallel.recompute=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=2",
+                  ["parallel.recompute=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=1",
                    "parallel.offload_activations=true", "parallel.tsp_recompute=full"],
                   ["parallel.recompute=full", "parallel.recompute_num_layers=2", "parallel.offload_activations=true"]):
         assert losses(common + extra) == plain, extra
