@@ -35,7 +35,8 @@ def recompute_kw(method, n):
     return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": n}
 
 
-def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activations=False, **config_kw):
+def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activations=False, hidden_dropout=0.0,
+                   **config_kw):
     """The loss and every full parameter gradient of a float64 model on D ranks. The loss is a
     fixed random linear function of the logits, in float64: Megatron's vocab-parallel cross
     entropy casts the logits to float32, which would hide everything below 1e-7."""
@@ -44,6 +45,8 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options,
                       offload_activations=offload_activations, **config_kw)
     model.double()  # TSPNorm's weights too (float32 whatever params_dtype says, until lean norms)
+    for layer in model.decoder.layers:
+        layer.hidden_dropout = hidden_dropout
     tokens, _, pos = synthetic_batch(0, 2, shape, seed=seed)
     logits = model(tokens, pos, None)  # [b, S, V/D]: every token, this rank's vocabulary shard
     group = mpu.get_tensor_model_parallel_group()
@@ -103,6 +106,23 @@ def test_parity_catches_a_stale_offloaded_input(world, monkeypatch):
     plain = loss_and_grads("tsp", world, shape, seed)
     got = loss_and_grads("tsp", world, shape, seed, "none", True, **recompute_kw("uniform", 1))
     assert worst_error(got, plain) > 1e-3
+
+
+def test_dropout_masks_are_replayed_in_the_recomputation(world, monkeypatch):
+    """The checkpoint restores the RNG states (CPU generator, "CUDA" generator and Megatron's
+    tracker, all the CPU generator under the CPU shims) before recomputing, so hidden dropout
+    draws the same masks again; a recomputation that does not restore them is caught."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    shape, seed = SHAPES["gqa"], fresh_seed()
+    plain = loss_and_grads("tsp", world, shape, seed, hidden_dropout=0.3)
+    assert worst_error(plain, loss_and_grads("tsp", world, shape, seed)) > 1e-3, "dropout did not act"
+    for method, n in (("uniform", 2), ("block", 1)):
+        got = loss_and_grads("tsp", world, shape, seed, hidden_dropout=0.3, **recompute_kw(method, n))
+        assert worst_error(got, plain) <= TOL, (method, n)
+    monkeypatch.setattr(mrandom, "_set_all_rng_states", lambda *states: None)
+    broken = loss_and_grads("tsp", world, shape, seed, hidden_dropout=0.3, **recompute_kw("uniform", 1))
+    assert worst_error(broken, plain) > 1e-3
 
 
 def test_selective_recompute_is_refused_with_tsp():
