@@ -114,6 +114,13 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
             raise TSPConfigError(
                 f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version"
             )
+    if config.recompute_granularity == "selective":
+        # Megatron's selective recompute checkpoints core_attention, which TSP attention never
+        # calls (and TSP never keeps S x S scores): it would silently do nothing.
+        raise TSPConfigError(
+            "--recompute-granularity selective (parallel.recompute = selective) is not supported with "
+            "--tsp-size: use full (layer recompute) and/or --tsp-recompute full"
+        )
 
 
 def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kwargs):

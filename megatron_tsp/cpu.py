@@ -105,6 +105,18 @@ def _install_rng_tracker():
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
+    # Megatron's activation checkpointing (CheckpointFunction, CheckpointWithoutOutput) saves and
+    # restores "the CUDA RNG state" around the recomputation through these two module functions.
+    # On the CPU the tracker above runs on the CPU generator, so that generator is the "CUDA" one.
+    def get_cpu_as_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_cpu_as_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_cpu_as_cuda_rng_state
+    mrandom._set_cuda_rng_state = set_cpu_as_cuda_rng_state
+
 
 def install_cpu_shims() -> bool:
     """Install the CPU redirections once per process; returns whether they are active."""

@@ -19,6 +19,8 @@ from .training import ModelShape
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
+RECOMPUTE = ("none", "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 class RecipeError(TSPConfigError):
@@ -95,6 +97,25 @@ class ParallelRecipe:
     group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"
     with context_size > 1). Not with tsp, train.distributed_optimizer, pipeline_size > 1 or
     checkpoints."""
+    recompute: str = "none"
+    """Layer activation recompute, every layout (Megatron's recompute_granularity): none; full
+    (Megatron's layer checkpointing: a recomputed layer keeps only its input [S/D, b, h] and runs
+    its forward again in backward; around TSP layers parallel.tsp_recompute applies inside that
+    recomputation); selective (Megatron's core-attention recompute: baselines only, TSP attention
+    never keeps S x S scores)."""
+    recompute_method: str = "uniform"
+    """With recompute = full (Megatron's recompute_method): uniform (every layer recomputed, in
+    chunks of recompute_num_layers layers of which only the chunk's input is kept) or block (the
+    first recompute_num_layers layers of each pipeline stage recomputed, the others save their
+    activations: the memory/speed knob)."""
+    recompute_num_layers: Optional[int] = None
+    """With recompute = full (Megatron's recompute_num_layers): layers per checkpointed chunk
+    (uniform; must divide the layers per pipeline stage) or recomputed layers per pipeline stage
+    (block); null: 1 (uniform) or every layer of the stage (block)."""
+    offload_activations: bool = False
+    """With recompute = full, every layout: the checkpointed layers' saved inputs go to pinned host
+    memory in forward and come back ahead of their layer's backward on a side stream (prefetched
+    one layer ahead: at most two on the GPU during backward). On CPU a host copy."""
 
 
 @dataclass
@@ -226,6 +247,7 @@ class Recipe:
             raise RecipeError(f"model.seq_length = {m.seq_length} must be divisible by parallel.size = {size} (tp_sp)")
         if m.num_layers % p.pipeline_size:
             raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
+        self._check_recompute()
         if t.save_interval < 0:
             raise RecipeError("train.save_interval must be >= 0")
         if t.resume and not t.save_dir:
@@ -246,6 +268,48 @@ class Recipe:
                     f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
                 )
         return self
+
+    def _check_recompute(self) -> None:
+        m, p = self.model, self.parallel
+        if p.recompute not in RECOMPUTE:
+            raise RecipeError(f"parallel.recompute = {p.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if p.recompute_method not in RECOMPUTE_METHODS:
+            raise RecipeError(f"parallel.recompute_method = {p.recompute_method!r} is not one of "
+                              f"{', '.join(RECOMPUTE_METHODS)}")
+        if p.recompute == "selective" and p.layout == "tsp":
+            raise RecipeError("parallel.recompute = selective (Megatron's core-attention recompute) is for the "
+                              "baselines: TSP attention never keeps S x S scores; use parallel.recompute = full "
+                              "and/or parallel.tsp_recompute = full")
+        if p.recompute != "full":
+            for bad, key in ((p.recompute_method != "uniform", f"parallel.recompute_method = {p.recompute_method}"),
+                             (p.recompute_num_layers is not None,
+                              f"parallel.recompute_num_layers = {p.recompute_num_layers}"),
+                             (p.offload_activations, "parallel.offload_activations = true")):
+                if bad:
+                    raise RecipeError(f"{key} needs parallel.recompute = full (Megatron's layer checkpointing), "
+                                      f"got parallel.recompute = {p.recompute}")
+            return
+        per_stage = m.num_layers // p.pipeline_size
+        n = p.recompute_num_layers
+        if n is not None and not 1 <= n <= per_stage:
+            raise RecipeError(f"parallel.recompute_num_layers = {n} must be between 1 and the layers per pipeline "
+                              f"stage, {per_stage} (model.num_layers {m.num_layers} / parallel.pipeline_size "
+                              f"{p.pipeline_size})")
+        if n is not None and p.recompute_method == "uniform" and per_stage % n:
+            raise RecipeError(f"parallel.recompute_num_layers = {n} must divide the {per_stage} layers per pipeline "
+                              "stage with parallel.recompute_method = uniform (checkpointed chunks of N layers)")
+
+    def recompute_config(self) -> dict:
+        """The TransformerConfig fields of parallel.recompute / recompute_method / recompute_num_layers."""
+        p = self.parallel
+        if p.recompute == "none":
+            return {}
+        if p.recompute == "selective":
+            return {"recompute_granularity": "selective"}  # recompute_modules: Megatron's default core_attn
+        n = p.recompute_num_layers
+        if n is None:
+            n = 1 if p.recompute_method == "uniform" else self.model.num_layers // p.pipeline_size
+        return {"recompute_granularity": "full", "recompute_method": p.recompute_method, "recompute_num_layers": n}
 
     def tsp_options(self) -> TSPOptions:
         p = self.parallel

@@ -138,6 +138,7 @@ def build(recipe: Recipe):
         sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
         tsp_options=recipe.tsp_options(),
         init_method_std=m.init_method_std,
+        offload_activations=p.offload_activations, **recipe.recompute_config(),
         use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,

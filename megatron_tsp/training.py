@@ -112,7 +112,7 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local",
-              tsp_options: Optional[TSPOptions] = None, **config_kw):
+              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False, **config_kw):
     """A GPT model on the current Megatron groups (`megatron.core.parallel_state`).
 
     - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
@@ -129,7 +129,15 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
       torch SDPA; `core_attention='sdpa'` or `'cp'`). The model takes this CP rank's tokens:
       slice tokens, labels, position ids and loss mask with `baselines.context_parallel.cp_slice`.
       Weights ZeRO-3-sharded over the data x context group: `wrap_ddp_and_optimizer(fsdp=True)`.
+    - Layer recompute (every layout): Megatron's `recompute_granularity` ('full': layer
+      checkpointing, `recompute_method` uniform / block, `recompute_num_layers`; 'selective': core
+      attention, baselines only) in `config_kw`; `offload_activations=True` (with 'full') moves
+      the checkpointed layer inputs to host memory (`megatron_tsp.offload`).
     """
+    if offload_activations and config_kw.get("recompute_granularity") != "full":
+        raise TSPConfigError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
+                             f"checkpointed layers' inputs); got recompute_granularity = "
+                             f"{config_kw.get('recompute_granularity')!r}")
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     D, cp = pgs.tp.size(), pgs.cp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
@@ -174,6 +182,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         layout_invariant_init(model, seed)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if offload_activations:
+        from .offload import offload_layer_inputs
+
+        offload_layer_inputs(model)
     return model
 
 

@@ -172,3 +172,179 @@ def test_local_lm_head_never_holds_more_than_one_chunk_of_logits(world):
     allocated, kept, whole_sequence = _lm_head_footprint(world, "megatron")
     tokens = LM_SHAPE.seq_length * 2
     assert allocated >= tokens and kept >= tokens and whole_sequence, (allocated, kept, whole_sequence)
+# -- layer recompute (Megatron's checkpointing around TSP layers) and activation offload ---------
+
+LAYERS = 4
+
+
+def _chunks(method, n):
+    """The (first, end) layers of each checkpointed chunk of a 4-layer stage."""
+    if method == "uniform":
+        return [(k, k + n) for k in range(0, LAYERS, n)]
+    return [(k, k + 1) for k in range(n)]
+
+
+def _model_forward_saves(D, options=None, offload_activations=False, record_inputs=None, before_forward=None, **config_kw):
+    """One forward of a 4-layer TSPGPTModel with every saved activation (parameters excluded)
+    attributed to where it was saved: layer i's forward (i), the checkpoint of layer i's input
+    (('input', i): saved outside every layer, with the storage of what layer i received) or the
+    rest of the model ('outside'). Returns (saves, the loss to call backward on, the model)."""
+    from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
+
+    init_tsp(D)
+    shape = ModelShape(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=4 * H, seq_length=S)
+    model = build_gpt(shape, layout="tsp", dtype=torch.float32, seed=7, tsp_options=options or TSPOptions(mlp_exchange="ring"),
+                      offload_activations=offload_activations, **config_kw)
+    params = {p.data_ptr() for p in model.parameters()}
+    current, inputs, recording = [None], {}, [True]
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if recording[0]:  # kept alive until the forward ends: no other tensor can take its address
+                inputs.setdefault(i, hidden)
+                if record_inputs is not None:
+                    record_inputs.setdefault(i, hidden)
+            current[0] = i
+        return hook
+
+    def leave(module, args, output):
+        current[0] = None
+
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_pre_hook(enter(i), with_kwargs=True)
+        layer.register_forward_hook(leave, always_call=True)
+    saves = []
+
+    def pack(t):
+        if t.data_ptr() in params or t.numel() <= 1:
+            return t
+        where = current[0]
+        if where is None:
+            where = next((("input", i) for i, x in inputs.items() if x.data_ptr() == t.data_ptr()), "outside")
+        saves.append((where, tuple(t.shape), t.untyped_storage().data_ptr()))
+        return t
+
+    tokens, labels, pos = synthetic_batch(0, B, shape, seed=7)
+    if before_forward is not None:
+        before_forward(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens.to(device()), pos.to(device()), None, labels=labels.to(device())).sum()
+    recording[0] = False
+    inputs.clear()
+    return saves, loss, model
+
+
+def check_layer_recompute_saves(plain, got, chunks, D):
+    """With layer recompute: the first layer of each checkpointed chunk keeps exactly its input
+    [S/D, b, h], no recomputed layer keeps anything else, the other layers and the rest of the
+    model keep what they kept without recompute (the RoPE table, shared by every layer, aside)."""
+    rope = (S, 1, 1, H // HEADS)
+    recomputed = {i for first, end in chunks for i in range(first, end)}
+
+    def shapes(saves, where):
+        return sorted(shape for w, shape, _ in saves if w in where and (w != "outside" or shape != rope))
+
+    for i in range(LAYERS):
+        if i in recomputed:
+            assert shapes(got, [i]) == [], f"layer {i} is recomputed but its forward saved {shapes(got, [i])}"
+            expected = [(S // D, B, H)] if any(first == i for first, _ in chunks) else []
+            assert shapes(got, [("input", i)]) == expected, f"layer {i}: kept {shapes(got, [('input', i)])} of its input"
+        else:
+            assert shapes(got, [i, ("input", i)]) == shapes(plain, [i, ("input", i)]), f"layer {i} (not recomputed)"
+    assert shapes(got, ["outside"]) == shapes(plain, ["outside"]), "the rest of the model saves something else"
+    assert len({storage for w, shape, storage in got if w == "outside" and shape == rope}) <= 1, "more than one RoPE table kept"
+
+
+@pytest.mark.parametrize("method, n", [("uniform", 1), ("uniform", 2), ("block", 2)])
+@pytest.mark.parametrize("tsp_recompute", ["none", "full"])
+def test_layer_recompute_keeps_one_input_per_chunk(world, method, n, tsp_recompute):
+    options = TSPOptions(recompute=tsp_recompute, mlp_exchange="ring")
+    plain, loss, _ = _model_forward_saves(world, options)
+    loss.backward()
+    got, loss, _ = _model_forward_saves(world, options, recompute_granularity="full", recompute_method=method,
+                                        recompute_num_layers=n)
+    loss.backward()
+    check_layer_recompute_saves(plain, got, _chunks(method, n), world)
+
+
+def test_layer_recompute_accounting_catches_no_checkpointing(world, monkeypatch):
+    """Test the test: layers that run without Megatron's checkpoint (a recompute that does not
+    happen) keep their activations, and the accounting says so."""
+    from megatron.core import tensor_parallel
+
+    plain, loss, _ = _model_forward_saves(world)
+    loss.backward()
+    monkeypatch.setattr(tensor_parallel, "checkpoint", lambda function, distribute, *args: function(*args))
+    got, loss, _ = _model_forward_saves(world, recompute_granularity="full", recompute_method="uniform",
+                                        recompute_num_layers=1)
+    loss.backward()
+    with pytest.raises(AssertionError, match="layer 0 is recomputed but its forward saved"):
+        check_layer_recompute_saves(plain, got, _chunks("uniform", 1), world)
+
+
+def _offload_run(world, offload_activations, method="uniform", n=1):
+    """Forward with layer recompute; returns (weak references to the checkpointed layer inputs
+    after the forward, the copies of their values, the backward's (saved tensor, host copy) of
+    each fetched input, the offload events)."""
+    import gc
+    import weakref
+
+    inputs = {}
+
+    def log_events(model):
+        if offload_activations:
+            model.activation_offloader.events = []
+
+    _, loss, model = _model_forward_saves(world, offload_activations=offload_activations, record_inputs=inputs,
+                                          before_forward=log_events, recompute_granularity="full",
+                                          recompute_method=method, recompute_num_layers=n)
+    firsts = [first for first, _ in _chunks(method, n)]
+    values = {i: inputs[i].detach().clone() for i in firsts}
+    refs = {i: weakref.ref(inputs[i]) for i in firsts}
+    inputs.clear()
+    gc.collect()
+    alive = [i for i, r in refs.items() if r() is not None]
+    fetched = []
+    offloader = getattr(model, "activation_offloader", None)
+    if offloader is not None:
+        real = offloader.fetch
+
+        def fetch(handle):
+            host = handle.host
+            t = real(handle)
+            fetched.append((handle.index, t, host))
+            return t
+
+        offloader.fetch = fetch
+    loss.backward()
+    return alive, values, fetched, offloader.events if offloader is not None else None
+
+
+def check_layer_inputs_offloaded(alive, values, fetched):
+    assert not alive, f"the inputs of checkpointed layers {alive} stayed where they were between forward and backward"
+    assert len(fetched) == len(values)
+    for (index, t, host), (layer, value) in zip(sorted(fetched, key=lambda f: f[0]), sorted(values.items())):
+        assert t is host, "the saved tensor the backward got is not the host copy"
+        assert t.data_ptr() != 0 and torch.equal(t, value), f"layer {layer}'s offloaded input changed"
+
+
+@pytest.mark.parametrize("method, n", [("uniform", 1), ("block", 2)])
+def test_offload_moves_every_checkpointed_input_off_the_device(world, method, n):
+    """With offload no checkpointed layer input stays on the device between forward and backward
+    (on CPU: the original is freed and the backward recomputes from the host copy), and the
+    backward prefetches chunk i-1's input when chunk i's starts: at most two on the device."""
+    alive, values, fetched, events = _offload_run(world, True, method, n)
+    check_layer_inputs_offloaded(alive, values, fetched)
+    k = len(_chunks(method, n))
+    expected = [("offload", i) for i in range(k)] + [("fetch", k - 1)]
+    for i in range(k - 1, 0, -1):
+        expected += [("prefetch", i - 1), ("use", i - 1)]
+    assert events == expected
+
+
+def test_offload_accounting_catches_inputs_kept_on_the_device(world):
+    """Test the test: layer recompute without offload keeps the inputs where they were."""
+    alive, values, fetched, _ = _offload_run(world, False)
+    with pytest.raises(AssertionError, match="stayed where they were"):
+        check_layer_inputs_offloaded(alive, values, fetched)

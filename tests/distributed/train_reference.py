@@ -14,9 +14,11 @@ GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
 
 
 def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=None, fsdp=False, core_attention="local",
-              sequence_parallel=None):
-    """`layout` 'tsp' or 'native' (with context parallelism when the groups have a CP size > 1)."""
-    model = build_gpt(SHAPE, layout=layout, seed=SEED, core_attention=core_attention, sequence_parallel=sequence_parallel)
+              sequence_parallel=None, **build_kw):
+    """`layout` 'tsp' or 'native' (with context parallelism when the groups have a CP size > 1);
+    `build_kw` go to build_gpt (e.g. recompute_granularity=..., offload_activations=...)."""
+    model = build_gpt(SHAPE, layout=layout, seed=SEED, core_attention=core_attention, sequence_parallel=sequence_parallel,
+                      **build_kw)
     ddp, opt = wrap_ddp_and_optimizer(model, lr=1e-2, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer,
                                       overlap=overlap, bucket_size=bucket_size, fsdp=fsdp)
     cp_group = mpu.get_context_parallel_group()
