@@ -61,7 +61,7 @@ def _sigterm_workers(proc, log):
     sent = time.monotonic()
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
-    rc = proc.wait(timeout=60)
+    rc = proc.wait(timeout=180)  # the assertion below wants 30 s; more only to report how long
     took = time.monotonic() - sent
     text = open(log).read()
     assert rc == 0 and took < 30, (rc, took, text[-3000:])
