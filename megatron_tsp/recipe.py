@@ -133,8 +133,8 @@ class TrainRecipe:
     clip_grad: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     distributed_optimizer: bool = False
-    """Megatron's distributed optimizer (optimizer state sharded over data parallel). Without
-    TE/apex its checkpoints do not resume bit-exactly (Megatron-core 0.16.1); see README."""
+    """Megatron's distributed optimizer (optimizer state sharded over data parallel). Its
+    checkpoints (fully_reshardable format) resume exactly, at any layout."""
     seed: int = 1234
     """Seed of weights and data order."""
     log_interval: int = 5
@@ -144,7 +144,13 @@ class TrainRecipe:
     save_interval: int = 0
     """Save every N steps (and always at the end when save_dir is set); 0: only at the end."""
     resume: bool = False
-    """Resume from the latest checkpoint in save_dir."""
+    """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
+    pipeline, data parallel); refused, with the differences listed, when the model's shapes,
+    vocabulary or dtype or train.distributed_optimizer differ."""
+    save_on_signal: bool = True
+    """On SIGINT / SIGTERM / SIGUSR1 (Ctrl-C; SLURM before a kill or preemption), finish the
+    current step, save a checkpoint (when save_dir is set) and exit 0; a second Ctrl-C aborts
+    at once. false: stop the same way without saving."""
     metrics_file: Optional[str] = None
     """Append one JSON line per step to this file (rank 0)."""
     progress_bar: bool = True

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .config import TSPConfigError
 from .recipe import Recipe, RecipeError, load_recipe, valid_keys
+from .signals import StopRequest
 
 CHECKPOINT_META = "megatron_tsp_run.json"
 
@@ -203,6 +204,27 @@ def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe):
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+#
+# save_dir/step_NNNNNNN/   one checkpoint (Megatron's distributed checkpoint format, torch_dist)
+# save_dir/latest          the step of the newest complete one
+# save_dir/megatron_tsp_run.json   the model, layout and optimizer format that wrote it
+#
+# A checkpoint is written as step_NNNNNNN.incomplete and renamed once every rank has finished;
+# `latest` moves after the rename. A run killed mid-save leaves only a *.incomplete directory,
+# never `latest` pointing at it; the next run in that directory removes it.
+
+INCOMPLETE = ".incomplete"
+# The distributed optimizer's format: `fully_reshardable` stores its state per model parameter,
+# in the model's own (TP/TSP-sliced, global-layer) keys, so it loads at any TSP / TP / pipeline /
+# data-parallel layout; `dp_reshardable` (what megatron-tsp wrote before) stores each rank's
+# flat buffer shard and loads only at the layout that wrote it.
+DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
+# What must match to resume: the parameters' shapes (ModelShape) and their dtype. seq_length
+# changes no parameter under RoPE.
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "vocab_size", "seq_length", "swiglu", "add_bias_linear", "normalization",
+               "position_embedding_type", "share_embeddings_and_output_weights", "dtype")
+
 
 def _step_dir(save_dir: str, step: int) -> str:
     return os.path.join(save_dir, f"step_{step:07d}")
@@ -216,14 +238,53 @@ def latest_step(save_dir: Optional[str]) -> Optional[int]:
         return int(f.read().strip())
 
 
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def remove_incomplete_checkpoints(save_dir: Optional[str]) -> List[str]:
+    """Remove what a run killed mid-save left in save_dir (rank 0 only): *.incomplete
+    checkpoint directories and half-written `latest` / metadata files. Returns their names."""
+    if not save_dir or not os.path.isdir(save_dir) or dist.get_rank() != 0:
+        return []
+    import shutil
+
+    removed = []
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if name.startswith("step_") and name.endswith(INCOMPLETE) and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif name in ("latest.tmp", CHECKPOINT_META + ".tmp"):
+            os.unlink(path)
+    return removed
+
+
 def _checkpoint_identity(recipe: Recipe) -> dict:
-    """What a checkpoint must match to be resumed: the model and the parallel layout."""
+    """What a checkpoint records about the run that wrote it: the model, the layout (any layout
+    may resume it), the optimizer and its checkpoint format."""
     ident = recipe.to_dict()
+    dist_opt = recipe.train.distributed_optimizer
     return {"model": ident["model"], "parallel": ident["parallel"], "world_size": dist.get_world_size(),
-            "distributed_optimizer": recipe.train.distributed_optimizer}
+            "distributed_optimizer": dist_opt,
+            "optimizer_format": DISTRIBUTED_OPTIMIZER_FORMAT if dist_opt else "plain"}
 
 
-def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> None:
+def _saved_optimizer_format(saved: dict) -> str:
+    if "optimizer_format" in saved:
+        return saved["optimizer_format"]
+    return "dp_reshardable" if saved.get("distributed_optimizer") else "plain"  # written before the key
+
+
+def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> dict:
+    """Refuse a checkpoint whose parameters do not fit this model (shapes, vocabulary, dtype)
+    or whose optimizer state cannot be read by this run's optimizer, listing every difference;
+    a different layout (TSP / TP / TP+SP size, pipeline, data parallel, world size) is fine.
+    Returns what the checkpoint records."""
     meta_path = os.path.join(save_dir, CHECKPOINT_META)
     if not os.path.isfile(meta_path):
         raise RecipeError(f"train.save_dir = {save_dir!r} has a checkpoint but no {CHECKPOINT_META}: "
@@ -233,45 +294,72 @@ def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> None:
     mine = _checkpoint_identity(recipe)
     defaults = Recipe().to_dict()  # a key added after the checkpoint was written has its default there
     diffs = []
-    for section in ("model", "parallel"):
-        for key, value in mine[section].items():
-            theirs = saved.get(section, {}).get(key, defaults[section].get(key))
-            if theirs != value:
-                diffs.append(f"{section}.{key}: checkpoint {theirs!r}, recipe {value!r}")
-    for key in ("world_size", "distributed_optimizer"):
-        if saved.get(key) != mine[key]:
-            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, run {mine[key]!r}")
+    for key in _SHAPE_KEYS:
+        if key == "seq_length" and recipe.model.position_embedding_type == "rope":
+            continue
+        theirs = saved.get("model", {}).get(key, defaults["model"].get(key))
+        if theirs != mine["model"][key]:
+            diffs.append(f"model.{key}: checkpoint {theirs!r}, recipe {mine['model'][key]!r}")
+    if saved.get("distributed_optimizer") != mine["distributed_optimizer"]:
+        diffs.append(f"train.distributed_optimizer: checkpoint {saved.get('distributed_optimizer')!r}, "
+                     f"recipe {mine['distributed_optimizer']!r} (their optimizer states are stored differently)")
+    elif _saved_optimizer_format(saved) == "dp_reshardable":
+        # An older distributed-optimizer checkpoint: flat buffer shards, readable at its own layout only.
+        for key in ("layout", "size", "pipeline_size", "context_size"):
+            theirs = saved.get("parallel", {}).get(key, defaults["parallel"].get(key))
+            if theirs != mine["parallel"][key]:
+                diffs.append(f"parallel.{key}: checkpoint {theirs!r}, recipe {mine['parallel'][key]!r} (a "
+                             "dp_reshardable distributed-optimizer checkpoint loads only at the layout that wrote it)")
+        if saved.get("world_size") != mine["world_size"]:
+            diffs.append(f"world_size: checkpoint {saved.get('world_size')!r}, run {mine['world_size']!r} (a "
+                         "dp_reshardable distributed-optimizer checkpoint loads only at the layout that wrote it)")
     if diffs:
         raise RecipeError(f"the checkpoint in {save_dir!r} does not match this run (it is left untouched):\n  "
                           + "\n  ".join(diffs))
+    return saved
 
 
-def _sharded_state(model, optimizer, is_loading: bool):
+def _layout_text(parallel: dict, world_size: int) -> str:
+    p = parallel
+    size = 1 if p.get("layout") == "dp" else p.get("size", 1)
+    model = size * p.get("pipeline_size", 1) * p.get("context_size", 1)
+    cp = f" x context {p['context_size']}" if p.get("context_size", 1) > 1 else ""
+    return (f"{p.get('layout')} {size} x pipeline {p.get('pipeline_size', 1)}{cp} x data "
+            f"{world_size // model if world_size else '?'}")
+
+
+def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT):
     model_sd = model.sharded_state_dict()
-    # dp_reshardable: each rank saves its own optimizer shard, no gather (resume keeps the layout).
-    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    metadata = {"distrib_optim_sharding_type": optimizer_format}  # the plain optimizer ignores it
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
 def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
+    """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective."""
+    import shutil
+
     from megatron.core import dist_checkpointing
 
     save_dir = recipe.train.save_dir
     path = _step_dir(save_dir, step)
-    if dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(save_dir, CHECKPOINT_META), "w") as f:
-            json.dump(_checkpoint_identity(recipe), f, indent=1)
+    partial_path = path + INCOMPLETE
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if os.path.isdir(partial_path):
+            shutil.rmtree(partial_path)
+        os.makedirs(partial_path)
     dist.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
     state["step"] = step
-    dist_checkpointing.save(state, path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(save_dir, "latest.tmp"), "w") as f:
-            f.write(str(step))
-        os.replace(os.path.join(save_dir, "latest.tmp"), os.path.join(save_dir, "latest"))
+    dist_checkpointing.save(state, partial_path)
+    dist.barrier()  # every rank's shards are on disk
+    if rank0:
+        if os.path.isdir(path):  # a complete step_N that never became `latest` (killed in between)
+            shutil.rmtree(path)
+        os.rename(partial_path, path)
+        _write_atomically(os.path.join(save_dir, CHECKPOINT_META), json.dumps(_checkpoint_identity(recipe), indent=1))
+        _write_atomically(os.path.join(save_dir, "latest"), str(step))
     dist.barrier()
     return path
 
@@ -287,13 +375,59 @@ def _materialize_optimizer_state(optimizer) -> None:
                 opt._init_optimizer_states_with_dummy_values()
 
 
-def load_checkpoint(model, optimizer, recipe: Recipe) -> int:
+_PARAM_STATE_LOADERS = {"fully_reshardable": "load_parameter_state_from_fully_reshardable",
+                        "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
+                        "dp_reshardable": "load_parameter_state_from_dp_reshardable"}
+
+
+def _load_optimizer_state(optimizer, state_dict) -> None:
+    """optimizer.load_state_dict, with two fixes for megatron-core 0.16.1's DistributedOptimizer
+    on torch Adam (no TE/apex):
+    - its load_state_dict gives every parameter's Adam state one shared `step` tensor, which
+      torch Adam increments in place once per parameter: from the second resumed step on the
+      bias corrections were wrong (the ~0.3% drift a resumed run showed). Each parameter gets
+      its own copy here, as torch Adam keeps them.
+    - the model-space formats (fully_reshardable) store no per-parameter `step` (it is in the
+      param groups), but their loaders copy every key of the live state, `step` included
+      (KeyError): the step is set aside while they run."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) == 1:
+        pairs = [(chained[0], state_dict)]
+    else:
+        items = state_dict.values() if isinstance(state_dict, dict) else state_dict
+        pairs = list(zip(chained, [v for _, v in sorted(state_dict.items())] if isinstance(state_dict, dict) else items))
+    for opt, sd in pairs:
+        if not isinstance(opt, DistributedOptimizer) or "param_state" not in sd:
+            opt.load_state_dict(sd)
+            continue
+        sd = dict(sd)
+        param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
+        if kind not in _PARAM_STATE_LOADERS:
+            raise RecipeError(f"distributed-optimizer checkpoint format {kind!r} is not one megatron-tsp reads "
+                              f"({', '.join(_PARAM_STATE_LOADERS)})")
+        opt.load_state_dict(sd)  # param groups and the step
+        inner = opt.optimizer.state
+        steps = {p: st.pop("step") for p, st in inner.items() if "step" in st} if kind != "dp_reshardable" else {}
+        getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
+        for p, step in steps.items():
+            inner[p]["step"] = step
+        for st in inner.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].detach().clone()
+
+
+def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT) -> int:
+    """Load the latest checkpoint of save_dir into this run's model and optimizer, at whatever
+    layout this run has (the checkpoint's keys are layout-free: global layer numbers, full
+    tensors sliced per TP/TSP rank). Returns its step."""
     from megatron.core import dist_checkpointing
 
     _materialize_optimizer_state(optimizer)
     step = latest_step(recipe.train.save_dir)
     path = _step_dir(recipe.train.save_dir, step)
-    state = _sharded_state(model, optimizer, is_loading=True)
+    state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format)
     state["step"] = step
     try:
         loaded = dist_checkpointing.load(state, path)
@@ -301,7 +435,7 @@ def load_checkpoint(model, optimizer, recipe: Recipe) -> int:
         raise RecipeError(f"checkpoint {path!r} does not fit this model: {e}") from e
     with torch.no_grad():  # float32 main params are views of the (grad-requiring) model params
         model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     return int(loaded["step"])
 
 
@@ -368,17 +502,18 @@ def summarize(history: List[dict], recipe: Recipe, world: int) -> dict:
     }
 
 
-def _have_te_or_apex() -> bool:
-    from megatron.core.optimizer import distrib_optimizer
-
-    return bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 def run(recipe: Recipe, out=None) -> dict:
     """Train as the recipe says, in the current torch.distributed world. Returns
-    {"history": [per-step records], "summary": {...}} on every rank."""
+    {"history": [per-step records], "summary": {...}} on every rank. SIGINT / SIGTERM / SIGUSR1
+    stop it after the current step (see megatron_tsp.signals): it saves (train.save_on_signal)
+    and returns normally, with summary["stopped_by"] naming the signal."""
+    with StopRequest() as stop:
+        return _run(recipe, stop, out)
+
+
+def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     from megatron.core import parallel_state as mpu
 
     from .training import init_distributed
@@ -388,23 +523,25 @@ def run(recipe: Recipe, out=None) -> dict:
     recipe.check(world)
     t = recipe.train
     start = 0
+    saved = None
     if t.save_dir:
         found = latest_step(t.save_dir)
         if t.resume and found is not None:
-            check_checkpoint_matches(recipe, t.save_dir)
+            saved = check_checkpoint_matches(recipe, t.save_dir)
         elif not t.resume and (found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META))):
             raise RecipeError(f"train.save_dir = {t.save_dir!r} already holds checkpoints: set train.resume=true "
                               "to continue them, or choose another directory (they are never overwritten)")
-    if t.save_dir and t.distributed_optimizer and not _have_te_or_apex():
-        warnings.warn("train.distributed_optimizer=true without Transformer Engine/apex: Megatron-core 0.16.1 "
-                      "does not restore torch Adam's state exactly from its checkpoint, so a resumed run drifts "
-                      "from an uninterrupted one after the first resumed step (train.distributed_optimizer=false "
-                      "resumes bit-exactly)")
+        for name in remove_incomplete_checkpoints(t.save_dir):
+            print(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
+                  "left by an interrupted run", flush=True)
     _init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, ddp, optimizer = build(recipe)
-    if t.resume and latest_step(t.save_dir) is not None:
-        start = load_checkpoint(model, optimizer, recipe)
+    resumed_from = ""
+    if saved is not None:
+        start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved))
+        theirs, mine = _layout_text(saved["parallel"], saved.get("world_size")), _layout_text(recipe.to_dict()["parallel"], world)
+        resumed_from = f" (resumed from {t.save_dir}" + (f", written by {theirs}" if theirs != mine else "") + ")"
     dataset = build_train_dataset(recipe)
     progress = Progress(recipe, world, out)
     p = recipe.parallel
@@ -413,11 +550,16 @@ def run(recipe: Recipe, out=None) -> dict:
     progress.print(f"megatron-tsp train: layout {p.layout} size {recipe.axis_size} x pipeline "
                    f"{p.pipeline_size}{with_cp} x data {mpu.get_data_parallel_world_size()}{with_fsdp} on {world} "
                    f"{'GPUs' if backend == 'nccl' else 'CPU processes'} ({backend}); S={recipe.model.seq_length}, "
-                   f"global batch {t.global_batch_size}; steps {start + 1}..{t.steps}"
-                   + (f" (resumed from {t.save_dir})" if start else ""))
+                   f"global batch {t.global_batch_size}; steps {start + 1}..{t.steps}" + resumed_from)
     tokens = t.global_batch_size * recipe.model.seq_length
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    saved_step = start if saved is not None else None  # the step whose checkpoint is on disk
+    stopped_after = None
     for step in range(start, t.steps):
+        # Every rank learns whether any rank was asked to stop, before this step's collectives.
+        if stop.agreed(device):
+            stopped_after = step
+            break
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
@@ -433,9 +575,21 @@ def run(recipe: Recipe, out=None) -> dict:
         progress.step(record)
         if t.save_dir and ((t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps):
             path = save_checkpoint(model, optimizer, recipe, step + 1)
+            saved_step = step + 1
             progress.print(f"saved checkpoint {path}")
+    if stopped_after is not None:
+        if t.save_dir and t.save_on_signal and saved_step is None and stopped_after == 0:
+            where = "nothing saved (no step ran)"
+        elif t.save_dir and t.save_on_signal and saved_step != stopped_after:
+            where = f"checkpoint saved in {save_checkpoint(model, optimizer, recipe, stopped_after)}"
+        elif t.save_dir and t.save_on_signal:
+            where = f"its checkpoint is {_step_dir(t.save_dir, stopped_after)}"
+        else:
+            where = "nothing saved (" + ("train.save_on_signal=false" if t.save_dir else "train.save_dir is not set") + ")"
+        progress.print(f"stopped by {stop.name} after step {stopped_after}: {where}")
     progress.close()
     summary = summarize(progress.history, recipe, world)
+    summary["stopped_by"] = stop.name if stopped_after is not None else None
     if summary["steps_run"]:
         mem = f", peak mem {summary['peak_mem_gb']:.2f} GB/GPU" if summary["peak_mem_gb"] is not None else ""
         progress.print(f"summary: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
