@@ -1,7 +1,9 @@
 """Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
 
-`python tests/megatron_lm/cpu_launcher.py [--direct] <pretrain_gpt.py> <flags>` under torchrun
-(`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh). Megatron-LM's
+`python tests/megatron_lm/cpu_launcher.py [--direct | --no-builder-swap] <pretrain_gpt.py> <flags>`
+under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh;
+`--no-builder-swap`: the runner with its model-builder hooks undone, as a pretrain_gpt.py whose
+model path bypasses them: the runner's check of the built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
 Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
 GPU runs.
@@ -72,9 +74,12 @@ def install_megatron_lm_cpu_shims():
     from megatron.training import arguments, training, utils
 
     arguments.get_device_arch_version = utils.get_device_arch_version = lambda: 9  # as Hopper
-    from megatron.legacy import fused_kernels
-
-    fused_kernels.load = lambda args: None  # asks nvcc its version and builds nothing (this commit)
+    try:  # core_v0.16.1; gone from core_v0.17
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        fused_kernels = None
+    if fused_kernels is not None and hasattr(fused_kernels, "load"):
+        fused_kernels.load = lambda args: None  # asks nvcc its version and builds nothing (this commit)
 
     initialize_megatron = training.initialize_megatron
 
@@ -85,18 +90,40 @@ def install_megatron_lm_cpu_shims():
     training.initialize_megatron = initialize_megatron_without_cuda
 
 
+def undo_builder_swap():
+    """Undo megatron_tsp.megatron_lm.install's model-builder hooks (both model paths), keeping
+    its flags and its check of the built model."""
+    import importlib
+
+    import gpt_builders
+
+    from megatron_tsp.megatron_lm import install
+
+    install()
+    gpt_builders.gpt_builder = gpt_builders.gpt_builder.megatron_gpt_builder
+    try:
+        argument_utils = importlib.import_module("megatron.training.argument_utils")  # core_v0.18+
+    except ImportError:
+        return
+    wrapped = getattr(argument_utils, "gpt_config_from_args", None)
+    if hasattr(wrapped, "megatron_gpt_config_from_args"):  # core_v0.19+
+        argument_utils.gpt_config_from_args = wrapped.megatron_gpt_config_from_args
+
+
 if __name__ == "__main__":
     import os
     import runpy
 
-    direct = sys.argv[1] == "--direct"
-    argv = sys.argv[2:] if direct else sys.argv[1:]
+    mode = sys.argv[1] if sys.argv[1] in ("--direct", "--no-builder-swap") else None
+    argv = sys.argv[2:] if mode else sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
-    if direct:
+    if mode == "--direct":
         sys.argv = argv
         runpy.run_path(argv[0], run_name="__main__")
     else:
+        if mode == "--no-builder-swap":
+            undo_builder_swap()
         from megatron_tsp.run import main
 
         sys.exit(main(argv))

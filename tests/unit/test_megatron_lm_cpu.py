@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not (MLM and os.path.isfile(os.path.join(MLM, "pretrain_gpt.py"))),
     reason="set MEGATRON_LM_DIR to a Megatron-LM tree at core_v0.16.1 (scripts/prune_megatron_lm.sh) to run pretrain_gpt.py on CPU",
 )
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), PYTHONWARNINGS="ignore")
 
 
 def _apply(tree):
