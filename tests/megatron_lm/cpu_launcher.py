@@ -1,9 +1,10 @@
 """Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
 
-`python tests/megatron_lm/cpu_launcher.py [--direct | --no-builder-swap] <pretrain_gpt.py> <flags>`
+`python tests/megatron_lm/cpu_launcher.py [--direct | --native-model] <pretrain_gpt.py> <flags>`
 under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh;
-`--no-builder-swap`: the runner with its model-builder hooks undone, as a pretrain_gpt.py whose
-model path bypasses them: the runner's check of the built model must stop it). Megatron-LM's
+`--native-model`: the runner, but every model built is Megatron's native GPTModel (TP + SP), as
+from a pretrain_gpt.py whose model path bypasses the TSP builder: the runner's check of the
+built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
 Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
 GPU runs.
@@ -90,31 +91,28 @@ def install_megatron_lm_cpu_shims():
     training.initialize_megatron = initialize_megatron_without_cuda
 
 
-def undo_builder_swap():
-    """Undo megatron_tsp.megatron_lm.install's model-builder hooks (both model paths), keeping
-    its flags and its check of the built model."""
-    import importlib
+def build_native_model_instead():
+    """Make megatron_tsp's builder (both Megatron-LM model paths) build Megatron's native
+    GPTModel on the sequence-parallel local spec whatever the flags say: a pretrain_gpt.py whose
+    model path never reaches the TSP model yet trains (TP + SP). The runner must refuse it."""
+    import argparse
 
-    import gpt_builders
+    from megatron_tsp import megatron_lm
 
-    from megatron_tsp.megatron_lm import install
+    build_gpt_model = megatron_lm.build_gpt_model
 
-    install()
-    gpt_builders.gpt_builder = gpt_builders.gpt_builder.megatron_gpt_builder
-    try:
-        argument_utils = importlib.import_module("megatron.training.argument_utils")  # core_v0.18+
-    except ImportError:
-        return
-    wrapped = getattr(argument_utils, "gpt_config_from_args", None)
-    if hasattr(wrapped, "megatron_gpt_config_from_args"):  # core_v0.19+
-        argument_utils.gpt_config_from_args = wrapped.megatron_gpt_config_from_args
+    def build_native(args, config, kwargs):
+        native = argparse.Namespace(**{**vars(args), "tsp": False, "tsp_native_spec": "sp_norm"})
+        return build_gpt_model(native, config, kwargs)
+
+    megatron_lm.build_gpt_model = build_native
 
 
 if __name__ == "__main__":
     import os
     import runpy
 
-    mode = sys.argv[1] if sys.argv[1] in ("--direct", "--no-builder-swap") else None
+    mode = sys.argv[1] if sys.argv[1] in ("--direct", "--native-model") else None
     argv = sys.argv[2:] if mode else sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
@@ -122,8 +120,8 @@ if __name__ == "__main__":
         sys.argv = argv
         runpy.run_path(argv[0], run_name="__main__")
     else:
-        if mode == "--no-builder-swap":
-            undo_builder_swap()
+        if mode == "--native-model":
+            build_native_model_instead()
         from megatron_tsp.run import main
 
         sys.exit(main(argv))
