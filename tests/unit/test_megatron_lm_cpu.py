@@ -85,7 +85,7 @@ def test_conflicting_flags_stop_pretrain_gpt_with_one_error():
     result = subprocess.run(
         [sys.executable, LAUNCHER, os.path.join(MLM, "pretrain_gpt.py"), "--tsp-recipe", TINY,
          "--tensor-model-parallel-size", "2"],
-        capture_output=True, text=True, env=ENV, timeout=300)
+        capture_output=True, text=True, env=ENV, timeout=900)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pretrain_gpt.py: error: --tensor-model-parallel-size = 2 cannot be combined with --tsp-size" in result.stderr
 
@@ -98,7 +98,7 @@ def test_runner_refuses_a_model_that_is_not_tsp(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", LAUNCHER,
          "--native-model", os.path.join(MLM, "pretrain_gpt.py"), "--tsp-recipe", TINY, "--train-iters", "2",
          "--distributed-backend", "gloo"],
-        capture_output=True, text=True, env=ENV, timeout=600)
+        capture_output=True, text=True, env=ENV, timeout=1500)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-3000:]
     error = ("megatron_tsp.run: error: --tsp-size 2 asks for megatron_tsp's TSPGPTModel with TSP attention, "
@@ -112,8 +112,8 @@ def test_tsp_matches_tp_sp_and_the_patched_script(patched, tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--cpu", "--megatron-lm", MLM,
          "--recipe", TINY, "--iters", "4", "--runs", "tsp,tp_sp,patched", "--patched-dir", str(patched),
-         "--out", str(out), "--tolerance", "1e-5", "--timeout", "600"],
-        capture_output=True, text=True, env=ENV, timeout=1900)
+         "--out", str(out), "--tolerance", "1e-5", "--timeout", "1500"],
+        capture_output=True, text=True, env=ENV, timeout=4600)
     report = json.load(open(out / "compare.json"))
     assert result.returncode == 0, result.stdout + result.stderr
     runs = report["runs"]
