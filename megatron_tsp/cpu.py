@@ -3,8 +3,9 @@
 megatron-core 0.16.1 assumes CUDA in a handful of places (see MEGATRON_NOTES.md §9.2):
 the RNG tracker, `torch.cuda.current_device()` allocations, literal `device='cuda'`,
 `.cuda()`, `pin_memory=True`, and `param.type() == 'torch.cuda.FloatTensor'` checks.
-`install_cpu_shims()` redirects those to the CPU. It is a no-op when CUDA is available and
-must never be used on a GPU run.
+megatron-core 0.19's DDP also asks for `torch.cuda.current_stream()` in every
+`start_grad_sync` (to wait on CUDA-graph events). `install_cpu_shims()` redirects all of these
+to the CPU. It is a no-op when CUDA is available and must never be used on a GPU run.
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CPUStream:
+    """The current "stream" on the CPU: work is already ordered, so waits are no-ops."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+_CPU_STREAM = _CPUStream()
+
+
 def _install_rng_tracker():
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -98,6 +115,7 @@ def install_cpu_shims() -> bool:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
     _install_rng_tracker()
     _CudaToCpuMode().__enter__()  # process-wide: the CPU path has no CUDA to fall back on
     _INSTALLED = True

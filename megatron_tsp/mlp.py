@@ -25,11 +25,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.transformer.mlp import MLP
 
-from . import comm
+from . import comm, compat
 from .attention import Reductions, broadcast_shards, run_holder_pre_hooks
 from .config import TSPConfigError, TSPOptions, resolve_mlp_exchange, validate_transformer_config
 
@@ -190,10 +191,11 @@ class TSPRingMLPFunction(torch.autograd.Function):
 class TSPRingMLP(MLP):
     """Megatron's MLP whose `linear_fc1` / `linear_fc2` hold this rank's shard (native TP
     layout), with the TSP ring as forward. Input and output: this rank's tokens, [S/D, b, h].
-    The TSP group comes in as `tp_group` (the spec factory passes it)."""
+    The TSP group comes in as `tp_group`: from the spec's params (megatron-core <= 0.17), or
+    from the layer's `pg_collection.tp` through `as_mlp_submodule` (0.18+)."""
 
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
-                 tsp_options: Optional[TSPOptions] = None):
+                 tsp_options: Optional[TSPOptions] = None, name=None):
         if is_expert:
             raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
         if tp_group is None:
@@ -204,13 +206,32 @@ class TSPRingMLP(MLP):
         super().__init__(
             config, submodules, input_size=input_size,
             ffn_hidden_size=config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size,
-            tp_group=tp_group,
+            tp_group=tp_group, **compat.mlp_name_kwargs(name),
         )
         self.tsp_options = tsp_options or TSPOptions()
         self.tsp_group = self.tp_group
         if self.tsp_options.compute_only:
             self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         self.activation = Activation(config)
+
+    @classmethod
+    def as_mlp_submodule(cls, submodules, config, pg_collection, is_mtp_layer, tp_group=None,
+                         tsp_options: Optional[TSPOptions] = None, is_expert=False, input_size=None,
+                         ffn_hidden_size=None, name=None):
+        """The layer's MLP builder from megatron-core 0.18 (`TransformerLayer` calls
+        `submodules.mlp(config=, pg_collection=, is_mtp_layer=, name=)`): the TSP group is
+        `pg_collection.tp`, the group attention runs on. `tp_group` (the spec's group, if it
+        names one) must be that group."""
+        group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        if group is None:
+            group = tp_group
+        elif tp_group is not None and dist.get_process_group_ranks(tp_group) != dist.get_process_group_ranks(group):
+            raise TSPConfigError(
+                f"the TSP layer spec names group ranks {dist.get_process_group_ranks(tp_group)} but the layer's "
+                f"pg_collection.tp is ranks {dist.get_process_group_ranks(group)}: attention and MLP must share one group"
+            )
+        return cls(config, submodules, is_expert=is_expert, input_size=input_size, ffn_hidden_size=ffn_hidden_size,
+                   tp_group=group, tsp_options=tsp_options, name=name)
 
     def exchange(self, hidden_states) -> str:
         """The exchange this call runs: `auto` resolves by the local token count (compute-only

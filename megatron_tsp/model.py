@@ -14,6 +14,7 @@ from typing import Optional
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 
+from . import compat
 from .config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
 from .specs import get_tsp_block_spec
 from .zigzag import from_zigzag, to_zigzag
@@ -37,7 +38,8 @@ class TSPGPTModel(GPTModel):
             transformer_layer_spec = get_tsp_block_spec(
                 config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
             )
-        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        with compat.quiet_gpt_model_deprecation():  # 0.19's notice, for GPTModel users
+            super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.tsp_group = group
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from . import compat  # noqa: F401  (the megatron-core version check, once)
 from .config import TSPConfigError, check_parallel_sizes, check_tsp_size, check_world_size
 
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 import logging
 
+from . import compat
 from .attention import TSPSelfAttention
 from .config import TSPOptions
 from .mlp import TSPRingMLP
@@ -46,9 +47,10 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
         module=TSPSelfAttention, params={**attention.params, "tsp_options": options}, submodules=attention.submodules
     )
     mlp = spec.submodules.mlp
-    # TransformerLayer passes tp_group only to MLP itself, so the group rides in params.
-    spec.submodules.mlp = ModuleSpec(
-        module=TSPRingMLP, params={"tp_group": tsp_group, "tsp_options": options}, submodules=mlp.submodules
+    # Up to megatron-core 0.17 TransformerLayer builds the MLP with `config` only, so the group
+    # rides in params; from 0.18 it passes `pg_collection` (TSPRingMLP.as_mlp_submodule).
+    spec.submodules.mlp = compat.mlp_spec(
+        mlp, TSPRingMLP, compat.mlp_submodules(mlp), tp_group=tsp_group, tsp_options=options
     )
     return spec
 

@@ -15,6 +15,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 
+from megatron_tsp import compat
 from megatron_tsp.attention import TSPSelfAttention
 from megatron_tsp.mlp import TSPRingMLP
 from megatron_tsp.specs import get_sp_layer_spec
@@ -52,7 +53,7 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
                             pg_collection=singleton_pgs())
         tsp = TSPSelfAttention(tsp_cfg, sub, layer_number=1, pg_collection=pgs, tsp_options=options)
     else:
-        sub = spec.mlp.submodules
+        sub = compat.mlp_submodules(spec.mlp)
         ref = MLP(ref_cfg, sub, ffn_hidden_size=ffn, tp_group=singleton_pgs().tp)
         tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
     ref, tsp = ref.to(dev, dtype), tsp.to(dev, dtype)

@@ -1,0 +1,105 @@
+"""The megatron-core versions the plugin runs on, and the few places where they differ.
+
+Supported: 0.16.1 <= megatron-core <= 0.19.2 (0.17 and later need Python >= 3.12). One code
+path where the APIs agree; the adapters below where they do not, chosen by what the installed
+megatron-core does (feature detection), not by its version number. A version outside the range
+is allowed with one warning, at the first import of a module that builds on megatron-core.
+
+- MLP spec style: up to 0.17 the local layer spec's `mlp` is a `ModuleSpec` that
+  `TransformerLayer` builds with `config` only (the TSP group rides in its params); from 0.18 it
+  is a callable (`functools.partial(MLP.as_mlp_submodule, submodules=...)`) that the layer calls
+  with `config, pg_collection, is_mtp_layer, name` (`mlp_spec`, `mlp_submodules`).
+- `MLP.__init__` takes `name` from 0.18 (`mlp_name_kwargs`).
+- 0.19's `GPTModel.__init__` logs "GPTModel IS DEPRECATED" (use HybridModel); TSPGPTModel
+  stays a GPTModel (README, 'Supported megatron-core versions' says why) and silences that one
+  record while it constructs (`quiet_gpt_model_deprecation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import warnings
+
+from megatron.core import package_info
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from packaging.version import Version
+
+OLDEST = Version("0.16.1")
+NEWEST = Version("0.19.2")
+SUPPORTED = f"{OLDEST} <= megatron-core <= {NEWEST}"
+
+
+class MegatronCoreVersionWarning(UserWarning):
+    """megatron-core is outside the range the plugin is tested on."""
+
+
+_warned = False
+
+
+def check_megatron_version(version: str | None = None) -> bool:
+    """Whether `version` (the installed megatron-core when None) is in the supported range;
+    warns once per process when it is not."""
+    global _warned
+    installed = Version(version or package_info.__version__)
+    if OLDEST <= installed <= NEWEST:
+        return True
+    if not _warned:
+        _warned = True
+        side = "newer" if installed > NEWEST else "older"
+        warnings.warn(
+            f"megatron-core {installed} is {side} than the versions megatron-tsp is tested on "
+            f"({SUPPORTED}); pick one with `pip install megatron-core=={NEWEST}` "
+            "(see README, 'Supported megatron-core versions')",
+            MegatronCoreVersionWarning,
+            stacklevel=2,
+        )
+    return False
+
+
+def mlp_spec(local_mlp, module, submodules, **params):
+    """The layer spec's `mlp` entry building `module(config, submodules, **params, ...)`, in the
+    style of `local_mlp` (the local spec's own `mlp`): a `ModuleSpec`, or from 0.18 a callable
+    over `module.as_mlp_submodule` (which then receives `pg_collection` from the layer)."""
+    if isinstance(local_mlp, ModuleSpec):
+        return ModuleSpec(module=module, params=params, submodules=submodules)
+    return functools.partial(module.as_mlp_submodule, submodules=submodules, **params)
+
+
+def mlp_submodules(local_mlp):
+    """The `MLPSubmodules` (linear_fc1, linear_fc2) of a layer spec's `mlp` entry, either style."""
+    if isinstance(local_mlp, ModuleSpec):
+        return local_mlp.submodules
+    return local_mlp.keywords["submodules"]
+
+
+_MLP_TAKES_NAME = "name" in inspect.signature(MLP.__init__).parameters
+
+
+def mlp_name_kwargs(name):
+    """`{'name': name}` for `MLP.__init__` where it takes a module name (0.18+), else `{}`."""
+    return {"name": name} if _MLP_TAKES_NAME else {}
+
+
+class _DropGPTModelDeprecation(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("GPTModel IS DEPRECATED")
+
+
+@contextlib.contextmanager
+def quiet_gpt_model_deprecation():
+    """Drops megatron-core's GPTModel deprecation record, only inside this block (a subclass's
+    `super().__init__`); every other record of that logger, and plain GPTModels, are untouched."""
+    logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    drop = _DropGPTModelDeprecation()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+check_megatron_version()
