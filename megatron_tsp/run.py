@@ -5,10 +5,11 @@
 
 Puts the script's folder on sys.path, adds the TSP flags to Megatron's argument parser (mapped
 to the tensor-parallel slot before Megatron validates its arguments), puts the TSP model
-builder behind Megatron's model provider (`megatron_tsp.megatron_lm.install`), then runs the
-script as `__main__`. Without `--tsp-size` (or with 1) the run is plain `pretrain_gpt.py`.
-`<script> --help` lists Megatron's flags with the TSP ones (group "tsp").
-Megatron-LM: tag core_v0.16.1 (commit 55ac7082517c3878ae653c07c09c534b8aed49f6).
+builder behind Megatron's model path (the model provider up to core_v0.18.2, the model
+config's builder from core_v0.19.0) and checks the built model (`megatron_tsp.megatron_lm.install`),
+then runs the script as `__main__`. Without `--tsp-size` (or with 1) the run is plain
+`pretrain_gpt.py`. `<script> --help` lists Megatron's flags with the TSP ones (group "tsp").
+Megatron-LM: tags core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def main(argv=None) -> int:
         print(f"megatron_tsp.run: error: {e}", file=sys.stderr)
         return 2
     sys.argv = [script] + argv[1:]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except TSPConfigError as e:  # e.g. the built model is not the one --tsp-size asks for
+        print(f"megatron_tsp.run: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -3,8 +3,9 @@
 # TP=4 + sequence parallelism, then TSP through the patched pretrain_gpt.py; mock data, bf16,
 # 7B-class width (h=4096, 32 heads, FFN 16384) with few layers. Logs, compare.json and compare.md
 # under $OUT (default runs/gpu_megatron_lm).
-# Needs (carried, ignored folders): .megatron-lm/ (scripts/prune_megatron_lm.sh) and .whl/
-# (megatron-core 0.16.1 and pydantic wheels for Python 3.12; scripts/gpu_env.sh installs them).
+# Needs (carried, ignored folders): .megatron-lm/ (scripts/prune_megatron_lm.sh at a supported
+# tag whose megatron-core is the carried wheel's, e.g. core_v0.19.0 with megatron-core 0.19.x, or
+# KEEP_CORE=1) and .whl/ (megatron-core and pydantic wheels; scripts/gpu_env.sh installs them).
 # Usage: bash scripts/gpu_megatron_lm.sh        env: RUNS (tsp,tp_sp,patched) ITERS (30)
 #        LAYERS (8) SEQ (16384) RECIPE (configs/megatron_lm/7b_16k.yaml) RUN_TIMEOUT (420 s a run)
 #        EXTRA_ARGS (more Megatron flags, e.g. "--lr 2e-5 --min-lr 2e-5")
@@ -16,9 +17,9 @@ RECIPE=${RECIPE:-configs/megatron_lm/7b_16k.yaml}
 source scripts/gpu_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 MLM=$PWD/.megatron-lm
-[ -f "$MLM/pretrain_gpt.py" ] || { echo "error: $MLM/pretrain_gpt.py missing: carry .megatron-lm (bash scripts/prune_megatron_lm.sh <Megatron-LM at 55ac708>)" >&2; exit 2; }
+[ -f "$MLM/pretrain_gpt.py" ] || { echo "error: $MLM/pretrain_gpt.py missing: carry .megatron-lm (bash scripts/prune_megatron_lm.sh <Megatron-LM at a tag of patches/>)" >&2; exit 2; }
 { nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| megatron-core', m.__version__, m.__file__)"
-  echo "Megatron-LM $(cat "$MLM/PINNED_COMMIT" 2>/dev/null) | megatron-tsp $(git rev-parse --short HEAD 2>/dev/null)"; } > "$OUT/device.txt" 2>&1
+  echo "Megatron-LM $(cat "$MLM/TAG" 2>/dev/null) $(cat "$MLM/PINNED_COMMIT" 2>/dev/null) | megatron-tsp $(git rev-parse --short HEAD 2>/dev/null)"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 python3 -c "import pydantic, megatron.core" || { echo "error: pydantic / megatron-core missing: carry .whl" >&2; exit 2; }
 patched_args=()

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# A pruned copy of Megatron-LM at the pinned commit with only what pretrain_gpt.py needs next to
-# the megatron-core wheel (pretrain_gpt.py, gpt_builders.py, model_provider.py, megatron/training,
-# legacy, rl, post_training; megatron/core comes from the wheel, which is the same code).
+# A pruned copy of Megatron-LM at a supported tag (patches/<tag>/: core_v0.16.1, core_v0.17.1,
+# core_v0.18.2, core_v0.19.0) with only what pretrain_gpt.py needs next to an installed
+# megatron-core: pretrain_gpt.py, gpt_builders.py, model_provider.py and megatron/ without core
+# (training, legacy, rl, post_training, elastification, inference: those the tag has).
+# megatron/core then comes from the installed megatron-core, which must match the tag's
+# (0.16.1 for core_v0.16.1 ...); KEEP_CORE=1 copies the tag's own megatron/core too (e.g.
+# core_v0.17.1 next to a newer installed megatron-core).
 # For machines that cannot fetch Megatron-LM (the GPU machine): carry DEST as an ignored folder.
-# Usage: bash scripts/prune_megatron_lm.sh <Megatron-LM checkout> [DEST]   (DEST: .megatron-lm)
+# Usage: [KEEP_CORE=1] bash scripts/prune_megatron_lm.sh <Megatron-LM checkout> [DEST]   (DEST: .megatron-lm)
 set -euo pipefail
-PINNED=55ac7082517c3878ae653c07c09c534b8aed49f6
+repo=$(cd "$(dirname "$0")/.." && pwd)
+die() { echo "prune_megatron_lm.sh: error: $*" >&2; exit 2; }
 src=${1:?usage: prune_megatron_lm.sh <Megatron-LM checkout> [DEST]}
 dest=${2:-.megatron-lm}
-[ -f "$src/pretrain_gpt.py" ] && [ -d "$src/megatron/training" ] || { echo "error: $src is not a Megatron-LM checkout (no pretrain_gpt.py / megatron/training)" >&2; exit 2; }
-if git -C "$src" rev-parse HEAD >/dev/null 2>&1; then
-  head=$(git -C "$src" rev-parse HEAD)
-  [ "$head" = "$PINNED" ] || { echo "error: $src is at $head, not the pinned core_v0.16.1 ($PINNED)" >&2; exit 2; }
-fi
+[ -f "$src/pretrain_gpt.py" ] && [ -d "$src/megatron/training" ] || die "$src is not a Megatron-LM checkout (no pretrain_gpt.py / megatron/training)"
+tag=
+for t in "$repo"/patches/*/; do
+  t=$(basename "$t"); [ -f "$repo/patches/$t/COMMIT" ] || continue
+  if git -C "$src" rev-parse HEAD >/dev/null 2>&1; then
+    [ "$(git -C "$src" rev-parse HEAD)" = "$(cat "$repo/patches/$t/COMMIT")" ] && tag=$t
+  elif (cd "$src" && sha256sum --quiet --check "$repo/patches/$t/pinned.sha256" >/dev/null 2>&1); then
+    tag=$t
+  fi
+done
+[ -n "$tag" ] || die "$src is at no supported Megatron-LM tag ($(ls "$repo/patches" | tr '\n' ' '))"
 rm -rf "$dest"; mkdir -p "$dest/megatron"
 cp "$src"/{pretrain_gpt.py,gpt_builders.py,model_provider.py,LICENSE} "$dest/"
-for d in training legacy rl post_training; do cp -r "$src/megatron/$d" "$dest/megatron/"; done
+dirs=(training legacy rl post_training elastification inference)
+[ "${KEEP_CORE:-0}" = 1 ] && dirs+=(core)
+for d in "${dirs[@]}"; do [ -d "$src/megatron/$d" ] && cp -r "$src/megatron/$d" "$dest/megatron/"; done
 find "$dest" -name __pycache__ -prune -exec rm -rf {} +
-echo "$PINNED" > "$dest/PINNED_COMMIT"
+cat "$repo/patches/$tag/COMMIT" > "$dest/PINNED_COMMIT"
+echo "$tag" > "$dest/TAG"
+echo "Megatron-LM $tag -> $dest"
 du -sh "$dest"

@@ -1,7 +1,10 @@
 """Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
 
-`python tests/megatron_lm/cpu_launcher.py [--direct] <pretrain_gpt.py> <flags>` under torchrun
-(`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh). Megatron-LM's
+`python tests/megatron_lm/cpu_launcher.py [--direct | --native-model] <pretrain_gpt.py> <flags>`
+under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh;
+`--native-model`: the runner, but every model built is Megatron's native GPTModel (TP + SP), as
+from a pretrain_gpt.py whose model path bypasses the TSP builder: the runner's check of the
+built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
 Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
 GPU runs.
@@ -72,9 +75,12 @@ def install_megatron_lm_cpu_shims():
     from megatron.training import arguments, training, utils
 
     arguments.get_device_arch_version = utils.get_device_arch_version = lambda: 9  # as Hopper
-    from megatron.legacy import fused_kernels
-
-    fused_kernels.load = lambda args: None  # asks nvcc its version and builds nothing (this commit)
+    try:  # core_v0.16.1; gone from core_v0.17
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        fused_kernels = None
+    if fused_kernels is not None and hasattr(fused_kernels, "load"):
+        fused_kernels.load = lambda args: None  # asks nvcc its version and builds nothing (this commit)
 
     initialize_megatron = training.initialize_megatron
 
@@ -85,18 +91,37 @@ def install_megatron_lm_cpu_shims():
     training.initialize_megatron = initialize_megatron_without_cuda
 
 
+def build_native_model_instead():
+    """Make megatron_tsp's builder (both Megatron-LM model paths) build Megatron's native
+    GPTModel on the sequence-parallel local spec whatever the flags say: a pretrain_gpt.py whose
+    model path never reaches the TSP model yet trains (TP + SP). The runner must refuse it."""
+    import argparse
+
+    from megatron_tsp import megatron_lm
+
+    build_gpt_model = megatron_lm.build_gpt_model
+
+    def build_native(args, config, kwargs):
+        native = argparse.Namespace(**{**vars(args), "tsp": False, "tsp_native_spec": "sp_norm"})
+        return build_gpt_model(native, config, kwargs)
+
+    megatron_lm.build_gpt_model = build_native
+
+
 if __name__ == "__main__":
     import os
     import runpy
 
-    direct = sys.argv[1] == "--direct"
-    argv = sys.argv[2:] if direct else sys.argv[1:]
+    mode = sys.argv[1] if sys.argv[1] in ("--direct", "--native-model") else None
+    argv = sys.argv[2:] if mode else sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
-    if direct:
+    if mode == "--direct":
         sys.argv = argv
         runpy.run_path(argv[0], run_name="__main__")
     else:
+        if mode == "--native-model":
+            build_native_model_instead()
         from megatron_tsp.run import main
 
         sys.exit(main(argv))

@@ -14,7 +14,7 @@ import pytest
 
 from megatron_tsp import TSPConfigError
 from megatron_tsp.arguments import expand_tsp_recipe, load_recipe
-from megatron_tsp.megatron_lm import PINNED_COMMIT, tsp_extra_args_provider, tsp_gpt_builder
+from megatron_tsp.megatron_lm import SUPPORTED_TAGS, check_built_model, tsp_extra_args_provider, tsp_gpt_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -209,7 +209,8 @@ def test_runner_usage_errors(tmp_path, capsys):
     assert rc == 2 and "no such file" in err
     (tmp_path / "pretrain_gpt.py").write_text("raise SystemExit('must not run')\n")
     rc, _, err = _run(capsys, str(tmp_path / "pretrain_gpt.py"))
-    assert rc == 2 and "Megatron-LM core_v0.16.1 (gpt_builders.py, megatron/training) cannot be imported" in err, err
+    assert rc == 2 and "Megatron-LM (gpt_builders.py, megatron/training) cannot be imported" in err, err
+    assert "core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0" in err
 
 
 def test_runner_module_entry_point():
@@ -239,23 +240,82 @@ def test_builder_refuses_megatron_specs(name, flag):
 
 # -- patches and scripts ------------------------------------------------------------------------
 
+def _bare(cls):
+    """An instance of the nn.Module subclass `cls` without running its __init__."""
+    import torch
+
+    obj = cls.__new__(cls)
+    torch.nn.Module.__init__(obj)
+    return obj
+
+
+def _gpt_like(model_cls, attention_cls, core_attention_cls=None):
+    import torch
+
+    model, layer, attention = _bare(model_cls), torch.nn.Module(), _bare(attention_cls)
+    if core_attention_cls is not None:
+        attention.core_attention = _bare(core_attention_cls)
+    layer.self_attention = attention
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([layer, layer])
+    return model
+
+
+def test_the_built_model_must_be_the_one_the_flags_ask_for():
+    """check_built_model: the runner's last line of defence against a pretrain_gpt.py whose
+    model path bypasses the TSP builder (Megatron's own model under --tsp-size)."""
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_tsp.attention import TSPSelfAttention
+    from megatron_tsp.model import TSPGPTModel
+    from megatron_tsp.sdpa_attention import SDPACoreAttention
+
+    tsp = argparse.Namespace(tsp=True, tsp_size=2, tsp_native_spec="megatron")
+    check_built_model(tsp, [_gpt_like(TSPGPTModel, TSPSelfAttention)])
+    for model in (_gpt_like(GPTModel, SelfAttention), _gpt_like(TSPGPTModel, SelfAttention)):
+        with pytest.raises(TSPConfigError, match=r"--tsp-size 2 asks for megatron_tsp's TSPGPTModel .* built "
+                                                 r"(TSP)?GPTModel \(attention SelfAttention\): its model path bypasses"):
+            check_built_model(tsp, [model])
+    wrapped = torch.nn.Module()
+    wrapped.module = _gpt_like(GPTModel, SelfAttention)  # as DDP / Float16Module hold it
+    with pytest.raises(TSPConfigError, match="built GPTModel"):
+        check_built_model(tsp, [wrapped])
+    sdpa = argparse.Namespace(tsp=False, tsp_size=1, tsp_native_spec="sdpa")
+    check_built_model(sdpa, [_gpt_like(GPTModel, SelfAttention, SDPACoreAttention)])
+    with pytest.raises(TSPConfigError, match="--tsp-native-spec sdpa asks for SDPA core attention"):
+        check_built_model(sdpa, [_gpt_like(GPTModel, SelfAttention, torch.nn.Identity)])
+    check_built_model(argparse.Namespace(tsp=False, tsp_native_spec="megatron"), [_gpt_like(GPTModel, SelfAttention)])
+
+
+# -- patches and scripts ------------------------------------------------------------------------
+
 def test_patches_are_well_formed():
-    patches = sorted(glob.glob(os.path.join(REPO, "patches", "*.patch")))
-    assert patches
-    pinned = dict(line.split()[::-1] for line in open(os.path.join(REPO, "patches", "pinned.sha256")) if line.strip())
-    for path in patches:
-        text = open(path).read()
-        assert PINNED_COMMIT in text.split("diff --git", 1)[0], f"{path}: its header names the pinned commit"
-        files = re.findall(r"^\+\+\+ b/(\S+)$", text, re.M)
-        assert files and all(f in pinned for f in files), f"{path}: touches files not in pinned.sha256"
-        hunks = re.split(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)$", text, flags=re.M)[1:]
-        assert hunks
-        for header, body in zip(hunks[::2], hunks[1::2]):
-            old, new = (int(n) for n in re.match(r"@@ -\d+,(\d+) \+\d+,(\d+) @@", header).groups())
-            lines = [line for line in body.split("\n") if line and not line.startswith(("diff --git", "index ", "--- ", "+++ "))]
-            assert sum(not line.startswith("+") for line in lines) == old, f"{path}: {header}"
-            assert sum(not line.startswith("-") for line in lines) == new, f"{path}: {header}"
-        assert "megatron_tsp.megatron_lm" in text
+    tags = sorted(d for d in os.listdir(os.path.join(REPO, "patches")) if os.path.isdir(os.path.join(REPO, "patches", d)))
+    assert tags == sorted(SUPPORTED_TAGS)
+    assert not glob.glob(os.path.join(REPO, "patches", "*.patch")), "every patch belongs to one tag's folder"
+    for tag in tags:
+        folder = os.path.join(REPO, "patches", tag)
+        assert open(os.path.join(folder, "COMMIT")).read().strip() == SUPPORTED_TAGS[tag]
+        pinned = dict(line.split()[::-1] for line in open(os.path.join(folder, "pinned.sha256")) if line.strip())
+        assert "pretrain_gpt.py" in pinned and "gpt_builders.py" in pinned
+        patches = sorted(glob.glob(os.path.join(folder, "*.patch")))
+        assert patches
+        for path in patches:
+            text = open(path).read()
+            assert f"{tag} (commit {SUPPORTED_TAGS[tag]})" in text.split("diff --git", 1)[0], f"{path}: its header names the tag's commit"
+            files = re.findall(r"^\+\+\+ b/(\S+)$", text, re.M)
+            assert files and all(f in pinned for f in files), f"{path}: touches files not in pinned.sha256"
+            hunks = re.split(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)$", text, flags=re.M)[1:]
+            assert hunks
+            for header, body in zip(hunks[::2], hunks[1::2]):
+                old, new = (int(n) for n in re.match(r"@@ -\d+,(\d+) \+\d+,(\d+) @@", header).groups())
+                lines = [line for line in body.split("\n") if line and not line.startswith(("diff --git", "index ", "--- ", "+++ "))]
+                assert sum(not line.startswith("+") for line in lines) == old, f"{path}: {header}"
+                assert sum(not line.startswith("-") for line in lines) == new, f"{path}: {header}"
+            assert "megatron_tsp.megatron_lm import tsp_extra_args_provider" in text
+            assert ("tsp_gpt_model_config_cls(args)" if tag >= "core_v0.19" else "tsp_gpt_builder(gpt_builder)") in text
 
 
 @pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(REPO, "scripts", "**", "*.sh"), recursive=True)))

@@ -106,3 +106,45 @@ def test_job_script_needs_the_checkout(tmp_path):
     r = _job("tsp.sbatch", tmp_path, SLURM_SUBMIT_DIR=str(tmp_path))
     assert r.returncode == 2 and "submit from the megatron-tsp checkout or set TSP_REPO" in r.stderr
     _command(_job("tsp.sbatch", tmp_path, SLURM_SUBMIT_DIR=str(tmp_path), TSP_REPO=str(REPO)))
+
+
+# -- Megatron-LM scripts without Megatron-LM (the real trees: tests/unit/test_megatron_lm_cpu.py) --
+
+SUPPORTED = "core_v0.16.1 (55ac7082), core_v0.17.1 (266f1c97), core_v0.18.2 (571370c8), core_v0.19.0 (5be96267)"
+
+
+def _fake_megatron_lm(tmp_path, git=False):
+    tree = tmp_path / "Megatron-LM"
+    (tree / "megatron" / "training").mkdir(parents=True)
+    for name in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training/arguments.py"):
+        (tree / name).write_text("# not Megatron-LM's\n")
+    if git:
+        cmd = ["git", "-C", str(tree), "-c", "user.email=t@t", "-c", "user.name=t"]
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+            subprocess.run(cmd + args, check=True)
+    return tree
+
+
+@pytest.mark.parametrize("script", ["apply_patches.sh", "prune_megatron_lm.sh"])
+@pytest.mark.parametrize("git", [False, True], ids=["files", "git"])
+def test_megatron_lm_scripts_refuse_an_unsupported_tree(tmp_path, script, git):
+    tree = _fake_megatron_lm(tmp_path, git=git)
+    r = subprocess.run(["bash", str(REPO / "scripts" / script), str(tree), str(tmp_path / "dest")],
+                       capture_output=True, text=True) if script.startswith("prune") else \
+        subprocess.run(["bash", str(REPO / "scripts" / script), str(tree)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == "", r.stderr
+    if script == "prune_megatron_lm.sh":
+        assert "is at no supported Megatron-LM tag (core_v0.16.1 core_v0.17.1 core_v0.18.2 core_v0.19.0" in r.stderr
+        assert not (tmp_path / "dest").exists()
+    elif git:
+        assert "not a supported Megatron-LM tag: " + SUPPORTED in r.stderr
+    else:
+        assert ("matches no supported Megatron-LM tag (pretrain_gpt.py gpt_builders.py model_provider.py "
+                "megatron/training/arguments.py differs from core_v0.16.1, the closest; supported: " + SUPPORTED) in r.stderr
+    assert (tree / "pretrain_gpt.py").read_text() == "# not Megatron-LM's\n"  # nothing changed
+
+
+
+def test_apply_patches_refuses_what_is_not_megatron_lm(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "scripts" / "apply_patches.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "is not a Megatron-LM tree (no pretrain_gpt.py, megatron/training)" in r.stderr
