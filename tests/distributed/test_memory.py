@@ -172,6 +172,8 @@ def test_local_lm_head_never_holds_more_than_one_chunk_of_logits(world):
     allocated, kept, whole_sequence = _lm_head_footprint(world, "megatron")
     tokens = LM_SHAPE.seq_length * 2
     assert allocated >= tokens and kept >= tokens and whole_sequence, (allocated, kept, whole_sequence)
+
+
 # -- layer recompute (Megatron's checkpointing around TSP layers) and activation offload ---------
 
 LAYERS = 4
