@@ -51,7 +51,7 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     logits = model(tokens, pos, None)  # [b, S, V/D]: every token, this rank's vocabulary shard
     group = mpu.get_tensor_model_parallel_group()
     weights = torch.randn(logits.shape[0], logits.shape[1], shape.vocab_size, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed)).to(logits.device)
     v = logits.shape[-1]
     loss = (logits * weights[..., group.rank() * v:(group.rank() + 1) * v]).sum()
     loss.backward()
