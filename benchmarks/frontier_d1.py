@@ -104,7 +104,8 @@ def predict(overrides: list, hardware: str, capacity_gib: float) -> dict:
             "peak_breakdown_gib": {k: v / 2**30 for k, v in p.memory.at_peak.items()}}
 
 
-def measure(overrides: list, warmup: int, steps: int) -> dict:
+def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
+    """`before_step(i)`, when given, runs before step i (benchmarks/memory_at_peak.py traces one)."""
     import torch
     from megatron.core import parallel_state as mpu
 
@@ -128,6 +129,8 @@ def measure(overrides: list, warmup: int, steps: int) -> dict:
             batches = list(driver.micro_batches(dataset, step, recipe, 0, 1, device, mpu.get_context_parallel_group()))
             if cuda:
                 torch.cuda.synchronize()
+            if before_step is not None:
+                before_step(step)
             t0 = time.perf_counter()
             loss, _ = driver.train_step(ddp, optimizer, batches, recipe)
             if cuda:
