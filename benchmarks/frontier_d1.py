@@ -141,6 +141,9 @@ def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
                 "step_time_s": statistics.median(times), "loss": loss, "oom": False}
     except torch.OutOfMemoryError as e:
         return {"oom": True, "error": str(e).splitlines()[0][:200]}
+    except torch.distributed.DistBackendError as e:
+        # NCCL reports a failed allocation of its own buffers as an unhandled CUDA error
+        return {"oom": True, "error": "NCCL: " + str(e).splitlines()[0][:200]}
     finally:
         del model, ddp, optimizer
         import gc

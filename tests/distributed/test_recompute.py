@@ -66,7 +66,7 @@ def worst_error(got, ref):
     (loss, grads), (ref_loss, ref_grads) = got, ref
     assert grads.keys() == ref_grads.keys()
     errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in grads]
-    worst = torch.tensor([max(errs)], dtype=torch.float64)
+    worst = torch.tensor([max(errs)], dtype=torch.float64, device=loss.device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return worst.item()
 
