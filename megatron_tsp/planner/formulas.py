@@ -250,7 +250,8 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
 
 def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
     """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
-    the LM head's working set), the backward of a layer that saved its activations (saved + its
+    the LM head's working set), the backward of a layer that saved its activations (the layers'
+    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
     in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
     still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
     b, B, S, L = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers
