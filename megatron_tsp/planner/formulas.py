@@ -250,7 +250,8 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
 
 def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
     """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
-    the LM head's working set), the backward of a layer that saved its activations (saved + its
+    the LM head's working set), the backward of a layer that saved its activations (the layers'
+    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
     in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
     still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
     b, B, S, L = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers
@@ -286,11 +287,14 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     if rc.inputs:
         detail[f"checkpointed layer inputs ({rc.label}: {inputs_on_gpu} of {rc.inputs} on the GPU)"] = \
             inputs_on_gpu * layer_input
-    # final norm + the output layer's (local) input; the local head adds lse and the target logit
-    detail["final norm and LM-head input"] = (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm
+    # final norm + the output layer's (local) input; the local head adds lse and the target logit.
+    # Their backward runs before any layer's, and releases them: they count at the loss point only
+    head_saved = {"final norm and LM-head input": (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm}
     if uses_local_head(train, lay):
-        detail["LM-head log-sum-exp"] = FP32 * tokens_norm  # (its input is counted above; labels are the batch's)
+        head_saved["LM-head log-sum-exp"] = FP32 * tokens_norm  # (its input is counted above; labels are the batch's)
+    detail.update(head_saved)
     activations = sum(detail.values())
+    layers_saved = activations - sum(head_saved.values())  # what is still saved when the last layer's backward runs
 
     head = lm_head_working_set(m, train, lay)
     logits = sum(head.values())
@@ -316,10 +320,13 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
     comm += mpu_buffer
     static = params + grads + optimizer
+    # a checkpointed chunk rebuilds its N layers' saved tensors: the first layer's input is the
+    # checkpointed input (counted there), and the chunk's rebuilt output, which the checkpoint holds
+    # until the chunk's backward ends, takes its place ([s, b, h] each): N x layer_act
     working = rc.chunk * layer_act if rc.recomputed else 0.0
     points = {"loss (start of backward)": (activations, logits + mpu_buffer, 0.0, 0.0)}
     if rc.saved:
-        points[point] = (activations, comm, scratch, 0.0)
+        points[point] = (layers_saved, comm, scratch, 0.0)
     if rc.recomputed:
         points[f"checkpointed {point}"] = (inputs_on_gpu * layer_input, comm, scratch, working)
     name, (act_at, buf_at, scratch_at, work_at) = max(points.items(), key=lambda kv: sum(kv[1]))
@@ -387,9 +394,12 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
         comm = (min(D, 3) + (3 if D > 1 else 1)) * shard
     else:  # broadcast: own, in use, next; the gradient, up to two reductions (+ the owner's)
         comm = (min(D, 2) + (1 if D > 2 else 0) + min(D, 3) + (1 if D > 3 else 0)) * shard
-    # the activation's intermediates rebuilt for its backward, dx and the incoming gradient;
-    # recompute adds the shard's fc1 output
-    scratch = s * b * ((3 if m.gated else 1) * m.f / D + 2 * m.hidden)
+    # shard_backward rebuilds the activation with autograd and differentiates it while all of
+    # these are alive (at the end of the product's backward, before its saved tensors are freed),
+    # each [s, f/D]: gated: act(gate), up + offset, their product a (held until the grad returns),
+    # d a = g @ W_fc2 (the grad's grad_outputs), d act(gate), d up; GELU: act(h1), d a, d h1. Plus
+    # dx and the incoming gradient [s, h]; recompute adds the shard's fc1 output [s, 2f/D or f/D]
+    scratch = s * b * ((6 if m.gated else 3) * m.f / D + 2 * m.hidden)
     if in_layer_mode(lay, train) != "save":
         scratch += s * b * (2 if m.gated else 1) * m.f / D
     return comm, scratch
