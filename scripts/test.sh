@@ -8,13 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# TSP_TEST_MARKS: a pytest marker expression for the unit and world parts (default: "not slurm";
+# .ci/run's second venv adds "not slow").
+mark=${TSP_TEST_MARKS:-not slurm}
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(unit 2 4 slurm)
 python -c "import importlib.metadata as m, sys; print('megatron-core', m.version('megatron-core'), 'on Python', sys.version.split()[0])"
 for part in "${parts[@]}"; do
   case "$part" in
-    unit) python -m pytest -q tests/unit ;;
-    [0-9]*) python -m torch.distributed.run --standalone --nproc-per-node "$part" -m pytest -q tests/distributed ;;
+    unit) python -m pytest -q -m "$mark" tests/unit ;;
+    [0-9]*) python -m torch.distributed.run --standalone --nproc-per-node "$part" -m pytest -q -m "$mark" tests/distributed ;;
     slurm) python -m pytest -q -rs -m slurm tests/slurm ;;
     *) echo "scripts/test.sh: unknown part '$part' (unit, a world size, slurm)" >&2; exit 2 ;;
   esac

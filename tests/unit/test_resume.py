@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["train.log_interval=100", "model.cpu_init=true"]
 OPTIMIZERS = {"plain": "train.distributed_optimizer=false", "distributed": "train.distributed_optimizer=true"}

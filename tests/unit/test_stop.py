@@ -18,7 +18,8 @@ TINY = os.path.join(REPO, "configs", "tiny.yaml")
 STEPS = 12
 COMMON = ["train.log_interval=1", f"train.steps={STEPS}", "model.dtype=float32", "train.progress_bar=false"]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc")]
 
 
 def _launch(overrides, log):
