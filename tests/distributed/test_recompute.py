@@ -179,6 +179,7 @@ def test_exchanges_rerun_in_the_same_order_on_every_rank(world, monkeypatch, tsp
     assert per_layer_forward == world + world + (world - 1)
 
 
+@pytest.mark.slow
 def test_ddp_hooks_fire_inside_the_checkpoint_backward(world):
     """--overlap-grad-reduce with a bucket per parameter (grad-ready hooks fire inside the
     checkpoint's backward) and --overlap-param-gather (TSP runs the holders' forward pre-hooks,
@@ -201,6 +202,7 @@ def losses(overrides):
     return [h["loss"] for h in run(load_recipe(TINY, ["train.log_interval=100"] + overrides))["history"]]
 
 
+@pytest.mark.slow
 def test_driver_tsp_five_steps_equal_with_layer_recompute(world):
     if world != 2:
         pytest.skip("tsp D=2 on 2 processes")
@@ -232,6 +234,7 @@ class _CoreAttentionCalls:
             monkeypatch.setattr(cls, "forward", counted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp_sp", "cp", "tp_sp_cp"])
 def test_driver_baselines_two_steps_equal_with_recompute(world, layout, monkeypatch):
     """tp_sp (SDPACoreAttention), CP and TP x CP (ContextParallelAttention): Megatron's selective
@@ -257,6 +260,7 @@ def test_driver_baselines_two_steps_equal_with_recompute(world, layout, monkeypa
         assert losses(base + extra) == plain, extra
 
 
+@pytest.mark.slow
 def test_driver_fsdp_over_cp_two_steps_equal_with_full_recompute(world):
     if world != 2:
         pytest.skip("FSDP over CP=2 on 2 processes")
