@@ -71,9 +71,16 @@ def worst_error(got, ref):
     return worst.item()
 
 
+# Every option at least once, for CI at every world size; the whole product is `slow`.
+COVERING = [("none", ("uniform", 1), False), ("full", ("uniform", 2), True), ("none", ("block", 2), True),
+            ("full", ("block", 3), False)]
+
+
+@pytest.mark.parametrize("grid", ["covering", pytest.param("product", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("heads", list(SHAPES))
-def test_layer_recompute_matches_tsp_and_unsharded(world, heads):
-    """D = world size. Every (method, N) x offload x tsp_recompute against both references."""
+def test_layer_recompute_matches_tsp_and_unsharded(world, heads, grid):
+    """D = world size. (method, N) x offload x tsp_recompute against both references: every
+    combination (`product`, slow), or each option at least once (`covering`)."""
     D, shape, seed = world, SHAPES[heads], fresh_seed()
     unsharded = loss_and_grads("native", 1, shape, seed)
     assert all(g.abs().sum() > 0 for g in unsharded[1].values())
@@ -81,13 +88,14 @@ def test_layer_recompute_matches_tsp_and_unsharded(world, heads):
     for tsp_recompute in ("none", "full"):
         plain = loss_and_grads("tsp", D, shape, seed, tsp_recompute)
         assert worst_error(plain, unsharded) <= TOL, f"TSP without layer recompute (seed {seed})"
-        for method, n in METHODS:
-            for offload_activations in (False, True):
-                got = loss_and_grads("tsp", D, shape, seed, tsp_recompute, offload_activations, **recompute_kw(method, n))
-                for what, ref in (("tsp", plain), ("unsharded", unsharded)):
-                    err = worst_error(got, ref)
-                    if not err <= TOL:
-                        bad[(tsp_recompute, method, n, offload_activations, what)] = err
+        combos = [(m, o) for m in METHODS for o in (False, True)] if grid == "product" else \
+            [(m, o) for t, m, o in COVERING if t == tsp_recompute]
+        for (method, n), offload_activations in combos:
+            got = loss_and_grads("tsp", D, shape, seed, tsp_recompute, offload_activations, **recompute_kw(method, n))
+            for what, ref in (("tsp", plain), ("unsharded", unsharded)):
+                err = worst_error(got, ref)
+                if not err <= TOL:
+                    bad[(tsp_recompute, method, n, offload_activations, what)] = err
     assert not bad, f"D={D} {heads} (seed {seed}): (tsp_recompute, method, N, offload, reference) -> error {bad}"
 
 
