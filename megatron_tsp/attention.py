@@ -68,9 +68,13 @@ class AttentionShard:
     def project(self, x, w_qkv, b_qkv, rope: Optional[Rotary]):
         """[s, b, h] -> q [s, b, heads, hn], kv [s, b, groups, 2hn] (Megatron's grouped layout),
         RoPE applied while copying out of the GEMM's interleaved [q.. | k | v] per group."""
-        s, b, _ = x.shape
+        return self.split(F.linear(x, w_qkv, b_qkv), rope)
+
+    def split(self, mixed, rope: Optional[Rotary]):
+        """The QKV GEMM's output [s, b, groups*(heads/groups + 2)*hn] -> q, kv as `project`."""
+        s, b = mixed.shape[:2]
         hn, g, pg = self.head_dim, self.groups, self.heads // self.groups
-        mixed = F.linear(x, w_qkv, b_qkv).view(s, b, g, pg + 2, hn)
+        mixed = mixed.view(s, b, g, pg + 2, hn)
         q = mixed.new_empty(s, b, g, pg, hn)
         kv = mixed.new_empty(s, b, g, 2, hn)
         if rope is None:
@@ -329,6 +333,8 @@ class TSPSelfAttention(SelfAttention):
             self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         hn = self.hidden_size_per_attention_head
         self.softmax_scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(hn)
+        # The per-call shard; TSP prefill (megatron_tsp.inference) swaps in one that keeps K/V.
+        self.shard_class = AttentionShard
 
     def forward(
         self,
@@ -376,7 +382,7 @@ class TSPSelfAttention(SelfAttention):
             freqs = rotary_pos_emb.index_select(0, local_position_index(S, D, p, rotary_pos_emb.device))
 
         run_holder_pre_hooks(self.linear_qkv, self.linear_proj)
-        shard = AttentionShard(
+        shard = self.shard_class(
             config=self.config,
             group=group,
             heads=self.num_attention_heads_per_partition,

@@ -1,0 +1,79 @@
+"""The one exchange between TSP prefill and tensor-parallel decode, and Megatron's static KV
+cache built from its result.
+
+After prefill, rank p holds, per layer, kv[j] = its own tokens' K/V of KV-group shard j, for every
+j (sequence-sharded). One all-to-all sends kv[j] to rank j: rank j then holds its KV groups for
+every token (head-sharded, what TP rank j's attention reads), (D-1)/D of the cache moving once.
+The D received pieces are the D ranks' tokens in rank order, i.e. zigzag order: one
+permutation puts them in natural order.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..zigzag import from_zigzag
+
+
+def exchange(kv_local: torch.Tensor, group) -> torch.Tensor:
+    """[D, s_local, b, groups/D, 2, hn] (entry j: this rank's tokens, KV-group shard j) ->
+    [S, b, groups/D, 2, hn]: this rank's KV groups for every token, natural order."""
+    D = group.size()
+    if kv_local.shape[0] != D:
+        raise ValueError(f"sequence-sharded cache has {kv_local.shape[0]} KV-group shards, the group has {D} ranks")
+    if D == 1:
+        return kv_local[0]
+    received = torch.empty_like(kv_local)
+    dist.all_to_all_single(received, kv_local.contiguous(), group=group)  # received[p]: rank p's tokens
+    return from_zigzag(received.flatten(0, 1), D, dim=0)
+
+
+def exchange_all(kv_layers: List[torch.Tensor], group) -> List[torch.Tensor]:
+    """`exchange` layer by layer, dropping each sequence-sharded layer once sent (the peak is the
+    cache plus one layer)."""
+    out = []
+    for i in range(len(kv_layers)):
+        out.append(exchange(kv_layers[i], group))
+        kv_layers[i] = None
+    return out
+
+
+def static_context(kv_natural: Sequence[torch.Tensor], lengths: Sequence[int], max_new_tokens: int,
+                   layer_numbers: Sequence[int]):
+    """Megatron's StaticInferenceContext holding the prefilled cache, ready to decode.
+
+    Megatron's static cache is [max_seq, batch, groups/TP, hn] for K (before RoPE) and for V, one
+    write offset for the whole batch. Prompts of unequal length are right-aligned: prompt i's L_i
+    tokens fill slots [P - L_i, P), P = the longest; decode writes slot P + t for every prompt.
+    Slots [0, P - L_i) are masked (`decode_mask`). RoPE reads the slot index as the position:
+    a shift of every key and query of a prompt by the same amount, which RoPE's scores do not see
+    (they depend on position differences only); learned absolute positions come from the true
+    position ids the decode step passes."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    P, b = max(lengths), len(lengths)
+    context = StaticInferenceContext(b, P + max_new_tokens)
+    for layer_number, nat in zip(layer_numbers, kv_natural):
+        _, _, g, _, hn = nat.shape
+        key = nat.new_zeros(P + max_new_tokens, b, g, hn)
+        value = torch.zeros_like(key)
+        for i, n in enumerate(lengths):
+            key[P - n : P, i] = nat[:n, i, :, 0]
+            value[P - n : P, i] = nat[:n, i, :, 1]
+        context.key_value_memory_dict[layer_number] = (key, value)
+    context.sequence_len_offset = P
+    if hasattr(context, "enable_decode_mode"):
+        context.enable_decode_mode()
+    return context
+
+
+def decode_mask(lengths: Sequence[int], step: int, device) -> torch.Tensor:
+    """Megatron's boolean attention mask (True = not attended) for decode step `step`:
+    [b, 1, 1, P + step + 1], hiding each right-aligned prompt's leading empty slots."""
+    P = max(lengths)
+    slots = torch.arange(P + step + 1, device=device)
+    start = torch.tensor([P - n for n in lengths], device=device)
+    return (slots.unsqueeze(0) < start.unsqueeze(1)).view(len(lengths), 1, 1, -1)
