@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
     "plan": ("megatron_tsp.plan", "memory, communication and step time of TSP and its baselines"),
     "bench": ("megatron_tsp.bench", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
+    "generate": ("megatron_tsp.inference.cli", "TSP prefill + tensor-parallel decode from a checkpoint: continuations, log-probs"),
     "run": ("megatron_tsp.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
 }
 

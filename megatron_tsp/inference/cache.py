@@ -48,9 +48,9 @@ def static_context(kv_natural: Sequence[torch.Tensor], lengths: Sequence[int], m
     Megatron's static cache is [max_seq, batch, groups/TP, hn] for K (before RoPE) and for V, one
     write offset for the whole batch. Prompts of unequal length are right-aligned: prompt i's L_i
     tokens fill slots [P - L_i, P), P = the longest; decode writes slot P + t for every prompt.
-    Slots [0, P - L_i) are masked (`decode_mask`). RoPE reads the slot index as the position:
-    a shift of every key and query of a prompt by the same amount, which RoPE's scores do not see
-    (they depend on position differences only); learned absolute positions come from the true
+    Slots [0, P - L_i) are masked (`decode_mask`). Megatron's RoPE reads the slot index as the
+    position; `PromptRotary` gives each prompt its true positions instead (slot - (P - L_i)), so
+    the angles are the unsharded model's exactly; learned absolute positions come from the true
     position ids the decode step passes."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -77,3 +77,24 @@ def decode_mask(lengths: Sequence[int], step: int, device) -> torch.Tensor:
     slots = torch.arange(P + step + 1, device=device)
     start = torch.tensor([P - n for n in lengths], device=device)
     return (slots.unsqueeze(0) < start.unsqueeze(1)).view(len(lengths), 1, 1, -1)
+
+
+class PromptRotary(torch.nn.Module):
+    """Megatron's RotaryEmbedding, its table indexed by each prompt's true positions on the
+    right-aligned cache: [n, b, 1, dim] where Megatron's is [n, 1, 1, dim] (Megatron's RoPE
+    broadcasts over the batch dimension, so the per-prompt table goes through unchanged)."""
+
+    def __init__(self, base: torch.nn.Module, lengths: Sequence[int]):
+        super().__init__()
+        self.base = base
+        self.shifts = [max(lengths) - n for n in lengths]
+
+    def get_rotary_seq_len(self, *args, **kwargs):
+        return self.base.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len, *args, **kwargs):
+        table = self.base(max_seq_len, *args, **kwargs)  # [n, 1, 1, dim]
+        n = table.shape[0]
+        shifts = torch.tensor(self.shifts, device=table.device)
+        positions = (torch.arange(n, device=table.device).unsqueeze(1) - shifts.unsqueeze(0)).clamp_min(0)
+        return table[:, 0][positions]  # [n, b, 1, dim]

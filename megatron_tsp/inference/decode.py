@@ -177,21 +177,28 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampl
     done = [False] * b
     positions = torch.tensor(lengths, device=device)
     result = Generation(out, reasons, sum(lengths), ttft, 0.0, pre.last_logits if keep_logits else None)
-    for step in range(max_new_tokens):
-        for i, t in enumerate(next_tokens.tolist()):
-            if done[i]:
-                continue
-            if t in stop:
-                done[i], reasons[i] = True, "stop"
-            else:
-                out[i].append(t)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits = decode_step(native, context, next_tokens, positions + step,
-                             kv_cache.decode_mask(lengths, step, device))
-        if keep_logits:
-            result.step_logits.append(logits)
-        next_tokens = _agree(sampler(logits), group)
+    rotary = getattr(native, "rotary_pos_emb", None)
+    if rotary is not None:
+        native.rotary_pos_emb = kv_cache.PromptRotary(rotary, lengths)
+    try:
+        for step in range(max_new_tokens):
+            for i, t in enumerate(next_tokens.tolist()):
+                if done[i]:
+                    continue
+                if t in stop:
+                    done[i], reasons[i] = True, "stop"
+                else:
+                    out[i].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = decode_step(native, context, next_tokens, positions + step,
+                                 kv_cache.decode_mask(lengths, step, device))
+            if keep_logits:
+                result.step_logits.append(logits)
+            next_tokens = _agree(sampler(logits), group)
+    finally:
+        if rotary is not None:
+            native.rotary_pos_emb = rotary
     _sync(device)
     result.decode_time = time.perf_counter() - start - ttft
     return result
