@@ -66,14 +66,14 @@ def read_token_lists(path: str, flag: str) -> List[List[int]]:
         raise RecipeError(f"{flag} {path!r}: {e.strerror}") from e
     try:
         data = json.loads(text)
-        if not (isinstance(data, list) and all(isinstance(x, list) for x in data)):
-            data = [data]
+        if isinstance(data, list) and data and all(isinstance(x, int) for x in data):
+            data = [data]  # one prompt
     except json.JSONDecodeError:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise RecipeError(f"{flag} {path!r}: not JSON (a list of token-id lists, or one list per line): {e}") from e
-    if not all(isinstance(x, list) for x in data):
+    if not isinstance(data, list) or not all(isinstance(x, list) for x in data):
         raise RecipeError(f"{flag} {path!r}: every entry must be a list of token ids")
     return data
 
