@@ -41,9 +41,10 @@ def exchange_all(kv_layers: List[torch.Tensor], group) -> List[torch.Tensor]:
     return out
 
 
-def static_context(kv_natural: Sequence[torch.Tensor], lengths: Sequence[int], max_new_tokens: int,
+def static_context(kv_natural: List[torch.Tensor], lengths: Sequence[int], max_new_tokens: int,
                    layer_numbers: Sequence[int]):
-    """Megatron's StaticInferenceContext holding the prefilled cache, ready to decode.
+    """Megatron's StaticInferenceContext holding the prefilled cache, ready to decode. Consumes
+    `kv_natural` (each layer's entry is dropped once copied: the peak is the cache plus a layer).
 
     Megatron's static cache is [max_seq, batch, groups/TP, hn] for K (before RoPE) and for V, one
     write offset for the whole batch. Prompts of unequal length are right-aligned: prompt i's L_i
@@ -56,7 +57,10 @@ def static_context(kv_natural: Sequence[torch.Tensor], lengths: Sequence[int], m
 
     P, b = max(lengths), len(lengths)
     context = StaticInferenceContext(b, P + max_new_tokens)
-    for layer_number, nat in zip(layer_numbers, kv_natural):
+    if len(layer_numbers) != len(kv_natural):
+        raise ValueError(f"{len(kv_natural)} cached layers for a model of {len(layer_numbers)}")
+    for index, layer_number in enumerate(layer_numbers):
+        nat, kv_natural[index] = kv_natural[index], None
         _, _, g, _, hn = nat.shape
         key = nat.new_zeros(P + max_new_tokens, b, g, hn)
         value = torch.zeros_like(key)
@@ -64,6 +68,7 @@ def static_context(kv_natural: Sequence[torch.Tensor], lengths: Sequence[int], m
             key[P - n : P, i] = nat[:n, i, :, 0]
             value[P - n : P, i] = nat[:n, i, :, 1]
         context.key_value_memory_dict[layer_number] = (key, value)
+        del nat
     context.sequence_len_offset = P
     if hasattr(context, "enable_decode_mode"):
         context.enable_decode_mode()
