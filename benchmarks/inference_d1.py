@@ -64,7 +64,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     init_distributed()
     seqs = [64, 96] if args.smoke else [parse_seq(s) for s in args.seq.split(",")]
-    overrides = [f"model.num_layers={args.layers}", f"model.seq_length={max(seqs) + args.new}", "parallel.layout=tsp",
+    overrides = [f"model.num_layers={args.layers}", f"model.seq_length={-(-(max(seqs) + args.new) // 2) * 2}", "parallel.layout=tsp",
                  "parallel.size=1"] + (SMOKE if args.smoke else [])
     recipe = load_recipe(RECIPE, overrides)
     model = build_and_load(recipe, None)

@@ -101,3 +101,16 @@ def test_generate_at_tsp_size_2_matches_size_1(checkpoint, tmp_path):
     assert got == [r["tokens"] for r in one["records"]]
     assert json.loads(summary.read_text())["tsp_size"] == 2
     assert "summary: tsp_size 2" in proc.stderr
+
+
+def test_inference_d1_benchmark_smoke():
+    """benchmarks/inference_d1.py (what scripts/gpu_inference_d1.sh runs on one H200) on CPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inference_d1", os.path.join(REPO, "benchmarks", "inference_d1.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_seq("128K") == 131072 and bench.parse_seq("1M") == 1 << 20
+    rows = bench.main(["--smoke", "--layers", "1", "--new", "3"])
+    assert [r["S"] for r in rows] == [64, 96] and all(r["status"] == "ok" for r in rows)
+    assert all(len(r["tokens"]) == 3 and r["time_to_first_token_s"] > 0 for r in rows)
