@@ -112,6 +112,11 @@ def decode_model(model):
         setattr(mine, leaf, tsp_params[name])
     if hasattr(model, "rotary_pos_emb"):
         native.rotary_pos_emb = model.rotary_pos_emb  # the same RoPE table (base, scaling)
+    device = next(model.parameters()).device
+    for module in native.modules():  # buffers built on the CPU (cpu-initialized configs) join the weights
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
     native.eval()
     object.__setattr__(model, "_tsp_decode_model", native)  # not a submodule: not in its state dict / modes
     return native
