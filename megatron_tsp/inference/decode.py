@@ -36,7 +36,7 @@ from .prefill import _model_parts, check_prompts, tsp_prefill
 @dataclass(frozen=True)
 class Sampling:
     """Megatron's sampling parameters (SamplingParams): greedy is `top_k=1`; `top_k` and
-    `top_p` are exclusive (0 = off); `seed` seeds the sampling generator (the same on every
+    `top_p` are exclusive (0 = off; both off: the temperature-scaled distribution); `seed` seeds the sampling generator (the same on every
     rank, so every rank draws the same token)."""
 
     temperature: float = 1.0
@@ -53,8 +53,6 @@ class Sampling:
             raise TSPConfigError(f"--top-p must be in [0, 1], got {self.top_p}")
         if self.top_k > 0 and self.top_p > 0.0:
             raise TSPConfigError("--top-k and --top-p cannot both be set (Megatron's sampling takes one of them)")
-        if self.top_k == 0 and self.top_p == 0.0:
-            pass  # plain sampling from the temperature-scaled distribution
 
 
 class Sampler:
