@@ -10,7 +10,7 @@ from tests.utils import init_tsp, skip_unless_divides
 
 def test_tsp_group_in_the_tp_slot(world):
     D = 2
-    skip_unless_divides(world, D)
+    skip_unless_divides(world, D, with_data_parallel=True)
     init_tsp(D)
     rank = dist.get_rank()
     tsp_ranks = dist.get_process_group_ranks(megatron_tsp.get_tsp_group())

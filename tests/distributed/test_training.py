@@ -39,7 +39,7 @@ def single_process_reference():
 @pytest.mark.parametrize("D", [2, 4])
 @pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distopt", "adam"])
 def test_five_steps_match_single_process(world, D, distributed_optimizer):
-    skip_unless_divides(world, D)
+    skip_unless_divides(world, D, with_data_parallel=True)
     ref = single_process_reference()
     init_tsp(D)
     got = run_steps("tsp", distributed_optimizer=distributed_optimizer)
