@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from megatron_tsp.training import init_distributed
+    from megatron_tsp.training.build import init_distributed
 
     init_distributed()
     S = frontier_d1.parse_seq(args.seq)

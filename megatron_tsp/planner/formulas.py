@@ -42,7 +42,7 @@ def rope_saved(m: ModelSpec) -> float:
 
 def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     """The MLP exchange a TSP layout runs (None for the other layouts): `auto` resolves as
-    megatron_tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
+    megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
     return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp, lay.tsp)
@@ -50,7 +50,7 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
 
 def mlp_intermediates(m: ModelSpec) -> int:
     """Elements per token Megatron's MLP (local spec, bias_activation_fusion=False as
-    megatron_tsp.training builds it) saves past its input: gated: the fc1 output 2f (the
+    megatron_tsp.training.build builds it) saves past its input: gated: the fc1 output 2f (the
     activation keeps a view of it), act(gate) f, up + offset f, their product f (fc2's input);
     GELU: the fc1 output and the activation output."""
     return (5 if m.gated else 2) * m.f

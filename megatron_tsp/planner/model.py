@@ -204,7 +204,7 @@ class TrainSpec:
     offload_activations: bool = False  # parallel.offload_activations: checkpointed inputs to host memory
     lm_head: str = "local"  # parallel.tsp_lm_head (TSP layouts; the baselines run Megatron's)
     lm_head_chunk_tokens: int = 4096  # parallel.lm_head_chunk_tokens
-    grad_reduce_in_fp32: bool = True  # megatron_tsp.training.wrap_ddp_and_optimizer sets it
+    grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
     norm: str = "lean"

@@ -1,6 +1,6 @@
 """A training recipe (configs/*.yaml) read without importing torch or megatron.
 
-`megatron_tsp.recipe` builds on `megatron_tsp.training.ModelShape`, whose module imports torch
+`megatron_tsp.training.recipe` builds on `megatron_tsp.training.build.ModelShape`, whose module imports torch
 and megatron-core (tens of seconds on a loaded machine); the planner only needs the values.
 The recipe dataclasses' field names and literal defaults are read from their source with `ast`
 (so a key another branch adds to the recipe is known here with its default, with no copy to
@@ -59,7 +59,7 @@ def recipe_defaults() -> Dict[str, Dict[str, object]]:
 
 
 def _parse_override(text: str) -> dict:
-    """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML (as megatron_tsp.recipe does)."""
+    """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML (as megatron_tsp.training.recipe does)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise PlanError(f"override {text!r} must look like section.key=value (e.g. parallel.size=4)")
     key, raw = text.split("=", 1)

@@ -1,7 +1,7 @@
 """Predicted vs measured: reads every benchmark JSON in `benchmarks/results/` and writes
 `docs/plan_validation.md`.
 
-    python -m megatron_tsp.plan validate [--results DIR] [--out FILE]
+    python -m megatron_tsp.planner.cli validate [--results DIR] [--out FILE]
 
 A benchmark JSON is a list of rows, or an object with `rows` (or `results`) and optional
 file-level `model` ({"recipe": path} or ModelShape / planner field names), `train`,
@@ -329,7 +329,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
 def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
     hw = hw_mod.load("h200x4")
     out = ["# Planner validation: predicted vs measured", "",
-           "Regenerate with `python -m megatron_tsp.plan validate` (reads every `benchmarks/results/*.json`; "
+           "Regenerate with `python -m megatron_tsp.planner.cli validate` (reads every `benchmarks/results/*.json`; "
            "formulas in `docs/planner.md`). Memory is GiB (2^30 bytes, `torch.cuda.max_memory_allocated`, the "
            "training logs' \"GB\"); step time is the predicted time with the overlap the code has today (\"as run\"). "
            f"Bounds: peak memory within {100 * MEMORY_BOUND:.0f}%, step time within {100 * TIME_BOUND:.0f}%. "
