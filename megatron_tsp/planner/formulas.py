@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..config import resolve_mlp_exchange
+from .flops import model_flops
 from .model import Cluster, Layout, ModelSpec, TrainSpec
 
 GIB = 2.0**30
@@ -548,7 +549,8 @@ def volume_per_layer(items: List[CommItem], phase: str) -> float:
 
 def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     """FLOPs per GPU per micro-batch. Causal attention counts the unmasked half:
-    forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2)."""
+    forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2): what the
+    kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count."""
     B, S, L = train.micro_batch, train.seq_len, m.layers
     mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
@@ -565,7 +567,10 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     return {
         "matmul": fwd_mm * (3 + extra_mm + rerun) + head,
         "attention": fwd_attn * (1 + extra_attn) + 2.5 * fwd_attn,
-        "model_flops": 3 * fwd_mm + 3.5 * fwd_attn + head,  # without recompute (for MFU)
+        # for MFU: the one model-FLOP count bench uses too (planner/flops.py: attention backward
+        # = 2 x forward, no recompute, the LM head once), per GPU
+        "model_flops": model_flops(layers=L, matmul_params_per_layer=m.layer_matmul_params, q_dim=m.q_dim,
+                                   hidden=m.hidden, vocab=m.vocab, seq=S, batch=B)["total"] / n,
     }
 
 

@@ -9,16 +9,16 @@ import os
 import pytest
 import torch
 
-from megatron_tsp.bench import launcher as bench
+from megatron_tsp.bench import launcher as bench_launcher, report as bench_report, rows as bench_rows, worker as bench_worker
 
 
 def test_flops_hand_count():
     # h=64, a=4 heads (d=16), g=2 KV groups, gated f=256, V=128, L=2, S=64
-    shape = bench.Shape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+    shape = bench_rows.Shape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=256, vocab_size=128, seq_length=64)
     qkv, proj, mlp = 64 * (64 + 2 * 2 * 16), 64 * 64, 3 * 64 * 256  # 8192, 4096, 49152
-    assert bench.model_flops(shape)["matmul_params"] == 2 * (qkv + proj + mlp) == 122880
-    f = bench.model_flops(shape, batch=3)
+    assert bench_rows.model_flops(shape)["matmul_params"] == 2 * (qkv + proj + mlp) == 122880
+    f = bench_rows.model_flops(shape, batch=3)
     assert f["dense"] == 6 * 3 * 64 * 122880
     assert f["lm_head"] == 6 * 3 * 64 * 64 * 128
     # causal attention, counted pair by pair: QK^T and PV are 2*d FLOPs per (query, key) pair and head
@@ -31,7 +31,7 @@ def test_flops_hand_count():
     c = S // (2 * D)
     from megatron_tsp.tsp.zigzag import local_chunk_starts
 
-    total = sum(bench.causal_area(c, s) for r in range(D) for s in local_chunk_starts(S, D, r))
+    total = sum(bench_rows.causal_area(c, s) for r in range(D) for s in local_chunk_starts(S, D, r))
     assert total == pairs
 
 
@@ -53,7 +53,7 @@ def test_flops_match_flop_counter_on_megatron_gpt():
     pos = torch.arange(shape.seq_length).expand(2, -1)
     with FlopCounterMode(display=False) as counter:
         model(tokens, pos, None, labels=tokens).float().sum().backward()
-    f = bench.model_flops(shape, batch=2)
+    f = bench_rows.model_flops(shape, batch=2)
     assert counter.get_total_flops() == f["dense"] + f["lm_head"]
 
 
@@ -63,11 +63,11 @@ def test_bench_cpu(tmp_path, monkeypatch):
     S=256 then skipped), TP+SP whose S=128 row runs out of memory on rank 1 (OOM recorded, S=256
     recorded as OOM without running). The rows before the failures are measured, the benchmark
     finishes (two torchrun launches) and writes its reports."""
-    monkeypatch.setitem(bench.LAYOUTS, "bogus", bench.Layout("bogus", ("parallel.layout=tsp", "parallel.no_such_key=1")))
-    monkeypatch.setenv(bench.FAKE_HANG_ENV, "tsp:128:0")
-    monkeypatch.setenv(bench.FAKE_OOM_ENV, "tp_sp:128:1")
+    monkeypatch.setitem(bench_rows.LAYOUTS, "bogus", bench_rows.Layout("bogus", ("parallel.layout=tsp", "parallel.no_such_key=1")))
+    monkeypatch.setenv(bench_rows.FAKE_HANG_ENV, "tsp:128:0")
+    monkeypatch.setenv(bench_rows.FAKE_OOM_ENV, "tp_sp:128:1")
     out = tmp_path / "out"
-    rc = bench.main(["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "t", "--seq", "64,128,256",
+    rc = bench_launcher.main(["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "t", "--seq", "64,128,256",
                      "--layouts", "bogus,tsp,tp_sp", "--variants", "mha", "--warmup", "1", "--steps", "2",
                      "--timeout", "15", "--profile"])
     assert rc == 0
@@ -82,7 +82,7 @@ def test_bench_cpu(tmp_path, monkeypatch):
         assert len(r["step_times_s"]) == 2 and r["steps_timed"] == 2 and r["world"] == 2
         assert r["median_step_s"] == pytest.approx(sum(r["step_times_s"]) / 2)
         assert r["tokens_per_s_per_gpu"] == pytest.approx(64 / r["median_step_s"] / 2)
-        assert r["model_flops_per_step"] == bench.model_flops(bench.model_shape("tiny", "mha", 2, 64))["total"]
+        assert r["model_flops_per_step"] == bench_rows.model_flops(bench_rows.model_shape("tiny", "mha", 2, 64))["total"]
         assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / (r["median_step_s"] * 2 * r["peak_tflops"] * 1e12))
         assert r["loss_last"] == r["loss_last"]  # not NaN
         assert r["recipe_parallel"]["layout"] == lay and r["recipe_parallel"]["size"] == 2
@@ -107,7 +107,7 @@ def test_bench_cpu(tmp_path, monkeypatch):
         assert line in md, line
     # the reports are rebuilt from the JSON-lines file alone
     os.remove(out / "bench_t.md")
-    assert bench.main(["--from-jsonl", str(out / "bench_t.jsonl")]) == 0
+    assert bench_launcher.main(["--from-jsonl", str(out / "bench_t.jsonl")]) == 0
     assert (out / "bench_t.md").read_text() == md
 
 
@@ -150,7 +150,7 @@ def test_targets_verdicts():
             row("tp", 16 * K, 30, 1.0), row("tp", 64 * K, 60, 3.0), row("tp", 128 * K, status="oom"),
             row("tp_sp", 16 * K, 10, 1.0), row("tp_sp", 64 * K, 19.5, 2.9), row("tp_sp", 128 * K, status="oom"),
             row("tsp_compute_only", 64 * K, 20, 2.5), row("tsp_compute_only", 128 * K, 20, 8.0)]
-    got = {t["target"].split(".")[0]: t for t in bench.evaluate_targets(rows)}
+    got = {t["target"].split(".")[0]: t for t in bench_report.evaluate_targets(rows)}
     assert got["1"]["verdict"] == "reached" and "tp OOM" in got["1"]["detail"]  # TP OOM at 128K
     assert got["3"]["verdict"] == "reached"  # 1.00, 1.03, TP+SP OOM at 128K
     assert got["4a"]["verdict"] == "not reached"  # 64K: 3.0 / 2.9 > 1.0; 128K not comparable
@@ -184,7 +184,7 @@ def test_rows_leave_no_model_memory_behind():
 
     del model, ddp, optimizer, batches
     assert left(), "the RoPE cache should still hold the S x d table here (else this test checks nothing)"
-    bench._release_caches()
+    bench_worker._release_caches()
     assert left() == []
 
 
@@ -196,25 +196,25 @@ def test_resume_keeps_done_rows_and_refuses_another_model(tmp_path, monkeypatch)
     out.mkdir()
     argv = ["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "r", "--seq", "64,128", "--layouts", "tsp,tp_sp",
             "--variants", "mha", "--warmup", "1", "--steps", "2", "--resume"]
-    args = bench.parser().parse_args(argv)
+    args = bench_launcher.parser().parse_args(argv)
     args.seq, args.tag = "64,128", "r"
-    rows = bench.plan_rows(args)
+    rows = bench_rows.plan_rows(args)
     meta = {"kind": "meta", "command": "first", "model": "tiny", "layers": 2, "gpus": 2, "warmup": 1, "steps": 2,
             "plan": [r["id"] for r in rows if r["layout"] == "tp_sp"]}
     with open(out / "bench_r.jsonl", "w") as f:
         f.write(json.dumps(meta) + "\n")
         for r in reversed(rows):
-            rec = bench._row_base(r, status="ok")
+            rec = bench_rows.row_base(r, status="ok")
             rec.update(peak_alloc_gb=1.0, peak_reserved_gb=1.0, median_step_s=0.5, tokens_per_s_per_gpu=r["seq"],
                        mfu=0.1, peak_tflops=1.0)
             f.write(json.dumps(rec) + "\n")
-    monkeypatch.setattr(bench, "_launch", lambda *a, **k: pytest.fail("nothing is left to run"))
-    assert bench.main(argv) == 0
+    monkeypatch.setattr(bench_launcher, "_launch", lambda *a, **k: pytest.fail("nothing is left to run"))
+    assert bench_launcher.main(argv) == 0
     report = json.loads((out / "bench_r.json").read_text())
     assert [r["id"] for r in report["rows"]] == ["tp_sp/mha/64", "tp_sp/mha/128", "tsp/mha/64", "tsp/mha/128"]
     assert report["meta"]["commands"][0] == "first" and report["meta"]["commands"][1].startswith("megatron-tsp bench")
     with pytest.raises(SystemExit, match="layers = 2"):
-        bench.main(argv + ["--layers", "3"])
+        bench_launcher.main(argv + ["--layers", "3"])
 
     # --redo: the named layouts' rows run again although done; the others stay
     launched = []
@@ -223,11 +223,11 @@ def test_resume_keeps_done_rows_and_refuses_another_model(tmp_path, monkeypatch)
         launched.extend(r["id"] for r in rows)
         return {"rc": 0, "timeout": False, "row": None}
 
-    monkeypatch.setattr(bench, "_launch", fake_launch)
-    bench.main(argv + ["--redo", "tsp"])
+    monkeypatch.setattr(bench_launcher, "_launch", fake_launch)
+    bench_launcher.main(argv + ["--redo", "tsp"])
     assert launched == ["tsp/mha/64", "tsp/mha/128"]
     with pytest.raises(SystemExit, match="--redo goes with --resume"):
-        bench.main([a for a in argv if a != "--resume"] + ["--redo", "tsp"])
+        bench_launcher.main([a for a in argv if a != "--resume"] + ["--redo", "tsp"])
 
 
 def test_merged_runs_name_the_commit_of_each_row():
@@ -236,7 +236,7 @@ def test_merged_runs_name_the_commit_of_each_row():
             {"kind": "row", "id": "tsp/mha/64", "layout": "tsp", "variant": "mha", "seq": 64, "status": "ok"},
             {"kind": "meta", "commit": "bbb", "plan": ["tp_sp/mha/64"]},
             {"kind": "row", "id": "tp_sp/mha/64", "layout": "tp_sp", "variant": "mha", "seq": 64, "status": "ok"}]
-    meta, _, rows = bench.collect(recs)
+    meta, _, rows = bench_report.collect(recs)
     assert {r["id"]: r["run_commit"] for r in rows} == {"tsp/mha/64": "aaa", "tp_sp/mha/64": "bbb"}
-    assert bench._commits(rows, meta) == "`aaa`: tsp/mha/64; `bbb`: tp_sp/mha/64"
-    assert bench._commits(rows[:1], meta) == "`aaa`"
+    assert bench_report._commits(rows, meta) == "`aaa`: tsp/mha/64; `bbb`: tp_sp/mha/64"
+    assert bench_report._commits(rows[:1], meta) == "`aaa`"
