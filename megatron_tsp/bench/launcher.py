@@ -103,7 +103,7 @@ def _launch(rows: List[dict], args, paths: dict, deadline: Optional[float]) -> d
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
            "-m", "megatron_tsp.bench.launcher", "--worker", spec_path]
     env = dict(os.environ)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if args.model == "tiny":
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -1,5 +1,5 @@
 """TSP in Megatron-LM's `pretrain_gpt.py`: the `--tsp-*` flags (`arguments`), the hooks the
-patches in patches/ call (`hooks`), the model builder of megatron-core >= 0.19 (`builder`) and the
+patches in patches/ call (`hooks`), the model both Megatron-LM paths build (`build`), the model builder class of megatron-core >= 0.19 (`builder`) and the
 runner `megatron-tsp run` (`run`).
 
 The patched `pretrain_gpt.py` imports `tsp_extra_args_provider`, `tsp_gpt_builder` and
@@ -7,14 +7,15 @@ The patched `pretrain_gpt.py` imports `tsp_extra_args_provider`, `tsp_gpt_builde
 
 import importlib
 
-_HOOKS = ("tsp_extra_args_provider", "tsp_gpt_builder", "tsp_gpt_model_config_cls", "tsp_gpt_config_from_args",
-          "install", "check_built_model", "build_gpt_model")
+_LAZY = {name: ".hooks" for name in ("tsp_extra_args_provider", "tsp_gpt_builder", "tsp_gpt_model_config_cls",
+                                       "tsp_gpt_config_from_args", "install", "check_built_model")}
+_LAZY["build_gpt_model"] = ".build"
 
 
 def __getattr__(name):
-    if name in _HOOKS:
-        return getattr(importlib.import_module(".hooks", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_HOOKS)
+__all__ = list(_LAZY)

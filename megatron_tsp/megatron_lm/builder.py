@@ -36,7 +36,7 @@ class TSPGPTModelBuilder(GPTModelBuilder):
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
         from megatron.training import get_args
 
-        from .hooks import build_gpt_model
+        from .build import build_gpt_model
 
         cfg = self._model_config
         if cfg.transformer_layer_spec is not None:  # from --spec; refused at parse time with --tsp-size

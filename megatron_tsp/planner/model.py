@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..config import MLP_EXCHANGES, TSPConfigError
+from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
@@ -18,10 +19,6 @@ RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
 TSP_RECOMPUTE = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
 LM_HEADS = ("local", "megatron")  # parallel.tsp_lm_head
 NORMS = ("lean", "torch", "fused")
-
-
-class PlanError(TSPConfigError):
-    """A model, layout, training setting or hardware profile the planner cannot evaluate."""
 
 
 def _positive(flag: str, value) -> None:

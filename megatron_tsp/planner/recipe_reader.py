@@ -18,12 +18,12 @@ from typing import Dict, List
 
 import yaml
 
-from .model import PlanError
+from .errors import PlanError
 
 _PKG = os.path.join(os.path.dirname(__file__), "..")
 # recipe section -> (source file, class) whose fields it holds; a class's bases in the same files
 _SECTIONS = {"model": "ModelRecipe", "parallel": "ParallelRecipe", "train": "TrainRecipe", "data": "DataRecipe"}
-_SOURCES = ("recipe.py", "training.py")
+_SOURCES = ("training/recipe.py", "training/build.py")
 _MISSING = object()  # a field whose default is not a literal (a factory)
 
 
