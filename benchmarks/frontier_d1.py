@@ -182,7 +182,11 @@ def main(argv=None) -> int:
 
     from megatron_tsp.training.build import init_distributed
 
+    from megatron_tsp.training.cpu import install_cpu_shims
+
     init_distributed()
+
+    install_cpu_shims()  # no-op with CUDA
     seqs = [128, 256] if args.smoke else [parse_seq(s) for s in args.seq.split(",")]
     layers = 2 if args.smoke else args.layers
     known = recipe_keys()

@@ -21,6 +21,7 @@ from megatron_tsp import parallel_state as tsp_state  # noqa: E402
 from megatron_tsp.planner.formulas import native_saved, tsp_saved_per_token  # noqa: E402
 from megatron_tsp.planner.model import Layout, ModelSpec  # noqa: E402
 from megatron_tsp.training.build import ModelShape, build_gpt, init_distributed  # noqa: E402
+from megatron_tsp.training.cpu import install_cpu_shims  # noqa: E402
 
 H, S, V, HEADS, GROUPS = 256, 512, 1000, 4, 2
 
@@ -54,6 +55,7 @@ def saved_bytes(layout: str, layers: int) -> int:
 
 def main():
     init_distributed()
+    install_cpu_shims()  # no-op with CUDA
     m = ModelSpec(layers=1, hidden=H, heads=HEADS, kv_groups=GROUPS, ffn=4 * H, vocab=V)
     lay = Layout("tp_sp", tp=1)
     # the planner's norm model for what TSPNorm builds here: lean norms where the code has them,

@@ -213,8 +213,10 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
     from ..training import loop as driver
     from ..training.recipe import RecipeError, load_recipe
     from ..training.build import init_distributed
+    from ..training.cpu import install_cpu_shims
 
     backend = init_distributed()
+    install_cpu_shims()  # a worker process's entry (no-op with CUDA)
     world, rank = dist.get_world_size(), dist.get_rank()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -62,7 +62,8 @@ class ModelShape:
 
 def init_distributed() -> str:
     """torch.distributed from torchrun's environment (a world of one without it):
-    NCCL with one GPU per process when CUDA is present, else gloo on CPU with the shims."""
+    NCCL with one GPU per process when CUDA is present, else gloo on CPU. Patches nothing: an
+    entry point that runs megatron-core on CPU installs the shims itself (`cpu.install_cpu_shims`)."""
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -72,10 +73,6 @@ def init_distributed() -> str:
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl" if cuda else "gloo")
-    if not torch.cuda.is_available():
-        from .cpu import install_cpu_shims
-
-        install_cpu_shims()
     return dist.get_backend()
 
 

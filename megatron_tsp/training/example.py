@@ -31,7 +31,10 @@ def main(argv=None):
     from .. import initialize_model_parallel
     from .build import ModelShape, build_gpt, dp_slice, init_distributed, synthetic_batch, train_step, wrap_ddp_and_optimizer
 
+    from .cpu import install_cpu_shims
+
     backend = init_distributed()
+    install_cpu_shims()  # no-op with CUDA
     world, rank = dist.get_world_size(), dist.get_rank()
     D = world if args.tsp_size is None else args.tsp_size
     initialize_model_parallel(tsp_size=D)

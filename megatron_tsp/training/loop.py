@@ -517,8 +517,10 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     from megatron.core import parallel_state as mpu
 
     from .build import init_distributed
+    from .cpu import install_cpu_shims
 
     backend = init_distributed()
+    install_cpu_shims()  # the training run's entry: megatron-core on CPU needs them (no-op with CUDA)
     world = dist.get_world_size()
     recipe.check(world)
     t = recipe.train

@@ -27,9 +27,11 @@ def main(jobs_path, results_path):
     from megatron_tsp.training.recipe import load_recipe
     from megatron_tsp.training.loop import run
     from megatron_tsp.training.build import init_distributed
+    from megatron_tsp.training.cpu import install_cpu_shims
 
     torch.set_num_threads(1)
     init_distributed()
+    install_cpu_shims()  # no-op with CUDA
     results = {}
     for job in json.load(open(jobs_path)):
         overrides = list(job["overrides"])

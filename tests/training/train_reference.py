@@ -34,8 +34,10 @@ def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=Non
 if __name__ == "__main__":
     from megatron_tsp import initialize_model_parallel
     from megatron_tsp.training.build import init_distributed
+    from megatron_tsp.training.cpu import install_cpu_shims
 
     init_distributed()
+    install_cpu_shims()  # no-op with CUDA
     initialize_model_parallel(tsp_size=1)
     with open(sys.argv[1], "w") as f:
         json.dump(run_steps("native", distributed_optimizer=False), f)
