@@ -3,7 +3,7 @@
 A TSP rank is a weight-shard owner that also owns a token shard, so Megatron's data-,
 pipeline- and expert-parallel groups, DDP, the sum of sequence-parallel norm gradients,
 grad clipping, the distributed optimizer and dist-checkpointing all apply unchanged
-(docs/design.md, "The TSP axis"). `initialize_model_parallel` registers the getters below on
+(docs/design.md §9). `initialize_model_parallel` registers the getters below on
 `megatron.core.parallel_state`, next to Megatron's pipeline and expert getters (importing this
 module patches nothing); modules still take their group explicitly.
 """

@@ -65,7 +65,7 @@ def known_reason(source: str) -> Optional[str]:
     return None
 
 
-# The paper's 8 x MI300X table (DESIGN.md section 1), peak GB per GPU.
+# The paper's 8 x MI300X table (docs/design.md §1), peak GB per GPU.
 PAPER = {
     16384: {"tsp8": 31.0, "tp8": 31.5},
     131072: {"tsp8": 38.8, "tp8": 70.0, "tp_sp8": 85.0, "tp2xcp4": 140.0, "tp4xcp2": 140.0},
@@ -388,7 +388,7 @@ def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
             "Model h=4096, 32 layers, 32 heads (MHA), gated MLP f=16384, V=32000 (the paper's vocabulary is not "
             "public; 32000 assumed), bf16, micro-batch 1, 8 GPUs in one node, Adam with fp32 master weights and fp32 "
             "gradients as our driver runs it (not distributed), TSP's MLP by the ring (the paper's exchange; `auto` "
-           "would move the tokens at 16K, D = 8). Published numbers: 8 x MI300X (DESIGN.md section 1), "
+           "would move the tokens at 16K, D = 8). Published numbers: 8 x MI300X (docs/design.md §1), "
             "unit \"GB\" (taken as 10^9 bytes; if they are GiB the ratios grow by 7%).", ""]
     out += paper_section()
     out += ["", "Why the numbers differ: `docs/planner.md`, section \"The paper's table\"."]

@@ -1,6 +1,6 @@
 """Run megatron-core on CPU (gloo), for CI and for the CPU path of the tiny example.
 
-megatron-core 0.16.1 assumes CUDA in a handful of places (see MEGATRON_NOTES.md §9.2):
+megatron-core 0.16.1 assumes CUDA in a handful of places (docs/design.md §9, "CPU"):
 the RNG tracker, `torch.cuda.current_device()` allocations, literal `device='cuda'`,
 `.cuda()`, `pin_memory=True`, and `param.type() == 'torch.cuda.FloatTensor'` checks.
 megatron-core 0.19's DDP also asks for `torch.cuda.current_stream()` in every

@@ -18,7 +18,7 @@ Backends (`backend=`):
 - `math`: explicit matrices in the input dtype (CPU, fp32/fp64 tests, any head dim).
 - `math_split`: `math` through the split-and-merge path (tests the merge on CPU).
 - `auto`: cudnn on CUDA for fp16/bf16 (cuDNN ran causal attention ~2x faster than flash on
-  H200, DESIGN.md), else math.
+  H200, docs/design.md §8), else math.
 Tensors: q [b, hq, c, d]; k, v [b, hk, L, d] with hq a multiple of hk (GQA: query head i uses
 KV head i // (hq/hk), Megatron's grouped layout); o like q; lse [b, hq, c] float32 (float64 for float64 inputs).
 """

@@ -1,4 +1,4 @@
-"""Sequence-local LM head and cross entropy (`TSPOptions(lm_head='local')`, DESIGN.md §10).
+"""Sequence-local LM head and cross entropy (`TSPOptions(lm_head='local')`, docs/design.md §10).
 
 Rank p holds its tokens' final hidden states x_p [S/D, b, h] (zigzag, as the decoder leaves
 them) and vocabulary shard p, W_p [V/D, h] (Megatron's vocab-parallel output weight, or the

@@ -19,7 +19,7 @@ NODE4 = Cluster(gpus_per_node=4)
 
 
 def fwd_volume(model, layout, S, B=1, cluster=NODE4, exchange="ring"):
-    """DESIGN.md's volumes move the MLP weights: the ring (auto would move tokens below 8K per rank)."""
+    """docs/design.md §6's volumes move the MLP weights: the ring (auto would move tokens below 8K per rank)."""
     train = TrainSpec(seq_len=S, micro_batch=B, mlp_exchange=exchange)
     return volume_per_layer(comm_items(model, train, layout, cluster), "fwd")
 
@@ -188,7 +188,7 @@ def test_peak_gib_units():
 
 
 def test_whole_step_crossover_at_13h_tokens_for_d4():
-    """DESIGN.md section 6 said backward roughly doubles both; it does not: forward + backward,
+    """docs/design.md §6 (the first notes) said backward roughly doubles both; it does not: forward + backward,
     D=4, MHA, f=4h: TSP 39h^2 + 4.5 BSh vs TP+SP 7.5 BSh, equal at B*S = 13h."""
     def total(layout, S):
         items = comm_items(MHA, TrainSpec(seq_len=S, mlp_exchange="ring"), layout, NODE4)
