@@ -82,7 +82,7 @@ def test_resume_at_another_layout_continues_the_run(results, layout, opt):
 
 def test_only_real_mismatches_are_refused_and_all_are_listed(tmp_path):
     from megatron_tsp.training.recipe import RecipeError, load_recipe
-    from megatron_tsp.training.loop import CHECKPOINT_META, _checkpoint_identity, check_checkpoint_matches
+    from megatron_tsp.training.checkpoint import CHECKPOINT_META, _checkpoint_identity, check_checkpoint_matches
 
     written = _checkpoint_identity(load_recipe(None, ["parallel.size=2"]))
     written["world_size"] = 2
