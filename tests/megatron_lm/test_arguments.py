@@ -314,7 +314,7 @@ def test_patches_are_well_formed():
                 lines = [line for line in body.split("\n") if line and not line.startswith(("diff --git", "index ", "--- ", "+++ "))]
                 assert sum(not line.startswith("+") for line in lines) == old, f"{path}: {header}"
                 assert sum(not line.startswith("-") for line in lines) == new, f"{path}: {header}"
-            assert "megatron_tsp.megatron_lm.hooks import tsp_extra_args_provider" in text
+            assert "megatron_tsp.megatron_lm import tsp_extra_args_provider" in text
             assert ("tsp_gpt_model_config_cls(args)" if tag >= "core_v0.19" else "tsp_gpt_builder(gpt_builder)") in text
 
 
