@@ -25,7 +25,7 @@ process groups are rebuilt when the parallel layout changes. Each finished row i
 - `--budget SECONDS` stops the whole benchmark in time and still writes the report.
 
 Each row: the driver's own model, DDP, distributed optimizer and training step
-(`megatron_tsp.training.loop.build` / `train_step`, i.e. Megatron's get_forward_backward_func), mock
+(`megatron_tsp.training.loop`: `build` / `train_step`, i.e. Megatron's get_forward_backward_func), mock
 data, micro batch 1, global batch 1 (one model replica on the N GPUs), `--warmup` untimed steps
 then `--steps` timed ones, each timed with CUDA events around the whole step (forward, backward,
 gradient reduction, optimizer); the median over steps (of the slowest rank per step) is reported.

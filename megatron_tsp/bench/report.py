@@ -239,7 +239,7 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
         " ranks. Memory: `max_memory_allocated` / `max_memory_reserved` over all steps of the row, the maximum over ranks.",
         "- **MFU** = model FLOPs per step / (median step time x GPUs x measured peak). Model FLOPs = 6 T N (N = the"
         " layers' matmul weights) + 6 T h V (LM head) + 6 L h S(S+1) (causal attention, QK^T and PV; forward"
-        " 2 h S(S+1) per layer), T = S tokens; recomputation is not counted (`megatron_tsp.bench.launcher.model_flops`).",
+        " 2 h S(S+1) per layer), T = S tokens; recomputation is not counted (`megatron_tsp.planner.flops`, the planner's count).",
         "",
     ]
     lines += _results_table(rows)

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         return 2 if not argv else 0
     script = argv[0]
     if script.startswith("-") or not script.endswith(".py"):
-        print(f"{USAGE}\nmegatron_tsp.run: error: the first argument must be Megatron-LM's pretrain_gpt.py, "
+        print(f"{USAGE}\nmegatron_tsp.megatron_lm.run: error: the first argument must be Megatron-LM's pretrain_gpt.py, "
               f"got {script!r}", file=sys.stderr)
         return 2
     if not os.path.isfile(script):
