@@ -11,7 +11,7 @@ from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.transformer import TransformerConfig
 
 import megatron_tsp
-from megatron_tsp.training import ModelShape, transformer_config
+from megatron_tsp.training.build import ModelShape, transformer_config
 
 _SINGLETONS = {}
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from megatron_tsp.config import TSPOptions
-from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
-from tests.distributed.parity import block_parity, fresh_seed
+from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from tests.parity import block_parity, fresh_seed
 from tests.utils import gather_full, init_tsp, rel_err, skip_unless_divides, sum_sequence_parallel_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
