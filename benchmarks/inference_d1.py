@@ -58,8 +58,8 @@ def main(argv=None):
 
     from megatron_tsp.inference import decode_model, generate
     from megatron_tsp.inference.cli import build_and_load
-    from megatron_tsp.recipe import load_recipe
-    from megatron_tsp.training import init_distributed
+    from megatron_tsp.training.recipe import load_recipe
+    from megatron_tsp.training.build import init_distributed
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     init_distributed()

@@ -5,11 +5,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
-    "plan": ("megatron_tsp.plan", "memory, communication and step time of TSP and its baselines"),
-    "bench": ("megatron_tsp.bench", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
+    "train": ("megatron_tsp.training.loop", "train a GPT from a YAML recipe"),
+    "plan": ("megatron_tsp.planner.cli", "memory, communication and step time of TSP and its baselines"),
+    "bench": ("megatron_tsp.bench.launcher", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
     "generate": ("megatron_tsp.inference.cli", "TSP prefill + tensor-parallel decode from a checkpoint: continuations, log-probs"),
-    "run": ("megatron_tsp.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
+    "run": ("megatron_tsp.megatron_lm.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
 }
 
 

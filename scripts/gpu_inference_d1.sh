@@ -13,7 +13,7 @@ source scripts/gpu_env.sh
 export PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"; echo "commit ${TSP_COMMIT:-unknown}"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
-timeout 300 torchrun --standalone --nproc-per-node 1 -m pytest -q -x tests/distributed/test_inference.py \
+timeout 300 torchrun --standalone --nproc-per-node 1 -m pytest -q -x tests/inference/test_inference.py \
   > "$OUT/pytest_inference_world1.log" 2>&1
 tail -3 "$OUT/pytest_inference_world1.log"
 # one process per S: an out-of-memory at one length leaves no fragmentation for the next

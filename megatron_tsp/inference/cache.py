@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from ..zigzag import from_zigzag
+from ..tsp.zigzag import from_zigzag
 
 
 def exchange(kv_local: torch.Tensor, group) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TSPConfigError
-from ..recipe import RecipeError, load_recipe
+from ..training.recipe import RecipeError, load_recipe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,8 +137,8 @@ def _recipe_for(args, world: int):
 def check_checkpoint_shape(recipe, load_dir: str) -> int:
     """The latest step of `load_dir`, after refusing a checkpoint whose model differs from the
     recipe's (every differing key listed)."""
-    from ..train import _SHAPE_KEYS, CHECKPOINT_META, latest_step
-    from ..recipe import Recipe
+    from ..training.checkpoint import _SHAPE_KEYS, CHECKPOINT_META, latest_step
+    from ..training.recipe import Recipe
 
     step = latest_step(load_dir)
     if step is None:
@@ -159,8 +159,9 @@ def check_checkpoint_shape(recipe, load_dir: str) -> int:
 def build_and_load(recipe, load_dir: Optional[str]):
     """The TSP model of the recipe on the current groups, with the checkpoint's weights (model
     only: no DDP, no optimizer)."""
-    from ..train import _init_groups, _step_dir
-    from ..training import build_gpt
+    from ..training.build import build_gpt
+    from ..training.checkpoint import _step_dir
+    from ..training.loop import _init_groups
 
     step = check_checkpoint_shape(recipe, load_dir) if load_dir else None
     _init_groups(recipe)
@@ -193,7 +194,7 @@ def _peak_memory(device) -> dict:
 
 
 def run(args) -> dict:
-    from ..training import init_distributed
+    from ..training.build import init_distributed
     from .decode import Sampling, generate, logprobs
 
     init_distributed()

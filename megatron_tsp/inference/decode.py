@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .. import compat
 from ..config import TSPConfigError
-from ..specs import get_sp_block_spec
+from ..tsp.specs import get_sp_block_spec
 from . import cache as kv_cache
 from .prefill import _model_parts, check_prompts, tsp_prefill
 

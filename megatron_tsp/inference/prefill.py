@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import comm
-from ..attention import AttentionShard, broadcast_shards
+from ..tsp import comm
+from ..tsp.attention import AttentionShard
+from ..tsp.exchange import broadcast_shards
 from ..config import TSPConfigError
-from ..lm_head import TSPLMHeadFunction, logit_scale
-from ..zigzag import from_zigzag, local_position_index
+from ..tsp.lm_head import TSPLMHeadFunction, logit_scale
+from ..tsp.zigzag import from_zigzag, local_position_index
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Inference memory per GPU: the weights and the KV cache, for each layout (issue 17).
 
 Exact counts of the tensors megatron_tsp.inference holds (tested against them,
-tests/unit/test_planner_inference.py): with P prompt tokens per sequence (TSP pads to S, the next
+tests/planner/test_planner_inference.py): with P prompt tokens per sequence (TSP pads to S, the next
 multiple of 2D), B sequences, N new tokens, per GPU of a layout of `size` GPUs
 
     weights     = param_counts(model, layout) x bytes         (TSP and TP: 1/D of each matmul)
