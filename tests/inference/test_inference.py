@@ -44,7 +44,9 @@ def _model(name, D, layout="tsp"):
 
 @torch.no_grad()
 def _reference(name, prompts=PROMPTS, new=NEW, sampling=Sampling(), stop=()):
-    """Unsharded model, whole sequence recomputed per step -> (tokens, reasons, per-step logits)."""
+    """Unsharded model, whole sequence recomputed per step -> (tokens, reasons, per-step logits,
+    sequences, log-probs). Re-initializes the groups (D = 1) when not cached: call it before
+    building the model under test."""
     key = (name, str(prompts), new, sampling, tuple(stop))
     if key not in _REFERENCE:
         ref = _model(name, 1, "native")
@@ -106,9 +108,10 @@ def test_logprobs_match_unsharded(world, D):
 @pytest.mark.parametrize("D", [1, 2, 4])
 def test_sampling_with_a_seed_gives_the_same_tokens_at_every_D(world, D):
     skip_unless_divides(world, D)
+    samplings = (Sampling(temperature=0.7, top_k=0, top_p=0.9, seed=11), Sampling(temperature=1.3, top_k=5, seed=3))
+    wants = [_reference("rope-mha", new=6, sampling=s)[0] for s in samplings]  # before the model: it re-inits groups
     model = _model("rope-mha", D)
-    for sampling in (Sampling(temperature=0.7, top_k=0, top_p=0.9, seed=11), Sampling(temperature=1.3, top_k=5, seed=3)):
-        want, *_ = _reference("rope-mha", new=6, sampling=sampling)
+    for sampling, want in zip(samplings, wants):
         assert generate(model, PROMPTS, 6, sampling).tokens == want
 
 
@@ -162,13 +165,13 @@ def test_cache_after_exchange_is_megatrons_tp_cache(world, D):
 def test_exchange_sending_the_wrong_kv_group_is_caught(world, monkeypatch):
     D = 2
     skip_unless_divides(world, D)
+    _, _, want_logits, _, _ = _reference("rope-gqa-tied")
     model = _model("rope-gqa-tied", D)
     real = cache.exchange
     monkeypatch.setattr(cache, "exchange", lambda kv, group: real(kv.roll(1, dims=0), group))
     prompt_batch = [PROMPTS[1][:12], PROMPTS[1][1:13]]
     assert _cache_error(model, prompt_batch) > 1e-3
-    _, _, want_logits, _, _ = _reference("rope-gqa-tied")
-    got = generate(_model("rope-gqa-tied", D), PROMPTS, NEW, keep_logits=True)
+    got = generate(model, PROMPTS, NEW, keep_logits=True)
     assert rel_err(got.first_logits, want_logits[0]) <= TOL  # the prefill is right, the decode is not
     assert rel_err(got.step_logits[0], want_logits[1]) > 1e-3
 
@@ -226,6 +229,7 @@ def _megatron_embedding(model):
 @pytest.mark.parametrize("D", [2])
 def test_bad_input_is_one_clear_error_on_every_rank(world, D):
     skip_unless_divides(world, D)
+    want = _reference("rope-mha")[0][0][:2]
     model = _model("rope-mha", D)
     cases = {
         "more than the model's limit": ([list(range(1, 60)) * 2], 4),
@@ -243,4 +247,4 @@ def test_bad_input_is_one_clear_error_on_every_rank(world, D):
     with pytest.raises(TSPConfigError, match="continuations"):
         logprobs(model, [[1, 2]], [[3], [4]])
     # and the group still works: nothing was left half-done
-    assert generate(model, PROMPTS[:1], 2).tokens == [_reference("rope-mha")[0][0][:2]]
+    assert generate(model, PROMPTS[:1], 2).tokens == [want]
