@@ -61,8 +61,10 @@ def main(argv=None):
     from megatron_tsp.training.recipe import load_recipe
     from megatron_tsp.training.build import init_distributed
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from megatron_tsp.training.cpu import install_cpu_shims
+
     init_distributed()
+    install_cpu_shims()  # CPU (--smoke) only: a no-op with CUDA
     seqs = [64, 96] if args.smoke else [parse_seq(s) for s in args.seq.split(",")]
     overrides = [f"model.num_layers={args.layers}", f"model.seq_length={-(-(max(seqs) + args.new) // 2) * 2}", "parallel.layout=tsp",
                  "parallel.size=1"] + (SMOKE if args.smoke else [])

@@ -195,9 +195,11 @@ def _peak_memory(device) -> dict:
 
 def run(args) -> dict:
     from ..training.build import init_distributed
+    from ..training.cpu import install_cpu_shims
     from .decode import Sampling, generate, logprobs
 
     init_distributed()
+    install_cpu_shims()  # the generate entry: megatron-core on CPU needs them (no-op with CUDA)
     world = dist.get_world_size()
     recipe = _recipe_for(args, world)
     prompts, continuations, tokenizer = _prompts(args)
