@@ -19,10 +19,10 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..config import TSPConfigError
+from ..config import TSPConfigError, recipe_help
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
                          latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
-from .recipe import Recipe, RecipeError, load_recipe, valid_keys
+from .recipe import Recipe, RecipeError, load_recipe
 from .signals import StopRequest
 
 # -- data ----------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tsp train",
         description="Train a GPT with TSP (or a baseline layout) from a YAML recipe; launch with torchrun.",
-        epilog="Recipe keys (section.key=value):\n" + valid_keys(),
+        epilog="Recipe keys (section.key=value), their defaults and meanings:\n" + recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the embedded tiny recipe, = configs/tiny.yaml)")
