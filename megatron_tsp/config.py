@@ -453,3 +453,42 @@ def recipe_help(width: int = 100) -> str:
             lines.append(f"  {section}.{f.name} (default: {_yaml_value(field_default(f))})")
             lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
+
+
+# parallel.<key> of the recipe -> (TSPOptions field, --tsp-* flag of pretrain_gpt.py, choices): the
+# recipe's tsp_options(), its error messages and megatron_lm/arguments.py's flags (their help and
+# default from the recipe field) all read this table.
+TSP_OPTION_KEYS = {
+    "tsp_recompute": ("recompute", "--tsp-recompute", RECOMPUTE_MODES),
+    "tsp_attention_backend": ("attention_backend", "--tsp-attention-backend", BACKENDS),
+    "tsp_mlp_exchange": ("mlp_exchange", "--tsp-mlp-exchange", MLP_EXCHANGES),
+    "tsp_lm_head": ("lm_head", "--tsp-lm-head", LM_HEADS),
+    "lm_head_chunk_tokens": ("lm_head_chunk_tokens", "--tsp-lm-head-chunk-tokens", None),
+    "tsp_compute_only": ("compute_only", None, None),  # benchmarks only: no flag for pretrain_gpt.py
+}
+
+# Megatron-LM options whose model builder paths the TSP model and our native specs do not take
+# (each has a spec of its own in Megatron's gpt_builder): refused at parse time with --tsp-size and
+# at build time with our specs (megatron_lm/arguments.py, megatron_lm/build.py).
+REFUSED_BUILDER_FLAGS = (("yaml_cfg", "--yaml-cfg"), ("use_legacy_models", "--use-legacy-models"), ("spec", "--spec"),
+                         ("num_experts", "--num-experts"), ("mtp_num_layers", "--mtp-num-layers"),
+                         ("experimental_attention_variant", "--experimental-attention-variant"),
+                         ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
+
+
+def tsp_options_from(get) -> TSPOptions:
+    """TSPOptions from `get(recipe key)` (a parallel.<key> of TSP_OPTION_KEYS; None: the default)."""
+    kw = {}
+    for key, (name, _, _) in TSP_OPTION_KEYS.items():
+        value = get(key)
+        if value is not None:
+            kw[name] = value
+    return TSPOptions(**kw)
+
+
+def recipe_words(message: str) -> str:
+    """A TSPConfigError's message with each --tsp-* flag replaced by its recipe key."""
+    for key, (_, flag, _) in sorted(TSP_OPTION_KEYS.items(), key=lambda kv: -len(kv[1][1] or "")):
+        if flag:
+            message = message.replace(flag, f"parallel.{key}")
+    return message.replace("--tsp-size", "parallel.size")

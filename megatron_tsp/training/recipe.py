@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 import yaml
 
 from ..config import (DataRecipe, ModelRecipe, ModelShape, ParallelRecipe, TSPConfigError, TSPOptions,  # noqa: F401
-                      TrainRecipe, check_seq_length)
+                      TrainRecipe, check_seq_length, recipe_words, tsp_options_from)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
@@ -47,11 +47,7 @@ class Recipe:
         try:
             self.tsp_options()
         except TSPConfigError as e:
-            raise RecipeError(str(e).replace("--tsp-lm-head-chunk-tokens", "parallel.lm_head_chunk_tokens")
-                              .replace("--tsp-lm-head", "parallel.tsp_lm_head")
-                              .replace("--tsp-recompute", "parallel.tsp_recompute")
-                              .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")
-                              .replace("--tsp-mlp-exchange", "parallel.tsp_mlp_exchange")) from None
+            raise RecipeError(recipe_words(str(e))) from None
         if p.tsp_lm_head == "local" and p.layout != "tsp":
             raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = tsp (got {p.layout}): the "
                               "baselines run Megatron's LM head (leave it null or set megatron)")
@@ -101,7 +97,7 @@ class Recipe:
             try:
                 check_seq_length(m.seq_length, size, what="model.seq_length")
             except TSPConfigError as e:
-                raise RecipeError(str(e).replace("--tsp-size", "parallel.size")) from None
+                raise RecipeError(recipe_words(str(e))) from None
         if cp > 1:
             from ..baselines.context_parallel import check_context_parallel
 
@@ -178,10 +174,7 @@ class Recipe:
         return {"recompute_granularity": "full", "recompute_method": p.recompute_method, "recompute_num_layers": n}
 
     def tsp_options(self) -> TSPOptions:
-        p = self.parallel
-        return TSPOptions(recompute=p.tsp_recompute, attention_backend=p.tsp_attention_backend,
-                          mlp_exchange=p.tsp_mlp_exchange, lm_head=p.tsp_lm_head or "local",
-                          lm_head_chunk_tokens=p.lm_head_chunk_tokens, compute_only=p.tsp_compute_only)
+        return tsp_options_from(lambda key: getattr(self.parallel, key))  # tsp_lm_head null: local
 
     @property
     def axis_size(self) -> int:
