@@ -95,7 +95,9 @@ def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int
 
 # -- model, optimizer, schedule ---------------------------------------------------------------
 
-def _init_groups(recipe: Recipe):
+def init_groups(recipe: Recipe):
+    """The process groups of `recipe` (TSP in Megatron's TP slot, or the baselines' TP / CP), rebuilt
+    when groups exist; used by `run`, bench's worker and the tests."""
     from megatron.core import parallel_state as mpu
 
     from .. import parallel_state as tsp_state
@@ -299,7 +301,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
         for name in remove_incomplete_checkpoints(t.save_dir):
             print(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
                   "left by an interrupted run", flush=True)
-    _init_groups(recipe)
+    init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, ddp, optimizer = build(recipe)
     resumed_from = ""
