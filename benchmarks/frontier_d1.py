@@ -116,7 +116,7 @@ def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
     recipe.check(1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    driver._init_groups(recipe)
+    driver.init_groups(recipe)
     model = ddp = optimizer = None
     try:
         model, ddp, optimizer = driver.build(recipe)

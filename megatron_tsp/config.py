@@ -6,8 +6,12 @@ Every check here is a pure function of the configuration, so every rank raises t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 
 class TSPConfigError(ValueError):
@@ -210,3 +214,281 @@ class TSPOptions:
             raise TSPConfigError(
                 f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"
             )
+
+
+# -- the options, declared once -------------------------------------------------------------
+# Every recipe key is a field below with its default and a docstring (its meaning). The YAML recipe
+# (training/recipe.py), `train --help`, the `--tsp-*` flags of pretrain_gpt.py (megatron_lm/arguments.py)
+# and the planner's recipe reader (planner/recipe_reader.py) derive from them; this module imports
+# neither torch nor megatron, so the planner reads them where torch is not installed.
+
+@dataclass
+class ModelShape:
+    """A GPT model's shape. Field names follow Megatron's flags."""
+
+    num_layers: int = 2
+    """Transformer layers (--num-layers)."""
+    hidden_size: int = 64
+    """Hidden size h (--hidden-size)."""
+    num_attention_heads: int = 4
+    """Query heads (--num-attention-heads)."""
+    num_query_groups: Optional[int] = None
+    """KV groups for GQA (--num-query-groups); null for MHA."""
+    ffn_hidden_size: int = 128
+    """MLP width (--ffn-hidden-size)."""
+    vocab_size: int = 128
+    """Vocabulary size (padded); mock data draws tokens below it."""
+    seq_length: int = 64
+    """Tokens per sequence (--seq-length); a multiple of 2 x tsp_size under TSP."""
+    swiglu: bool = True
+    """Gated SiLU MLP (--swiglu); false: GELU."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers."""
+    normalization: str = "RMSNorm"
+    """LayerNorm or RMSNorm."""
+    position_embedding_type: str = "rope"
+    """rope or learned_absolute."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the LM head."""
+
+
+@dataclass
+class ModelRecipe(ModelShape):
+    """The model: its shape (ModelShape's fields) and how it is stored and initialised."""
+
+    dtype: str = "float32"
+    """Parameter and compute dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+    cpu_init: Optional[bool] = None
+    """Draw the initial weights on the CPU, the same for every layout and pipeline split (slow
+    for large models); null: on CPU-only machines, Megatron's GPU init otherwise."""
+
+    def shape(self) -> ModelShape:
+        names = {f.name for f in dataclasses.fields(ModelShape)}
+        return ModelShape(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass
+class ParallelRecipe:
+    """How the model is split: the layout, its sizes and the TSP options (TSPOptions)."""
+
+    layout: str = "tsp"
+    """tsp (the product), or the baselines dp, tp (tensor parallel), tp_sp (tensor + sequence parallel)."""
+    size: int = 2
+    """The size of the tsp / tp axis (ignored by dp)."""
+    pipeline_size: int = 1
+    """Pipeline-parallel stages (composes with every layout)."""
+    tsp_recompute: str = "none"
+    """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
+    does without recompute) or full (save only block inputs, recompute each shard's forward)."""
+    tsp_attention_backend: str = "auto"
+    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
+    math, math_split."""
+    tsp_mlp_exchange: str = "auto"
+    """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
+    the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
+    all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
+    below AUTO_TOKENS_BELOW tokens per rank, else ring)."""
+    tsp_lm_head: Optional[str] = None
+    """TSP's LM head and cross entropy: local (the default with layout tsp; each rank computes
+    logits for its own tokens only, vocab shards travel over the TSP group, online log-sum-exp
+    chunked along tokens: at most lm_head_chunk_tokens x V/D logits at a time) or megatron
+    (Megatron's output layer + vocab-parallel cross entropy: all S tokens' logits, S x V/D per
+    rank). Same loss and gradients. null: local. local needs layout tsp."""
+    lm_head_chunk_tokens: int = 4096
+    """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
+    tsp_compute_only: bool = False
+    """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
+    high_priority_comm: bool = False
+    """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
+    high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
+    (TSP's collectives run asynchronously beside compute; the baselines' are synchronous)."""
+    comm_max_ctas: int = 0
+    """NCCL's max CTAs (thread blocks, i.e. SMs) per collective of the TSP / tensor-parallel group
+    (Megatron's nccl_comm_cfgs max_ctas), to bound what overlapped communication takes from the
+    kernels beside it; 0: NCCL's default. GPUs only."""
+    gemm_sm_carveout: int = 0
+    """SMs that cuBLAS GEMMs leave free (torch._C._set_sm_carveout_experimental; process-wide,
+    GPUs only), so asynchronous collectives find SMs while a GEMM runs; 0: cuBLAS's default."""
+    baseline_attention: str = "sdpa"
+    """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
+    local (Megatron's DotProductAttention, which materializes the S x S scores)."""
+    context_size: int = 1
+    """Context-parallel size CP of the baselines dp, tp, tp_sp (CP 4: layout dp; TP2 x CP2: layout
+    tp or tp_sp with size 2): each sequence is cut into 2*CP zigzag chunks, rank r of the CP group
+    holds chunks r and 2CP-1-r, and K/V are all-gathered over the group (torch SDPA,
+    megatron_tsp.baselines.context_parallel). Not with tsp, which already splits the sequence."""
+    fsdp: bool = False
+    """Baselines: weights, gradients and optimizer state ZeRO-3-sharded over the data x context
+    group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"
+    with context_size > 1). Not with tsp, train.distributed_optimizer, pipeline_size > 1 or
+    checkpoints."""
+    recompute: str = "none"
+    """Layer activation recompute, every layout (Megatron's recompute_granularity): none; full
+    (Megatron's layer checkpointing: a recomputed layer keeps only its input [S/D, b, h] and runs
+    its forward again in backward; around TSP layers parallel.tsp_recompute applies inside that
+    recomputation); selective (Megatron's core-attention recompute: baselines only, TSP attention
+    never keeps S x S scores)."""
+    recompute_method: str = "uniform"
+    """With recompute = full (Megatron's recompute_method): uniform (every layer recomputed, in
+    chunks of recompute_num_layers layers of which only the chunk's input is kept) or block (the
+    first recompute_num_layers layers of each pipeline stage recomputed, the others save their
+    activations: the memory/speed knob)."""
+    recompute_num_layers: Optional[int] = None
+    """With recompute = full (Megatron's recompute_num_layers): layers per checkpointed chunk
+    (uniform; must divide the layers per pipeline stage) or recomputed layers per pipeline stage
+    (block); null: 1 (uniform) or every layer of the stage (block)."""
+    offload_activations: bool = False
+    """With recompute = full, every layout: the checkpointed layers' saved inputs go to pinned host
+    memory in forward and come back ahead of their layer's backward on a side stream (prefetched
+    one layer ahead: at most two on the GPU during backward). On CPU a host copy."""
+
+
+@dataclass
+class TrainRecipe:
+    """The optimizer, the steps, checkpoints and logging."""
+
+    steps: int = 30
+    """Optimizer steps to run (in total, counting resumed ones)."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 4
+    """Sequences per step; a multiple of micro_batch_size x data-parallel size."""
+    lr: float = 3e-3
+    """Adam learning rate (constant)."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    distributed_optimizer: bool = False
+    """Megatron's distributed optimizer (optimizer state sharded over data parallel). Its
+    checkpoints (fully_reshardable format) resume exactly, at any layout."""
+    seed: int = 1234
+    """Seed of weights and data order."""
+    log_interval: int = 5
+    """Steps between log lines on rank 0."""
+    save_dir: Optional[str] = None
+    """Checkpoint directory (distributed checkpoint format); null: no checkpoints."""
+    save_interval: int = 0
+    """Save every N steps (and always at the end when save_dir is set); 0: only at the end."""
+    resume: bool = False
+    """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
+    pipeline, data parallel); refused, with the differences listed, when the model's shapes,
+    vocabulary or dtype or train.distributed_optimizer differ."""
+    save_on_signal: bool = True
+    """On SIGINT / SIGTERM / SIGUSR1 (Ctrl-C; SLURM before a kill or preemption), finish the
+    current step, save a checkpoint (when save_dir is set) and exit 0; a second Ctrl-C aborts
+    at once. false: stop the same way without saving."""
+    metrics_file: Optional[str] = None
+    """Append one JSON line per step to this file (rank 0)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 when stdout is a terminal."""
+
+
+@dataclass
+class DataRecipe:
+    """The training data: Megatron's mock GPT dataset or an indexed dataset."""
+
+    path: Optional[str] = None
+    """Megatron indexed dataset prefix (PATH.bin + PATH.idx); null: mock data."""
+    split: str = "100,0,0"
+    """train,valid,test split of the indexed dataset."""
+    cache_dir: Optional[str] = None
+    """Where Megatron caches the dataset indices (defaults next to the data)."""
+
+
+
+
+# recipe section -> its dataclass (training/recipe.py's Recipe has one field per section)
+RECIPE_SECTIONS = {"model": ModelRecipe, "parallel": ParallelRecipe, "train": TrainRecipe, "data": DataRecipe}
+# names a docstring may cite, rendered with their value (a number typed once, here)
+_DOC_NAMES = {"AUTO_TOKENS_BELOW": str(AUTO_TOKENS_BELOW)}
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """{field: its docstring} of a dataclass and its bases (the string literal under each field,
+    as torchtitan's config documents its fields), read from the source with `ast`: Python keeps
+    no attribute docstrings at run time. A field without one is missing from the result."""
+    out: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, after in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                text = " ".join(after.value.value.split())
+                for name, value in _DOC_NAMES.items():
+                    text = text.replace(name, value)
+                out[stmt.target.id] = text
+    return out
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def recipe_keys() -> Dict[str, Tuple[object, str]]:
+    """{"section.key": (default, meaning)} of every recipe key, in declaration order."""
+    out = {}
+    for section, cls in RECIPE_SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = (field_default(f), docs.get(f.name, ""))
+    return out
+
+
+def _yaml_value(value) -> str:
+    return "null" if value is None else "true" if value is True else "false" if value is False else str(value)
+
+
+def recipe_help(width: int = 100) -> str:
+    """Every recipe key with its default and meaning (`megatron-tsp train --help`)."""
+    lines = []
+    for section, cls in RECIPE_SECTIONS.items():
+        lines.append(f"{section}: {' '.join((cls.__doc__ or '').split())}")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {section}.{f.name} (default: {_yaml_value(field_default(f))})")
+            lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+# parallel.<key> of the recipe -> (TSPOptions field, --tsp-* flag of pretrain_gpt.py, choices): the
+# recipe's tsp_options(), its error messages and megatron_lm/arguments.py's flags (their help and
+# default from the recipe field) all read this table.
+TSP_OPTION_KEYS = {
+    "tsp_recompute": ("recompute", "--tsp-recompute", RECOMPUTE_MODES),
+    "tsp_attention_backend": ("attention_backend", "--tsp-attention-backend", BACKENDS),
+    "tsp_mlp_exchange": ("mlp_exchange", "--tsp-mlp-exchange", MLP_EXCHANGES),
+    "tsp_lm_head": ("lm_head", "--tsp-lm-head", LM_HEADS),
+    "lm_head_chunk_tokens": ("lm_head_chunk_tokens", "--tsp-lm-head-chunk-tokens", None),
+    "tsp_compute_only": ("compute_only", None, None),  # benchmarks only: no flag for pretrain_gpt.py
+}
+
+# Megatron-LM options whose model builder paths the TSP model and our native specs do not take
+# (each has a spec of its own in Megatron's gpt_builder): refused at parse time with --tsp-size and
+# at build time with our specs (megatron_lm/arguments.py, megatron_lm/build.py).
+REFUSED_BUILDER_FLAGS = (("yaml_cfg", "--yaml-cfg"), ("use_legacy_models", "--use-legacy-models"), ("spec", "--spec"),
+                         ("num_experts", "--num-experts"), ("mtp_num_layers", "--mtp-num-layers"),
+                         ("experimental_attention_variant", "--experimental-attention-variant"),
+                         ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"))
+
+
+def tsp_options_from(get) -> TSPOptions:
+    """TSPOptions from `get(recipe key)` (a parallel.<key> of TSP_OPTION_KEYS; None: the default)."""
+    kw = {}
+    for key, (name, _, _) in TSP_OPTION_KEYS.items():
+        value = get(key)
+        if value is not None:
+            kw[name] = value
+    return TSPOptions(**kw)
+
+
+def recipe_words(message: str) -> str:
+    """A TSPConfigError's message with each --tsp-* flag replaced by its recipe key."""
+    for key, (_, flag, _) in sorted(TSP_OPTION_KEYS.items(), key=lambda kv: -len(kv[1][1] or "")):
+        if flag:
+            message = message.replace(flag, f"parallel.{key}")
+    return message.replace("--tsp-size", "parallel.size")

@@ -143,9 +143,9 @@ def main(argv=None) -> int:
     if not os.path.isfile(opts.recipe):
         p.error(f"--recipe {opts.recipe}: no such file")
     sys.path.insert(0, REPO)
-    from megatron_tsp.megatron_lm.arguments import load_recipe
+    from megatron_tsp.megatron_lm.arguments import load_flag_recipe
 
-    flags, _ = load_recipe(opts.recipe)
+    flags, _ = load_flag_recipe(opts.recipe)
     D = opts.size or int((flags.get("--tsp-size") or ["0"])[0])
     if D < 2:
         p.error("--size: give D >= 2 (the recipe has no --tsp-size > 1)")

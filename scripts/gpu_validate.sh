@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation on the 4 x H200 machine: the parity suites under NCCL (float64 blocks and
 # float32 model from the `distributed` tests, bfloat16 from tests/gpu) at world sizes 2 and 4, and
-# the tiny example. Logs go to ${OUT:-runs/gpu}. megatron-core comes as a carried wheel in .whl/.
+# the tiny recipe through the driver. Logs go to ${OUT:-runs/gpu}. megatron-core comes as a carried wheel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
@@ -12,5 +12,5 @@ for n in 2 4; do
   torchrun --standalone --nproc-per-node "$n" -m pytest -q -s -rs -m "distributed or gpu" tests > "$OUT/pytest_world$n.log" 2>&1 || status=1
   grep -E "^BF16|passed|failed|^E " "$OUT/pytest_world$n.log" | sort -u | head -40
 done
-torchrun --standalone --nproc-per-node 4 -m megatron_tsp.training.example --steps 20 --seq-length 1024 2>&1 | tee "$OUT/example_world4.log" | tail -6
+torchrun --standalone --nproc-per-node 4 -m megatron_tsp.training.loop configs/tiny.yaml parallel.size=4 train.steps=20 model.seq_length=1024 2>&1 | tee "$OUT/tiny_world4.log" | tail -6
 exit $status

@@ -27,11 +27,7 @@ ALLOWED = {
     "inference": {"", "tsp", "training", "inference"},
 }
 # Known exceptions, each with the reason and when it goes.
-EXCEPTIONS = {
-    # the tiny example parses Megatron-style --tsp-* flags; issue 13 phase 2 puts every option in one
-    # definition (config) and folds the example into the driver
-    ("megatron_tsp.training.example", "megatron_tsp.megatron_lm.arguments"),
-}
+EXCEPTIONS = set()
 # the planner is imported by `megatron-tsp plan` and runs where torch is not installed (a laptop)
 NO_TORCH = ("planner",)
 

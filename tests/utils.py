@@ -109,3 +109,24 @@ def sum_sequence_parallel_grads(module, group):
     for p in module.parameters():
         if getattr(p, "sequence_parallel", False) and p.grad is not None and group.size() > 1:
             dist.all_reduce(p.grad, group=group)
+
+
+_MOCK_DATA = {}
+
+
+def mock_batch(step: int, batch: int, shape: ModelShape, seed: int = 0, device=None):
+    """(tokens, labels, position_ids) of global step `step`, `batch` sequences, identical on every
+    rank: the driver's data path (Megatron's MockGPTDataset through training.loop.build_train_dataset
+    and micro_batches, one micro-batch of the whole batch)."""
+    from megatron_tsp.config import ModelRecipe, TrainRecipe
+    from megatron_tsp.training.loop import build_train_dataset, micro_batches
+    from megatron_tsp.training.recipe import Recipe
+
+    recipe = Recipe(model=ModelRecipe(**vars(shape)),
+                    train=TrainRecipe(steps=step + 1, micro_batch_size=batch, global_batch_size=batch, seed=seed))
+    key = (shape.seq_length, shape.vocab_size, seed, batch)
+    if key not in _MOCK_DATA or len(_MOCK_DATA[key]) < (step + 1) * batch:
+        _MOCK_DATA[key] = build_train_dataset(recipe)
+    dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    (b,) = micro_batches(_MOCK_DATA[key], step, recipe, 0, 1, dev or torch.device("cpu"))
+    return b["tokens"], b["labels"], b["position_ids"]

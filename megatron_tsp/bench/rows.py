@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from ..config import ModelShape
 from ..planner.flops import causal_area, layer_matmul_params  # noqa: F401  (causal_area: the worker's probe)
 from ..planner.flops import model_flops as flops_of
 
@@ -23,7 +24,7 @@ K = 1024
 # -- what is benchmarked ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Layout:
+class RowLayout:
     label: str
     """How the table names it ({n} = number of GPUs)."""
     overrides: tuple
@@ -34,30 +35,30 @@ class Layout:
     causal prefixes), 'sdpa' (the full-sequence causal SDPA of the TP baselines) or None."""
 
 
-def _tsp_variant(label: str, override: str) -> Layout:
-    return Layout(f"TSP D={{n}}, {label}", ("parallel.layout=tsp", "parallel.size={n}", override))
+def _tsp_variant(label: str, override: str) -> RowLayout:
+    return RowLayout(f"TSP D={{n}}, {label}", ("parallel.layout=tsp", "parallel.size={n}", override))
 
 
 # Declared rows. CP, FSDP-over-CP, TSP compute-only and TSP recompute rows run once the
 # installed recipe accepts their keys; until then each is reported "unavailable: <reason>".
-LAYOUTS: Dict[str, Layout] = {
-    "tsp": Layout("TSP D={n}", ("parallel.layout=tsp", "parallel.size={n}"), probe="tsp"),
-    "tp": Layout("TP={n}", ("parallel.layout=tp", "parallel.size={n}"), probe="sdpa"),
-    "tp_sp": Layout("TP={n}+SP", ("parallel.layout=tp_sp", "parallel.size={n}"), probe="sdpa"),
-    "cp4": Layout("CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}"),
+LAYOUTS: Dict[str, RowLayout] = {
+    "tsp": RowLayout("TSP D={n}", ("parallel.layout=tsp", "parallel.size={n}"), probe="tsp"),
+    "tp": RowLayout("TP={n}", ("parallel.layout=tp", "parallel.size={n}"), probe="sdpa"),
+    "tp_sp": RowLayout("TP={n}+SP", ("parallel.layout=tp_sp", "parallel.size={n}"), probe="sdpa"),
+    "cp4": RowLayout("CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}"),
                   "context parallelism, K/V all-gathered, weights replicated"),
-    "tp2_cp2": Layout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
+    "tp2_cp2": RowLayout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
                       "TP x CP mesh (the paper's TP+SP)"),
     # The paper's single-node factorizations on 8 GPUs (issue 6): explicit TP x CP meshes.
-    "tp2_cp4": Layout("TP=2+SP x CP=4", ("parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=4"),
+    "tp2_cp4": RowLayout("TP=2+SP x CP=4", ("parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=4"),
                       "TP x CP mesh, 8 GPUs"),
-    "tp4_cp2": Layout("TP=4+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size=4", "parallel.context_size=2"),
+    "tp4_cp2": RowLayout("TP=4+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size=4", "parallel.context_size=2"),
                       "TP x CP mesh, 8 GPUs"),
-    "fsdp_cp4": Layout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
+    "fsdp_cp4": RowLayout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
                                                    "parallel.fsdp=true", "train.distributed_optimizer=false"),
                        "weights, gradients and optimizer state sharded over the context-parallel group (torch FSDP2; "
                        "it shards the optimizer state itself, so Megatron's distributed optimizer is off)"),
-    "tsp_compute_only": Layout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
+    "tsp_compute_only": RowLayout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
                                                            "parallel.tsp_compute_only=true"),
                                "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
     # TSP with one setting changed: the A/B rows of docs/performance.md
@@ -97,23 +98,9 @@ def seq_label(s: int) -> str:
     return f"{s // K}K" if s % K == 0 and s >= K else str(s)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The fields of `training.ModelShape` that the FLOP count reads (no megatron import here)."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: Optional[int]
-    ffn_hidden_size: int
-    vocab_size: int
-    seq_length: int
-    swiglu: bool = True
-
-
-def model_shape(model: str, variant: str, layers: int, seq: int) -> Shape:
+def model_shape(model: str, variant: str, layers: int, seq: int) -> ModelShape:
     m = MODELS[model]
-    return Shape(num_layers=layers, hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
+    return ModelShape(num_layers=layers, hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
                  num_query_groups=m["gqa_groups"] if variant == "gqa" else None,
                  ffn_hidden_size=m["ffn_hidden_size"], vocab_size=m["vocab_size"], seq_length=seq)
 
@@ -121,7 +108,7 @@ def model_shape(model: str, variant: str, layers: int, seq: int) -> Shape:
 # -- FLOPs: the planner's model (planner/flops.py), so bench and plan report the same MFU ---------
 
 def model_flops(shape, seq_length: Optional[int] = None, batch: int = 1) -> dict:
-    """Model FLOPs of one training step of `shape` (a `Shape`): planner.flops.model_flops, whose
+    """Model FLOPs of one training step of `shape` (a `config.ModelShape`): planner.flops.model_flops, whose
     docstring says what is counted (attention backward = 2 x forward, no recompute)."""
     seq = shape.seq_length if seq_length is None else seq_length
     per_layer = layer_matmul_params(shape.hidden_size, shape.num_attention_heads, shape.ffn_hidden_size,

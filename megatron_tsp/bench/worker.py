@@ -255,7 +255,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
                 torch.cuda.synchronize()
             if groups_key is not None:
                 dist.barrier()
-            driver._init_groups(recipe)
+            driver.init_groups(recipe)
             groups_key = key
         else:  # same groups: drop Megatron's global buffer (sized by the previous S)
             mpu.destroy_global_memory_buffer()

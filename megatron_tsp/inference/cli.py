@@ -161,10 +161,10 @@ def build_and_load(recipe, load_dir: Optional[str]):
     only: no DDP, no optimizer)."""
     from ..training.build import build_gpt
     from ..training.checkpoint import _step_dir
-    from ..training.loop import _init_groups
+    from ..training.loop import init_groups
 
     step = check_checkpoint_shape(recipe, load_dir) if load_dir else None
-    _init_groups(recipe)
+    init_groups(recipe)
     m = recipe.model
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_available():

@@ -14,13 +14,15 @@ so that every rank fails on a bad flag at parse time, before any collective.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from ..config import (BACKENDS, LM_HEADS, MLP_EXCHANGES, RECOMPUTE_MODES, TSPConfigError, TSPOptions, check_parallel_sizes,
-                      check_seq_length, check_tsp_size)
+from ..config import (REFUSED_BUILDER_FLAGS, TSP_OPTION_KEYS, ParallelRecipe, TSPConfigError, TSPOptions,
+                      check_parallel_sizes, check_seq_length, check_tsp_size, field_default, field_docs,
+                      tsp_options_from)
 
 NATIVE_SPECS = ("megatron", "sp_norm", "sdpa")
 
@@ -32,17 +34,7 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
         help="Size D of the TSP axis: every rank of a group of D holds 1/D of each layer's weights "
              "and 1/D of the tokens. Takes the tensor-parallel slot; 1 disables TSP.",
     )
-    group.add_argument(
-        "--tsp-recompute", choices=RECOMPUTE_MODES, default="none",
-        help="none: save each weight shard's q, k/v, attention output and fc1 output for backward "
-             "(as Megatron without recompute); full: save only block inputs and recompute each shard's "
-             "forward in backward (least memory).",
-    )
-    group.add_argument(
-        "--tsp-attention-backend", choices=BACKENDS, default="auto",
-        help="Chunk-attention kernel of TSP attention: auto (cudnn on GPUs in bf16/fp16, else math), "
-             "cudnn, flash, math, math_split.",
-    )
+    _add_option_flags(group, ("tsp_recompute", "tsp_attention_backend"))
     if megatron_lm:
         group.add_argument(
             "--tsp-recipe", metavar="FILE", default=None,
@@ -59,32 +51,27 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
                  "sp_norm with torch scaled_dot_product_attention as core attention (the kernel "
                  "family TSP uses, no S x S scores). Ignored with --tsp-size > 1.",
         )
-    group.add_argument(
-        "--tsp-mlp-exchange", choices=MLP_EXCHANGES, default="auto",
-        help="How the MLP meets its weights: ring (weight shards sent to the next rank, gradients travel "
-             "with the shard), broadcast (from the owner, as attention; gradients reduced onto it), tokens "
-             "(weights stay, tokens all-gathered and outputs reduce-scattered: Megatron's sequence-parallel "
-             "MLP on the TSP group) or auto (tokens below 8192 tokens per rank, else ring).",
-    )
-    group.add_argument(
-        "--tsp-lm-head", choices=LM_HEADS, default="local",
-        help="local: the sequence-local LM head and cross entropy (logits of this rank's tokens only; "
-             "vocab shards travel over the TSP group; online log-sum-exp chunked along tokens); "
-             "megatron: Megatron's output layer + vocab-parallel cross entropy (all S tokens' logits).",
-    )
-    group.add_argument(
-        "--tsp-lm-head-chunk-tokens", type=int, default=4096,
-        help="Local tokens per chunk of the local LM head: at most this many x V/D logits at a time.",
-    )
+    _add_option_flags(group, ("tsp_mlp_exchange", "tsp_lm_head", "lm_head_chunk_tokens"))
     return parser
 
 
+def _add_option_flags(group, keys) -> None:
+    """The --tsp-* flags of these parallel.<key>s of the recipe (config.TSP_OPTION_KEYS): help and
+    default from the recipe field (ParallelRecipe), declared once in megatron_tsp.config."""
+    docs, fields = field_docs(ParallelRecipe), {f.name: f for f in dataclasses.fields(ParallelRecipe)}
+    for key in keys:
+        name, flag, choices = TSP_OPTION_KEYS[key]
+        default = field_default(fields[key])
+        if default is None:  # a per-layout recipe default (tsp_lm_head: null = local): TSPOptions'
+            default = getattr(TSPOptions(), name)
+        group.add_argument(flag, choices=choices, default=default, type=None if choices else type(default),
+                           help=f"Recipe key parallel.{key}. " + docs[key].replace("%", "%%")
+                           + f" (default: {default})")
+
+
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
-    return TSPOptions(recompute=getattr(args, "tsp_recompute", "none"),
-                      attention_backend=getattr(args, "tsp_attention_backend", "auto"),
-                      mlp_exchange=getattr(args, "tsp_mlp_exchange", "auto"),
-                      lm_head=getattr(args, "tsp_lm_head", "local"),
-                      lm_head_chunk_tokens=getattr(args, "tsp_lm_head_chunk_tokens", 4096))
+    return tsp_options_from(lambda key: getattr(args, TSP_OPTION_KEYS[key][1][2:].replace("-", "_"), None)
+                            if TSP_OPTION_KEYS[key][1] else None)
 
 
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -110,10 +97,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     if get("tp_comm_overlap"):
         raise TSPConfigError("--tp-comm-overlap cannot be combined with --tsp-size")
     # Options of Megatron-LM's model builder that the TSP model does not implement.
-    for name, flag in (("yaml_cfg", "--yaml-cfg"), ("use_legacy_models", "--use-legacy-models"),
-                       ("spec", "--spec"), ("mtp_num_layers", "--mtp-num-layers"),
-                       ("experimental_attention_variant", "--experimental-attention-variant"),
-                       ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path")):
+    for name, flag in REFUSED_BUILDER_FLAGS:
         if get(name):
             raise TSPConfigError(f"{flag} cannot be combined with --tsp-size: the TSP model has its own layer spec")
     heads = get("num_attention_heads")
@@ -146,7 +130,7 @@ def _expand_env(value: str, where: str) -> str:
     return _ENV_REF.sub(sub, value)
 
 
-def load_recipe(path: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+def load_flag_recipe(path: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """A recipe in Megatron's functional-test format (`MODEL_ARGS`, optional `ENV_VARS`) as
     ({flag: [values]} in file order, {variable: value}). `${VAR}` is taken from the environment."""
     import yaml
@@ -219,7 +203,7 @@ def expand_tsp_recipe(argv: List[str]) -> Tuple[List[str], Dict[str, str]]:
     values = [tokens[0].split("=", 1)[1]] if "=" in tokens[0] else tokens[1:]
     if len(values) != 1:
         raise TSPConfigError("--tsp-recipe takes exactly one FILE")
-    flags, env = load_recipe(values[0])
+    flags, env = load_flag_recipe(values[0])
     given = {g[0] for g in groups}
     merged: List[str] = []
     for flag, flag_values in flags.items():

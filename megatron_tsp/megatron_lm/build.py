@@ -6,7 +6,7 @@ class of core_v0.19+ (`builder.TSPGPTModelBuilder`)."""
 from __future__ import annotations
 
 from .arguments import tsp_options_from_args
-from ..config import TSPConfigError
+from ..config import REFUSED_BUILDER_FLAGS, TSPConfigError
 
 
 def _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection) -> dict:
@@ -30,10 +30,7 @@ def _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection) -> d
 
 def _check_builder_args(args, what: str) -> None:
     """Options Megatron's gpt_builder handles with specs of its own: refused with our specs."""
-    for name, flag in (("use_legacy_models", "--use-legacy-models"), ("spec", "--spec"),
-                       ("num_experts", "--num-experts"), ("mtp_num_layers", "--mtp-num-layers"),
-                       ("experimental_attention_variant", "--experimental-attention-variant"),
-                       ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path")):
+    for name, flag in REFUSED_BUILDER_FLAGS:
         if getattr(args, name, None):
             raise TSPConfigError(f"{flag} cannot be combined with {what}")
 

@@ -139,19 +139,19 @@ class ModelSpec:
                    normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m["seq_length"]
 
 
-# recipe key -> TrainSpec field, for every `parallel` / `train` key the planner models; keys a
-# branch has not added to the recipe yet are read with their FRONTIER_SPEC.md default
+# recipe key -> TrainSpec field, for every `parallel` / `train` key the planner models (their
+# defaults: the recipe dataclasses in megatron_tsp.config)
 RECIPE_KEYS = {
-    "parallel.tsp_mlp_exchange": ("mlp_exchange", "auto"),
-    "parallel.tsp_recompute": ("tsp_recompute", "none"),
-    "parallel.recompute": ("recompute", "none"),
-    "parallel.recompute_method": ("recompute_method", "uniform"),
-    "parallel.recompute_num_layers": ("recompute_num_layers", None),
-    "parallel.offload_activations": ("offload_activations", False),
-    "parallel.tsp_lm_head": ("lm_head", "local"),
-    "parallel.lm_head_chunk_tokens": ("lm_head_chunk_tokens", 4096),
-    "train.micro_batch_size": ("micro_batch", 1),
-    "train.distributed_optimizer": ("distributed_optimizer", False),
+    "parallel.tsp_mlp_exchange": "mlp_exchange",
+    "parallel.tsp_recompute": "tsp_recompute",
+    "parallel.recompute": "recompute",
+    "parallel.recompute_method": "recompute_method",
+    "parallel.recompute_num_layers": "recompute_num_layers",
+    "parallel.offload_activations": "offload_activations",
+    "parallel.tsp_lm_head": "lm_head",
+    "parallel.lm_head_chunk_tokens": "lm_head_chunk_tokens",
+    "train.micro_batch_size": "micro_batch",
+    "train.distributed_optimizer": "distributed_optimizer",
 }
 
 
@@ -163,13 +163,11 @@ def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
 
     r = read_recipe(path, list(overrides))
     out = {}
-    for key, (field_name, default) in RECIPE_KEYS.items():
+    for key, field_name in RECIPE_KEYS.items():
         section, name = key.split(".")
-        out[field_name] = r[section].get(name, default)
+        out[field_name] = r[section][name]
     if out["lm_head"] is None:  # a per-layout default: local for tsp
         out["lm_head"] = "local"
-    if out["lm_head_chunk_tokens"] is None:
-        out["lm_head_chunk_tokens"] = 4096
     p = r["parallel"]
     for bad, why in ((p.get("pipeline_size", 1) != 1, f"parallel.pipeline_size = {p.get('pipeline_size')}: pipeline "
                                                       "stages are not modelled by the planner (plan one stage's "

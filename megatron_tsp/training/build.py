@@ -1,6 +1,5 @@
-"""Model, DDP and optimizer set-up and one training step, from megatron-core's own parts.
-
-Shared by the tiny example, the tests and (later) the training driver. Layouts:
+"""Model, DDP and optimizer set-up from megatron-core's own parts (the one training step and data
+path are the driver's: training/loop.py). Layouts:
 `tsp` (TSPGPTModel on the TSP group) and `native` (Megatron's GPTModel with the local spec
 and sequence-parallel-capable norms: DP, TP or TP+SP).
 """
@@ -9,14 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as mpu
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -25,39 +23,9 @@ from megatron.core.transformer import TransformerConfig
 
 from ..baselines.context_parallel import check_context_parallel
 from ..compat import transformer_config_defaults
-from ..config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from ..config import ModelShape, TSPConfigError, TSPOptions, validate_transformer_config  # noqa: F401 (ModelShape: its old home)
 from ..tsp.model import TSPGPTModel
 from ..tsp.specs import get_sp_block_spec
-
-
-@dataclass
-class ModelShape:
-    """A GPT model's shape. Field names follow Megatron's flags."""
-
-    num_layers: int = 2
-    """Transformer layers (--num-layers)."""
-    hidden_size: int = 64
-    """Hidden size h (--hidden-size)."""
-    num_attention_heads: int = 4
-    """Query heads (--num-attention-heads)."""
-    num_query_groups: Optional[int] = None
-    """KV groups for GQA (--num-query-groups); null for MHA."""
-    ffn_hidden_size: int = 128
-    """MLP width (--ffn-hidden-size)."""
-    vocab_size: int = 128
-    """Vocabulary size (padded); mock data draws tokens below it."""
-    seq_length: int = 64
-    """Tokens per sequence (--seq-length); a multiple of 2 x tsp_size under TSP."""
-    swiglu: bool = True
-    """Gated SiLU MLP (--swiglu); false: GELU."""
-    add_bias_linear: bool = False
-    """Biases in the linear layers."""
-    normalization: str = "RMSNorm"
-    """LayerNorm or RMSNorm."""
-    position_embedding_type: str = "rope"
-    """rope or learned_absolute."""
-    share_embeddings_and_output_weights: bool = False
-    """Tie the input embedding and the LM head."""
 
 
 def init_distributed() -> str:
@@ -255,44 +223,3 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
         [ddp],
     )
     return ddp, optimizer
-
-
-def synthetic_batch(step: int, batch: int, shape: ModelShape, seed: int = 0, device=None):
-    """A learnable mock batch, identical on every rank: arithmetic token sequences
-    `(a + k*i) mod V` with random (a, k) per row; labels are the next token."""
-    g = torch.Generator().manual_seed(seed * 100003 + step)
-    a = torch.randint(0, shape.vocab_size, (batch, 1), generator=g)
-    k = torch.randint(1, 8, (batch, 1), generator=g)
-    pos = torch.arange(shape.seq_length + 1).unsqueeze(0)
-    seq = (a + k * pos) % shape.vocab_size
-    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    position_ids = torch.arange(shape.seq_length).unsqueeze(0).expand(batch, -1).contiguous()
-    dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
-    return tuple(t.to(dev) if dev is not None else t for t in (tokens, labels, position_ids))
-
-
-def dp_slice(t: torch.Tensor) -> torch.Tensor:
-    """This data-parallel rank's rows of a global batch."""
-    dp, r = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
-    if t.shape[0] % dp:
-        raise ValueError(f"global batch {t.shape[0]} is not divisible by the data-parallel size {dp}")
-    n = t.shape[0] // dp
-    return t[r * n : (r + 1) * n]
-
-
-def train_step(ddp_model, optimizer, tokens, labels, position_ids):
-    """One step (pipeline size 1) on this DP rank's micro-batch (this CP rank's tokens of it
-    under context parallelism, see `baselines.context_parallel.cp_slice`); returns the global
-    mean loss and the grad norm."""
-    check_seq_length(tokens.shape[1], 1)
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    loss = ddp_model(tokens, position_ids, None, labels=labels).float().mean()
-    loss.backward()
-    finalize_model_grads([ddp_model])
-    _, grad_norm, _ = optimizer.step()
-    reported = loss.detach().clone()
-    # Every CP rank holds the same number of tokens: the mean of the local means is the mean.
-    dp_cp = mpu.get_data_parallel_group(with_context_parallel=True)
-    dist.all_reduce(reported, group=dp_cp)
-    return reported.item() / dp_cp.size(), grad_norm

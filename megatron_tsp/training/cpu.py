@@ -1,4 +1,4 @@
-"""Run megatron-core on CPU (gloo), for CI and for the CPU path of the tiny example.
+"""Run megatron-core on CPU (gloo), for CI and for CPU runs of the driver.
 
 megatron-core 0.16.1 assumes CUDA in a handful of places (docs/design.md §9, "CPU"):
 the RNG tracker, `torch.cuda.current_device()` allocations, literal `device='cuda'`,

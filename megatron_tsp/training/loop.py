@@ -19,10 +19,10 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..config import TSPConfigError
+from ..config import TSPConfigError, recipe_help
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
                          latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
-from .recipe import Recipe, RecipeError, load_recipe, valid_keys
+from .recipe import Recipe, RecipeError, load_recipe
 from .signals import StopRequest
 
 # -- data ----------------------------------------------------------------------------------
@@ -95,7 +95,9 @@ def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int
 
 # -- model, optimizer, schedule ---------------------------------------------------------------
 
-def _init_groups(recipe: Recipe):
+def init_groups(recipe: Recipe):
+    """The process groups of `recipe` (TSP in Megatron's TP slot, or the baselines' TP / CP), rebuilt
+    when groups exist; used by `run`, bench's worker and the tests."""
     from megatron.core import parallel_state as mpu
 
     from .. import parallel_state as tsp_state
@@ -299,7 +301,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
         for name in remove_incomplete_checkpoints(t.save_dir):
             print(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
                   "left by an interrupted run", flush=True)
-    _init_groups(recipe)
+    init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, ddp, optimizer = build(recipe)
     resumed_from = ""
@@ -367,7 +369,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tsp train",
         description="Train a GPT with TSP (or a baseline layout) from a YAML recipe; launch with torchrun.",
-        epilog="Recipe keys (section.key=value):\n" + valid_keys(),
+        epilog="Recipe keys (section.key=value), their defaults and meanings:\n" + recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the embedded tiny recipe, = configs/tiny.yaml)")

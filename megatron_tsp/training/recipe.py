@@ -14,8 +14,8 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 
 import yaml
 
-from ..config import TSPConfigError, TSPOptions, check_seq_length
-from .build import ModelShape
+from ..config import (DataRecipe, ModelRecipe, ModelShape, ParallelRecipe, TSPConfigError, TSPOptions,  # noqa: F401
+                      TrainRecipe, check_seq_length, recipe_words, tsp_options_from)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
@@ -25,146 +25,6 @@ RECOMPUTE_METHODS = ("uniform", "block")
 
 class RecipeError(TSPConfigError):
     """A recipe or override that cannot run."""
-
-
-@dataclass
-class ModelRecipe(ModelShape):
-    """The model: its shape (ModelShape's fields) and how it is stored and initialised."""
-
-    dtype: str = "float32"
-    """Parameter and compute dtype: float32 or bfloat16 (bfloat16 needs a GPU)."""
-    init_method_std: float = 0.02
-    """Standard deviation of the normal initialisation."""
-    cpu_init: Optional[bool] = None
-    """Draw the initial weights on the CPU, the same for every layout and pipeline split (slow
-    for large models); null: on CPU-only machines, Megatron's GPU init otherwise."""
-
-    def shape(self) -> ModelShape:
-        names = {f.name for f in dataclasses.fields(ModelShape)}
-        return ModelShape(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-@dataclass
-class ParallelRecipe:
-    layout: str = "tsp"
-    """tsp (the product), or the baselines dp, tp (tensor parallel), tp_sp (tensor + sequence parallel)."""
-    size: int = 2
-    """The size of the tsp / tp axis (ignored by dp)."""
-    pipeline_size: int = 1
-    """Pipeline-parallel stages (composes with every layout)."""
-    tsp_recompute: str = "none"
-    """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
-    does without recompute) or full (save only block inputs, recompute each shard's forward)."""
-    tsp_attention_backend: str = "auto"
-    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
-    math, math_split."""
-    tsp_mlp_exchange: str = "auto"
-    """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
-    the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
-    all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
-    below 8192 tokens per rank, else ring)."""
-    tsp_lm_head: Optional[str] = None
-    """TSP's LM head and cross entropy: local (the default with layout tsp; each rank computes
-    logits for its own tokens only, vocab shards travel over the TSP group, online log-sum-exp
-    chunked along tokens: at most lm_head_chunk_tokens x V/D logits at a time) or megatron
-    (Megatron's output layer + vocab-parallel cross entropy: all S tokens' logits, S x V/D per
-    rank). Same loss and gradients. null: local. local needs layout tsp."""
-    lm_head_chunk_tokens: int = 4096
-    """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
-    tsp_compute_only: bool = False
-    """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
-    high_priority_comm: bool = False
-    """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
-    high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
-    (TSP's collectives run asynchronously beside compute; the baselines' are synchronous)."""
-    comm_max_ctas: int = 0
-    """NCCL's max CTAs (thread blocks, i.e. SMs) per collective of the TSP / tensor-parallel group
-    (Megatron's nccl_comm_cfgs max_ctas), to bound what overlapped communication takes from the
-    kernels beside it; 0: NCCL's default. GPUs only."""
-    gemm_sm_carveout: int = 0
-    """SMs that cuBLAS GEMMs leave free (torch._C._set_sm_carveout_experimental; process-wide,
-    GPUs only), so asynchronous collectives find SMs while a GEMM runs; 0: cuBLAS's default."""
-    baseline_attention: str = "sdpa"
-    """Core attention of the baselines: sdpa (torch scaled_dot_product_attention, as TSP uses) or
-    local (Megatron's DotProductAttention, which materializes the S x S scores)."""
-    context_size: int = 1
-    """Context-parallel size CP of the baselines dp, tp, tp_sp (CP 4: layout dp; TP2 x CP2: layout
-    tp or tp_sp with size 2): each sequence is cut into 2*CP zigzag chunks, rank r of the CP group
-    holds chunks r and 2CP-1-r, and K/V are all-gathered over the group (torch SDPA,
-    megatron_tsp.baselines.context_parallel). Not with tsp, which already splits the sequence."""
-    fsdp: bool = False
-    """Baselines: weights, gradients and optimizer state ZeRO-3-sharded over the data x context
-    group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"
-    with context_size > 1). Not with tsp, train.distributed_optimizer, pipeline_size > 1 or
-    checkpoints."""
-    recompute: str = "none"
-    """Layer activation recompute, every layout (Megatron's recompute_granularity): none; full
-    (Megatron's layer checkpointing: a recomputed layer keeps only its input [S/D, b, h] and runs
-    its forward again in backward; around TSP layers parallel.tsp_recompute applies inside that
-    recomputation); selective (Megatron's core-attention recompute: baselines only, TSP attention
-    never keeps S x S scores)."""
-    recompute_method: str = "uniform"
-    """With recompute = full (Megatron's recompute_method): uniform (every layer recomputed, in
-    chunks of recompute_num_layers layers of which only the chunk's input is kept) or block (the
-    first recompute_num_layers layers of each pipeline stage recomputed, the others save their
-    activations: the memory/speed knob)."""
-    recompute_num_layers: Optional[int] = None
-    """With recompute = full (Megatron's recompute_num_layers): layers per checkpointed chunk
-    (uniform; must divide the layers per pipeline stage) or recomputed layers per pipeline stage
-    (block); null: 1 (uniform) or every layer of the stage (block)."""
-    offload_activations: bool = False
-    """With recompute = full, every layout: the checkpointed layers' saved inputs go to pinned host
-    memory in forward and come back ahead of their layer's backward on a side stream (prefetched
-    one layer ahead: at most two on the GPU during backward). On CPU a host copy."""
-
-
-@dataclass
-class TrainRecipe:
-    steps: int = 30
-    """Optimizer steps to run (in total, counting resumed ones)."""
-    micro_batch_size: int = 2
-    """Sequences per micro-batch per data-parallel rank."""
-    global_batch_size: int = 4
-    """Sequences per step; a multiple of micro_batch_size x data-parallel size."""
-    lr: float = 3e-3
-    """Adam learning rate (constant)."""
-    weight_decay: float = 0.0
-    """Adam weight decay."""
-    clip_grad: float = 1.0
-    """Gradient clipping by global norm (0 disables)."""
-    distributed_optimizer: bool = False
-    """Megatron's distributed optimizer (optimizer state sharded over data parallel). Its
-    checkpoints (fully_reshardable format) resume exactly, at any layout."""
-    seed: int = 1234
-    """Seed of weights and data order."""
-    log_interval: int = 5
-    """Steps between log lines on rank 0."""
-    save_dir: Optional[str] = None
-    """Checkpoint directory (distributed checkpoint format); null: no checkpoints."""
-    save_interval: int = 0
-    """Save every N steps (and always at the end when save_dir is set); 0: only at the end."""
-    resume: bool = False
-    """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
-    pipeline, data parallel); refused, with the differences listed, when the model's shapes,
-    vocabulary or dtype or train.distributed_optimizer differ."""
-    save_on_signal: bool = True
-    """On SIGINT / SIGTERM / SIGUSR1 (Ctrl-C; SLURM before a kill or preemption), finish the
-    current step, save a checkpoint (when save_dir is set) and exit 0; a second Ctrl-C aborts
-    at once. false: stop the same way without saving."""
-    metrics_file: Optional[str] = None
-    """Append one JSON line per step to this file (rank 0)."""
-    progress_bar: bool = True
-    """Show a progress bar on rank 0 when stdout is a terminal."""
-
-
-@dataclass
-class DataRecipe:
-    path: Optional[str] = None
-    """Megatron indexed dataset prefix (PATH.bin + PATH.idx); null: mock data."""
-    split: str = "100,0,0"
-    """train,valid,test split of the indexed dataset."""
-    cache_dir: Optional[str] = None
-    """Where Megatron caches the dataset indices (defaults next to the data)."""
 
 
 @dataclass
@@ -187,11 +47,7 @@ class Recipe:
         try:
             self.tsp_options()
         except TSPConfigError as e:
-            raise RecipeError(str(e).replace("--tsp-lm-head-chunk-tokens", "parallel.lm_head_chunk_tokens")
-                              .replace("--tsp-lm-head", "parallel.tsp_lm_head")
-                              .replace("--tsp-recompute", "parallel.tsp_recompute")
-                              .replace("--tsp-attention-backend", "parallel.tsp_attention_backend")
-                              .replace("--tsp-mlp-exchange", "parallel.tsp_mlp_exchange")) from None
+            raise RecipeError(recipe_words(str(e))) from None
         if p.tsp_lm_head == "local" and p.layout != "tsp":
             raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = tsp (got {p.layout}): the "
                               "baselines run Megatron's LM head (leave it null or set megatron)")
@@ -241,7 +97,7 @@ class Recipe:
             try:
                 check_seq_length(m.seq_length, size, what="model.seq_length")
             except TSPConfigError as e:
-                raise RecipeError(str(e).replace("--tsp-size", "parallel.size")) from None
+                raise RecipeError(recipe_words(str(e))) from None
         if cp > 1:
             from ..baselines.context_parallel import check_context_parallel
 
@@ -318,10 +174,7 @@ class Recipe:
         return {"recompute_granularity": "full", "recompute_method": p.recompute_method, "recompute_num_layers": n}
 
     def tsp_options(self) -> TSPOptions:
-        p = self.parallel
-        return TSPOptions(recompute=p.tsp_recompute, attention_backend=p.tsp_attention_backend,
-                          mlp_exchange=p.tsp_mlp_exchange, lm_head=p.tsp_lm_head or "local",
-                          lm_head_chunk_tokens=p.lm_head_chunk_tokens, compute_only=p.tsp_compute_only)
+        return tsp_options_from(lambda key: getattr(self.parallel, key))  # tsp_lm_head null: local
 
     @property
     def axis_size(self) -> int:
@@ -403,9 +256,3 @@ def load_recipe(path: Optional[str] = None, overrides: List[str] = ()) -> Recipe
         _apply(recipe, parse_override(text), "override")
     return recipe.check()
 
-
-def valid_keys() -> str:
-    lines = []
-    for f in dataclasses.fields(Recipe):
-        lines.append(f"{f.name}: " + ", ".join(fl.name for fl in dataclasses.fields(f.default_factory)))
-    return "\n".join(lines)

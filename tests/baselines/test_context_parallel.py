@@ -17,7 +17,8 @@ import megatron_tsp
 from megatron_tsp import TSPConfigError
 from megatron_tsp.baselines import context_parallel
 from megatron_tsp.baselines.context_parallel import ContextParallelAttention, cp_slice
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
+from tests.utils import mock_batch
 from megatron_tsp.tsp.zigzag import from_zigzag
 from tests.parity import fresh_seed
 from tests.utils import gather_full, rel_err, singleton_group, sum_sequence_parallel_grads
@@ -47,7 +48,7 @@ def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None):
     does over the data x context group) and over TP for sequence-parallel norms."""
     init_groups(tp, cp)
     model = build_gpt(shape, layout="native", seed=seed, core_attention="sdpa", sequence_parallel=sp)
-    tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in synthetic_batch(0, 2, shape, seed=seed))
+    tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in mock_batch(0, 2, shape, seed=seed))
     loss = model(tokens, pos, None, labels=labels)  # [b, S/CP], this CP rank's tokens
     (loss.sum() / (loss.shape[0] * shape.seq_length)).backward()
     cp_group, tp_group = mpu.get_context_parallel_group(), mpu.get_tensor_model_parallel_group()
@@ -259,7 +260,7 @@ def test_fsdp_wraps_a_bfloat16_model_with_fp32_norm_weights(world):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # the case at hand
     ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True)
     assert {p.dtype for p in ddp.module.parameters()} == {torch.bfloat16}
-    tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in synthetic_batch(0, 2, shape, seed=3))
+    tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in mock_batch(0, 2, shape, seed=3))
     ddp(tokens, pos, None, labels=labels).float().mean().backward()
     for name, p in ddp.module.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad.full_tensor().float()).all(), name

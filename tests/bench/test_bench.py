@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from megatron_tsp.bench import launcher as bench_launcher, report as bench_report, rows as bench_rows, worker as bench_worker
+from megatron_tsp.config import ModelShape
 
 
 def test_flops_hand_count():
     # h=64, a=4 heads (d=16), g=2 KV groups, gated f=256, V=128, L=2, S=64
-    shape = bench_rows.Shape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+    shape = ModelShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=256, vocab_size=128, seq_length=64)
     qkv, proj, mlp = 64 * (64 + 2 * 2 * 16), 64 * 64, 3 * 64 * 256  # 8192, 4096, 49152
     assert bench_rows.model_flops(shape)["matmul_params"] == 2 * (qkv + proj + mlp) == 122880
@@ -46,7 +47,7 @@ def test_flops_match_flop_counter_on_megatron_gpt():
 
     recipe = load_recipe(None, ["parallel.layout=dp", "parallel.size=1", "model.num_query_groups=2",
                                 "model.seq_length=32", "model.ffn_hidden_size=96"])
-    driver._init_groups(recipe)
+    driver.init_groups(recipe)
     shape = recipe.model.shape()
     model = build_gpt(shape, layout="native", core_attention="sdpa")
     tokens = torch.randint(0, shape.vocab_size, (2, shape.seq_length))
@@ -63,7 +64,7 @@ def test_bench_cpu(tmp_path, monkeypatch):
     S=256 then skipped), TP+SP whose S=128 row runs out of memory on rank 1 (OOM recorded, S=256
     recorded as OOM without running). The rows before the failures are measured, the benchmark
     finishes (two torchrun launches) and writes its reports."""
-    monkeypatch.setitem(bench_rows.LAYOUTS, "bogus", bench_rows.Layout("bogus", ("parallel.layout=tsp", "parallel.no_such_key=1")))
+    monkeypatch.setitem(bench_rows.LAYOUTS, "bogus", bench_rows.RowLayout("bogus", ("parallel.layout=tsp", "parallel.no_such_key=1")))
     monkeypatch.setenv(bench_rows.FAKE_HANG_ENV, "tsp:128:0")
     monkeypatch.setenv(bench_rows.FAKE_OOM_ENV, "tp_sp:128:1")
     out = tmp_path / "out"
@@ -172,7 +173,7 @@ def test_rows_leave_no_model_memory_behind():
     recipe = load_recipe(None, ["parallel.layout=tsp", "parallel.size=1", "train.distributed_optimizer=true",
                                 "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=1",
                                 f"model.seq_length={S}"])
-    driver._init_groups(recipe)
+    driver.init_groups(recipe)
     model, ddp, optimizer = driver.build(recipe)
     batches = list(driver.micro_batches(driver.build_train_dataset(recipe), 0, recipe, 0, 1, torch.device("cpu")))
     driver.train_step(ddp, optimizer, batches, recipe)

@@ -8,7 +8,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from megatron_tsp.config import TSPOptions
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
+from tests.utils import mock_batch
 from tests.parity import block_parity, fresh_seed
 from tests.utils import gather_full, init_tsp, rel_err, skip_unless_divides, sum_sequence_parallel_grads
 
@@ -42,7 +43,7 @@ def test_blocks_bf16(world, D, kind, groups, mode):
 def _gpt(layout, D, shape, seed):
     init_tsp(D)
     model = build_gpt(shape, layout=layout, dtype=torch.bfloat16, seed=seed)
-    tokens, labels, pos = synthetic_batch(0, 2, shape, seed=seed)
+    tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     loss = model(tokens, pos, None, labels=labels)
     loss.float().mean().backward()
     group = mpu.get_tensor_model_parallel_group()

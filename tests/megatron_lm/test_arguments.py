@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from megatron_tsp import TSPConfigError
-from megatron_tsp.megatron_lm.arguments import expand_tsp_recipe, load_recipe
+from megatron_tsp.megatron_lm.arguments import expand_tsp_recipe, load_flag_recipe
 from megatron_tsp.megatron_lm.hooks import SUPPORTED_TAGS, check_built_model, tsp_extra_args_provider, tsp_gpt_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,7 +147,7 @@ def test_bad_recipes_name_the_flag_and_key(tmp_path, text, message, monkeypatch)
     monkeypatch.delenv("TSP_TEST_UNSET", raising=False)
     path = _recipe(tmp_path, text)
     with pytest.raises(TSPConfigError, match=r"--tsp-recipe .*" + message):
-        load_recipe(path)
+        load_flag_recipe(path)
 
 
 def test_recipe_usage_errors(tmp_path, capsys):
@@ -165,7 +165,7 @@ def test_recipe_usage_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "megatron_lm", "*.yaml"))))
 def test_shipped_recipes_parse_and_map(path):
-    flags, env = load_recipe(path)
+    flags, env = load_flag_recipe(path)
     assert env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1"
     for flag in ("--transformer-impl", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--mock-data"):
         assert flag in flags, f"{path}: {flag} (runs without Transformer Engine / apex)"

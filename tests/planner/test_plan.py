@@ -478,9 +478,8 @@ def test_recipe_values_the_planner_cannot_model_are_errors(capsys, override, mes
 
 
 def test_cli_reads_the_recipe_memory_options(capsys, monkeypatch):
-    """parallel.tsp_recompute is read from the recipe (it was ignored); the keys other branches
-    add (recompute, offload, LM head) are read from the recipe's dataclasses when they exist."""
-    from megatron_tsp.planner import recipe_reader
+    """parallel.tsp_recompute is read from the recipe (it was ignored), and so are the layer
+    recompute, offload and LM-head keys."""
 
     def notes(argv):
         assert plan_main(argv + ["--layout", "tsp4", "--json"]) == 0
@@ -490,19 +489,30 @@ def test_cli_reads_the_recipe_memory_options(capsys, monkeypatch):
     assert any("TSP in-layer none" in n for n in notes([RECIPE]))
     assert any("TSP in-layer none" in n for n in notes([RECIPE, "parallel.tsp_recompute=full", "--tsp-recompute",
                                                         "none"]))
-    real = recipe_reader.recipe_defaults
-
-    def with_issue14_keys():
-        d = real()
-        d["parallel"].update({"recompute": "none", "recompute_method": "uniform", "recompute_num_layers": None,
-                              "offload_activations": False, "tsp_lm_head": None, "lm_head_chunk_tokens": 4096})
-        return d
-
-    monkeypatch.setattr(recipe_reader, "recipe_defaults", with_issue14_keys)
     got = notes([RECIPE, "parallel.recompute=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=4",
                  "parallel.offload_activations=true", "parallel.tsp_lm_head=megatron"])
     assert any("layers block N=4, checkpointed inputs offloaded to host" in n for n in got), got
     assert "LM head: megatron" in got
+
+
+def test_every_recipe_key_is_modelled_or_refused_or_irrelevant_to_the_plan():
+    """The planner reads its recipe keys from the one option definition (config.RECIPE_SECTIONS):
+    a key added there must be placed here, so `plan RECIPE` never silently ignores a key it models."""
+    from megatron_tsp.config import recipe_keys
+    from megatron_tsp.planner.model import RECIPE_KEYS
+
+    shape = {"model." + k for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                     "ffn_hidden_size", "vocab_size", "seq_length", "swiglu", "normalization",
+                                     "share_embeddings_and_output_weights", "dtype")}
+    refused = {"model.add_bias_linear", "model.position_embedding_type", "parallel.pipeline_size",
+               "parallel.baseline_attention", "parallel.tsp_compute_only"}
+    # the planner plans every layout and size itself; run-time, kernel, data and logging keys cost no memory
+    not_planned = {"model.init_method_std", "model.cpu_init", "parallel.layout", "parallel.size",
+                   "parallel.context_size", "parallel.fsdp", "parallel.tsp_attention_backend",
+                   "parallel.high_priority_comm", "parallel.comm_max_ctas", "parallel.gemm_sm_carveout"}
+    not_planned |= {k for k in recipe_keys() if k.startswith(("train.", "data."))} - set(RECIPE_KEYS)
+    placed = shape | refused | not_planned | set(RECIPE_KEYS)
+    assert set(recipe_keys()) == placed, (set(recipe_keys()) - placed, placed - set(recipe_keys()))
 
 
 def test_plan_imports_neither_torch_nor_megatron():

@@ -62,4 +62,5 @@ def test_world_size_and_batch_checks():
 
 def test_help_lists_the_keys():
     text = parser().format_help()
-    assert "parallel: layout, size, pipeline_size" in text and "--resume" in text
+    assert ("parallel.layout (default: tsp)\n" in text and "parallel.size (default: 2)\n" in text
+            and "parallel.pipeline_size (default: 1)\n" in text and "--resume" in text)

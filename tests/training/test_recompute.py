@@ -16,7 +16,8 @@ import megatron_tsp.tsp.offload as offload
 from megatron_tsp.config import TSPConfigError, TSPOptions
 from megatron_tsp.training.recipe import RecipeError, load_recipe
 from megatron_tsp.training.loop import run
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
+from tests.utils import mock_batch
 from tests.parity import fresh_seed
 from tests.training.train_reference import run_steps
 from tests.utils import gather_full, init_tsp, rel_err, sum_sequence_parallel_grads
@@ -49,7 +50,7 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     model.double()  # TSPNorm's weights too (float32 whatever params_dtype says, until lean norms)
     for layer in model.decoder.layers:
         layer.hidden_dropout = hidden_dropout
-    tokens, _, pos = synthetic_batch(0, 2, shape, seed=seed)
+    tokens, _, pos = mock_batch(0, 2, shape, seed=seed)
     logits = model(tokens, pos, None)  # [b, S, V/D]: every token, this rank's vocabulary shard
     group = mpu.get_tensor_model_parallel_group()
     weights = torch.randn(logits.shape[0], logits.shape[1], shape.vocab_size, dtype=torch.float64,
@@ -160,7 +161,7 @@ def _logged_exchanges(monkeypatch, shape, seed, tsp_recompute, **config_kw):
     init_tsp(dist.get_world_size())
     model = build_gpt(shape, layout="tsp", dtype=torch.float64, seed=seed,
                       tsp_options=TSPOptions(recompute=tsp_recompute, mlp_exchange="ring"), **config_kw)
-    tokens, labels, pos = synthetic_batch(0, 2, shape, seed=seed)
+    tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     model(tokens, pos, None, labels=labels).mean().backward()
     monkeypatch.undo()
     return log

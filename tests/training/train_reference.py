@@ -5,9 +5,12 @@ import json
 import sys
 
 from megatron.core import parallel_state as mpu
+from megatron.core.distributed import finalize_model_grads
 
-from megatron_tsp.baselines.context_parallel import cp_slice
-from megatron_tsp.training.build import ModelShape, build_gpt, dp_slice, synthetic_batch, train_step, wrap_ddp_and_optimizer
+from megatron_tsp.config import ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe
+from megatron_tsp.training.build import build_gpt, wrap_ddp_and_optimizer
+from megatron_tsp.training.loop import build_train_dataset, micro_batches, train_step
+from megatron_tsp.training.recipe import Recipe
 
 SHAPE = ModelShape(seq_length=32, num_attention_heads=8, num_query_groups=4)
 GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
@@ -16,16 +19,28 @@ GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
 def run_steps(layout, distributed_optimizer=True, overlap=False, bucket_size=None, fsdp=False, core_attention="local",
               sequence_parallel=None, **build_kw):
     """`layout` 'tsp' or 'native' (with context parallelism when the groups have a CP size > 1);
-    `build_kw` go to build_gpt (e.g. recompute_granularity=..., offload_activations=...)."""
+    `build_kw` go to build_gpt (e.g. recompute_granularity=..., offload_activations=...). The
+    driver's data (MockGPTDataset, this DP / CP rank's share) and step (Megatron's schedule, the
+    loss mask), one micro-batch per DP rank."""
     model = build_gpt(SHAPE, layout=layout, seed=SEED, core_attention=core_attention, sequence_parallel=sequence_parallel,
                       **build_kw)
-    ddp, opt = wrap_ddp_and_optimizer(model, lr=1e-2, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer,
+    # lr 3e-3 (the recipe default): at 1e-2 the mock data's loss rises from step 3 (4.12 -> 4.33 -> 4.57)
+    # and the diverging run amplifies float32 rounding past the parity bound
+    ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, use_distributed_optimizer=distributed_optimizer,
                                       overlap=overlap, bucket_size=bucket_size, fsdp=fsdp)
+    model.config.finalize_model_grads_func = finalize_model_grads  # as training.loop.build does
+    model.config.no_sync_func = ddp.no_sync
     cp_group = mpu.get_context_parallel_group()
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    recipe = Recipe(model=ModelRecipe(**vars(SHAPE)), parallel=ParallelRecipe(context_size=cp_group.size()),
+                    train=TrainRecipe(steps=STEPS, micro_batch_size=GLOBAL_BATCH // dp_size,
+                                      global_batch_size=GLOBAL_BATCH, seed=SEED))
+    dataset = build_train_dataset(recipe)
+    device = next(model.parameters()).device
     losses, norms = [], []
     for step in range(STEPS):
-        tokens, labels, pos = (cp_slice(dp_slice(t), cp_group) for t in synthetic_batch(step, GLOBAL_BATCH, SHAPE, seed=SEED))
-        loss, norm = train_step(ddp, opt, tokens, labels, pos)
+        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, cp_group))
+        loss, norm = train_step(ddp, opt, batches, recipe)
         losses.append(loss)
         norms.append(float(norm))
     return {"loss": losses, "grad_norm": norms}

@@ -4,7 +4,8 @@ with the same weights (float32): per-token loss and every parameter gradient."""
 import pytest
 from megatron.core import parallel_state as mpu
 
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
+from tests.utils import mock_batch
 from tests.parity import fresh_seed
 from tests.utils import gather_full, init_tsp, rel_err, skip_unless_divides, sum_sequence_parallel_grads
 
@@ -16,7 +17,7 @@ TOL = 1e-5
 def _loss_and_grads(layout, D, shape, seed):
     init_tsp(D)
     model = build_gpt(shape, layout=layout, seed=seed)
-    tokens, labels, pos = synthetic_batch(0, 2, shape, seed=seed)
+    tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S], natural order on every rank
     loss.mean().backward()
     group = mpu.get_tensor_model_parallel_group()

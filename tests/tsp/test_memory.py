@@ -14,10 +14,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_tsp.config import TSPOptions
 from megatron_tsp.tsp.specs import get_tsp_layer_spec
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from tests.utils import device, init_tsp, singleton_pgs, tiny_config
+from tests.utils import device, init_tsp, mock_batch, singleton_pgs, tiny_config
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -145,7 +145,7 @@ def _lm_head_footprint(D, lm_head):
     init_tsp(D)
     model = build_gpt(LM_SHAPE, layout="tsp", seed=5,
                       tsp_options=TSPOptions(lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
-    tokens, labels, pos = synthetic_batch(0, 2, LM_SHAPE)
+    tokens, labels, pos = mock_batch(0, 2, LM_SHAPE)
     params = {p.data_ptr() for p in model.parameters()}
     saved, allocations = [], _Allocations()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t), allocations:
@@ -193,7 +193,7 @@ def _model_forward_saves(D, options=None, offload_activations=False, record_inpu
     attributed to where it was saved: layer i's forward (i), the checkpoint of layer i's input
     (('input', i): saved outside every layer, with the storage of what layer i received) or the
     rest of the model ('outside'). Returns (saves, the loss to call backward on, the model)."""
-    from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+    from megatron_tsp.training.build import ModelShape, build_gpt
 
     init_tsp(D)
     shape = ModelShape(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=4 * H, seq_length=S)
@@ -229,7 +229,7 @@ def _model_forward_saves(D, options=None, offload_activations=False, record_inpu
         saves.append((where, tuple(t.shape), t.untyped_storage().data_ptr()))
         return t
 
-    tokens, labels, pos = synthetic_batch(0, B, shape, seed=7)
+    tokens, labels, pos = mock_batch(0, B, shape, seed=7)
     if before_forward is not None:
         before_forward(model)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -261,15 +261,15 @@ def test_tsp_norm_refuses_zero_centered_gamma_without_te():
 def test_float64_model_stays_float64(layout, normalization):
     """Every parameter of a float64 GPT (its norms included) is float64, and so are its logits
     (Megatron's vocab-parallel cross entropy then computes the loss in fp32: not the norms')."""
-    from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
-    from tests.utils import init_tsp
+    from megatron_tsp.training.build import ModelShape, build_gpt
+    from tests.utils import init_tsp, mock_batch
 
     init_tsp(1)
     shape = ModelShape(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=64,
                        seq_length=16, normalization=normalization)
     model = build_gpt(shape, layout=layout, dtype=torch.float64)
     assert {n for n, p in model.named_parameters() if p.dtype != torch.float64} == set()
-    tokens, labels, pos = synthetic_batch(0, 2, shape)
+    tokens, labels, pos = mock_batch(0, 2, shape)
     logits = model(tokens, pos, None)
     assert logits.dtype == torch.float64
     model(tokens, pos, None, labels=labels).sum().backward()
