@@ -124,3 +124,24 @@ def test_permuted_groups_catch_a_module_reading_the_global_group(world, D, broke
     broken(monkeypatch)
     errors, seed = _errors(D, "mha")
     assert max(errors.values()) > 1e-3, f"a module on the global group went unnoticed (seed {seed}): {errors}"
+
+
+def test_a_missing_group_is_an_error_naming_the_argument():
+    """No module falls back to Megatron's global groups: without its group it refuses, by name."""
+    from megatron_tsp.config import TSPConfigError
+    from megatron_tsp.tsp.model import TSPGPTModel
+    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_layer_spec
+    from megatron_tsp import compat
+    from tests.utils import tiny_config
+
+    init_tsp(1)
+    config = tiny_config(1)
+    spec = get_sp_layer_spec(config).submodules
+    with pytest.raises(TSPConfigError, match="`pg_collection`"):
+        TSPGPTModel(config, vocab_size=64, max_sequence_length=32)
+    with pytest.raises(TSPConfigError, match="`pg_collection`"):
+        TSPSelfAttention(config, spec.self_attention.submodules, layer_number=1)
+    with pytest.raises(TSPConfigError, match="`tp_group`"):
+        TSPRingMLP(config, compat.mlp_submodules(spec.mlp))
+    with pytest.raises(TSPConfigError, match="`tsp_group`"):
+        get_tsp_layer_spec(config, None)
