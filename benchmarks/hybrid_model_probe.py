@@ -24,7 +24,7 @@ init_tsp(1)
 shape = ModelShape(seq_length=32)
 t = time.perf_counter(); gpt = build_gpt(shape, layout="tsp", dtype=torch.float64); t_gpt = time.perf_counter() - t
 config = gpt.config
-layer = get_tsp_layer_spec(config, None)
+layer = get_tsp_layer_spec(config, gpt.tsp_group)
 s = layer.submodules
 attn = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
     input_layernorm=s.input_layernorm, self_attention=s.self_attention, self_attn_bda=s.self_attn_bda))

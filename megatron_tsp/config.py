@@ -492,3 +492,14 @@ def recipe_words(message: str) -> str:
         if flag:
             message = message.replace(flag, f"parallel.{key}")
     return message.replace("--tsp-size", "parallel.size")
+
+
+def require_group(group, what: str, argument: str):
+    """`group`, or one clear error naming the argument that should have carried it: a TSP module
+    never falls back to Megatron's global groups (which may not be the ones it runs on)."""
+    if group is None:
+        raise TSPConfigError(
+            f"{what} needs its process group passed explicitly as `{argument}` "
+            "(megatron_tsp.tsp_process_groups() gives the ProcessGroupCollection built by initialize_model_parallel)"
+        )
+    return group

@@ -3,9 +3,11 @@
 A TSP rank is a weight-shard owner that also owns a token shard, so Megatron's data-,
 pipeline- and expert-parallel groups, DDP, the sum of sequence-parallel norm gradients,
 grad clipping, the distributed optimizer and dist-checkpointing all apply unchanged
-(docs/design.md §9). `initialize_model_parallel` registers the getters below on
-`megatron.core.parallel_state`, next to Megatron's pipeline and expert getters (importing this
-module patches nothing); modules still take their group explicitly.
+(docs/design.md §9). `initialize_model_parallel` builds the groups once and keeps them as one
+`ProcessGroupCollection` (`tsp_process_groups()`, `.tp` is the TSP group), which the builders
+pass to every TSP module: no module reads Megatron's global getters. It also registers the
+getters below on `megatron.core.parallel_state`, next to Megatron's pipeline and expert getters,
+for Megatron's own code (importing this module patches nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+from typing import Optional
 
 from . import compat  # noqa: F401  (the megatron-core version check, once)
 from .config import TSPConfigError, check_parallel_sizes, check_tsp_size, check_world_size
@@ -38,11 +42,18 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
     )
     mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = mpu.get_tensor_model_parallel_group()
     _register_getters()
+    global _PROCESS_GROUPS
+    _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
+
+
+_PROCESS_GROUPS: Optional[ProcessGroupCollection] = None
 
 
 def destroy_model_parallel() -> None:
     """Megatron's destroy_model_parallel, which only forgets the groups, plus destroying them:
     each gloo group holds threads, and re-initializing without this leaks them."""
+    global _PROCESS_GROUPS
+    _PROCESS_GROUPS = None
     mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = None
     for group in (getattr(mpu, "_global_process_group_list", None) or [])[1:]:  # [0] is WORLD
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
@@ -79,8 +90,17 @@ def get_tsp_rank() -> int:
 
 
 def tsp_process_groups() -> ProcessGroupCollection:
-    """Megatron's ProcessGroupCollection of the current groups; `.tp` is the TSP group."""
-    return ProcessGroupCollection.use_mpu_process_groups()
+    """The ProcessGroupCollection of the current groups, built once; `.tp` is the TSP group.
+    Groups made by Megatron's own `initialize_model_parallel` (Megatron-LM's initialization, the
+    context-parallel baseline) are collected once on first use, and again only when Megatron's
+    groups were rebuilt since."""
+    global _PROCESS_GROUPS
+    if not mpu.model_parallel_is_initialized():
+        raise RuntimeError("the process groups are not initialized: call megatron_tsp.initialize_model_parallel")
+    if _PROCESS_GROUPS is None or _PROCESS_GROUPS.tp is not mpu.get_tensor_model_parallel_group():
+        _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
+    return _PROCESS_GROUPS
+
 
 
 def _register_getters() -> None:

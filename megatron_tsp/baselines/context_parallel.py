@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from ..tsp import comm
-from ..config import TSPConfigError
+from ..config import TSPConfigError, require_group
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
 from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
 
@@ -161,11 +161,9 @@ class ContextParallelAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
-        if self.cp_group is None:
-            raise TSPConfigError("ContextParallelAttention needs pg_collection.cp (the context-parallel group)")
+        require_group(pg_collection, "ContextParallelAttention", "pg_collection")
+        self.tp_group = require_group(getattr(pg_collection, "tp", None), "ContextParallelAttention", "pg_collection.tp")
+        self.cp_group = require_group(getattr(pg_collection, "cp", None), "ContextParallelAttention", "pg_collection.cp")
         if config.context_parallel_size != self.cp_group.size():
             raise TSPConfigError(f"TransformerConfig.context_parallel_size = {config.context_parallel_size} but the "
                                  f"context-parallel group has {self.cp_group.size()} ranks")

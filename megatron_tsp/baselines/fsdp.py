@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from megatron.core import parallel_state as mpu
 from megatron.core.distributed import torch_fully_sharded_data_parallel as _tfsdp
 from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
+
+from ..config import require_group
 
 
 @contextlib.contextmanager
@@ -49,16 +50,16 @@ def _device_mesh_on_cpu_without_cuda():
 
 
 class FullyShardedOverDataAndContext(TorchFullyShardedDataParallel):
-    """Megatron's TorchFullyShardedDataParallel on the data x context-parallel group (the
-    default group of the wrapper). The model's config must say `transformer_impl='local'`
+    """Megatron's TorchFullyShardedDataParallel on the data x context-parallel group, passed as
+    `process_group` (`pg_collection.dp_cp`; required). The model's config must say `transformer_impl='local'`
     (true of every megatron_tsp model) so that the wrapper shards whole TransformerLayers,
     not their linear layers one by one."""
 
-    def __init__(self, config, ddp_config, module, process_group=None):
+    def __init__(self, config, ddp_config, module, process_group):
         if config.transformer_impl != "local":
             raise ValueError(f"FSDP over CP wraps local-spec models: config.transformer_impl = "
                              f"{config.transformer_impl!r}, expected 'local'")
-        group = process_group or mpu.get_data_parallel_group(with_context_parallel=True)
+        group = require_group(process_group, "FullyShardedOverDataAndContext", "process_group")
         # FSDP2 shards each module's parameters as one flat group of one dtype ("FSDP expects
         # uniform original parameter dtype"): a guard, every parameter megatron_tsp builds
         # (TSPNorm's included) is already in the model's parameter dtype.

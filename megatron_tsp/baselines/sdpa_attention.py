@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
+from ..config import require_group
 from ..tsp.specs import get_sp_layer_spec
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
@@ -77,10 +78,8 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type  # unused, as in DotProductAttention
 
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
-        elif not hasattr(pg_collection, "tp"):
-            raise ValueError("SDPACoreAttention pg_collection must have a tp process group")
+        require_group(pg_collection, "SDPACoreAttention", "pg_collection")
+        require_group(getattr(pg_collection, "tp", None), "SDPACoreAttention", "pg_collection.tp")
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
 

@@ -115,7 +115,7 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
         p.notes.append(f"host memory for offloaded inputs: {mem.host_offload / GIB:.1f} GiB per GPU")
     exchange = mlp_exchange(train, lay)
     if exchange is not None:
-        why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp} tokens per rank, tokens below "
+        why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp_size} tokens per rank, tokens below "
                f"{AUTO_TOKENS_BELOW})" if train.mlp_exchange == "auto" else "")
         p.notes.append(f"MLP exchange: {exchange}{why}")
     if lay.cp > 1:

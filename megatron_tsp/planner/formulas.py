@@ -46,7 +46,7 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
-    return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp, lay.tsp)
+    return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp_size, lay.tsp_size)
 
 
 def mlp_intermediates(m: ModelSpec) -> int:
@@ -242,7 +242,7 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
     its gradient (V/D x h, model dtype)."""
     b, w = m.dtype_bytes, lay.weight_shards
     if uses_local_head(train, lay):
-        chunk = min(train.lm_head_chunk_tokens, train.micro_batch * train.seq_len // lay.tsp)
+        chunk = min(train.lm_head_chunk_tokens, train.micro_batch * train.seq_len // lay.tsp_size)
         return {"logits chunk (fp32)": FP32 * chunk * m.vocab / w,
                 "vocab shard and its gradient in flight": 2 * b * m.vocab / w * m.hidden}
     tokens = train.micro_batch * train.seq_len / lay.cp
@@ -357,7 +357,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     shard of lag: shard j-1's finish (the adjoint of its projection, its weight gradient) waits
     for its dK/dV reduce-scatter, which stays in flight until shard j's is posted. The forward
     holds fewer (no gradients; two gathered K/V at a time) and is not modelled."""
-    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp
+    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp_size
     s = B * S / D
     save = in_layer_mode(lay, train) == "save"
     shard = m.attn_params / D * b
@@ -381,7 +381,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
 def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     """(buffers, scratch) in bytes while TSP's MLP backward runs one shard, for the exchange it
     runs (megatron_tsp/mlp.py)."""
-    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp
+    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp_size
     s = B * S / D
     exchange = mlp_exchange(train, lay)
     if exchange == "tokens":
@@ -427,7 +427,7 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
                                 per_micro))
 
     if lay.kind == "tsp":
-        D = lay.tsp
+        D = lay.tsp_size
         r = (D - 1) / D
         Pa, Pm, KV = m.attn_params * b, m.mlp_params * b, B * S * 2 * m.kv_dim * b
         exchange = mlp_exchange(train, lay)
@@ -509,10 +509,10 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
             out.append(CommItem(i.name + " (forward re-run by layer recompute)", "bwd", i.collective, i.volume * frac,
                                 i.time_bytes * frac, i.group, i.link, i.overlapped, True,
                                 None if i.overlap_flops is None else i.overlap_flops * frac))
-    if uses_local_head(train, lay) and lay.tsp > 1:
+    if uses_local_head(train, lay) and lay.tsp_size > 1:
         # the local head's vocab shards travel like attention's weight shards: D broadcasts in
         # forward, again in backward, the gradients reduced onto their owners
-        D, Pv = lay.tsp, m.vocab * m.hidden * b
+        D, Pv = lay.tsp_size, m.vocab * m.hidden * b
         for phase in ("fwd", "bwd"):
             add("LM-head vocab shard broadcast", phase, "broadcast", (D - 1) / D * Pv, D, 1, True, time_bytes=Pv,
                 per_layer=False, per_micro=True)
@@ -600,7 +600,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     P_layer = m.layer_matmul_params / w
     per_layer += P_layer * (b + 2 * FP32)  # add the weight grads into the fp32 main grads
     if lay.kind == "tsp":
-        D = lay.tsp
+        D = lay.tsp_size
         blocks = 1 if tokens_mlp else 2
         per_layer += (2 * D - 1) * blocks * 6 * h * b / 2 * s  # out.add_ / dx.add_ per shard
         per_layer += (2 + refwd) * (2 * 2 * m.kv_dim * b * D + 2 * m.q_dim * b) * s  # zigzag K/V copy, cat
@@ -611,7 +611,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     # Megatron's layer recompute reruns the forward's memory-bound ops of the recomputed layers
     fwd_part = 2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act)
     if lay.kind == "tsp":
-        fwd_part += (lay.tsp * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp + 2 * m.q_dim * b) * s
+        fwd_part += (lay.tsp_size * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp_size + 2 * m.q_dim * b) * s
     per_layer += fwd_part * layer_recompute(m, train).recomputed / L
     logits = 60 * B * S / lay.cp * m.vocab / w
     return {"layers": per_layer * L, "logits": logits, "total": per_layer * L + logits}

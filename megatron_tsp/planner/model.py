@@ -238,38 +238,38 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout of one model replica. `tsp`: D = `tsp`; `tp` / `tp_sp`: T = `tp`
+    """A parallel layout of one model replica. `tsp`: D = `tsp_size`; `tp` / `tp_sp`: T = `tp`
     (without / with Megatron sequence parallelism); `cp`: C = `cp` (K/V all-gather, full
     weights); `tp_cp`: T x C (TP + SP inside, CP across); `fsdp_cp`: C, weights, gradients and
     optimizer state sharded over the CP group (ZeRO-3 inside CP)."""
 
     kind: str
-    tsp: int = 1
+    tsp_size: int = 1
     tp: int = 1
     cp: int = 1
 
     def __post_init__(self):
         if self.kind not in LAYOUT_KINDS:
             raise PlanError(f"--layout kind {self.kind!r} is not one of {', '.join(LAYOUT_KINDS)}")
-        for flag, v in (("tsp size", self.tsp), ("tp size", self.tp), ("cp size", self.cp)):
+        for flag, v in (("tsp size", self.tsp_size), ("tp size", self.tp), ("cp size", self.cp)):
             _positive(f"--layout {self.kind}: {flag}", v)
 
     @property
     def size(self) -> int:
         """GPUs of one model replica."""
-        return self.tsp * self.tp * self.cp
+        return self.tsp_size * self.tp * self.cp
 
     @property
     def weight_shards(self) -> int:
         """How many ways each layer's weights are split for compute (TP or TSP)."""
-        return self.tsp * self.tp
+        return self.tsp_size * self.tp
 
     @property
     def token_shards(self) -> int:
         """How many ways the tokens of a sequence are split in the norm / residual regions."""
         if self.kind == "tp":
             return self.cp
-        return self.tsp * self.tp * self.cp
+        return self.tsp_size * self.tp * self.cp
 
     @property
     def sequence_parallel(self) -> bool:
@@ -277,7 +277,7 @@ class Layout:
 
     @property
     def label(self) -> str:
-        return {"tsp": f"TSP D={self.tsp}", "tp": f"TP {self.tp}", "tp_sp": f"TP+SP {self.tp}",
+        return {"tsp": f"TSP D={self.tsp_size}", "tp": f"TP {self.tp}", "tp_sp": f"TP+SP {self.tp}",
                 "cp": f"CP {self.cp}", "tp_cp": f"TP+SP {self.tp} x CP {self.cp}",
                 "fsdp_cp": f"FSDP-over-CP {self.cp}"}[self.kind]
 
@@ -295,7 +295,7 @@ class Layout:
             raise PlanError(f"--layout {text!r}: expected one of tspD, tpT, tp_spT, cpC, tpTxcpC, fsdp_cpC "
                             "(e.g. tsp4, tp_sp8, tp2xcp4)")
         kind, n = m.group(1), int(m.group(2))
-        key = {"tsp": "tsp", "tp": "tp", "tp_sp": "tp", "cp": "cp", "fsdp_cp": "cp"}[kind]
+        key = {"tsp": "tsp_size", "tp": "tp", "tp_sp": "tp", "cp": "cp", "fsdp_cp": "cp"}[kind]
         return cls(kind, **{key: n})
 
 
@@ -336,8 +336,8 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
                         ("--vocab", model.vocab)):
         if value % w:
             raise PlanError(f"{flag} = {value} must be divisible by the {where} weight split {w}")
-    if layout.kind == "tsp" and train.seq_len % (2 * layout.tsp):
-        raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x D = {2 * layout.tsp} "
+    if layout.kind == "tsp" and train.seq_len % (2 * layout.tsp_size):
+        raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x D = {2 * layout.tsp_size} "
                         f"({where}: zigzag cuts each sequence into 2D chunks)")
     if layout.cp > 1 and train.seq_len % (2 * layout.cp * layout.tp):
         raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x CP x TP = "
@@ -370,7 +370,7 @@ def candidate_layouts(cluster: Cluster) -> List[Layout]:
     G, W = cluster.gpus_per_node, cluster.world
     out: List[Layout] = []
     for d in divisors(G)[1:]:
-        out.append(Layout("tsp", tsp=d))
+        out.append(Layout("tsp", tsp_size=d))
     for t in divisors(G)[1:]:
         out += [Layout("tp", tp=t), Layout("tp_sp", tp=t)]
     for c in divisors(W)[1:]:

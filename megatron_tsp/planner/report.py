@@ -12,7 +12,7 @@ MB = 1e6
 
 def plan_to_dict(p: Plan) -> dict:
     return {
-        "layout": p.layout.label, "kind": p.layout.kind, "tsp": p.layout.tsp, "tp": p.layout.tp, "cp": p.layout.cp,
+        "layout": p.layout.label, "kind": p.layout.kind, "tsp": p.layout.tsp_size, "tp": p.layout.tp, "cp": p.layout.cp,
         "data_parallel": p.dp, "micro_batches": p.micro_batches, "fits": p.fits, "fastest": p.fastest,
         "memory_gib": p.memory.as_gib(),
         "activation_detail_gib": {k: v / GIB for k, v in p.memory.detail.items()},

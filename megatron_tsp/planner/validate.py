@@ -115,7 +115,7 @@ def _layout(row: dict) -> Layout:
     if any(ch.isdigit() for ch in text):
         return Layout.parse(text)
     if text == "tsp":
-        return Layout("tsp", tsp=int(row.get("tsp_size") or size))
+        return Layout("tsp", tsp_size=int(row.get("tsp_size") or size))
     if text in ("tp", "tp_sp"):
         return Layout(text, tp=int(row.get("tp_size") or size))
     if text in ("cp", "fsdp_cp", "cp_fsdp", "fsdp"):

@@ -23,7 +23,8 @@ from megatron.core.transformer import TransformerConfig
 
 from ..baselines.context_parallel import check_context_parallel
 from ..compat import transformer_config_defaults
-from ..config import ModelShape, TSPConfigError, TSPOptions, validate_transformer_config  # noqa: F401 (ModelShape: its old home)
+from ..config import ModelShape, TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config  # noqa: F401 (ModelShape: its old home)
+from ..parallel_state import tsp_process_groups
 from ..tsp.model import TSPGPTModel
 from ..tsp.specs import get_sp_block_spec
 
@@ -44,7 +45,12 @@ def init_distributed() -> str:
     return dist.get_backend()
 
 
-def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
+def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32,
+                       pipeline_size: Optional[int] = None, **kw) -> TransformerConfig:
+    """Megatron's TransformerConfig of `shape` on `tp_size` (TP or TSP) ranks; `pipeline_size`
+    defaults to the current pipeline group's."""
+    if pipeline_size is None:
+        pipeline_size = mpu.get_pipeline_model_parallel_world_size()
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
     return TransformerConfig(
@@ -54,7 +60,7 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
         num_query_groups=shape.num_query_groups,
         ffn_hidden_size=shape.ffn_hidden_size,
         tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
+        pipeline_model_parallel_size=pipeline_size,
         sequence_parallel=sequence_parallel,
         add_bias_linear=shape.add_bias_linear,
         gated_linear_unit=shape.swiglu,
@@ -77,8 +83,11 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local",
-              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False, **config_kw):
-    """A GPT model on the current Megatron groups (`megatron.core.parallel_state`).
+              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False,
+              pg_collection: Optional[ProcessGroupCollection] = None, **config_kw):
+    """A GPT model on the process groups `pg_collection` (default: the collection built by
+    `initialize_model_parallel`, `megatron_tsp.tsp_process_groups()`); every module of the model
+    gets its group from it (`.tp` is the TSP / TP group, `.pp` the pipeline, `.cp` the context).
 
     - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
       initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
@@ -103,7 +112,7 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         raise TSPConfigError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                              f"checkpointed layers' inputs); got recompute_granularity = "
                              f"{config_kw.get('recompute_granularity')!r}")
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     D, cp = pgs.tp.size(), pgs.cp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
     if layout not in ("tsp", "native"):
@@ -116,7 +125,8 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
             raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
                                  f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
         check_context_parallel(shape.seq_length, cp, D, sp)
-    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, context_parallel_size=cp, **config_kw)
+    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, pipeline_size=pgs.pp.size(),
+                                context_parallel_size=cp, **config_kw)
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
@@ -138,13 +148,13 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         max_sequence_length=shape.seq_length,
         position_embedding_type=shape.position_embedding_type,
         share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
-        pre_process=mpu.is_pipeline_first_stage(),
-        post_process=mpu.is_pipeline_last_stage(),
+        pre_process=pgs.pp.rank() == 0,
+        post_process=pgs.pp.rank() == pgs.pp.size() - 1,
         pg_collection=pgs,
         **extra,
     )
     if config.use_cpu_initialization:
-        layout_invariant_init(model, seed)
+        layout_invariant_init(model, seed, pgs.tp)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if offload_activations:
@@ -166,17 +176,17 @@ def _global_name(model, name: str) -> str:
 
 
 @torch.no_grad()
-def layout_invariant_init(model, seed: int) -> None:
+def layout_invariant_init(model, seed: int, tp_group) -> None:
     """Redraw every weight matrix from a generator keyed by (seed, global parameter name) and
     keep this rank's TP/TSP shard of it: the same initial model for every layout, pipeline split
     included (Megatron's CPU init draws each stage's layers in stage order). Megatron's
-    init_method / output_layer_init_method scales; norms and biases keep their constant init."""
+    init_method / output_layer_init_method scales; norms and biases keep their constant init.
+    `tp_group`: the group the model's TP / TSP shards are laid out on."""
     import zlib
 
     config = model.config
     out_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
-    tp = mpu.get_tensor_model_parallel_group()
-    D, r = tp.size(), tp.rank()
+    D, r = tp_group.size(), tp_group.rank()
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
@@ -211,7 +221,7 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
                                  "set train.distributed_optimizer = false")
         from ..baselines.fsdp import FullyShardedOverDataAndContext
 
-        ddp = FullyShardedOverDataAndContext(config, ddp_config, model)
+        ddp = FullyShardedOverDataAndContext(config, ddp_config, model, process_group=tsp_process_groups().dp_cp)
     else:
         ddp = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(

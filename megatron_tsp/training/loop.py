@@ -157,12 +157,12 @@ def _loss_func(loss_mask, per_token_loss):
     tokens: its loss is its sum over the count of the whole CP group, so that Megatron's schedule
     (which multiplies by the CP size) and DDP (which averages over data x context) give the
     gradient of the global mean; the reported value is the global mean."""
-    from megatron.core import parallel_state as mpu
+    from ..parallel_state import tsp_process_groups
 
     loss_mask = loss_mask.float()
     local = torch.stack([(per_token_loss.float() * loss_mask).sum(), loss_mask.sum()])
     total = local.detach().clone()
-    cp_group = mpu.get_context_parallel_group()
+    cp_group = tsp_process_groups().cp
     if cp_group.size() > 1:
         dist.all_reduce(total, group=cp_group)
     loss = local[0] / total[1].clamp_min(1)
@@ -178,8 +178,9 @@ def _forward_step(data_iterator, model):
 def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe):
     """One optimizer step over this DP rank's micro-batches through Megatron's schedule.
     Returns (loss averaged over the global batch, grad norm); the loss is known on every rank."""
-    from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..parallel_state import tsp_process_groups
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
@@ -195,12 +196,13 @@ def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe):
     _, grad_norm, _ = optimizer.step()
     device = batches[0]["tokens"].device
     loss = torch.zeros(1, device=device, dtype=torch.float64)
-    if mpu.is_pipeline_last_stage():
+    pgs = tsp_process_groups()
+    if pgs.pp.rank() == pgs.pp.size() - 1:
         loss += sum(d["lm loss"].double() for d in losses) / len(losses)
-        dist.all_reduce(loss, group=mpu.get_data_parallel_group())
-        loss /= mpu.get_data_parallel_world_size()
+        dist.all_reduce(loss, group=pgs.dp)
+        loss /= pgs.dp.size()
     # The last stage knows the loss; give it to every rank (pipeline group broadcast).
-    dist.broadcast(loss, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group())
+    dist.broadcast(loss, src=dist.get_process_group_ranks(pgs.pp)[-1], group=pgs.pp)
     return loss.item(), float(grad_norm) if grad_norm is not None else float("nan")
 
 
@@ -279,8 +281,7 @@ def run(recipe: Recipe, out=None) -> dict:
 
 
 def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
-    from megatron.core import parallel_state as mpu
-
+    from ..parallel_state import tsp_process_groups
     from .build import init_distributed
     from .cpu import install_cpu_shims
 
@@ -304,6 +305,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, ddp, optimizer = build(recipe)
+    pgs = tsp_process_groups()  # the groups the model was built on
     resumed_from = ""
     if saved is not None:
         start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved))
@@ -315,11 +317,11 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     with_cp = f" x context {p.context_size}" if p.context_size > 1 else ""
     with_fsdp = " (FSDP over data x context)" if p.fsdp else ""
     progress.print(f"megatron-tsp train: layout {p.layout} size {recipe.axis_size} x pipeline "
-                   f"{p.pipeline_size}{with_cp} x data {mpu.get_data_parallel_world_size()}{with_fsdp} on {world} "
+                   f"{p.pipeline_size}{with_cp} x data {pgs.dp.size()}{with_fsdp} on {world} "
                    f"{'GPUs' if backend == 'nccl' else 'CPU processes'} ({backend}); S={recipe.model.seq_length}, "
                    f"global batch {t.global_batch_size}; steps {start + 1}..{t.steps}" + resumed_from)
     tokens = t.global_batch_size * recipe.model.seq_length
-    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
     saved_step = start if saved is not None else None  # the step whose checkpoint is on disk
     stopped_after = None
     for step in range(start, t.steps):
@@ -331,7 +333,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, mpu.get_context_parallel_group()))
+        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, pgs.cp))
         loss, grad_norm = train_step(ddp, optimizer, batches, recipe)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

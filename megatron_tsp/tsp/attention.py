@@ -34,7 +34,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from . import comm
-from ..config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group, validate_transformer_config
 from .exchange import Reductions, broadcast_shards, run_holder_pre_hooks
 from .kernels import chunk_backward, chunk_forward, resolve_backend
 from .rope import Rotary
@@ -267,15 +267,12 @@ class TSPAttentionFunction(torch.autograd.Function):
 class TSPSelfAttention(SelfAttention):
     """Megatron's SelfAttention whose `linear_qkv` / `linear_proj` hold this rank's weight shard
     (native TP layout, init and checkpoints), with the TSP schedule as forward.
-    The TSP group is `pg_collection.tp`. Input and output: this rank's tokens, [S/D, b, h]."""
+    The TSP group is `pg_collection.tp` (required: never Megatron's global TP group). Input and output: this rank's tokens, [S/D, b, h]."""
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
                  tsp_options: Optional[TSPOptions] = None, **kwargs):
-        tp = kwargs.get("pg_collection").tp if kwargs.get("pg_collection") is not None else None
-        if tp is None:
-            from megatron.core import parallel_state
-
-            tp = parallel_state.get_tensor_model_parallel_group()
+        pg_collection = require_group(kwargs.get("pg_collection"), "TSPSelfAttention", "pg_collection")
+        tp = require_group(getattr(pg_collection, "tp", None), "TSPSelfAttention", "pg_collection.tp")
         validate_transformer_config(config, tp.size())
         if attn_mask_type != AttnMaskType.causal:
             raise TSPConfigError(f"TSP attention supports causal masks only, got attn_mask_type={attn_mask_type}")

@@ -33,7 +33,7 @@ from megatron.core.transformer.mlp import MLP
 from . import comm
 from .. import compat
 from .exchange import Reductions, broadcast_shards, ring_shards, run_holder_pre_hooks
-from ..config import TSPConfigError, TSPOptions, resolve_mlp_exchange, validate_transformer_config
+from ..config import TSPConfigError, TSPOptions, require_group, resolve_mlp_exchange, validate_transformer_config
 
 
 class Activation:
@@ -179,16 +179,13 @@ class TSPRingMLP(MLP):
     """Megatron's MLP whose `linear_fc1` / `linear_fc2` hold this rank's shard (native TP
     layout), with the TSP ring as forward. Input and output: this rank's tokens, [S/D, b, h].
     The TSP group comes in as `tp_group`: from the spec's params (megatron-core <= 0.17), or
-    from the layer's `pg_collection.tp` through `as_mlp_submodule` (0.18+)."""
+    from the layer's `pg_collection.tp` through `as_mlp_submodule` (0.18+); required."""
 
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
                  tsp_options: Optional[TSPOptions] = None, name=None):
         if is_expert:
             raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
-        if tp_group is None:
-            from megatron.core import parallel_state
-
-            tp_group = parallel_state.get_tensor_model_parallel_group()
+        require_group(tp_group, "TSPRingMLP", "tp_group")
         validate_transformer_config(config, tp_group.size())
         super().__init__(
             config, submodules, input_size=input_size,

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 
 from .. import compat
-from ..config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group, validate_transformer_config
 from .specs import get_tsp_block_spec
 from . import lm_head
 from .zigzag import from_zigzag, to_zigzag
@@ -26,12 +25,12 @@ from .zigzag import from_zigzag, to_zigzag
 class TSPGPTModel(GPTModel):
     """GPTModel with the TSP decoder. Arguments as GPTModel's; `transformer_layer_spec`
     defaults to `get_tsp_block_spec(..., tsp_options=tsp_options)`. The TSP group is
-    `pg_collection.tp`."""
+    `pg_collection.tp`; `pg_collection` is required (`megatron_tsp.tsp_process_groups()`)."""
 
     def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None,
                  tsp_options: Optional[TSPOptions] = None, **kwargs):
-        pg_collection = kwargs.get("pg_collection")
-        group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
+        pg_collection = require_group(kwargs.get("pg_collection"), "TSPGPTModel", "pg_collection")
+        group = require_group(getattr(pg_collection, "tp", None), "TSPGPTModel", "pg_collection.tp")
         validate_transformer_config(config, group.size())
         if kwargs.get("mtp_block_spec") is not None:
             raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
@@ -39,7 +38,7 @@ class TSPGPTModel(GPTModel):
         lm_head.check_lm_head(config, tsp_options, vocab_size, group.size())
         if transformer_layer_spec is None:
             vp_stage = kwargs.get("vp_stage")
-            pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
+            pp_rank = pg_collection.pp.rank() if getattr(pg_collection, "pp", None) is not None else None
             transformer_layer_spec = get_tsp_block_spec(
                 config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
             )

@@ -15,7 +15,7 @@ import logging
 
 from .. import compat
 from .attention import TSPSelfAttention
-from ..config import TSPOptions
+from ..config import TSPOptions, require_group
 from .mlp import TSPRingMLP
 from .norm import TSPNorm
 
@@ -38,8 +38,9 @@ def _local_spec_with_sp_norms(config) -> ModuleSpec:
 
 
 def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions] = None) -> ModuleSpec:
-    """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group`
-    (Megatron's TP group when None), as `tsp_options` says (recompute, kernel)."""
+    """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group` (required;
+    the layer's `pg_collection.tp` must be the same group), as `tsp_options` says."""
+    require_group(tsp_group, "get_tsp_layer_spec", "tsp_group")
     options = tsp_options or TSPOptions()
     spec = _local_spec_with_sp_norms(config)
     attention = spec.submodules.self_attention

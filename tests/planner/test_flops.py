@@ -17,7 +17,7 @@ def test_bench_and_planner_count_the_same_model_flops(variant, kind, size):
     spec = ModelSpec(layers=shape.num_layers, hidden=shape.hidden_size, heads=shape.num_attention_heads,
                      kv_groups=shape.num_query_groups, ffn=shape.ffn_hidden_size, vocab=shape.vocab_size,
                      gated=shape.swiglu)
-    lay = Layout(kind, tsp=size) if kind == "tsp" else Layout(kind, tp=size)
+    lay = Layout(kind, tsp_size=size) if kind == "tsp" else Layout(kind, tp=size)
     per_gpu = flops(spec, TrainSpec(seq_len=seq), lay)["model_flops"]
     assert per_gpu * lay.size == pytest.approx(bench_rows.model_flops(shape)["total"], rel=1e-12)
     # recompute and the local head's second logits pass are not model work: the same count

@@ -28,12 +28,12 @@ def fwd_volume(model, layout, S, B=1, cluster=NODE4, exchange="ring"):
 def test_tsp_forward_volume_by_hand(D):
     S = 16384
     want = (D - 1) / D * (16 * H * H + 2 * S * H) * 2  # bf16 elements -> bytes
-    assert fwd_volume(MHA, Layout("tsp", tsp=D), S) == pytest.approx(want)
+    assert fwd_volume(MHA, Layout("tsp", tsp_size=D), S) == pytest.approx(want)
     assert fwd_volume(MHA, Layout("tp_sp", tp=D), S) == pytest.approx(4 * (D - 1) / D * S * H * 2)
 
 
 def test_tsp_vs_tp_sp_forward_crossover_at_8h_tokens():
-    tsp, tpsp = Layout("tsp", tsp=4), Layout("tp_sp", tp=4)
+    tsp, tpsp = Layout("tsp", tsp_size=4), Layout("tp_sp", tp=4)
     cross = 8 * H  # B*S = 8h = 32K tokens
     assert fwd_volume(MHA, tsp, cross) == pytest.approx(fwd_volume(MHA, tpsp, cross))
     assert fwd_volume(MHA, tsp, cross // 2) > fwd_volume(MHA, tpsp, cross // 2)
@@ -44,7 +44,7 @@ def test_tsp_vs_tp_sp_forward_crossover_at_8h_tokens():
 
 def test_gqa_lowers_the_kv_term():
     S, D = 65536, 4
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     diff = fwd_volume(MHA, lay, S) - fwd_volume(GQA, lay, S)
     kv_mha, kv_gqa = 32 * 128, 8 * 128
     # K/V all-gather: (D-1)/D * S * 2kv; weights: Wk, Wv shrink by h*(kv_mha - kv_gqa) each
@@ -56,7 +56,7 @@ def test_gqa_lowers_the_kv_term():
 def test_static_memory_is_18_bytes_per_parameter_and_the_distributed_optimizer_shards_12():
     P = MHA.total_params
     assert P == 32 * (16 * H * H + 2 * H) + 2 * 32000 * H + H
-    lay = Layout("tsp", tsp=4)
+    lay = Layout("tsp", tsp_size=4)
     mem = memory(MHA, TrainSpec(seq_len=16384), lay, NODE4)
     assert mem.params + mem.grads + mem.optimizer == pytest.approx((P - 32 * 2 * H - H) / 4 * 18 + (32 * 2 * H + H) * 18)
     node8 = Cluster(gpus_per_node=8)  # TSP D=4 x DP 2
@@ -76,10 +76,10 @@ def test_tsp_activation_items_by_hand():
 
 def test_tsp_memory_beats_tp_sp_and_recompute_modes_order():
     t = TrainSpec(seq_len=65536)
-    tsp = memory(MHA, t, Layout("tsp", tsp=4), NODE4)
+    tsp = memory(MHA, t, Layout("tsp", tsp_size=4), NODE4)
     tpsp = memory(MHA, t, Layout("tp_sp", tp=4), NODE4)
     assert tsp.peak < tpsp.peak
-    block = memory(MHA, TrainSpec(seq_len=65536, tsp_recompute="full"), Layout("tsp", tsp=4), NODE4)
+    block = memory(MHA, TrainSpec(seq_len=65536, tsp_recompute="full"), Layout("tsp", tsp_size=4), NODE4)
     assert block.activations < tsp.activations
     full = memory(MHA, TrainSpec(seq_len=65536, recompute="full"), Layout("tp_sp", tp=4), NODE4)
     assert full.activations < tpsp.activations
@@ -130,13 +130,13 @@ def test_measured_rows_within_bounds():
 @pytest.mark.parametrize("build,message", [
     (lambda: ModelSpec(layers=2, hidden=4096, heads=30), r"--hidden = 4096 must be divisible by --heads = 30"),
     (lambda: ModelSpec(layers=2, hidden=4096, heads=32, kv_groups=6), r"--heads = 32 must be divisible by --kv-groups = 6"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp=8)]),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=8)]),
      r"layout TSP D=8 needs 8 GPUs per replica, which does not divide --gpus-per-node x --nodes = 4"),
     (lambda: plan_all(MHA, TrainSpec(seq_len=4096), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
-                      [Layout("tsp", tsp=8)]), r"the TSP axis \(8\) must fit in one node"),
+                      [Layout("tsp", tsp_size=8)]), r"the TSP axis \(8\) must fit in one node"),
     (lambda: plan_all(ModelSpec(layers=2, hidden=3072, heads=6, ffn=8192), TrainSpec(seq_len=4096), NODE4,
-                      hardware.load("h200x4"), [Layout("tsp", tsp=4)]), r"--heads = 6 must be divisible by the layout TSP D=4"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=1004), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
+                      hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]), r"--heads = 6 must be divisible by the layout TSP D=4"),
+    (lambda: plan_all(MHA, TrainSpec(seq_len=1004), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"--seq-len = 1004 must be divisible by 2 x D = 8"),
     (lambda: hardware.load("mi300x_nonexistent"), r"--hardware 'mi300x_nonexistent': no such profile; available: .*h200x4"),
     (lambda: Layout.parse("zp4"), r"--layout 'zp4': expected one of"),
@@ -183,7 +183,7 @@ def test_validate_command_writes_the_table(tmp_path):
 
 
 def test_peak_gib_units():
-    mem = memory(MHA, TrainSpec(seq_len=16384), Layout("tsp", tsp=4), NODE4)
+    mem = memory(MHA, TrainSpec(seq_len=16384), Layout("tsp", tsp_size=4), NODE4)
     assert mem.as_gib()["peak"] == pytest.approx(mem.peak / GIB)
 
 
@@ -194,7 +194,7 @@ def test_whole_step_crossover_at_13h_tokens_for_d4():
         items = comm_items(MHA, TrainSpec(seq_len=S, mlp_exchange="ring"), layout, NODE4)
         return volume_per_layer(items, "fwd") + volume_per_layer(items, "bwd")
 
-    tsp, tpsp = Layout("tsp", tsp=4), Layout("tp_sp", tp=4)
+    tsp, tpsp = Layout("tsp", tsp_size=4), Layout("tp_sp", tp=4)
     assert total(tsp, 13 * H) == pytest.approx(total(tpsp, 13 * H))
     assert total(tsp, 13 * H) == pytest.approx((39 * H * H + 4.5 * 13 * H * H) * 2)
     assert total(tsp, 8 * H) > total(tpsp, 8 * H)
@@ -206,7 +206,7 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold():
     from megatron_tsp.config import AUTO_TOKENS_BELOW
     from megatron_tsp.planner import mlp_exchange
 
-    lay = Layout("tsp", tsp=4)
+    lay = Layout("tsp", tsp_size=4)
     below, at = TrainSpec(seq_len=4 * AUTO_TOKENS_BELOW - 8), TrainSpec(seq_len=4 * AUTO_TOKENS_BELOW)
     assert mlp_exchange(below, lay) == "tokens" and mlp_exchange(at, lay) == "ring"
     assert mlp_exchange(TrainSpec(seq_len=2 * AUTO_TOKENS_BELOW, micro_batch=2), lay) == "ring"  # B S / D
@@ -224,7 +224,7 @@ def test_tokens_exchange_volume_and_saved_activations_by_hand():
     input and reduce-scatters its output ((D-1)/D B S h b each), and it saves its intermediates
     over all S tokens at width f/D (gated: 5f/D) instead of the ring's fc1 output (2f per local token)."""
     S, D = 16384, 4
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     attn = (D - 1) / D * (4 * H * H + 2 * S * H) * 2
     assert fwd_volume(MHA, lay, S, exchange="tokens") == pytest.approx(attn + 2 * (D - 1) / D * S * H * 2)
     ring = tsp_saved_per_token(MHA, save_activations=True, exchange="ring")
@@ -241,7 +241,7 @@ def test_tsp_kv_transfers_overlap_one_shard_behind():
     """Save mode: of each layer's K/V all-gathers (both directions) and dK/dV reduce-scatters, one
     shard's worth is exposed and D-1 overlap; with recompute the backward re-gather is synchronous."""
     D, S = 4, 65536
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     kv = (D - 1) / D * S * 2 * H * 2
     for tsp_recompute, exposed_bwd_gather in (("none", kv / D), ("full", kv)):
         items = comm_items(MHA, TrainSpec(seq_len=S, tsp_recompute=tsp_recompute), lay, NODE4)
@@ -259,7 +259,7 @@ def test_ring_hops_hide_only_behind_their_shards_gemms():
     rank they do (no exposed ring time), at 4K per rank (16K, ring forced) the hop is longer."""
     from megatron_tsp.planner import step_time
 
-    hw, lay = hardware.load("h200x4"), Layout("tsp", tsp=4)
+    hw, lay = hardware.load("h200x4"), Layout("tsp", tsp_size=4)
 
     def ring_exposed(S):
         t = TrainSpec(seq_len=S, recompute="none", mlp_exchange="ring")
@@ -320,7 +320,7 @@ def test_full_uniform_recompute_keeps_one_input_per_chunk_by_hand(tsp_recompute)
     rebuilds N layers' activations under the in-layer mode (the working set). L = 8, D = 4,
     S = 64K: one input = 16384 x 4096 x 2 B = 128 MiB."""
     D, S = 4, 65536
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     inp = S / D * H * 2
     for N, inputs in ((1, 8), (2, 4), (4, 2)):
         t = TrainSpec(seq_len=S, recompute="full", recompute_num_layers=N, tsp_recompute=tsp_recompute,
@@ -342,7 +342,7 @@ def test_full_block_recompute_by_hand():
     """block N = 3 of L = 8: 3 inputs, 5 layers save everything, one layer rebuilt at a time,
     and the step runs 3/8 of a forward more: matmul FLOPs + 3/8 x 2 S P_layer L / D."""
     D, S = 4, 65536
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     t = TrainSpec(seq_len=S, recompute="full", recompute_method="block", recompute_num_layers=3, mlp_exchange="ring")
     mem = memory(SMALL, t, lay, NODE4)
     assert mem.detail["checkpointed layer inputs (full block N=3: 3 of 3 on the GPU)"] == pytest.approx(3 * S / D * H * 2)
@@ -364,7 +364,7 @@ def test_full_recompute_around_tsp_block_mode_runs_two_more_forwards():
     """tsp_recompute=full inside recompute=full: Megatron reruns the layer forward, and TSP's
     block backward recomputes each shard again: attention forward FLOPs x (1 + 1 + 1)."""
     D, S = 4, 65536
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     fwd_attn = 2 * S * S * MHA.q_dim * 32 / D
     t = TrainSpec(seq_len=S, recompute="full", tsp_recompute="full", mlp_exchange="ring")
     assert flops(MHA, t, lay)["attention"] == pytest.approx(fwd_attn * 3 + 2.5 * fwd_attn)
@@ -381,7 +381,7 @@ def test_offload_keeps_two_inputs_on_the_gpu_and_costs_host_copies():
     memory; each goes out in forward and back in backward at the profile's host bandwidth
     (50 GB/s assumed): 8 x 128 MiB / 50e9 s each way."""
     D, S = 4, 65536
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     inp = S / D * H * 2
     t = TrainSpec(seq_len=S, recompute="full", offload_activations=True, mlp_exchange="ring")
     mem = memory(SMALL, t, lay, NODE4)
@@ -408,7 +408,7 @@ def test_local_lm_head_working_set_by_hand():
     """local: 4096 tokens x V/D fp32 logits + the vocab shard and its gradient (V/D x h bf16);
     Megatron's: all S tokens x V/D in fp32 and bf16. D = 4, S = 64K, V = 32000."""
     D, S, V = 4, 65536, 32000
-    lay = Layout("tsp", tsp=D)
+    lay = Layout("tsp", tsp_size=D)
     local = lm_head_working_set(MHA, TrainSpec(seq_len=S), lay)
     assert sum(local.values()) == pytest.approx(4096 * V / D * 4 + 2 * V / D * H * 2)
     short = lm_head_working_set(MHA, TrainSpec(seq_len=S, lm_head_chunk_tokens=1024), lay)
@@ -448,13 +448,13 @@ def test_selective_recompute_of_the_baselines_by_hand():
     (lambda: TrainSpec(seq_len=64, lm_head_chunk_tokens=0), r"parallel.lm_head_chunk_tokens"),
     (lambda: TrainSpec(seq_len=64, norm="apex"), r"--norm = 'apex'"),
     (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=9), NODE4,
-                      hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
+                      hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"parallel.recompute_num_layers = 9 is more than the layers per stage \(8\)"),
     (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=3), NODE4,
-                      hardware.load("h200x4"), [Layout("tsp", tsp=4)]),
+                      hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"parallel.recompute_num_layers = 3 must divide the 8 layers per stage"),
     (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="selective"), NODE4, hardware.load("h200x4"),
-                      [Layout("tsp", tsp=4)]), r"parallel.recompute = selective is for the baselines"),
+                      [Layout("tsp", tsp_size=4)]), r"parallel.recompute = selective is for the baselines"),
 ])
 def test_bad_memory_options_are_clear_errors(build, message):
     with pytest.raises(PlanError, match=message):
@@ -584,12 +584,12 @@ def test_tsp_mlp_shard_backward_working_set_by_hand():
         s = S / D
         for rec, extra in (("none", 0), ("full", 2)):
             t = TrainSpec(seq_len=S, tsp_recompute=rec, mlp_exchange="ring")
-            _, scratch = tsp_mlp_in_flight(MHA, t, Layout("tsp", tsp=D))
+            _, scratch = tsp_mlp_in_flight(MHA, t, Layout("tsp", tsp_size=D))
             assert scratch == pytest.approx(s * 2 * ((6 + extra) * 4 * H / D + 2 * H)), (D, rec)
     gelu = ModelSpec(layers=2, hidden=H, heads=32, ffn=4 * H, gated=False)
-    _, scratch = tsp_mlp_in_flight(gelu, TrainSpec(seq_len=S, mlp_exchange="ring"), Layout("tsp", tsp=4))
+    _, scratch = tsp_mlp_in_flight(gelu, TrainSpec(seq_len=S, mlp_exchange="ring"), Layout("tsp", tsp_size=4))
     assert scratch == pytest.approx(S / 4 * 2 * (3 * 4 * H / 4 + 2 * H))  # act(h1), d act, d h1
-    lay = Layout("tsp", tsp=1)
+    lay = Layout("tsp", tsp_size=1)
     mem = memory(SMALL, TrainSpec(seq_len=S, tsp_recompute="full", mlp_exchange="ring"), lay, Cluster(gpus_per_node=1))
     head = mem.detail["final norm and LM-head input"] + mem.detail["LM-head log-sum-exp"]
     assert mem.peak_point == "layer backward (MLP)"
@@ -610,7 +610,7 @@ def test_one_h200_d1_rows_within_5_percent():
         model, seq = ModelSpec.from_recipe(recipe, r["overrides"])
         train = TrainSpec(seq_len=seq, global_batch=1, norm=r["predicted"]["norm"],
                           **recipe_train_options(recipe, r["overrides"]))
-        p = plan_layout(model, train, Layout("tsp", tsp=1), Cluster(gpus_per_node=1, gpu_memory_gib=139.8),
+        p = plan_layout(model, train, Layout("tsp", tsp_size=1), Cluster(gpus_per_node=1, gpu_memory_gib=139.8),
                         hardware.load("h200x4"))
         if r["measured"]["oom"]:
             assert not p.fits, (r["mode"], seq, p.memory.peak / GIB)
