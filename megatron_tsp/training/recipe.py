@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 import yaml
 
 from ..config import TSPConfigError, TSPOptions, check_seq_length
-from .build import ModelShape
+from .shape import ModelShape
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
