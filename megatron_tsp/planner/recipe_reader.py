@@ -1,7 +1,8 @@
 """A training recipe (configs/*.yaml) read without importing torch or megatron.
 
-`megatron_tsp.training.recipe` builds on `megatron_tsp.training.build.ModelShape`, whose module imports torch
-and megatron-core (tens of seconds on a loaded machine); the planner only needs the values.
+`megatron_tsp.training.recipe` (with `training.shape.ModelShape`) needs PyYAML's full recipe checks and sits
+beside modules that import torch and megatron-core (tens of seconds on a loaded machine); the planner only
+needs the values.
 The recipe dataclasses' field names and literal defaults are read from their source with `ast`
 (so a key another branch adds to the recipe is known here with its default, with no copy to
 keep in step), the YAML and the `section.key=value` overrides are applied as `load_recipe`
@@ -23,7 +24,7 @@ from .errors import PlanError
 _PKG = os.path.join(os.path.dirname(__file__), "..")
 # recipe section -> (source file, class) whose fields it holds; a class's bases in the same files
 _SECTIONS = {"model": "ModelRecipe", "parallel": "ParallelRecipe", "train": "TrainRecipe", "data": "DataRecipe"}
-_SOURCES = ("training/recipe.py", "training/build.py")
+_SOURCES = ("training/recipe.py", "training/shape.py")
 _MISSING = object()  # a field whose default is not a literal (a factory)
 
 
