@@ -396,9 +396,9 @@ def main(argv=None):
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             args = parser().parse_args(argv)
     if args.nproc_per_node is not None:  # `python -m megatron_tsp.training.loop --nproc-per-node N`
-        from .launch import main as launch_main
+        from ..cli import main as cli_main  # -> training.launch, which starts the workers
 
-        return launch_main(argv)
+        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
     warnings.filterwarnings("ignore", message=".*deprecated.*")
     hide_benign_output(verbose_requested(argv or sys.argv[1:]))
     recipe_path, overrides = args.recipe, list(args.overrides)
