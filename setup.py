@@ -22,5 +22,7 @@ setup(
     extras_require={
         # psutil: megatron-core's distributed checkpointing imports it without declaring it
         "test": ["pytest", "psutil"],
+        # bench's plot (bench_<tag>.png); the tables are written without it
+        "bench": ["matplotlib"],
     },
 )

@@ -1,11 +1,11 @@
-"""The `megatron-tsp` console script: `megatron-tsp COMMAND ...` (launch `train` under torchrun
-for more than one process). Each command is a module with a `main(argv)`."""
+"""The `megatron-tsp` console script: `megatron-tsp COMMAND ...` (`train --nproc-per-node N`
+starts N processes; under torchrun give it `--no-python`). Each command is a module with a `main(argv)`."""
 
 import importlib
 import sys
 
 COMMANDS = {
-    "train": ("megatron_tsp.training.loop", "train a GPT from a YAML recipe"),
+    "train": ("megatron_tsp.training.launch", "train a GPT from a YAML recipe (--nproc-per-node N: N local processes)"),
     "plan": ("megatron_tsp.planner.cli", "memory, communication and step time of TSP and its baselines"),
     "bench": ("megatron_tsp.bench.launcher", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
     "generate": ("megatron_tsp.inference.cli", "TSP prefill + tensor-parallel decode from a checkpoint: continuations, log-probs"),

@@ -35,8 +35,11 @@ the bf16 matmul rate measured at start on each GPU (8192^3, the largest of the r
 
 Outputs in `--out`: `bench_<tag>.jsonl` (records as they come), `bench_<tag>.json` (rows, config,
 command, commit, device, torch version, measured peak), `bench_<tag>.md` (table + targets),
-`bench_<tag>.png` (memory and tokens/s/GPU vs S; needs matplotlib, else rebuild it anywhere with
-`--from-jsonl`), `bench_<tag>.log` (the workers' output).
+`bench_<tag>.png` (memory and tokens/s/GPU vs S; needs matplotlib, `pip install -e .[bench]`, else
+rebuild it anywhere with `--from-jsonl`), `bench_<tag>.log` (the workers' output). `--out` defaults
+to ./bench_results; the recorded GPU results are in benchmarks/results (`plan validate` reads them).
+On CPU (gloo, --model tiny) the reports give step times only: no memory, TFLOP/s or MFU columns.
+A run in which no row ran exits 1; a machine that cannot run the model (7B without GPUs) exits 2.
 """
 
 
@@ -60,10 +63,28 @@ from .worker import worker
 
 # -- the orchestrator --------------------------------------------------------------------------
 
-def _row_line(rec: dict) -> str:
+DEFAULT_OUT = "bench_results"  # in the current directory: not benchmarks/results, which `plan validate` reads
+
+
+def machine_cannot(model: str, gpus: int) -> Optional[str]:
+    """Why this machine cannot run the rows at all (None if it can): the 7B rows need CUDA GPUs
+    (bf16; CPU processes run --model tiny), and --gpus of them."""
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if model != "tiny" and have == 0:
+        return f"--model {model} runs in bf16 on CUDA GPUs and this machine has none (on CPU: --model tiny)"
+    if have and gpus > have:
+        return f"--gpus {gpus}: this machine has {have} GPUs"
+    return None
+
+
+def _row_line(rec: dict, gpu: bool = True) -> str:
     head = f"{rec['layout']:>18s} {rec['variant']} {seq_label(rec['seq']):>5s}: "
     if rec["status"] != "ok":
         return head + rec["status"].upper() + (f" ({rec.get('note')})" if rec.get("note") else "")
+    if not gpu:  # CPU: no GPU memory, no bf16 peak, no MFU
+        return head + f"{rec['median_step_s']:.3f} s/step, {rec['tokens_per_s_per_gpu']:,.0f} tok/s/process"
     mfu = f", MFU {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else ""
     left = rec.get("alloc_before_build_gb") or 0
     warn = f" [WARNING: {left:.2f} GiB still allocated before the build]" if left > 0.25 else ""
@@ -127,7 +148,11 @@ def _launch(rows: List[dict], args, paths: dict, deadline: Optional[float]) -> d
         recs = read_records(paths["jsonl"])
         for rec in recs[seen:]:
             if rec.get("kind") == "row":
-                print(_row_line(rec), flush=True)
+                print(_row_line(rec, args.on_gpus), flush=True)
+            elif rec.get("kind") == "device" and rec.get("backend") != "nccl":
+                args.on_gpus = False
+                print(f"device: {rec['device']} x {rec['world']} ({rec.get('backend')}): step times only "
+                      "(memory, TFLOP/s and MFU are GPU measurements)", flush=True)
             elif rec.get("kind") == "device":
                 print(f"device: {rec['device']} x {rec['world']}, measured peak {rec['peak_tflops']:.0f} TFLOP/s "
                       f"({rec['peak_what']})", flush=True)
@@ -189,7 +214,14 @@ def orchestrate(args, argv: List[str]) -> int:
           f"{args.gpus} processes; estimated time {est / 60:.1f} min if every row runs"
           + (" (a rough upper estimate for 4 x H200)" if args.model == "7b" else "")
           + "; rows the installed recipe rejects are reported unavailable and take no time", flush=True)
+    cannot = machine_cannot(args.model, args.gpus)
     if args.dry_run:
+        if cannot:
+            print(f"  not runnable on this machine: {cannot}; 0 rows available here (the plan, for a machine "
+                  f"that has them:)", flush=True)
+            for r in rows:
+                print(f"    {r['id']}")
+            return 0
         reasons = {}
         for r in rows:
             key = (r["layout"], r["variant"])
@@ -205,6 +237,10 @@ def orchestrate(args, argv: List[str]) -> int:
             print(f"    {r['id']}")
         return 0
 
+    if cannot:
+        print(f"bench: not runnable on this machine: {cannot}", file=sys.stderr, flush=True)
+        return 2
+    args.on_gpus = True  # until the workers' device record says otherwise
     done = {}
     redo = set(filter(None, (args.redo or "").split(",")))
     if redo and not args.resume:
@@ -289,13 +325,19 @@ def orchestrate(args, argv: List[str]) -> int:
                   file=sys.stderr, flush=True)
             follow = ("skipped", f"not run: error at S={seq_label(row['seq'])}")
         record(rec)
-        print(_row_line(rec), flush=True)
+        print(_row_line(rec, args.on_gpus), flush=True)
         for r in pending:
             if r["layout"] == row["layout"] and r["variant"] == row["variant"] and r["seq"] > row["seq"]:
                 record(row_base(r, status=follow[0], note=follow[1], measured=False))
         pending = [r for r in pending if r["id"] not in done]
     print(f"bench: finished in {(time.time() - t0) / 60:.1f} min", flush=True)
-    return write_reports(paths["jsonl"], args.out, args.tag, args.readme)
+    rc = write_reports(paths["jsonl"], args.out, args.tag, args.readme)
+    ran = [rec for rec in done.values() if rec.get("status") in ("ok", "oom")]
+    if rc == 0 and rows and not ran:
+        print(f"bench: no row ran ({len(rows)} failed, timed out or were unavailable; the log: {paths['log']})",
+              file=sys.stderr, flush=True)
+        return 1
+    return rc
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -305,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
         prog="megatron-tsp bench",
         description="Benchmark TSP against TP, TP+SP, CP, TP x CP and FSDP-over-CP (peak memory, step time, "
                     "tokens/s/GPU, MFU) over sequence lengths; launches torchrun itself (do not wrap it in torchrun).",
-        epilog="Layouts: " + ", ".join(f"{k} ({v.label})" for k, v in LAYOUTS.items())
+        epilog="Layouts (N = --gpus): " + ", ".join(f"{k} ({v.label.format(n='N', half='N/2')})" for k, v in LAYOUTS.items())
                + f".\nFor tests: {FAKE_OOM_ENV} / {FAKE_HANG_ENV}=LAYOUT:SEQ:RANK simulate an OOM / a hang.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -324,7 +366,9 @@ def parser() -> argparse.ArgumentParser:
                    help="one torchrun for all rows (relaunched after a failure), or one per layout (slower start, "
                         "no process-group rebuild inside a process) (default one)")
     p.add_argument("--budget", type=float, default=None, help="stop the whole benchmark after this many seconds (and still report)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results; with --from-jsonl: the file's folder)")
+    p.add_argument("--out", default=None, help=f"output folder (default ./{DEFAULT_OUT} in the current directory; "
+                                               "with --from-jsonl: the file's folder). The recorded GPU results live in "
+                                               "benchmarks/results, which `plan validate` reads: write there on purpose only")
     p.add_argument("--tag", default=None, help="output name bench_<tag>.* (default: model and GPU count)")
     p.add_argument("--no-probe", action="store_true", help="skip the attention-kernel micro-measurement")
     p.add_argument("--profile", action="store_true",
@@ -360,7 +404,7 @@ def main(argv=None) -> int:
         return 2
     args.seq = args.seq or MODELS[args.model]["seq"]
     args.tag = args.tag or f"{args.model}_{args.gpus}"
-    args.out = args.out or "benchmarks/results"
+    args.out = args.out or DEFAULT_OUT
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("bench: --steps must be >= 1 and --warmup >= 0")
     return orchestrate(args, argv)

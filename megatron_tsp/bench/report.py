@@ -148,7 +148,30 @@ def _fmt(x, spec, empty="-"):
     return empty if x is None else format(x, spec)
 
 
-def _results_table(rows: List[dict]) -> List[str]:
+def on_gpus(devices: List[dict]) -> bool:
+    """Whether the rows ran on GPUs: CPU runs (gloo) have no GPU memory, no bf16 peak and no MFU."""
+    return bool(devices) and devices[0].get("backend") == "nccl"
+
+
+GPU_ONLY_COLUMNS = ("alloc GiB", "reserved GiB", "MFU", "alloc / TP+SP")
+
+
+def _results_table(rows: List[dict], gpu: bool = True) -> List[str]:
+    lines = _results_table_all(rows)
+    if gpu:
+        return lines
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    keep = [i for i, c in enumerate(head) if c not in GPU_ONLY_COLUMNS]
+    out = []
+    for ln in lines:
+        cells = ln.strip()[1:-1].split("|")
+        if cells[5].strip() == "-":  # a row that did not run: its status word moves to the step column
+            cells[5] = cells[3]
+        out.append("|" + "|".join(cells[i] for i in keep) + "|")
+    return [ln.replace("tok/s/GPU", "tok/s/process") for ln in out]
+
+
+def _results_table_all(rows: List[dict]) -> List[str]:
     lines = ["| layout | variant | S | alloc GiB | reserved GiB | step s | tok/s/GPU | MFU | alloc / TP+SP | step / TP+SP | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     shown_unavailable = set()
@@ -217,6 +240,7 @@ def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict]
 
 def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[dict]) -> str:
     dev = devices[0] if devices else {}
+    gpu = on_gpus(devices)
     m = MODELS.get(meta.get("model", "7b"), {})
     lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
     lines += [
@@ -242,8 +266,12 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
         " 2 h S(S+1) per layer), T = S tokens; recomputation is not counted (`megatron_tsp.planner.flops`, the planner's count).",
         "",
     ]
-    lines += _results_table(rows)
-    probes = [r for r in rows if r["status"] == "ok" and "seconds" in r.get("attention_probe", {})]
+    if not gpu:  # no GPU memory, bf16 peak or MFU on CPU: those lines and columns are left out
+        lines = [ln for ln in lines if not ln.startswith(("- **Measured peak:**", "- **MFU**"))]
+        lines.insert(-1, "- **CPU run** (gloo): step times and tokens/s only; memory, TFLOP/s and MFU are GPU "
+                         "measurements and are left out.")
+    lines += _results_table(rows, gpu)
+    probes = [r for r in rows if gpu and r["status"] == "ok" and "seconds" in r.get("attention_probe", {})]
     if probes:
         lines += ["", "Attention kernel alone (forward + backward of one layer shard on each rank's shapes, model FLOPs;"
                   " TSP: its two zigzag chunks against their causal prefixes, `AttentionShard.attend` and `attend_backward`; TP: causal SDPA"
@@ -254,8 +282,11 @@ def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[di
             p = r["attention_probe"]
             lines.append(f"| {r['label']} | {r['variant']} | {seq_label(r['seq'])} | {1e3 * p['seconds']:.1f} | "
                          f"{p['tflops']:.3g} | {100 * p['mfu']:.1f}% | {100 * r['attention_flops_share']:.0f}% |")
-    lines += ["", "## Targets", ""] + _targets_table(targets)
-    lines += ["", TARGETS_DOC, ""]
+    if gpu:
+        lines += ["", "## Targets", ""] + _targets_table(targets)
+        lines += ["", TARGETS_DOC, ""]
+    else:
+        lines += [""]
     notes = {r["layout"]: (r["label"], meta.get("layouts", {}).get(r["layout"], {})) for r in rows}
     n = meta.get("gpus", 4)
     lines += ["Layouts (recipe overrides):", ""]
@@ -321,7 +352,7 @@ def plot(rows: List[dict], meta: dict, devices: List[dict], path: str) -> bool:
 def write_reports(jsonl: str, out: str, tag: str, readme: Optional[str] = None) -> int:
     records = read_records(jsonl)
     meta, devices, rows = collect(records)
-    targets = evaluate_targets(rows)
+    targets = evaluate_targets(rows) if on_gpus(devices) else []  # memory targets mean nothing on CPU
     base = os.path.join(out, f"bench_{tag}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "devices": devices, "rows": rows, "targets": targets}, f, indent=1)
@@ -331,7 +362,7 @@ def write_reports(jsonl: str, out: str, tag: str, readme: Optional[str] = None) 
     if readme:
         update_readme(readme, meta, devices, rows, targets, base + ".md", base + ".png" if made else None)
     print(f"bench: wrote {base}.json, {base}.md" + (f", {base}.png" if made else
-          " (no matplotlib here: rebuild the plot elsewhere with --from-jsonl)"), flush=True)
+          " (no plot: matplotlib is not installed; `pip install -e .[bench]`, then rebuild it with --from-jsonl)"), flush=True)
     for t in targets:
         print(f"  {t['target']} [{t['variant']}]: {t['verdict']} ({t['detail']})", flush=True)
     return 0

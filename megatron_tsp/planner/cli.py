@@ -5,6 +5,7 @@ TP+SP, CP, TP x CP and FSDP-over-CP for a model, context length and cluster.
     megatron-tsp plan --layers 32 --hidden 4096 --heads 32 --ffn 16384 --vocab 32000 \\
         --seq-len 131072 --gpus-per-node 8 --gpu-memory-gb 192 --json
     megatron-tsp plan configs/7b_16k.yaml --frontier --gpus-per-node 8 --json   # the longest contexts
+    megatron-tsp plan configs/7b_16k.yaml --layout tsp4 --layout tp2xcp2   # two layouts on the default h200x4
     megatron-tsp plan validate      # regenerate docs/plan_validation.md from benchmarks/results/*.json
 
 Formulas: docs/planner.md.
@@ -24,7 +25,9 @@ from .model import LM_HEADS, NORMS, RECOMPUTE, RECOMPUTE_METHODS, TSP_RECOMPUTE
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-tsp plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Subcommand: `megatron-tsp plan validate [--out FILE]`. Formulas: docs/planner.md")
+                                epilog="examples (each runs as written; tests/planner/test_plan_help.py runs them):\n"
+                                       + __doc__.split("\n\n")[1].rstrip()
+                                       + "\n\nSubcommand: `megatron-tsp plan validate [--out FILE]`. Formulas: docs/planner.md")
     p.add_argument("recipe", nargs="?", help="a training recipe (configs/*.yaml); flags below override it")
     p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
     m = p.add_argument_group("model (without a recipe: --layers, --hidden, --heads are required)")
@@ -76,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
                    help="host GiB per node for offloaded activations (default: the profile's host.memory_gib)")
     c.add_argument("--hardware", default="h200x4", help="configs/hardware/NAME.yaml or a path (default h200x4)")
     o = p.add_argument_group("output")
-    o.add_argument("--layout", action="append", help="only these layouts (repeatable): tsp4, tp4, tp_sp4, cp4, "
-                                                      "tp2xcp4, fsdp_cp4")
+    o.add_argument("--layout", action="append", help="only these layouts (repeatable), named with their sizes: e.g. on "
+                                                      "4 GPUs tsp4, tp4, tp_sp4, cp4, tp2xcp2, fsdp_cp4 "
+                                                      "(tp2xcp4 needs 8 GPUs: --gpus-per-node 8)")
     o.add_argument("--json", action="store_true", help="JSON instead of tables")
     o.add_argument("--frontier", action="store_true",
                    help="per layout the longest context that fits (powers of two from the recipe's S to "

@@ -2,12 +2,14 @@
 own parts (DDP, get_megatron_optimizer, get_forward_backward_func, dist_checkpointing,
 MockGPTDataset / GPTDataset through BlendedMegatronDatasetBuilder).
 
+    megatron-tsp train --nproc-per-node 2 configs/tiny.yaml parallel.size=2 train.steps=10
     torchrun --nproc-per-node 2 -m megatron_tsp.training.loop configs/tiny.yaml parallel.size=2 train.steps=10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TSPConfigError, recipe_help
+from ..output import hide_benign_output, print_user_error, rank, verbose_requested
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
                          latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
 from .recipe import Recipe, RecipeError, load_recipe
@@ -370,7 +373,11 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tsp train",
-        description="Train a GPT with TSP (or a baseline layout) from a YAML recipe; launch with torchrun.",
+        description="Train a GPT with TSP (or a baseline layout) from a YAML recipe. On one machine "
+                    "`--nproc-per-node N` starts the N processes; under torchrun: `torchrun --nproc-per-node N "
+                    "--no-python megatron-tsp train ...` (torchrun runs a Python file unless told --no-python) or "
+                    "`python -m torch.distributed.run --nproc-per-node N -m megatron_tsp.cli train ...`; under SLURM: "
+                    "srun of either torchrun form, one per node.",
         epilog="Recipe keys (section.key=value), their defaults and meanings:\n" + recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -378,13 +385,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.size=4 model.seq_length=32768")
     p.add_argument("--resume", metavar="DIR", help="resume from the latest checkpoint in DIR (sets train.save_dir=DIR train.resume=true)")
     p.add_argument("--summary-json", metavar="FILE", help="write the final summary (rank 0) to FILE")
+    p.add_argument("--nproc-per-node", metavar="N", type=int,
+                   help="start N worker processes on this machine (no torchrun; not under torchrun / srun)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every warning (by default the known-benign ones from megatron-core and torch are "
+                        "hidden, and rank 0 says so in one line)")
     return p
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    args = parser().parse_args(argv)
+    if rank() == 0:
+        args = parser().parse_args(argv)
+    else:  # argparse's own errors: rank 0 prints them
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            args = parser().parse_args(argv)
+    if args.nproc_per_node is not None:  # `python -m megatron_tsp.training.loop --nproc-per-node N`
+        from ..cli import main as cli_main  # -> training.launch, which starts the workers
+
+        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    hide_benign_output(verbose_requested(argv or sys.argv[1:]))
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path is not None and "=" in recipe_path:  # only overrides were given
         overrides.insert(0, recipe_path)
@@ -393,11 +413,10 @@ def main(argv=None):
         overrides += [f"train.save_dir={args.resume}", "train.resume=true"]
     try:
         result = run(load_recipe(recipe_path, overrides))
-    except TSPConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except TSPConfigError as e:  # raised on every rank before any collective: rank 0 says it
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return print_user_error("megatron-tsp train", e)
     if args.summary_json and dist.get_rank() == 0:
         with open(args.summary_json, "w") as f:
             json.dump(result["summary"], f, indent=1)

@@ -102,10 +102,14 @@ def test_bench_cpu(tmp_path, monkeypatch):
     assert report["meta"]["command"].startswith("megatron-tsp bench --gpus 2")
     assert report["devices"][0]["world"] == 2 and report["devices"][0]["peak_tflops"] > 0
     md = (out / "bench_t.md").read_text()
-    for line in ("| TSP D=2 | mha | 64 | 0.0 |", "| TP=2+SP | mha | 64 | 0.0 |", "| bogus | mha | 64, 128, 256 | unavailable",
+    for line in (f"| TSP D=2 | mha | 64 | {rows['tsp/mha/64']['median_step_s']:.3f} |",
+                 f"| TP=2+SP | mha | 64 | {rows['tp_sp/mha/64']['median_step_s']:.3f} |",
+                 "| bogus | mha | 64, 128, 256 | unavailable", "| layout | variant | S | step s | tok/s/process |",
                  "| TP=2+SP | mha | 128 | OOM |", "| TP=2+SP | mha | 256 | OOM |", "| TSP D=2 | mha | 128 | timeout |",
-                 "## Targets", "| 3. TSP peak <= 1.05 x TP+SP | mha | **not measured** |"):
+                 "**CPU run** (gloo)"):
         assert line in md, line
+    for gpu_only in ("GiB", "MFU", "TFLOP/s", "## Targets", "Measured peak"):  # GPU measurements: not on CPU
+        assert gpu_only not in md, gpu_only
     # the reports are rebuilt from the JSON-lines file alone
     os.remove(out / "bench_t.md")
     assert bench_launcher.main(["--from-jsonl", str(out / "bench_t.jsonl")]) == 0
@@ -241,3 +245,42 @@ def test_merged_runs_name_the_commit_of_each_row():
     assert {r["id"]: r["run_commit"] for r in rows} == {"tsp/mha/64": "aaa", "tp_sp/mha/64": "bbb"}
     assert bench_report._commits(rows, meta) == "`aaa`: tsp/mha/64; `bbb`: tp_sp/mha/64"
     assert bench_report._commits(rows[:1], meta) == "`aaa`"
+
+
+def test_cpu_machine_cannot_run_7b_rows(tmp_path, monkeypatch, capsys):
+    """No GPU: --dry-run says the 7B rows cannot run here (none "available here"), and a real
+    run refuses at once with exit code 2 instead of an error per row."""
+    monkeypatch.setattr(bench_launcher, "machine_cannot", lambda model, gpus: None if model == "tiny" else "no GPUs")
+    out = str(tmp_path / "out")
+    assert bench_launcher.main(["--dry-run", "--out", out]) == 0
+    said = capsys.readouterr().out
+    assert "not runnable on this machine: no GPUs; 0 rows available here" in said, said
+    monkeypatch.setattr(bench_launcher, "_launch", lambda *a, **k: pytest.fail("nothing may run"))
+    assert bench_launcher.main(["--out", out]) == 2
+    assert "not runnable on this machine" in capsys.readouterr().err
+
+
+def test_machine_cannot_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine")
+    assert "none" in bench_launcher.machine_cannot("7b", 4) and bench_launcher.machine_cannot("tiny", 2) is None
+
+
+def test_every_row_failed_exits_nonzero(tmp_path, monkeypatch):
+    """Workers that die before their first row: every row is an error, the report is written, exit 1."""
+    monkeypatch.setattr(bench_launcher, "_launch", lambda *a, **k: {"rc": 1, "timed_out": False, "over_budget": False,
+                                                                    "current": None, "fails": []})
+    out = tmp_path / "out"
+    assert bench_launcher.main(["--gpus", "2", "--model", "tiny", "--out", str(out), "--tag", "f", "--seq", "64",
+                                "--layouts", "tsp", "--variants", "mha"]) == 1
+    rows = json.loads((out / "bench_f.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["error"]
+
+
+def test_help_placeholders_filled_and_out_default_outside_results():
+    text = bench_launcher.parser().format_help()
+    assert "{n}" not in text and "{half}" not in text and "TSP D=N" in text
+    assert "bench_results" in text
+    assert not bench_launcher.DEFAULT_OUT.startswith("benchmarks")

@@ -1,0 +1,83 @@
+"""What the `megatron-tsp` commands print: known-benign warnings hidden (one info line on rank 0
+says so; `--verbose` shows them all), user errors printed once, by rank 0, exit code 2.
+
+The benign ones, by where they come from:
+- megatron-core's import on a machine without Transformer Engine / apex / absl ("Falling back to
+  Torch optimizers / local implementations / Torch Norm"), and its experimental-API notes;
+- the mock dataset's "Unable to save MockGPTDataset indexes because path_to_cache is None";
+- "set CUDA_DEVICE_MAX_CONNECTIONS to 1" (sequence parallelism; the driver's TSP exchanges do not
+  depend on it);
+- torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine).
+Standard library only: the launcher and `--help` import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+
+VERBOSE_ENV = "MEGATRON_TSP_VERBOSE"  # set by `--verbose` for the workers a launcher starts
+
+# Python warnings (re.match against the message text).
+BENIGN_WARNINGS = (
+    r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed",
+    r".*absl\.logging is not installed",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS",
+    r".*is experimental and still under active development",
+)
+# logging records: (logger name, message regex).
+BENIGN_LOG_RECORDS = (
+    ("megatron.core.datasets.gpt_dataset", r"Unable to save \w+ indexes"),
+    ("megatron.core.datasets.blended_megatron_dataset_builder", r"Unable to save \w+ indexes"),
+    ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
+)
+INFO_LINE = ("megatron-tsp: known-benign notices from megatron-core and torch (Transformer Engine / apex / absl "
+             "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS) are hidden; --verbose shows them")
+
+
+def rank() -> int:
+    """This process's global rank from the launcher's environment (torchrun, SLURM, ours), before
+    torch.distributed exists; 0 without one."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def verbose_requested(argv) -> bool:
+    return "--verbose" in argv or os.environ.get(VERBOSE_ENV) == "1"
+
+
+def hide_benign_output(verbose: bool = False, announce: bool = True) -> None:
+    """Hide the known-benign warnings (not with `verbose`); rank 0 prints INFO_LINE on stdout once
+    when `announce`. Call before megatron-core is imported (its warnings come at import)."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    for pattern in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name, pattern in BENIGN_LOG_RECORDS:
+        logging.getLogger(name).addFilter(_DropMatching(pattern))
+    if announce and rank() == 0:
+        print(INFO_LINE, flush=True)
+
+
+def print_user_error(prog: str, error: BaseException) -> int:
+    """A user error (TSPConfigError / RecipeError, raised on every rank before any collective):
+    rank 0 prints it, the others stay silent. Returns the exit code, 2."""
+    if rank() == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    return 2

@@ -1,0 +1,124 @@
+"""`megatron-tsp train`'s entry: `--nproc-per-node N` starts N worker processes on this machine
+itself (no torchrun needed); without it this process is one worker (`training.loop.main`) of a
+world that torchrun / SLURM / this launcher set up, or a world of one.
+
+    megatron-tsp train --nproc-per-node 2 configs/tiny.yaml parallel.size=2
+    torchrun --nproc-per-node 2 --no-python megatron-tsp train configs/tiny.yaml parallel.size=2
+
+The launcher imports neither torch nor megatron. It gives each worker torchrun's environment
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT /
+SIGTERM to them (they save and stop: `training.signals`; the copy of a terminal's Ctrl-C they got
+themselves is not a second request), and returns the first failing worker's exit code (2 for a
+user error, which rank 0 alone has printed) without a traceback of its own. When one worker fails
+the others get GRACE_S to fail the same way, then are terminated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+GRACE_S = 30.0
+PROG = "megatron-tsp train"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split_nproc(argv: List[str]):
+    """(N or None, argv without `--nproc-per-node N` / `--nproc-per-node=N`). Raises ValueError
+    on a missing or non-positive N."""
+    rest, n, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc-per-node" or a == "--nproc_per_node":
+            if i + 1 >= len(argv):
+                raise ValueError("--nproc-per-node needs a number of processes")
+            value, i = argv[i + 1], i + 2
+        elif a.startswith("--nproc-per-node=") or a.startswith("--nproc_per_node="):
+            value, i = a.split("=", 1)[1], i + 1
+        else:
+            rest.append(a)
+            i += 1
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--nproc-per-node = {value!r}: a positive number of processes")
+        n = int(value)
+    return n, rest
+
+
+def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> int:
+    """Run `python -m megatron_tsp.cli train ARGV` as `nproc` local workers; their exit code."""
+    env = dict(os.environ if env is None else env)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", TORCHELASTIC_RUN_ID="megatron-tsp")
+    procs = []
+    for r in range(nproc):
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", "train", *argv],
+                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed_at, first_rc = None, 0
+        while any(p.poll() is None for p in procs):
+            if failed_at is None:
+                bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if bad:
+                    failed_at, first_rc = time.time(), bad[0]
+            elif time.time() - failed_at > GRACE_S:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                deadline = time.time() + 10
+                while any(p.poll() is None for p in procs) and time.time() < deadline:
+                    time.sleep(0.1)
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                break
+            time.sleep(0.1)
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if first_rc == 0:
+        first_rc = next((c for c in codes if c != 0), 0)
+    if first_rc not in (0, 2):  # a crash (its traceback is above) or a signal: say which exit code
+        what = f"signal {-first_rc}" if first_rc < 0 else f"exit code {first_rc}"
+        print(f"{PROG}: a worker stopped with {what} (exit codes by rank: {codes})", file=sys.stderr, flush=True)
+    return 128 - first_rc if first_rc < 0 else first_rc
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        nproc, rest = split_nproc(argv)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if nproc is not None and "-h" not in rest and "--help" not in rest:
+        if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+            from ..output import print_user_error
+
+            return print_user_error(PROG, "--nproc-per-node starts the workers itself: run it without torchrun, "
+                                          "or drop it under torchrun / srun")
+        return launch_workers(nproc, rest)
+    from .loop import main as worker_main
+
+    return worker_main(rest if nproc is not None else argv)
