@@ -40,9 +40,9 @@ def check_world_size(world_size: int, tsp_size: int, pipeline_model_parallel_siz
 def check_parallel_sizes(
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
 ) -> None:
-    """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP."""
+    """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP (expert
+    parallelism is checked by `megatron_tsp.moe.check_expert_parallel`)."""
     if tensor_model_parallel_size not in (None, 1):
         raise TSPConfigError(
             f"--tensor-model-parallel-size = {tensor_model_parallel_size} cannot be combined with "
@@ -52,11 +52,6 @@ def check_parallel_sizes(
         raise TSPConfigError(
             f"--context-parallel-size = {context_parallel_size} cannot be combined with "
             f"--tsp-size: TSP already splits the sequence (leave it at 1)"
-        )
-    if expert_model_parallel_size not in (None, 1):
-        raise TSPConfigError(
-            f"--expert-model-parallel-size = {expert_model_parallel_size}: MoE is not supported "
-            f"with --tsp-size in this version"
         )
 
 
@@ -83,8 +78,11 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
     check_parallel_sizes(
         config.tensor_model_parallel_size if D == 1 else 1,
         config.context_parallel_size,
-        config.expert_model_parallel_size,
     )
+    if config.num_moe_experts not in (None, 0):
+        from .moe import check_moe_config
+
+        check_moe_config(config, D)
     if D > 1 and config.tensor_model_parallel_size != D:
         raise TSPConfigError(
             f"TransformerConfig.tensor_model_parallel_size = {config.tensor_model_parallel_size} "
@@ -97,7 +95,6 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
             "(norm gradients are summed over the TSP group like Megatron's sequence parallelism)"
         )
     unsupported = {
-        "num_moe_experts": ("--num-experts", lambda v: v not in (None, 0)),
         "multi_latent_attention": ("--multi-latent-attention", bool),
         "qk_layernorm": ("--qk-layernorm", bool),
         "attention_output_gate": ("--attention-output-gate", bool),

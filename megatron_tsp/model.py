@@ -33,6 +33,10 @@ class TSPGPTModel(GPTModel):
         pg_collection = kwargs.get("pg_collection")
         group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
         validate_transformer_config(config, group.size())
+        if config.num_moe_experts:
+            from .moe import check_expert_groups
+
+            check_expert_groups(config, pg_collection)
         if kwargs.get("mtp_block_spec") is not None:
             raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
         tsp_options = tsp_options or TSPOptions()

@@ -82,6 +82,9 @@ def init_distributed() -> str:
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
+    if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.moe), expert TP = 1
+        kw.setdefault("expert_model_parallel_size", mpu.get_expert_model_parallel_world_size())
+        kw.setdefault("expert_tensor_parallel_size", 1)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -208,14 +211,18 @@ def layout_invariant_init(model, seed: int) -> None:
     init_method / output_layer_init_method scales; norms and biases keep their constant init."""
     import zlib
 
+    from .moe import expert_param_global_name
+
     config = model.config
     out_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     tp = mpu.get_tensor_model_parallel_group()
-    D, r = tp.size(), tp.rank()
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        gname = _global_name(model, name)
+        expert = getattr(p, "allreduce", True) is False  # Megatron's mark of an MoE expert's parameter
+        # An expert is whole on its rank (expert TP = 1) and named by its global expert index.
+        D, r = (1, 0) if expert else (tp.size(), tp.rank())
+        gname = _global_name(model, expert_param_global_name(model, name) if expert else name)
         shape = list(p.shape)
         dim, stride = (p.partition_dim, getattr(p, "partition_stride", 1)) if getattr(p, "tensor_model_parallel", False) else (None, 1)
         if dim is not None:

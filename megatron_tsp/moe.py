@@ -1,0 +1,285 @@
+"""Mixture of experts on the TSP axis, with Megatron's own `MoELayer`.
+
+Each TSP rank already holds distinct tokens (1/D of every sequence, zigzag chunks), which is
+what an expert-parallel all-to-all wants: the MLP of an MoE layer is Megatron's `MoELayer`
+with the `alltoall` dispatcher on the tokens this rank holds, experts 1/EP per rank (EP = the
+TSP group when EP = D, or D x k ranks over TSP x DP). No sequence is gathered.
+
+What differs from Megatron's TP+SP MoE layer, and why:
+- Shared experts run as the TSP ring MLP (`TSPSharedExpertMLP`), not Megatron's
+  `SharedExpertMLP`, which all-gathers the sequence over the TP group.
+- Token dropping (capacity factor) decides over every token of the micro-batch, as the
+  single-process model does (`TSPTopKRouter`): each rank all-gathers its tokens' routing
+  probabilities (E numbers per token, never hidden states) over the TSP group, puts them in
+  natural order and runs Megatron's own `apply_router_token_dropping` on the whole set, then
+  keeps its rows. (Megatron's SP router drops per rank-local token set instead.)
+- Router statistics need no change: the aux-loss token counts are summed over TP x CP (the
+  TSP group) and each rank's loss term covers its own tokens, so the terms sum to the
+  single-process loss; the per-sequence aux loss sums counts per (sequence, expert) over the
+  group, which is order-free, so the zigzag layout is exact; the z-loss is scaled by 1/D and
+  summed through the router's sequence-parallel gradient reduction.
+
+Refused, with one `TSPConfigError` before any collective (`check_moe_config`): the `allgather`
+dispatcher (it all-gathers hidden states over TP x EP, the whole sequence), `flex` (DeepEP;
+not tested), expert tensor parallelism > 1 (its all-gather over ETP would gather tokens),
+shared-expert overlap and gate, sinkhorn routing (it normalises over the rank's tokens),
+fused router kernels and latent MoE (Transformer Engine only).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .config import TSPConfigError, TSPOptions
+from .mlp import TSPRingMLP
+from .zigzag import from_zigzag, to_zigzag
+
+DISPATCHERS = ("alltoall",)
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+def moe_layer_pattern(config) -> List[int]:
+    """1 for an MoE layer, 0 for a dense one, per layer (Megatron's reading of
+    `moe_layer_freq`: an int N puts experts in layers 0, N, 2N, ...; a list gives each layer)."""
+    freq, n = config.moe_layer_freq, config.num_layers
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [1 if i % freq == 0 else 0 for i in range(n)]
+    if isinstance(freq, (list, tuple)) and len(freq) == n and all(v in (0, 1) for v in freq):
+        return list(freq)
+    raise TSPConfigError(
+        f"--moe-layer-freq = {freq!r} must be a positive integer or a list of {n} zeros and ones "
+        f"(one per layer, --num-layers = {n})"
+    )
+
+
+def check_expert_parallel(num_experts: Optional[int], expert_model_parallel_size: int, world_size: int, tsp_size: int,
+                          pipeline_model_parallel_size: int = 1, expert_tensor_parallel_size: int = 1) -> None:
+    """The expert-parallel layout: EP divides the experts (unchecked when `num_experts` is None,
+    as when the groups are built) and fits the ranks of a pipeline stage."""
+    ep = expert_model_parallel_size
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise TSPConfigError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
+    if expert_tensor_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {expert_tensor_parallel_size} cannot be combined with --tsp-size: "
+            f"expert tensor parallelism all-gathers each rank's tokens over its group; use 1 (the default with TSP)"
+        )
+    if num_experts is not None and ep > 1 and not num_experts:
+        raise TSPConfigError(f"--expert-model-parallel-size = {ep} needs --num-experts")
+    if num_experts and num_experts % ep:
+        raise TSPConfigError(
+            f"--num-experts = {num_experts} must be divisible by --expert-model-parallel-size = {ep}"
+        )
+    stage = world_size // pipeline_model_parallel_size
+    if world_size % pipeline_model_parallel_size or stage % ep:
+        raise TSPConfigError(
+            f"--expert-model-parallel-size = {ep} does not fit the world: the {world_size} ranks / "
+            f"--pipeline-model-parallel-size {pipeline_model_parallel_size} = {stage} ranks per stage "
+            f"must be a multiple of it (EP spans TSP ranks, D = {tsp_size}, then data-parallel ranks)"
+        )
+
+
+def check_moe_config(config, tsp_size: int) -> None:
+    """Every MoE option the TSP layer does not run exactly, refused (pure function of the config)."""
+    E = config.num_moe_experts
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+        raise TSPConfigError(f"--num-experts must be a positive integer, got {E!r}")
+    dispatcher = config.moe_token_dispatcher_type
+    if dispatcher not in DISPATCHERS:
+        why = {
+            "allgather": "it all-gathers every rank's hidden states over TP x EP, i.e. the whole sequence",
+            "flex": "DeepEP / HybridEP is not tested with TSP in this version",
+        }.get(dispatcher, "unknown dispatcher")
+        raise TSPConfigError(
+            f"--moe-token-dispatcher-type = {dispatcher!r} is not supported with --tsp-size ({why}): use alltoall"
+        )
+    etp = getattr(config, "expert_tensor_parallel_size", 1)
+    if etp not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {etp} cannot be combined with --tsp-size: expert tensor "
+            f"parallelism all-gathers each rank's tokens over its group; use 1"
+        )
+    k = config.moe_router_topk
+    if not 1 <= k <= E:
+        raise TSPConfigError(f"--moe-router-topk = {k} must be between 1 and --num-experts = {E}")
+    types = config.moe_router_load_balancing_type
+    for t in types if isinstance(types, list) else [types]:
+        if t not in LOAD_BALANCING:
+            raise TSPConfigError(
+                f"--moe-router-load-balancing-type = {t!r} is not supported with --tsp-size "
+                f"(use one of {', '.join(LOAD_BALANCING)}; sinkhorn normalises over each rank's tokens)"
+            )
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        if shared % tsp_size:
+            raise TSPConfigError(
+                f"--moe-shared-expert-intermediate-size = {shared} must be divisible by --tsp-size = {tsp_size} "
+                f"(the shared expert runs as the TSP ring MLP)"
+            )
+        if config.add_bias_linear:
+            raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
+    unsupported = {
+        "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
+        "moe_shared_expert_gate": "--moe-shared-expert-gate",
+        "moe_router_fusion": "--moe-router-fusion",
+        "moe_latent_size": "--moe-latent-size",
+        "moe_use_upcycling": "--moe-use-upcycling",
+        "moe_enable_routing_replay": "--moe-enable-routing-replay",
+    }
+    for field, flag in unsupported.items():
+        value = getattr(config, field, None)
+        if value:
+            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version")
+    if tsp_size > 1 and config.moe_expert_capacity_factor is not None and config.moe_pad_expert_input_to_capacity:
+        raise TSPConfigError(
+            "--moe-pad-expert-input-to-capacity is not supported with --tsp-size > 1: the capacity is decided over "
+            "the whole micro-batch, so a rank's share of an expert's capacity varies (drop without padding)"
+        )
+    policy = config.moe_token_drop_policy
+    if config.moe_expert_capacity_factor is not None and policy not in ("probs", "position"):
+        raise TSPConfigError(f"--moe-token-drop-policy = {policy!r} must be probs or position")
+    moe_layer_pattern(config)
+
+
+def check_expert_groups(config, pg_collection=None) -> None:
+    """The model's expert groups against its config: EP divides the experts, expert TP is 1.
+    Group sizes are known on every rank: no collective."""
+    if pg_collection is None:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    ep, etp = getattr(pg_collection, "ep", None), getattr(pg_collection, "expt_tp", None)
+    ep_size = ep.size() if ep is not None else 1
+    if etp is not None and etp.size() != 1:
+        raise TSPConfigError(
+            f"the expert tensor-parallel group has {etp.size()} ranks: build the groups with "
+            f"megatron_tsp.initialize_model_parallel (expert TP = 1 under --tsp-size)"
+        )
+    if config.num_moe_experts % ep_size:
+        raise TSPConfigError(
+            f"--num-experts = {config.num_moe_experts} must be divisible by --expert-model-parallel-size = {ep_size}"
+        )
+
+
+class TSPTopKRouter(TopKRouter):
+    """Megatron's TopKRouter whose token dropping sees every token of the micro-batch (the TSP
+    group's zigzag shards, put back in natural order), as the single-process model does. Without
+    a capacity factor, or at D = 1, it is Megatron's router unchanged."""
+
+    def __init__(self, config, pg_collection=None, **kwargs):
+        self.capacity_factor = config.moe_expert_capacity_factor
+        if self.capacity_factor is not None:
+            config = copy.copy(config)  # Megatron's routing() runs without dropping; we drop after
+            config.moe_expert_capacity_factor = None
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        self.tsp_group = pg_collection.tp
+        self._expert_bias_map = None
+
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        # Megatron counts tokens per expert after dropping: defer the count until we have dropped.
+        if self.capacity_factor is None:
+            return super()._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        self._expert_bias_map = (routing_map, padding_mask)
+
+    def routing(self, logits, padding_mask=None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.capacity_factor is None:
+            return probs, routing_map
+        seq_local, b = logits.shape[:2]
+        keep = self._capacity_mask(probs.detach(), routing_map, seq_local, b)
+        _, padding = self._expert_bias_map
+        self._expert_bias_map = None
+        super()._apply_expert_bias(keep, padding_mask=padding)
+        return probs * keep, keep
+
+    def _capacity_mask(self, probs, routing_map, seq_local: int, b: int):
+        """This rank's rows of the capacity mask of the whole micro-batch [S*b, E]."""
+        group, E = self.tsp_group, probs.shape[-1]
+        D = group.size()
+        packed = torch.cat([probs, routing_map.to(probs.dtype)], dim=-1).view(seq_local, b, 2 * E)
+        if D > 1:
+            shards = [torch.empty_like(packed) for _ in range(D)]
+            dist.all_gather(shards, packed.contiguous(), group=group)
+            packed = from_zigzag(torch.cat(shards, dim=0), D, dim=0)  # natural order [S, b, 2E]
+        full_probs, full_map = packed[..., :E].reshape(-1, E), packed[..., E:].reshape(-1, E).bool()
+        _, keep = apply_router_token_dropping(
+            full_probs, full_map, router_topk=self.topk, capacity_factor=self.capacity_factor,
+            drop_policy=self.config.moe_token_drop_policy, pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+        )
+        if D > 1:
+            r = group.rank()
+            keep = to_zigzag(keep.view(D * seq_local, b, E), D, dim=0)[r * seq_local:(r + 1) * seq_local]
+        return keep.reshape(-1, E)
+
+
+class TSPSharedExpertMLP(TSPRingMLP):
+    """The shared expert of an MoE layer as the TSP ring MLP (width
+    `moe_shared_expert_intermediate_size`), on the layer's TSP group; same parameters and
+    checkpoint keys as Megatron's SharedExpertMLP (linear_fc1, linear_fc2). Returns the output
+    alone, as SharedExpertMLP does."""
+
+    def __init__(self, config, submodules, pg_collection=None, gate: bool = False, tp_group=None,
+                 tsp_options: Optional[TSPOptions] = None, name=None):
+        if gate:
+            raise TSPConfigError("--moe-shared-expert-gate is not supported with --tsp-size in this version")
+        config = copy.copy(config)
+        config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
+        group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        super().__init__(config, submodules, tp_group=group if group is not None else tp_group,
+                         tsp_options=tsp_options, name=name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        output, bias = super().forward(hidden_states)
+        return output if bias is None else output + bias
+
+
+def _submodule_entry(style_of, module, submodules, **params):
+    """A builder entry in the style of `style_of` (ModuleSpec up to 0.17, a callable from 0.18)."""
+    if isinstance(style_of, ModuleSpec):
+        return ModuleSpec(module=module, params=params, submodules=submodules)
+    return functools.partial(module, submodules=submodules, **params)
+
+
+def tsp_moe_mlp_spec(local_moe, tsp_options: TSPOptions):
+    """Megatron's local MoE entry (`get_gpt_layer_local_spec(num_experts=E).submodules.mlp`:
+    MoELayer with SequentialMLP experts) with the TSP router and the TSP shared expert. The
+    module stays exactly `MoELayer`, so every megatron-core version hands it the layer's
+    `pg_collection` (attention's group as `.tp`, the expert groups as `.ep` / `.expt_dp`)."""
+    if isinstance(local_moe, ModuleSpec):
+        moe_submodules = local_moe.submodules
+    else:
+        moe_submodules = local_moe.keywords["submodules"]
+    shared = moe_submodules.shared_experts
+    mlp_submodules = shared.submodules if isinstance(shared, ModuleSpec) else shared.keywords["submodules"]
+    new = dataclasses.replace(
+        moe_submodules,
+        router=TSPTopKRouter,
+        shared_experts=_submodule_entry(shared, TSPSharedExpertMLP, mlp_submodules, tsp_options=tsp_options),
+    )
+    if isinstance(local_moe, ModuleSpec):
+        spec = copy.copy(local_moe)
+        spec.submodules = new
+        return spec
+    return functools.partial(local_moe.func, *local_moe.args, **{**local_moe.keywords, "submodules": new})
+
+
+def expert_param_global_name(model, name: str) -> str:
+    """`...mlp.experts.local_experts.<i>...` with the local expert index made global
+    (the index Megatron's checkpoints use), for layout-invariant initialisation."""
+    parts = name.split(".")
+    if "local_experts" not in parts:
+        return name
+    at = parts.index("local_experts")
+    layer = model.get_submodule(".".join(parts[: at - 1]))  # the MoELayer
+    parts[at + 1] = str(layer.local_expert_indices[int(parts[at + 1])])
+    return ".".join(parts)
