@@ -48,6 +48,22 @@ DISPATCHERS = ("alltoall",)
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
 
+def moe_config_kwargs(shape, dispatcher: str = "alltoall") -> dict:
+    """TransformerConfig fields of a ModelShape's MoE fields (empty for a dense shape)."""
+    if not shape.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=shape.num_experts, moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.ffn_hidden_size,
+        moe_router_topk=shape.moe_router_topk, moe_router_score_function=shape.moe_router_score_function,
+        moe_router_pre_softmax=shape.moe_router_pre_softmax,
+        moe_router_load_balancing_type=shape.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=shape.moe_aux_loss_coeff, moe_z_loss_coeff=shape.moe_z_loss_coeff,
+        moe_expert_capacity_factor=shape.moe_expert_capacity_factor, moe_token_drop_policy=shape.moe_token_drop_policy,
+        moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
+        moe_layer_freq=shape.moe_layer_freq, moe_token_dispatcher_type=dispatcher,
+    )
+
+
 def moe_layer_pattern(config) -> List[int]:
     """1 for an MoE layer, 0 for a dense one, per layer (Megatron's reading of
     `moe_layer_freq`: an int N puts experts in layers 0, N, 2N, ...; a list gives each layer)."""
@@ -184,6 +200,8 @@ class TSPTopKRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.tsp_group = pg_collection.tp
         self._expert_bias_map = None
+        # Tokens this rank sent to each expert (after dropping) since the last `expert_load` read.
+        self.register_buffer("routed_tokens", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
 
     def _apply_expert_bias(self, routing_map, padding_mask=None):
         # Megatron counts tokens per expert after dropping: defer the count until we have dropped.
@@ -193,14 +211,17 @@ class TSPTopKRouter(TopKRouter):
 
     def routing(self, logits, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self.capacity_factor is None:
-            return probs, routing_map
-        seq_local, b = logits.shape[:2]
-        keep = self._capacity_mask(probs.detach(), routing_map, seq_local, b)
-        _, padding = self._expert_bias_map
-        self._expert_bias_map = None
-        super()._apply_expert_bias(keep, padding_mask=padding)
-        return probs * keep, keep
+        if self.capacity_factor is not None:
+            seq_local, b = logits.shape[:2]
+            keep = self._capacity_mask(probs.detach(), routing_map, seq_local, b)
+            _, padding = self._expert_bias_map
+            self._expert_bias_map = None
+            super()._apply_expert_bias(keep, padding_mask=padding)
+            probs, routing_map = probs * keep, keep
+        if torch.is_grad_enabled():  # not again in a recompute's no-grad forward
+            with torch.no_grad():
+                self.routed_tokens += routing_map.sum(dim=0).to(self.routed_tokens.device, torch.float64)
+        return probs, routing_map
 
     def _capacity_mask(self, probs, routing_map, seq_local: int, b: int):
         """This rank's rows of the capacity mask of the whole micro-batch [S*b, E]."""
@@ -283,3 +304,86 @@ def expert_param_global_name(model, name: str) -> str:
     layer = model.get_submodule(".".join(parts[: at - 1]))  # the MoELayer
     parts[at + 1] = str(layer.local_expert_indices[int(parts[at + 1])])
     return ".".join(parts)
+
+
+def expert_load(model, group=None) -> dict:
+    """Tokens routed to each expert since the last call, per MoE layer, summed over `group`
+    (this rank's tokens when None; the TSP x DP group for the whole batch): {global layer
+    number: float64 tensor [E]}. Resets the counts. Every rank of `group` must call it."""
+    routers = sorted(((m.layer_number, m) for m in model.modules() if isinstance(m, TSPTopKRouter)),
+                     key=lambda x: x[0])
+    if not routers:
+        return {}
+    counts = torch.stack([r.routed_tokens for _, r in routers])
+    for _, r in routers:
+        r.routed_tokens.zero_()
+    if group is not None and group.size() > 1:
+        dist.all_reduce(counts, group=group)
+    return {n: c for (n, _), c in zip(routers, counts)}
+
+
+def _tracked_metrics():
+    """Megatron's per-layer MoE metric tracker: {name: (values [layers], reduce_group)}."""
+    try:  # megatron-core 0.19+
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        return {n: (e.values, e.reduce_group) for n, e in get_moe_metrics_tracker().metrics.items()}
+    except ImportError:  # up to 0.18: a dict of dicts
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        return {n: (e["values"], e.get("reduce_group")) for n, e in get_moe_layer_wise_logging_tracker().items()}
+
+
+def pop_router_losses(tsp_group) -> dict:
+    """The router losses of the forwards since the last call, per layer, for this rank's
+    micro-batches: {name: float64 [num_layers]} with load-balancing losses summed over their
+    reduce group (each TSP rank holds its tokens' terms) and the z-loss (a per-rank mean of its
+    tokens) averaged over the TSP group; values are losses / their coefficient, as Megatron logs
+    them. Clears the tracker. Every rank of the TSP group must call it (the same names, in order)."""
+    out = {}
+    for name, (values, group) in sorted(_tracked_metrics().items()):
+        v = values.detach().to(torch.float64).clone()
+        values.zero_()
+        if group is None:
+            if tsp_group.size() > 1:
+                dist.all_reduce(v, group=tsp_group)
+                v /= tsp_group.size()
+        elif group.size() > 1:
+            dist.all_reduce(v, group=group)
+        out[name] = v
+    return out
+
+
+def moe_step_metrics(model, num_microbatches: int) -> dict:
+    """The MoE entries of a training step's record, known on every rank: `aux_loss` and
+    `z_loss` (Megatron's logged values, loss / coefficient, averaged over MoE layers,
+    micro-batches and data-parallel ranks; None when off) and `expert_load` ({"layer N": tokens
+    routed to each expert over the global batch}). Every rank must call it after each step."""
+    from megatron.core import parallel_state as mpu
+
+    tsp, dp = mpu.get_tensor_model_parallel_group(), mpu.get_data_parallel_group()
+    pp = mpu.get_pipeline_model_parallel_group()
+    losses = pop_router_losses(tsp)
+    moe_layers = sum(moe_layer_pattern(model.config))
+    out = {"aux_loss": None, "z_loss": None}
+    for key, names in (("aux_loss", ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")),
+                       ("z_loss", ("z_loss",))):
+        found = [losses[n].sum() for n in names if n in losses]
+        value = torch.stack(found).sum() if found else torch.zeros((), dtype=torch.float64)
+        value = torch.stack([value, torch.tensor(float(bool(found)), dtype=torch.float64)]).to(
+            next(model.parameters()).device)
+        if pp.size() > 1:
+            dist.all_reduce(value, group=pp)
+        if dp.size() > 1:
+            dist.all_reduce(value, group=dp)
+            value[0] /= dp.size()
+        if value[1] > 0:
+            out[key] = value[0].item() / (moe_layers * num_microbatches)
+    load = expert_load(model, group=mpu.get_tensor_and_data_parallel_group())
+    local = {f"layer {n}": [round(x) for x in c.tolist()] for n, c in load.items()}
+    if pp.size() > 1:
+        stages = [None] * pp.size()
+        dist.all_gather_object(stages, local, group=pp)
+        local = {k: v for stage in stages for k, v in stage.items()}
+    out["expert_load"] = local
+    return out

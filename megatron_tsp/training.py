@@ -58,6 +58,37 @@ class ModelShape:
     """rope or learned_absolute."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the LM head."""
+    num_experts: Optional[int] = None
+    """Mixture of experts: routed experts per MoE layer (--num-experts); null: a dense model.
+    Under TSP the MoE layer is Megatron's MoELayer on each rank's tokens (megatron_tsp.moe)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each routed expert's MLP (--moe-ffn-hidden-size); null: ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts per token (--moe-router-topk)."""
+    moe_router_score_function: str = "softmax"
+    """Router score: softmax or sigmoid (--moe-router-score-function)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (true; needed for top-1) or over the chosen k
+    logits after it (false: Mixtral / OLMoE routing) (--moe-router-pre-softmax)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (over the micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the
+    global batch) or none (--moe-router-load-balancing-type). Not sinkhorn under TSP."""
+    moe_aux_loss_coeff: float = 0.01
+    """Load-balancing loss coefficient (--moe-aux-loss-coeff); 0: off."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient (--moe-z-loss-coeff); null: off."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Token dropping: each expert takes at most factor x tokens x top-k / experts of the
+    micro-batch (--moe-expert-capacity-factor); null: no dropping. Under TSP the capacity is
+    decided over the whole micro-batch, as on one process."""
+    moe_token_drop_policy: str = "probs"
+    """Which tokens an over-full expert drops: probs (lowest router probability) or position (the
+    last in the sequence) (--moe-token-drop-policy)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert every token also passes (--moe-shared-expert-intermediate-size;
+    under TSP a ring MLP, divisible by the TSP size); null: none."""
+    moe_layer_freq: int = 1
+    """An MoE layer every N layers, the others dense, starting with layer 0 (--moe-layer-freq)."""
 
 
 def init_distributed() -> str:
@@ -82,9 +113,13 @@ def init_distributed() -> str:
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
-    if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.moe), expert TP = 1
+    if shape.num_experts and "num_moe_experts" not in kw:
+        from .moe import moe_config_kwargs
+
+        kw = {**moe_config_kwargs(shape), **kw}
+    if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.moe: expert TP = 1 under TSP)
         kw.setdefault("expert_model_parallel_size", mpu.get_expert_model_parallel_world_size())
-        kw.setdefault("expert_tensor_parallel_size", 1)
+        kw.setdefault("expert_tensor_parallel_size", mpu.get_expert_tensor_parallel_world_size())
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
