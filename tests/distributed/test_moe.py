@@ -71,7 +71,7 @@ def _run(layout, D, ep, moe, seed, batches, reduce=True):
     mean loss (`reduce`: summed over the data-parallel ranks as Megatron's DDP does, each
     rank holding its own batch; the reference runs every batch itself)."""
     _init(D, ep)
-    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, **BASE, **moe)
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, **{**BASE, **moe})
     tsp = mpu.get_tensor_model_parallel_group()
     pop_router_losses(tsp)
     losses, router = [], []
@@ -139,10 +139,10 @@ def test_moe_loss_router_losses_and_every_gradient_match_single_process(world, D
     assert all((c.sum() <= tokens * k) if drop else (c.sum() == tokens * k) for c in layers.values())
 
 
-def _combine_without_unpermute(self, hidden_states):
-    """A broken combine: the expert outputs come back in dispatch (expert-sorted) order."""
+def _combine_in_the_wrong_order(self, hidden_states):
+    """A broken combine under expert parallelism: the tokens come back in reversed order."""
     out = type(self)._original_combine_postprocess(self, hidden_states)
-    return out.flip(0)
+    return out.flip(0) if self.ep_size > 1 else out
 
 
 @pytest.mark.parametrize("broken", ["combine-order", "capacity-mask-in-natural-order"])
@@ -151,7 +151,7 @@ def test_a_broken_moe_is_caught(world, monkeypatch, broken):
         pytest.skip("needs D = 2")
     if broken == "combine-order":
         MoEAlltoAllTokenDispatcher._original_combine_postprocess = MoEAlltoAllTokenDispatcher.combine_postprocess
-        monkeypatch.setattr(MoEAlltoAllTokenDispatcher, "combine_postprocess", _combine_without_unpermute)
+        monkeypatch.setattr(MoEAlltoAllTokenDispatcher, "combine_postprocess", _combine_in_the_wrong_order)
         case = "top1"
     else:
         from megatron_tsp import moe
@@ -164,19 +164,28 @@ def test_a_broken_moe_is_caught(world, monkeypatch, broken):
 
 
 def test_no_saved_tensor_holds_every_token(world):
-    """With D = 2, no tensor saved for backward has S x b rows (all tokens' hidden states)."""
+    """With D = 2 (top-1, a shared expert), no tensor an MoE layer saves for backward holds all
+    S x b tokens' hidden states: the router, the shared expert and the experts see this rank's
+    tokens and the ones dispatched to its experts (about S x b / EP with top-1), never a gather."""
     if world % 2:
         pytest.skip("needs D = 2")
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     _init(2, 2)
-    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float64, seed=1, **BASE,
-                      **CASES["top2-shared-zloss"])
+    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float64, seed=1,
+                      **{**BASE, **CASES["top1-drop-position-shared"], "moe_expert_capacity_factor": None})
+    saved, hooks = [], []
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        context = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t)
+        layer.register_forward_pre_hook(lambda *_, c=context: c.__enter__())
+        layer.register_forward_hook(lambda *_, c=context: c.__exit__(None, None, None))
     tokens, labels, pos = synthetic_batch(0, 2, SHAPE)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-        loss = model(tokens, pos, None, labels=labels)
-    loss.mean().backward()
+    model(tokens, pos, None, labels=labels).mean().backward()
     S, b, h = SHAPE.seq_length, 2, SHAPE.hidden_size
-    hidden = [tuple(t.shape) for t in saved if t.dim() >= 2 and t.shape[-1] == h and t.numel() >= S * b * h]
+    assert any(t.shape[-1] == h for t in saved)  # the hooks saw the layers' activations
+    params = {p.data_ptr() for p in model.parameters()}  # weights are saved by reference
+    hidden = [tuple(t.shape) for t in saved if t.data_ptr() not in params and t.dim() >= 2 and t.shape[-1] == h
+              and t.numel() >= S * b * h]
     assert not hidden, f"saved tensors holding all {S * b} tokens' hidden states: {hidden}"
     assert any(isinstance(m, TSPTopKRouter) for m in model.modules())
 
