@@ -7,7 +7,7 @@ Every check here is a pure function of the configuration, so every rank raises t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 
 class TSPConfigError(ValueError):
@@ -42,7 +42,7 @@ def check_parallel_sizes(
     context_parallel_size: int = 1,
 ) -> None:
     """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP (expert
-    parallelism is checked by `megatron_tsp.moe.check_expert_parallel`)."""
+    parallelism is checked by `check_expert_parallel`)."""
     if tensor_model_parallel_size not in (None, 1):
         raise TSPConfigError(
             f"--tensor-model-parallel-size = {tensor_model_parallel_size} cannot be combined with "
@@ -80,8 +80,6 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
         config.context_parallel_size,
     )
     if config.num_moe_experts not in (None, 0):
-        from .moe import check_moe_config
-
         check_moe_config(config, D)
     if D > 1 and config.tensor_model_parallel_size != D:
         raise TSPConfigError(
@@ -138,6 +136,8 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 RECOMPUTE_MODES = ("none", "full")
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
+# the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
+BACKENDS = ("auto", "cudnn", "flash", "math", "math_split")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
 # shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
 # tokens = 4K per rank exposed the ring; docs/performance.md).
@@ -162,14 +162,14 @@ class TSPOptions:
       local k/v after RoPE, the attention output and its log-sum-exp; MLP: the fc1 output), as
       Megatron does without recompute; `full` saves only the block input and recomputes each
       shard's forward in backward (least memory, one more forward of GEMMs and attention).
-    attention_backend: the chunk-attention kernel (megatron_tsp.kernels.BACKENDS).
+    attention_backend: the chunk-attention kernel (BACKENDS).
     mlp_exchange: how the MLP meets its weights: `ring` (weight shards travel to the next rank,
       gradients travel with the shard), `broadcast` (from the owner, as attention does;
       gradients reduced onto the owner), `tokens` (the weights stay; the tokens are all-gathered
       and the output reduce-scattered: Megatron's sequence-parallel MLP on the TSP group, for
       short sequences where moving tokens is cheaper than moving weights), or `auto` (`tokens`
       when a rank holds fewer than AUTO_TOKENS_BELOW tokens, else `ring`). The same math.
-    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.lm_head:
+    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.tsp.lm_head:
       each rank computes logits for its own tokens only, the vocab shards travel over the group,
       online log-sum-exp); `megatron`: Megatron's output layer + vocab-parallel cross entropy
       (all S tokens' logits, S x V/D per rank). The same loss and gradients.
@@ -187,8 +187,6 @@ class TSPOptions:
     compute_only: bool = False
 
     def __post_init__(self):
-        from .kernels import BACKENDS
-
         if self.recompute not in RECOMPUTE_MODES:
             raise TSPConfigError(f"--tsp-recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
         if self.mlp_exchange not in MLP_EXCHANGES:
@@ -207,3 +205,114 @@ class TSPOptions:
             raise TSPConfigError(
                 f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"
             )
+
+
+# -- mixture of experts (megatron_tsp.tsp.moe runs them) -------------------------------------
+
+DISPATCHERS = ("alltoall",)
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+def moe_layer_pattern(config) -> List[int]:
+    """1 for an MoE layer, 0 for a dense one, per layer (Megatron's reading of
+    `moe_layer_freq`: an int N puts experts in layers 0, N, 2N, ...; a list gives each layer)."""
+    freq, n = config.moe_layer_freq, config.num_layers
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [1 if i % freq == 0 else 0 for i in range(n)]
+    if isinstance(freq, (list, tuple)) and len(freq) == n and all(v in (0, 1) for v in freq):
+        return list(freq)
+    raise TSPConfigError(
+        f"--moe-layer-freq = {freq!r} must be a positive integer or a list of {n} zeros and ones "
+        f"(one per layer, --num-layers = {n})"
+    )
+
+
+def check_expert_parallel(num_experts: Optional[int], expert_model_parallel_size: int, world_size: int, tsp_size: int,
+                          pipeline_model_parallel_size: int = 1, expert_tensor_parallel_size: int = 1) -> None:
+    """The expert-parallel layout: EP divides the experts (unchecked when `num_experts` is None,
+    as when the groups are built) and fits the ranks of a pipeline stage."""
+    ep = expert_model_parallel_size
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise TSPConfigError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
+    if expert_tensor_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {expert_tensor_parallel_size} cannot be combined with --tsp-size: "
+            f"expert tensor parallelism all-gathers each rank's tokens over its group; use 1 (the default with TSP)"
+        )
+    if num_experts is not None and ep > 1 and not num_experts:
+        raise TSPConfigError(f"--expert-model-parallel-size = {ep} needs --num-experts")
+    if num_experts and num_experts % ep:
+        raise TSPConfigError(
+            f"--num-experts = {num_experts} must be divisible by --expert-model-parallel-size = {ep}"
+        )
+    stage = world_size // pipeline_model_parallel_size
+    if world_size % pipeline_model_parallel_size or stage % ep:
+        raise TSPConfigError(
+            f"--expert-model-parallel-size = {ep} does not fit the world: the {world_size} ranks / "
+            f"--pipeline-model-parallel-size {pipeline_model_parallel_size} = {stage} ranks per stage "
+            f"must be a multiple of it (EP spans TSP ranks, D = {tsp_size}, then data-parallel ranks)"
+        )
+
+
+def check_moe_config(config, tsp_size: int) -> None:
+    """Every MoE option the TSP layer does not run exactly, refused (pure function of the config)."""
+    E = config.num_moe_experts
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+        raise TSPConfigError(f"--num-experts must be a positive integer, got {E!r}")
+    dispatcher = config.moe_token_dispatcher_type
+    if dispatcher not in DISPATCHERS:
+        why = {
+            "allgather": "it all-gathers every rank's hidden states over TP x EP, i.e. the whole sequence",
+            "flex": "DeepEP / HybridEP is not tested with TSP in this version",
+        }.get(dispatcher, "unknown dispatcher")
+        raise TSPConfigError(
+            f"--moe-token-dispatcher-type = {dispatcher!r} is not supported with --tsp-size ({why}): use alltoall"
+        )
+    etp = getattr(config, "expert_tensor_parallel_size", 1)
+    if etp not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {etp} cannot be combined with --tsp-size: expert tensor "
+            f"parallelism all-gathers each rank's tokens over its group; use 1"
+        )
+    k = config.moe_router_topk
+    if not 1 <= k <= E:
+        raise TSPConfigError(f"--moe-router-topk = {k} must be between 1 and --num-experts = {E}")
+    types = config.moe_router_load_balancing_type
+    for t in types if isinstance(types, list) else [types]:
+        if t not in LOAD_BALANCING:
+            raise TSPConfigError(
+                f"--moe-router-load-balancing-type = {t!r} is not supported with --tsp-size "
+                f"(use one of {', '.join(LOAD_BALANCING)}; sinkhorn normalises over each rank's tokens)"
+            )
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        if shared % tsp_size:
+            raise TSPConfigError(
+                f"--moe-shared-expert-intermediate-size = {shared} must be divisible by --tsp-size = {tsp_size} "
+                f"(the shared expert runs as the TSP ring MLP)"
+            )
+        if config.add_bias_linear:
+            raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
+    unsupported = {
+        "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
+        "moe_shared_expert_gate": "--moe-shared-expert-gate",
+        "moe_router_fusion": "--moe-router-fusion",
+        "moe_latent_size": "--moe-latent-size",
+        "moe_use_upcycling": "--moe-use-upcycling",
+        "moe_enable_routing_replay": "--moe-enable-routing-replay",
+    }
+    for field, flag in unsupported.items():
+        value = getattr(config, field, None)
+        if value:
+            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version")
+    if tsp_size > 1 and config.moe_expert_capacity_factor is not None and config.moe_pad_expert_input_to_capacity:
+        raise TSPConfigError(
+            "--moe-pad-expert-input-to-capacity is not supported with --tsp-size > 1: the capacity is decided over "
+            "the whole micro-batch, so a rank's share of an expert's capacity varies (drop without padding)"
+        )
+    policy = config.moe_token_drop_policy
+    if config.moe_expert_capacity_factor is not None and policy not in ("probs", "position"):
+        raise TSPConfigError(f"--moe-token-drop-policy = {policy!r} must be probs or position")
+    moe_layer_pattern(config)
+
+
