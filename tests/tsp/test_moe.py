@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 import megatron_tsp
 from megatron_tsp.config import TSPConfigError
 from megatron_tsp.tsp.moe import TSPTopKRouter, expert_load, expert_param_global_name, pop_router_losses
-from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
 from tests.parity import fresh_seed
 from tests.utils import gather_full, rel_err, sum_sequence_parallel_grads
 
