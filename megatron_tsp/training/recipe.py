@@ -309,7 +309,6 @@ class Recipe:
         if p.layout != "tsp":
             return
         from ..config import check_moe_config
-        from .training import transformer_config
 
         keys = {"--num-experts": "model.num_experts", "--moe-token-dispatcher-type": "parallel.moe_dispatcher",
                 "--moe-shared-expert-intermediate-size": "model.moe_shared_expert_intermediate_size",
