@@ -17,6 +17,10 @@ is allowed with one warning, at the first import of a module that builds on mega
 - 0.19's `GPTModel.__init__` logs "GPTModel IS DEPRECATED" (use HybridModel); TSPGPTModel
   stays a GPTModel (README, 'Supported megatron-core versions' says why) and silences that one
   record while it constructs (`quiet_gpt_model_deprecation`).
+- 0.16.1's MoE router gating (`moe_utils.RouterGatingLinearFunction`) tests
+  `te_general_gemm is not None`, a name only bound when Transformer Engine imports: without TE
+  every router call raises NameError. `bind_missing_te_general_gemm` binds it to None (the
+  torch path; called when an MoE model is built, not at import); later versions bind it themselves.
 """
 
 from __future__ import annotations
@@ -126,6 +130,13 @@ def quiet_gpt_model_deprecation():
         yield
     finally:
         logger.removeFilter(drop)
+
+
+def bind_missing_te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 check_megatron_version()

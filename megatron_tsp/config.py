@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import textwrap
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 class TSPConfigError(ValueError):
@@ -44,9 +44,9 @@ def check_world_size(world_size: int, tsp_size: int, pipeline_model_parallel_siz
 def check_parallel_sizes(
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
 ) -> None:
-    """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP."""
+    """TSP takes Megatron's TP slot: it cannot be combined with native TP or CP (expert
+    parallelism is checked by `check_expert_parallel`)."""
     if tensor_model_parallel_size not in (None, 1):
         raise TSPConfigError(
             f"--tensor-model-parallel-size = {tensor_model_parallel_size} cannot be combined with "
@@ -56,11 +56,6 @@ def check_parallel_sizes(
         raise TSPConfigError(
             f"--context-parallel-size = {context_parallel_size} cannot be combined with "
             f"--tsp-size: TSP already splits the sequence (leave it at 1)"
-        )
-    if expert_model_parallel_size not in (None, 1):
-        raise TSPConfigError(
-            f"--expert-model-parallel-size = {expert_model_parallel_size}: MoE is not supported "
-            f"with --tsp-size in this version"
         )
 
 
@@ -87,8 +82,9 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
     check_parallel_sizes(
         config.tensor_model_parallel_size if D == 1 else 1,
         config.context_parallel_size,
-        config.expert_model_parallel_size,
     )
+    if config.num_moe_experts not in (None, 0):
+        check_moe_config(config, D)
     if D > 1 and config.tensor_model_parallel_size != D:
         raise TSPConfigError(
             f"TransformerConfig.tensor_model_parallel_size = {config.tensor_model_parallel_size} "
@@ -101,7 +97,6 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
             "(norm gradients are summed over the TSP group like Megatron's sequence parallelism)"
         )
     unsupported = {
-        "num_moe_experts": ("--num-experts", lambda v: v not in (None, 0)),
         "multi_latent_attention": ("--multi-latent-attention", bool),
         "qk_layernorm": ("--qk-layernorm", bool),
         "attention_output_gate": ("--attention-output-gate", bool),
@@ -250,6 +245,37 @@ class ModelShape:
     """rope or learned_absolute."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the LM head."""
+    num_experts: Optional[int] = None
+    """Mixture of experts: routed experts per MoE layer (--num-experts); null: a dense model.
+    Under TSP the MoE layer is Megatron's MoELayer on each rank's tokens (megatron_tsp.tsp.moe)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each routed expert's MLP (--moe-ffn-hidden-size); null: ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts per token (--moe-router-topk)."""
+    moe_router_score_function: str = "softmax"
+    """Router score: softmax or sigmoid (--moe-router-score-function)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (true; needed for top-1) or over the chosen k
+    logits after it (false: Mixtral / OLMoE routing) (--moe-router-pre-softmax)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (over the micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the
+    global batch) or none (--moe-router-load-balancing-type). Not sinkhorn under TSP."""
+    moe_aux_loss_coeff: float = 0.01
+    """Load-balancing loss coefficient (--moe-aux-loss-coeff); 0: off."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient (--moe-z-loss-coeff); null: off."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Token dropping: each expert takes at most factor x tokens x top-k / experts of the
+    micro-batch (--moe-expert-capacity-factor); null: no dropping. Under TSP the capacity is
+    decided over the whole micro-batch, as on one process."""
+    moe_token_drop_policy: str = "probs"
+    """Which tokens an over-full expert drops: probs (lowest router probability) or position (the
+    last in the sequence) (--moe-token-drop-policy)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert every token also passes (--moe-shared-expert-intermediate-size;
+    under TSP a ring MLP, divisible by the TSP size); null: none."""
+    moe_layer_freq: int = 1
+    """An MoE layer every N layers, the others dense, starting with layer 0 (--moe-layer-freq)."""
 
 
 @dataclass
@@ -279,6 +305,13 @@ class ParallelRecipe:
     """The size of the tsp / tp axis (ignored by dp)."""
     pipeline_size: int = 1
     """Pipeline-parallel stages (composes with every layout)."""
+    expert_size: int = 1
+    """Expert-parallel size EP of MoE models (--expert-model-parallel-size): each rank holds
+    model.num_experts / EP experts. Under tsp, EP = size puts the experts on the TSP group and
+    EP = size x k spans k TSP groups of data-parallel ranks; expert tensor parallelism is 1."""
+    moe_dispatcher: str = "alltoall"
+    """MoE token dispatcher (--moe-token-dispatcher-type): alltoall (tokens sent to their experts'
+    ranks). tsp refuses allgather (it gathers every rank's hidden states) and flex (untested)."""
     tsp_recompute: str = "none"
     """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
     does without recompute) or full (save only block inputs, recompute each shard's forward)."""
@@ -503,3 +536,114 @@ def require_group(group, what: str, argument: str):
             "(megatron_tsp.tsp_process_groups() gives the ProcessGroupCollection built by initialize_model_parallel)"
         )
     return group
+
+
+# -- mixture of experts (megatron_tsp.tsp.moe runs them) -------------------------------------
+
+DISPATCHERS = ("alltoall",)
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+def moe_layer_pattern(config) -> List[int]:
+    """1 for an MoE layer, 0 for a dense one, per layer (Megatron's reading of
+    `moe_layer_freq`: an int N puts experts in layers 0, N, 2N, ...; a list gives each layer)."""
+    freq, n = config.moe_layer_freq, config.num_layers
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [1 if i % freq == 0 else 0 for i in range(n)]
+    if isinstance(freq, (list, tuple)) and len(freq) == n and all(v in (0, 1) for v in freq):
+        return list(freq)
+    raise TSPConfigError(
+        f"--moe-layer-freq = {freq!r} must be a positive integer or a list of {n} zeros and ones "
+        f"(one per layer, --num-layers = {n})"
+    )
+
+
+def check_expert_parallel(num_experts: Optional[int], expert_model_parallel_size: int, world_size: int, tsp_size: int,
+                          pipeline_model_parallel_size: int = 1, expert_tensor_parallel_size: int = 1) -> None:
+    """The expert-parallel layout: EP divides the experts (unchecked when `num_experts` is None,
+    as when the groups are built) and fits the ranks of a pipeline stage."""
+    ep = expert_model_parallel_size
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise TSPConfigError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
+    if expert_tensor_parallel_size not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {expert_tensor_parallel_size} cannot be combined with --tsp-size: "
+            f"expert tensor parallelism all-gathers each rank's tokens over its group; use 1 (the default with TSP)"
+        )
+    if num_experts is not None and ep > 1 and not num_experts:
+        raise TSPConfigError(f"--expert-model-parallel-size = {ep} needs --num-experts")
+    if num_experts and num_experts % ep:
+        raise TSPConfigError(
+            f"--num-experts = {num_experts} must be divisible by --expert-model-parallel-size = {ep}"
+        )
+    stage = world_size // pipeline_model_parallel_size
+    if world_size % pipeline_model_parallel_size or stage % ep:
+        raise TSPConfigError(
+            f"--expert-model-parallel-size = {ep} does not fit the world: the {world_size} ranks / "
+            f"--pipeline-model-parallel-size {pipeline_model_parallel_size} = {stage} ranks per stage "
+            f"must be a multiple of it (EP spans TSP ranks, D = {tsp_size}, then data-parallel ranks)"
+        )
+
+
+def check_moe_config(config, tsp_size: int) -> None:
+    """Every MoE option the TSP layer does not run exactly, refused (pure function of the config)."""
+    E = config.num_moe_experts
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+        raise TSPConfigError(f"--num-experts must be a positive integer, got {E!r}")
+    dispatcher = config.moe_token_dispatcher_type
+    if dispatcher not in DISPATCHERS:
+        why = {
+            "allgather": "it all-gathers every rank's hidden states over TP x EP, i.e. the whole sequence",
+            "flex": "DeepEP / HybridEP is not tested with TSP in this version",
+        }.get(dispatcher, "unknown dispatcher")
+        raise TSPConfigError(
+            f"--moe-token-dispatcher-type = {dispatcher!r} is not supported with --tsp-size ({why}): use alltoall"
+        )
+    etp = getattr(config, "expert_tensor_parallel_size", 1)
+    if etp not in (None, 1):
+        raise TSPConfigError(
+            f"--expert-tensor-parallel-size = {etp} cannot be combined with --tsp-size: expert tensor "
+            f"parallelism all-gathers each rank's tokens over its group; use 1"
+        )
+    k = config.moe_router_topk
+    if not 1 <= k <= E:
+        raise TSPConfigError(f"--moe-router-topk = {k} must be between 1 and --num-experts = {E}")
+    types = config.moe_router_load_balancing_type
+    for t in types if isinstance(types, list) else [types]:
+        if t not in LOAD_BALANCING:
+            raise TSPConfigError(
+                f"--moe-router-load-balancing-type = {t!r} is not supported with --tsp-size "
+                f"(use one of {', '.join(LOAD_BALANCING)}; sinkhorn normalises over each rank's tokens)"
+            )
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        if shared % tsp_size:
+            raise TSPConfigError(
+                f"--moe-shared-expert-intermediate-size = {shared} must be divisible by --tsp-size = {tsp_size} "
+                f"(the shared expert runs as the TSP ring MLP)"
+            )
+        if config.add_bias_linear:
+            raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
+    unsupported = {
+        "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
+        "moe_shared_expert_gate": "--moe-shared-expert-gate",
+        "moe_router_fusion": "--moe-router-fusion",
+        "moe_latent_size": "--moe-latent-size",
+        "moe_use_upcycling": "--moe-use-upcycling",
+        "moe_enable_routing_replay": "--moe-enable-routing-replay",
+    }
+    for field, flag in unsupported.items():
+        value = getattr(config, field, None)
+        if value:
+            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version")
+    if tsp_size > 1 and config.moe_expert_capacity_factor is not None and config.moe_pad_expert_input_to_capacity:
+        raise TSPConfigError(
+            "--moe-pad-expert-input-to-capacity is not supported with --tsp-size > 1: the capacity is decided over "
+            "the whole micro-batch, so a rank's share of an expert's capacity varies (drop without padding)"
+        )
+    policy = config.moe_token_drop_policy
+    if config.moe_expert_capacity_factor is not None and policy not in ("probs", "position"):
+        raise TSPConfigError(f"--moe-token-drop-policy = {policy!r} must be probs or position")
+    moe_layer_pattern(config)
+
+

@@ -24,17 +24,23 @@ from .config import TSPConfigError, check_parallel_sizes, check_tsp_size, check_
 
 def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: int = 1, **kwargs) -> None:
     """`megatron.core.parallel_state.initialize_model_parallel` with a TSP axis of size
-    `tsp_size` in the TP slot. Other keyword arguments go to Megatron unchanged; native TP,
-    CP and expert parallelism are refused. Validates before creating any group."""
+    `tsp_size` in the TP slot. Other keyword arguments go to Megatron unchanged; native TP
+    and CP are refused. `expert_model_parallel_size` = EP (experts 1/EP per rank) is built
+    next to the TSP axis by Megatron's expert rank generator with expert TP = 1: EP = D gives
+    EP groups equal to the TSP groups, EP = D x k spans k TSP groups of consecutive
+    data-parallel ranks; expert-DP = world / (EP x PP). Validates before creating any group."""
+    from .config import check_expert_parallel
+
     check_tsp_size(tsp_size)
-    check_parallel_sizes(
-        kwargs.pop("tensor_model_parallel_size", 1),
-        kwargs.get("context_parallel_size", 1),
-        kwargs.get("expert_model_parallel_size", 1),
-    )
+    check_parallel_sizes(kwargs.pop("tensor_model_parallel_size", 1), kwargs.get("context_parallel_size", 1))
     if not dist.is_initialized():
         raise TSPConfigError("torch.distributed must be initialized before initialize_model_parallel")
     check_world_size(dist.get_world_size(), tsp_size, pipeline_model_parallel_size)
+    ep = kwargs.get("expert_model_parallel_size", 1)
+    etp = kwargs.get("expert_tensor_parallel_size", 1)
+    check_expert_parallel(None, ep, dist.get_world_size(), tsp_size,
+                          pipeline_model_parallel_size, etp)
+    kwargs["expert_tensor_parallel_size"] = 1  # Megatron's default (= TP) would gather tokens over TSP
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tsp_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,

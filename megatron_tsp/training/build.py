@@ -53,6 +53,13 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
         pipeline_size = mpu.get_pipeline_model_parallel_world_size()
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
+    if shape.num_experts and "num_moe_experts" not in kw:
+        from ..tsp.moe import moe_config_kwargs
+
+        kw = {**moe_config_kwargs(shape), **kw}
+    if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.tsp.moe: expert TP = 1 under TSP)
+        kw.setdefault("expert_model_parallel_size", mpu.get_expert_model_parallel_world_size())
+        kw.setdefault("expert_tensor_parallel_size", mpu.get_expert_tensor_parallel_world_size())
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -127,6 +134,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         check_context_parallel(shape.seq_length, cp, D, sp)
     config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, pipeline_size=pgs.pp.size(),
                                 context_parallel_size=cp, **config_kw)
+    if config.num_moe_experts:
+        from .. import compat
+
+        compat.bind_missing_te_general_gemm()  # megatron-core 0.16.1's router without Transformer Engine
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
@@ -184,13 +195,18 @@ def layout_invariant_init(model, seed: int, tp_group) -> None:
     `tp_group`: the group the model's TP / TSP shards are laid out on."""
     import zlib
 
+    from ..tsp.moe import expert_param_global_name
+
     config = model.config
     out_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
-    D, r = tp_group.size(), tp_group.rank()
+    tp = tp_group
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        gname = _global_name(model, name)
+        expert = getattr(p, "allreduce", True) is False  # Megatron's mark of an MoE expert's parameter
+        # An expert is whole on its rank (expert TP = 1) and named by its global expert index.
+        D, r = (1, 0) if expert else (tp.size(), tp.rank())
+        gname = _global_name(model, expert_param_global_name(model, name) if expert else name)
         shape = list(p.shape)
         dim, stride = (p.partition_dim, getattr(p, "partition_stride", 1)) if getattr(p, "tensor_model_parallel", False) else (None, 1)
         if dim is not None:

@@ -4,7 +4,9 @@ megatron-core 0.16.1 assumes CUDA in a handful of places (docs/design.md §9, "C
 the RNG tracker, `torch.cuda.current_device()` allocations, literal `device='cuda'`,
 `.cuda()`, `pin_memory=True`, and `param.type() == 'torch.cuda.FloatTensor'` checks.
 megatron-core 0.19's DDP also asks for `torch.cuda.current_stream()` in every
-`start_grad_sync` (to wait on CUDA-graph events). `install_cpu_shims()` redirects all of these
+`start_grad_sync` (to wait on CUDA-graph events), and the MoE all-to-all dispatcher makes a
+side stream (`torch.cuda.Stream()`) for its device-to-host copies of the split sizes and enters
+it with `torch.cuda.stream(...)`: on the CPU both are the one CPU "stream". `install_cpu_shims()` redirects all of these
 to the CPU. It is a no-op when CUDA is available and must never be used on a GPU run.
 """
 
@@ -67,6 +69,27 @@ class _CPUStream:
     def synchronize(self):
         pass
 
+    def record_event(self, event=None):
+        return _CPUEvent()
+
+
+class _CPUEvent:
+    """An event on the CPU "stream": already complete."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+
+@contextlib.contextmanager
+def _cpu_stream_context(stream=None):
+    yield
+
 
 _CPU_STREAM = _CPUStream()
 
@@ -118,6 +141,23 @@ def _install_rng_tracker():
     mrandom._set_cuda_rng_state = set_cpu_as_cuda_rng_state
 
 
+def _all_to_all_single_taking_tensor_splits():
+    """`torch.distributed.all_to_all_single` that also takes split sizes as tensors: the MoE
+    dispatcher's split sizes are host copies of device tensors (numpy arrays) on a GPU; on the
+    CPU they stay tensors, which the process group's binding refuses. (A function, not the mode
+    above: the mode is not active while backward runs, and the combine's backward is an all-to-all.)"""
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        as_list = lambda s: s.tolist() if torch.is_tensor(s) else s  # noqa: E731
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), group=group,
+                        async_op=async_op)
+
+    dist.all_to_all_single = all_to_all_single
+
+
 def install_cpu_shims() -> bool:
     """Install the CPU redirections once per process; returns whether they are active."""
     global _INSTALLED
@@ -128,7 +168,10 @@ def install_cpu_shims() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.Stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.stream = _cpu_stream_context
     _install_rng_tracker()
+    _all_to_all_single_taking_tensor_splits()
     _CudaToCpuMode().__enter__()  # process-wide: the CPU path has no CUDA to fall back on
     _INSTALLED = True
     return True

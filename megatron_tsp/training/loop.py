@@ -115,6 +115,8 @@ def init_groups(recipe: Recipe):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(f"tp:\n  max_ctas: {p.comm_max_ctas}\n")
         extra["nccl_communicator_config_path"] = f.name
+    if p.expert_size > 1:
+        extra["expert_model_parallel_size"] = p.expert_size
     try:
         if p.layout == "tsp":
             tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
@@ -145,6 +147,7 @@ def build(recipe: Recipe):
         init_method_std=m.init_method_std,
         offload_activations=p.offload_activations, **recipe.recompute_config(),
         use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
+        **({"moe_token_dispatcher_type": p.moe_dispatcher} if m.num_experts else {}),
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
@@ -240,7 +243,9 @@ class Progress:
         last = record["step"] == t.steps
         if record["step"] % t.log_interval == 0 or last:
             mem = f" | peak mem {record['peak_mem_gb']:.2f} GB" if record.get("peak_mem_gb") is not None else ""
-            self.print(f"step {record['step']:5d}/{t.steps} | loss {record['loss']:.4f} | grad norm {record['grad_norm']:.3f}"
+            aux = "".join(f" | {name} {record[key]:.4f}" for key, name in (("aux_loss", "aux loss"), ("z_loss", "z loss"))
+                          if record.get(key) is not None)
+            self.print(f"step {record['step']:5d}/{t.steps} | loss {record['loss']:.4f}{aux} | grad norm {record['grad_norm']:.3f}"
                        f" | {record['tokens_per_s']:.0f} tok/s | {record['tokens_per_s_per_gpu']:.0f} tok/s/{self.unit}"
                        f" | step {record['step_time_s'] * 1e3:.0f} ms{mem}")
         if self.bar:
@@ -344,6 +349,10 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
         record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": dt,
                   "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / world,
                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        if recipe.model.num_experts:
+            from ..tsp.moe import moe_step_metrics
+
+            record.update(moe_step_metrics(model, len(batches)))
         progress.step(record)
         if t.save_dir and ((t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps):
             path = save_checkpoint(model, optimizer, recipe, step + 1)

@@ -110,6 +110,7 @@ class Recipe:
         if m.num_layers % p.pipeline_size:
             raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
         self._check_recompute()
+        self._check_moe(world_size)
         if t.save_interval < 0:
             raise RecipeError("train.save_interval must be >= 0")
         if t.resume and not t.save_dir:
@@ -130,6 +131,47 @@ class Recipe:
                     f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
                 )
         return self
+
+    def _check_moe(self, world_size: Optional[int]) -> None:
+        m, p = self.model, self.parallel
+        E, ep = m.num_experts, p.expert_size
+        if ep < 1:
+            raise RecipeError(f"parallel.expert_size = {ep} must be >= 1")
+        if not E:
+            if ep > 1:
+                raise RecipeError(f"parallel.expert_size = {ep} needs model.num_experts (a mixture-of-experts model)")
+            return
+        if E % ep:
+            raise RecipeError(f"model.num_experts = {E} must be divisible by parallel.expert_size = {ep}")
+        if not 1 <= m.moe_router_topk <= E:
+            raise RecipeError(f"model.moe_router_topk = {m.moe_router_topk} must be between 1 and model.num_experts = {E}")
+        if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax" and not m.moe_router_pre_softmax:
+            raise RecipeError("model.moe_router_topk = 1 needs model.moe_router_pre_softmax = true (a softmax over "
+                              "one chosen logit is always 1)")
+        if m.moe_layer_freq < 1:
+            raise RecipeError(f"model.moe_layer_freq = {m.moe_layer_freq} must be >= 1")
+        if world_size is not None:
+            stage = world_size // p.pipeline_size
+            if stage % ep:
+                raise RecipeError(f"parallel.expert_size = {ep} must divide the {stage} ranks of a pipeline stage "
+                                  f"(world {world_size} / parallel.pipeline_size {p.pipeline_size})")
+        if p.layout != "tsp":
+            return
+        from ..config import check_moe_config
+
+        keys = {"--num-experts": "model.num_experts", "--moe-token-dispatcher-type": "parallel.moe_dispatcher",
+                "--moe-shared-expert-intermediate-size": "model.moe_shared_expert_intermediate_size",
+                "--moe-router-load-balancing-type": "model.moe_router_load_balancing_type",
+                "--moe-router-topk": "model.moe_router_topk", "--moe-token-drop-policy": "model.moe_token_drop_policy",
+                "--tsp-size": "parallel.size"}
+        try:
+            config = _MoEView(self)
+            check_moe_config(config, p.size)
+        except TSPConfigError as e:
+            text = str(e)
+            for flag, key in keys.items():
+                text = text.replace(flag, key)
+            raise RecipeError(text) from None
 
     def _check_recompute(self) -> None:
         m, p = self.model, self.parallel
@@ -179,6 +221,20 @@ class Recipe:
     @property
     def axis_size(self) -> int:
         return 1 if self.parallel.layout == "dp" else self.parallel.size
+
+
+class _MoEView:
+    """The TransformerConfig fields `moe.check_moe_config` reads, from a recipe (no config built)."""
+
+    def __init__(self, recipe: "Recipe"):
+        from ..tsp.moe import moe_config_kwargs
+
+        m = recipe.model
+        self.__dict__.update(moe_config_kwargs(m.shape(), recipe.parallel.moe_dispatcher))
+        self.num_layers, self.add_bias_linear, self.expert_tensor_parallel_size = m.num_layers, m.add_bias_linear, 1
+        for name in ("moe_shared_expert_overlap", "moe_shared_expert_gate", "moe_router_fusion", "moe_latent_size",
+                     "moe_use_upcycling", "moe_enable_routing_replay", "moe_pad_expert_input_to_capacity"):
+            setattr(self, name, False)
 
 
 # -- loading ---------------------------------------------------------------------------------

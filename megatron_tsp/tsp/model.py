@@ -32,6 +32,10 @@ class TSPGPTModel(GPTModel):
         pg_collection = require_group(kwargs.get("pg_collection"), "TSPGPTModel", "pg_collection")
         group = require_group(getattr(pg_collection, "tp", None), "TSPGPTModel", "pg_collection.tp")
         validate_transformer_config(config, group.size())
+        if config.num_moe_experts:
+            from .moe import check_expert_groups
+
+            check_expert_groups(config, pg_collection)
         if kwargs.get("mtp_block_spec") is not None:
             raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
         tsp_options = tsp_options or TSPOptions()

@@ -30,24 +30,32 @@ class _QuietTSPMLPNotice(logging.Filter):
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietTSPMLPNotice())
 
 
-def _local_spec_with_sp_norms(config) -> ModuleSpec:
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+def _local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization,
+                                                  moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False))))
     spec.submodules.input_layernorm = TSPNorm
     spec.submodules.pre_mlp_layernorm = TSPNorm
     return spec
 
 
-def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions] = None) -> ModuleSpec:
+def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions] = None, moe: bool = False) -> ModuleSpec:
     """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group` (required;
-    the layer's `pg_collection.tp` must be the same group), as `tsp_options` says."""
+    the layer's `pg_collection.tp` must be the same group), as `tsp_options` says. `moe=True`:
+    the MLP is Megatron's MoELayer on this rank's tokens (`megatron_tsp.tsp.moe`; its groups come
+    from the layer's pg_collection)."""
     require_group(tsp_group, "get_tsp_layer_spec", "tsp_group")
     options = tsp_options or TSPOptions()
-    spec = _local_spec_with_sp_norms(config)
+    spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     attention = spec.submodules.self_attention
     spec.submodules.self_attention = ModuleSpec(
         module=TSPSelfAttention, params={**attention.params, "tsp_options": options}, submodules=attention.submodules
     )
     mlp = spec.submodules.mlp
+    if moe:
+        from .moe import tsp_moe_mlp_spec
+
+        spec.submodules.mlp = tsp_moe_mlp_spec(mlp, options)
+        return spec
     # Up to megatron-core 0.17 TransformerLayer builds the MLP with `config` only, so the group
     # rides in params; from 0.18 it passes `pg_collection` (TSPRingMLP.as_mlp_submodule).
     spec.submodules.mlp = compat.mlp_spec(
@@ -56,26 +64,38 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     return spec
 
 
-def get_sp_layer_spec(config, core_attention=None) -> ModuleSpec:
+def get_sp_layer_spec(config, core_attention=None, moe: bool = False) -> ModuleSpec:
     """Megatron's native local layer (TP, TP + sequence parallelism) with norms that accept
     sequence parallelism: the baseline and the reference of the parity tests. `core_attention`
-    replaces Megatron's DotProductAttention (e.g. SDPACoreAttention for long contexts)."""
-    spec = _local_spec_with_sp_norms(config)
+    replaces Megatron's DotProductAttention (e.g. SDPACoreAttention for long contexts).
+    `moe=True`: Megatron's own local MoE MLP (MoELayer, SequentialMLP, SharedExpertMLP)."""
+    spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
 def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
+    """`layer_spec(moe)` gives a layer's spec; MoE layers where `moe_layer_freq` puts them."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=TSPNorm)
+    if not config.num_moe_experts:
+        return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * n, layer_norm=TSPNorm)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from ..config import moe_layer_pattern
+
+    pattern = moe_layer_pattern(config)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    specs = {is_moe: layer_spec(is_moe) for is_moe in set(pattern[offset:offset + n])}
+    return TransformerBlockSubmodules(layer_specs=[specs[m] for m in pattern[offset:offset + n]], layer_norm=TSPNorm)
 
 
 def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None,
                        tsp_options: Optional[TSPOptions] = None) -> TransformerBlockSubmodules:
-    """The decoder block of a TSP GPT model (the final norm sequence-parallel-capable too)."""
-    return _block(config, get_tsp_layer_spec(config, tsp_group, tsp_options), vp_stage, pp_rank)
+    """The decoder block of a TSP GPT model (the final norm sequence-parallel-capable too);
+    with `config.num_moe_experts`, MoE layers as `config.moe_layer_freq` says."""
+    return _block(config, lambda moe: get_tsp_layer_spec(config, tsp_group, tsp_options, moe=moe), vp_stage, pp_rank)
 
 
 def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None) -> TransformerBlockSubmodules:
-    return _block(config, get_sp_layer_spec(config, core_attention), vp_stage, pp_rank)
+    return _block(config, lambda moe: get_sp_layer_spec(config, core_attention, moe=moe), vp_stage, pp_rank)
