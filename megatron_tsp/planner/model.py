@@ -128,6 +128,9 @@ class ModelSpec:
         m = read_recipe(path, list(overrides))["model"]
         if m.get("add_bias_linear"):
             raise PlanError("model.add_bias_linear = true: linear biases are not modelled by the planner")
+        if m.get("num_experts") is not None:  # every other model.moe_* key only matters with experts
+            raise PlanError(f"model.num_experts = {m['num_experts']}: mixture-of-experts models are not modelled by "
+                            "the planner yet (dense models only)")
         if m.get("position_embedding_type", "rope") != "rope":
             raise PlanError(f"model.position_embedding_type = {m['position_embedding_type']!r}: the planner models "
                             "rope only")

@@ -470,6 +470,7 @@ RECIPE = os.path.join(ROOT, "configs", "7b_16k.yaml")
     ("parallel.baseline_attention=local", "parallel.baseline_attention = 'local'"),
     ("parallel.no_such_key=1", "unknown recipe key parallel.no_such_key"),
     ("model.add_bias_linear=true", "model.add_bias_linear = true"),
+    ("model.num_experts=8", "model.num_experts = 8: mixture-of-experts models are not modelled"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
 ])
 def test_recipe_values_the_planner_cannot_model_are_errors(capsys, override, message):
@@ -505,13 +506,16 @@ def test_every_recipe_key_is_modelled_or_refused_or_irrelevant_to_the_plan():
                                      "ffn_hidden_size", "vocab_size", "seq_length", "swiglu", "normalization",
                                      "share_embeddings_and_output_weights", "dtype")}
     refused = {"model.add_bias_linear", "model.position_embedding_type", "parallel.pipeline_size",
-               "parallel.baseline_attention", "parallel.tsp_compute_only"}
+               "parallel.baseline_attention", "parallel.tsp_compute_only", "model.num_experts"}
+    # MoE: refused through model.num_experts (the planner models dense models); the rest only act with experts
+    not_planned_moe = {k for k in recipe_keys() if k.startswith("model.moe_")} | {"parallel.expert_size",
+                                                                                  "parallel.moe_dispatcher"}
     # the planner plans every layout and size itself; run-time, kernel, data and logging keys cost no memory
     not_planned = {"model.init_method_std", "model.cpu_init", "parallel.layout", "parallel.size",
                    "parallel.context_size", "parallel.fsdp", "parallel.tsp_attention_backend",
                    "parallel.high_priority_comm", "parallel.comm_max_ctas", "parallel.gemm_sm_carveout"}
     not_planned |= {k for k in recipe_keys() if k.startswith(("train.", "data."))} - set(RECIPE_KEYS)
-    placed = shape | refused | not_planned | set(RECIPE_KEYS)
+    placed = shape | refused | not_planned | not_planned_moe | set(RECIPE_KEYS)
     assert set(recipe_keys()) == placed, (set(recipe_keys()) - placed, placed - set(recipe_keys()))
 
 

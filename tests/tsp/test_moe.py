@@ -19,9 +19,9 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 import megatron_tsp
 from megatron_tsp.config import TSPConfigError
 from megatron_tsp.tsp.moe import TSPTopKRouter, expert_load, expert_param_global_name, pop_router_losses
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.parity import fresh_seed
-from tests.utils import gather_full, rel_err, sum_sequence_parallel_grads
+from tests.utils import gather_full, mock_batch, rel_err, sum_sequence_parallel_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -97,7 +97,7 @@ def _run(layout, D, ep, moe, seed, batches, reduce=True):
 
 def _check(moe, D, ep, seed):
     dp_size, dp_rank = dist.get_world_size() // D, None
-    batches = [synthetic_batch(i, 2, SHAPE, seed=seed) for i in range(dp_size)]
+    batches = [mock_batch(i, 2, SHAPE, seed=seed) for i in range(dp_size)]
     _, ref_losses, ref_router, ref_grads = _run("tsp", 1, 1, moe, seed, batches, reduce=False)
     _init(D, ep)
     dp_rank = mpu.get_data_parallel_rank()
@@ -181,7 +181,7 @@ def test_no_saved_tensor_holds_every_token(world):
         context = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t)
         layer.register_forward_pre_hook(lambda *_, c=context: c.__enter__())
         layer.register_forward_hook(lambda *_, c=context: c.__exit__(None, None, None))
-    tokens, labels, pos = synthetic_batch(0, 2, SHAPE)
+    tokens, labels, pos = mock_batch(0, 2, SHAPE)
     model(tokens, pos, None, labels=labels).mean().backward()
     S, b, h = SHAPE.seq_length, 2, SHAPE.hidden_size
     assert any(t.shape[-1] == h for t in saved)  # the hooks saw the layers' activations

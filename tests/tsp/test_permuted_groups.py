@@ -15,12 +15,12 @@ from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_tsp import tsp_process_groups
-from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.mlp import TSPRingMLP
 from tests.parity import fresh_seed
 from tests.tsp.test_lm_head import megatron_ce_in_float64  # noqa: F401  (fixture: the reference's CE in float64)
-from tests.utils import gather_full, init_tsp, rel_err, sum_sequence_parallel_grads
+from tests.utils import gather_full, init_tsp, mock_batch, rel_err, sum_sequence_parallel_grads
 
 pytestmark = pytest.mark.distributed  # runs under torchrun; needs world 4 (skips elsewhere)
 
@@ -62,7 +62,7 @@ def _loss_and_grads(layout, D, shape, seed):
     assert layout != "tsp" or dist.get_process_group_ranks(pgs.tp) != dist.get_process_group_ranks(
         mpu.get_tensor_model_parallel_group()), "the TSP group must differ from Megatron's TP group"
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, pg_collection=pgs)
-    tokens, labels, pos = synthetic_batch(0, 2, shape, seed=seed)
+    tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S], natural order on every rank
     loss.mean().backward()
     sum_sequence_parallel_grads(model, pgs.tp)
