@@ -10,14 +10,16 @@
 # One node: this host with nproc CPUs, slurmd on 127.0.0.1. Two nodes: each slurmd runs in its own
 # network and UTS namespace (`ip netns`; hostname tspn1 / tspn2; address 10.233.X.11 / .12 on
 # the interface tsp0, a veth on a bridge that also carries slurmctld's 10.233.X.1), so each is a
-# separate host to SLURM, to torchrun and to gloo (GLOO_SOCKET_IFNAME=tsp0); the Debian build of
-# slurmd has no --enable-multiple-slurmd, so two slurmd on one network stack would share one port.
+# separate host to SLURM, to torchrun and to gloo (GLOO_SOCKET_IFNAME=tsp0): a master address or
+# interface that only works on one host shows up. Where namespaces cannot be made (no
+# CAP_NET_ADMIN), both slurmd run on 127.0.0.1 with a port each (Debian's slurmd supports
+# several per host: `slurmd -N tspn1`, `-N tspn2`) and gloo uses lo; TSP_SLURM_NETNS=0 asks for that.
 # No cgroups (proctrack/linuxproc, task/none), no accounting, its own ports (SLURMCTLD_PORT,
 # SLURMD_PORT; default: free ones), so a system SLURM is left alone. DIR/nodes.env lists the
 # nodes (NODE_<k>=name, NODE_<k>_NS=namespace, NODE_<k>_ADDR=address). `up` exits 77 with
 # "SKIP: <reason>" on stderr when SLURM cannot run here: not installed (and no
-# TSP_SLURM_INSTALL=1, root or apt-get), the install failed, a daemon did not start (its log
-# follows), or (two nodes) network namespaces cannot be made; it stops what it started first.
+# TSP_SLURM_INSTALL=1, root or apt-get), the install failed, or a daemon did not start (its log
+# follows); it stops what it started first.
 set -euo pipefail
 
 skip() { echo "SKIP: $*" >&2; stop_daemons; remove_namespaces; exit 77; }
@@ -49,24 +51,20 @@ remove_namespaces() {
   rm -f "$dir/run/net"
 }
 
-make_network() {  # make_network ID SUBNET(10.233.X): bridge SUBNET.1, nodes SUBNET.11, .12
+make_network() {  # make_network ID SUBNET(10.233.X): bridge SUBNET.1, nodes SUBNET.11, .12; 1 (and why in DIR/log/net.log) if it cannot
   local id=$1 net=$2 k ns br=tspbr$1
-  command -v ip >/dev/null || skip "two nodes need iproute2's ip (network namespaces); not installed"
-  ip link add "$br" type bridge 2>"$dir/log/net.log" \
-    || skip "cannot make a network bridge for the two nodes: $(cat "$dir/log/net.log")"
+  command -v ip >/dev/null || { echo "no iproute2 'ip' command" >"$dir/log/net.log"; return 1; }
+  ip link add "$br" type bridge 2>"$dir/log/net.log" || return 1
   echo "link $br" >>"$dir/run/net"
-  ip addr add "$net.1/24" dev "$br" && ip link set "$br" up
+  ip addr add "$net.1/24" dev "$br" 2>"$dir/log/net.log" && ip link set "$br" up || return 1
   for k in 1 2; do
     ns=tspn$k-$id
-    ip netns add "$ns" 2>"$dir/log/net.log" || skip "cannot make network namespace $ns: $(cat "$dir/log/net.log")"
+    ip netns add "$ns" 2>"$dir/log/net.log" || return 1
     echo "ns $ns" >>"$dir/run/net"
-    ip link add "tspv$id$k" type veth peer name tsp0 netns "$ns" 2>"$dir/log/net.log" \
-      || skip "cannot make a veth pair into $ns: $(cat "$dir/log/net.log")"
+    ip link add "tspv$id$k" type veth peer name tsp0 netns "$ns" 2>"$dir/log/net.log" || return 1
     echo "link tspv$id$k" >>"$dir/run/net"
-    ip link set "tspv$id$k" master "$br" up
-    ip -n "$ns" addr add "$net.1$k/24" dev tsp0
-    ip -n "$ns" link set tsp0 up
-    ip -n "$ns" link set lo up
+    { ip link set "tspv$id$k" master "$br" up && ip -n "$ns" addr add "$net.1$k/24" dev tsp0 \
+        && ip -n "$ns" link set tsp0 up && ip -n "$ns" link set lo up; } 2>"$dir/log/net.log" || return 1
   done
 }
 
@@ -76,7 +74,7 @@ free_port() { "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bin
 
 install_slurm() {
   local missing=() cmd
-  for cmd in munged munge slurmctld slurmd sbatch squeue scontrol $([[ $nodes == 2 ]] && echo ip); do
+  for cmd in munged munge slurmctld slurmd sbatch squeue scontrol; do
     command -v "$cmd" >/dev/null || missing+=("$cmd")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
@@ -121,15 +119,27 @@ up() {
   else
     # a short id for the interface names (15 characters at most) and a free 10.233.X.0/24
     id=$(printf '%04x' $(( $(cksum <<<"$dir" | cut -d' ' -f1) % 65536 )))
-    for X in $(shuf -i 1-254); do ip -o addr | grep -q " 10\.233\.$X\." || { net=10.233.$X; break; }; done
-    [[ -n $net ]] || skip "no free 10.233.X.0/24 subnet for the two nodes"
-    make_network "$id" "$net"
-    ctld_addr=$net.1 names=tspn[1-2] nodes_conf=""
+    for X in $(shuf -i 1-254); do ip -o addr 2>/dev/null | grep -q " 10\.233\.$X\." || { net=10.233.$X; break; }; done
+    names=tspn[1-2] nodes_conf=""
     : >"$dir/nodes.env"
-    for k in 1 2; do
-      nodes_conf+="NodeName=tspn$k NodeHostname=tspn$k NodeAddr=$net.1$k CPUs=$(nproc) State=UNKNOWN"$'\n'
-      echo "NODE_$k=tspn$k NODE_${k}_NS=tspn$k-$id NODE_${k}_ADDR=$net.1$k" >>"$dir/nodes.env"
-    done
+    echo "TSP_SLURM_NETNS=0" >"$dir/log/net.log"
+    if [[ -n $net && ${TSP_SLURM_NETNS:-1} == 1 ]] && make_network "$id" "$net"; then
+      ctld_addr=$net.1
+      for k in 1 2; do
+        nodes_conf+="NodeName=tspn$k NodeHostname=tspn$k NodeAddr=$net.1$k CPUs=$(nproc) State=UNKNOWN"$'\n'
+        echo "NODE_$k=tspn$k NODE_${k}_NS=tspn$k-$id NODE_${k}_ADDR=$net.1$k" >>"$dir/nodes.env"
+      done
+    else
+      # No network namespaces here (no CAP_NET_ADMIN, no iproute2): both slurmd on this host's
+      # loopback, each on its own port (the multiple-slurmd support of Debian's build).
+      echo "ci_slurm.sh: no network namespaces ($(tr '\n' ' ' <"$dir/log/net.log")): both nodes on 127.0.0.1, one slurmd port each"
+      remove_namespaces
+      id="" ctld_addr=127.0.0.1
+      for k in 1 2; do
+        nodes_conf+="NodeName=tspn$k NodeHostname=$host NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$(nproc) State=UNKNOWN"$'\n'
+        echo "NODE_$k=tspn$k NODE_${k}_NS= NODE_${k}_ADDR=127.0.0.1" >>"$dir/nodes.env"
+      done
+    fi
   fi
   cat >"$dir/slurm.conf" <<EOF
 # written by megatron-tsp scripts/ci_slurm.sh
@@ -168,6 +178,11 @@ EOF
   slurmctld -f "$SLURM_CONF" || skip "slurmctld did not start: $(log_tail "$dir/log/slurmctld.log")"
   if [[ $nodes == 1 ]]; then
     slurmd -f "$SLURM_CONF" -N "$host" || skip "slurmd did not start: $(log_tail "$dir"/log/slurmd-*.log)"
+  elif [[ -z $id ]]; then
+    for k in 1 2; do
+      mkdir -p "$dir/spool/slurmd-tspn$k"
+      slurmd -f "$SLURM_CONF" -N "tspn$k" || skip "slurmd of node tspn$k did not start: $(log_tail "$dir/log/slurmd-tspn$k.log")"
+    done
   else
     for k in 1 2; do
       # its own network and hostname (unshare --uts); the filesystem is shared. Not `ip netns exec`:
