@@ -120,8 +120,9 @@ program+=("${extra[@]}")
 
 if [[ -z ${MASTER_ADDR:-} ]]; then
   # The first node's address as SLURM reaches it (NodeAddr; the same as its name unless set).
-  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  MASTER_ADDR=$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p' | head -n1)
+  # (sed -n 1p, not head: head's early exit can fail the pipe with SIGPIPE under pipefail)
+  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+  MASTER_ADDR=$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p' | sed -n 1p) || true
   MASTER_ADDR=${MASTER_ADDR:-$first_node}
 fi
 export MASTER_ADDR MASTER_PORT
