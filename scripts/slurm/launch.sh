@@ -132,8 +132,8 @@ export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1} CUDA_DEVICE_MAX_CONNECTIO
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # One task per node; each runs torchrun with its own node rank ($SLURM_NODEID is per task).
-# torchrun ignores SIGUSR1 (by default it would end it): the signal is for the workers, which
-# install their handler at start (megatron_tsp.signals). --kill-on-bad-exit: a worker that fails on
+# torchrun ignores SIGUSR1 (by default it would end it), should `--signal=USR1` (without B:)
+# send it to every process of the step: the signal is for the workers (megatron_tsp.signals). --kill-on-bad-exit: a worker that fails on
 # one node (its peer died, or a collective timed out) ends the tasks on every node.
 # shellcheck disable=SC2016  # $1, $SLURM_NODEID and $@ expand in each task's shell
 srun_cmd=(srun --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1
@@ -157,16 +157,27 @@ echo "checkpoints $CKPT_DIR"
 printf '%q ' "${srun_cmd[@]}"; echo
 
 # The time limit is near (sbatch --signal=B:USR1@SECONDS, sent to this batch shell only): pass
-# SIGUSR1 on to every process of the job step (scancel leaves the batch step out); the workers
-# finish their step, save a checkpoint and exit 0; then requeue the job, which resumes from it.
-# A signal that reaches the workers before they install their handler (the first seconds of
-# python's start) is ignored; the time limit's SIGTERM then still saves (train.save_on_signal).
+# SIGUSR1 on to the workers, and to them only: an overlapping step on every node signals the
+# children of this job's torchrun on that node (its workers). Not `scancel --signal`: that signals every
+# process of the step, the workers' own helpers too (the checkpoint writer's multiprocessing
+# manager), which SIGUSR1 ends. The workers finish their step, save a checkpoint and exit 0;
+# then the job requeues itself and resumes from it. A signal that reaches the workers before they
+# install their handler (the first seconds of python's start) is ignored; the time limit's
+# SIGTERM then still saves (train.save_on_signal).
+# shellcheck disable=SC2016  # expanded on each node
+signal_workers=(srun --overlap --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1 --label
+                bash -c 'for tr in $(pgrep -f "[t]orch.distributed.run --node-rank"); do
+                           [[ $(cat "/proc/$tr/comm" 2>/dev/null) != srun ]] \
+                             && grep -qzx "SLURM_JOB_ID=$SLURM_JOB_ID" "/proc/$tr/environ" 2>/dev/null \
+                             && grep -qzx "SLURM_NODEID=$SLURM_NODEID" "/proc/$tr/environ" 2>/dev/null \
+                             && pkill -USR1 -P "$tr" && echo "SIGUSR1 to the workers of torchrun $tr on $(hostname)"
+                         done; true')
 stop_requested=0
 on_usr1() {
   stop_requested=1
   echo "launch.sh: SIGUSR1 at $(date -Is): the time limit is near; the workers save and stop" \
        "$( ((REQUEUE)) && echo ", then job $SLURM_JOB_ID requeues itself")"
-  scancel --signal=USR1 "$SLURM_JOB_ID" || echo "launch.sh: scancel --signal=USR1 $SLURM_JOB_ID failed"
+  "${signal_workers[@]}" || echo "launch.sh: passing SIGUSR1 on to the workers failed"
 }
 trap on_usr1 USR1
 "${srun_cmd[@]}" &

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = REPO / "scripts" / "ci_slurm.sh"
-JOB_TIMEOUT_S = 600
+JOB_TIMEOUT_S = 1200
 
 
 def _skip_or_fail(reason: str):
@@ -69,7 +69,7 @@ def job_env(cluster, **settings):
 
 def submit(cluster, script: str, env: dict, *args: str, nodes: int = 1, options=()) -> str:
     # --gpus-per-node=0 clears the scripts' GPU request: these nodes have none.
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=10", f"--chdir={cluster['work']}",
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=60", f"--chdir={cluster['work']}",
            *options, f"scripts/slurm/{script}", *args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"sbatch failed: {r.stderr}"

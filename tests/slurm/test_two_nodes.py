@@ -143,19 +143,19 @@ def test_preempted_then_lost_node_job_resumes_with_the_same_losses(cluster, refe
     ckpt, metrics = work / "ckpt_long", work / "long.jsonl"
     env = _env(cluster, "long", ckpt, metrics, LONG_STEPS, SAVE_INTERVAL=str(SAVE_EVERY))
     env["EXTRA_ARGS"] += f" train.collective_timeout_s={TIMEOUT_S}"
-    job = submit(cluster, "tsp.sbatch", env, "train.seed=7", nodes=2, options=[f"--signal=B:USR1@{WARN_S}"])
+    job = submit(cluster, "tsp.sbatch", env, "train.seed=7", nodes=2, options=[f"--signal=B:USR1@{WARN_S}", "--time=60"])
     log = work / "logs" / f"tsp-{job}.out"
     text = lambda: read(log)  # noqa: E731
 
     # 1. Once it trains, a short time limit: SLURM's warning comes at its next time-limit check
     # (every 30 s; it sends the warning up to 30 s early), the workers finish their step, save
     # and stop, and the job requeues itself.
-    _wait_for("training", lambda: re.search(r"^0: step +2/", text(), re.M), 300, text)
+    _wait_for("training", lambda: re.search(r"^0: step +2/", text(), re.M), 900, text)
     h, m, sec = map(int, job_field(cluster, job, "RunTime").split(":")[-3:])
     elapsed = 3600 * h + 60 * m + sec
     scontrol(cluster, "update", f"JobId={job}", f"TimeLimit={math.ceil((elapsed + 45) / 60)}")  # 45-105 s left
     _wait_for("SIGUSR1 from SLURM", lambda: "launch.sh: SIGUSR1" in text(), 120, text)
-    scontrol(cluster, "update", f"JobId={job}", "TimeLimit=10")  # the next allocation has the time to finish
+    scontrol(cluster, "update", f"JobId={job}", "TimeLimit=60")  # the next allocation has the time to finish
     stopped = _wait_for("stop", lambda: re.search(r"^0: stopped by SIGUSR1 after step (\d+): (.*)$", text(), re.M), 120, text)
     first = int(stopped.group(1))
     assert 2 <= first < LONG_STEPS, text()[-4000:]
@@ -168,7 +168,7 @@ def test_preempted_then_lost_node_job_resumes_with_the_same_losses(cluster, refe
     # 2. The second allocation resumes from that checkpoint; once it saved one of its own, node 2's workers die.
     resumed = _wait_for("resume", lambda: re.search(rf"steps {first + 1}\.\.{LONG_STEPS} \(resumed from {ckpt}\)", text()), 300, text)
     saved = _wait_for("a checkpoint of the second allocation",
-                      lambda: re.findall(r"^0: saved checkpoint .*step_(\d+)$", text()[resumed.end():], re.M), 300, text)
+                      lambda: re.findall(r"^0: saved checkpoint .*step_(\d+)$", text()[resumed.end():], re.M), 600, text)
     last_saved = int(saved[-1])
     _wait_for("a step after it", lambda: re.search(rf"^0: step +{last_saved + 2}/", text(), re.M), 120, text)
     victims = _workers(job, 1)
@@ -193,7 +193,7 @@ def test_preempted_then_lost_node_job_resumes_with_the_same_losses(cluster, refe
     # 3. Submitted again, the job resumes from the last complete checkpoint and finishes.
     latest = int((ckpt / "latest").read_text())
     assert latest >= last_saved
-    job2 = submit(cluster, "tsp.sbatch", env, "train.seed=7", nodes=2)
+    job2 = submit(cluster, "tsp.sbatch", env, "train.seed=7", nodes=2, options=["--time=60"])
     state2, text2 = wait(cluster, job2), read(work / "logs" / f"tsp-{job2}.out")
     assert state2 == "COMPLETED", text2[-4000:]
     assert f"steps {latest + 1}..{LONG_STEPS} (resumed from {ckpt})" in text2, text2[-4000:]
