@@ -125,7 +125,7 @@ def test_layouts_across_two_nodes_match_one_node(cluster, reference):
 
 
 def _workers(job: str, node_id: int):
-    """The pids of the job's training processes on one node (torchrun's workers: LOCAL_RANK set)."""
+    """The pids of the job's training processes on one node: torchrun's children (LOCAL_RANK set)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -134,7 +134,12 @@ def _workers(job: str, node_id: int):
         except OSError:
             continue
         if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == str(node_id) and "LOCAL_RANK" in env:
-            pids.append(int(pid))
+            try:  # torchrun's children, not theirs (a checkpoint writer's helper has the same environment)
+                ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                if b"torch.distributed.run" in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                continue
     return pids
 
 
