@@ -175,8 +175,9 @@ signal_workers=(srun --overlap --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" 
 stop_requested=0
 on_usr1() {
   stop_requested=1
-  echo "launch.sh: SIGUSR1 at $(date -Is): the time limit is near; the workers save and stop" \
-       "$( ((REQUEUE)) && echo ", then job $SLURM_JOB_ID requeues itself")"
+  local then=""
+  ((REQUEUE)) && then=", then job $SLURM_JOB_ID requeues itself"
+  echo "launch.sh: SIGUSR1 at $(date -Is): the time limit is near; the workers save and stop$then"
   "${signal_workers[@]}" || echo "launch.sh: passing SIGUSR1 on to the workers failed"
 }
 trap on_usr1 USR1
