@@ -22,6 +22,7 @@ def _timeout(group) -> timedelta:
     return group._get_backend(torch.device("cpu")).options._timeout
 
 
+@pytest.mark.slow  # a whole (one-step) driver run
 def test_megatron_groups_get_the_timeout():
     """The driver's run makes Megatron's groups with the recipe's timeout (Megatron's own
     default is 30 minutes)."""
