@@ -19,8 +19,8 @@ import sys
 import torch
 from measure_hardware import timed  # this folder's timing helper (median of CUDA-event timings)
 
-from megatron_tsp.bench import measure_peak
-from megatron_tsp.kernels import chunk_backward, chunk_forward
+from megatron_tsp.bench.worker import measure_peak
+from megatron_tsp.tsp.kernels import chunk_backward, chunk_forward
 
 
 def rel(a, b):

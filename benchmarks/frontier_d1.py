@@ -7,7 +7,7 @@ measured beside the planner's prediction for the same configuration.
 
 The model is configs/7b_16k.yaml's (h 4096, 32 heads, SwiGLU f 16384, vocab 32000, bf16) with
 `--layers` layers at context S, layout tsp with parallel.size = 1, built and stepped by the
-project's own driver (megatron_tsp.train: build, build_train_dataset, micro_batches,
+project's own driver (megatron_tsp.training.loop: build, build_train_dataset, micro_batches,
 train_step), one micro-batch per step, the Adam step included (train_step runs it; the
 planner is asked with the optimizer too). Per (mode, S): a fresh build, `--warmup` steps, then
 `--steps` timed steps; torch.cuda.max_memory_allocated over the steps (model states included,
@@ -27,7 +27,7 @@ listed, so the script runs on whatever has been merged):
 
 Each JSONL row: the mode, S, the overrides, what was measured, the planner's prediction
 (megatron_tsp.planner at this commit, hardware profile `--hardware`, norms as the code builds
-them: lean when megatron_tsp.norm has them, else torch's composite) and measured / predicted.
+them: lean when megatron_tsp.tsp.norm has them, else torch's composite) and measured / predicted.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def parse_seq(text: str) -> int:
 
 def recipe_keys() -> set:
     """`section.key` of every recipe field this checkout has."""
-    from megatron_tsp import recipe as r
+    from megatron_tsp.training import recipe as r
 
     return {f"{section}.{f.name}" for section, cls in (("model", r.ModelRecipe), ("parallel", r.ParallelRecipe),
                                                        ("train", r.TrainRecipe), ("data", r.DataRecipe))
@@ -83,7 +83,7 @@ def recipe_keys() -> set:
 
 def norm_kind() -> str:
     """How the code's TSPNorm saves (the planner's --norm): lean norms when present, TE's fused."""
-    from megatron_tsp import norm
+    from megatron_tsp.tsp import norm
 
     if norm._te_norm() is not None:
         return "fused"
@@ -109,8 +109,8 @@ def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
     import torch
     from megatron.core import parallel_state as mpu
 
-    from megatron_tsp import train as driver
-    from megatron_tsp.recipe import load_recipe
+    from megatron_tsp.training import loop as driver
+    from megatron_tsp.training.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides)
     recipe.check(1)
@@ -180,9 +180,13 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import torch
 
-    from megatron_tsp.training import init_distributed
+    from megatron_tsp.training.build import init_distributed
+
+    from megatron_tsp.training.cpu import install_cpu_shims
 
     init_distributed()
+
+    install_cpu_shims()  # no-op with CUDA
     seqs = [128, 256] if args.smoke else [parse_seq(s) for s in args.seq.split(",")]
     layers = 2 if args.smoke else args.layers
     known = recipe_keys()
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     capacity = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 139.8
     meta = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": _commit(), "torch": torch.__version__,
-            "optimizer": "adam step included (megatron_tsp.train.train_step)", "layers": layers}
+            "optimizer": "adam step included (megatron_tsp.training.loop.train_step)", "layers": layers}
     base = dict(SMOKE if args.smoke else {}, **{"model.num_layers": layers, "parallel.layout": "tsp",
                                                 "parallel.size": 1, "train.micro_batch_size": 1,
                                                 "train.global_batch_size": 1})

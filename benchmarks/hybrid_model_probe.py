@@ -7,13 +7,13 @@ TENorm final norm replaced by TSPNorm; copies the GPT weights in (GPT layer i ->
     PYTHONPATH=$PWD python benchmarks/hybrid_model_probe.py"""
 import copy, functools, tempfile, time, traceback
 import torch, torch.distributed as dist
-from megatron_tsp.cpu import install_cpu_shims
+from megatron_tsp.training.cpu import install_cpu_shims
 install_cpu_shims()
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
 from tests.utils import init_tsp
-from megatron_tsp.training import ModelShape, build_gpt, transformer_config
-from megatron_tsp.specs import get_tsp_layer_spec
-from megatron_tsp.norm import TSPNorm
+from megatron_tsp.training.build import ModelShape, build_gpt, transformer_config
+from megatron_tsp.tsp.specs import get_tsp_layer_spec
+from megatron_tsp.tsp.norm import TSPNorm
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer

@@ -68,9 +68,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from megatron_tsp.training import init_distributed
+    from megatron_tsp.training.build import init_distributed
+
+    from megatron_tsp.training.cpu import install_cpu_shims
 
     init_distributed()
+
+    install_cpu_shims()  # no-op with CUDA
     S = frontier_d1.parse_seq(args.seq)
     keys = dict(next(m[2] for m in frontier_d1.modes(args.layers) if m[0] == args.mode))
     base = {"model.num_layers": args.layers, "parallel.layout": "tsp", "parallel.size": 1,

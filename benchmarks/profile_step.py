@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-import megatron_tsp.train as driver
-from megatron_tsp.recipe import load_recipe
+import megatron_tsp.training.loop as driver
+from megatron_tsp.training.recipe import load_recipe
 
 
 def main():

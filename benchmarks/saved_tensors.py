@@ -4,7 +4,7 @@
     (on a GPU machine the same command runs on CUDA and checks the CUDA kernels' saves)
 
 Builds a 1-layer and a 2-layer GPT (TSP D=1 and Megatron's native layer with SDPA) with
-megatron_tsp.training.build_gpt, runs the forward under torch.autograd.graph.saved_tensors_hooks
+megatron_tsp.training.build.build_gpt, runs the forward under torch.autograd.graph.saved_tensors_hooks
 and sums the distinct storages saved (parameters excluded). The 2-layer minus 1-layer difference
 is one layer; it must equal megatron_tsp.planner.formulas' per-token bytes x tokens.
 """
@@ -20,7 +20,8 @@ from megatron.core import parallel_state as mpu  # noqa: E402
 from megatron_tsp import parallel_state as tsp_state  # noqa: E402
 from megatron_tsp.planner.formulas import native_saved, tsp_saved_per_token  # noqa: E402
 from megatron_tsp.planner.model import Layout, ModelSpec  # noqa: E402
-from megatron_tsp.training import ModelShape, build_gpt, init_distributed  # noqa: E402
+from megatron_tsp.training.build import ModelShape, build_gpt, init_distributed  # noqa: E402
+from megatron_tsp.training.cpu import install_cpu_shims  # noqa: E402
 
 H, S, V, HEADS, GROUPS = 256, 512, 1000, 4, 2
 
@@ -54,11 +55,12 @@ def saved_bytes(layout: str, layers: int) -> int:
 
 def main():
     init_distributed()
+    install_cpu_shims()  # no-op with CUDA
     m = ModelSpec(layers=1, hidden=H, heads=HEADS, kv_groups=GROUPS, ffn=4 * H, vocab=V)
     lay = Layout("tp_sp", tp=1)
     # the planner's norm model for what TSPNorm builds here: lean norms where the code has them,
     # torch's composite norm before (the planner's default is lean)
-    from megatron_tsp import norm as tsp_norm
+    from megatron_tsp.tsp import norm as tsp_norm
 
     kind = "lean" if hasattr(tsp_norm, "LeanRMSNorm") else "torch"
     want = {"tsp": sum(tsp_saved_per_token(m, save_activations=False, norm=kind).values()) * S,

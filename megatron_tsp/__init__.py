@@ -14,7 +14,14 @@ _LAZY = {name: ".parallel_state" for name in (
     "destroy_model_parallel", "get_tsp_group", "get_tsp_rank", "get_tsp_world_size",
     "initialize_model_parallel", "tsp_process_groups",
 )}
-_LAZY.update({name: ".zigzag" for name in ("from_zigzag", "local_positions", "to_zigzag", "zigzag_permutation")})
+_LAZY.update({name: ".tsp.zigzag" for name in ("from_zigzag", "local_positions", "to_zigzag", "zigzag_permutation")})
+_LAZY.update({
+    "TSPGPTModel": ".tsp.model", "get_tsp_block_spec": ".tsp.specs", "get_tsp_layer_spec": ".tsp.specs",
+    "get_sp_block_spec": ".tsp.specs", "get_sp_layer_spec": ".tsp.specs", "TSPSelfAttention": ".tsp.attention",
+    "TSPRingMLP": ".tsp.mlp", "TSPNorm": ".tsp.norm", "add_tsp_args": ".megatron_lm.arguments",
+    "tsp_options_from_args": ".megatron_lm.arguments", "Recipe": ".training.recipe", "RecipeError": ".training.recipe",
+    "load_recipe": ".training.recipe", "install_cpu_shims": ".training.cpu",
+})
 
 
 def __getattr__(name):
@@ -39,4 +46,18 @@ __all__ = [
     "local_positions",
     "to_zigzag",
     "from_zigzag",
+    "TSPGPTModel",
+    "get_tsp_block_spec",
+    "get_tsp_layer_spec",
+    "get_sp_block_spec",
+    "get_sp_layer_spec",
+    "TSPSelfAttention",
+    "TSPRingMLP",
+    "TSPNorm",
+    "add_tsp_args",
+    "tsp_options_from_args",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "install_cpu_shims",
 ]

@@ -5,10 +5,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("megatron_tsp.train", "train a GPT from a YAML recipe"),
-    "plan": ("megatron_tsp.plan", "memory, communication and step time of TSP and its baselines"),
-    "bench": ("megatron_tsp.bench", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
-    "run": ("megatron_tsp.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
+    "train": ("megatron_tsp.training.loop", "train a GPT from a YAML recipe"),
+    "plan": ("megatron_tsp.planner.cli", "memory, communication and step time of TSP and its baselines"),
+    "bench": ("megatron_tsp.bench.launcher", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
+    "run": ("megatron_tsp.megatron_lm.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
 }
 
 

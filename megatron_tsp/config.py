@@ -141,6 +141,8 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
 RECOMPUTE_MODES = ("none", "full")
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
+# the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
+BACKENDS = ("auto", "cudnn", "flash", "math", "math_split")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
 # shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
 # tokens = 4K per rank exposed the ring; docs/performance.md).
@@ -165,14 +167,14 @@ class TSPOptions:
       local k/v after RoPE, the attention output and its log-sum-exp; MLP: the fc1 output), as
       Megatron does without recompute; `full` saves only the block input and recomputes each
       shard's forward in backward (least memory, one more forward of GEMMs and attention).
-    attention_backend: the chunk-attention kernel (megatron_tsp.kernels.BACKENDS).
+    attention_backend: the chunk-attention kernel (BACKENDS).
     mlp_exchange: how the MLP meets its weights: `ring` (weight shards travel to the next rank,
       gradients travel with the shard), `broadcast` (from the owner, as attention does;
       gradients reduced onto the owner), `tokens` (the weights stay; the tokens are all-gathered
       and the output reduce-scattered: Megatron's sequence-parallel MLP on the TSP group, for
       short sequences where moving tokens is cheaper than moving weights), or `auto` (`tokens`
       when a rank holds fewer than AUTO_TOKENS_BELOW tokens, else `ring`). The same math.
-    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.lm_head:
+    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.tsp.lm_head:
       each rank computes logits for its own tokens only, the vocab shards travel over the group,
       online log-sum-exp); `megatron`: Megatron's output layer + vocab-parallel cross entropy
       (all S tokens' logits, S x V/D per rank). The same loss and gradients.
@@ -190,8 +192,6 @@ class TSPOptions:
     compute_only: bool = False
 
     def __post_init__(self):
-        from .kernels import BACKENDS
-
         if self.recompute not in RECOMPUTE_MODES:
             raise TSPConfigError(f"--tsp-recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
         if self.mlp_exchange not in MLP_EXCHANGES:

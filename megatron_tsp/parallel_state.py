@@ -3,8 +3,9 @@
 A TSP rank is a weight-shard owner that also owns a token shard, so Megatron's data-,
 pipeline- and expert-parallel groups, DDP, the sum of sequence-parallel norm gradients,
 grad clipping, the distributed optimizer and dist-checkpointing all apply unchanged
-(DESIGN.md §9). The getters below are registered on `megatron.core.parallel_state`, next to
-Megatron's pipeline and expert getters; modules still take their group explicitly.
+(docs/design.md §9). `initialize_model_parallel` registers the getters below on
+`megatron.core.parallel_state`, next to Megatron's pipeline and expert getters (importing this
+module patches nothing); modules still take their group explicitly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
         **kwargs,
     )
     mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = mpu.get_tensor_model_parallel_group()
+    _register_getters()
 
 
 def destroy_model_parallel() -> None:
@@ -81,9 +83,9 @@ def tsp_process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
-# Registered beside Megatron's get_pipeline_model_parallel_group / get_expert_* getters.
-mpu.get_tensor_and_sequence_parallel_group = get_tsp_group
-mpu.get_tensor_and_sequence_parallel_world_size = get_tsp_world_size
-mpu.get_tensor_and_sequence_parallel_rank = get_tsp_rank
-if not hasattr(mpu, "_TENSOR_AND_SEQUENCE_PARALLEL_GROUP"):
-    mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = None
+def _register_getters() -> None:
+    """Put the TSP getters beside Megatron's get_pipeline_model_parallel_group / get_expert_*
+    ones. Done by initialize_model_parallel, never at import (importing patches nothing)."""
+    mpu.get_tensor_and_sequence_parallel_group = get_tsp_group
+    mpu.get_tensor_and_sequence_parallel_world_size = get_tsp_world_size
+    mpu.get_tensor_and_sequence_parallel_rank = get_tsp_rank

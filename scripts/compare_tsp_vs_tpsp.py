@@ -8,8 +8,8 @@ side by side and check that the loss curves agree.
         [--runs tsp,tp_sp,patched --patched-dir <patched Megatron-LM>] [-- extra Megatron flags]
 
 Runs (each `torchrun --standalone --nproc-per-node N`, log in OUT/<run>.log):
-  tsp      megatron_tsp.run pretrain_gpt.py --tsp-recipe R --tsp-size D
-  tp_sp    megatron_tsp.run pretrain_gpt.py --tsp-recipe R --tsp-size 1
+  tsp      megatron_tsp.megatron_lm.run pretrain_gpt.py --tsp-recipe R --tsp-size D
+  tp_sp    megatron_tsp.megatron_lm.run pretrain_gpt.py --tsp-recipe R --tsp-size 1
            --tensor-model-parallel-size D --sequence-parallel
   patched  <patched-dir>/pretrain_gpt.py --tsp-recipe R --tsp-size D  (scripts/apply_patches.sh)
 Comparisons: tsp vs tp_sp and patched vs tsp, max |loss difference| per iteration against
@@ -98,7 +98,7 @@ def compare(a: dict, b: dict, tolerance: float, expected: int | None) -> dict:
 
 def command(run: str, opts, D: int) -> list:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(opts.nproc or D)]
-    launcher = [os.path.join(REPO, "tests", "megatron_lm", "cpu_launcher.py")] if opts.cpu else ["-m", "megatron_tsp.run"]
+    launcher = [os.path.join(REPO, "tests", "megatron_lm", "cpu_launcher.py")] if opts.cpu else ["-m", "megatron_tsp.megatron_lm.run"]
     if run == "patched":
         if not opts.patched_dir:
             raise SystemExit("compare_tsp_vs_tpsp.py: error: --runs patched needs --patched-dir")
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(opts.recipe):
         p.error(f"--recipe {opts.recipe}: no such file")
     sys.path.insert(0, REPO)
-    from megatron_tsp.arguments import load_recipe
+    from megatron_tsp.megatron_lm.arguments import load_recipe
 
     flags, _ = load_recipe(opts.recipe)
     D = opts.size or int((flags.get("--tsp-size") or ["0"])[0])

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 timeout 240 torchrun --standalone --nproc-per-node 4 -m pytest -q -s -rs tests/gpu \
-  tests/distributed/test_blocks.py tests/distributed/test_gpt.py tests/distributed/test_memory.py > "$OUT/pytest_world4.log" 2>&1
+  tests/tsp/test_blocks.py tests/tsp/test_gpt.py tests/tsp/test_memory.py > "$OUT/pytest_world4.log" 2>&1
 grep -E "^BF16|passed|failed|^E " "$OUT/pytest_world4.log" | sort -u | head -40
 OUT="$OUT" bash scripts/gpu_train_7b.sh ${*:-16k:10}
 timeout 150 torchrun --standalone --nproc-per-node 4 benchmarks/profile_step.py configs/7b_16k.yaml \

@@ -13,10 +13,10 @@ export PYTHONUNBUFFERED=1
 cat "$OUT/device.txt"
 if [ "${1:-}" = "--tests" ]; then
   shift
-  timeout 240 python3 -m pytest -q -rs -s tests/gpu tests/unit/test_norm.py > "$OUT/pytest_world1.log" 2>&1
+  timeout 240 python3 -m pytest -q -rs -s tests/gpu tests/tsp/test_norm.py > "$OUT/pytest_world1.log" 2>&1
   grep -E "^BF16|passed|failed|^E " "$OUT/pytest_world1.log" | sort -u | head -30
-  timeout 120 torchrun --standalone --nproc-per-node 1 -m pytest -q -x tests/distributed/test_lm_head.py \
-    tests/distributed/test_recompute.py > "$OUT/pytest_dist_world1.log" 2>&1
+  timeout 120 torchrun --standalone --nproc-per-node 1 -m pytest -q -x tests/tsp/test_lm_head.py \
+    tests/training/test_recompute.py > "$OUT/pytest_dist_world1.log" 2>&1
   tail -3 "$OUT/pytest_dist_world1.log"
 fi
 python3 benchmarks/frontier_d1.py --seq "${1:-128K}" --modes "${2:-save}" --steps "${3:-2}" --warmup 1 \

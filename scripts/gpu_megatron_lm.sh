@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Megatron-LM's pretrain_gpt.py on the 4-GPU machine: TSP D=4 through megatron_tsp.run vs native
+# Megatron-LM's pretrain_gpt.py on the 4-GPU machine: TSP D=4 through megatron_tsp.megatron_lm.run vs native
 # TP=4 + sequence parallelism, then TSP through the patched pretrain_gpt.py; mock data, bf16,
 # 7B-class width (h=4096, 32 heads, FFN 16384) with few layers. Logs, compare.json and compare.md
 # under $OUT (default runs/gpu_megatron_lm).

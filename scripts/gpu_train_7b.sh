@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 7B-class recipes on the 4 x H200 machine: TSP D=4 and Megatron TP+SP (size 4, SDPA core
-# attention) through `megatron_tsp.train`; per-run logs and one summaries.json under ${OUT:-runs/gpu7b}.
+# attention) through `megatron_tsp.training.loop`; per-run logs and one summaries.json under ${OUT:-runs/gpu7b}.
 # Usage: bash scripts/gpu_train_7b.sh [SEQ:STEPS ...]   (default: 16k:20 64k:5)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ for run in $runs; do
   seq=${run%%:*}; steps=${run##*:}
   for layout in tsp tp_sp; do
     name=${layout}_${seq}
-    timeout 300 torchrun --standalone --nproc-per-node 4 -m megatron_tsp.train "configs/7b_${seq}.yaml" \
+    timeout 300 torchrun --standalone --nproc-per-node 4 -m megatron_tsp.cli train "configs/7b_${seq}.yaml" \
       parallel.layout=$layout train.steps=$steps --summary-json "/tmp/$name.json" > "$OUT/$name.log" 2>&1
     rc=$?
     [ -f "/tmp/$name.json" ] || echo "{\"layout\": \"$layout\", \"seq\": \"$seq\", \"failed_rc\": $rc, \"oom\": $(grep -q 'OutOfMemoryError' "$OUT/$name.log" && echo true || echo false)}" > "/tmp/$name.json"

@@ -31,14 +31,9 @@ def _init_world():
 def pytest_configure(config):
     torch.set_num_threads(1)
     _init_world()
-    from megatron_tsp.cpu import install_cpu_shims
+    from megatron_tsp.training.cpu import install_cpu_shims  # tests run megatron-core on CPU: the shims, explicitly
 
     install_cpu_shims()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if exitstatus == 5:  # a rank or world size with nothing to run is not a failure
-        session.exitstatus = 0
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ same algorithm as its `cp_comm_type="all_gather"` (TE's AttnFuncWithCPAndKVAllGa
 Llama 3 scheme) with the attention kernel TSP uses, so the CP rows of the benchmark differ from
 TSP in the parallel layout only.
 
-Layout (Megatron's CP load balancing, `megatron_tsp.zigzag`): each sequence of S tokens is cut
+Layout (Megatron's CP load balancing, `megatron_tsp.tsp.zigzag`): each sequence of S tokens is cut
 into 2*CP chunks of c = S/(2 CP); CP rank r holds chunks r and 2CP-1-r. The batch is sliced that
 way before the model (`cp_slice_batch`, Megatron's get_batch_on_this_cp_rank), and Megatron's
 RotaryEmbedding slices the RoPE table the same way for `pg_collection.cp`.
@@ -17,7 +17,7 @@ tokens, heads already split by TP):
     KV  = all_gather over the CP group of [k | v]     (backward: reduce-scatter of dK, dV)
     KV  = zigzag -> natural order
     out = each local chunk against its causal prefix [0, start + c) of KV
-          (TSP's chunk-attention kernels, megatron_tsp.kernels: cuDNN split on GPUs)
+          (TSP's chunk-attention kernels, megatron_tsp.tsp.kernels: cuDNN split on GPUs)
 
 Memory: like TE, only the local K/V are kept for backward; the gathered K/V are gathered again
 in backward (a saved-tensor hook swaps every view of them for a recipe) instead of being held
@@ -37,10 +37,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from .. import comm
+from ..tsp import comm
 from ..config import TSPConfigError
-from ..kernels import chunk_backward, chunk_forward, resolve_backend
-from ..zigzag import from_zigzag, local_chunk_starts, local_position_index
+from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
+from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
 
@@ -106,7 +106,7 @@ class _RegatherInBackward:
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """One chunk against its causal prefix with TSP's kernels (`megatron_tsp.kernels`: cuDNN
+    """One chunk against its causal prefix with TSP's kernels (`megatron_tsp.tsp.kernels`: cuDNN
     split on GPUs, math on CPU), so the CP baseline runs the same attention kernels as TSP."""
 
     @staticmethod

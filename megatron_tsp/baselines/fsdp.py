@@ -1,6 +1,6 @@
 """Weights, gradients and optimizer state ZeRO-3-sharded over the data x context-parallel group
 ("FSDP over CP"): the baseline closest to TSP's idea of weights travelling to the tokens
-(DESIGN.md §7), with a conventional schedule.
+(docs/design.md §7), with a conventional schedule.
 
 Implementation: megatron-core's own `TorchFullyShardedDataParallel` (torch FSDP2 `fully_shard`
 on every TransformerLayer, the embedding and the root module, over

@@ -25,7 +25,7 @@ __all__ = ["fits", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "
 
 ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
     # TSP and the CP baselines: each local chunk against its causal prefix through
-    # megatron_tsp.kernels' cuDNN split (an unmasked prefix + a square causal block): cuDNN's
+    # megatron_tsp.tsp.kernels' cuDNN split (an unmasked prefix + a square causal block): cuDNN's
     # square-causal rate (555-590 TFLOP/s measured for the split from 64K,
     # benchmarks/results/attention_kernels_h200.md; flash's lower-right kernel,
     # `rect_lower_right`, ran at ~245 and is no longer used)

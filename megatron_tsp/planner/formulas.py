@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..config import resolve_mlp_exchange
+from .flops import model_flops
 from .model import Cluster, Layout, ModelSpec, TrainSpec
 
 GIB = 2.0**30
@@ -42,7 +43,7 @@ def rope_saved(m: ModelSpec) -> float:
 
 def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     """The MLP exchange a TSP layout runs (None for the other layouts): `auto` resolves as
-    megatron_tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
+    megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
     return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp, lay.tsp)
@@ -50,7 +51,7 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
 
 def mlp_intermediates(m: ModelSpec) -> int:
     """Elements per token Megatron's MLP (local spec, bias_activation_fusion=False as
-    megatron_tsp.training builds it) saves past its input: gated: the fc1 output 2f (the
+    megatron_tsp.training.build builds it) saves past its input: gated: the fc1 output 2f (the
     activation keeps a view of it), act(gate) f, up + offset f, their product f (fc2's input);
     GELU: the fc1 output and the activation output."""
     return (5 if m.gated else 2) * m.f
@@ -548,7 +549,8 @@ def volume_per_layer(items: List[CommItem], phase: str) -> float:
 
 def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     """FLOPs per GPU per micro-batch. Causal attention counts the unmasked half:
-    forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2)."""
+    forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2): what the
+    kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count."""
     B, S, L = train.micro_batch, train.seq_len, m.layers
     mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
@@ -565,7 +567,10 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     return {
         "matmul": fwd_mm * (3 + extra_mm + rerun) + head,
         "attention": fwd_attn * (1 + extra_attn) + 2.5 * fwd_attn,
-        "model_flops": 3 * fwd_mm + 3.5 * fwd_attn + head,  # without recompute (for MFU)
+        # for MFU: the one model-FLOP count bench uses too (planner/flops.py: attention backward
+        # = 2 x forward, no recompute, the LM head once), per GPU
+        "model_flops": model_flops(layers=L, matmul_params_per_layer=m.layer_matmul_params, q_dim=m.q_dim,
+                                   hidden=m.hidden, vocab=m.vocab, seq=S, batch=B)["total"] / n,
     }
 
 

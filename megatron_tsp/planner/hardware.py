@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import yaml
 
-from .model import PlanError
+from .errors import PlanError
 
 HARDWARE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hardware")
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "send_recv")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..config import MLP_EXCHANGES, TSPConfigError
+from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
@@ -18,10 +19,6 @@ RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
 TSP_RECOMPUTE = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
 LM_HEADS = ("local", "megatron")  # parallel.tsp_lm_head
 NORMS = ("lean", "torch", "fused")
-
-
-class PlanError(TSPConfigError):
-    """A model, layout, training setting or hardware profile the planner cannot evaluate."""
 
 
 def _positive(flag: str, value) -> None:
@@ -204,7 +201,7 @@ class TrainSpec:
     offload_activations: bool = False  # parallel.offload_activations: checkpointed inputs to host memory
     lm_head: str = "local"  # parallel.tsp_lm_head (TSP layouts; the baselines run Megatron's)
     lm_head_chunk_tokens: int = 4096  # parallel.lm_head_chunk_tokens
-    grad_reduce_in_fp32: bool = True  # megatron_tsp.training.wrap_ddp_and_optimizer sets it
+    grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
     norm: str = "lean"

@@ -1,6 +1,6 @@
 """A training recipe (configs/*.yaml) read without importing torch or megatron.
 
-`megatron_tsp.recipe` builds on `megatron_tsp.training.ModelShape`, whose module imports torch
+`megatron_tsp.training.recipe` builds on `megatron_tsp.training.build.ModelShape`, whose module imports torch
 and megatron-core (tens of seconds on a loaded machine); the planner only needs the values.
 The recipe dataclasses' field names and literal defaults are read from their source with `ast`
 (so a key another branch adds to the recipe is known here with its default, with no copy to
@@ -18,12 +18,12 @@ from typing import Dict, List
 
 import yaml
 
-from .model import PlanError
+from .errors import PlanError
 
 _PKG = os.path.join(os.path.dirname(__file__), "..")
 # recipe section -> (source file, class) whose fields it holds; a class's bases in the same files
 _SECTIONS = {"model": "ModelRecipe", "parallel": "ParallelRecipe", "train": "TrainRecipe", "data": "DataRecipe"}
-_SOURCES = ("recipe.py", "training.py")
+_SOURCES = ("training/recipe.py", "training/build.py")
 _MISSING = object()  # a field whose default is not a literal (a factory)
 
 
@@ -59,7 +59,7 @@ def recipe_defaults() -> Dict[str, Dict[str, object]]:
 
 
 def _parse_override(text: str) -> dict:
-    """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML (as megatron_tsp.recipe does)."""
+    """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML (as megatron_tsp.training.recipe does)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise PlanError(f"override {text!r} must look like section.key=value (e.g. parallel.size=4)")
     key, raw = text.split("=", 1)

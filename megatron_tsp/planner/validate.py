@@ -1,7 +1,7 @@
 """Predicted vs measured: reads every benchmark JSON in `benchmarks/results/` and writes
 `docs/plan_validation.md`.
 
-    python -m megatron_tsp.plan validate [--results DIR] [--out FILE]
+    python -m megatron_tsp.planner.cli validate [--results DIR] [--out FILE]
 
 A benchmark JSON is a list of rows, or an object with `rows` (or `results`) and optional
 file-level `model` ({"recipe": path} or ModelShape / planner field names), `train`,
@@ -65,7 +65,7 @@ def known_reason(source: str) -> Optional[str]:
     return None
 
 
-# The paper's 8 x MI300X table (DESIGN.md section 1), peak GB per GPU.
+# The paper's 8 x MI300X table (docs/design.md §1), peak GB per GPU.
 PAPER = {
     16384: {"tsp8": 31.0, "tp8": 31.5},
     131072: {"tsp8": 38.8, "tp8": 70.0, "tp_sp8": 85.0, "tp2xcp4": 140.0, "tp4xcp2": 140.0},
@@ -329,7 +329,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
 def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
     hw = hw_mod.load("h200x4")
     out = ["# Planner validation: predicted vs measured", "",
-           "Regenerate with `python -m megatron_tsp.plan validate` (reads every `benchmarks/results/*.json`; "
+           "Regenerate with `python -m megatron_tsp.planner.cli validate` (reads every `benchmarks/results/*.json`; "
            "formulas in `docs/planner.md`). Memory is GiB (2^30 bytes, `torch.cuda.max_memory_allocated`, the "
            "training logs' \"GB\"); step time is the predicted time with the overlap the code has today (\"as run\"). "
            f"Bounds: peak memory within {100 * MEMORY_BOUND:.0f}%, step time within {100 * TIME_BOUND:.0f}%. "
@@ -388,7 +388,7 @@ def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
             "Model h=4096, 32 layers, 32 heads (MHA), gated MLP f=16384, V=32000 (the paper's vocabulary is not "
             "public; 32000 assumed), bf16, micro-batch 1, 8 GPUs in one node, Adam with fp32 master weights and fp32 "
             "gradients as our driver runs it (not distributed), TSP's MLP by the ring (the paper's exchange; `auto` "
-           "would move the tokens at 16K, D = 8). Published numbers: 8 x MI300X (DESIGN.md section 1), "
+           "would move the tokens at 16K, D = 8). Published numbers: 8 x MI300X (docs/design.md §1), "
             "unit \"GB\" (taken as 10^9 bytes; if they are GiB the ratios grow by 7%).", ""]
     out += paper_section()
     out += ["", "Why the numbers differ: `docs/planner.md`, section \"The paper's table\"."]

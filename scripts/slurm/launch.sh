@@ -9,11 +9,11 @@
 # Environment (every one has a default):
 #   LAYOUT          tsp | tp_sp                                   (set by the job script)
 #   TSP_ENTRY       the program each process runs                 (default megatron-lm)
-#     megatron-lm:  python -m megatron_tsp.run $MEGATRON_LM/pretrain_gpt.py --tsp-size D
+#     megatron-lm:  python -m megatron_tsp.cli run $MEGATRON_LM/pretrain_gpt.py --tsp-size D
 #                   (tp_sp: --tsp-size 1 --tensor-model-parallel-size D --sequence-parallel)
 #                   [--tsp-recipe $RECIPE] --save $CKPT_DIR --save-interval $SAVE_INTERVAL
 #                   [--load $CKPT_DIR] $EXTRA_ARGS "$@"
-#     driver:       python -m megatron_tsp.train [$RECIPE] parallel.layout=$LAYOUT parallel.size=D
+#     driver:       python -m megatron_tsp.cli train [$RECIPE] parallel.layout=$LAYOUT parallel.size=D
 #                   train.save_dir=$CKPT_DIR train.save_interval=$SAVE_INTERVAL [train.resume=true]
 #                   $EXTRA_ARGS "$@"
 #   MEGATRON_LM     Megatron-LM checkout holding pretrain_gpt.py  (default $HOME/Megatron-LM)
@@ -103,13 +103,13 @@ case $TSP_ENTRY in
       || die "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py: point MEGATRON_LM at a Megatron-LM checkout"
     if [[ $LAYOUT == tsp ]]; then layout_args=(--tsp-size "$TSP_SIZE")
     else layout_args=(--tsp-size 1 --tensor-model-parallel-size "$TSP_SIZE" --sequence-parallel); fi
-    program=(-m megatron_tsp.run "$MEGATRON_LM/pretrain_gpt.py" "${layout_args[@]}")
+    program=(-m megatron_tsp.cli run "$MEGATRON_LM/pretrain_gpt.py" "${layout_args[@]}")
     [[ -z $RECIPE ]] || program+=(--tsp-recipe "$RECIPE")
     program+=(--save "$CKPT_DIR" --save-interval "$SAVE_INTERVAL")
     [[ $RESUME == 0 ]] || program+=(--load "$CKPT_DIR")
     ;;
   driver)
-    program=(-m megatron_tsp.train)
+    program=(-m megatron_tsp.cli train)
     [[ -z $RECIPE ]] || program+=("$RECIPE")
     program+=("parallel.layout=$LAYOUT" "parallel.size=$TSP_SIZE" "train.save_dir=$CKPT_DIR"
               "train.save_interval=$SAVE_INTERVAL")

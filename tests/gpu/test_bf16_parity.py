@@ -8,8 +8,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from megatron_tsp.config import TSPOptions
-from megatron_tsp.training import ModelShape, build_gpt, synthetic_batch
-from tests.distributed.parity import block_parity, fresh_seed
+from megatron_tsp.training.build import ModelShape, build_gpt, synthetic_batch
+from tests.parity import block_parity, fresh_seed
 from tests.utils import gather_full, init_tsp, rel_err, skip_unless_divides, sum_sequence_parallel_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -33,7 +33,7 @@ OPTIONS = {"cudnn-save": TSPOptions(), "flash-recompute": TSPOptions(attention_b
 @pytest.mark.parametrize("kind,groups", [("attention", None), ("attention", 4), ("mlp", None)], ids=["attn-mha", "attn-gqa", "mlp"])
 @pytest.mark.parametrize("mode", list(OPTIONS))
 def test_blocks_bf16(world, D, kind, groups, mode):
-    skip_unless_divides(world, D)
+    skip_unless_divides(world, D, with_data_parallel=True)
     errors, seed = block_parity(kind, D, groups=groups, heads=8, hidden=256, ffn=1024, S=512, b=2,
                                 dtype=torch.bfloat16, bias=True, options=OPTIONS[mode])
     _record(f"{kind}{'-gqa' if groups else ''} {mode}", D, errors, seed)
@@ -52,7 +52,7 @@ def _gpt(layout, D, shape, seed):
 
 @pytest.mark.parametrize("D", [1, 2, 4])
 def test_gpt_bf16(world, D):
-    skip_unless_divides(world, D)
+    skip_unless_divides(world, D, with_data_parallel=True)
     shape = ModelShape(num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=4,
                        ffn_hidden_size=1024, vocab_size=1024, seq_length=1024)
     seed = fresh_seed()

@@ -1,4 +1,4 @@
-"""Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.run`, for the tests.
+"""Megatron-LM's pretrain_gpt.py on the CPU (gloo), through `megatron_tsp.megatron_lm.run`, for the tests.
 
 `python tests/megatron_lm/cpu_launcher.py [--direct | --native-model] <pretrain_gpt.py> <flags>`
 under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/apply_patches.sh;
@@ -6,7 +6,7 @@ under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/a
 from a pretrain_gpt.py whose model path bypasses the TSP builder: the runner's check of the
 built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
-Megatron-LM-specific redirections below, then hands over to `megatron_tsp.run.main`. Never for
+Megatron-LM-specific redirections below, then hands over to `megatron_tsp.megatron_lm.run.main`. Never for
 GPU runs.
 """
 
@@ -49,7 +49,7 @@ class _NoStream:
 
 
 def install_megatron_lm_cpu_shims():
-    from megatron_tsp.cpu import install_cpu_shims
+    from megatron_tsp.training.cpu import install_cpu_shims
 
     if not install_cpu_shims():
         raise SystemExit("cpu_launcher.py is for machines without CUDA")
@@ -97,7 +97,7 @@ def build_native_model_instead():
     model path never reaches the TSP model yet trains (TP + SP). The runner must refuse it."""
     import argparse
 
-    from megatron_tsp import megatron_lm
+    from megatron_tsp.megatron_lm import hooks as megatron_lm
 
     build_gpt_model = megatron_lm.build_gpt_model
 
@@ -122,6 +122,6 @@ if __name__ == "__main__":
     else:
         if mode == "--native-model":
             build_native_model_instead()
-        from megatron_tsp.run import main
+        from megatron_tsp.megatron_lm.run import main
 
         sys.exit(main(argv))

@@ -18,8 +18,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch.distributed as dist  # noqa: E402
 
-from megatron_tsp.recipe import load_recipe  # noqa: E402
-from megatron_tsp.train import run  # noqa: E402
+from megatron_tsp.training.recipe import load_recipe  # noqa: E402
+from megatron_tsp.training.loop import run  # noqa: E402
 
 
 def main(out: str, runs: str) -> None:

@@ -1,0 +1,252 @@
+"""What `megatron-tsp bench` measures: the layouts (each a set of recipe overrides), the model
+shapes, the rows (variant x layout x sequence length) and which of them the installed package can
+run. Plain Python (no torch): the orchestrator plans with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from ..planner.flops import causal_area, layer_matmul_params  # noqa: F401  (causal_area: the worker's probe)
+from ..planner.flops import model_flops as flops_of
+
+OOM_EXIT, ERROR_EXIT = 17, 18
+STARTUP_S = 180  # allowance for torchrun start, imports and process-group set-up before the first row
+# Tests: "LAYOUT:SEQ:RANK[,...]" makes that rank raise a simulated OOM / hang in that row's second step.
+FAKE_OOM_ENV, FAKE_HANG_ENV = "MEGATRON_TSP_BENCH_FAKE_OOM", "MEGATRON_TSP_BENCH_FAKE_HANG"
+K = 1024
+
+
+# -- what is benchmarked ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    label: str
+    """How the table names it ({n} = number of GPUs)."""
+    overrides: tuple
+    """Recipe overrides ({n} = number of GPUs, {half} = n // 2)."""
+    note: str = ""
+    probe: Optional[str] = None
+    """Attention-kernel micro-measurement: 'tsp' (a TSP shard: two zigzag chunks against their
+    causal prefixes), 'sdpa' (the full-sequence causal SDPA of the TP baselines) or None."""
+
+
+def _tsp_variant(label: str, override: str) -> Layout:
+    return Layout(f"TSP D={{n}}, {label}", ("parallel.layout=tsp", "parallel.size={n}", override))
+
+
+# Declared rows. CP, FSDP-over-CP, TSP compute-only and TSP recompute rows run once the
+# installed recipe accepts their keys; until then each is reported "unavailable: <reason>".
+LAYOUTS: Dict[str, Layout] = {
+    "tsp": Layout("TSP D={n}", ("parallel.layout=tsp", "parallel.size={n}"), probe="tsp"),
+    "tp": Layout("TP={n}", ("parallel.layout=tp", "parallel.size={n}"), probe="sdpa"),
+    "tp_sp": Layout("TP={n}+SP", ("parallel.layout=tp_sp", "parallel.size={n}"), probe="sdpa"),
+    "cp4": Layout("CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}"),
+                  "context parallelism, K/V all-gathered, weights replicated"),
+    "tp2_cp2": Layout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
+                      "TP x CP mesh (the paper's TP+SP)"),
+    # The paper's single-node factorizations on 8 GPUs (issue 6): explicit TP x CP meshes.
+    "tp2_cp4": Layout("TP=2+SP x CP=4", ("parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=4"),
+                      "TP x CP mesh, 8 GPUs"),
+    "tp4_cp2": Layout("TP=4+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size=4", "parallel.context_size=2"),
+                      "TP x CP mesh, 8 GPUs"),
+    "fsdp_cp4": Layout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
+                                                   "parallel.fsdp=true", "train.distributed_optimizer=false"),
+                       "weights, gradients and optimizer state sharded over the context-parallel group (torch FSDP2; "
+                       "it shards the optimizer state itself, so Megatron's distributed optimizer is off)"),
+    "tsp_compute_only": Layout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
+                                                           "parallel.tsp_compute_only=true"),
+                               "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
+    # TSP with one setting changed: the A/B rows of docs/performance.md
+    **{name: _tsp_variant(label, override) for name, label, override in (
+        ("tsp_mlp_broadcast", "MLP by broadcast", "parallel.tsp_mlp_exchange=broadcast"),
+        ("tsp_ring", "MLP ring", "parallel.tsp_mlp_exchange=ring"),
+        ("tsp_mlp_tokens", "MLP tokens", "parallel.tsp_mlp_exchange=tokens"),
+        ("tsp_high_priority", "high-priority comm stream", "parallel.high_priority_comm=true"),
+        ("tsp_carveout16", "GEMMs leave 16 SMs", "parallel.gemm_sm_carveout=16"),
+        ("tsp_ctas8", "NCCL max 8 CTAs", "parallel.comm_max_ctas=8"),
+        ("tsp_recompute_full", "recompute full", "parallel.tsp_recompute=full"),
+        ("tsp_recompute_none", "no recompute", "parallel.tsp_recompute=none"),
+    )},
+}
+DEFAULT_LAYOUTS = "tsp,tp_sp,tsp_compute_only,tp,cp4,tp2_cp2,fsdp_cp4"  # run order: the main comparison first
+
+MODELS = {
+    # 7B-class: h=4096, 32 heads (MHA; GQA: 8 KV groups), SwiGLU FFN 4h, vocab 32000, RoPE, RMSNorm, bf16.
+    "7b": dict(hidden_size=4096, num_attention_heads=32, gqa_groups=8, ffn_hidden_size=16384, vocab_size=32000,
+               dtype="bfloat16", layers=2, seq="16K,32K,64K,128K"),
+    # For tests on CPU (gloo, float32).
+    "tiny": dict(hidden_size=64, num_attention_heads=4, gqa_groups=2, ffn_hidden_size=256, vocab_size=128,
+                 dtype="float32", layers=2, seq="64,128"),
+}
+
+
+def parse_seq(text: str) -> int:
+    t = text.strip().upper()
+    if t.endswith("K"):
+        return int(float(t[:-1]) * K)
+    if t.endswith("M"):
+        return int(float(t[:-1]) * K * K)
+    return int(t)
+
+
+def seq_label(s: int) -> str:
+    return f"{s // K}K" if s % K == 0 and s >= K else str(s)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The fields of `training.ModelShape` that the FLOP count reads (no megatron import here)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int]
+    ffn_hidden_size: int
+    vocab_size: int
+    seq_length: int
+    swiglu: bool = True
+
+
+def model_shape(model: str, variant: str, layers: int, seq: int) -> Shape:
+    m = MODELS[model]
+    return Shape(num_layers=layers, hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
+                 num_query_groups=m["gqa_groups"] if variant == "gqa" else None,
+                 ffn_hidden_size=m["ffn_hidden_size"], vocab_size=m["vocab_size"], seq_length=seq)
+
+
+# -- FLOPs: the planner's model (planner/flops.py), so bench and plan report the same MFU ---------
+
+def model_flops(shape, seq_length: Optional[int] = None, batch: int = 1) -> dict:
+    """Model FLOPs of one training step of `shape` (a `Shape`): planner.flops.model_flops, whose
+    docstring says what is counted (attention backward = 2 x forward, no recompute)."""
+    seq = shape.seq_length if seq_length is None else seq_length
+    per_layer = layer_matmul_params(shape.hidden_size, shape.num_attention_heads, shape.ffn_hidden_size,
+                                    groups=shape.num_query_groups, gated=shape.swiglu)
+    q_dim = shape.hidden_size // shape.num_attention_heads * shape.num_attention_heads
+    return flops_of(layers=shape.num_layers, matmul_params_per_layer=per_layer, q_dim=q_dim, hidden=shape.hidden_size,
+                    vocab=shape.vocab_size, seq=seq, batch=batch)
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+def plan_rows(args) -> List[dict]:
+    """Every (layout, variant, S) row, in run order: variant by variant (MHA first), layout by
+    layout in the order given, S upward."""
+    seqs = sorted({parse_seq(s) for s in args.seq.split(",") if s.strip()})
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    variants = [x.strip() for x in args.variants.split(",") if x.strip()]
+    gqa_layouts = None if args.gqa_layouts == "all" else {x.strip() for x in args.gqa_layouts.split(",")}
+    for name in layouts:
+        if name not in LAYOUTS:
+            raise SystemExit(f"bench: unknown layout {name!r}; declared: {', '.join(LAYOUTS)}")
+    for v in variants:
+        if v not in ("mha", "gqa"):
+            raise SystemExit(f"bench: unknown variant {v!r} (mha, gqa)")
+    n = args.gpus
+    m = MODELS[args.model]
+    layers = args.layers or m["layers"]
+    dtype = m["dtype"]
+    rows = []
+    for variant in variants:
+        for name in layouts:
+            lay = LAYOUTS[name]
+            if variant == "gqa" and gqa_layouts is not None and name not in gqa_layouts:
+                continue
+            for S in seqs:
+                shape = model_shape(args.model, variant, layers, S)
+                overrides = [
+                    f"model.num_layers={layers}", f"model.hidden_size={shape.hidden_size}",
+                    f"model.num_attention_heads={shape.num_attention_heads}",
+                    f"model.num_query_groups={shape.num_query_groups if shape.num_query_groups else 'null'}",
+                    f"model.ffn_hidden_size={shape.ffn_hidden_size}", f"model.vocab_size={shape.vocab_size}",
+                    f"model.seq_length={S}", "model.swiglu=true", "model.normalization=RMSNorm",
+                    "model.position_embedding_type=rope", f"model.dtype={dtype}",
+                    "train.distributed_optimizer=true", "train.micro_batch_size=1", "train.global_batch_size=1",
+                    f"train.steps={args.warmup + args.steps}", "train.lr=0.0003", "train.log_interval=1000000",
+                    "train.progress_bar=false", "parallel.baseline_attention=sdpa",
+                ] + [o.format(n=n, half=max(n // 2, 1)) for o in lay.overrides]  # last: a layout may override the rest
+                rows.append({"id": f"{name}/{variant}/{seq_label(S)}", "layout": name, "variant": variant, "seq": S,
+                             "label": lay.label.format(n=n, half=max(n // 2, 1)), "layers": layers,
+                             "probe": lay.probe, "overrides": overrides})
+    return rows
+
+
+def availability(row: dict, world: int) -> Optional[str]:
+    """None if the installed recipe accepts the row's keys for this world size, else the reason."""
+    from ..training.recipe import RecipeError, load_recipe
+
+    try:
+        load_recipe(None, row["overrides"]).check(world)
+    except RecipeError as e:
+        return str(e)
+    except Exception as e:  # a recipe check that fails otherwise is as unavailable
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def estimate_seconds(rows: List[dict], model: str, warmup: int, steps: int) -> float:
+    """Rough wall time on 4 x H200: ~30 s to start torchrun, and per row ~3 s (build, probe) plus
+    (warmup + steps) steps at TSP's measured rate (7B, 32 layers, D=4: 1.43 s at 16K, 7.41 s at
+    64K, fitted as (0.0806*S + 0.00055*S^2) s with S in K tokens), scaled by layers/32. Baselines
+    are mostly faster, so this is an upper estimate when nothing goes out of memory."""
+    if model != "7b":
+        return 20.0 + len(rows) * (3.0 + 0.3 * (warmup + steps))
+    total = 30.0
+    for r in rows:
+        sk = r["seq"] / K
+        step = (0.0806 * sk + 0.00055 * sk * sk) * r["layers"] / 32
+        if r["layout"] == "tsp_compute_only":
+            step *= 0.8
+        total += 3.0 + (warmup + steps) * step
+    return total
+
+
+def row_base(row: dict, status: str, note: str = "", measured: bool = True, **extra) -> dict:
+    rec = {"kind": "row", "id": row["id"], "layout": row["layout"], "variant": row["variant"], "seq": row["seq"],
+           "label": row["label"], "layers": row["layers"], "status": status, "note": note}
+    if not measured:
+        rec["measured"] = False
+    rec.update(extra)
+    return rec
+
+
+# -- records --------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """BENCH_COMMIT when set (the GPU machine's copy of the tree may carry a stale .git), else git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def read_records(path: str) -> List[dict]:
+    recs = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        pass
+    return recs
+
+
+def append_record(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()

@@ -1,0 +1,74 @@
+"""The model Megatron-LM builds when TSP (or a native spec of the plugin's) is on: the GPT model
+with the TSP or SDPA block spec, from the same arguments as Megatron-LM's own builder. Used by the
+builder hook of core_v0.16.1 ... core_v0.18.2 (`hooks.tsp_gpt_builder`) and by the model builder
+class of core_v0.19+ (`builder.TSPGPTModelBuilder`)."""
+
+from __future__ import annotations
+
+from .arguments import tsp_options_from_args
+from ..config import TSPConfigError
+
+
+def _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection) -> dict:
+    """GPTModel's keyword arguments as Megatron-LM's gpt_builder (gpt_builders.py) passes them."""
+    return dict(
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+def _check_builder_args(args, what: str) -> None:
+    """Options Megatron's gpt_builder handles with specs of its own: refused with our specs."""
+    for name, flag in (("use_legacy_models", "--use-legacy-models"), ("spec", "--spec"),
+                       ("num_experts", "--num-experts"), ("mtp_num_layers", "--mtp-num-layers"),
+                       ("experimental_attention_variant", "--experimental-attention-variant"),
+                       ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path")):
+        if getattr(args, name, None):
+            raise TSPConfigError(f"{flag} cannot be combined with {what}")
+
+
+def uses_tsp_builder(args) -> bool:
+    """Whether the model is the plugin's: TSP (`--tsp-size > 1`) or a `--tsp-native-spec` other
+    than `megatron`."""
+    return bool(getattr(args, "tsp", False)) or getattr(args, "tsp_native_spec", "megatron") != "megatron"
+
+
+def build_gpt_model(args, config, kwargs: dict):
+    """TSPGPTModel (`--tsp-size > 1`) or the native GPTModel on the local spec with
+    sequence-parallel norms (`--tsp-native-spec sp_norm|sdpa`): the one place both Megatron-LM
+    paths (model provider, model builder) build the plugin's model. `kwargs`: GPTModel's."""
+    tsp = bool(getattr(args, "tsp", False))
+    native_spec = getattr(args, "tsp_native_spec", "megatron")
+    _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}")
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training import print_rank_0
+
+    from ..tsp.model import TSPGPTModel
+    from ..baselines.sdpa_attention import SDPACoreAttention
+    from ..tsp.specs import get_sp_block_spec
+
+    if tsp:
+        print_rank_0(f"building TSP GPT model (--tsp-size {args.tsp_size}) ...")
+        return TSPGPTModel(config, None, tsp_options=tsp_options_from_args(args), **kwargs)
+    print_rank_0(f"building GPT model with --tsp-native-spec {native_spec} ...")
+    pg_collection = kwargs.get("pg_collection")
+    if pg_collection is not None:
+        pp_rank = pg_collection.pp.rank()
+    else:
+        from megatron.core import parallel_state as mpu
+
+        pp_rank = mpu.get_pipeline_model_parallel_rank()
+    core_attention = SDPACoreAttention if native_spec == "sdpa" else None
+    spec = get_sp_block_spec(config, kwargs.get("vp_stage"), pp_rank, core_attention=core_attention)
+    return GPTModel(config, spec, **kwargs)

@@ -1,0 +1,182 @@
+"""`megatron-tsp plan`: per-GPU memory, communication and predicted step time of TSP, TP,
+TP+SP, CP, TP x CP and FSDP-over-CP for a model, context length and cluster.
+
+    megatron-tsp plan configs/7b_16k.yaml --gpus-per-node 4 --hardware h200x4
+    megatron-tsp plan --layers 32 --hidden 4096 --heads 32 --ffn 16384 --vocab 32000 \\
+        --seq-len 131072 --gpus-per-node 8 --gpu-memory-gb 192 --json
+    megatron-tsp plan configs/7b_16k.yaml --frontier --gpus-per-node 8 --json   # the longest contexts
+    megatron-tsp plan validate      # regenerate docs/plan_validation.md from benchmarks/results/*.json
+
+Formulas: docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from ..config import AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
+from .model import LM_HEADS, NORMS, RECOMPUTE, RECOMPUTE_METHODS, TSP_RECOMPUTE
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-tsp plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Subcommand: `megatron-tsp plan validate [--out FILE]`. Formulas: docs/planner.md")
+    p.add_argument("recipe", nargs="?", help="a training recipe (configs/*.yaml); flags below override it")
+    p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
+    m = p.add_argument_group("model (without a recipe: --layers, --hidden, --heads are required)")
+    m.add_argument("--layers", type=int)
+    m.add_argument("--hidden", type=int)
+    m.add_argument("--heads", type=int)
+    m.add_argument("--kv-groups", type=int, help="KV groups (GQA); default: --heads (MHA)")
+    m.add_argument("--ffn", type=int, help="MLP width f; default 4 x hidden")
+    m.add_argument("--vocab", type=int)
+    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    m.add_argument("--no-gated", action="store_true", help="GELU MLP instead of SwiGLU")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, help="context length S (default: the recipe's)")
+    t.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the recipe's "
+                                                   "train.micro_batch_size, else 1)")
+    t.add_argument("--global-batch", type=int, help="sequences per step (default: micro-batch x data parallel)")
+    t.add_argument("--optimizer", default="adam", help="adam, or none (forward + backward only)")
+    t.add_argument("--distributed-optimizer", action="store_true", default=None,
+                   help="shard fp32 master params and Adam state over data parallel (x CP) (default: the "
+                        "recipe's train.distributed_optimizer)")
+    t.add_argument("--recompute", choices=list(RECOMPUTE),
+                   help="parallel.recompute: Megatron's layer recompute for every layout (full: keep each "
+                        "checkpointed layer's input only; selective: core attention, baselines only)")
+    t.add_argument("--recompute-method", choices=list(RECOMPUTE_METHODS), help="parallel.recompute_method")
+    t.add_argument("--recompute-num-layers", type=int,
+                   help="parallel.recompute_num_layers: uniform: layers per checkpointed chunk (default 1); "
+                        "block: the first N layers are recomputed (default all)")
+    t.add_argument("--tsp-recompute", choices=list(TSP_RECOMPUTE),
+                   help="parallel.tsp_recompute: TSP's in-layer mode (none: save per-shard activations; full: "
+                        "recompute each shard from the block input)")
+    t.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="parallel.offload_activations: checkpointed layer inputs to pinned host memory (needs "
+                        "--recompute full)")
+    t.add_argument("--tsp-lm-head", choices=list(LM_HEADS),
+                   help="parallel.tsp_lm_head: local (sequence-local head, chunked logits) or megatron (S x V/D "
+                        "logits); TSP layouts only, the baselines run Megatron's")
+    t.add_argument("--lm-head-chunk-tokens", type=int, help="parallel.lm_head_chunk_tokens (default 4096)")
+    t.add_argument("--norm", choices=list(NORMS), default="lean",
+                   help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
+                        "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
+    t.add_argument("--tsp-mlp-exchange", choices=list(MLP_EXCHANGES),
+                   help="how TSP's MLP meets its weights (default: the recipe's parallel.tsp_mlp_exchange, else "
+                        f"auto: tokens below {AUTO_TOKENS_BELOW} tokens per rank, else ring)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
+    c.add_argument("--nodes", type=int, default=1)
+    c.add_argument("--gpu-memory-gb", type=float, help="usable GiB per GPU (default: the hardware profile's)")
+    c.add_argument("--host-memory-gb", type=float,
+                   help="host GiB per node for offloaded activations (default: the profile's host.memory_gib)")
+    c.add_argument("--hardware", default="h200x4", help="configs/hardware/NAME.yaml or a path (default h200x4)")
+    o = p.add_argument_group("output")
+    o.add_argument("--layout", action="append", help="only these layouts (repeatable): tsp4, tp4, tp_sp4, cp4, "
+                                                      "tp2xcp4, fsdp_cp4")
+    o.add_argument("--json", action="store_true", help="JSON instead of tables")
+    o.add_argument("--frontier", action="store_true",
+                   help="per layout the longest context that fits (powers of two from the recipe's S to "
+                        "--max-seq-len, then refined) and the fastest fitting recompute / offload / LM-head "
+                        "configuration at each context (docs/frontier.md)")
+    o.add_argument("--max-seq-len", type=int, default=4 * 2**20, help="--frontier: largest context searched (4M)")
+    o.add_argument("--detail", action="store_true", help="also per-layout communication items and activations")
+    return p
+
+
+# flag -> TrainSpec field; a flag given overrides the recipe's key
+_TRAIN_FLAGS = {"micro_batch": "micro_batch", "distributed_optimizer": "distributed_optimizer",
+                "recompute": "recompute", "recompute_method": "recompute_method",
+                "recompute_num_layers": "recompute_num_layers", "tsp_recompute": "tsp_recompute",
+                "offload_activations": "offload_activations", "tsp_lm_head": "lm_head",
+                "lm_head_chunk_tokens": "lm_head_chunk_tokens", "tsp_mlp_exchange": "mlp_exchange"}
+
+
+def build_inputs(args):
+    from . import Cluster, Layout, ModelSpec, PlanError, TrainSpec, hardware
+    from .model import recipe_train_options
+
+    hw = hardware.load(args.hardware)
+    seq = None
+    tsp = {}
+    if args.recipe:
+        model, seq = ModelSpec.from_recipe(args.recipe, args.overrides)
+        tsp = recipe_train_options(args.recipe, args.overrides)
+        kw = {k: v for k, v in dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_groups=args.kv_groups,
+                                    ffn=args.ffn, vocab=args.vocab, dtype=args.dtype).items() if v is not None}
+        if kw or args.no_gated:
+            import dataclasses
+
+            model = dataclasses.replace(model, **kw, **({"gated": False} if args.no_gated else {}))
+    else:
+        if args.overrides:
+            raise PlanError(f"overrides {args.overrides} need a recipe")
+        missing = [f for f in ("layers", "hidden", "heads") if getattr(args, f) is None]
+        if missing:
+            raise PlanError("without a recipe give the model: missing " + ", ".join("--" + f for f in missing))
+        model = ModelSpec(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_groups=args.kv_groups,
+                          ffn=args.ffn, vocab=args.vocab or 32000, dtype=args.dtype or "bfloat16",
+                          gated=not args.no_gated, name="model")
+    seq = args.seq_len or seq
+    if seq is None:
+        raise PlanError("--seq-len is required without a recipe")
+    for flag, field_name in _TRAIN_FLAGS.items():
+        if getattr(args, flag) is not None:
+            tsp[field_name] = getattr(args, flag)
+    train = TrainSpec(seq_len=seq, global_batch=args.global_batch, optimizer=args.optimizer, norm=args.norm, **tsp)
+    cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
+                      gpu_memory_gib=args.gpu_memory_gb, host_memory_gib=args.host_memory_gb)
+    layouts = [Layout.parse(x) for x in args.layout] if args.layout else None
+    return model, train, cluster, hw, layouts
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "validate":
+        from .validate import main as validate_main
+
+        return validate_main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        from . import plan_all
+        from .report import render, render_detail, to_json
+
+        model, train, cluster, hw, layouts = build_inputs(args)
+        if args.frontier:
+            from . import frontier as fr
+
+            rows, skipped_fr = fr.frontier(model, train, cluster, hw, layouts, args.max_seq_len)
+        else:
+            plans, skipped = plan_all(model, train, cluster, hw, layouts)
+    except TSPConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.frontier:
+        if args.json:
+            import dataclasses
+
+            print(json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
+                              "cluster": dataclasses.asdict(cluster), "hardware": hw.name,
+                              "host_copy_gb_s": hw.host_gb_s, "max_seq_len_searched": args.max_seq_len,
+                              "gpu_memory_gib": cluster.gpu_memory_gib or hw.gpu_memory_gib,
+                              "prediction": "planner model, not a measurement",
+                              "layouts": rows, "skipped": skipped_fr}, indent=1))
+        else:
+            print(fr.render(model, train, cluster, hw, rows, skipped_fr))
+        return 0
+    if args.json:
+        print(json.dumps(to_json(model, train, cluster, hw, plans, skipped), indent=1))
+    else:
+        print(render(model, train, cluster, hw, plans, skipped))
+        if args.detail:
+            for p in plans:
+                print("\n" + render_detail(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

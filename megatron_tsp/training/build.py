@@ -1,0 +1,303 @@
+"""Model, DDP and optimizer set-up and one training step, from megatron-core's own parts.
+
+Shared by the tiny example, the tests and (later) the training driver. Layouts:
+`tsp` (TSPGPTModel on the TSP group) and `native` (Megatron's GPTModel with the local spec
+and sequence-parallel-capable norms: DP, TP or TP+SP).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import random as mrandom
+from megatron.core.transformer import TransformerConfig
+
+from ..baselines.context_parallel import check_context_parallel
+from ..compat import transformer_config_defaults
+from ..config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from ..tsp.model import TSPGPTModel
+from ..tsp.specs import get_sp_block_spec
+
+
+@dataclass
+class ModelShape:
+    """A GPT model's shape. Field names follow Megatron's flags."""
+
+    num_layers: int = 2
+    """Transformer layers (--num-layers)."""
+    hidden_size: int = 64
+    """Hidden size h (--hidden-size)."""
+    num_attention_heads: int = 4
+    """Query heads (--num-attention-heads)."""
+    num_query_groups: Optional[int] = None
+    """KV groups for GQA (--num-query-groups); null for MHA."""
+    ffn_hidden_size: int = 128
+    """MLP width (--ffn-hidden-size)."""
+    vocab_size: int = 128
+    """Vocabulary size (padded); mock data draws tokens below it."""
+    seq_length: int = 64
+    """Tokens per sequence (--seq-length); a multiple of 2 x tsp_size under TSP."""
+    swiglu: bool = True
+    """Gated SiLU MLP (--swiglu); false: GELU."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers."""
+    normalization: str = "RMSNorm"
+    """LayerNorm or RMSNorm."""
+    position_embedding_type: str = "rope"
+    """rope or learned_absolute."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the LM head."""
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> str:
+    """torch.distributed from torchrun's environment (a world of one without it):
+    NCCL with one GPU per process when CUDA is present, else gloo on CPU. Patches nothing: an
+    entry point that runs megatron-core on CPU installs the shims itself (`cpu.install_cpu_shims`).
+    `timeout_s`: how long a collective may wait for its peers before it fails (torch's default
+    when None); a group that already exists keeps its own."""
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=timedelta(seconds=timeout_s) if timeout_s is not None else None)
+    return dist.get_backend()
+
+
+def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32, **kw) -> TransformerConfig:
+    cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
+    kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        add_bias_linear=shape.add_bias_linear,
+        gated_linear_unit=shape.swiglu,
+        activation_func=F.silu if shape.swiglu else F.gelu,
+        bias_activation_fusion=False,
+        normalization=shape.normalization,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=cpu_init,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        **transformer_config_defaults(**kw),
+    )
+
+
+def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
+              sequence_parallel: Optional[bool] = None, core_attention: str = "local",
+              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False, **config_kw):
+    """A GPT model on the current Megatron groups (`megatron.core.parallel_state`).
+
+    - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
+      initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
+      kernel, compute-only). Takes full sequences.
+    - `layout='native'`: Megatron's GPTModel with the local spec: DP, TP, or TP + sequence
+      parallelism (when the TP group has more than one rank, unless `sequence_parallel=False`).
+      Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
+      (`'sdpa'`, the kernels TSP uses: for long contexts).
+    - Context parallelism: `layout='native'` on groups built with `context_parallel_size=CP`
+      (`mpu.initialize_model_parallel(tensor_model_parallel_size=T, context_parallel_size=CP)`;
+      CP=4 alone, or TP2 x CP2). The core attention is then
+      `baselines.context_parallel.ContextParallelAttention` (K/V all-gathered over the CP group,
+      torch SDPA; `core_attention='sdpa'` or `'cp'`). The model takes this CP rank's tokens:
+      slice tokens, labels, position ids and loss mask with `baselines.context_parallel.cp_slice`.
+      Weights ZeRO-3-sharded over the data x context group: `wrap_ddp_and_optimizer(fsdp=True)`.
+    - Layer recompute (every layout): Megatron's `recompute_granularity` ('full': layer
+      checkpointing, `recompute_method` uniform / block, `recompute_num_layers`; 'selective': core
+      attention, baselines only) in `config_kw`; `offload_activations=True` (with 'full') moves
+      the checkpointed layer inputs to host memory (`megatron_tsp.tsp.offload`).
+    """
+    if offload_activations and config_kw.get("recompute_granularity") != "full":
+        raise TSPConfigError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
+                             f"checkpointed layers' inputs); got recompute_granularity = "
+                             f"{config_kw.get('recompute_granularity')!r}")
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    D, cp = pgs.tp.size(), pgs.cp.size()
+    sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
+    if layout not in ("tsp", "native"):
+        raise TSPConfigError(f"build_gpt: layout = {layout!r} is not one of tsp, native")
+    if cp > 1:
+        if layout == "tsp":
+            raise TSPConfigError(f"context parallelism (parallel.context_size / context_parallel_size = {cp}) cannot be "
+                                 "combined with TSP (parallel.layout = tsp): TSP already splits the sequence")
+        if core_attention not in ("sdpa", "cp"):
+            raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
+                                 f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
+        check_context_parallel(shape.seq_length, cp, D, sp)
+    config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, context_parallel_size=cp, **config_kw)
+    if layout == "tsp":
+        validate_transformer_config(config, D, shape.seq_length)
+    torch.manual_seed(seed)
+    mrandom.model_parallel_cuda_manual_seed(seed)
+    cls = TSPGPTModel if layout == "tsp" else GPTModel
+    extra = {}
+    if layout == "tsp":
+        spec, extra = None, {"tsp_options": tsp_options}
+    else:
+        from ..baselines.context_parallel import ContextParallelAttention
+        from ..baselines.sdpa_attention import SDPACoreAttention
+
+        core = ContextParallelAttention if cp > 1 else SDPACoreAttention if core_attention in ("sdpa", "cp") else None
+        spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core)
+    model = cls(
+        config,
+        spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        position_embedding_type=shape.position_embedding_type,
+        share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        pg_collection=pgs,
+        **extra,
+    )
+    if config.use_cpu_initialization:
+        layout_invariant_init(model, seed)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if offload_activations:
+        from ..tsp.offload import offload_layer_inputs
+
+        offload_layer_inputs(model)
+    return model
+
+
+def _global_name(model, name: str) -> str:
+    """Parameter name with the pipeline stage's local layer index made global, and a tied
+    output layer named as the embedding it copies."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    if parts[0] == "output_layer" and model.share_embeddings_and_output_weights:
+        parts = ["embedding", "word_embeddings", "weight"]
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def layout_invariant_init(model, seed: int) -> None:
+    """Redraw every weight matrix from a generator keyed by (seed, global parameter name) and
+    keep this rank's TP/TSP shard of it: the same initial model for every layout, pipeline split
+    included (Megatron's CPU init draws each stage's layers in stage order). Megatron's
+    init_method / output_layer_init_method scales; norms and biases keep their constant init."""
+    import zlib
+
+    config = model.config
+    out_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    tp = mpu.get_tensor_model_parallel_group()
+    D, r = tp.size(), tp.rank()
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        gname = _global_name(model, name)
+        shape = list(p.shape)
+        dim, stride = (p.partition_dim, getattr(p, "partition_stride", 1)) if getattr(p, "tensor_model_parallel", False) else (None, 1)
+        if dim is not None:
+            shape[dim] *= D
+        std = out_std if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else config.init_method_std
+        g = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(gname.encode()))
+        full = torch.randn(shape, generator=g, dtype=torch.float32) * std
+        if dim is not None and D > 1:
+            full = torch.cat(torch.chunk(full, stride * D, dim=dim)[r::D], dim=dim)
+        p.copy_(full.to(p.dtype))
+
+
+def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
+                           overlap=False, bucket_size=None, fsdp=False):
+    """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
+    `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
+    parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
+    state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
+    plain optimizer over the local shards, so `use_distributed_optimizer` must be False)."""
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+                                               overlap_grad_reduce=overlap,
+                                               overlap_param_gather=overlap and use_distributed_optimizer,
+                                               bucket_size=bucket_size)
+    if fsdp:
+        if use_distributed_optimizer:
+            raise TSPConfigError("parallel.fsdp = true already shards the optimizer state over data x context: "
+                                 "set train.distributed_optimizer = false")
+        from ..baselines.fsdp import FullyShardedOverDataAndContext
+
+        ddp = FullyShardedOverDataAndContext(config, ddp_config, model)
+    else:
+        ddp = DistributedDataParallel(config, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
+            use_distributed_optimizer=use_distributed_optimizer,
+            bf16=config.bf16, params_dtype=config.params_dtype,
+        ),
+        [ddp],
+    )
+    return ddp, optimizer
+
+
+def synthetic_batch(step: int, batch: int, shape: ModelShape, seed: int = 0, device=None):
+    """A learnable mock batch, identical on every rank: arithmetic token sequences
+    `(a + k*i) mod V` with random (a, k) per row; labels are the next token."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    a = torch.randint(0, shape.vocab_size, (batch, 1), generator=g)
+    k = torch.randint(1, 8, (batch, 1), generator=g)
+    pos = torch.arange(shape.seq_length + 1).unsqueeze(0)
+    seq = (a + k * pos) % shape.vocab_size
+    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    position_ids = torch.arange(shape.seq_length).unsqueeze(0).expand(batch, -1).contiguous()
+    dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    return tuple(t.to(dev) if dev is not None else t for t in (tokens, labels, position_ids))
+
+
+def dp_slice(t: torch.Tensor) -> torch.Tensor:
+    """This data-parallel rank's rows of a global batch."""
+    dp, r = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    if t.shape[0] % dp:
+        raise ValueError(f"global batch {t.shape[0]} is not divisible by the data-parallel size {dp}")
+    n = t.shape[0] // dp
+    return t[r * n : (r + 1) * n]
+
+
+def train_step(ddp_model, optimizer, tokens, labels, position_ids):
+    """One step (pipeline size 1) on this DP rank's micro-batch (this CP rank's tokens of it
+    under context parallelism, see `baselines.context_parallel.cp_slice`); returns the global
+    mean loss and the grad norm."""
+    check_seq_length(tokens.shape[1], 1)
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = ddp_model(tokens, position_ids, None, labels=labels).float().mean()
+    loss.backward()
+    finalize_model_grads([ddp_model])
+    _, grad_norm, _ = optimizer.step()
+    reported = loss.detach().clone()
+    # Every CP rank holds the same number of tokens: the mean of the local means is the mean.
+    dp_cp = mpu.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(reported, group=dp_cp)
+    return reported.item() / dp_cp.size(), grad_norm

@@ -1,0 +1,252 @@
+"""The driver's checkpoints: Megatron dist-checkpointing of the model and the optimizer, one
+folder per step, written under a temporary name and renamed when complete, with a JSON file of
+what the run was (model shape, layout, optimizer format) that a resume checks before loading.
+A TSP checkpoint is a Megatron TP one (docs/design.md §9): it loads at another D or into TP."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .recipe import Recipe, RecipeError
+
+CHECKPOINT_META = "megatron_tsp_run.json"
+
+
+#
+# save_dir/step_NNNNNNN/   one checkpoint (Megatron's distributed checkpoint format, torch_dist)
+# save_dir/latest          the step of the newest complete one
+# save_dir/megatron_tsp_run.json   the model, layout and optimizer format that wrote it
+#
+# A checkpoint is written as step_NNNNNNN.incomplete and renamed once every rank has finished;
+# `latest` moves after the rename. A run killed mid-save leaves only a *.incomplete directory,
+# never `latest` pointing at it; the next run in that directory removes it.
+
+INCOMPLETE = ".incomplete"
+# The distributed optimizer's format: `fully_reshardable` stores its state per model parameter,
+# in the model's own (TP/TSP-sliced, global-layer) keys, so it loads at any TSP / TP / pipeline /
+# data-parallel layout; `dp_reshardable` (what megatron-tsp wrote before) stores each rank's
+# flat buffer shard and loads only at the layout that wrote it.
+DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
+# What must match to resume: the parameters' shapes (ModelShape) and their dtype. seq_length
+# changes no parameter under RoPE.
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "vocab_size", "seq_length", "swiglu", "add_bias_linear", "normalization",
+               "position_embedding_type", "share_embeddings_and_output_weights", "dtype")
+
+
+def _step_dir(save_dir: str, step: int) -> str:
+    return os.path.join(save_dir, f"step_{step:07d}")
+
+
+def latest_step(save_dir: Optional[str]) -> Optional[int]:
+    path = os.path.join(save_dir, "latest") if save_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def remove_incomplete_checkpoints(save_dir: Optional[str]) -> List[str]:
+    """Remove what a run killed mid-save left in save_dir (rank 0 only): *.incomplete
+    checkpoint directories and half-written `latest` / metadata files. Returns their names."""
+    if not save_dir or not os.path.isdir(save_dir) or dist.get_rank() != 0:
+        return []
+    import shutil
+
+    removed = []
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if name.startswith("step_") and name.endswith(INCOMPLETE) and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+        elif name in ("latest.tmp", CHECKPOINT_META + ".tmp"):
+            os.unlink(path)
+    return removed
+
+
+def _checkpoint_identity(recipe: Recipe) -> dict:
+    """What a checkpoint records about the run that wrote it: the model, the layout (any layout
+    may resume it), the optimizer and its checkpoint format."""
+    ident = recipe.to_dict()
+    dist_opt = recipe.train.distributed_optimizer
+    return {"model": ident["model"], "parallel": ident["parallel"], "world_size": dist.get_world_size(),
+            "distributed_optimizer": dist_opt,
+            "optimizer_format": DISTRIBUTED_OPTIMIZER_FORMAT if dist_opt else "plain"}
+
+
+def _saved_optimizer_format(saved: dict) -> str:
+    if "optimizer_format" in saved:
+        return saved["optimizer_format"]
+    return "dp_reshardable" if saved.get("distributed_optimizer") else "plain"  # written before the key
+
+
+def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> dict:
+    """Refuse a checkpoint whose parameters do not fit this model (shapes, vocabulary, dtype)
+    or whose optimizer state cannot be read by this run's optimizer, listing every difference;
+    a different layout (TSP / TP / TP+SP size, pipeline, data parallel, world size) is fine.
+    Returns what the checkpoint records."""
+    meta_path = os.path.join(save_dir, CHECKPOINT_META)
+    if not os.path.isfile(meta_path):
+        raise RecipeError(f"train.save_dir = {save_dir!r} has a checkpoint but no {CHECKPOINT_META}: "
+                          "not written by megatron-tsp train; refusing to resume or overwrite it")
+    with open(meta_path) as f:
+        saved = json.load(f)
+    mine = _checkpoint_identity(recipe)
+    defaults = Recipe().to_dict()  # a key added after the checkpoint was written has its default there
+    diffs = []
+    for key in _SHAPE_KEYS:
+        if key == "seq_length" and recipe.model.position_embedding_type == "rope":
+            continue
+        theirs = saved.get("model", {}).get(key, defaults["model"].get(key))
+        if theirs != mine["model"][key]:
+            diffs.append(f"model.{key}: checkpoint {theirs!r}, recipe {mine['model'][key]!r}")
+    if saved.get("distributed_optimizer") != mine["distributed_optimizer"]:
+        diffs.append(f"train.distributed_optimizer: checkpoint {saved.get('distributed_optimizer')!r}, "
+                     f"recipe {mine['distributed_optimizer']!r} (their optimizer states are stored differently)")
+    elif _saved_optimizer_format(saved) == "dp_reshardable":
+        # An older distributed-optimizer checkpoint: flat buffer shards, readable at its own layout only.
+        for key in ("layout", "size", "pipeline_size", "context_size"):
+            theirs = saved.get("parallel", {}).get(key, defaults["parallel"].get(key))
+            if theirs != mine["parallel"][key]:
+                diffs.append(f"parallel.{key}: checkpoint {theirs!r}, recipe {mine['parallel'][key]!r} (a "
+                             "dp_reshardable distributed-optimizer checkpoint loads only at the layout that wrote it)")
+        if saved.get("world_size") != mine["world_size"]:
+            diffs.append(f"world_size: checkpoint {saved.get('world_size')!r}, run {mine['world_size']!r} (a "
+                         "dp_reshardable distributed-optimizer checkpoint loads only at the layout that wrote it)")
+    if diffs:
+        raise RecipeError(f"the checkpoint in {save_dir!r} does not match this run (it is left untouched):\n  "
+                          + "\n  ".join(diffs))
+    return saved
+
+
+def _layout_text(parallel: dict, world_size: int) -> str:
+    p = parallel
+    size = 1 if p.get("layout") == "dp" else p.get("size", 1)
+    model = size * p.get("pipeline_size", 1) * p.get("context_size", 1)
+    cp = f" x context {p['context_size']}" if p.get("context_size", 1) > 1 else ""
+    return (f"{p.get('layout')} {size} x pipeline {p.get('pipeline_size', 1)}{cp} x data "
+            f"{world_size // model if world_size else '?'}")
+
+
+def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT):
+    model_sd = model.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": optimizer_format}  # the plain optimizer ignores it
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
+
+
+def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
+    """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    save_dir = recipe.train.save_dir
+    path = _step_dir(save_dir, step)
+    partial_path = path + INCOMPLETE
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if os.path.isdir(partial_path):
+            shutil.rmtree(partial_path)
+        os.makedirs(partial_path)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["step"] = step
+    dist_checkpointing.save(state, partial_path)
+    dist.barrier()  # every rank's shards are on disk
+    if rank0:
+        if os.path.isdir(path):  # a complete step_N that never became `latest` (killed in between)
+            shutil.rmtree(path)
+        os.rename(partial_path, path)
+        _write_atomically(os.path.join(save_dir, CHECKPOINT_META), json.dumps(_checkpoint_identity(recipe), indent=1))
+        _write_atomically(os.path.join(save_dir, "latest"), str(step))
+    dist.barrier()
+    return path
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state (no 'step'), which Megatron's DistributedOptimizer
+    state_dict requires without TE/apex; take one zero-gradient step (no parameter change with
+    zero gradients), as Megatron itself does before loading FSDP checkpoints. The loaded
+    checkpoint then overwrites every state tensor and the step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            with torch.no_grad():
+                opt._init_optimizer_states_with_dummy_values()
+
+
+_PARAM_STATE_LOADERS = {"fully_reshardable": "load_parameter_state_from_fully_reshardable",
+                        "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
+                        "dp_reshardable": "load_parameter_state_from_dp_reshardable"}
+
+
+def _load_optimizer_state(optimizer, state_dict) -> None:
+    """optimizer.load_state_dict, with two fixes for megatron-core 0.16.1's DistributedOptimizer
+    on torch Adam (no TE/apex):
+    - its load_state_dict gives every parameter's Adam state one shared `step` tensor, which
+      torch Adam increments in place once per parameter: from the second resumed step on the
+      bias corrections were wrong (the ~0.3% drift a resumed run showed). Each parameter gets
+      its own copy here, as torch Adam keeps them.
+    - the model-space formats (fully_reshardable) store no per-parameter `step` (it is in the
+      param groups), but their loaders copy every key of the live state, `step` included
+      (KeyError): the step is set aside while they run."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) == 1:
+        pairs = [(chained[0], state_dict)]
+    else:
+        items = state_dict.values() if isinstance(state_dict, dict) else state_dict
+        pairs = list(zip(chained, [v for _, v in sorted(state_dict.items())] if isinstance(state_dict, dict) else items))
+    for opt, sd in pairs:
+        if not isinstance(opt, DistributedOptimizer) or "param_state" not in sd:
+            opt.load_state_dict(sd)
+            continue
+        sd = dict(sd)
+        param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
+        if kind not in _PARAM_STATE_LOADERS:
+            raise RecipeError(f"distributed-optimizer checkpoint format {kind!r} is not one megatron-tsp reads "
+                              f"({', '.join(_PARAM_STATE_LOADERS)})")
+        opt.load_state_dict(sd)  # param groups and the step
+        inner = opt.optimizer.state
+        steps = {p: st.pop("step") for p, st in inner.items() if "step" in st} if kind != "dp_reshardable" else {}
+        getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
+        for p, step in steps.items():
+            inner[p]["step"] = step
+        for st in inner.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].detach().clone()
+
+
+def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT) -> int:
+    """Load the latest checkpoint of save_dir into this run's model and optimizer, at whatever
+    layout this run has (the checkpoint's keys are layout-free: global layer numbers, full
+    tensors sliced per TP/TSP rank). Returns its step."""
+    from megatron.core import dist_checkpointing
+
+    _materialize_optimizer_state(optimizer)
+    step = latest_step(recipe.train.save_dir)
+    path = _step_dir(recipe.train.save_dir, step)
+    state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format)
+    state["step"] = step
+    try:
+        loaded = dist_checkpointing.load(state, path)
+    except Exception as e:  # shapes or keys that do not fit this model
+        raise RecipeError(f"checkpoint {path!r} does not fit this model: {e}") from e
+    with torch.no_grad():  # float32 main params are views of the (grad-requiring) model params
+        model.load_state_dict(loaded["model"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+    return int(loaded["step"])

@@ -1,0 +1,424 @@
+"""`megatron-tsp train`: one training driver for TSP and its baselines, from megatron-core's
+own parts (DDP, get_megatron_optimizer, get_forward_backward_func, dist_checkpointing,
+MockGPTDataset / GPTDataset through BlendedMegatronDatasetBuilder).
+
+    torchrun --nproc-per-node 2 -m megatron_tsp.training.loop configs/tiny.yaml parallel.size=2 train.steps=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from functools import partial
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from ..config import TSPConfigError
+from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
+                         latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
+from .recipe import Recipe, RecipeError, load_recipe, valid_keys
+from .signals import StopRequest
+
+# -- data ----------------------------------------------------------------------------------
+
+class _VocabTokenizer:
+    """What Megatron's GPT datasets read of a tokenizer: the vocabulary size and the EOD id."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.eos = vocab_size - 1
+        self.unique_identifiers = {"class": "megatron_tsp.VocabTokenizer", "vocab_size": vocab_size}
+
+
+def build_train_dataset(recipe: Recipe):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    data, m, t = recipe.data, recipe.model, recipe.train
+    if data.path is not None:
+        missing = [data.path + ext for ext in (".bin", ".idx") if not os.path.isfile(data.path + ext)]
+        if missing:
+            raise RecipeError(f"data.path = {data.path!r}: missing {', '.join(missing)} "
+                              "(a Megatron indexed dataset prefix: PATH.bin and PATH.idx)")
+        for f in (data.path + ".bin", data.path + ".idx"):
+            if not os.access(f, os.R_OK):
+                raise RecipeError(f"data.path = {data.path!r}: {f} is not readable")
+    config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=m.seq_length,
+        blend=([data.path], None) if data.path else None,
+        split=data.split,
+        path_to_cache=data.cache_dir,
+        tokenizer=_VocabTokenizer(m.vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    cls = MockGPTDataset if data.path is None else GPTDataset
+    try:
+        train, _, _ = BlendedMegatronDatasetBuilder(cls, [t.steps * t.global_batch_size, 0, 0], lambda: True, config).build()
+    except (OSError, ValueError, AssertionError) as e:
+        raise RecipeError(f"data.path = {data.path!r} could not be read as a Megatron indexed dataset: {e}") from e
+    if train is None:
+        raise RecipeError(f"data.split = {data.split!r} leaves no training samples")
+    return train
+
+
+def micro_batches(dataset, step: int, recipe: Recipe, dp_rank: int, dp_size: int, device, cp_group=None):
+    """This DP rank's micro-batches of global step `step`: samples [step*G, (step+1)*G) split
+    contiguously over DP ranks; under context parallelism, this CP rank's tokens of them
+    (`cp_group`; Megatron's get_batch_on_this_cp_rank). Deterministic, so a resumed run sees
+    the same data."""
+    from ..baselines.context_parallel import cp_slice_batch
+
+    if recipe.parallel.context_size > 1 and (cp_group is None or cp_group.size() != recipe.parallel.context_size):
+        raise RecipeError(f"parallel.context_size = {recipe.parallel.context_size}: micro_batches needs the "
+                          "context-parallel group (cp_group) to hand each CP rank its tokens")
+    t = recipe.train
+    per_rank = t.global_batch_size // dp_size
+    first = step * t.global_batch_size + dp_rank * per_rank
+    for mb in range(per_rank // t.micro_batch_size):
+        idx = range(first + mb * t.micro_batch_size, first + (mb + 1) * t.micro_batch_size)
+        samples = [dataset[i % len(dataset)] for i in idx]
+        yield cp_slice_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
+                              for k in ("tokens", "labels", "loss_mask", "position_ids")}, cp_group)
+
+
+# -- model, optimizer, schedule ---------------------------------------------------------------
+
+def _init_groups(recipe: Recipe):
+    from megatron.core import parallel_state as mpu
+
+    from .. import parallel_state as tsp_state
+
+    if mpu.model_parallel_is_initialized():
+        tsp_state.destroy_model_parallel()
+    p = recipe.parallel
+    extra = {"high_priority_stream_groups": ["tp"]} if p.high_priority_comm else {}
+    extra["distributed_timeout_minutes"] = recipe.train.collective_timeout_s / 60  # a timedelta's minutes
+    if p.comm_max_ctas:  # Megatron reads per-group NCCL settings from a YAML file only
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(f"tp:\n  max_ctas: {p.comm_max_ctas}\n")
+        extra["nccl_communicator_config_path"] = f.name
+    try:
+        if p.layout == "tsp":
+            tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
+        else:
+            mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
+                                          pipeline_model_parallel_size=p.pipeline_size,
+                                          context_parallel_size=p.context_size, **extra)
+    finally:
+        if "nccl_communicator_config_path" in extra:
+            os.unlink(extra["nccl_communicator_config_path"])
+
+
+def build(recipe: Recipe):
+    from megatron.core.distributed import finalize_model_grads
+
+    from .build import build_gpt, wrap_ddp_and_optimizer
+
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        raise RecipeError("model.dtype = bfloat16 needs GPUs; use float32 on CPU")
+    if torch.cuda.is_available():  # process-wide: set (or reset to cuBLAS's default) per build
+        torch._C._set_sm_carveout_experimental(p.gemm_sm_carveout or None)
+    model = build_gpt(
+        m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
+        sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
+        tsp_options=recipe.tsp_options(),
+        init_method_std=m.init_method_std,
+        offload_activations=p.offload_activations, **recipe.recompute_config(),
+        use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
+    )
+    ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
+                                            use_distributed_optimizer=t.distributed_optimizer,
+                                            weight_decay=t.weight_decay, fsdp=p.fsdp)
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return model, ddp, optimizer
+
+
+def _loss_func(loss_mask, per_token_loss):
+    """Mean loss over the micro-batch. Under context parallelism each rank holds some of the
+    tokens: its loss is its sum over the count of the whole CP group, so that Megatron's schedule
+    (which multiplies by the CP size) and DDP (which averages over data x context) give the
+    gradient of the global mean; the reported value is the global mean."""
+    from megatron.core import parallel_state as mpu
+
+    loss_mask = loss_mask.float()
+    local = torch.stack([(per_token_loss.float() * loss_mask).sum(), loss_mask.sum()])
+    total = local.detach().clone()
+    cp_group = mpu.get_context_parallel_group()
+    if cp_group.size() > 1:
+        dist.all_reduce(total, group=cp_group)
+    loss = local[0] / total[1].clamp_min(1)
+    return loss, {"lm loss": total[0] / total[1].clamp_min(1)}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe):
+    """One optimizer step over this DP rank's micro-batches through Megatron's schedule.
+    Returns (loss averaged over the global batch, grad norm); the loss is known on every rank."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(batches),
+        model=[ddp],
+        num_microbatches=len(batches),
+        seq_length=recipe.model.seq_length,
+        micro_batch_size=recipe.train.micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    device = batches[0]["tokens"].device
+    loss = torch.zeros(1, device=device, dtype=torch.float64)
+    if mpu.is_pipeline_last_stage():
+        loss += sum(d["lm loss"].double() for d in losses) / len(losses)
+        dist.all_reduce(loss, group=mpu.get_data_parallel_group())
+        loss /= mpu.get_data_parallel_world_size()
+    # The last stage knows the loss; give it to every rank (pipeline group broadcast).
+    dist.broadcast(loss, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group())
+    return loss.item(), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+# -- progress --------------------------------------------------------------------------------
+
+class Progress:
+    """Rank-0 reporting: a progress bar on terminals, log lines, a JSON-lines metrics file."""
+
+    def __init__(self, recipe: Recipe, world: int, out=None):
+        self.recipe, self.world = recipe, world
+        self.out = out or sys.stdout
+        self.rank0 = dist.get_rank() == 0
+        self.bar = recipe.train.progress_bar and self.out.isatty()
+        self.metrics = open(recipe.train.metrics_file, "a") if (recipe.train.metrics_file and self.rank0) else None
+        self.history: List[dict] = []
+        self.unit = "GPU" if torch.cuda.is_available() else "process"
+
+    def print(self, text: str):
+        if self.rank0:
+            if self.bar:
+                self.out.write("\r\033[K")
+            print(text, file=self.out, flush=True)
+
+    def step(self, record: dict):
+        self.history.append(record)
+        if not self.rank0:
+            return
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        t = self.recipe.train
+        last = record["step"] == t.steps
+        if record["step"] % t.log_interval == 0 or last:
+            mem = f" | peak mem {record['peak_mem_gb']:.2f} GB" if record.get("peak_mem_gb") is not None else ""
+            self.print(f"step {record['step']:5d}/{t.steps} | loss {record['loss']:.4f} | grad norm {record['grad_norm']:.3f}"
+                       f" | {record['tokens_per_s']:.0f} tok/s | {record['tokens_per_s_per_gpu']:.0f} tok/s/{self.unit}"
+                       f" | step {record['step_time_s'] * 1e3:.0f} ms{mem}")
+        if self.bar:
+            done = int(30 * record["step"] / t.steps)
+            self.out.write(f"\r[{'#' * done}{'.' * (30 - done)}] {record['step']}/{t.steps}")
+            self.out.flush()
+
+    def close(self):
+        if self.metrics:
+            self.metrics.close()
+        if self.bar and self.rank0:
+            self.out.write("\n")
+
+
+def summarize(history: List[dict], recipe: Recipe, world: int) -> dict:
+    times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
+    times = sorted(times)
+    median = times[len(times) // 2] if times else float("nan")
+    tokens = recipe.train.global_batch_size * recipe.model.seq_length
+    peaks = [h["peak_mem_gb"] for h in history if h.get("peak_mem_gb") is not None]
+    return {
+        "layout": recipe.parallel.layout, "size": recipe.axis_size, "pipeline_size": recipe.parallel.pipeline_size,
+        "context_size": recipe.parallel.context_size, "fsdp": recipe.parallel.fsdp,
+        "world_size": world, "seq_length": recipe.model.seq_length, "steps_run": len(history),
+        "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
+        "median_step_time_s": median, "tokens_per_s": tokens / median if median else None,
+        "tokens_per_s_per_gpu": tokens / median / world if median else None,
+        "peak_mem_gb": max(peaks) if peaks else None,
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+def run(recipe: Recipe, out=None) -> dict:
+    """Train as the recipe says, in the current torch.distributed world. Returns
+    {"history": [per-step records], "summary": {...}} on every rank. SIGINT / SIGTERM / SIGUSR1
+    stop it after the current step (see megatron_tsp.training.signals): it saves (train.save_on_signal)
+    and returns normally, with summary["stopped_by"] naming the signal."""
+    with StopRequest() as stop:
+        return _run(recipe, stop, out)
+
+
+def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
+    from megatron.core import parallel_state as mpu
+
+    from .build import init_distributed
+    from .cpu import install_cpu_shims
+
+    backend = init_distributed(recipe.train.collective_timeout_s)
+    install_cpu_shims()  # the training run's entry: megatron-core on CPU needs them (no-op with CUDA)
+    world = dist.get_world_size()
+    recipe.check(world)
+    t = recipe.train
+    start = 0
+    saved = None
+    if t.save_dir:
+        found = latest_step(t.save_dir)
+        if t.resume and found is not None:
+            saved = check_checkpoint_matches(recipe, t.save_dir)
+        elif not t.resume and (found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META))):
+            raise RecipeError(f"train.save_dir = {t.save_dir!r} already holds checkpoints: set train.resume=true "
+                              "to continue them, or choose another directory (they are never overwritten)")
+        for name in remove_incomplete_checkpoints(t.save_dir):
+            print(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
+                  "left by an interrupted run", flush=True)
+    _init_groups(recipe)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model, ddp, optimizer = build(recipe)
+    resumed_from = ""
+    if saved is not None:
+        start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved))
+        theirs, mine = _layout_text(saved["parallel"], saved.get("world_size")), _layout_text(recipe.to_dict()["parallel"], world)
+        resumed_from = f" (resumed from {t.save_dir}" + (f", written by {theirs}" if theirs != mine else "") + ")"
+    dataset = build_train_dataset(recipe)
+    progress = Progress(recipe, world, out)
+    p = recipe.parallel
+    with_cp = f" x context {p.context_size}" if p.context_size > 1 else ""
+    with_fsdp = " (FSDP over data x context)" if p.fsdp else ""
+    progress.print(f"megatron-tsp train: layout {p.layout} size {recipe.axis_size} x pipeline "
+                   f"{p.pipeline_size}{with_cp} x data {mpu.get_data_parallel_world_size()}{with_fsdp} on {world} "
+                   f"{'GPUs' if backend == 'nccl' else 'CPU processes'} ({backend}); S={recipe.model.seq_length}, "
+                   f"global batch {t.global_batch_size}; steps {start + 1}..{t.steps}" + resumed_from)
+    tokens = t.global_batch_size * recipe.model.seq_length
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    saved_step = start if saved is not None else None  # the step whose checkpoint is on disk
+    stopped_after = None
+    for step in range(start, t.steps):
+        # Every rank learns whether any rank was asked to stop, before this step's collectives.
+        if stop.agreed(device):
+            stopped_after = step
+            break
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, mpu.get_context_parallel_group()))
+        loss, grad_norm = train_step(ddp, optimizer, batches, recipe)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": dt,
+                  "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / world,
+                  "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        progress.step(record)
+        if t.save_dir and ((t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps):
+            path = save_checkpoint(model, optimizer, recipe, step + 1)
+            saved_step = step + 1
+            progress.print(f"saved checkpoint {path}")
+    if stopped_after is not None:
+        if t.save_dir and t.save_on_signal and saved_step is None and stopped_after == 0:
+            where = "nothing saved (no step ran)"
+        elif t.save_dir and t.save_on_signal and saved_step != stopped_after:
+            where = f"checkpoint saved in {save_checkpoint(model, optimizer, recipe, stopped_after)}"
+        elif t.save_dir and t.save_on_signal:
+            where = f"its checkpoint is {_step_dir(t.save_dir, stopped_after)}"
+        else:
+            where = "nothing saved (" + ("train.save_on_signal=false" if t.save_dir else "train.save_dir is not set") + ")"
+        progress.print(f"stopped by {stop.name} after step {stopped_after}: {where}")
+    progress.close()
+    summary = summarize(progress.history, recipe, world)
+    summary["stopped_by"] = stop.name if stopped_after is not None else None
+    if summary["steps_run"]:
+        mem = f", peak mem {summary['peak_mem_gb']:.2f} GB/GPU" if summary["peak_mem_gb"] is not None else ""
+        progress.print(f"summary: {summary['steps_run']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+                       f"median step {summary['median_step_time_s'] * 1e3:.0f} ms, {summary['tokens_per_s']:.0f} tok/s, "
+                       f"{summary['tokens_per_s_per_gpu']:.0f} tok/s/{progress.unit}{mem}")
+    return {"history": progress.history, "summary": summary}
+
+
+def collective_failure(error: BaseException, timeout_s: float) -> str:
+    """The one line a rank prints when training fails with a communication error (before the
+    traceback): this rank, its host and node, and the error's first line, which for gloo names
+    the peer's address ("Connection closed by peer [10.0.0.2]:...", "Timed out waiting ...")."""
+    import socket
+
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    node = os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "?"))
+    return (f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host {socket.gethostname()} "
+            f"(node rank {node}) failed: {first} -- a peer rank died or did not answer within "
+            f"train.collective_timeout_s = {timeout_s:g} s; the job ends, resubmit to resume from the last checkpoint")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-tsp train",
+        description="Train a GPT with TSP (or a baseline layout) from a YAML recipe; launch with torchrun.",
+        epilog="Recipe keys (section.key=value):\n" + valid_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the embedded tiny recipe, = configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.size=4 model.seq_length=32768")
+    p.add_argument("--resume", metavar="DIR", help="resume from the latest checkpoint in DIR (sets train.save_dir=DIR train.resume=true)")
+    p.add_argument("--summary-json", metavar="FILE", help="write the final summary (rank 0) to FILE")
+    return p
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = parser().parse_args(argv)
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if recipe_path is not None and "=" in recipe_path:  # only overrides were given
+        overrides.insert(0, recipe_path)
+        recipe_path = None
+    if args.resume:
+        overrides += [f"train.save_dir={args.resume}", "train.resume=true"]
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+        result = run(recipe)
+    except TSPConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+    except RuntimeError as e:  # gloo / NCCL: a peer died or stopped answering; say who and where first
+        if dist.is_initialized():
+            print(collective_failure(e, recipe.train.collective_timeout_s), file=sys.stderr, flush=True)
+        raise
+    if args.summary_json and dist.get_rank() == 0:
+        with open(args.summary_json, "w") as f:
+            json.dump(result["summary"], f, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`TSPGPTModel`: a drop-in for Megatron's GPTModel that takes full sequences on every TSP
+rank and returns the per-token loss (or logits) in natural order.
+
+The zigzag layout is a permutation of the full sequence: tokens, positions, labels and the
+loss mask are permuted before the model, so Megatron's contiguous sequence-parallel scatter
+hands rank r chunks r and 2D-1-r; the per-token output is un-permuted on the way out.
+Embedding: Megatron's, on the same group. With labels, the loss comes from the sequence-local
+LM head (`megatron_tsp.tsp.lm_head`, `TSPOptions(lm_head='local')`, the default) or Megatron's
+output layer and vocab-parallel cross entropy (`lm_head='megatron'`); logits are Megatron's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state as mpu
+from megatron.core.models.gpt import GPTModel
+
+from .. import compat
+from ..config import TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config
+from .specs import get_tsp_block_spec
+from . import lm_head
+from .zigzag import from_zigzag, to_zigzag
+
+
+class TSPGPTModel(GPTModel):
+    """GPTModel with the TSP decoder. Arguments as GPTModel's; `transformer_layer_spec`
+    defaults to `get_tsp_block_spec(..., tsp_options=tsp_options)`. The TSP group is
+    `pg_collection.tp`."""
+
+    def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None,
+                 tsp_options: Optional[TSPOptions] = None, **kwargs):
+        pg_collection = kwargs.get("pg_collection")
+        group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
+        validate_transformer_config(config, group.size())
+        if kwargs.get("mtp_block_spec") is not None:
+            raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
+        tsp_options = tsp_options or TSPOptions()
+        lm_head.check_lm_head(config, tsp_options, vocab_size, group.size())
+        if transformer_layer_spec is None:
+            vp_stage = kwargs.get("vp_stage")
+            pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
+            transformer_layer_spec = get_tsp_block_spec(
+                config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
+            )
+        with compat.quiet_gpt_model_deprecation():  # 0.19's notice, for GPTModel users
+            super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        self.tsp_group = group
+        self.tsp_options = tsp_options
+
+    def _postprocess(self, *args, **kwargs):
+        return lm_head.postprocess(self, super()._postprocess, *args, **kwargs)
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
+        D = self.tsp_group.size()
+        if decoder_input is not None:
+            raise TSPConfigError("decoder_input is not supported by TSPGPTModel: pass input_ids")
+        if kwargs.get("packed_seq_params") is not None:
+            raise TSPConfigError("packed sequences (packed_seq_params) are not supported with --tsp-size")
+        full = next((t for t in (input_ids, labels) if t is not None), None)
+        if full is not None:
+            check_seq_length(full.shape[1], D, what="sequence length of the batch")
+        permute = lambda t: None if t is None else to_zigzag(t, D, dim=1)  # noqa: E731
+        if position_ids is not None and position_ids.shape[1] > 1:
+            position_ids = permute(position_ids)
+        if kwargs.get("loss_mask") is not None:
+            kwargs["loss_mask"] = permute(kwargs["loss_mask"])
+        output = super().forward(permute(input_ids), position_ids, attention_mask, None, permute(labels), *args, **kwargs)
+        if not self.post_process:
+            return output  # hidden states of this stage's local tokens, [S/D, b, h]
+        return from_zigzag(output, D, dim=1)  # loss [b, S] or logits [b, S, V/D]

@@ -1,0 +1,366 @@
+"""Megatron-LM integration without Megatron-LM: the TSP flags on a plain argparse parser (mapping,
+conflicts, recipes), the runner's usage errors, the model builder's delegation, the patch files
+and every shell script's syntax."""
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from megatron_tsp import TSPConfigError
+from megatron_tsp.megatron_lm.arguments import expand_tsp_recipe, load_recipe
+from megatron_tsp.megatron_lm.hooks import SUPPORTED_TAGS, check_built_model, tsp_extra_args_provider, tsp_gpt_builder
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _megatron_like_parser():
+    """The Megatron flags the mapping reads, then the TSP ones as Megatron-LM gets them."""
+    p = argparse.ArgumentParser(prog="pretrain_gpt.py")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--num-attention-heads", type=int, default=32)
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--reset-attention-mask", action="store_true")
+    p.add_argument("--sft", action="store_true")
+    p.add_argument("--yaml-cfg", default=None)
+    p.add_argument("--spec", nargs="*", default=None)
+    p.add_argument("--mtp-num-layers", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--data-path", nargs="*", default=None)
+    p.add_argument("--bf16", action="store_true")
+    return tsp_extra_args_provider()(p)
+
+
+def test_tsp_size_maps_at_parse_time():
+    args = _megatron_like_parser().parse_args(["--tsp-size", "4"])
+    assert args.tsp and args.tsp_size == 4
+    assert args.tensor_model_parallel_size == 4 and args.sequence_parallel
+    assert args.tsp_native_spec == "megatron" and args.tsp_recipe is None
+
+
+@pytest.mark.parametrize("argv", [[], ["--tsp-size", "1"]])
+def test_without_tsp_the_arguments_are_megatrons(argv):
+    args = _megatron_like_parser().parse_args(argv + ["--tensor-model-parallel-size", "4", "--sequence-parallel"])
+    assert not args.tsp and args.tensor_model_parallel_size == 4 and args.sequence_parallel
+
+
+def test_parse_known_args_maps_too():
+    args, extra = _megatron_like_parser().parse_known_args(["--tsp-size", "2", "--unknown-flag"])
+    assert args.tensor_model_parallel_size == 2 and extra == ["--unknown-flag"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tsp-size", "4", "--tensor-model-parallel-size", "4"], r"--tensor-model-parallel-size = 4 cannot be combined with --tsp-size"),
+    (["--tsp-size", "4", "--context-parallel-size", "2"], r"--context-parallel-size = 2 cannot be combined"),
+    (["--tsp-size", "4", "--num-experts", "8"], r"--num-experts \(MoE\)"),
+    (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),
+    (["--tsp-size", "4", "--sft"], r"--sft \(packed sequences"),
+    (["--tsp-size", "4", "--yaml-cfg", "x.yaml"], r"--yaml-cfg cannot be combined with --tsp-size"),
+    (["--tsp-size", "4", "--spec", "m", "f"], r"--spec cannot be combined with --tsp-size"),
+    (["--tsp-size", "4", "--mtp-num-layers", "1"], r"--mtp-num-layers cannot be combined"),
+    (["--tsp-size", "4", "--seq-length", "100"], r"--seq-length = 100 must be divisible by 2 x --tsp-size = 8"),
+    (["--tsp-size", "3"], r"--num-attention-heads = 32 must be divisible by --tsp-size = 3"),
+    (["--tsp-size", "0"], r"--tsp-size must be a positive integer"),
+    (["--tsp-size", "2", "--tsp-lm-head-chunk-tokens", "0"], r"--tsp-lm-head-chunk-tokens must be a positive integer"),
+])
+def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _megatron_like_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^pretrain_gpt.py: error: .*" + message, err, re.M), err
+    assert err.count("\n") == 1, "one line, not Megatron's whole usage"
+
+
+def test_native_spec_choices(capsys):
+    assert _megatron_like_parser().parse_args(["--tsp-native-spec", "sdpa"]).tsp_native_spec == "sdpa"
+    with pytest.raises(SystemExit):
+        _megatron_like_parser().parse_args(["--tsp-native-spec", "te"])
+    assert "--tsp-native-spec" in capsys.readouterr().err
+
+
+def test_help_lists_the_tsp_flags(capsys):
+    with pytest.raises(SystemExit):
+        _megatron_like_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec", "--tsp-lm-head", "--tsp-lm-head-chunk-tokens"):
+        assert flag in out
+
+
+def test_flags_are_added_once():
+    parser = _megatron_like_parser()
+    assert tsp_extra_args_provider()(parser) is parser  # runner on a patched script: no clash
+    assert parser.parse_args(["--tsp-size", "2"]).tensor_model_parallel_size == 2
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+def _recipe(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_recipe_expands_and_the_command_line_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_PREFIX", "/data/x")
+    monkeypatch.setenv("ALREADY_SET", "mine")
+    monkeypatch.delenv("TSP_TEST_NEW", raising=False)
+    path = _recipe(tmp_path, """\
+        ENV_VARS:
+          TSP_TEST_NEW: 1
+          ALREADY_SET: recipe
+        MODEL_ARGS:
+          --tsp-size: 4
+          --lr: 3.0e-4
+          --bf16: true
+          --sequence-parallel: false
+          --data-path: [1, "${DATA_PREFIX}_a"]
+        """)
+    argv, env = expand_tsp_recipe(["--lr", "1e-3", "--tsp-recipe", path, "--seq-length", "64"])
+    assert argv == ["--tsp-size", "4", "--bf16", "--data-path", "1", "/data/x_a", "--lr", "1e-3", "--seq-length", "64"]
+    assert env == {"TSP_TEST_NEW": "1", "ALREADY_SET": "recipe"}
+    args = _megatron_like_parser().parse_args([f"--tsp-recipe={path}", "--tsp-size", "2", "--seq-length", "64"])
+    assert args.tsp_size == 2 and args.tensor_model_parallel_size == 2 and args.lr == 3e-4 and args.bf16
+    assert args.data_path == ["1", "/data/x_a"] and args.sequence_parallel  # false in the recipe: left out; TSP sets it
+    assert args.tsp_recipe == path
+    assert os.environ["TSP_TEST_NEW"] == "1" and os.environ["ALREADY_SET"] == "mine"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("MODEL_ARGS: [1]\n", r"expected a mapping with a MODEL_ARGS"),
+    ("MODEL_ARGS:\n  --lr: 1\nOTHER: 1\n", r"unknown section\(s\) OTHER"),
+    ("MODEL_ARGS:\n  lr: 1\n", r"'MODEL_ARGS lr' is not a flag"),
+    ("MODEL_ARGS:\n  --lr: {a: 1}\n", r"MODEL_ARGS --lr is a mapping"),
+    ("MODEL_ARGS:\n  --tsp-recipe: x.yaml\n", r"cannot include another"),
+    ("MODEL_ARGS:\n  --data-path: ${TSP_TEST_UNSET}\n", r"MODEL_ARGS --data-path uses \$\{TSP_TEST_UNSET\}, which is not set"),
+    ("MODEL_ARGS: {--lr: 1\n", r"not valid YAML"),
+])
+def test_bad_recipes_name_the_flag_and_key(tmp_path, text, message, monkeypatch):
+    monkeypatch.delenv("TSP_TEST_UNSET", raising=False)
+    path = _recipe(tmp_path, text)
+    with pytest.raises(TSPConfigError, match=r"--tsp-recipe .*" + message):
+        load_recipe(path)
+
+
+def test_recipe_usage_errors(tmp_path, capsys):
+    with pytest.raises(TSPConfigError, match=r"--tsp-recipe .*missing.yaml: cannot read it"):
+        expand_tsp_recipe(["--tsp-recipe", str(tmp_path / "missing.yaml")])
+    with pytest.raises(TSPConfigError, match=r"--tsp-recipe takes exactly one FILE"):
+        expand_tsp_recipe(["--tsp-recipe"])
+    path = _recipe(tmp_path, "MODEL_ARGS:\n  --lr: 1\n")
+    with pytest.raises(TSPConfigError, match=r"--tsp-recipe is given more than once"):
+        expand_tsp_recipe(["--tsp-recipe", path, "--tsp-recipe", path])
+    with pytest.raises(SystemExit):  # through the parser: one error line
+        _megatron_like_parser().parse_args(["--tsp-recipe", str(tmp_path / "missing.yaml")])
+    assert "error: --tsp-recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "megatron_lm", "*.yaml"))))
+def test_shipped_recipes_parse_and_map(path):
+    flags, env = load_recipe(path)
+    assert env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1"
+    for flag in ("--transformer-impl", "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--mock-data"):
+        assert flag in flags, f"{path}: {flag} (runs without Transformer Engine / apex)"
+    p = argparse.ArgumentParser(prog="pretrain_gpt.py")
+    for flag, values in flags.items():  # every flag as Megatron declares it: bare or with values
+        if flag.startswith("--tsp-"):
+            continue
+        if flag in ("--num-attention-heads", "--seq-length"):  # read as ints by the mapping
+            p.add_argument(flag, type=int)
+        elif values:
+            p.add_argument(flag, nargs="*")
+        else:
+            p.add_argument(flag, action="store_true")
+    args = tsp_extra_args_provider()(p).parse_args(["--tsp-recipe", path])
+    D = int(flags["--tsp-size"][0])
+    assert args.tsp and args.tensor_model_parallel_size == D and args.sequence_parallel
+
+
+# -- runner, builder -------------------------------------------------------------------------
+
+def _run(capsys, *argv):
+    from megatron_tsp.megatron_lm.run import main
+
+    path = list(sys.path)
+    try:
+        rc = main(list(argv))
+    finally:
+        sys.path[:] = path
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_runner_usage_errors(tmp_path, capsys):
+    rc, _, err = _run(capsys)
+    assert rc == 2 and "usage: python -m megatron_tsp.megatron_lm.run" in err
+    rc, out, _ = _run(capsys, "--help")
+    assert rc == 0 and "--tsp-size" in out
+    rc, _, err = _run(capsys, "--tsp-size", "2")
+    assert rc == 2 and "must be Megatron-LM's pretrain_gpt.py" in err
+    rc, _, err = _run(capsys, str(tmp_path / "pretrain_gpt.py"))
+    assert rc == 2 and "no such file" in err
+    (tmp_path / "pretrain_gpt.py").write_text("raise SystemExit('must not run')\n")
+    rc, _, err = _run(capsys, str(tmp_path / "pretrain_gpt.py"))
+    assert rc == 2 and "Megatron-LM (gpt_builders.py, megatron/training) cannot be imported" in err, err
+    assert "core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0" in err
+
+
+def test_runner_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "megatron_tsp.megatron_lm.run"], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert result.returncode == 2 and "usage: python -m megatron_tsp.megatron_lm.run" in result.stderr
+
+
+def test_builder_delegates_without_tsp():
+    calls = []
+
+    def megatron_builder(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "megatron's model"
+
+    args = argparse.Namespace(tsp=False, tsp_native_spec="megatron")
+    assert tsp_gpt_builder(megatron_builder)(args, True, False, 1, config="c", pg_collection="pg") == "megatron's model"
+    assert calls == [((args, True, False, 1), {"config": "c", "pg_collection": "pg"})]
+
+
+@pytest.mark.parametrize("name,flag", [("num_experts", "--num-experts"), ("spec", "--spec"), ("use_legacy_models", "--use-legacy-models")])
+def test_builder_refuses_megatron_specs(name, flag):
+    args = argparse.Namespace(tsp=False, tsp_native_spec="sdpa", **{name: 8 if name == "num_experts" else True})
+    with pytest.raises(TSPConfigError, match=f"{flag} cannot be combined with --tsp-native-spec sdpa"):
+        tsp_gpt_builder(lambda *a, **k: None)(args, True, True)
+
+
+# -- patches and scripts ------------------------------------------------------------------------
+
+def _bare(cls):
+    """An instance of the nn.Module subclass `cls` without running its __init__."""
+    import torch
+
+    obj = cls.__new__(cls)
+    torch.nn.Module.__init__(obj)
+    return obj
+
+
+def _gpt_like(model_cls, attention_cls, core_attention_cls=None):
+    import torch
+
+    model, layer, attention = _bare(model_cls), torch.nn.Module(), _bare(attention_cls)
+    if core_attention_cls is not None:
+        attention.core_attention = _bare(core_attention_cls)
+    layer.self_attention = attention
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([layer, layer])
+    return model
+
+
+def test_the_built_model_must_be_the_one_the_flags_ask_for():
+    """check_built_model: the runner's last line of defence against a pretrain_gpt.py whose
+    model path bypasses the TSP builder (Megatron's own model under --tsp-size)."""
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_tsp.tsp.attention import TSPSelfAttention
+    from megatron_tsp.tsp.model import TSPGPTModel
+    from megatron_tsp.baselines.sdpa_attention import SDPACoreAttention
+
+    tsp = argparse.Namespace(tsp=True, tsp_size=2, tsp_native_spec="megatron")
+    check_built_model(tsp, [_gpt_like(TSPGPTModel, TSPSelfAttention)])
+    for model in (_gpt_like(GPTModel, SelfAttention), _gpt_like(TSPGPTModel, SelfAttention)):
+        with pytest.raises(TSPConfigError, match=r"--tsp-size 2 asks for megatron_tsp's TSPGPTModel .* built "
+                                                 r"(TSP)?GPTModel \(attention SelfAttention\): its model path bypasses"):
+            check_built_model(tsp, [model])
+    wrapped = torch.nn.Module()
+    wrapped.module = _gpt_like(GPTModel, SelfAttention)  # as DDP / Float16Module hold it
+    with pytest.raises(TSPConfigError, match="built GPTModel"):
+        check_built_model(tsp, [wrapped])
+    sdpa = argparse.Namespace(tsp=False, tsp_size=1, tsp_native_spec="sdpa")
+    check_built_model(sdpa, [_gpt_like(GPTModel, SelfAttention, SDPACoreAttention)])
+    with pytest.raises(TSPConfigError, match="--tsp-native-spec sdpa asks for SDPA core attention"):
+        check_built_model(sdpa, [_gpt_like(GPTModel, SelfAttention, torch.nn.Identity)])
+    check_built_model(argparse.Namespace(tsp=False, tsp_native_spec="megatron"), [_gpt_like(GPTModel, SelfAttention)])
+
+
+# -- patches and scripts ------------------------------------------------------------------------
+
+def test_patches_are_well_formed():
+    tags = sorted(d for d in os.listdir(os.path.join(REPO, "patches")) if os.path.isdir(os.path.join(REPO, "patches", d)))
+    assert tags == sorted(SUPPORTED_TAGS)
+    assert not glob.glob(os.path.join(REPO, "patches", "*.patch")), "every patch belongs to one tag's folder"
+    for tag in tags:
+        folder = os.path.join(REPO, "patches", tag)
+        assert open(os.path.join(folder, "COMMIT")).read().strip() == SUPPORTED_TAGS[tag]
+        pinned = dict(line.split()[::-1] for line in open(os.path.join(folder, "pinned.sha256")) if line.strip())
+        assert "pretrain_gpt.py" in pinned and "gpt_builders.py" in pinned
+        patches = sorted(glob.glob(os.path.join(folder, "*.patch")))
+        assert patches
+        for path in patches:
+            text = open(path).read()
+            assert f"{tag} (commit {SUPPORTED_TAGS[tag]})" in text.split("diff --git", 1)[0], f"{path}: its header names the tag's commit"
+            files = re.findall(r"^\+\+\+ b/(\S+)$", text, re.M)
+            assert files and all(f in pinned for f in files), f"{path}: touches files not in pinned.sha256"
+            hunks = re.split(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)$", text, flags=re.M)[1:]
+            assert hunks
+            for header, body in zip(hunks[::2], hunks[1::2]):
+                old, new = (int(n) for n in re.match(r"@@ -\d+,(\d+) \+\d+,(\d+) @@", header).groups())
+                lines = [line for line in body.split("\n") if line and not line.startswith(("diff --git", "index ", "--- ", "+++ "))]
+                assert sum(not line.startswith("+") for line in lines) == old, f"{path}: {header}"
+                assert sum(not line.startswith("-") for line in lines) == new, f"{path}: {header}"
+            assert "megatron_tsp.megatron_lm import tsp_extra_args_provider" in text
+            assert ("tsp_gpt_model_config_cls(args)" if tag >= "core_v0.19" else "tsp_gpt_builder(gpt_builder)") in text
+
+
+@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(REPO, "scripts", "**", "*.sh"), recursive=True)))
+def test_shell_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_python_scripts_compile():
+    for script in glob.glob(os.path.join(REPO, "scripts", "*.py")):
+        compile(open(script).read(), script, "exec")
+
+
+def test_compare_script_detects_a_loss_mismatch(tmp_path):
+    """compare_tsp_vs_tpsp.py --from-logs on two synthetic Megatron logs: a 0.02 gap fails."""
+    line = (" [2026-01-01 00:00:00] iteration {i:8d}/       2 | consumed samples: {i} | elapsed time per iteration (ms): "
+            "{ms} | learning rate: 1.0E-03 | global batch size:     4 | lm loss: {loss:E} | loss scale: 1.0 |\n")
+    head = "  global_batch_size ............................... 4\n  seq_length ...................................... 64\n  world_size ...................................... 2\n"
+    for name, shift in (("tsp", 0.0), ("tp_sp", 0.02)):
+        (tmp_path / f"{name}.log").write_text(head + "".join(line.format(i=i, ms=100.0, loss=5.0 - i + shift) for i in (1, 2))
+                                              + "[Rank 0] (after 2 iterations) memory (MB) | allocated: 1.0 | max allocated: 2048.0 | reserved: 3\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("MODEL_ARGS:\n  --tsp-size: 2\n  --train-iters: 2\n")
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--from-logs", "--recipe", str(recipe), "--out", str(tmp_path)]
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert failed.returncode == 1 and "FAIL" in failed.stdout
+    report = __import__("json").load(open(tmp_path / "compare.json"))
+    assert abs(report["comparisons"][0]["max_abs_loss_diff"] - 0.02) < 1e-9
+    assert report["runs"]["tsp"]["tokens_per_s_per_gpu"] == 4 * 64 / 0.1 / 2 and report["runs"]["tsp"]["peak_allocated_gb"] == 2.0
+    passed = subprocess.run(cmd + ["--tolerance", "0.03"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert passed.returncode == 0 and "OK" in passed.stdout
+
+
+def test_tsp_schedule_flags_reach_the_options(capsys):
+    import argparse
+
+    import pytest
+
+    from megatron_tsp.megatron_lm.arguments import add_tsp_args, tsp_options_from_args
+
+    parser = add_tsp_args(argparse.ArgumentParser(prog="pretrain_gpt.py"))
+    args = parser.parse_args(["--tsp-size", "2", "--tsp-recompute", "full", "--tsp-attention-backend", "flash"])
+    options = tsp_options_from_args(args)
+    assert (options.recompute, options.attention_backend, options.compute_only) == ("full", "flash", False)
+    assert tsp_options_from_args(parser.parse_args([])).recompute == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tsp-recompute", "some"])
+    assert "--tsp-recompute" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""Megatron-LM's pretrain_gpt.py end to end on the CPU (gloo, 2 processes, tiny recipe, mock data):
+TSP D=2 through megatron_tsp.megatron_lm.run, Megatron's TP=2 + sequence parallelism, and TSP through the
+patched script give the same losses; the runner refuses a run whose built model is not TSP's; the
+patch script refuses what it must. Needs MEGATRON_LM_DIR: a Megatron-LM tree at one of the
+supported tags (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0; recognised by its files'
+hashes, patches/<tag>/pinned.sha256), run with the Python whose megatron-core goes with it
+(docs/megatron_lm.md lists the pairs); about 5-10 minutes on 2 cores."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MLM = os.environ.get("MEGATRON_LM_DIR")
+pytestmark = pytest.mark.skipif(
+    not (MLM and os.path.isfile(os.path.join(MLM, "pretrain_gpt.py"))),
+    reason="set MEGATRON_LM_DIR to a Megatron-LM tree at a supported tag (docs/megatron_lm.md) to run pretrain_gpt.py on CPU",
+)
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+           PYTHONWARNINGS="ignore")
+TINY = os.path.join(REPO, "configs", "megatron_lm", "tiny.yaml")
+LAUNCHER = os.path.join(REPO, "tests", "megatron_lm", "cpu_launcher.py")
+
+
+def _tag(tree) -> str:
+    """The supported tag whose pinned files `tree` holds unchanged."""
+    for tag in sorted(os.listdir(os.path.join(REPO, "patches"))):
+        pinned = os.path.join(REPO, "patches", tag, "pinned.sha256")
+        if not os.path.isfile(pinned):
+            continue
+        entries = [line.split() for line in open(pinned) if line.strip()]
+        if all(os.path.isfile(os.path.join(tree, name)) and
+               hashlib.sha256(open(os.path.join(tree, name), "rb").read()).hexdigest() == digest
+               for digest, name in entries):
+            return tag
+    pytest.fail(f"MEGATRON_LM_DIR={tree} is at no supported Megatron-LM tag (patches/*/pinned.sha256)")
+
+
+def _apply(tree):
+    return subprocess.run(["bash", os.path.join(REPO, "scripts", "apply_patches.sh"), str(tree)],
+                          capture_output=True, text=True)
+
+
+def _copy(tree):
+    shutil.copytree(MLM, tree, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    return tree
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory):
+    tree = _copy(tmp_path_factory.mktemp("mlm") / "patched")
+    result = _apply(tree)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"applied {_tag(MLM)}/0001-pretrain_gpt-tsp-size.patch"
+    return tree
+
+
+def test_apply_patches_refuses_a_patched_tree_and_other_files(patched, tmp_path):
+    tag = _tag(MLM)
+    again = _apply(patched)
+    assert again.returncode == 2 and "already patched" in again.stderr
+    changed = _copy(tmp_path / "changed")
+    with open(changed / "pretrain_gpt.py", "a") as f:
+        f.write("# local change\n")
+    refused = _apply(changed)
+    assert refused.returncode == 2, refused.stderr
+    assert f"matches no supported Megatron-LM tag (pretrain_gpt.py differs from {tag}, the closest" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    other = _copy(tmp_path / "other_commit")
+    git = ["git", "-C", str(other), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "not a supported tag"], check=True)
+    refused = _apply(other)
+    assert refused.returncode == 2 and "not a supported Megatron-LM tag: core_v0.16.1 (55ac7082)" in refused.stderr
+    assert open(other / "pretrain_gpt.py").read() == open(os.path.join(MLM, "pretrain_gpt.py")).read()
+
+
+def test_conflicting_flags_stop_pretrain_gpt_with_one_error():
+    result = subprocess.run(
+        [sys.executable, LAUNCHER, os.path.join(MLM, "pretrain_gpt.py"), "--tsp-recipe", TINY,
+         "--tensor-model-parallel-size", "2"],
+        capture_output=True, text=True, env=ENV, timeout=900)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pretrain_gpt.py: error: --tensor-model-parallel-size = 2 cannot be combined with --tsp-size" in result.stderr
+
+
+def test_runner_refuses_a_model_that_is_not_tsp(tmp_path):
+    """The launcher's --native-model makes the builder build Megatron's native GPTModel (TP=2 +
+    SP, which trains) under --tsp-size 2, as a pretrain_gpt.py whose model path bypasses the TSP
+    builder would: every rank stops with the runner's error before the first iteration."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", LAUNCHER,
+         "--native-model", os.path.join(MLM, "pretrain_gpt.py"), "--tsp-recipe", TINY, "--train-iters", "2",
+         "--distributed-backend", "gloo"],
+        capture_output=True, text=True, env=ENV, timeout=1500)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    error = ("megatron_tsp.megatron_lm.run: error: --tsp-size 2 asks for megatron_tsp's TSPGPTModel with TSP attention, "
+             "but this pretrain_gpt.py built GPTModel (attention SelfAttention)")
+    assert out.count(error) == 2, out[-3000:]  # one line on each rank
+    assert "building GPT model with --tsp-native-spec sp_norm" in out and " iteration " not in out
+
+
+def test_tsp_matches_tp_sp_and_the_patched_script(patched, tmp_path):
+    out = tmp_path / "compare"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--cpu", "--megatron-lm", MLM,
+         "--recipe", TINY, "--iters", "4", "--runs", "tsp,tp_sp,patched", "--patched-dir", str(patched),
+         "--out", str(out), "--tolerance", "1e-5", "--timeout", "1500"],
+        capture_output=True, text=True, env=ENV, timeout=4600)
+    report = json.load(open(out / "compare.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = report["runs"]
+    assert runs["tsp"]["tsp_size"] == "2" and runs["tsp"]["tensor_model_parallel_size"] == "2"
+    assert runs["tp_sp"]["tsp_size"] == "1" and runs["tp_sp"]["sequence_parallel"] == "True"
+    assert "building TSP GPT model (--tsp-size 2)" in open(out / "tsp.log").read()
+    assert "building TSP GPT model (--tsp-size 2)" in open(out / "patched.log").read()
+    assert "building GPT model with --tsp-native-spec sdpa" in open(out / "tp_sp.log").read()
+    for comparison in report["comparisons"]:
+        assert comparison["ok"] and comparison["iterations_compared"] == 4, comparison
+    losses = runs["tsp"]["losses"]
+    assert losses["4"] < losses["1"], "the tiny model learns"

@@ -1,0 +1,85 @@
+"""Parity harness: a TSP block against Megatron's native block holding the same full weights.
+
+Returns relative errors of the output, the input gradient and every weight gradient, so the
+same harness serves the parity tests and the test-the-test (sensitivity) checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
+
+from megatron_tsp import compat
+from megatron_tsp.tsp.attention import TSPSelfAttention
+from megatron_tsp.tsp.mlp import TSPRingMLP
+from megatron_tsp.tsp.specs import get_sp_layer_spec
+from megatron_tsp.tsp.zigzag import to_zigzag
+from tests.utils import (device, gather_full, init_tsp, load_full_into, rel_err, singleton_pgs,
+                         sum_sequence_parallel_grads, tiny_config)
+
+
+def fresh_seed() -> int:
+    """A new random seed per call, the same on every rank."""
+    seed = torch.tensor([int.from_bytes(os.urandom(4), "little") % (2**31)], dtype=torch.long, device=device())
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
+def _local(t, D, r):
+    s = t.shape[0] // D
+    return to_zigzag(t, D, dim=0)[r * s : (r + 1) * s]
+
+
+def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=16, b=2,
+                 dtype=torch.float64, heads=4, hidden=32, ffn=64, options=None):
+    init_tsp(D)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    group, r = pgs.tp, pgs.tp.rank()
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    kw = dict(groups=groups, bias=bias, gated=gated, dtype=dtype, heads=heads, hidden=hidden, ffn=ffn)
+    ref_cfg, tsp_cfg = tiny_config(1, **kw), tiny_config(D, **kw)
+    spec = get_sp_layer_spec(ref_cfg).submodules
+    dev = device()
+    if kind == "attention":
+        sub = spec.self_attention.submodules
+        ref = SelfAttention(ref_cfg, sub, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                            pg_collection=singleton_pgs())
+        tsp = TSPSelfAttention(tsp_cfg, sub, layer_number=1, pg_collection=pgs, tsp_options=options)
+    else:
+        sub = compat.mlp_submodules(spec.mlp)
+        ref = MLP(ref_cfg, sub, ffn_hidden_size=ffn, tp_group=singleton_pgs().tp)
+        tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
+    ref, tsp = ref.to(dev, dtype), tsp.to(dev, dtype)
+    load_full_into(tsp, dict(ref.named_parameters()), group)
+
+    x = torch.randn(S, b, hidden, dtype=dtype, device=dev)
+    g = torch.randn(S, b, hidden, dtype=dtype, device=dev)
+    extra = {}
+    if kind == "attention" and rope:
+        extra["rotary_pos_emb"] = RotaryEmbedding(kv_channels=hidden // heads, rotary_percent=1.0)(S).to(dev)
+
+    x_ref = x.clone().requires_grad_()
+    out_ref, bias_ref = ref(x_ref, None, **extra) if kind == "attention" else ref(x_ref)
+    ((out_ref if bias_ref is None else out_ref + bias_ref) * g).sum().backward()
+
+    x_loc = _local(x, D, r).clone().requires_grad_()
+    out, out_bias = tsp(x_loc, None, **extra) if kind == "attention" else tsp(x_loc)
+    ((out if out_bias is None else out + out_bias) * _local(g, D, r)).sum().backward()
+    sum_sequence_parallel_grads(tsp, group)
+
+    errors = {"output": rel_err(out, _local(out_ref, D, r)), "input_grad": rel_err(x_loc.grad, _local(x_ref.grad, D, r))}
+    ref_params = dict(ref.named_parameters())
+    for name, p in tsp.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        errors[name] = rel_err(gather_full(p.grad, p, group), ref_params[name].grad)
+    # Every rank must agree: gather the worst error of each entry.
+    vals = torch.tensor(list(errors.values()), dtype=torch.float64, device=dev)
+    dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+    return dict(zip(errors, vals.tolist())), seed

@@ -1,0 +1,67 @@
+"""Importing megatron_tsp patches nothing: every module of the package imported in a fresh
+process leaves megatron.core.parallel_state, torch.cuda, Megatron's RNG helpers and torch's
+dispatch / function-mode stacks as they were. The patches happen only when asked for:
+`initialize_model_parallel` registers the TSP getters, an entry point that runs on CPU calls
+`install_cpu_shims` (the test of the test: calling it does change what is checked)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CODE = r"""
+import importlib, pkgutil, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.tensor_parallel import random as mrandom
+
+def snapshot():
+    watched = {"mpu." + k: id(v) for k, v in vars(mpu).items() if not k.startswith("__")}
+    watched.update({"torch.cuda." + k: id(getattr(torch.cuda, k)) for k in ("current_device", "synchronize", "current_stream")})
+    watched.update({"mrandom." + k: id(v) for k, v in vars(mrandom).items() if callable(v)})
+    watched["modes"] = (torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack())
+    return watched
+
+before = snapshot()
+import megatron_tsp
+skipped = []
+for m in sorted(pkgutil.walk_packages(megatron_tsp.__path__, "megatron_tsp."), key=lambda m: m.name):
+    try:
+        importlib.import_module(m.name)
+    except ImportError as e:  # Megatron-LM (megatron.training) is not installed here
+        if "megatron.training" not in str(e) and "gpt_builders" not in str(e):
+            raise
+        skipped.append(m.name)
+for name in megatron_tsp.__all__:
+    getattr(megatron_tsp, name)
+after = snapshot()
+changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+print("CHANGED", changed)
+print("SKIPPED", skipped)
+if sys.argv[1:] == ["shims"]:
+    from megatron_tsp.training.cpu import install_cpu_shims
+    install_cpu_shims()
+    print("AFTER SHIMS", sorted(k for k in after if after[k] != snapshot().get(k)))
+"""
+
+
+def _run(*args):
+    out = subprocess.run([sys.executable, "-c", CODE, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {line.split(" ", 1)[0] if not line.startswith("AFTER") else "AFTER": eval(line.split(" ", 1)[1].replace("SHIMS ", ""))
+            for line in out.stdout.splitlines() if line.startswith(("CHANGED", "SKIPPED", "AFTER"))}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the shims are CPU-only")
+def test_importing_the_package_patches_nothing():
+    res = _run("shims")
+    assert res["CHANGED"] == []
+    # the modules that need Megatron-LM's megatron.training are the only ones not imported here
+    assert all(m.startswith("megatron_tsp.megatron_lm.") for m in res["SKIPPED"]), res["SKIPPED"]
+    # test the test: the CPU shims, once installed, are seen
+    assert "torch.cuda.current_device" in res["AFTER"] and "modes" in res["AFTER"]
