@@ -2,7 +2,7 @@
 slurmctld, and a slurmd per node, each in its own network namespace where the machine allows),
 started once per session and removed after it, namespaces included; plus job helpers. Skipped,
 with the reason, only when SLURM cannot run here; TSP_REQUIRE_SLURM=1 turns that skip into a
-failure."""
+failure; TSP_SLURM_KEEP_JOBS=1 keeps the jobs' logs and checkpoints."""
 
 import os
 import re
@@ -54,7 +54,10 @@ def cluster():
         down = subprocess.run(["bash", str(HELPER), "down", cluster_dir], capture_output=True, text=True, timeout=180)
         assert down.returncode == 0, f"ci_slurm.sh down failed:\n{down.stdout}\n{down.stderr}"
         assert not os.path.exists(cluster_dir)
-        subprocess.run(["rm", "-rf", str(work)], check=True)
+        if os.environ.get("TSP_SLURM_KEEP_JOBS") == "1":  # the jobs' logs and checkpoints, for a look after a failure
+            print(f"tests/slurm: kept {work}")
+        else:
+            subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
 def job_env(cluster, **settings):

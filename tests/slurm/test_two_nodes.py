@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slurm
 STEPS = 4                 # the layout jobs
 LONG_STEPS = 160          # the preempted / lost-node job: long enough for SLURM's warning to come mid-run
 SAVE_EVERY = 20
-TIMEOUT_S = 60            # train.collective_timeout_s of the long job
+TIMEOUT_S = 300           # train.collective_timeout_s of the long job (above its slowest save on a busy machine;
+                          # a killed peer's closed connections fail the collectives at once anyway)
 WARN_S = 60               # --signal=B:USR1@WARN_S (the job scripts' own: 300)
 LOST_NODE_BOUND_S = 120   # the job ends this soon after a node's workers die
 LAYOUTS = {  # name: (job script, recipe overrides; every one D = 2 inside a node, 4 processes)
