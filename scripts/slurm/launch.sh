@@ -133,7 +133,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # One task per node; each runs torchrun with its own node rank ($SLURM_NODEID is per task).
 # torchrun ignores SIGUSR1 (by default it would end it), should `--signal=USR1` (without B:)
-# send it to every process of the step: the signal is for the workers (megatron_tsp.signals). --kill-on-bad-exit: a worker that fails on
+# send it to every process of the step: the signal is for the workers (training/signals.py). --kill-on-bad-exit: a worker that fails on
 # one node (its peer died, or a collective timed out) ends the tasks on every node.
 # shellcheck disable=SC2016  # $1, $SLURM_NODEID and $@ expand in each task's shell
 srun_cmd=(srun --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1

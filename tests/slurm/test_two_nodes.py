@@ -30,7 +30,7 @@ from .conftest import REPO, job_env, job_field, read, scontrol, submit, wait
 pytestmark = pytest.mark.slurm
 
 STEPS = 4                 # the layout jobs
-LONG_STEPS = 160          # the preempted / lost-node job: long enough for SLURM's warning to come mid-run
+LONG_STEPS = 240          # the preempted / lost-node job: still training when SLURM's warning comes (<= 45 s)
 SAVE_EVERY = 20
 TIMEOUT_S = 300           # train.collective_timeout_s of the long job (above its slowest save on a busy machine;
                           # a killed peer's closed connections fail the collectives at once anyway)
