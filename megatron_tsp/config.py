@@ -409,6 +409,12 @@ class TrainRecipe:
     """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
     pipeline, data parallel); refused, with the differences listed, when the model's shapes,
     vocabulary or dtype or train.distributed_optimizer differ."""
+    collective_timeout_s: float = 600.0
+    """How long a collective (and the start-up rendezvous of the process groups) waits for its
+    peers before it fails with an error naming the missing peer; a rank that died or hangs (a lost
+    node) then ends the job within this time instead of hanging it (torch.distributed's timeout of
+    the default and of Megatron's groups; 600 = Megatron-LM's --distributed-timeout-minutes 10).
+    Longer than the slowest checkpoint save."""
     save_on_signal: bool = True
     """On SIGINT / SIGTERM / SIGUSR1 (Ctrl-C; SLURM before a kill or preemption), finish the
     current step, save a checkpoint (when save_dir is set) and exit 0; a second Ctrl-C aborts

@@ -95,11 +95,39 @@ def test_driver_entry(tmp_path, layout):
     ({"RECIPE": "configs/none.yaml"}, "configs/none.yaml: no such file"),
     ({"MEGATRON_LM": "/nonexistent"}, "MEGATRON_LM=/nonexistent has no pretrain_gpt.py"),
     ({"RESUME": "yes"}, "RESUME=yes: expected 0 or 1"),
+    ({"REQUEUE": "no"}, "REQUEUE=no: expected 0 or 1"),
 ])
 def test_launcher_refuses(tmp_path, env, error):
     r = _job("tsp.sbatch", tmp_path, **env)
     assert r.returncode == 2 and r.stdout == ""
     assert error in r.stderr, r.stderr
+
+
+def test_master_address_is_the_first_nodes_node_addr(tmp_path):
+    """Without MASTER_ADDR: the address SLURM has for the allocation's first node (its NodeAddr),
+    which other nodes reach even where its name does not resolve; its name where SLURM has none."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        'case "$1 $2" in\n'
+        '  "show hostnames") printf "gpu07\\ngpu08\\n" ;;\n'
+        '  "show node") [[ $3 == gpu07 && -z ${NO_ADDR:-} ]] && echo "NodeName=gpu07 Arch=x86_64 CoresPerSocket=48"'
+        ' && echo "   NodeAddr=10.1.2.7 NodeHostName=gpu07 Version=22.05.8" ;;\n'
+        "esac\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    srun, _, torchrun = _command(_job("tsp.sbatch", tmp_path, MASTER_ADDR="", PATH=path))
+    assert _value(torchrun, "--master-addr") == "10.1.2.7"
+    _, _, torchrun = _command(_job("tsp.sbatch", tmp_path, MASTER_ADDR="", PATH=path, NO_ADDR="1"))
+    assert _value(torchrun, "--master-addr") == "gpu07"
+
+
+def test_job_scripts_ask_for_the_warning_signal_and_requeue():
+    for script in ("tsp.sbatch", "tp_sp.sbatch"):
+        text = (REPO / "scripts" / "slurm" / script).read_text()
+        for option in ("#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+            assert option in text.splitlines(), (script, option)
 
 
 def test_job_script_needs_the_checkout(tmp_path):

@@ -29,10 +29,12 @@ from ..tsp.model import TSPGPTModel
 from ..tsp.specs import get_sp_block_spec
 
 
-def init_distributed() -> str:
+def init_distributed(timeout_s: Optional[float] = None) -> str:
     """torch.distributed from torchrun's environment (a world of one without it):
     NCCL with one GPU per process when CUDA is present, else gloo on CPU. Patches nothing: an
-    entry point that runs megatron-core on CPU installs the shims itself (`cpu.install_cpu_shims`)."""
+    entry point that runs megatron-core on CPU installs the shims itself (`cpu.install_cpu_shims`).
+    `timeout_s`: how long a collective may wait for its peers before it fails (torch's default
+    when None); a group that already exists keeps its own."""
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -41,7 +43,10 @@ def init_distributed() -> str:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if cuda else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=timedelta(seconds=timeout_s) if timeout_s is not None else None)
     return dist.get_backend()
 
 

@@ -109,6 +109,7 @@ def init_groups(recipe: Recipe):
         tsp_state.destroy_model_parallel()
     p = recipe.parallel
     extra = {"high_priority_stream_groups": ["tp"]} if p.high_priority_comm else {}
+    extra["distributed_timeout_minutes"] = recipe.train.collective_timeout_s / 60  # a timedelta's minutes
     if p.comm_max_ctas:  # Megatron reads per-group NCCL settings from a YAML file only
         import tempfile
 
@@ -293,7 +294,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     from .build import init_distributed
     from .cpu import install_cpu_shims
 
-    backend = init_distributed()
+    backend = init_distributed(recipe.train.collective_timeout_s)
     install_cpu_shims()  # the training run's entry: megatron-core on CPU needs them (no-op with CUDA)
     world = dist.get_world_size()
     recipe.check(world)
@@ -379,6 +380,19 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     return {"history": progress.history, "summary": summary}
 
 
+def collective_failure(error: BaseException, timeout_s: float) -> str:
+    """The one line a rank prints when training fails with a communication error (before the
+    traceback): this rank, its host and node, and the error's first line, which for gloo names
+    the peer's address ("Connection closed by peer [10.0.0.2]:...", "Timed out waiting ...")."""
+    import socket
+
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    node = os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "?"))
+    return (f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host {socket.gethostname()} "
+            f"(node rank {node}) failed: {first} -- a peer rank died or did not answer within "
+            f"train.collective_timeout_s = {timeout_s:g} s; the job ends, resubmit to resume from the last checkpoint")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tsp train",
@@ -421,11 +435,16 @@ def main(argv=None):
     if args.resume:
         overrides += [f"train.save_dir={args.resume}", "train.resume=true"]
     try:
-        result = run(load_recipe(recipe_path, overrides))
+        recipe = load_recipe(recipe_path, overrides)
+        result = run(recipe)
     except TSPConfigError as e:  # raised on every rank before any collective: rank 0 says it
         if dist.is_initialized():
             dist.destroy_process_group()
         return print_user_error("megatron-tsp train", e)
+    except RuntimeError as e:  # gloo / NCCL: a peer died or stopped answering; say who and where first
+        if dist.is_initialized():
+            print(collective_failure(e, recipe.train.collective_timeout_s), file=sys.stderr, flush=True)
+        raise
     if args.summary_json and dist.get_rank() == 0:
         with open(args.summary_json, "w") as f:
             json.dump(result["summary"], f, indent=1)

@@ -26,7 +26,8 @@
 #   TSP_SIZE        D, the TSP (tp_sp: TP) degree; must divide NPROC_PER_NODE
 #                                                                  (default NPROC_PER_NODE)
 #   CPUS_PER_NODE   CPUs given to each node's torchrun            (default $SLURM_CPUS_ON_NODE)
-#   MASTER_ADDR     rendezvous host        (default: first host of the allocation, from scontrol)
+#   MASTER_ADDR     rendezvous host  (default: the address SLURM has for the allocation's first node,
+#                   its NodeAddr from `scontrol show node`, which is the node's name unless set)
 #   MASTER_PORT     rendezvous port                               (default 20000 + job id % 10000)
 #   LOG_DIR         the job's log is $LOG_DIR/<job name>-<job id>.out  (default $SLURM_SUBMIT_DIR/logs)
 #   CKPT_DIR        checkpoints              (default $SLURM_SUBMIT_DIR/checkpoints/<job name>)
@@ -37,6 +38,11 @@
 #   TSP_SETUP       a file sourced first (modules, venv); srun hands its environment to every node
 #                                                                  (default none)
 #   TSP_REPO        this checkout, put on PYTHONPATH (default: the submit directory, in the job script)
+#   REQUEUE         1: on SIGUSR1 (the job scripts' --signal=B:USR1@300, 5 minutes before the time
+#                   limit) the workers save and stop, then the job requeues itself and resumes from
+#                   that checkpoint in its next allocation; 0: save, stop and end  (default 1)
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME  the network interface between nodes, passed on (set them
+#                   where the node's hostname resolves to an address the other nodes cannot reach)
 #   DRY_RUN         1: print the srun command line and exit       (default 0)
 #   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 (NVLink multicast off),
 #   CUDA_DEVICE_MAX_CONNECTIONS=1, NCCL_DEBUG=WARN, OMP_NUM_THREADS=1 are exported unless already set;
@@ -62,6 +68,7 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 RESUME=${RESUME:-1}
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
+REQUEUE=${REQUEUE:-1}
 
 if [[ -n ${TSP_SETUP:-} ]]; then
   # shellcheck disable=SC1090
@@ -77,6 +84,7 @@ fi
   || die "TSP_SIZE=$TSP_SIZE must divide the $NPROC_PER_NODE processes (GPUs) per node: the $LAYOUT group stays inside a node"
 [[ $SAVE_INTERVAL =~ ^[1-9][0-9]*$ ]] || die "SAVE_INTERVAL=$SAVE_INTERVAL: expected a positive integer"
 [[ $RESUME == 0 || $RESUME == 1 ]] || die "RESUME=$RESUME: expected 0 or 1"
+[[ $REQUEUE == 0 || $REQUEUE == 1 ]] || die "REQUEUE=$REQUEUE: expected 0 or 1"
 case $TSP_ENTRY in
   megatron-lm) RECIPE=${RECIPE-} ;;
   driver) RECIPE=${RECIPE-configs/7b_16k.yaml} ;;
@@ -111,7 +119,11 @@ esac
 program+=("${extra[@]}")
 
 if [[ -z ${MASTER_ADDR:-} ]]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+  # The first node's address as SLURM reaches it (NodeAddr; the same as its name unless set).
+  # (sed -n 1p, not head: head's early exit can fail the pipe with SIGPIPE under pipefail)
+  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+  MASTER_ADDR=$(scontrol show node "$first_node" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p' | sed -n 1p) || true
+  MASTER_ADDR=${MASTER_ADDR:-$first_node}
 fi
 export MASTER_ADDR MASTER_PORT
 export PYTHONPATH="$TSP_REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -120,10 +132,13 @@ export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1} CUDA_DEVICE_MAX_CONNECTIO
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # One task per node; each runs torchrun with its own node rank ($SLURM_NODEID is per task).
+# torchrun ignores SIGUSR1 (by default it would end it), should `--signal=USR1` (without B:)
+# send it to every process of the step: the signal is for the workers (training/signals.py). --kill-on-bad-exit: a worker that fails on
+# one node (its peer died, or a collective timed out) ends the tasks on every node.
 # shellcheck disable=SC2016  # $1, $SLURM_NODEID and $@ expand in each task's shell
 srun_cmd=(srun --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1
           --cpus-per-task "$CPUS_PER_NODE" --kill-on-bad-exit=1 --label
-          bash -c 'exec "$1" -m torch.distributed.run --node-rank "$SLURM_NODEID" "${@:2}"' torchrun "$PYTHON"
+          bash -c 'trap "" USR1; exec "$1" -m torch.distributed.run --node-rank "$SLURM_NODEID" "${@:2}"' torchrun "$PYTHON"
           --nnodes "$SLURM_NNODES" --nproc-per-node "$NPROC_PER_NODE"
           --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
           "${program[@]}")
@@ -140,4 +155,46 @@ echo "job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_NNODES node(s): $SLURM_JOB_N
 echo "layout $LAYOUT, size $TSP_SIZE, $NPROC_PER_NODE processes per node, entry $TSP_ENTRY, master $MASTER_ADDR:$MASTER_PORT"
 echo "checkpoints $CKPT_DIR"
 printf '%q ' "${srun_cmd[@]}"; echo
-"${srun_cmd[@]}"
+
+# The time limit is near (sbatch --signal=B:USR1@SECONDS, sent to this batch shell only): pass
+# SIGUSR1 on to the workers, and to them only: an overlapping step on every node signals the
+# children of this job's torchrun on that node (its workers). Not `scancel --signal`: that signals every
+# process of the step, the workers' own helpers too (the checkpoint writer's multiprocessing
+# manager), which SIGUSR1 ends. The workers finish their step, save a checkpoint and exit 0;
+# then the job requeues itself and resumes from it. A signal that reaches the workers before they
+# install their handler (the first seconds of python's start) is ignored; the time limit's
+# SIGTERM then still saves (train.save_on_signal).
+# shellcheck disable=SC2016  # expanded on each node
+signal_workers=(srun --overlap --nodes "$SLURM_NNODES" --ntasks "$SLURM_NNODES" --ntasks-per-node 1 --label
+                bash -c 'for tr in $(pgrep -f "[t]orch.distributed.run --node-rank"); do
+                           [[ $(cat "/proc/$tr/comm" 2>/dev/null) != srun ]] \
+                             && grep -qzx "SLURM_JOB_ID=$SLURM_JOB_ID" "/proc/$tr/environ" 2>/dev/null \
+                             && grep -qzx "SLURM_NODEID=$SLURM_NODEID" "/proc/$tr/environ" 2>/dev/null \
+                             && pkill -USR1 -P "$tr" && echo "SIGUSR1 to the workers of torchrun $tr on $(hostname)"
+                         done; true')
+stop_requested=0
+on_usr1() {
+  stop_requested=1
+  local then=""
+  ((REQUEUE)) && then=", then job $SLURM_JOB_ID requeues itself"
+  echo "launch.sh: SIGUSR1 at $(date -Is): the time limit is near; the workers save and stop$then"
+  "${signal_workers[@]}" || echo "launch.sh: passing SIGUSR1 on to the workers failed"
+}
+trap on_usr1 USR1
+"${srun_cmd[@]}" &
+srun_pid=$!
+while true; do
+  rc=0
+  wait "$srun_pid" || rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break   # else wait was cut short by the signal
+done
+trap - USR1
+if (( rc != 0 )); then
+  echo "launch.sh: srun exited $rc at $(date -Is): a worker failed or was killed (torchrun's report above names" \
+       "its rank and host); resubmit to resume from the latest checkpoint in $CKPT_DIR"
+  exit "$rc"
+fi
+if (( stop_requested && REQUEUE )); then
+  echo "launch.sh: requeueing job $SLURM_JOB_ID at $(date -Is) (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
