@@ -24,7 +24,7 @@ def test_weights_and_kv_cache_are_the_tensors_the_code_holds(groups, tied):
     spec = ModelSpec(layers=2, hidden=32, heads=4, kv_groups=groups, ffn=64, vocab=64, dtype="float32",
                      tied_embeddings=tied)
     prompts, new = [[1, 2, 3, 4, 5], [6, 7, 8]], 4
-    plan = inference_memory(spec, Layout("tsp", tsp=1), prompt_tokens=5, batch=2, new_tokens=new)
+    plan = inference_memory(spec, Layout("tsp", tsp_size=1), prompt_tokens=5, batch=2, new_tokens=new)
     assert plan["weights"] == _bytes(model.parameters())
     pre = tsp_prefill(model, prompts)
     assert plan["kv_prefill"] == _bytes(pre.kv)  # S = 6 (a multiple of 2)
@@ -36,9 +36,9 @@ def test_weights_and_kv_cache_are_the_tensors_the_code_holds(groups, tied):
 
 def test_per_gpu_cache_divides_by_the_layout_size_and_bad_input_is_refused():
     spec = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000)
-    one = inference_memory(spec, Layout("tsp", tsp=1), 131072)
+    one = inference_memory(spec, Layout("tsp", tsp_size=1), 131072)
     assert one["kv_prefill"] == 2 * 32 * 131072 * 4096 * 2  # 64 GiB of bf16 K/V at 128K
-    for lay in (Layout("tsp", tsp=4), Layout("tp", tp=4), Layout("cp", cp=4), Layout("tp_cp", tp=2, cp=2)):
+    for lay in (Layout("tsp", tsp_size=4), Layout("tp", tp=4), Layout("cp", cp=4), Layout("tp_cp", tp=2, cp=2)):
         assert inference_memory(spec, lay, 131072)["kv_prefill"] == one["kv_prefill"] / 4
     with pytest.raises(PlanError, match="prompt tokens"):
-        inference_memory(spec, Layout("tsp", tsp=1), 0)
+        inference_memory(spec, Layout("tsp", tsp_size=1), 0)
