@@ -88,6 +88,14 @@ def parser() -> argparse.ArgumentParser:
                         "--max-seq-len, then refined) and the fastest fitting recompute / offload / LM-head "
                         "configuration at each context (docs/frontier.md)")
     o.add_argument("--max-seq-len", type=int, default=4 * 2**20, help="--frontier: largest context searched (4M)")
+    i = p.add_argument_group("inference (issue 17; docs/inference.md)")
+    i.add_argument("--inference", action="store_true",
+                   help="per layout (tsp, tp, tp with chunked prefill, cp) weights, KV cache, prefill working "
+                        "set, peak and prefill time per GPU instead of training")
+    i.add_argument("--prompt-tokens", type=int, help="--inference: prompt length (default: --seq-len / the recipe's)")
+    i.add_argument("--new-tokens", type=int, default=0, help="--inference: tokens to decode (static cache size)")
+    i.add_argument("--batch", type=int, default=1, help="--inference: prompts per batch")
+    i.add_argument("--chunk-tokens", type=int, default=8192, help="--inference: TP chunked-prefill chunk (8192)")
     o.add_argument("--detail", action="store_true", help="also per-layout communication items and activations")
     return p
 
@@ -149,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import plan_all
         from .report import render, render_detail, to_json
 
+        if args.inference:
+            return _inference(args)
         model, train, cluster, hw, layouts = build_inputs(args)
         if args.frontier:
             from . import frontier as fr
@@ -179,6 +189,38 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.detail:
             for p in plans:
                 print("\n" + render_detail(p))
+    return 0
+
+
+def _inference(args) -> int:
+    """`--inference`: one row per layout (planner.prefill)."""
+    from . import Layout, PlanError
+    from .prefill import prefill_plan
+
+    if args.prompt_tokens is not None:
+        args.seq_len = args.prompt_tokens
+    model, train, cluster, hw, layouts = build_inputs(args)
+    n = cluster.world
+    runs = []
+    for lay in layouts or [Layout("tsp", tsp_size=n), Layout("tp", tp=n), Layout("cp", cp=n)]:
+        if lay.kind not in ("tsp", "tp", "cp"):
+            raise PlanError(f"--inference models tsp, tp and cp layouts, not --layout {lay.kind}")
+        runs.append((lay, None))
+        if lay.kind == "tp" and args.chunk_tokens and args.chunk_tokens < train.seq_len:
+            runs.append((lay, args.chunk_tokens))
+    rows = [prefill_plan(model, lay, train.seq_len, hw, cluster, args.batch, args.new_tokens, chunk)
+            for lay, chunk in runs]
+    if args.json:
+        print(json.dumps({"prompt_tokens": train.seq_len, "batch": args.batch, "new_tokens": args.new_tokens,
+                          "hardware": hw.name, "prediction": "planner model, not a measurement",
+                          "layouts": rows}, indent=1))
+        return 0
+    head = ("layout", "weights GiB", "KV cache GiB", "working set GiB", "peak GiB", "prefill s")
+    print(f"{model.name}: prefill of {train.seq_len} tokens x {args.batch}, {hw.name} (planner model, per GPU)")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join([r["layout"]] + [f"{r[k]:.2f}" for k in ("weights_gib", "kv_cache_gib", "working_set_gib",
+                                                                   "peak_gib", "prefill_s")]))
     return 0
 
 

@@ -11,8 +11,7 @@ multiple of 2D), B sequences, N new tokens, per GPU of a layout of `size` GPUs
     handover    = kv_decode + kv_prefill / L                  (TSP: the static cache is filled layer by
                                                                layer from the exchanged one)
 
-The prefill's working set (one layer's transient activations) and prefill time are not modelled
-here yet (docs/inference.md, "Not done").
+The prefill's working set (one layer's transient activations) and prefill time: planner.prefill.
 """
 
 from __future__ import annotations
