@@ -4,6 +4,8 @@ from a full weight and to gather full weights back)."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -130,3 +132,18 @@ def mock_batch(step: int, batch: int, shape: ModelShape, seed: int = 0, device=N
     dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
     (b,) = micro_batches(_MOCK_DATA[key], step, recipe, 0, 1, dev or torch.device("cpu"))
     return b["tokens"], b["labels"], b["position_ids"]
+
+
+
+class OpShapes(TorchDispatchMode):
+    """Records the shape of every tensor any op returns (allocations and views), for the memory
+    tests: no tensor of all S tokens' activations or logits may appear."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out

@@ -7,8 +7,6 @@ sequence for every new token; greedy tokens must be identical, logits and log-pr
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_tsp.config import TSPConfigError
 from megatron_tsp.inference import (Sampler, Sampling, cache, decode_model, exchange_all, generate, logprobs,
@@ -16,7 +14,7 @@ from megatron_tsp.inference import (Sampler, Sampling, cache, decode_model, exch
 from megatron_tsp.inference import prefill as prefill_module
 from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.zigzag import local_position_index, to_zigzag
-from tests.utils import init_tsp, rel_err, skip_unless_divides
+from tests.utils import OpShapes, init_tsp, rel_err, skip_unless_divides
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -176,24 +174,13 @@ def test_exchange_sending_the_wrong_kv_group_is_caught(world, monkeypatch):
     assert rel_err(got.step_logits[0], want_logits[1]) > 1e-3
 
 
-class _Shapes(TorchDispatchMode):
-    """The shape of every tensor any op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        return out
 
 
 def _full_sequence_tensors(model, prompts):
     """Shapes of the prefill's tensors that span all S tokens and the hidden size or vocabulary."""
     S = prefill_module.padded_length(max(map(len, prompts)), model.tsp_group.size())
     wide = {model.config.hidden_size, model.vocab_size, model.vocab_size // model.tsp_group.size()}
-    with _Shapes() as seen:
+    with OpShapes() as seen:
         tsp_prefill(model, prompts)
         tsp_prefill(model, [p[:-1] for p in prompts], keep_cache=False, labels=[p[1:] for p in prompts])
     return [s for s in seen.shapes if S in s and s[-1] in wide]

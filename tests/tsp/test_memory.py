@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -17,7 +15,7 @@ from megatron_tsp.tsp.specs import get_tsp_layer_spec
 from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from tests.utils import device, init_tsp, mock_batch, singleton_pgs, tiny_config
+from tests.utils import OpShapes, device, init_tsp, mock_batch, singleton_pgs, tiny_config
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -125,17 +123,6 @@ LM_SHAPE = ModelShape(num_layers=1, hidden_size=48, num_attention_heads=4, ffn_h
 LM_CHUNK = 12  # local tokens: 128 / D, never a multiple of 12
 
 
-class _Allocations(TorchDispatchMode):
-    """Records the shape of every tensor any op returns (allocations, and views of them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        return out
 
 
 def _lm_head_footprint(D, lm_head):
@@ -147,7 +134,7 @@ def _lm_head_footprint(D, lm_head):
                       tsp_options=TSPOptions(lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
     tokens, labels, pos = mock_batch(0, 2, LM_SHAPE)
     params = {p.data_ptr() for p in model.parameters()}
-    saved, allocations = [], _Allocations()
+    saved, allocations = [], OpShapes()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t), allocations:
         model(tokens, pos, None, labels=labels).sum().backward()
     vocab_shard, h = LM_SHAPE.vocab_size // D, LM_SHAPE.hidden_size
