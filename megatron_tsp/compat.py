@@ -55,7 +55,8 @@ def check_megatron_version(version: str | None = None) -> bool:
     warns once per process when it is not."""
     global _warned
     installed = Version(version or package_info.__version__)
-    if OLDEST <= installed <= NEWEST:
+    # A local label ("0.19.2+nv25.10", a container's or a source build's) is that release.
+    if OLDEST <= Version(installed.public) <= NEWEST:
         return True
     if not _warned:
         _warned = True

@@ -80,7 +80,9 @@ def test_callable_style_without_pg_collection_tp_uses_spec_group(group_and_pgs):
     assert mlp.tsp_group is group
 
 
-@pytest.mark.parametrize("version", ["0.16.1", "0.17.1", "0.18.2", "0.19.0", "0.19.2"])
+# a local label (containers, source builds: "0.19.2+nv25.10", CI's "0.19.2+<commit>") is that release
+@pytest.mark.parametrize("version", ["0.16.1", "0.17.1", "0.18.2", "0.19.0", "0.19.2", "0.19.2+aab28ff",
+                                     "0.16.1+nv25.10"])
 def test_supported_versions_do_not_warn(version, monkeypatch):
     monkeypatch.setattr(compat, "_warned", False)
     with warnings.catch_warnings(record=True) as caught:
@@ -95,10 +97,11 @@ def test_installed_version_is_supported_and_silent(monkeypatch):
         warnings.simplefilter("always")
         assert compat.check_megatron_version()
     assert not caught, [str(w.message) for w in caught]
-    assert compat.OLDEST <= compat.Version(package_info.__version__) <= compat.NEWEST
+    assert compat.OLDEST <= compat.Version(compat.Version(package_info.__version__).public) <= compat.NEWEST
 
 
-@pytest.mark.parametrize("version, side", [("0.20.0", "newer"), ("0.19.3", "newer"), ("0.16.0", "older")])
+@pytest.mark.parametrize("version, side", [("0.20.0", "newer"), ("0.19.3", "newer"), ("0.19.3+aab28ff", "newer"),
+                                           ("0.16.0", "older")])
 def test_version_outside_range_warns_once(version, side, monkeypatch):
     monkeypatch.setattr(compat, "_warned", False)
     with warnings.catch_warnings(record=True) as caught:
