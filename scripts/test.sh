@@ -19,9 +19,9 @@ parts=("$@")
 python -c "import importlib.metadata as m, sys; print('megatron-core', m.version('megatron-core'), 'on Python', sys.version.split()[0])"
 for part in "${parts[@]}"; do
   case "$part" in
-    unit) python -m pytest -q -m "($mark) and not distributed" tests --ignore=tests/gpu ;;
-    [0-9]*) python -m torch.distributed.run --standalone --nproc-per-node "$part" -m pytest -q -m "($mark) and distributed" tests --ignore=tests/gpu ;;
-    slurm) python -m pytest -q -rs -m slurm tests/slurm ;;
+    unit) python -m pytest -q --durations=15 -m "($mark) and not distributed" tests --ignore=tests/gpu ;;
+    [0-9]*) python -m torch.distributed.run --standalone --nproc-per-node "$part" -m pytest -q --durations=10 -m "($mark) and distributed" tests --ignore=tests/gpu ;;
+    slurm) python -m pytest -q -rs --durations=10 -m slurm tests/slurm ;;
     *) echo "scripts/test.sh: unknown part '$part' (unit, a world size, slurm)" >&2; exit 2 ;;
   esac
 done
