@@ -67,6 +67,25 @@ def destroy_model_parallel() -> None:
     mpu._global_process_group_list = None
     mpu.destroy_model_parallel()
     _forget_dtensor_meshes()
+    _forget_rope_modules()
+
+
+def _forget_rope_modules() -> None:
+    """Megatron's RotaryEmbedding.forward (and YaRN's) is an lru_cache keyed by the module, which
+    holds its CP group: a destroyed group stayed alive there with its gloo threads (3 per model
+    built, hundreds in a long test process or a bench sweep) and its RoPE table."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    caches = [rotary_pos_embedding.RotaryEmbedding.forward]
+    try:
+        from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding
+
+        caches.append(yarn_rotary_pos_embedding.YarnRotaryEmbedding.forward)
+    except ImportError:  # pragma: no cover - older megatron-core
+        pass
+    for forward in caches:
+        if hasattr(forward, "cache_clear"):
+            forward.cache_clear()
 
 
 def _forget_dtensor_meshes() -> None:
