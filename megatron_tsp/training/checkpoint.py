@@ -32,11 +32,12 @@ INCOMPLETE = ".incomplete"
 # data-parallel layout; `dp_reshardable` (what megatron-tsp wrote before) stores each rank's
 # flat buffer shard and loads only at the layout that wrote it.
 DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
-# What must match to resume: the parameters' shapes (ModelShape) and their dtype. seq_length
-# changes no parameter under RoPE.
+# What must match to resume: the parameters' shapes (ModelShape, the MoE layers' included) and
+# their dtype. seq_length changes no parameter under RoPE.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "vocab_size", "seq_length", "swiglu", "add_bias_linear", "normalization",
-               "position_embedding_type", "share_embeddings_and_output_weights", "dtype")
+               "position_embedding_type", "share_embeddings_and_output_weights", "num_experts",
+               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "dtype")
 
 
 def _step_dir(save_dir: str, step: int) -> str:

@@ -70,15 +70,16 @@ def test_tsp_matches_tp_sp(world):
         assert abs(a - b) <= 1e-5 * abs(b), (tsp, tp_sp)
 
 
-def _single_process_losses(overrides):
-    """The same recipe in a fresh single-process world (rank 0 runs it; every rank gets it)."""
+def _single_process_losses(overrides, recipe=TINY):
+    """The recipe file `recipe` with `overrides` in a fresh single-process world (rank 0 runs it;
+    every rank gets its losses per step)."""
     result = [None]
     if dist.get_rank() == 0:
         metrics = tempfile.mktemp(suffix=".jsonl")
         torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
         env = {k: v for k, v in os.environ.items() if k not in torchrun_vars and not k.startswith(("TORCHELASTIC", "ROLE_", "GROUP_"))}
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, "-m", "megatron_tsp.training.loop", TINY, *overrides, f"train.metrics_file={metrics}"],
+        proc = subprocess.run([sys.executable, "-m", "megatron_tsp.training.loop", recipe, *overrides, f"train.metrics_file={metrics}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         result = [[json.loads(line)["loss"] for line in open(metrics)] if proc.returncode == 0 else proc.stderr[-3000:]]
     dist.broadcast_object_list(result, src=0)

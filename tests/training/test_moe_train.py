@@ -1,6 +1,7 @@
 """The training driver with a mixture-of-experts recipe (configs/tiny_moe.yaml: TSP D = 2, 4 experts
 over EP = 2, top-2, shared expert): the loss falls, the log line and the metrics carry the router
-losses and the per-expert load, resume is bit-exact; MoE recipe errors name their key."""
+losses and the per-expert load, resume is bit-exact; 5 steps equal the single-process run (Megatron's
+native GPTModel with its MoE layer on one process); MoE recipe errors name their key."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 
 from megatron_tsp.training.loop import run
 from megatron_tsp.training.recipe import RecipeError, load_recipe
-from tests.training.test_loop import REPO, _shared_dir, losses
+from tests.training.test_loop import REPO, _shared_dir, _single_process_losses, losses
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -44,6 +45,25 @@ def test_tiny_moe_trains_logs_router_losses_and_resumes_exactly(world, shared_tm
     first = losses(run(load_recipe(TINY_MOE, common + ["train.steps=3", f"train.save_dir={ckpt}"])))
     resumed = run(load_recipe(TINY_MOE, common + ["train.steps=6", f"train.save_dir={ckpt}", "train.resume=true"]))
     assert first + losses(resumed) == ls  # bit-for-bit
+
+
+@pytest.mark.slow
+def test_tsp_ep_five_steps_match_single_process(world):
+    """The driver's loss per step, float32: TSP D = 2 with EP = 2 (world 2) or EP = 4 over TSP x
+    data parallel (world 4: each data-parallel rank one micro-batch, experts 1/4 per rank)
+    against the same recipe on one process (layout dp: Megatron's GPTModel and MoE layer, the
+    same layout-invariant initial weights and data), <= 1e-5 relative as test_loop's
+    comparisons (float32 rounding of different reduction orders, grown over 5 Adam steps)."""
+    if world not in (2, 4):
+        pytest.skip("TSP D = 2 with EP = world, at world 2 and 4")
+    common = ["train.steps=5", "train.log_interval=100", "model.cpu_init=true"]
+    ref = _single_process_losses(common + ["parallel.layout=dp", "parallel.size=1", "parallel.expert_size=1"], TINY_MOE)
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # see the test above
+    got = losses(run(load_recipe(TINY_MOE, common + ["parallel.size=2", f"parallel.expert_size={world}"])))
+    assert len(got) == len(ref) == 5 and got[-1] < got[0]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
 
 
 @pytest.mark.parametrize("override,match", [

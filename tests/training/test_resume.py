@@ -96,6 +96,9 @@ def test_only_real_mismatches_are_refused_and_all_are_listed(tmp_path):
                                                     "train.distributed_optimizer=true"]), str(tmp_path))
     lines = str(e.value).splitlines()
     assert "does not match this run (it is left untouched)" in lines[0]
+    with pytest.raises(RecipeError, match=r"model.num_experts: checkpoint None, recipe 4\n.*model.moe_ffn_hidden_size"):
+        check_checkpoint_matches(load_recipe(None, ["parallel.size=2", "model.num_experts=4", "model.moe_ffn_hidden_size=64"]),
+                                 str(tmp_path))
     assert [line.strip().split(":")[0] for line in lines[1:]] == ["model.num_layers", "model.vocab_size",
                                                                    "train.distributed_optimizer"], lines
     # A distributed-optimizer checkpoint in the older per-rank format loads at its own layout only.

@@ -2,7 +2,8 @@
 against the same model with the same weights on one process (D = 1, EP = 1: Megatron's router,
 its own capacity dropping over all tokens, SequentialMLP experts, no all-to-all), float64:
 per-token loss, router losses and every gradient (router, experts, shared expert, attention).
-(The dense TSP model against Megatron's native GPTModel is tests/distributed/test_gpt.py.)
+(The dense TSP model against Megatron's native GPTModel is tests/tsp/test_gpt.py; the MoE model
+against Megatron's native TP+SP+EP one, tests/tsp/test_moe_native.py.)
 
 EP = D (the EP group is the TSP group) at D = 2 and 4; EP = 2 x D over TSP x DP at world 4 with
 D = 2 (each data-parallel rank its own batch; the reference runs both). Each option once: top-k
