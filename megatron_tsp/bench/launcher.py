@@ -382,8 +382,8 @@ def parser() -> argparse.ArgumentParser:
                         "records supersede the old in the reports")
     p.add_argument("--dry-run", action="store_true", help="print the plan, unavailable layouts and the time estimate")
     p.add_argument("--from-jsonl", metavar="FILE", help="only rebuild .json/.md/.png from a bench_<tag>.jsonl")
-    p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE between {README_BEGIN} "
-                                                     f"and {README_END}")
+    p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE (docs/bench.md) "
+                                                     f"between {README_BEGIN} and {README_END}")
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
 

@@ -1,5 +1,5 @@
 """The reports of `megatron-tsp bench`: rows and targets from the records, the markdown table,
-the README block and the plot."""
+the results block of a page (`--readme docs/bench.md`) and the plot."""
 
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict], targets: List[dict],
                   md_path: str, png_path: Optional[str]) -> None:
-    """Replace the README's block between the bench markers with this run's tables and plot."""
+    """Replace the block between the bench markers of `readme` (docs/bench.md) with this run's tables and plot."""
     with open(readme) as f:
         text = f.read()
     if README_BEGIN not in text or README_END not in text:
