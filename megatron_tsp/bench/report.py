@@ -7,7 +7,7 @@ import json
 import os
 from typing import List, Optional
 
-from .rows import K, MODELS, read_records, seq_label
+from .rows import K, MODELS, model_config, read_records, seq_label
 
 
 # -- reports -----------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict]
 def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[dict]) -> str:
     dev = devices[0] if devices else {}
     gpu = on_gpus(devices)
-    m = MODELS.get(meta.get("model", "7b"), {})
+    m = meta.get("model_config") or (model_config(meta["model"]) if meta.get("model") in MODELS else {})  # as recorded
     lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
     lines += [
         "- **Command:** " + " then ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "?")])),
