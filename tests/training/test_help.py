@@ -63,7 +63,7 @@ def test_the_help_default_is_the_recipe_default(key):
     assert f"{key} (default: {config._yaml_value(default)})" in parser().format_help()
 
 
-@pytest.mark.parametrize("command", [["train", "--help"], ["generate", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("command", [["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["run", "--help"]])
 def test_help_imports_neither_torch_nor_megatron(command):
     """`megatron-tsp COMMAND --help` in a process where importing torch or megatron raises (the
     planner's check, tests/test_layering.py): the help comes from the option dataclasses, and for
@@ -84,7 +84,7 @@ except ImportError:
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TORCH BLOCKED" in out.stderr  # the blocker works: the help really ran without torch
-    assert out.stdout.startswith(f"usage: megatron-tsp {command[0]}")
+    assert out.stdout.startswith("usage: ") and command[0] in out.stdout.splitlines()[0]
     if command[0] == "train":
         assert undocumented(out.stdout) == []
         assert len(re.findall(r"^  \w+\.\w+ \(default: ", out.stdout, re.M)) == len(config.recipe_keys())
