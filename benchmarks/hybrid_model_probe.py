@@ -1,5 +1,5 @@
 """Can TSP's layers run inside megatron-core 0.19's HybridModel ("*-*-") on CPU without TE?
-(The measurement behind README's "Supported megatron-core versions": TSPGPTModel stays a GPTModel.)
+(The measurement behind docs/supported.md's "Supported megatron-core versions": TSPGPTModel stays a GPTModel.)
 Builds the tiny TSPGPTModel at D=1 in float64, then a HybridModel whose attention and MLP layers
 are get_tsp_layer_spec's: first as megatron-core builds it, then with HybridStack's hard-coded
 TENorm final norm replaced by TSPNorm; copies the GPT weights in (GPT layer i -> hybrid layers

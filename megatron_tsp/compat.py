@@ -15,7 +15,7 @@ is allowed with one warning, at the first import of a module that builds on mega
   0.17, `cuda_graph_modules` from 0.18): our configs pass the equivalent empty list
   (`transformer_config_defaults`).
 - 0.19's `GPTModel.__init__` logs "GPTModel IS DEPRECATED" (use HybridModel); TSPGPTModel
-  stays a GPTModel (README, 'Supported megatron-core versions' says why) and silences that one
+  stays a GPTModel (docs/supported.md, 'Supported megatron-core versions', says why) and silences that one
   record while it constructs (`quiet_gpt_model_deprecation`).
 - 0.16.1's MoE router gating (`moe_utils.RouterGatingLinearFunction`) tests
   `te_general_gemm is not None`, a name only bound when Transformer Engine imports: without TE
@@ -64,7 +64,7 @@ def check_megatron_version(version: str | None = None) -> bool:
         warnings.warn(
             f"megatron-core {installed} is {side} than the versions megatron-tsp is tested on "
             f"({SUPPORTED}); pick one with `pip install megatron-core=={NEWEST}` "
-            "(see README, 'Supported megatron-core versions')",
+            "(see docs/supported.md, 'Supported megatron-core versions')",
             MegatronCoreVersionWarning,
             stacklevel=2,
         )

@@ -1,8 +1,9 @@
-"""Every CPU command of the README runs: the fenced blocks marked `<!-- cpu -->` are extracted,
-bash blocks run line by line (`megatron-tsp` as `python -m megatron_tsp.cli`: the console script
-is not installed in the test environments), python blocks as a script. Skipped, with the reason:
-package installs (the environment already has them) and the whole test suite (this test is part
-of it). A training run takes more than 20 s on 2 cores: those commands are `slow`."""
+"""Every CPU command of the README and of docs/*.md runs: the fenced blocks marked `<!-- cpu -->`
+are extracted, bash blocks run line by line (`megatron-tsp` as `python -m megatron_tsp.cli`: the
+console script is not installed in the test environments), python blocks as a script. Skipped,
+with the reason: package installs (the environment already has them) and the whole test suite
+(this test is part of it). A training run takes more than 20 s on 2 cores: those commands are
+`slow`."""
 
 import os
 import re
@@ -19,14 +20,21 @@ SKIP = {
 }
 
 
-def readme_commands():
-    text = open(os.path.join(REPO, "README.md")).read()
+def pages():
+    """README.md and docs/*.md, the pages whose `<!-- cpu -->` blocks run here."""
+    docs = sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
+    return ["README.md"] + docs
+
+
+def readme_commands(page="README.md"):
+    """(kind, command) of every `<!-- cpu -->` block of `page` (a path relative to the repository)."""
+    text = open(os.path.join(REPO, page)).read()
     found = []
     for lang, body in re.findall(r"<!-- cpu -->\n```(\w+)\n(.*?)```", text, re.S):
         if lang == "python":
             found.append(("python", body))
             continue
-        assert lang == "bash", lang
+        assert lang == "bash", f"{page}: a <!-- cpu --> block of {lang}, which this test does not run"
         for line in body.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
@@ -36,17 +44,22 @@ def readme_commands():
 
 def test_readme_has_cpu_commands():
     kinds = [k for k, _ in readme_commands()]
-    assert "python" in kinds and kinds.count("bash") >= 4
+    assert kinds.count("bash") >= 4
     cmds = [c for _, c in readme_commands()]
     assert any(c.startswith("megatron-tsp train") for c in cmds) and "bash scripts/test.sh" in cmds
+    assert any(c.startswith("megatron-tsp plan") for c in cmds)  # "when to use it"
     assert "bash scripts/test.sh" in open(os.path.join(REPO, ".ci", "run")).read()  # the README's test command
+    # the Python example moved to docs/python_api.md with the public names: still run
+    assert "python" in [k for k, _ in readme_commands(os.path.join("docs", "python_api.md"))]
 
 
 def _params():
     out = []
-    for kind, cmd in readme_commands():
-        marks = [pytest.mark.slow] if (kind == "python" or " train" in cmd) else []
-        out.append(pytest.param(kind, cmd, marks=marks, id=(cmd if kind == "bash" else "python snippet")[:60]))
+    for page in pages():
+        for kind, cmd in readme_commands(page):
+            marks = [pytest.mark.slow] if (kind == "python" or " train" in cmd) else []
+            name = cmd if kind == "bash" else "python snippet"
+            out.append(pytest.param(kind, cmd, marks=marks, id=f"{page}: {name}"[:80]))
     return out
 
 

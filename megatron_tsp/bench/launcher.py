@@ -57,7 +57,7 @@ from typing import List, Optional
 
 from .report import README_BEGIN, README_END, write_reports
 from .rows import (DEFAULT_LAYOUTS, FAKE_HANG_ENV, FAKE_OOM_ENV, LAYOUTS, MODELS, STARTUP_S, append_record, availability,
-                   estimate_seconds, git_commit, plan_rows, read_records, row_base, seq_label)
+                   estimate_seconds, git_commit, model_config, plan_rows, read_records, row_base, seq_label)
 from .worker import worker
 
 
@@ -265,7 +265,7 @@ def orchestrate(args, argv: List[str]) -> int:
         open(paths["jsonl"], "w").close()
         open(paths["log"], "w").close()
     meta = {"kind": "meta", "tag": args.tag, "command": "megatron-tsp bench " + " ".join(argv),
-            "commit": git_commit(), "model": args.model, "model_config": MODELS[args.model],
+            "commit": git_commit(), "model": args.model, "model_config": model_config(args.model),
             "layers": rows[0]["layers"] if rows else None, "gpus": args.gpus, "warmup": args.warmup,
             "steps": args.steps, "timeout_s": args.timeout, "torch": _torch_version(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "estimated_s": est,
@@ -352,9 +352,13 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--gpus", type=int, default=4, help="processes (GPUs; CPU processes without CUDA) (default 4)")
-    p.add_argument("--model", choices=sorted(MODELS), default="7b", help="7b (h=4096, 32 heads, bf16) or tiny (CPU tests)")
-    p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 2 for 7b, 2 for tiny)")
-    p.add_argument("--seq", default=None, help="sequence lengths, e.g. 16K,32K,64K,128K (default per model)")
+    p.add_argument("--model", choices=sorted(MODELS), default="7b",
+                   help="the model of a recipe, with its GQA variant: "
+                        + "; ".join(f"{k}: {m.recipe}, GQA {m.gqa}" for k, m in MODELS.items()) + " (tiny: CPU tests)")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (default: "
+                   + ", ".join(f"{m.layers} for {k}" for k, m in MODELS.items()) + ")")
+    p.add_argument("--seq", default=None, help="sequence lengths, e.g. 16K,32K,64K,128K (default: "
+                   + "; ".join(f"{m.seq} for {k}" for k, m in MODELS.items()) + ")")
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"rows to run (default {DEFAULT_LAYOUTS})")
     p.add_argument("--variants", default="mha,gqa", help="mha and/or gqa (default mha,gqa)")
     p.add_argument("--gqa-layouts", default="tsp,tp_sp", help="layouts that also run the GQA variant, or 'all' (default tsp,tp_sp)")
@@ -382,8 +386,8 @@ def parser() -> argparse.ArgumentParser:
                         "records supersede the old in the reports")
     p.add_argument("--dry-run", action="store_true", help="print the plan, unavailable layouts and the time estimate")
     p.add_argument("--from-jsonl", metavar="FILE", help="only rebuild .json/.md/.png from a bench_<tag>.jsonl")
-    p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE between {README_BEGIN} "
-                                                     f"and {README_END}")
+    p.add_argument("--readme", metavar="FILE", help=f"also put the tables and the plot into FILE (docs/bench.md) "
+                                                     f"between {README_BEGIN} and {README_END}")
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
 
@@ -402,7 +406,7 @@ def main(argv=None) -> int:
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         print("megatron-tsp bench launches torchrun itself: run it without torchrun", file=sys.stderr)
         return 2
-    args.seq = args.seq or MODELS[args.model]["seq"]
+    args.seq = args.seq or MODELS[args.model].seq
     args.tag = args.tag or f"{args.model}_{args.gpus}"
     args.out = args.out or DEFAULT_OUT
     if args.steps < 1 or args.warmup < 0:

@@ -1,5 +1,5 @@
 """The reports of `megatron-tsp bench`: rows and targets from the records, the markdown table,
-the README block and the plot."""
+the results block of a page (`--readme docs/bench.md`) and the plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 from typing import List, Optional
 
-from .rows import K, MODELS, read_records, seq_label
+from .rows import K, MODELS, model_config, read_records, seq_label
 
 
 # -- reports -----------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict], targets: List[dict],
                   md_path: str, png_path: Optional[str]) -> None:
-    """Replace the README's block between the bench markers with this run's tables and plot."""
+    """Replace the block between the bench markers of `readme` (docs/bench.md) with this run's tables and plot."""
     with open(readme) as f:
         text = f.read()
     if README_BEGIN not in text or README_END not in text:
@@ -241,7 +241,7 @@ def update_readme(readme: str, meta: dict, devices: List[dict], rows: List[dict]
 def markdown(meta: dict, devices: List[dict], rows: List[dict], targets: List[dict]) -> str:
     dev = devices[0] if devices else {}
     gpu = on_gpus(devices)
-    m = MODELS.get(meta.get("model", "7b"), {})
+    m = meta.get("model_config") or (model_config(meta["model"]) if meta.get("model") in MODELS else {})  # as recorded
     lines = [f"# megatron-tsp bench `{meta.get('tag', '?')}`", ""]
     lines += [
         "- **Command:** " + " then ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "?")])),

@@ -1,16 +1,18 @@
-"""What `megatron-tsp bench` measures: the layouts (each a set of recipe overrides), the model
-shapes, the rows (variant x layout x sequence length) and which of them the installed package can
+"""What `megatron-tsp bench` measures: the layouts (each a set of recipe overrides), the models
+(recipes of configs/: the shape is the recipe's), the rows (variant x layout x sequence length) and which of them the installed package can
 run. Plain Python (no torch): the orchestrator plans with it."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from ..config import ModelShape
+from ..config import ModelRecipe, ModelShape, _yaml_value
 from ..planner.flops import causal_area, layer_matmul_params  # noqa: F401  (causal_area: the worker's probe)
 from ..planner.flops import model_flops as flops_of
 
@@ -75,14 +77,71 @@ LAYOUTS: Dict[str, RowLayout] = {
 }
 DEFAULT_LAYOUTS = "tsp,tp_sp,tsp_compute_only,tp,cp4,tp2_cp2,fsdp_cp4"  # run order: the main comparison first
 
-MODELS = {
-    # 7B-class: h=4096, 32 heads (MHA; GQA: 8 KV groups), SwiGLU FFN 4h, vocab 32000, RoPE, RMSNorm, bf16.
-    "7b": dict(hidden_size=4096, num_attention_heads=32, gqa_groups=8, ffn_hidden_size=16384, vocab_size=32000,
-               dtype="bfloat16", layers=2, seq="16K,32K,64K,128K"),
-    # For tests on CPU (gloo, float32).
-    "tiny": dict(hidden_size=64, num_attention_heads=4, gqa_groups=2, ffn_hidden_size=256, vocab_size=128,
-                 dtype="float32", layers=2, seq="64,128"),
+@dataclass(frozen=True)
+class BenchModel:
+    """A benchmarked model: a recipe of configs/ (its model section is the shape, defined once
+    there), run with a bench-chosen number of layers and sequence lengths."""
+
+    recipe: str
+    """The recipe (relative to the repository) whose model the `mha` variant runs."""
+    gqa: object
+    """The `gqa` variant: a recipe whose model is the same but for num_query_groups (and
+    seq_length), or a number of KV groups."""
+    layers: int
+    """Layers when --layers is not given."""
+    seq: str
+    """Sequence lengths when --seq is not given."""
+
+
+MODELS: Dict[str, BenchModel] = {
+    # the 7B-class recipes (bf16): MHA, and GQA with 8 KV groups
+    "7b": BenchModel("configs/7b_16k.yaml", "configs/7b_gqa_32k.yaml", layers=2, seq="16K,32K,64K,128K"),
+    # For tests on CPU (gloo, float32): the embedded tiny recipe, GQA with 2 KV groups.
+    "tiny": BenchModel("configs/tiny.yaml", 2, layers=2, seq="64,128"),
 }
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the model keys every row sets, in this order (a recipe's other model keys follow where they differ
+# from the defaults)
+ROW_MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
+                  "seq_length", "swiglu", "normalization", "position_embedding_type", "dtype")
+
+
+@functools.lru_cache(maxsize=None)
+def model_recipe(model: str, variant: str = "mha") -> ModelRecipe:
+    """The model section of bench model `model`'s recipe; for `gqa` with the GQA variant's KV
+    groups. Raises SystemExit when a GQA recipe is another model than the MHA one."""
+    from ..training.recipe import load_recipe
+
+    spec = MODELS[model]
+    base = load_recipe(os.path.join(REPO_ROOT, spec.recipe)).model
+    if variant == "mha":
+        return base
+    if not isinstance(spec.gqa, str):
+        return dataclasses.replace(base, num_query_groups=spec.gqa)
+    gqa = load_recipe(os.path.join(REPO_ROOT, spec.gqa)).model
+    same = dataclasses.replace(gqa, num_query_groups=base.num_query_groups, seq_length=base.seq_length)
+    if same != base:
+        diff = [f"{k}: {v!r} vs {getattr(base, k)!r}" for k, v in dataclasses.asdict(same).items() if getattr(base, k) != v]
+        raise SystemExit(f"bench: {spec.gqa} must be {spec.recipe}'s model with other KV groups; it differs in "
+                         + ", ".join(diff))
+    return gqa
+
+
+def model_config(model: str) -> dict:
+    """What a run records of its model (the report's and `plan validate`'s `model_config`)."""
+    spec, m = MODELS[model], model_recipe(model)
+    return dict(hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+                gqa_groups=model_recipe(model, "gqa").num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+                vocab_size=m.vocab_size, dtype=m.dtype, layers=spec.layers, seq=spec.seq)
+
+
+def model_overrides(model: str, variant: str, layers: int, seq: int) -> List[str]:
+    """The recipe overrides of a row's model: the bench model's recipe with `layers` and `seq`."""
+    m = dataclasses.replace(model_recipe(model, variant), num_layers=layers, seq_length=seq)
+    default = ModelRecipe()
+    keys = list(ROW_MODEL_KEYS) + [f.name for f in dataclasses.fields(m)
+                                   if f.name not in ROW_MODEL_KEYS and getattr(m, f.name) != getattr(default, f.name)]
+    return [f"model.{k}={_yaml_value(getattr(m, k))}" for k in keys]
 
 
 def parse_seq(text: str) -> int:
@@ -99,10 +158,7 @@ def seq_label(s: int) -> str:
 
 
 def model_shape(model: str, variant: str, layers: int, seq: int) -> ModelShape:
-    m = MODELS[model]
-    return ModelShape(num_layers=layers, hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
-                 num_query_groups=m["gqa_groups"] if variant == "gqa" else None,
-                 ffn_hidden_size=m["ffn_hidden_size"], vocab_size=m["vocab_size"], seq_length=seq)
+    return dataclasses.replace(model_recipe(model, variant).shape(), num_layers=layers, seq_length=seq)
 
 
 # -- FLOPs: the planner's model (planner/flops.py), so bench and plan report the same MFU ---------
@@ -134,9 +190,7 @@ def plan_rows(args) -> List[dict]:
         if v not in ("mha", "gqa"):
             raise SystemExit(f"bench: unknown variant {v!r} (mha, gqa)")
     n = args.gpus
-    m = MODELS[args.model]
-    layers = args.layers or m["layers"]
-    dtype = m["dtype"]
+    layers = args.layers or MODELS[args.model].layers
     rows = []
     for variant in variants:
         for name in layouts:
@@ -144,14 +198,7 @@ def plan_rows(args) -> List[dict]:
             if variant == "gqa" and gqa_layouts is not None and name not in gqa_layouts:
                 continue
             for S in seqs:
-                shape = model_shape(args.model, variant, layers, S)
-                overrides = [
-                    f"model.num_layers={layers}", f"model.hidden_size={shape.hidden_size}",
-                    f"model.num_attention_heads={shape.num_attention_heads}",
-                    f"model.num_query_groups={shape.num_query_groups if shape.num_query_groups else 'null'}",
-                    f"model.ffn_hidden_size={shape.ffn_hidden_size}", f"model.vocab_size={shape.vocab_size}",
-                    f"model.seq_length={S}", "model.swiglu=true", "model.normalization=RMSNorm",
-                    "model.position_embedding_type=rope", f"model.dtype={dtype}",
+                overrides = model_overrides(args.model, variant, layers, S) + [
                     "train.distributed_optimizer=true", "train.micro_batch_size=1", "train.global_batch_size=1",
                     f"train.steps={args.warmup + args.steps}", "train.lr=0.0003", "train.log_interval=1000000",
                     "train.progress_bar=false", "parallel.baseline_attention=sdpa",

@@ -6,7 +6,8 @@ The model is the recipe's `model` section, run with TSP of size = the world size
 layout-free, so one written at any TSP / TP size loads). Prompts: `--prompt-tokens FILE` (a JSON
 list of token-id lists, or one JSON list per line) or `--prompt TEXT` (repeatable) with
 `--tokenizer tokenizer.json` (the `tokenizers` package). Rank 0 writes one JSON line per prompt
-(stdout or `--output`) and a summary (stderr, `--summary-json`).
+(stdout or `--output`) and a summary (stderr, `--summary-json`). torch and megatron load after
+the arguments are parsed: `generate --help` imports neither.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import sys
 import time
 import warnings
 from typing import List, Optional
-
-import torch
-import torch.distributed as dist
 
 from ..config import TSPConfigError
 from ..training.recipe import RecipeError, load_recipe
@@ -159,6 +157,8 @@ def check_checkpoint_shape(recipe, load_dir: str) -> int:
 def build_and_load(recipe, load_dir: Optional[str]):
     """The TSP model of the recipe on the current groups, with the checkpoint's weights (model
     only: no DDP, no optimizer)."""
+    import torch
+
     from ..training.build import build_gpt
     from ..training.checkpoint import _step_dir
     from ..training.loop import init_groups
@@ -186,6 +186,9 @@ def build_and_load(recipe, load_dir: Optional[str]):
 
 
 def _peak_memory(device) -> dict:
+    import torch
+    import torch.distributed as dist
+
     if device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -194,6 +197,9 @@ def _peak_memory(device) -> dict:
 
 
 def run(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
     from ..training.build import init_distributed
     from ..training.cpu import install_cpu_shims
     from .decode import Sampling, generate, logprobs
@@ -235,7 +241,9 @@ def run(args) -> dict:
 def main(argv=None):
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated|DEPRECATED).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # `--help` prints before torch and megatron load
+    import torch.distributed as dist
+
     if args.recipe is not None and "=" in args.recipe:  # only overrides were given
         args.overrides.insert(0, args.recipe)
         args.recipe = None

@@ -23,8 +23,9 @@ import sys
 import time
 from typing import List, Optional
 
+from .command import PROG, parser, wants_help
+
 GRACE_S = 30.0
-PROG = "megatron-tsp train"
 
 
 def _free_port() -> int:
@@ -112,7 +113,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    if nproc is not None and "-h" not in rest and "--help" not in rest:
+    if wants_help(argv):  # printed from the option dataclasses: no torch, no megatron
+        parser().parse_args(argv)
+        return 0
+    if nproc is not None:
         if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
             from ..output import print_user_error
 
@@ -121,4 +125,4 @@ def main(argv=None) -> int:
         return launch_workers(nproc, rest)
     from .loop import main as worker_main
 
-    return worker_main(rest if nproc is not None else argv)
+    return worker_main(argv)

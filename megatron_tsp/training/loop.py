@@ -8,7 +8,6 @@ MockGPTDataset / GPTDataset through BlendedMegatronDatasetBuilder).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -21,10 +20,11 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from ..config import TSPConfigError, recipe_help
+from ..config import TSPConfigError
 from ..output import hide_benign_output, print_user_error, rank, verbose_requested
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
                          latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
+from .command import parser
 from .recipe import Recipe, RecipeError, load_recipe
 from .signals import StopRequest
 
@@ -391,29 +391,6 @@ def collective_failure(error: BaseException, timeout_s: float) -> str:
     return (f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host {socket.gethostname()} "
             f"(node rank {node}) failed: {first} -- a peer rank died or did not answer within "
             f"train.collective_timeout_s = {timeout_s:g} s; the job ends, resubmit to resume from the last checkpoint")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megatron-tsp train",
-        description="Train a GPT with TSP (or a baseline layout) from a YAML recipe. On one machine "
-                    "`--nproc-per-node N` starts the N processes; under torchrun: `torchrun --nproc-per-node N "
-                    "--no-python megatron-tsp train ...` (torchrun runs a Python file unless told --no-python) or "
-                    "`python -m torch.distributed.run --nproc-per-node N -m megatron_tsp.cli train ...`; under SLURM: "
-                    "srun of either torchrun form, one per node.",
-        epilog="Recipe keys (section.key=value), their defaults and meanings:\n" + recipe_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the embedded tiny recipe, = configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.size=4 model.seq_length=32768")
-    p.add_argument("--resume", metavar="DIR", help="resume from the latest checkpoint in DIR (sets train.save_dir=DIR train.resume=true)")
-    p.add_argument("--summary-json", metavar="FILE", help="write the final summary (rank 0) to FILE")
-    p.add_argument("--nproc-per-node", metavar="N", type=int,
-                   help="start N worker processes on this machine (no torchrun; not under torchrun / srun)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show every warning (by default the known-benign ones from megatron-core and torch are "
-                        "hidden, and rank 0 says so in one line)")
-    return p
 
 
 def main(argv=None):

@@ -36,6 +36,47 @@ def test_flops_hand_count():
     assert total == pairs
 
 
+def test_bench_models_are_the_recipes():
+    """The bench's model shapes come from configs/ (the shape is defined once, in the recipe): a
+    row's model is the recipe's with the bench's layers and S (GQA: the GQA recipe's), its
+    overrides rebuild that model, and what a 7B run records of its model is what the recorded
+    benchmark (benchmarks/results) recorded, with the same overrides as then."""
+    import argparse
+    import dataclasses
+
+    from megatron_tsp.training.recipe import load_recipe
+
+    for variant, path in (("mha", "configs/7b_16k.yaml"), ("gqa", "configs/7b_gqa_32k.yaml")):
+        want = dataclasses.replace(load_recipe(os.path.join(bench_rows.REPO_ROOT, path)).model.shape(),
+                                   num_layers=4, seq_length=65536)
+        assert bench_rows.model_shape("7b", variant, 4, 65536) == want
+    assert bench_rows.model_shape("tiny", "mha", 2, 64) == load_recipe(None).model.shape()  # the embedded tiny recipe
+    assert bench_rows.model_shape("tiny", "gqa", 2, 64).num_query_groups == 2
+    with open(os.path.join(bench_rows.REPO_ROOT, "benchmarks", "results", "bench_h200x4.json")) as f:
+        assert bench_rows.model_config("7b") == json.load(f)["meta"]["model_config"]
+    args = argparse.Namespace(seq="16K", layouts="tsp,tp_sp", variants="mha,gqa", gqa_layouts="tsp", gpus=4, model="7b",
+                              layers=4, warmup=1, steps=1)
+    rows = bench_rows.plan_rows(args)
+    assert [r["id"] for r in rows] == ["tsp/mha/16K", "tp_sp/mha/16K", "tsp/gqa/16K"]
+    for r in rows:
+        assert load_recipe(None, r["overrides"]).model.shape() == bench_rows.model_shape("7b", r["variant"], 4, 16384)
+    assert rows[2]["overrides"][:11] == [
+        "model.num_layers=4", "model.hidden_size=4096", "model.num_attention_heads=32", "model.num_query_groups=8",
+        "model.ffn_hidden_size=16384", "model.vocab_size=32000", "model.seq_length=16384", "model.swiglu=true",
+        "model.normalization=RMSNorm", "model.position_embedding_type=rope", "model.dtype=bfloat16"]
+
+
+def test_a_gqa_recipe_of_another_model_is_refused(monkeypatch):
+    monkeypatch.setitem(bench_rows.MODELS, "mixed", bench_rows.BenchModel("configs/7b_16k.yaml", "configs/tiny.yaml",
+                                                                          layers=2, seq="64"))
+    try:
+        with pytest.raises(SystemExit, match="configs/tiny.yaml must be configs/7b_16k.yaml's model .* hidden_size: 64 vs 4096"):
+            bench_rows.model_shape("mixed", "gqa", 2, 64)
+        assert bench_rows.model_shape("mixed", "mha", 2, 64).hidden_size == 4096
+    finally:
+        bench_rows.model_recipe.cache_clear()
+
+
 def test_flops_match_flop_counter_on_megatron_gpt():
     """The matmul part (layers + LM head) equals what torch's FlopCounterMode counts on a real
     Megatron GPT's forward + backward (SDPA on CPU is not counted by it: attention is checked above)."""
