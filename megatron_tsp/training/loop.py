@@ -388,9 +388,24 @@ def collective_failure(error: BaseException, timeout_s: float) -> str:
 
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     node = os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "?"))
-    return (f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host {socket.gethostname()} "
-            f"(node rank {node}) failed: {first} -- a peer rank died or did not answer within "
+    where = (f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host {socket.gethostname()} "
+             f"(node rank {node}) failed: {first}")
+    if not _is_communication_error(error):  # a bug or a device error on this rank: no peer to blame
+        return where
+    return (f"{where} -- a peer rank died or did not answer within "
             f"train.collective_timeout_s = {timeout_s:g} s; the job ends, resubmit to resume from the last checkpoint")
+
+
+_COMMUNICATION_WORDS = ("connection", "peer", "timed out", "timeout", "gloo", "nccl", "socket", "broken pipe",
+                        "processgroup", "watchdog")
+
+
+def _is_communication_error(error: BaseException) -> bool:
+    """torch's distributed errors, and the RuntimeErrors gloo / NCCL raise when a peer is gone."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in _COMMUNICATION_WORDS)
 
 
 def main(argv=None):

@@ -259,14 +259,14 @@ def moe_step_metrics(model, num_microbatches: int) -> dict:
     tsp, dp = mpu.get_tensor_model_parallel_group(), mpu.get_data_parallel_group()
     pp = mpu.get_pipeline_model_parallel_group()
     losses = pop_router_losses(tsp)
+    device = next(model.parameters()).device  # Megatron's tracker keeps the losses on the GPU
     moe_layers = sum(moe_layer_pattern(model.config))
     out = {"aux_loss": None, "z_loss": None}
     for key, names in (("aux_loss", ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")),
                        ("z_loss", ("z_loss",))):
-        found = [losses[n].sum() for n in names if n in losses]
-        value = torch.stack(found).sum() if found else torch.zeros((), dtype=torch.float64)
-        value = torch.stack([value, torch.tensor(float(bool(found)), dtype=torch.float64)]).to(
-            next(model.parameters()).device)
+        found = [losses[n].sum().double().to(device) for n in names if n in losses]
+        value = torch.stack(found).sum() if found else torch.zeros((), dtype=torch.float64, device=device)
+        value = torch.stack([value, torch.tensor(float(bool(found)), dtype=torch.float64, device=device)])
         if pp.size() > 1:
             dist.all_reduce(value, group=pp)
         if dp.size() > 1:

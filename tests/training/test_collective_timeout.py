@@ -64,3 +64,11 @@ def test_failure_message_names_rank_host_and_node(monkeypatch):
     assert line.startswith(f"megatron-tsp train: rank {dist.get_rank()} of {dist.get_world_size()} on host ")
     assert "(node rank 1) failed: [gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.233.7.12]:4312 -- " in line
     assert "train.collective_timeout_s = 90 s" in line and "more" not in line
+
+
+def test_a_local_error_does_not_blame_a_peer():
+    """A bug or a device error on this rank (the first GPU MoE run met one) is not a lost peer."""
+    error = RuntimeError("Expected all tensors to be on the same device, but got tensors is on cpu")
+    line = collective_failure(error, 90)
+    assert line.endswith("failed: Expected all tensors to be on the same device, but got tensors is on cpu")
+    assert "peer" not in line and "collective_timeout_s" not in line
