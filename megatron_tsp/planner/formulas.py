@@ -69,9 +69,10 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
     input (the pre-MLP norm output, the router's input) is the block input counted beside it.
     Router (fp32 / int64 whatever the model dtype): the top-k probabilities [k] (pre-softmax:
     the softmax over all E; sigmoid: its output [E], the normalised top-k and two per-token
-    sums), the top-k indices; the load-balancing loss adds the fp32 scores [E] and a second
-    index [k]; the z-loss the fp32 logits [E] and their log-sum-exp. Dispatcher: the
-    permutation indices (int64, 3 per copy). Experts, per routed copy: the permuted token
+    sums), the top-k indices (int64 [k]); the load-balancing loss adds the fp32 scores [E] and
+    a second index [k]; the z-loss the fp32 logits [E] and their log-sum-exp. Dispatcher: the
+    permutation indices (int64: one per copy, and one per (token, expert) pair of the routing
+    map). Experts, per routed copy: the permuted token
     (fc1's input, h), its probability and the MLP intermediates at width fe plus the activation
     output the probability multiplies (gated 6 fe, GELU 3 fe). Megatron 0.16.1 keeps the
     routing map [E] as bool and the probabilities [E] in fp32 instead of one int64 index per
@@ -88,7 +89,7 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
         router += FP32 * (E + 1)
     return {
         "MoE router (probabilities, top-k indices, loss scores)": router,
-        "MoE dispatcher permutation indices": 3 * 8 * k,
+        "MoE dispatcher permutation indices": 8 * k + 8 * E,
         "MoE permuted tokens (k copies, expert fc1 input)": b * k * m.hidden,
         "MoE routed probabilities (k copies)": b * k,
         "MoE expert intermediates (k copies)": b * k * ((6 if m.gated else 3) * m.fe),
