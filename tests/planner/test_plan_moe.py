@@ -77,7 +77,7 @@ def test_moe_layer_saved_bytes_match_the_planner(case, recompute):
     """The planner's bytes for one MoE layer (norms, block inputs, RoPE slice, the TSP save-mode
     items, the shared expert as the ring MLP, router, dispatcher and expert activations) equal
     what the layer saves, to the router's per-layer token counts (E int64) on megatron-core
-    0.19; within 1% on older versions (their router keeps a bool routing map and fp32
+    0.19; within 2% on older versions (their dispatcher keeps a bool routing map and fp32
     probabilities per expert instead of an int64 index per copy)."""
     from megatron.core import package_info
 
@@ -91,7 +91,7 @@ def test_moe_layer_saved_bytes_match_the_planner(case, recompute):
     if (major, minor) >= (0, 19):
         assert abs(measured - planned) <= 8 * EXPERTS, (measured, planned)
     else:
-        assert measured == pytest.approx(planned, rel=0.01)
+        assert measured == pytest.approx(planned, rel=0.02)
 
 
 def test_the_measurement_sees_the_experts():
