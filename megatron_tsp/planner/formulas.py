@@ -613,7 +613,8 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
                 X = r * B * S * mm.hidden * b
                 add(f"{what} input all-gather (tokens)", "fwd", "all_gather", X, D, 1, False, frac=frac)
                 add(f"{what} output reduce-scatter (tokens)", "fwd", "reduce_scatter", X, D, 1, False, frac=frac)
-                add(f"{what} all-gather (input for wgrad; output grad) (tokens)", "bwd", "all_gather", 2 * X, D, 1, False, frac=frac)
+                add(f"{what} all-gather (input for wgrad; output grad) (tokens)", "bwd", "all_gather", 2 * X, D, 1,
+                    False, frac=frac)
                 add(f"{what} input-grad reduce-scatter (tokens)", "bwd", "reduce_scatter", X, D, 1, False, frac=frac)
 
         for mm, frac in mlps:

@@ -192,12 +192,14 @@ class ModelSpec:
     @property
     def matmul_params_total(self) -> int:
         """Matmul weights of the L layers (every expert counted)."""
-        return self.dense_layers * self.layer_matmul_params + self.moe_layers * (self.moe_layer_params if self.is_moe else 0)
+        moe = self.moe_layers * self.moe_layer_params if self.is_moe else 0
+        return self.dense_layers * self.layer_matmul_params + moe
 
     @property
     def active_matmul_params(self) -> int:
         """Matmul weights one token passes through the L layers (model FLOPs: 6 x tokens x this)."""
-        return self.dense_layers * self.layer_matmul_params + self.moe_layers * (self.moe_active_params if self.is_moe else 0)
+        moe = self.moe_layers * self.moe_active_params if self.is_moe else 0
+        return self.dense_layers * self.layer_matmul_params + moe
 
     @property
     def layer_norm_params(self) -> int:
@@ -231,7 +233,8 @@ class ModelSpec:
         return cls(layers=m["num_layers"], hidden=m["hidden_size"], heads=m["num_attention_heads"],
                    kv_groups=m["num_query_groups"], ffn=m["ffn_hidden_size"], vocab=m["vocab_size"],
                    dtype=m["dtype"], gated=m["swiglu"], tied_embeddings=m["share_embeddings_and_output_weights"],
-                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0], **moe), m["seq_length"]
+                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                   **moe), m["seq_length"]
 
 
 class _Freq:

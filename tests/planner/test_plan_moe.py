@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from megatron_tsp.planner import (Cluster, Layout, ModelSpec, PlanError, TrainSpec, comm_items, flops, hardware,
+from megatron_tsp.planner import (Cluster, Layout, ModelSpec, PlanError, TrainSpec, comm_items, flops,
                                   memory, param_counts, plan_all)
 from megatron_tsp.planner.cli import main as plan_main
 from megatron_tsp.planner.formulas import moe_saved_per_token, tsp_saved_per_token
