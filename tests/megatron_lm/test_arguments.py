@@ -277,6 +277,21 @@ def test_builder_refuses_megatron_specs(name, flag):
         tsp_gpt_builder(lambda *a, **k: None)(args, True, True)
 
 
+def test_builder_lets_the_tsp_model_run_experts(monkeypatch):
+    """--num-experts reaches the TSP model through the builder hook (core_v0.16-0.18) and the
+    model-builder path (build_gpt_model); the native specs still refuse it."""
+    from megatron_tsp.megatron_lm import hooks
+    from megatron_tsp.megatron_lm.build import _check_builder_args
+
+    monkeypatch.setattr(hooks, "build_gpt_model", lambda args, config, kwargs: "the TSP model")
+    monkeypatch.setattr(hooks, "_model_kwargs", lambda *a: {})
+    args = argparse.Namespace(tsp=True, tsp_size=2, tsp_native_spec="sdpa", num_experts=8)
+    assert tsp_gpt_builder(lambda *a, **k: None)(args, True, True, config="c") == "the TSP model"
+    _check_builder_args(args, "--tsp-size", tsp=True)
+    with pytest.raises(TSPConfigError, match="--num-experts cannot be combined with --tsp-native-spec sdpa"):
+        _check_builder_args(args, "--tsp-native-spec sdpa")
+
+
 # -- patches and scripts ------------------------------------------------------------------------
 
 def _bare(cls):
