@@ -122,6 +122,9 @@ def nccl_rates(group, dev, nbytes=64 * 2**20):
     out["all_gather"] = nbytes * n / t * (n - 1) / n / 1e9
     t = timed(lambda: dist.reduce_scatter_tensor(y, full, group=group))
     out["reduce_scatter"] = nbytes * n / t * (n - 1) / n / 1e9
+    full_out = torch.empty_like(full)
+    t = timed(lambda: dist.all_to_all_single(full_out, full, group=group))  # the MoE dispatcher's collective
+    out["all_to_all"] = nbytes * n / t * (n - 1) / n / 1e9
     t = timed(lambda: dist.all_reduce(x, group=group))
     out["all_reduce"] = nbytes / t * 2 * (n - 1) / n / 1e9
     t = timed(lambda: dist.broadcast(x, src=g(0), group=group))

@@ -21,8 +21,8 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from ..config import (REFUSED_BUILDER_FLAGS, TSP_OPTION_KEYS, ParallelRecipe, TSPConfigError, TSPOptions,
-                      check_parallel_sizes, check_seq_length, check_tsp_size, field_default, field_docs,
-                      tsp_options_from)
+                      check_expert_parallel, check_moe_config, check_parallel_sizes, check_seq_length, check_tsp_size,
+                      field_default, field_docs, tsp_options_from)
 
 NATIVE_SPECS = ("megatron", "sp_norm", "sdpa")
 
@@ -84,10 +84,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         return args
     get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1))
-    if get("num_experts") or get("expert_model_parallel_size", 1) not in (None, 1):
-        # The TSP model runs MoE (megatron_tsp.tsp.moe); this runner does not wire it yet.
-        raise TSPConfigError("--num-experts (MoE) and --expert-model-parallel-size cannot be combined with --tsp-size "
-                             "in the Megatron-LM runner in this version (the megatron_tsp training driver runs MoE)")
+    apply_tsp_moe_args(args, D)
     for flag in ("reset_attention_mask", "reset_position_ids"):
         if get(flag):
             raise TSPConfigError(f"--{flag.replace('_', '-')} (packed sequences) cannot be combined with --tsp-size")
@@ -99,7 +96,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         raise TSPConfigError("--tp-comm-overlap cannot be combined with --tsp-size")
     # Options of Megatron-LM's model builder that the TSP model does not implement.
     for name, flag in REFUSED_BUILDER_FLAGS:
-        if get(name):
+        if get(name) and name not in TSP_BUILDER_FLAGS:
             raise TSPConfigError(f"{flag} cannot be combined with --tsp-size: the TSP model has its own layer spec")
     heads = get("num_attention_heads")
     if heads is not None and heads % D:
@@ -115,6 +112,58 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = D
     args.sequence_parallel = True
     return args
+
+
+# Megatron-LM builder options the TSP model runs itself (the native specs still refuse them)
+TSP_BUILDER_FLAGS = ("num_experts",)
+
+
+class _MoEView:
+    """Megatron-LM's MoE arguments under TransformerConfig's names, for megatron_tsp.config.check_moe_config."""
+
+    def __init__(self, args):
+        self._args = args
+        self.num_moe_experts = args.num_experts
+
+    def __getattr__(self, name):
+        defaults = {"moe_router_topk": 2, "moe_router_load_balancing_type": "aux_loss", "moe_layer_freq": 1,
+                    "moe_token_drop_policy": "probs", "add_bias_linear": True, "expert_tensor_parallel_size": 1,
+                    "moe_token_dispatcher_type": "allgather"}
+        return getattr(self._args, name, defaults.get(name))
+
+
+def apply_tsp_moe_args(args: argparse.Namespace, D: int) -> None:
+    """Mixture of experts under `--tsp-size D` (megatron_tsp.tsp.moe: Megatron's MoELayer on the
+    tokens each TSP rank holds): EP = `--expert-model-parallel-size` must be D or D x k ranks
+    within the world (the expert group is the TSP group, or spans k TSP groups of data-parallel
+    ranks), expert TP 1 (set here: Megatron-LM would default it to the TP size, D), the alltoall
+    dispatcher; every other MoE option as the TSP model checks it (check_moe_config). One
+    TSPConfigError naming the flag, at parse time on every rank."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    E, ep = get("num_experts"), get("expert_model_parallel_size", 1) or 1
+    if not E:
+        if ep != 1:
+            raise TSPConfigError(f"--expert-model-parallel-size = {ep} needs --num-experts")
+        return
+    dispatcher = get("moe_token_dispatcher_type", "allgather")
+    if dispatcher == "allgather":
+        raise TSPConfigError("--moe-token-dispatcher-type = 'allgather' (Megatron-LM's default) cannot be combined "
+                             "with --tsp-size: it all-gathers every rank's hidden states over TP x EP, i.e. the whole "
+                             "sequence; pass --moe-token-dispatcher-type alltoall")
+    if dispatcher == "flex":
+        raise TSPConfigError("--moe-token-dispatcher-type = 'flex' (DeepEP / HybridEP) cannot be combined with "
+                             "--tsp-size in this version: use alltoall")
+    etp = get("expert_tensor_parallel_size")
+    if etp not in (None, 1):
+        raise TSPConfigError(f"--expert-tensor-parallel-size = {etp} cannot be combined with --tsp-size: expert "
+                             "tensor parallelism all-gathers each rank's tokens over its group; use 1")
+    args.expert_tensor_parallel_size = 1
+    if ep % D:
+        raise TSPConfigError(f"--expert-model-parallel-size = {ep} must be --tsp-size = {D} or a multiple of it (the "
+                             "expert group is the TSP group, or spans TSP groups of data-parallel ranks)")
+    world = int(os.environ.get("WORLD_SIZE", get("world_size") or ep))
+    check_expert_parallel(E, ep, world, D, get("pipeline_model_parallel_size", 1) or 1, 1)
+    check_moe_config(_MoEView(args), D)
 
 
 # -- Megatron-LM: recipes and parse-time mapping ---------------------------------------------

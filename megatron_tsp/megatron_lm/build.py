@@ -28,10 +28,13 @@ def _model_kwargs(args, pre_process, post_process, vp_stage, pg_collection) -> d
     )
 
 
-def _check_builder_args(args, what: str) -> None:
-    """Options Megatron's gpt_builder handles with specs of its own: refused with our specs."""
+def _check_builder_args(args, what: str, tsp: bool = False) -> None:
+    """Options Megatron's gpt_builder handles with specs of its own: refused with our specs (the
+    TSP model runs MoE itself: TSP_BUILDER_FLAGS)."""
+    from .arguments import TSP_BUILDER_FLAGS
+
     for name, flag in REFUSED_BUILDER_FLAGS:
-        if getattr(args, name, None):
+        if getattr(args, name, None) and not (tsp and name in TSP_BUILDER_FLAGS):
             raise TSPConfigError(f"{flag} cannot be combined with {what}")
 
 
@@ -47,7 +50,7 @@ def build_gpt_model(args, config, kwargs: dict):
     paths (model provider, model builder) build the plugin's model. `kwargs`: GPTModel's."""
     tsp = bool(getattr(args, "tsp", False))
     native_spec = getattr(args, "tsp_native_spec", "megatron")
-    _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}")
+    _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}", tsp=tsp)
     from megatron.core.models.gpt import GPTModel
     from megatron.training import print_rank_0
 

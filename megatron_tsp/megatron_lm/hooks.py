@@ -67,7 +67,8 @@ def tsp_gpt_builder(gpt_builder):
     def builder(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
         if not uses_tsp_builder(args):
             return gpt_builder(args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection)
-        _check_builder_args(args, "--tsp-size" if args.tsp else f"--tsp-native-spec {args.tsp_native_spec}")
+        _check_builder_args(args, "--tsp-size" if args.tsp else f"--tsp-native-spec {args.tsp_native_spec}",
+                            tsp=bool(args.tsp))
         if config is None:
             from megatron.training.arguments import core_transformer_config_from_args
 

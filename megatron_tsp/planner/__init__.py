@@ -15,7 +15,7 @@ from . import hardware
 from ..config import AUTO_TOKENS_BELOW
 from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
                        in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
-                       volume_per_layer)
+                       stepped_params, volume_per_layer)
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
@@ -70,9 +70,8 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     dp = cluster.world // lay.size
     gb = train.global_batch or train.micro_batch * dp
     n_micro = gb // (train.micro_batch * dp)
-    P = param_counts(m, lay)["total"]
-    opt_shard = dp * lay.cp if train.distributed_optimizer and lay.kind != "fsdp_cp" else 1
-    t_opt = ADAM_BYTES_PER_PARAM * P / opt_shard / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
+    stepped = stepped_params(m, train, lay, cluster)
+    t_opt = ADAM_BYTES_PER_PARAM * stepped / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
     micro = {
         "no_overlap": compute + comm_all,
         "as_implemented": compute + comm_serial + max(0.0, comm_hidden - compute),
@@ -118,6 +117,11 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
         why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp_size} tokens per rank, tokens below "
                f"{AUTO_TOKENS_BELOW})" if train.mlp_exchange == "auto" else "")
         p.notes.append(f"MLP exchange: {exchange}{why}")
+    if m.is_moe:
+        ep = train.expert_size
+        p.notes.append(f"MoE: {m.moe_layers} of {m.layers} layers, {m.num_experts} experts top-{m.topk}, EP {ep} "
+                       f"({m.num_experts // ep} experts per GPU, expert-DP {cluster.world // ep}), alltoall dispatcher, "
+                       "balanced routing assumed")
     if lay.cp > 1:
         p.notes.append("CP modelled as K/V all-gather (re-gathered in backward), zigzag, local q/k/v/o saved")
     return p

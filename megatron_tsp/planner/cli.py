@@ -6,6 +6,7 @@ TP+SP, CP, TP x CP and FSDP-over-CP for a model, context length and cluster.
         --seq-len 131072 --gpus-per-node 8 --gpu-memory-gb 192 --json
     megatron-tsp plan configs/7b_16k.yaml --frontier --gpus-per-node 8 --json   # the longest contexts
     megatron-tsp plan configs/7b_16k.yaml --layout tsp4 --layout tp2xcp2   # two layouts on the default h200x4
+    megatron-tsp plan configs/olmoe_1b_7b_4k.yaml --gpus-per-node 4 --expert-size 2   # MoE: experts on 2 GPUs
     megatron-tsp plan validate      # regenerate docs/plan_validation.md from benchmarks/results/*.json
 
 Formulas: docs/planner.md.
@@ -71,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tsp-mlp-exchange", choices=list(MLP_EXCHANGES),
                    help="how TSP's MLP meets its weights (default: the recipe's parallel.tsp_mlp_exchange, else "
                         f"auto: tokens below {AUTO_TOKENS_BELOW} tokens per rank, else ring)")
+    t.add_argument("--expert-size", type=int,
+                   help="parallel.expert_size: expert-parallel size EP of an MoE model, for every layout planned "
+                        "(E / EP experts per GPU; TSP: D or D x k)")
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
     c.add_argument("--nodes", type=int, default=1)
@@ -105,7 +109,8 @@ _TRAIN_FLAGS = {"micro_batch": "micro_batch", "distributed_optimizer": "distribu
                 "recompute": "recompute", "recompute_method": "recompute_method",
                 "recompute_num_layers": "recompute_num_layers", "tsp_recompute": "tsp_recompute",
                 "offload_activations": "offload_activations", "tsp_lm_head": "lm_head",
-                "lm_head_chunk_tokens": "lm_head_chunk_tokens", "tsp_mlp_exchange": "mlp_exchange"}
+                "lm_head_chunk_tokens": "lm_head_chunk_tokens", "tsp_mlp_exchange": "mlp_exchange",
+                "expert_size": "expert_size"}
 
 
 def build_inputs(args):
@@ -200,6 +205,9 @@ def _inference(args) -> int:
     if args.prompt_tokens is not None:
         args.seq_len = args.prompt_tokens
     model, train, cluster, hw, layouts = build_inputs(args)
+    if model.is_moe:
+        raise PlanError(f"--inference models dense models: model.num_experts = {model.num_experts} (MoE prefill is "
+                        "not modelled)")
     n = cluster.world
     runs = []
     for lay in layouts or [Layout("tsp", tsp_size=n), Layout("tp", tp=n), Layout("cp", cp=n)]:

@@ -2,7 +2,8 @@
 
 Symbols (docs/planner.md): L layers, h hidden, a heads, g KV groups, d = h/a head dim,
 q = a*d, kv = g*d, f MLP width, V vocab, b bytes per parameter/activation element (bf16: 2),
-B micro-batch, S sequence length, D the TSP size, T the TP size, C the CP size.
+B micro-batch, S sequence length, D the TSP size, T the TP size, C the CP size; MoE: E experts,
+k experts per token, fe expert width, fs shared-expert width, EP expert-parallel size.
 
 Every activation term below is a tensor the code keeps for backward, found by listing the
 saved tensors of one layer (torch.autograd.graph.saved_tensors_hooks on the real modules,
@@ -12,8 +13,9 @@ code changes (e.g. TSP's "save activations" mode: `TSP_SAVED`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..config import resolve_mlp_exchange
 from .flops import model_flops
@@ -49,28 +51,99 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp_size, lay.tsp_size)
 
 
-def mlp_intermediates(m: ModelSpec) -> int:
+def mlp_intermediates(m: ModelSpec, f: Optional[int] = None) -> int:
     """Elements per token Megatron's MLP (local spec, bias_activation_fusion=False as
-    megatron_tsp.training.build builds it) saves past its input: gated: the fc1 output 2f (the
-    activation keeps a view of it), act(gate) f, up + offset f, their product f (fc2's input);
-    GELU: the fc1 output and the activation output."""
-    return (5 if m.gated else 2) * m.f
+    megatron_tsp.training.build builds it) of width f (default the model's) saves past its input:
+    gated: the fc1 output 2f (the activation keeps a view of it), act(gate) f, up + offset f,
+    their product f (fc2's input); GELU: the fc1 output and the activation output."""
+    return (5 if m.gated else 2) * (m.f if f is None else f)
+
+
+# -- mixture of experts: Megatron's MoELayer, alltoall dispatcher, SequentialMLP experts --------
+
+def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
+    """Bytes an MoE layer's router, dispatcher and routed experts save per token of the MoE
+    region (each GPU's own tokens under TSP, TP+SP and CP), listed with saved_tensors_hooks on
+    megatron-core 0.19 (tests/planner/test_plan_moe.py checks it on CPU). Balanced routing: the
+    k copies of each token this GPU sends come back as k tokens to its own experts. The layer's
+    input (the pre-MLP norm output, the router's input) is the block input counted beside it.
+    Router (fp32 / int64 whatever the model dtype): the top-k probabilities [k] (pre-softmax:
+    the softmax over all E; sigmoid: its output [E], the normalised top-k and two per-token
+    sums), the top-k indices (int64 [k]); the load-balancing loss adds the fp32 scores [E] and
+    a second index [k]; the z-loss the fp32 logits [E] and their log-sum-exp. Dispatcher: the
+    permutation indices (int64: one per copy, and one per (token, expert) pair of the routing
+    map). Experts, per routed copy: the permuted token
+    (fc1's input, h), its probability and the MLP intermediates at width fe plus the activation
+    output the probability multiplies (gated 6 fe, GELU 3 fe). Megatron 0.16.1 keeps the
+    routing map [E] as bool and the probabilities [E] in fp32 instead of one int64 index per
+    copy: within 2% of this at the test's shape."""
+    b, k, E = m.dtype_bytes, m.topk, m.num_experts
+    if m.router_score == "sigmoid":
+        probs = FP32 * (E + k) + 2 * FP32
+    else:
+        probs = FP32 * (E if m.router_pre_softmax else k)
+    router = probs + 8 * k
+    if m.router_aux_loss:
+        router += FP32 * E + 8 * k
+    if m.router_z_loss:
+        router += FP32 * (E + 1)
+    return {
+        "MoE router (probabilities, top-k indices, loss scores)": router,
+        "MoE dispatcher permutation indices": 8 * k + 8 * E,
+        "MoE permuted tokens (k copies, expert fc1 input)": b * k * m.hidden,
+        "MoE routed probabilities (k copies)": b * k,
+        "MoE expert intermediates (k copies)": b * k * ((6 if m.gated else 3) * m.fe),
+    }
+
+
+def shared_expert_model(m: ModelSpec) -> ModelSpec:
+    """The model whose (dense) MLP is the shared expert: TSP runs it as its ring MLP, the
+    baselines as Megatron's SharedExpertMLP (a TP+SP MLP of width fs)."""
+    return dataclasses.replace(m, ffn=m.shared_ffn, num_experts=None)
+
+
+def layer_counts_saved(m: ModelSpec, train: TrainSpec) -> Tuple[int, int]:
+    """(dense, MoE) layers that keep their full activations under the layer recompute: all
+    without it, none with uniform, the layers after the first N with block."""
+    rc = layer_recompute(m, train)
+    pattern = m.moe_pattern
+    saved = pattern[m.layers - rc.saved:] if rc.saved else []
+    return len(saved) - sum(saved), sum(saved)
+
+
+def moe_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
+    """(buffers, scratch) in bytes while an MoE layer runs its backward (from the code, not
+    measured): the combine's and the dispatch's gradient all-to-alls (a send and a receive
+    buffer of [s k, h]), the permuted tokens' gradient [s k, h], one expert's intermediate
+    gradients (SequentialMLP runs its E / EP experts one after the other: s k EP / E tokens
+    each, gated 5 fe, GELU 2 fe) and dx and the incoming gradient [s, h]."""
+    b, h, k = m.dtype_bytes, m.hidden, m.topk
+    s = train.micro_batch * train.seq_len / lay.token_shards
+    ep = train.expert_size
+    comm = 2 * s * k * h * b if ep > 1 else 0.0
+    one_expert = s * k * ep / m.num_experts
+    scratch = s * k * h * b + one_expert * (5 if m.gated else 2) * m.fe * b + 2 * s * h * b
+    return comm, scratch
 
 
 def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean",
-                        exchange: str = "ring") -> Dict[str, float]:
+                        exchange: str = "ring", moe: bool = False) -> Dict[str, float]:
     """TSP, per local token of one layer. Block recompute: the two norms, the inputs of the
     attention and MLP functions (x_p) and the RoPE slice; nothing per shard. "Save activations"
     mode adds, summed over the D shards: q, the local k/v, the attention output and its
     log-sum-exp, and the MLP fc1 output. With the `tokens` exchange the MLP is Megatron's
     sequence-parallel MLP, which saves its intermediates over all S tokens at width f/D in
-    either mode (it does not follow TSP's recompute): D x that over S/D local tokens."""
+    either mode (it does not follow TSP's recompute): D x that over S/D local tokens.
+    `moe`: an MoE layer, whose MLP is Megatron's MoELayer on the local tokens
+    (moe_saved_per_token, the same in both modes: TSP's recompute does not cover it) and whose
+    shared expert is the TSP ring MLP at width fs (its items as the MLP's above)."""
     b = m.dtype_bytes
     items = {
         "norms": 2 * norm_saved(m, norm),
         "block inputs x_p (attention, MLP)": 2 * b * m.hidden,
         "RoPE table slice": rope_saved(m),
     }
+    f_mlp = (m.shared_ffn or 0) if moe else m.f  # the TSP MLP of the layer: dense, or the shared expert
     if save_activations:
         items.update({
             "q (all shards)": b * m.q_dim,
@@ -78,19 +151,27 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
             "attention output o (all shards)": b * m.q_dim,
             "softmax log-sum-exp": FP32 * m.heads,
         })
-        if exchange != "tokens":
-            items["MLP fc1 output (all shards)"] = b * (2 if m.gated else 1) * m.f
-    if exchange == "tokens":
-        items["MLP intermediates (tokens exchange, S tokens x f/D)"] = b * mlp_intermediates(m)
+        if exchange != "tokens" and f_mlp:
+            items["shared expert fc1 output (all shards)" if moe else "MLP fc1 output (all shards)"] = \
+                b * (2 if m.gated else 1) * f_mlp
+    if exchange == "tokens" and f_mlp:
+        items[("shared expert" if moe else "MLP") + " intermediates (tokens exchange, S tokens x f/D)"] = \
+            b * mlp_intermediates(m, f_mlp)
+    if moe:
+        items.update(moe_saved_per_token(m))
     return items
 
 
-def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool = False) -> Dict[str, tuple]:
+def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool = False,
+                 moe: bool = False) -> Dict[str, tuple]:
     """Megatron's local-spec layer (SDPA core attention), per token: {item: (bytes, region)}
     with region 'norm' (tokens of the norm/residual region) or 'core' (tokens of the attention
     / MLP region, widths already divided by T). `selective` (Megatron's core-attention
     recompute): the checkpointed core attention keeps its inputs q, k, v (saved anyway, below)
-    and not its log-sum-exp; its output is still saved by linear_proj."""
+    and not its log-sum-exp; its output is still saved by linear_proj. `moe`: an MoE layer
+    (ETP = 1): router, dispatcher and experts on the tokens of the norm region
+    (moe_saved_per_token), the shared expert Megatron's SharedExpertMLP (MLP intermediates at
+    width fs / T) instead of the MLP."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = mlp_intermediates(m)
     items = {
@@ -105,6 +186,11 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     }
     if selective:
         del items["softmax log-sum-exp"]
+    if moe:
+        del items["MLP intermediates"]
+        if m.shared_ffn:
+            items["shared expert intermediates"] = (b * mlp_intermediates(m, m.shared_ffn) / T, "core")
+        items.update({k: (v, "norm") for k, v in moe_saved_per_token(m).items()})
     return items
 
 
@@ -168,15 +254,31 @@ class Plan:
 
 # -- memory -------------------------------------------------------------------------------------
 
-def param_counts(m: ModelSpec, lay: Layout) -> Dict[str, float]:
+def param_counts(m: ModelSpec, lay: Layout, expert_size: int = 1) -> Dict[str, float]:
     """Parameters held per GPU (elements): matmul weights split by the weight shards (TSP or
-    TP; FSDP-over-CP: C), norms replicated, embeddings vocab-parallel over the weight shards."""
+    TP; FSDP-over-CP: C), norms replicated, embeddings vocab-parallel over the weight shards.
+    MoE layers: attention and the shared expert split like the dense layer's, the router
+    replicated, E / EP whole experts (`experts`, stepped over expert-DP, not DP x CP)."""
     w = lay.weight_shards
     shard = lay.cp if lay.kind == "fsdp_cp" else 1
     heads = 1 if m.tied_embeddings else 2
-    layers = m.layers * (m.layer_matmul_params / w + m.layer_norm_params)
+    layers = m.dense_layers * (m.layer_matmul_params / w + m.layer_norm_params)
+    if m.is_moe:
+        layers += m.moe_layers * ((m.attn_params + m.shared_params) / w + m.router_params + m.layer_norm_params)
+    experts = m.moe_layers * m.num_experts / expert_size * m.expert_params if m.is_moe else 0.0
     embed = heads * m.embedding_params / w + m.hidden
-    return {"layers": layers / shard, "embeddings": embed / shard, "total": (layers + embed) / shard}
+    return {"layers": layers / shard, "embeddings": embed / shard, "experts": experts,
+            "total": (layers + embed) / shard + experts}
+
+
+def stepped_params(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> float:
+    """Parameters whose optimizer state this GPU holds and steps: with the distributed optimizer
+    the dense ones / (DP x C) and the experts / expert-DP (GPUs / EP); all of them without."""
+    P = param_counts(m, lay, train.expert_size)
+    if not train.distributed_optimizer or lay.kind == "fsdp_cp":
+        return P["total"]
+    dp = cluster.world // lay.size
+    return (P["total"] - P["experts"]) / (dp * lay.cp) + P["experts"] / (cluster.world // train.expert_size)
 
 
 def in_layer_mode(lay: Layout, train: TrainSpec) -> str:
@@ -257,34 +359,40 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
     b, B, S, L = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers
     w, C = lay.weight_shards, lay.cp
-    dp = cluster.world // lay.size
-    P = param_counts(m, lay)["total"]
+    P = param_counts(m, lay, train.expert_size)["total"]
     params = P * b
     grads = P * (FP32 if train.grad_reduce_in_fp32 else b)
     adam = train.optimizer == "adam"
     master = FP32 if b < FP32 and adam else 0  # fp32 main params of a bf16 model
-    opt_shard = (dp * C) if train.distributed_optimizer and lay.kind != "fsdp_cp" else 1
-    optimizer = P * (master + (2 * FP32 if adam else 0)) / opt_shard
+    stepped = stepped_params(m, train, lay, cluster)
+    optimizer = stepped * (master + (2 * FP32 if adam else 0))
     # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps
-    opt_step_transient = P * FP32 / opt_shard if adam else 0.0
+    opt_step_transient = stepped * FP32 if adam else 0.0
 
     mode = in_layer_mode(lay, train)
     rc = layer_recompute(m, train)
     exchange = mlp_exchange(train, lay)
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
     tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
-    layer_items: Dict[str, float] = {}  # bytes one layer saves for its backward
-    if lay.kind == "tsp":
-        for k, v in tsp_saved_per_token(m, save_activations=(mode == "save"), norm=train.norm,
-                                        exchange=exchange).items():
-            layer_items[k] = v * tokens_norm
-    else:
-        for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective")).items():
-            layer_items[k] = v * (tokens_norm if region == "norm" else tokens_core)
-    layer_act = sum(layer_items.values())
+    def layer_items(moe: bool) -> Dict[str, float]:  # bytes one layer saves for its backward
+        if lay.kind == "tsp":
+            return {k: v * tokens_norm for k, v in tsp_saved_per_token(
+                m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe).items()}
+        return {k: v * (tokens_norm if region == "norm" else tokens_core)
+                for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
+                                                   moe=moe).items()}
+
+    dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
+    # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
+    layer_act = max(sum(dense_items.values()) if m.dense_layers else 0.0, sum(moe_items.values()))
     layer_input = b * m.hidden * tokens_norm  # [s, b, h]: what a checkpointed layer keeps
     inputs_on_gpu = min(2, rc.inputs) if train.offload_activations else rc.inputs
-    detail: Dict[str, float] = {k: v * rc.saved for k, v in layer_items.items() if rc.saved}
+    saved_dense, saved_moe = layer_counts_saved(m, train)
+    detail: Dict[str, float] = {}
+    for items, n in ((dense_items, saved_dense), (moe_items, saved_moe)):
+        for k, v in items.items():
+            if n:
+                detail[k] = detail.get(k, 0.0) + v * n
     if rc.inputs:
         detail[f"checkpointed layer inputs ({rc.label}: {inputs_on_gpu} of {rc.inputs} on the GPU)"] = \
             inputs_on_gpu * layer_input
@@ -310,15 +418,28 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     point = "layer backward"
     if lay.kind == "tsp":
         # the attention and the MLP backward run one after the other: the larger of the two
-        (comm, scratch), point = max((tsp_attention_in_flight(m, train, lay), "layer backward (attention)"),
-                                     (tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)"),
-                                     key=lambda x: sum(x[0]))
+        # (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)
+        blocks = [(tsp_attention_in_flight(m, train, lay), "layer backward (attention)")]
+        if m.dense_layers:
+            blocks.append((tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)"))
+        if m.is_moe:
+            blocks.append((moe_in_flight(m, train, lay), "layer backward (MoE)"))
+            if m.shared_ffn:
+                blocks.append((tsp_mlp_in_flight(shared_expert_model(m), train, lay),
+                               "layer backward (shared expert)"))
+        (comm, scratch), point = max(blocks, key=lambda x: sum(x[0]))
     elif lay.kind == "fsdp_cp":
         comm = 2 * m.layer_matmul_params * b + m.layer_matmul_params * FP32  # 2 gathered layers + grads
         scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
     else:
         comm = 2 * B * S / C * 2 * m.kv_dim / w * b if C > 1 else 0.0  # gathered K/V + grad
         scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
+        if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
+            moe_comm, moe_scratch = moe_in_flight(m, train, lay)
+            dense_mlp = scratch if m.dense_layers else 0.0
+            shared = 2 * tokens_core * 2 * m.shared_ffn / w * b + 2 * s * m.hidden * b if m.shared_ffn else 0.0
+            if moe_comm + max(moe_scratch, shared) > dense_mlp:
+                comm, scratch = comm + moe_comm, max(moe_scratch, shared)
     comm += mpu_buffer
     static = params + grads + optimizer
     # a checkpointed chunk rebuilds its N layers' saved tensors: the first layer's input is the
@@ -420,11 +541,23 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
     out: List[CommItem] = []
 
     def add(name, phase, coll, volume, group, stride, overlapped, time_bytes=None, per_layer=True,
-            overlap_flops=None, per_micro=False):
-        if group > 1 and volume > 0:
-            out.append(CommItem(name, phase, coll, volume, volume if time_bytes is None else time_bytes,
-                                group, _link(group, stride, cluster), overlapped, per_layer, overlap_flops,
-                                per_micro))
+            overlap_flops=None, per_micro=False, frac=1.0, link=None):
+        # frac: the share of the layers that run it (an MLP of dense layers only, the MoE
+        # layer's all-to-alls): per-layer items are per layer on average
+        if group > 1 and volume > 0 and frac > 0:
+            out.append(CommItem(name, phase, coll, volume * frac,
+                                (volume if time_bytes is None else time_bytes) * frac,
+                                group, link or _link(group, stride, cluster), overlapped, per_layer,
+                                None if overlap_flops is None else overlap_flops * frac, per_micro))
+
+    L = m.layers
+    dense_frac = m.dense_layers / L
+    moe_frac = m.moe_layers / L
+    # the layers whose MLP is a dense MLP of the layout (TSP's exchange, TP+SP's gathers): the dense
+    # layers, and the MoE layers' shared experts
+    mlps = [(m, dense_frac)] if m.dense_layers else []
+    if m.is_moe and m.shared_ffn:
+        mlps.append((shared_expert_model(m), moe_frac))
 
     if lay.kind == "tsp":
         D = lay.tsp_size
@@ -448,41 +581,54 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         add("dK/dV reduce-scatter (D-1 shards, overlapped)", "bwd", "reduce_scatter", r * KV * (D - 1) / D, D, 1, True)
         add("dK/dV reduce-scatter (last shard, exposed)", "bwd", "reduce_scatter", r * KV / D, D, 1, False)
         add("attention weight-grad reduce", "bwd", "reduce", r * Pa, D, 1, True, time_bytes=Pa)
-        s = B * S / D
-        fc1 = (2 if m.gated else 1) * m.f * m.hidden / D  # fc1 elements of one shard
-        if exchange == "ring":
-            # each hop is posted a step ahead: it hides behind one shard's GEMMs (forward
-            # 2 s Pm/D) when those take longer. Backward: the D-1 weight hops and the D hops of
-            # the travelling gradient share the D shards' backward GEMMs (dgrad + wgrad, and fc1
-            # again with recompute); the last gradient hop has only the last dx GEMM beside it,
-            # so the share is spread evenly over the 2D - 1 hops.
-            shard_fwd = 2 * s * m.mlp_params / D
-            bwd = D * (2 * shard_fwd + (0 if mode == "save" else 2 * s * fc1))
-            add("MLP weight ring", "fwd", "send_recv", (D - 1) * Pm / D, D, 1, True,
-                overlap_flops=(D - 1) * shard_fwd)
-            add("MLP weight ring", "bwd", "send_recv", (D - 1) * Pm / D, D, 1, True,
-                overlap_flops=bwd * (D - 1) / (2 * D - 1))
-            add("MLP grad ring (D hops)", "bwd", "send_recv", Pm, D, 1, True, overlap_flops=bwd * D / (2 * D - 1))
-        elif exchange == "broadcast":  # attention's exchange: prefetched broadcasts, asynchronous reduces
-            for phase in ("fwd", "bwd"):
-                add("MLP weight broadcast", phase, "broadcast", r * Pm, D, 1, True, time_bytes=Pm)
-            add("MLP weight-grad reduce", "bwd", "reduce", r * Pm, D, 1, True, time_bytes=Pm)
-        elif exchange == "tokens":
-            # Megatron's sequence-parallel MLP on the TSP group, synchronous like TP+SP's:
-            # forward gathers its input and reduce-scatters its output; backward re-gathers the
-            # input (wgrad), gathers the output gradient and reduce-scatters the input gradient
-            X = r * B * S * m.hidden * b
-            add("MLP input all-gather (tokens)", "fwd", "all_gather", X, D, 1, False)
-            add("MLP output reduce-scatter (tokens)", "fwd", "reduce_scatter", X, D, 1, False)
-            add("MLP all-gather (input for wgrad; output grad) (tokens)", "bwd", "all_gather", 2 * X, D, 1, False)
-            add("MLP input-grad reduce-scatter (tokens)", "bwd", "reduce_scatter", X, D, 1, False)
+
+        def tsp_mlp_items(mm, frac, what="MLP"):
+            """TSP's MLP exchange for an MLP `mm` (a dense layer's, or the shared expert's) run by
+            `frac` of the layers."""
+            Pm = mm.mlp_params * b
+            s = B * S / D
+            fc1 = (2 if mm.gated else 1) * mm.f * mm.hidden / D  # fc1 elements of one shard
+            if exchange == "ring":
+                # each hop is posted a step ahead: it hides behind one shard's GEMMs (forward
+                # 2 s Pm/D) when those take longer. Backward: the D-1 weight hops and the D hops of
+                # the travelling gradient share the D shards' backward GEMMs (dgrad + wgrad, and fc1
+                # again with recompute); the last gradient hop has only the last dx GEMM beside it,
+                # so the share is spread evenly over the 2D - 1 hops.
+                shard_fwd = 2 * s * mm.mlp_params / D
+                bwd = D * (2 * shard_fwd + (0 if mode == "save" else 2 * s * fc1))
+                add(f"{what} weight ring", "fwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
+                    overlap_flops=(D - 1) * shard_fwd)
+                add(f"{what} weight ring", "bwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
+                    overlap_flops=bwd * (D - 1) / (2 * D - 1))
+                add(f"{what} grad ring (D hops)", "bwd", "send_recv", Pm, D, 1, True, frac=frac,
+                    overlap_flops=bwd * D / (2 * D - 1))
+            elif exchange == "broadcast":  # attention's exchange: prefetched broadcasts, asynchronous reduces
+                for phase in ("fwd", "bwd"):
+                    add(f"{what} weight broadcast", phase, "broadcast", r * Pm, D, 1, True, time_bytes=Pm, frac=frac)
+                add(f"{what} weight-grad reduce", "bwd", "reduce", r * Pm, D, 1, True, time_bytes=Pm, frac=frac)
+            elif exchange == "tokens":
+                # Megatron's sequence-parallel MLP on the TSP group, synchronous like TP+SP's:
+                # forward gathers its input and reduce-scatters its output; backward re-gathers the
+                # input (wgrad), gathers the output gradient and reduce-scatters the input gradient
+                X = r * B * S * mm.hidden * b
+                add(f"{what} input all-gather (tokens)", "fwd", "all_gather", X, D, 1, False, frac=frac)
+                add(f"{what} output reduce-scatter (tokens)", "fwd", "reduce_scatter", X, D, 1, False, frac=frac)
+                add(f"{what} all-gather (input for wgrad; output grad) (tokens)", "bwd", "all_gather", 2 * X, D, 1,
+                    False, frac=frac)
+                add(f"{what} input-grad reduce-scatter (tokens)", "bwd", "reduce_scatter", X, D, 1, False, frac=frac)
+
+        for mm, frac in mlps:
+            tsp_mlp_items(mm, frac, "shared expert" if mm is not m else "MLP")
     if lay.kind in ("tp_sp", "tp_cp") and lay.tp > 1:
         T = lay.tp
         X = (T - 1) / T * B * S / lay.cp * m.hidden * b
-        add("sequence all-gather (qkv, fc1 inputs)", "fwd", "all_gather", 2 * X, T, 1, False)
-        add("sequence reduce-scatter (proj, fc2 outputs)", "fwd", "reduce_scatter", 2 * X, T, 1, False)
-        add("all-gather (inputs for wgrad; output grads)", "bwd", "all_gather", 4 * X, T, 1, False)
-        add("reduce-scatter (input grads)", "bwd", "reduce_scatter", 2 * X, T, 1, False)
+        # attention's gathers, and the MLP's where the layer has one (an MoE layer without a shared
+        # expert gathers nothing around its MLP: ETP = 1, the router and dispatcher see local tokens)
+        n = 1 + sum(frac for _, frac in mlps)
+        add("sequence all-gather (qkv, fc1 inputs)", "fwd", "all_gather", n * X, T, 1, False)
+        add("sequence reduce-scatter (proj, fc2 outputs)", "fwd", "reduce_scatter", n * X, T, 1, False)
+        add("all-gather (inputs for wgrad; output grads)", "bwd", "all_gather", 2 * n * X, T, 1, False)
+        add("reduce-scatter (input grads)", "bwd", "reduce_scatter", n * X, T, 1, False)
     if lay.kind == "tp" and lay.tp > 1:
         T = lay.tp
         X = 2 * (T - 1) / T * B * S * m.hidden * b
@@ -500,6 +646,25 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         add("FSDP weight all-gather", "fwd", "all_gather", W * b, C, 1, True)
         add("FSDP weight re-gather", "bwd", "all_gather", W * b, C, 1, True)
         add("FSDP grad reduce-scatter (fp32)", "bwd", "reduce_scatter", W * FP32, C, 1, True)
+    if m.is_moe and train.expert_size > 1:
+        # the alltoall dispatcher: each GPU sends the k copies of its s tokens to the experts' GPUs
+        # (forward dispatch and combine, backward their adjoints), synchronous. Balanced routing:
+        # 1/EP of the copies stay, the rest go to each other GPU of the EP group alike; the EP
+        # group is EP consecutive ranks (TSP, TP and CP fastest), so min(EP, G) - 1 of its peers
+        # share this GPU's node and the other EP - min(EP, G) are reached over the inter-node link.
+        # The routing probabilities travel with the tokens (forward) and their gradients back.
+        EP, G = train.expert_size, cluster.gpus_per_node
+        s_moe = B * S / lay.token_shards
+        tokens, probs = s_moe * m.topk * m.hidden * b, s_moe * m.topk * b
+        for link, peers in (("intra", min(EP, G) - 1), ("inter", EP - min(EP, G))):
+            if peers:
+                for phase, what in (("fwd", "dispatch"), ("fwd", "combine"), ("bwd", "combine gradient"),
+                                    ("bwd", "dispatch gradient")):
+                    add(f"MoE all-to-all {what} ({link}-node peers)", phase, "all_to_all", tokens * peers / EP, EP, 1,
+                        False, frac=moe_frac, link=link)
+                for phase in ("fwd", "bwd"):
+                    add(f"MoE all-to-all routing probabilities ({link}-node peers)", phase, "all_to_all",
+                        probs * peers / EP, EP, 1, False, frac=moe_frac, link=link)
     # Megatron's layer recompute runs the forward of each recomputed layer again in backward,
     # with its communication (TSP's K/V gathers and weight exchange; TP+SP's gathers; CP's K/V)
     rc = layer_recompute(m, train)
@@ -528,7 +693,8 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
     # data-parallel gradient sync, once per step, over DP x CP (not FSDP: its grads are reduced above)
     dp = cluster.world // lay.size
     n = dp * (lay.cp if lay.kind != "fsdp_cp" else 1)
-    P = param_counts(m, lay)["total"]
+    counts = param_counts(m, lay, train.expert_size)
+    P = counts["total"] - counts["experts"]
     g = FP32 if train.grad_reduce_in_fp32 else b
     stride = lay.weight_shards if lay.kind != "fsdp_cp" else lay.cp
     if lay.kind == "fsdp_cp":
@@ -538,6 +704,17 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         add("DP param all-gather", "step", "all_gather", (n - 1) / n * P * b, n, stride, False, per_layer=False)
     else:
         add("DP grad all-reduce", "step", "all_reduce", 2 * (n - 1) / n * P * g, n, stride, False, per_layer=False)
+    if counts["experts"]:
+        # the experts' gradients over expert-DP (GPUs / EP ranks, stride EP)
+        Pe, ne, EP = counts["experts"], cluster.world // train.expert_size, train.expert_size
+        if train.distributed_optimizer:
+            add("expert-DP grad reduce-scatter", "step", "reduce_scatter", (ne - 1) / ne * Pe * g, ne, EP, False,
+                per_layer=False)
+            add("expert-DP param all-gather", "step", "all_gather", (ne - 1) / ne * Pe * b, ne, EP, False,
+                per_layer=False)
+        else:
+            add("expert-DP grad all-reduce", "step", "all_reduce", 2 * (ne - 1) / ne * Pe * g, ne, EP, False,
+                per_layer=False)
     return out
 
 
@@ -550,15 +727,22 @@ def volume_per_layer(items: List[CommItem], phase: str) -> float:
 def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     """FLOPs per GPU per micro-batch. Causal attention counts the unmasked half:
     forward 2 x B S^2 q (QK^T and PV), backward 2.5 x forward (flash: 5 GEMMs vs 2): what the
-    kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count."""
+    kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count.
+    MoE layers count the active weights (router, k experts, shared expert): balanced routing
+    gives every GPU s k expert tokens."""
     B, S, L = train.micro_batch, train.seq_len, m.layers
     mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
-    fwd_mm = 2 * B * S * m.layer_matmul_params * L / n
+    active = m.active_matmul_params  # summed over the L layers
+    fwd_mm = 2 * B * S * active / n
     fwd_attn = 2 * B * S * S * m.q_dim * L / n
     extra = 1.0 if mode == "block" else 0.0  # TSP's block recompute, every layer
-    # the tokens MLP is Megatron's: TSP's recompute does not rerun it
-    extra_mm = extra * (m.attn_params / m.layer_matmul_params if mlp_exchange(train, lay) == "tokens" else 1.0)
+    # what TSP's block recompute reruns: attention and the TSP MLP (the dense MLP, the shared
+    # expert); not the tokens MLP (Megatron's) nor the MoE layer's router and experts (Megatron's)
+    tokens = mlp_exchange(train, lay) == "tokens"
+    rerun_tsp = L * m.attn_params + (0 if tokens else m.dense_layers * m.mlp_params
+                                     + m.moe_layers * m.shared_params)
+    extra_mm = extra * rerun_tsp / active
     # Megatron's layer recompute: one more forward of the recomputed layers (inside which TSP's
     # block mode still recomputes in its backward); selective: one more core-attention forward
     rerun = layer_recompute(m, train).recomputed / L
@@ -569,7 +753,7 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
         "attention": fwd_attn * (1 + extra_attn) + 2.5 * fwd_attn,
         # for MFU: the one model-FLOP count bench uses too (planner/flops.py: attention backward
         # = 2 x forward, no recompute, the LM head once), per GPU
-        "model_flops": model_flops(layers=L, matmul_params_per_layer=m.layer_matmul_params, q_dim=m.q_dim,
+        "model_flops": model_flops(layers=L, matmul_params_per_layer=active / L, q_dim=m.q_dim,
                                    hidden=m.hidden, vocab=m.vocab, seq=S, batch=B)["total"] / n,
     }
 
@@ -587,29 +771,41 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
         s_core_width = s  # each rank runs all D shards on its s tokens
     refwd = 1 if mode == "block" else 0
     tokens_mlp = mlp_exchange(train, lay) == "tokens"  # Megatron's MLP: no TSP recompute, no per-shard adds
+    # MoE layers (estimated, not profiled): the activation runs on the k routed copies (width fe)
+    # and the shared expert; the dispatcher's permute / unpermute copies read and write the s
+    # tokens and their k copies once each way; the layers' figures below are per layer on average
+    Lm = m.moe_layers
+    f_act = ((L - Lm) * m.f + Lm * (m.topk * m.fe + (m.shared_ffn or 0))) / L
+    f_tsp = ((L - Lm) * m.f + Lm * (m.shared_ffn or 0)) / L  # width of the MLP TSP recomputes and rings
+    m_act = dataclasses.replace(m, ffn=max(1, round(f_act)), num_experts=None)
     # composite fp32: fwd 36h + bwd 72h bytes per token; lean (estimated, not profiled): the same
     # ops, plus the backward rebuilding the fp32 normalized value from the saved input (+18h);
     # fused: one read and one write each way
     norm = {"torch": 108 * h, "lean": 126 * h, "fused": 6 * h * b}[train.norm]
     rope = 28 * (m.q_dim + m.kv_dim) * b / 2  # per token, one direction
-    act = (16 if m.gated else 4) * m.f * b / 2  # fwd
-    act_bwd = (26 if m.gated else 6) * m.f * b / 2
+    act = (16 if m.gated else 4) * m_act.f * b / 2  # fwd
+    act_bwd = (26 if m.gated else 6) * m_act.f * b / 2
+    act_tsp = (16 if m.gated else 4) * f_tsp * b / 2  # the part TSP's block mode recomputes
     resid = 24 * h * b / 2
     per_layer = 2 * norm * s + resid * s
-    per_layer += s_core_width * (rope * (2 + refwd) + act * (1 + (0 if tokens_mlp else refwd)) + act_bwd)
-    P_layer = m.layer_matmul_params / w
+    per_layer += s_core_width * (rope * (2 + refwd) + act + (0 if tokens_mlp else refwd) * act_tsp + act_bwd)
+    per_layer += Lm / L * 4 * (1 + m.topk) * h * b * s  # MoE permute / unpermute, forward and backward
+    P_layer = (m.dense_layers * m.layer_matmul_params / w + (m.moe_layers * (
+        (m.attn_params + m.shared_params) / w + m.router_params + m.num_experts / train.expert_size * m.expert_params)
+        if m.is_moe else 0)) / L
     per_layer += P_layer * (b + 2 * FP32)  # add the weight grads into the fp32 main grads
     if lay.kind == "tsp":
         D = lay.tsp_size
         blocks = 1 if tokens_mlp else 2
         per_layer += (2 * D - 1) * blocks * 6 * h * b / 2 * s  # out.add_ / dx.add_ per shard
         per_layer += (2 + refwd) * (2 * 2 * m.kv_dim * b * D + 2 * m.q_dim * b) * s  # zigzag K/V copy, cat
-        packed = m.attn_params if tokens_mlp else m.layer_matmul_params
+        mlp_tsp = 3 * h * f_tsp if m.gated else 2 * h * f_tsp  # the TSP MLP's weights (dense, shared expert)
+        packed = m.attn_params if tokens_mlp else m.attn_params + mlp_tsp
         per_layer += packed / D * b * (2 * 2 + 2)  # pack (fwd, bwd), cat of grads
         if mlp_exchange(train, lay) == "ring":
-            per_layer += (D - 1) * 3 * m.mlp_params / D * b  # ring gradient adds
+            per_layer += (D - 1) * 3 * mlp_tsp / D * b  # ring gradient adds
     # Megatron's layer recompute reruns the forward's memory-bound ops of the recomputed layers
-    fwd_part = 2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act)
+    fwd_part = 2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act) + Lm / L * 2 * (1 + m.topk) * h * b * s
     if lay.kind == "tsp":
         fwd_part += (lay.tsp_size * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp_size + 2 * m.q_dim * b) * s
     per_layer += fwd_part * layer_recompute(m, train).recomputed / L

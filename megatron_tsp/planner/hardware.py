@@ -40,6 +40,10 @@ class Hardware:
         if not table:
             raise PlanError(f"hardware profile {self.name!r} has no {link}-node link bandwidths "
                             f"(links.{link}_node); a layout crossing nodes needs them")
+        if collective == "all_to_all" and collective not in table and "all_gather" in table:
+            # profiles measured before MoE have no all-to-all: NCCL's all-to-all and all-gather
+            # move the same bytes per rank over the same links (docs/planner.md, an assumption)
+            collective = "all_gather"
         if collective not in table:
             raise PlanError(f"hardware profile {self.name!r}: links.{link}_node has no {collective}_gb_s")
         return table[collective]

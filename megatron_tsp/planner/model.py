@@ -7,9 +7,9 @@ Every check raises `PlanError` (a `TSPConfigError`) naming the flag at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
-from ..config import MLP_EXCHANGES, TSPConfigError
+from ..config import MLP_EXCHANGES, TSPConfigError, moe_layer_pattern
 from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -19,6 +19,8 @@ RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
 TSP_RECOMPUTE = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
 LM_HEADS = ("local", "megatron")  # parallel.tsp_lm_head
 NORMS = ("lean", "torch", "fused")
+ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # model.moe_router_load_balancing_type
 
 
 def _positive(flag: str, value) -> None:
@@ -28,8 +30,11 @@ def _positive(flag: str, value) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A dense GPT: Megatron's local spec, RMSNorm or LayerNorm, RoPE, untied embeddings by
-    default. `ffn` is the MLP width f; a gated (SwiGLU) MLP has fc1 of 2f x h."""
+    """A GPT: Megatron's local spec, RMSNorm or LayerNorm, RoPE, untied embeddings by
+    default. `ffn` is the MLP width f; a gated (SwiGLU) MLP has fc1 of 2f x h. With
+    `num_experts` E the layers `moe_layer_freq` picks are mixture-of-experts layers (Megatron's
+    MoELayer: a router h x E, E routed experts of width `moe_ffn` fe of which each token takes
+    `topk` k, an optional shared expert of width `shared_ffn` fs); the others stay dense."""
 
     layers: int
     hidden: int
@@ -42,6 +47,16 @@ class ModelSpec:
     tied_embeddings: bool = False
     name: str = "model"
     normalization: str = "RMSNorm"  # RMSNorm (one fp32 statistic per token: rstd) or LayerNorm (mean, rstd)
+    # mixture of experts (the recipe's model.num_experts and model.moe_* keys); num_experts None: dense
+    num_experts: Optional[int] = None
+    moe_ffn: Optional[int] = None  # routed expert width fe; None: ffn
+    topk: int = 2  # experts per token k
+    shared_ffn: Optional[int] = None  # shared expert width fs; None: no shared expert
+    moe_layer_freq: Union[int, Tuple[int, ...]] = 1  # an MoE layer every N layers, or one 0/1 per layer
+    router_score: str = "softmax"  # softmax or sigmoid
+    router_pre_softmax: bool = False  # softmax over all E before the top-k (saves [E] per token, not [k])
+    router_aux_loss: bool = True  # a load-balancing loss runs (type not none, coefficient > 0)
+    router_z_loss: bool = False
 
     def __post_init__(self):
         for flag, v in (("--layers", self.layers), ("--hidden", self.hidden), ("--heads", self.heads),
@@ -59,6 +74,24 @@ class ModelSpec:
             raise PlanError(f"--dtype = {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise PlanError(f"model.normalization = {self.normalization!r} is not one of RMSNorm, LayerNorm")
+        if self.num_experts is not None:
+            _positive("model.num_experts", self.num_experts)
+            _positive("model.moe_router_topk", self.topk)
+            if self.topk > self.num_experts:
+                raise PlanError(f"model.moe_router_topk = {self.topk} must be at most model.num_experts = "
+                                f"{self.num_experts}")
+            for key, v in (("model.moe_ffn_hidden_size", self.moe_ffn),
+                           ("model.moe_shared_expert_intermediate_size", self.shared_ffn)):
+                if v is not None:
+                    _positive(key, v)
+            if self.router_score not in ROUTER_SCORES:
+                raise PlanError(f"model.moe_router_score_function = {self.router_score!r} is not one of "
+                                f"{', '.join(ROUTER_SCORES)}")
+            freq = list(self.moe_layer_freq) if isinstance(self.moe_layer_freq, (list, tuple)) else self.moe_layer_freq
+            try:
+                moe_layer_pattern(_Freq(freq, self.layers))
+            except TSPConfigError as e:
+                raise PlanError(f"model.moe_layer_freq: {e}") from None
 
     @property
     def norm_stats(self) -> int:
@@ -103,7 +136,70 @@ class ModelSpec:
 
     @property
     def layer_matmul_params(self) -> int:
+        """Matmul weights of a dense layer (attention + MLP)."""
         return self.attn_params + self.mlp_params
+
+    # mixture of experts (all 0 / empty for a dense model)
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    @property
+    def moe_pattern(self) -> List[int]:
+        """1 for an MoE layer, 0 for a dense one (Megatron's reading of moe_layer_freq)."""
+        if not self.is_moe:
+            return [0] * self.layers
+        freq = list(self.moe_layer_freq) if isinstance(self.moe_layer_freq, (list, tuple)) else self.moe_layer_freq
+        return moe_layer_pattern(_Freq(freq, self.layers))
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.moe_pattern)
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    @property
+    def fe(self) -> int:
+        """Width of one routed expert's MLP."""
+        return self.moe_ffn if self.moe_ffn is not None else self.f
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert (ETP = 1: whole on its rank)."""
+        return (3 if self.gated else 2) * self.hidden * self.fe if self.is_moe else 0
+
+    @property
+    def shared_params(self) -> int:
+        return (3 if self.gated else 2) * self.hidden * self.shared_ffn if self.is_moe and self.shared_ffn else 0
+
+    @property
+    def router_params(self) -> int:
+        """The router's h x E weight (replicated on every rank of the layer)."""
+        return self.hidden * self.num_experts if self.is_moe else 0
+
+    @property
+    def moe_layer_params(self) -> int:
+        """Matmul weights of an MoE layer, every expert counted."""
+        return self.attn_params + self.router_params + self.num_experts * self.expert_params + self.shared_params
+
+    @property
+    def moe_active_params(self) -> int:
+        """Matmul weights one token passes in an MoE layer: attention, router, k experts, shared."""
+        return self.attn_params + self.router_params + self.topk * self.expert_params + self.shared_params
+
+    @property
+    def matmul_params_total(self) -> int:
+        """Matmul weights of the L layers (every expert counted)."""
+        moe = self.moe_layers * self.moe_layer_params if self.is_moe else 0
+        return self.dense_layers * self.layer_matmul_params + moe
+
+    @property
+    def active_matmul_params(self) -> int:
+        """Matmul weights one token passes through the L layers (model FLOPs: 6 x tokens x this)."""
+        moe = self.moe_layers * self.moe_active_params if self.is_moe else 0
+        return self.dense_layers * self.layer_matmul_params + moe
 
     @property
     def layer_norm_params(self) -> int:
@@ -116,7 +212,7 @@ class ModelSpec:
     @property
     def total_params(self) -> int:
         heads = 1 if self.tied_embeddings else 2
-        return (self.layers * (self.layer_matmul_params + self.layer_norm_params)
+        return (self.matmul_params_total + self.layers * self.layer_norm_params
                 + heads * self.embedding_params + self.hidden)
 
     @classmethod
@@ -128,9 +224,7 @@ class ModelSpec:
         m = read_recipe(path, list(overrides))["model"]
         if m.get("add_bias_linear"):
             raise PlanError("model.add_bias_linear = true: linear biases are not modelled by the planner")
-        if m.get("num_experts") is not None:  # every other model.moe_* key only matters with experts
-            raise PlanError(f"model.num_experts = {m['num_experts']}: mixture-of-experts models are not modelled by "
-                            "the planner yet (dense models only)")
+        moe = moe_fields(m)
         if m.get("position_embedding_type", "rope") != "rope":
             raise PlanError(f"model.position_embedding_type = {m['position_embedding_type']!r}: the planner models "
                             "rope only")
@@ -139,7 +233,41 @@ class ModelSpec:
         return cls(layers=m["num_layers"], hidden=m["hidden_size"], heads=m["num_attention_heads"],
                    kv_groups=m["num_query_groups"], ffn=m["ffn_hidden_size"], vocab=m["vocab_size"],
                    dtype=m["dtype"], gated=m["swiglu"], tied_embeddings=m["share_embeddings_and_output_weights"],
-                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m["seq_length"]
+                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                   **moe), m["seq_length"]
+
+
+class _Freq:
+    """What megatron_tsp.config.moe_layer_pattern reads of a config."""
+
+    def __init__(self, moe_layer_freq, num_layers):
+        self.moe_layer_freq, self.num_layers = moe_layer_freq, num_layers
+
+
+def moe_fields(m: dict) -> dict:
+    """ModelSpec's MoE fields of a recipe's `model` section ({} for a dense model). The options
+    the planner cannot model are a PlanError naming the key (every other model.moe_* key only
+    matters with experts, and is ignored without them)."""
+    if m.get("num_experts") is None:
+        return {}
+    if m.get("moe_expert_capacity_factor") is not None:
+        raise PlanError(f"model.moe_expert_capacity_factor = {m['moe_expert_capacity_factor']}: token dropping is "
+                        "not modelled by the planner (it assumes balanced routing, under which nothing is dropped; "
+                        "plan without it)")
+    types = m.get("moe_router_load_balancing_type", "aux_loss")
+    for t in types if isinstance(types, list) else [types]:
+        if t not in LOAD_BALANCING:
+            raise PlanError(f"model.moe_router_load_balancing_type = {t!r} is not modelled by the planner (one of "
+                            f"{', '.join(LOAD_BALANCING)})")
+    types = types if isinstance(types, list) else [types]
+    freq = m.get("moe_layer_freq", 1)
+    return dict(num_experts=m["num_experts"], moe_ffn=m.get("moe_ffn_hidden_size"), topk=m.get("moe_router_topk", 2),
+                shared_ffn=m.get("moe_shared_expert_intermediate_size"),
+                moe_layer_freq=tuple(freq) if isinstance(freq, list) else freq,
+                router_score=m.get("moe_router_score_function", "softmax"),
+                router_pre_softmax=bool(m.get("moe_router_pre_softmax", False)),
+                router_aux_loss=any(t != "none" for t in types) and bool(m.get("moe_aux_loss_coeff") or 0),
+                router_z_loss=bool(m.get("moe_z_loss_coeff") or 0))
 
 
 # recipe key -> TrainSpec field, for every `parallel` / `train` key the planner models (their
@@ -155,6 +283,7 @@ RECIPE_KEYS = {
     "parallel.lm_head_chunk_tokens": "lm_head_chunk_tokens",
     "train.micro_batch_size": "micro_batch",
     "train.distributed_optimizer": "distributed_optimizer",
+    "parallel.expert_size": "expert_size",
 }
 
 
@@ -172,6 +301,9 @@ def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
     if out["lm_head"] is None:  # a per-layout default: local for tsp
         out["lm_head"] = "local"
     p = r["parallel"]
+    if r["model"].get("num_experts") is not None and p.get("moe_dispatcher", "alltoall") != "alltoall":
+        raise PlanError(f"parallel.moe_dispatcher = {p['moe_dispatcher']!r}: the planner models the alltoall "
+                        "dispatcher only (the one TSP runs)")
     for bad, why in ((p.get("pipeline_size", 1) != 1, f"parallel.pipeline_size = {p.get('pipeline_size')}: pipeline "
                                                       "stages are not modelled by the planner (plan one stage's "
                                                       "layers with --layers)"),
@@ -207,6 +339,9 @@ class TrainSpec:
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
     norm: str = "lean"
     mlp_exchange: str = "auto"  # TSP's MLP exchange (parallel.tsp_mlp_exchange): ring, broadcast, tokens, auto
+    # expert-parallel size EP of MoE models (parallel.expert_size), the same for every layout planned:
+    # E / EP experts per GPU, expert TP 1, expert-data-parallel = GPUs / EP
+    expert_size: int = 1
 
     def __post_init__(self):
         _positive("--seq-len", self.seq_len)
@@ -235,6 +370,7 @@ class TrainSpec:
             raise PlanError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                             f"checkpointed layers' inputs); got parallel.recompute = {self.recompute!r}")
         _positive("parallel.lm_head_chunk_tokens (--lm-head-chunk-tokens)", self.lm_head_chunk_tokens)
+        _positive("parallel.expert_size (--expert-size)", self.expert_size)
         if self.mlp_exchange not in MLP_EXCHANGES:
             raise PlanError(f"--tsp-mlp-exchange = {self.mlp_exchange!r} is not one of {', '.join(MLP_EXCHANGES)}")
 
@@ -339,6 +475,7 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
                         ("--vocab", model.vocab)):
         if value % w:
             raise PlanError(f"{flag} = {value} must be divisible by the {where} weight split {w}")
+    check_experts(model, train, layout, cluster)
     if layout.kind == "tsp" and train.seq_len % (2 * layout.tsp_size):
         raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x D = {2 * layout.tsp_size} "
                         f"({where}: zigzag cuts each sequence into 2D chunks)")
@@ -360,6 +497,32 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
     if train.global_batch is not None and train.global_batch % (train.micro_batch * dp):
         raise PlanError(f"--global-batch = {train.global_batch} must be a multiple of --micro-batch "
                         f"({train.micro_batch}) x data-parallel size ({dp}) for {where}")
+
+
+def check_experts(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cluster) -> None:
+    """The expert-parallel layout of an MoE model on `layout` (PlanError otherwise): the MoE layer
+    runs on the tokens of the norm region (TSP, TP+SP, CP: each GPU its own tokens), EP divides
+    the experts and the GPUs; under TSP EP = D or D x k (megatron_tsp.config.check_expert_parallel)."""
+    ep, where = train.expert_size, f"layout {layout.label}"
+    if not model.is_moe:
+        if ep > 1:
+            raise PlanError(f"parallel.expert_size = {ep} needs model.num_experts (a dense model has no experts)")
+        return
+    if layout.kind == "fsdp_cp":
+        raise PlanError(f"{where}: mixture-of-experts layers are not modelled with FSDP-over-CP")
+    if layout.kind == "tp" and layout.tp > 1:
+        raise PlanError(f"{where}: Megatron's MoE layer under tensor parallelism needs sequence parallelism "
+                        "(plan tp_sp instead)")
+    if model.num_experts % ep:
+        raise PlanError(f"model.num_experts = {model.num_experts} must be divisible by parallel.expert_size = {ep}")
+    if cluster.world % ep:
+        raise PlanError(f"parallel.expert_size = {ep} must divide --gpus-per-node x --nodes = {cluster.world}")
+    if layout.kind == "tsp" and ep % layout.tsp_size:
+        raise PlanError(f"parallel.expert_size = {ep} must be D or D x k under TSP ({where}: the expert group is "
+                        "the TSP group, or spans k of them over data-parallel ranks)")
+    if model.shared_ffn and model.shared_ffn % layout.weight_shards:
+        raise PlanError(f"model.moe_shared_expert_intermediate_size = {model.shared_ffn} must be divisible by the "
+                        f"{where} weight split {layout.weight_shards}")
 
 
 def divisors(n: int) -> List[int]:

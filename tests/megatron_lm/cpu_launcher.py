@@ -10,7 +10,6 @@ Megatron-LM-specific redirections below, then hands over to `megatron_tsp.megatr
 GPU runs.
 """
 
-import contextlib
 import sys
 import types
 
@@ -37,17 +36,6 @@ def _stub_batch_invariant_kernels():
     sys.modules[name] = module
 
 
-class _NoStream:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, stream):
-        pass
-
-    def synchronize(self):
-        pass
-
-
 def install_megatron_lm_cpu_shims():
     from megatron_tsp.training.cpu import install_cpu_shims
 
@@ -59,10 +47,8 @@ def install_megatron_lm_cpu_shims():
     # groups and _set_random_seed seeds the (CPU) RNG tracker, as on a GPU.
     torch.cuda.device_count = lambda: 1
     torch.cuda.set_device = lambda *a, **k: None
-    # Streams (DDP set-up runs on a side stream) and memory statistics (logging).
-    torch.cuda.Stream = _NoStream
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()
-    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # Streams (DDP set-up runs on a side stream; the MoE alltoall dispatcher records events on its
+    # device-to-host stream) are install_cpu_shims' no-op streams; memory statistics (logging).
     torch.cuda.empty_cache = lambda: None
     # The rerun state machine saves and restores the CUDA generator (there is none).
     torch.cuda.get_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)

@@ -28,6 +28,13 @@ def _megatron_like_parser():
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--moe-token-dispatcher-type", default="allgather")  # Megatron-LM's default
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--reset-attention-mask", action="store_true")
     p.add_argument("--sft", action="store_true")
     p.add_argument("--yaml-cfg", default=None)
@@ -57,10 +64,42 @@ def test_parse_known_args_maps_too():
     assert args.tensor_model_parallel_size == 2 and extra == ["--unknown-flag"]
 
 
+MOE = ["--tsp-size", "2", "--disable-bias-linear", "--num-experts", "8", "--expert-model-parallel-size", "2",
+       "--moe-token-dispatcher-type", "alltoall"]
+
+
+@pytest.mark.parametrize("ep", ["2", "4"])
+def test_moe_maps_at_parse_time(ep, monkeypatch):
+    """EP = D (the expert group is the TSP group) or D x k; expert TP set to 1 (Megatron-LM would
+    default it to the TP size, i.e. D: its all-gather would gather tokens)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = _megatron_like_parser().parse_args(["--tsp-size", "2", "--num-experts", "8", "--expert-model-parallel-size",
+                                               ep, "--moe-token-dispatcher-type", "alltoall"])
+    assert args.tsp and args.tensor_model_parallel_size == 2 and args.sequence_parallel
+    assert args.expert_tensor_parallel_size == 1 and args.expert_model_parallel_size == int(ep)
+
+
+def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        _megatron_like_parser().parse_args(MOE[:6] + ["4", "--moe-token-dispatcher-type", "alltoall"])
+    assert "--expert-model-parallel-size = 4 does not fit the world: the 2 ranks" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tsp-size", "4", "--tensor-model-parallel-size", "4"], r"--tensor-model-parallel-size = 4 cannot be combined with --tsp-size"),
     (["--tsp-size", "4", "--context-parallel-size", "2"], r"--context-parallel-size = 2 cannot be combined"),
-    (["--tsp-size", "4", "--num-experts", "8"], r"--num-experts \(MoE\)"),
+    (["--tsp-size", "4", "--num-experts", "8"], r"--moe-token-dispatcher-type = 'allgather' \(Megatron-LM's default\)"
+                                                r".*whole sequence; pass --moe-token-dispatcher-type alltoall"),
+    (MOE[:3] + ["--num-experts", "8", "--moe-token-dispatcher-type", "flex"], r"--moe-token-dispatcher-type = 'flex'"),
+    (MOE + ["--expert-tensor-parallel-size", "2"], r"--expert-tensor-parallel-size = 2 cannot be combined"),
+    (MOE[:3] + ["--num-experts", "8", "--expert-model-parallel-size", "3", "--moe-token-dispatcher-type", "alltoall"],
+     r"--expert-model-parallel-size = 3 must be --tsp-size = 2 or a multiple"),
+    (MOE[:3] + ["--num-experts", "6", "--expert-model-parallel-size", "4", "--moe-token-dispatcher-type", "alltoall"],
+     r"--num-experts = 6 must be divisible by --expert-model-parallel-size = 4"),
+    (MOE + ["--moe-shared-expert-intermediate-size", "33"], r"--moe-shared-expert-intermediate-size = 33"),
+    (MOE + ["--moe-router-topk", "9"], r"--moe-router-topk = 9 must be between 1 and --num-experts = 8"),
+    (["--tsp-size", "2", "--expert-model-parallel-size", "2"], r"--expert-model-parallel-size = 2 needs --num-experts"),
     (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),
     (["--tsp-size", "4", "--sft"], r"--sft \(packed sequences"),
     (["--tsp-size", "4", "--yaml-cfg", "x.yaml"], r"--yaml-cfg cannot be combined with --tsp-size"),
@@ -236,6 +275,21 @@ def test_builder_refuses_megatron_specs(name, flag):
     args = argparse.Namespace(tsp=False, tsp_native_spec="sdpa", **{name: 8 if name == "num_experts" else True})
     with pytest.raises(TSPConfigError, match=f"{flag} cannot be combined with --tsp-native-spec sdpa"):
         tsp_gpt_builder(lambda *a, **k: None)(args, True, True)
+
+
+def test_builder_lets_the_tsp_model_run_experts(monkeypatch):
+    """--num-experts reaches the TSP model through the builder hook (core_v0.16-0.18) and the
+    model-builder path (build_gpt_model); the native specs still refuse it."""
+    from megatron_tsp.megatron_lm import hooks
+    from megatron_tsp.megatron_lm.build import _check_builder_args
+
+    monkeypatch.setattr(hooks, "build_gpt_model", lambda args, config, kwargs: "the TSP model")
+    monkeypatch.setattr(hooks, "_model_kwargs", lambda *a: {})
+    args = argparse.Namespace(tsp=True, tsp_size=2, tsp_native_spec="sdpa", num_experts=8)
+    assert tsp_gpt_builder(lambda *a, **k: None)(args, True, True, config="c") == "the TSP model"
+    _check_builder_args(args, "--tsp-size", tsp=True)
+    with pytest.raises(TSPConfigError, match="--num-experts cannot be combined with --tsp-native-spec sdpa"):
+        _check_builder_args(args, "--tsp-native-spec sdpa")
 
 
 # -- patches and scripts ------------------------------------------------------------------------

@@ -126,3 +126,31 @@ def test_tsp_matches_tp_sp_and_the_patched_script(patched, tmp_path):
         assert comparison["ok"] and comparison["iterations_compared"] == 4, comparison
     losses = runs["tsp"]["losses"]
     assert losses["4"] < losses["1"], "the tiny model learns"
+
+
+MOE_FLAGS = ["--num-experts", "4", "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+             "--moe-ffn-hidden-size", "64", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01",
+             "--moe-shared-expert-intermediate-size", "64"]
+
+
+def test_tsp_moe_trains(tmp_path):
+    """`pretrain_gpt.py --tsp-size 2 --num-experts 4 --expert-model-parallel-size 2` (EP = D: the
+    expert group is the TSP group; alltoall dispatcher, top-2, aux loss, a shared expert) builds
+    the TSP model with Megatron's MoELayer, logs the aux loss, and its loss falls."""
+    out = tmp_path / "moe"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--cpu", "--megatron-lm", MLM,
+         "--recipe", TINY, "--iters", "4", "--runs", "tsp", "--out", str(out), "--timeout", "1500", "--"] + MOE_FLAGS,
+        capture_output=True, text=True, env=ENV, timeout=1600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = open(out / "tsp.log").read()
+    assert "building TSP GPT model (--tsp-size 2)" in log
+    assert "load_balancing_loss" in log, "the MoE layers ran (Megatron logs their aux loss)"
+    run = json.load(open(out / "compare.json"))["runs"]["tsp"]
+    import re
+
+    for name, value in (("expert_model_parallel_size", "2"), ("expert_tensor_parallel_size", "1"),
+                        ("tensor_model_parallel_size", "2"), ("moe_token_dispatcher_type", "alltoall")):
+        assert re.search(rf"^\s*{name} \.+ {value}\s*$", log, re.M), f"{name} is not {value} in the arguments"
+    losses = run["losses"]
+    assert sorted(losses, key=int) == ["1", "2", "3", "4"] and losses["4"] < losses["1"], losses

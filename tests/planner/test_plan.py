@@ -470,7 +470,6 @@ RECIPE = os.path.join(ROOT, "configs", "7b_16k.yaml")
     ("parallel.baseline_attention=local", "parallel.baseline_attention = 'local'"),
     ("parallel.no_such_key=1", "unknown recipe key parallel.no_such_key"),
     ("model.add_bias_linear=true", "model.add_bias_linear = true"),
-    ("model.num_experts=8", "model.num_experts = 8: mixture-of-experts models are not modelled"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
 ])
 def test_recipe_values_the_planner_cannot_model_are_errors(capsys, override, message):
