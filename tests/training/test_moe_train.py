@@ -66,6 +66,28 @@ def test_tsp_ep_five_steps_match_single_process(world):
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
 
 
+@pytest.mark.slow
+def test_moe_under_pipeline_parallelism_matches_single_process(world):
+    """MoE layers split over 2 pipeline stages (each stage's router losses and expert load
+    reach the log through the pipeline group): TSP D = 1, EP = 1 at world 2; D = 2, EP = 2 at
+    world 4. 5 driver steps equal the single-process run, as above."""
+    if world not in (2, 4):
+        pytest.skip("pipeline 2 x TSP D = world / 2")
+    D = world // 2
+    common = ["train.steps=5", "train.log_interval=100", "model.cpu_init=true"]
+    ref = _single_process_losses(common + ["parallel.layout=dp", "parallel.size=1", "parallel.expert_size=1"], TINY_MOE)
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # see the first test
+    result = run(load_recipe(TINY_MOE, common + [f"parallel.size={D}", f"parallel.expert_size={D}",
+                                                 "parallel.pipeline_size=2"]))
+    got = losses(result)
+    assert len(got) == len(ref) == 5 and got[-1] < got[0]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref)), (got, ref)
+    record = result["history"][-1]
+    assert record["aux_loss"] > 0 and sorted(record["expert_load"]) == ["layer 1", "layer 2"]  # both stages'
+
+
 @pytest.mark.parametrize("override,match", [
     ("model.num_experts=3", r"model.num_experts = 3 must be divisible by parallel.expert_size = 2"),
     ("parallel.moe_dispatcher=allgather", r"parallel.moe_dispatcher = 'allgather'.*whole sequence"),
