@@ -86,7 +86,8 @@ def test_tsp_size_maps_to_the_tp_slot():
     (["--tsp-size", "4", "--tensor-model-parallel-size", "2"], r"--tensor-model-parallel-size = 2 cannot be combined"),
     (["--tsp-size", "4", "--context-parallel-size", "2"], r"--context-parallel-size = 2 cannot be combined"),
     (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),
-    (["--tsp-size", "4", "--num-experts", "8"], r"--num-experts"),
+    # MoE runs under --tsp-size; Megatron-LM's default dispatcher (allgather) gathers the sequence
+    (["--tsp-size", "4", "--num-experts", "8"], r"--moe-token-dispatcher-type = 'allgather' \(Megatron-LM's default\)"),
     (["--tsp-size", "3", "--num-attention-heads", "32"], r"--num-attention-heads = 32 must be divisible by --tsp-size = 3"),
     (["--tsp-size", "4", "--group-query-attention", "--num-query-groups", "2"], r"--num-query-groups = 2"),
     (["--tsp-size", "4", "--seq-length", "4100"], r"--seq-length = 4100 must be divisible by 2 x --tsp-size = 8"),

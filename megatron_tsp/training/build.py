@@ -141,8 +141,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
                                 context_parallel_size=cp, **config_kw)
     if config.num_moe_experts:
         from .. import compat
+        from ..tsp.moe import forget_router_metrics
 
         compat.bind_missing_te_general_gemm()  # megatron-core 0.16.1's router without Transformer Engine
+        forget_router_metrics()  # a new model: its own layer count
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)

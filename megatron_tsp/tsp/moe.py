@@ -229,6 +229,21 @@ def _tracked_metrics():
         return {n: (e["values"], e.get("reduce_group")) for n, e in get_moe_layer_wise_logging_tracker().items()}
 
 
+def forget_router_metrics() -> None:
+    """Drop Megatron's per-layer MoE metric entries: the tracker is process-wide and sizes each
+    entry by the layer count of the first model that recorded it, so a deeper model built later
+    in the same process (tests, bench, inference after training) indexed past its end."""
+    try:  # megatron-core 0.19+
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        entries = get_moe_metrics_tracker()._metrics  # `.metrics` is documented read-only
+    except ImportError:  # up to 0.18: a dict of dicts
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entries = get_moe_layer_wise_logging_tracker()
+    entries.clear()
+
+
 def pop_router_losses(tsp_group) -> dict:
     """The router losses of the forwards since the last call, per layer, for this rank's
     micro-batches: {name: float64 [num_layers]} with load-balancing losses summed over their
