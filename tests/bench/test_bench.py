@@ -99,6 +99,7 @@ def test_flops_match_flop_counter_on_megatron_gpt():
     assert counter.get_total_flops() == f["dense"] + f["lm_head"]
 
 
+@pytest.mark.slow  # a whole two-launch benchmark (~100 s on 2 cores): once per CI run, in the newest venv
 def test_bench_cpu(tmp_path, monkeypatch):
     """One benchmark on CPU, 2 gloo processes, tiny model, S = 64, 128, 256: an unavailable layout
     (a recipe key the package rejects), TSP whose S=128 row hangs on rank 0 (killed after --timeout,
