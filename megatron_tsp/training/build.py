@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state as mpu
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -51,11 +50,15 @@ def init_distributed(timeout_s: Optional[float] = None) -> str:
 
 
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32,
-                       pipeline_size: Optional[int] = None, **kw) -> TransformerConfig:
+                       pipeline_size: Optional[int] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                       **kw) -> TransformerConfig:
     """Megatron's TransformerConfig of `shape` on `tp_size` (TP or TSP) ranks; `pipeline_size`
-    defaults to the current pipeline group's."""
+    and the expert sizes default to those of `pg_collection`'s groups (default:
+    `tsp_process_groups()`)."""
+    pgs = pg_collection
     if pipeline_size is None:
-        pipeline_size = mpu.get_pipeline_model_parallel_world_size()
+        pgs = pgs if pgs is not None else tsp_process_groups()
+        pipeline_size = pgs.pp.size()
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
     if shape.num_experts and "num_moe_experts" not in kw:
@@ -63,8 +66,9 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
 
         kw = {**moe_config_kwargs(shape), **kw}
     if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.tsp.moe: expert TP = 1 under TSP)
-        kw.setdefault("expert_model_parallel_size", mpu.get_expert_model_parallel_world_size())
-        kw.setdefault("expert_tensor_parallel_size", mpu.get_expert_tensor_parallel_world_size())
+        pgs = pgs if pgs is not None else tsp_process_groups()
+        kw.setdefault("expert_model_parallel_size", _group_size(getattr(pgs, "ep", None)))
+        kw.setdefault("expert_tensor_parallel_size", _group_size(getattr(pgs, "expt_tp", None)))
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -91,6 +95,14 @@ def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool,
         persist_layer_norm=False,
         **transformer_config_defaults(**kw),
     )
+
+
+def _group_size(group) -> int:
+    return group.size() if group is not None else 1
+
+
+def _group_rank(group) -> int:
+    return group.rank() if group is not None else 0
 
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
@@ -138,7 +150,7 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
                                  f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
         check_context_parallel(shape.seq_length, cp, D, sp)
     config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, pipeline_size=pgs.pp.size(),
-                                context_parallel_size=cp, **config_kw)
+                                pg_collection=pgs, context_parallel_size=cp, **config_kw)
     if config.num_moe_experts:
         from .. import compat
         from ..tsp.moe import forget_router_metrics
@@ -148,7 +160,9 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     if layout == "tsp":
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
-    mrandom.model_parallel_cuda_manual_seed(seed)
+    # Megatron's RNG streams keyed by this rank's place in the groups built on (not the globals).
+    mrandom.model_parallel_cuda_manual_seed(seed, tp_rank=pgs.tp.rank(), ep_rank=_group_rank(getattr(pgs, "ep", None)),
+                                            etp_rank=_group_rank(getattr(pgs, "expt_tp", None)))
     cls = TSPGPTModel if layout == "tsp" else GPTModel
     extra = {}
     if layout == "tsp":
@@ -227,12 +241,18 @@ def layout_invariant_init(model, seed: int, tp_group) -> None:
 
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
-                           overlap=False, bucket_size=None, fsdp=False):
+                           overlap=False, bucket_size=None, fsdp=False,
+                           pg_collection: Optional[ProcessGroupCollection] = None):
     """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
     `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
     parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
     state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
-    plain optimizer over the local shards, so `use_distributed_optimizer` must be False)."""
+    plain optimizer over the local shards, so `use_distributed_optimizer` must be False).
+    `pg_collection`: the groups the model was built on (default: `tsp_process_groups()`),
+    handed to DDP and the optimizer, so neither reads Megatron's global groups."""
+    from ..compat import ddp_group_kwargs, optimizer_group_kwargs
+
+    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     config = model.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_grad_reduce=overlap,
@@ -244,9 +264,9 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
                                  "set train.distributed_optimizer = false")
         from ..baselines.fsdp import FullyShardedOverDataAndContext
 
-        ddp = FullyShardedOverDataAndContext(config, ddp_config, model, process_group=tsp_process_groups().dp_cp)
+        ddp = FullyShardedOverDataAndContext(config, ddp_config, model, process_group=pgs.dp_cp)
     else:
-        ddp = DistributedDataParallel(config, ddp_config, model)
+        ddp = DistributedDataParallel(config, ddp_config, model, **ddp_group_kwargs(pgs))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
@@ -254,5 +274,6 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
             bf16=config.bf16, params_dtype=config.params_dtype,
         ),
         [ddp],
+        **optimizer_group_kwargs(pgs),
     )
     return ddp, optimizer

@@ -130,11 +130,15 @@ def init_groups(recipe: Recipe):
             os.unlink(extra["nccl_communicator_config_path"])
 
 
-def build(recipe: Recipe):
-    from megatron.core.distributed import finalize_model_grads
-
+def build(recipe: Recipe, pg_collection=None):
+    """Model, DDP and optimizer of `recipe` on the groups `pg_collection` (default: the
+    collection `init_groups` built, `tsp_process_groups()`, read once here): the model, DDP, the
+    optimizer and `finalize_model_grads` all get them, none reads Megatron's global groups."""
+    from ..compat import finalize_model_grads_func
+    from ..parallel_state import tsp_process_groups
     from .build import build_gpt, wrap_ddp_and_optimizer
 
+    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     m, p, t = recipe.model, recipe.parallel, recipe.train
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
@@ -148,62 +152,64 @@ def build(recipe: Recipe):
         init_method_std=m.init_method_std,
         offload_activations=p.offload_activations, **recipe.recompute_config(),
         use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
+        pg_collection=pgs,
         **({"moe_token_dispatcher_type": p.moe_dispatcher} if m.num_experts else {}),
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
-                                            weight_decay=t.weight_decay, fsdp=p.fsdp)
+                                            weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs)
     config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_model_grads_func(pgs)
     config.no_sync_func = ddp.no_sync
     return model, ddp, optimizer
 
 
-def _loss_func(loss_mask, per_token_loss):
+def _loss_func(cp_group, loss_mask, per_token_loss):
     """Mean loss over the micro-batch. Under context parallelism each rank holds some of the
-    tokens: its loss is its sum over the count of the whole CP group, so that Megatron's schedule
-    (which multiplies by the CP size) and DDP (which averages over data x context) give the
-    gradient of the global mean; the reported value is the global mean."""
-    from ..parallel_state import tsp_process_groups
-
+    tokens (`cp_group`: the context-parallel group): its loss is its sum over the count of the
+    whole CP group, so that Megatron's schedule (which multiplies by the CP size) and DDP (which
+    averages over data x context) give the gradient of the global mean; the reported value is the
+    global mean."""
     loss_mask = loss_mask.float()
     local = torch.stack([(per_token_loss.float() * loss_mask).sum(), loss_mask.sum()])
     total = local.detach().clone()
-    cp_group = tsp_process_groups().cp
     if cp_group.size() > 1:
         dist.all_reduce(total, group=cp_group)
     loss = local[0] / total[1].clamp_min(1)
     return loss, {"lm loss": total[0] / total[1].clamp_min(1)}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(cp_group, data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, cp_group, batch["loss_mask"])
 
 
-def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe):
-    """One optimizer step over this DP rank's micro-batches through Megatron's schedule.
+def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe, pg_collection=None):
+    """One optimizer step over this DP rank's micro-batches through Megatron's schedule, on the
+    groups `pg_collection` (those `build` got; default `tsp_process_groups()`).
     Returns (loss averaged over the global batch, grad norm); the loss is known on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from ..compat import schedule_group_kwargs
     from ..parallel_state import tsp_process_groups
 
+    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+    losses = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)(
+        forward_step_func=partial(_forward_step, pgs.cp),
         data_iterator=iter(batches),
         model=[ddp],
         num_microbatches=len(batches),
         seq_length=recipe.model.seq_length,
         micro_batch_size=recipe.train.micro_batch_size,
         forward_only=False,
+        **schedule_group_kwargs(pgs, ddp.config),
     )
     _, grad_norm, _ = optimizer.step()
     device = batches[0]["tokens"].device
     loss = torch.zeros(1, device=device, dtype=torch.float64)
-    pgs = tsp_process_groups()
     if pgs.pp.rank() == pgs.pp.size() - 1:
         loss += sum(d["lm loss"].double() for d in losses) / len(losses)
         dist.all_reduce(loss, group=pgs.dp)
@@ -313,8 +319,8 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
                   "left by an interrupted run", flush=True)
     init_groups(recipe)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model, ddp, optimizer = build(recipe)
-    pgs = tsp_process_groups()  # the groups the model was built on
+    pgs = tsp_process_groups()  # the groups built once: the model, DDP, optimizer and step run on them
+    model, ddp, optimizer = build(recipe, pgs)
     resumed_from = ""
     if saved is not None:
         start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved))
@@ -343,7 +349,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, device, pgs.cp))
-        loss, grad_norm = train_step(ddp, optimizer, batches, recipe)
+        loss, grad_norm = train_step(ddp, optimizer, batches, recipe, pgs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -353,7 +359,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
         if recipe.model.num_experts:
             from ..tsp.moe import moe_step_metrics
 
-            record.update(moe_step_metrics(model, len(batches)))
+            record.update(moe_step_metrics(model, len(batches), pgs))
         progress.step(record)
         if t.save_dir and ((t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps):
             path = save_checkpoint(model, optimizer, recipe, step + 1)

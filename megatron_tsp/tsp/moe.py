@@ -41,7 +41,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .. import compat
-from ..config import TSPConfigError, TSPOptions, check_expert_parallel, check_moe_config, moe_layer_pattern  # noqa: F401
+from ..config import TSPConfigError, TSPOptions, check_expert_parallel, check_moe_config, moe_layer_pattern, require_group  # noqa: F401
 from .mlp import TSPRingMLP
 from .zigzag import from_zigzag, to_zigzag
 
@@ -264,15 +264,14 @@ def pop_router_losses(tsp_group) -> dict:
     return out
 
 
-def moe_step_metrics(model, num_microbatches: int) -> dict:
+def moe_step_metrics(model, num_microbatches: int, pg_collection) -> dict:
     """The MoE entries of a training step's record, known on every rank: `aux_loss` and
     `z_loss` (Megatron's logged values, loss / coefficient, averaged over MoE layers,
     micro-batches and data-parallel ranks; None when off) and `expert_load` ({"layer N": tokens
-    routed to each expert over the global batch}). Every rank must call it after each step."""
-    from megatron.core import parallel_state as mpu
-
-    tsp, dp = mpu.get_tensor_model_parallel_group(), mpu.get_data_parallel_group()
-    pp = mpu.get_pipeline_model_parallel_group()
+    routed to each expert over the global batch}), on the model's groups `pg_collection`
+    (.tp the TSP group, .dp, .pp, .tp_dp_cp). Every rank must call it after each step."""
+    require_group(pg_collection, "moe_step_metrics", "pg_collection")
+    tsp, dp, pp = pg_collection.tp, pg_collection.dp, pg_collection.pp
     losses = pop_router_losses(tsp)
     device = next(model.parameters()).device  # Megatron's tracker keeps the losses on the GPU
     moe_layers = sum(moe_layer_pattern(model.config))
@@ -289,7 +288,9 @@ def moe_step_metrics(model, num_microbatches: int) -> dict:
             value[0] /= dp.size()
         if value[1] > 0:
             out[key] = value[0].item() / (moe_layers * num_microbatches)
-    load = expert_load(model, group=mpu.get_tensor_and_data_parallel_group())
+    # The whole batch's tokens: TSP x data (x context, 1 under TSP).
+    load = expert_load(model, group=require_group(getattr(pg_collection, "tp_dp_cp", None), "moe_step_metrics",
+                                                  "pg_collection.tp_dp_cp"))
     local = {f"layer {n}": [round(x) for x in c.tolist()] for n, c in load.items()}
     if pp.size() > 1:
         stages = [None] * pp.size()
