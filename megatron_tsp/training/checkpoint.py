@@ -142,15 +142,22 @@ def _layout_text(parallel: dict, world_size: int) -> str:
             f"{world_size // model if world_size else '?'}")
 
 
-def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT):
-    model_sd = model.sharded_state_dict()
+def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT,
+                   pg_collection=None):
+    from ..parallel_state import tsp_process_groups
+
+    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+    # The data x context group that sets each tensor's replica id: Megatron's way to take it is
+    # the metadata (it reads the global group when the key is missing).
+    model_sd = model.sharded_state_dict(metadata={"dp_cp_group": pgs.dp_cp})
     metadata = {"distrib_optim_sharding_type": optimizer_format}  # the plain optimizer ignores it
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
-def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
-    """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective."""
+def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=None) -> str:
+    """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective.
+    `pg_collection`: the groups the model was built on (default `tsp_process_groups()`)."""
     import shutil
 
     from megatron.core import dist_checkpointing
@@ -164,7 +171,7 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int) -> str:
             shutil.rmtree(partial_path)
         os.makedirs(partial_path)
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False, pg_collection=pg_collection)
     state["step"] = step
     dist_checkpointing.save(state, partial_path)
     dist.barrier()  # every rank's shards are on disk
@@ -232,7 +239,8 @@ def _load_optimizer_state(optimizer, state_dict) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
-def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT) -> int:
+def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT,
+                    pg_collection=None) -> int:
     """Load the latest checkpoint of save_dir into this run's model and optimizer, at whatever
     layout this run has (the checkpoint's keys are layout-free: global layer numbers, full
     tensors sliced per TP/TSP rank). Returns its step."""
@@ -241,7 +249,7 @@ def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DI
     _materialize_optimizer_state(optimizer)
     step = latest_step(recipe.train.save_dir)
     path = _step_dir(recipe.train.save_dir, step)
-    state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format)
+    state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format, pg_collection=pg_collection)
     state["step"] = step
     try:
         loaded = dist_checkpointing.load(state, path)

@@ -198,3 +198,36 @@ def test_exempt_reads_name_getters_that_exist():
         doc = f.read()
     for name, readers in GLOBAL_READS_LEFT.items():
         assert name in doc and all(r in doc for r in readers), name
+
+
+def test_checkpoint_save_and_load_read_no_global_group(world, shared_tmp_path, monkeypatch):
+    """The driver's save and load (Megatron dist-checkpointing, the distributed optimizer's
+    fully_reshardable state) on the groups handed to them: the model's sharded state dict takes
+    the data x context group in its metadata."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from megatron_tsp.parallel_state import tsp_process_groups
+    from megatron_tsp.training import checkpoint
+
+    if world != 2:
+        pytest.skip("once, at world 2")
+    path = [tempfile.mkdtemp(prefix="tsp_groups_", dir=shared_tmp_path) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    recipe = load_recipe(TINY, COMMON + ["parallel.size=2", "train.distributed_optimizer=true", f"train.save_dir={path[0]}"])
+    loop.init_groups(recipe)
+    pgs = tsp_process_groups()
+    dataset = loop.build_train_dataset(recipe)
+    _forbid_global_reads(monkeypatch)
+    model, ddp, optimizer = loop.build(recipe, pgs)
+    batches = list(loop.micro_batches(dataset, 0, recipe, pgs.dp.rank(), pgs.dp.size(), torch.device("cpu"), pgs.cp))
+    loop.train_step(ddp, optimizer, batches, recipe, pgs)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    checkpoint.save_checkpoint(model, optimizer, recipe, 1, pgs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert checkpoint.load_checkpoint(model, optimizer, recipe, pg_collection=pgs) == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, saved[n]), n
