@@ -23,16 +23,18 @@ is allowed with one warning, at the first import of a module that builds on mega
   torch path; called when an MoE model is built, not at import); later versions bind it themselves.
 - The groups handed to Megatron's DDP, optimizer, `finalize_model_grads` and schedules (one
   `ProcessGroupCollection`, `ddp_group_kwargs`, `optimizer_group_kwargs`,
-  `finalize_model_grads_func`, `schedule_group_kwargs`): each version falls back to the global
+  `finalize_model_grads_func`, `schedule_group_kwargs`; `DDP_GROUPS`, `OPTIMIZER_GROUPS`,
+  `FINALIZE_GROUPS`, `SCHEDULE_GROUPS` what each needs): each version falls back to the global
   getters when `pg_collection` is None, and the attributes it needs differ. 0.16.1's schedules
   assert tp, cp, embd, pos_embd, pp, dp_cp (0.19.2's: tp, cp); 0.19.2's `finalize_model_grads`
   also needs tp_dp_cp (expert bias); 0.19.2's DDP and optimizer test membership in
   `vars(pg_collection)` (0.16.1: `hasattr`). Both optimizers refuse Gloo groups with a
   collection (`use_gloo_process_groups=False`: the Gloo copies only serve the dp_zero checkpoint
   formats, which megatron-tsp does not write), and both pipelined schedules need a
-  `P2PCommunicator` on the collection's pp group beside it. Each adapter checks the union of
-  what the versions need, so a missing group is one TSPConfigError naming it on either version,
-  not an assertion in one and a silently made stand-in group (DDP's expt_dp) in the other.
+  `P2PCommunicator` on the collection's pp group beside it. The callers check the union of what
+  the versions need (`config.require_groups`), so a missing group is one TSPConfigError naming it
+  on either version, not an assertion in one and a silently made stand-in group (DDP's expt_dp)
+  in the other.
 """
 
 from __future__ import annotations
@@ -147,35 +149,23 @@ def quiet_gpt_model_deprecation():
 
 # -- process groups passed to Megatron's training parts -------------------------------------
 
-_DDP_GROUPS = ("dp", "dp_cp", "tp", "pp", "ep", "expt_dp")
-_OPTIMIZER_GROUPS = ("dp", "dp_cp", "tp", "expt_dp", "intra_dist_opt", "mp", "tp_ep_pp")
-_FINALIZE_GROUPS = ("tp", "pp", "embd", "pos_embd", "dp_cp", "tp_dp_cp")
-_SCHEDULE_GROUPS = ("tp", "cp", "embd", "pos_embd", "pp", "dp_cp")
-
-
-def _require_groups(pg_collection, names, what: str):
-    from .config import TSPConfigError
-
-    if pg_collection is None:
-        raise TSPConfigError(f"{what} needs the process groups passed explicitly as `pg_collection` "
-                             "(megatron_tsp.tsp_process_groups() gives the collection initialize_model_parallel built)")
-    missing = [n for n in names if n not in vars(pg_collection)]
-    if missing:
-        raise TSPConfigError(f"{what}: `pg_collection` lacks the group(s) {', '.join(missing)} "
-                             "(ProcessGroupCollection.use_mpu_process_groups() or megatron_tsp.tsp_process_groups() has them all)")
-    return pg_collection
+# What each of Megatron's parts needs of the collection, the union over the supported versions
+# (checked by the callers with `config.require_groups`: this layer imports no other).
+DDP_GROUPS = ("dp", "dp_cp", "tp", "pp", "ep", "expt_dp")
+OPTIMIZER_GROUPS = ("dp", "dp_cp", "tp", "expt_dp", "intra_dist_opt", "mp", "tp_ep_pp")
+FINALIZE_GROUPS = ("tp", "pp", "embd", "pos_embd", "dp_cp", "tp_dp_cp")
+SCHEDULE_GROUPS = ("tp", "cp", "embd", "pos_embd", "pp", "dp_cp")
 
 
 def ddp_group_kwargs(pg_collection) -> dict:
     """Keyword arguments giving Megatron's `DistributedDataParallel` its groups."""
-    return {"pg_collection": _require_groups(pg_collection, _DDP_GROUPS, "DistributedDataParallel")}
+    return {"pg_collection": pg_collection}
 
 
 def optimizer_group_kwargs(pg_collection) -> dict:
     """Keyword arguments giving `get_megatron_optimizer` its groups (no Gloo copies: refused with
     a collection by every version; only the dp_zero checkpoint formats use them)."""
-    return {"pg_collection": _require_groups(pg_collection, _OPTIMIZER_GROUPS, "get_megatron_optimizer"),
-            "use_gloo_process_groups": False}
+    return {"pg_collection": pg_collection, "use_gloo_process_groups": False}
 
 
 def finalize_model_grads_func(pg_collection):
@@ -183,15 +173,13 @@ def finalize_model_grads_func(pg_collection):
     `config.finalize_model_grads_func`, which the schedules call as `f(model, num_tokens)`)."""
     from megatron.core.distributed import finalize_model_grads
 
-    return functools.partial(finalize_model_grads,
-                             pg_collection=_require_groups(pg_collection, _FINALIZE_GROUPS, "finalize_model_grads"))
+    return functools.partial(finalize_model_grads, pg_collection=pg_collection)
 
 
 def schedule_group_kwargs(pg_collection, config) -> dict:
     """Keyword arguments giving the forward-backward schedule its groups: the collection and,
     pipelined, a `P2PCommunicator` on its pp group (both versions take the two together or
     neither)."""
-    _require_groups(pg_collection, _SCHEDULE_GROUPS, "the forward-backward schedule")
     if pg_collection.pp.size() == 1:
         return {"pg_collection": pg_collection}
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator

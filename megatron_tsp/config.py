@@ -544,6 +544,18 @@ def require_group(group, what: str, argument: str):
     return group
 
 
+def require_groups(pg_collection, names, what: str):
+    """`pg_collection` holding every group in `names` (`compat.DDP_GROUPS`, ...), or one clear
+    error naming the missing ones: Megatron's DDP, optimizer, finalize_model_grads and schedules
+    read the global groups (or make a stand-in) for what they are not handed."""
+    require_group(pg_collection, what, "pg_collection")
+    missing = [n for n in names if n not in vars(pg_collection)]
+    if missing:
+        raise TSPConfigError(f"{what}: `pg_collection` lacks the group(s) {', '.join(missing)} (megatron_tsp."
+                             "tsp_process_groups() / ProcessGroupCollection.use_mpu_process_groups() has them all)")
+    return pg_collection
+
+
 # -- mixture of experts (megatron_tsp.tsp.moe runs them) -------------------------------------
 
 DISPATCHERS = ("alltoall",)

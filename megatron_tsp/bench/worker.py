@@ -210,6 +210,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
+    from ..parallel_state import tsp_process_groups
     from ..training import loop as driver
     from ..training.recipe import RecipeError, load_recipe
     from ..training.build import init_distributed
@@ -266,24 +267,25 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated() if cuda else 0
         t_build = time.perf_counter()
-        model, ddp, optimizer = driver.build(recipe)
+        pgs = tsp_process_groups()  # the groups the row runs on, handed to build and every step
+        model, ddp, optimizer = driver.build(recipe, pgs)
         dataset = driver.build_train_dataset(recipe)
         build_s = time.perf_counter() - t_build
         if cuda:  # the peak of training (model states included), not of the build's transients
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+        dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
         times, losses = [], []
         n_steps = spec["warmup"] + spec["steps"]
         for step in range(n_steps):
             batches = list(driver.micro_batches(dataset, step, recipe, dp_rank, dp_size, device,
-                                                 mpu.get_context_parallel_group()))
+                                                 pgs.cp))
             if step == 1 and _fake(FAKE_OOM_ENV, row["layout"], row["seq"], rank):
                 raise torch.OutOfMemoryError(f"simulated out of memory ({FAKE_OOM_ENV})")
             if step == 1 and _fake(FAKE_HANG_ENV, row["layout"], row["seq"], rank):
                 time.sleep(1e6)
             with _Timer(device) as t:
-                loss, _ = driver.train_step(ddp, optimizer, batches, recipe)
+                loss, _ = driver.train_step(ddp, optimizer, batches, recipe, pgs)
             if step >= spec["warmup"]:
                 times.append(t.seconds)
                 losses.append(loss)
@@ -291,9 +293,9 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             from .profiling import StepProfile
 
             batches = list(driver.micro_batches(dataset, n_steps, recipe, dp_rank, dp_size, device,
-                                                 mpu.get_context_parallel_group()))
+                                                 pgs.cp))
             with StepProfile() as prof, _Timer(device) as t:
-                driver.train_step(ddp, optimizer, batches, recipe)
+                driver.train_step(ddp, optimizer, batches, recipe, pgs)
             if rank == 0:
                 name = row["id"].replace("/", "_")
                 with open(os.path.join(os.path.dirname(jsonl), f"profile_{name}.md"), "w") as f:

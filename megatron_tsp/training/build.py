@@ -250,9 +250,11 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
     plain optimizer over the local shards, so `use_distributed_optimizer` must be False).
     `pg_collection`: the groups the model was built on (default: `tsp_process_groups()`),
     handed to DDP and the optimizer, so neither reads Megatron's global groups."""
-    from ..compat import ddp_group_kwargs, optimizer_group_kwargs
+    from .. import compat
+    from ..config import require_groups
 
     pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+    require_groups(pgs, compat.OPTIMIZER_GROUPS, "get_megatron_optimizer")
     config = model.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_grad_reduce=overlap,
@@ -266,7 +268,8 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
 
         ddp = FullyShardedOverDataAndContext(config, ddp_config, model, process_group=pgs.dp_cp)
     else:
-        ddp = DistributedDataParallel(config, ddp_config, model, **ddp_group_kwargs(pgs))
+        ddp = DistributedDataParallel(config, ddp_config, model,
+                                      **compat.ddp_group_kwargs(require_groups(pgs, compat.DDP_GROUPS, "DistributedDataParallel")))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
@@ -274,6 +277,6 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
             bf16=config.bf16, params_dtype=config.params_dtype,
         ),
         [ddp],
-        **optimizer_group_kwargs(pgs),
+        **compat.optimizer_group_kwargs(pgs),
     )
     return ddp, optimizer

@@ -134,7 +134,8 @@ def build(recipe: Recipe, pg_collection=None):
     """Model, DDP and optimizer of `recipe` on the groups `pg_collection` (default: the
     collection `init_groups` built, `tsp_process_groups()`, read once here): the model, DDP, the
     optimizer and `finalize_model_grads` all get them, none reads Megatron's global groups."""
-    from ..compat import finalize_model_grads_func
+    from .. import compat
+    from ..config import require_groups
     from ..parallel_state import tsp_process_groups
     from .build import build_gpt, wrap_ddp_and_optimizer
 
@@ -159,7 +160,8 @@ def build(recipe: Recipe, pg_collection=None):
                                             use_distributed_optimizer=t.distributed_optimizer,
                                             weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs)
     config = model.config
-    config.finalize_model_grads_func = finalize_model_grads_func(pgs)
+    config.finalize_model_grads_func = compat.finalize_model_grads_func(
+        require_groups(pgs, compat.FINALIZE_GROUPS, "finalize_model_grads"))
     config.no_sync_func = ddp.no_sync
     return model, ddp, optimizer
 
@@ -191,10 +193,12 @@ def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe, pg_collectio
     Returns (loss averaged over the global batch, grad norm); the loss is known on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from ..compat import schedule_group_kwargs
+    from .. import compat
+    from ..config import require_groups
     from ..parallel_state import tsp_process_groups
 
     pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+    require_groups(pgs, compat.SCHEDULE_GROUPS, "the forward-backward schedule")
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)(
@@ -205,7 +209,7 @@ def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe, pg_collectio
         seq_length=recipe.model.seq_length,
         micro_batch_size=recipe.train.micro_batch_size,
         forward_only=False,
-        **schedule_group_kwargs(pgs, ddp.config),
+        **compat.schedule_group_kwargs(pgs, ddp.config),
     )
     _, grad_norm, _ = optimizer.step()
     device = batches[0]["tokens"].device

@@ -231,3 +231,23 @@ def test_checkpoint_save_and_load_read_no_global_group(world, shared_tmp_path, m
     assert checkpoint.load_checkpoint(model, optimizer, recipe, pg_collection=pgs) == 1
     for n, p in model.named_parameters():
         assert torch.equal(p, saved[n]), n
+
+
+def test_a_collection_missing_a_group_is_an_error_naming_it(world):
+    """A collection without a group Megatron's part needs: one TSPConfigError naming it (not
+    megatron-core 0.16.1's assertion or DDP's silently made single-rank expt_dp group)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_tsp.config import TSPConfigError, require_groups
+    from megatron_tsp.parallel_state import tsp_process_groups
+
+    loop.init_groups(load_recipe(TINY, COMMON + [f"parallel.size={world}"]))
+    full = tsp_process_groups()
+    for names, what in ((compat.DDP_GROUPS, "DistributedDataParallel"), (compat.OPTIMIZER_GROUPS, "get_megatron_optimizer"),
+                        (compat.FINALIZE_GROUPS, "finalize_model_grads"), (compat.SCHEDULE_GROUPS, "the schedule")):
+        assert require_groups(full, names, what) is full
+        partial = ProcessGroupCollection(**{n: getattr(full, n) for n in names[1:]})
+        with pytest.raises(TSPConfigError, match=rf"{what}: `pg_collection` lacks the group\(s\) {names[0]} "):
+            require_groups(partial, names, what)
+    with pytest.raises(TSPConfigError, match="needs its process group passed explicitly as `pg_collection`"):
+        require_groups(None, compat.DDP_GROUPS, "DistributedDataParallel")
