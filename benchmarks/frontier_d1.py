@@ -96,7 +96,7 @@ def predict(overrides: list, hardware: str, capacity_gib: float) -> dict:
 
     model, seq = ModelSpec.from_recipe(RECIPE, overrides)
     opts = recipe_train_options(RECIPE, overrides)
-    train = TrainSpec(seq_len=seq, global_batch=1, norm=norm_kind(), **opts)
+    train = TrainSpec(seq_length=seq, global_batch_size=1, norm=norm_kind(), **opts)
     p = plan_layout(model, train, Layout("tsp", tsp_size=1), Cluster(gpus_per_node=1, gpu_memory_gib=capacity_gib),
                     hw_mod.load(hardware))
     return {"peak_gib": p.memory.peak / 2**30, "peak_point": p.memory.peak_point, "fits": p.fits,

@@ -56,7 +56,7 @@ def saved_bytes(layout: str, layers: int) -> int:
 def main():
     init_distributed()
     install_cpu_shims()  # no-op with CUDA
-    m = ModelSpec(layers=1, hidden=H, heads=HEADS, kv_groups=GROUPS, ffn=4 * H, vocab=V)
+    m = ModelSpec(num_layers=1, hidden_size=H, num_attention_heads=HEADS, num_query_groups=GROUPS, ffn_hidden_size=4 * H, vocab_size=V)
     lay = Layout("tp_sp", tp=1)
     # the planner's norm model for what TSPNorm builds here: lean norms where the code has them,
     # torch's composite norm before (the planner's default is lean)

@@ -137,7 +137,11 @@ def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kw
     return config
 
 
-RECOMPUTE_MODES = ("none", "full")
+RECOMPUTE_MODES = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
+LAYER_RECOMPUTE = ("none", "full", "selective")  # parallel.recompute: Megatron's recompute_granularity
+RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # model.normalization
+ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)

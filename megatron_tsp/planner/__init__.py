@@ -1,8 +1,8 @@
 """`megatron-tsp plan`: per-GPU memory, communication and step time of TSP and its baselines.
 
     from megatron_tsp.planner import ModelSpec, TrainSpec, Cluster, Layout, plan_all, hardware
-    model = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000)
-    plans, skipped = plan_all(model, TrainSpec(seq_len=16384), Cluster(gpus_per_node=4), hardware.load("h200x4"))
+    model = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384, vocab_size=32000)
+    plans, skipped = plan_all(model, TrainSpec(seq_length=16384), Cluster(gpus_per_node=4), hardware.load("h200x4"))
 
 Formulas and their symbols: docs/planner.md; validation: docs/plan_validation.md.
 """
@@ -68,8 +68,8 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     comm_serial = comm_all - comm_hidden
     step_comm = sum(seconds(i) for i in items if not (i.per_layer or i.per_micro))
     dp = cluster.world // lay.size
-    gb = train.global_batch or train.micro_batch * dp
-    n_micro = gb // (train.micro_batch * dp)
+    gb = train.global_batch_size or train.micro_batch_size * dp
+    n_micro = gb // (train.micro_batch_size * dp)
     stepped = stepped_params(m, train, lay, cluster)
     t_opt = ADAM_BYTES_PER_PARAM * stepped / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
     micro = {
@@ -82,7 +82,7 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
                 "comm_s": n_micro * comm_all, "comm_exposed_s": n_micro * (micro["as_implemented"] - compute),
                 "optimizer_s": t_opt, "dp_sync_s": step_comm, "micro_batches": n_micro,
                 "model_flops": fl["model_flops"] * n_micro})
-    tokens = gb * train.seq_len
+    tokens = gb * train.seq_length
     out["tokens_per_s_per_gpu"] = tokens / out["as_implemented"] / cluster.world
     peak = hw.raw.get("matmul", {}).get("peak_bf16_tflops", hw.matmul_tflops)
     out["mfu"] = out["model_flops"] / out["as_implemented"] / (peak * 1e12)
@@ -108,14 +108,14 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     p.fits = fits(mem, cluster, hw)
     p.notes.append(f"recompute: {recompute_mode(lay, train)}")
     if lay.kind == "tsp":
-        p.notes.append(f"LM head: {train.lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
-                                                      if train.lm_head == "local" else ""))
+        p.notes.append(f"LM head: {train.tsp_lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
+                                                      if train.tsp_lm_head == "local" else ""))
     if mem.host_offload:
         p.notes.append(f"host memory for offloaded inputs: {mem.host_offload / GIB:.1f} GiB per GPU")
     exchange = mlp_exchange(train, lay)
     if exchange is not None:
-        why = (f" (auto: {train.micro_batch * train.seq_len // lay.tsp_size} tokens per rank, tokens below "
-               f"{AUTO_TOKENS_BELOW})" if train.mlp_exchange == "auto" else "")
+        why = (f" (auto: {train.micro_batch_size * train.seq_length // lay.tsp_size} tokens per rank, tokens below "
+               f"{AUTO_TOKENS_BELOW})" if train.tsp_mlp_exchange == "auto" else "")
         p.notes.append(f"MLP exchange: {exchange}{why}")
     if m.is_moe:
         ep = train.expert_size

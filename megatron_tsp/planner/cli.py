@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from ..config import AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
-from .model import LM_HEADS, NORMS, RECOMPUTE, RECOMPUTE_METHODS, TSP_RECOMPUTE
+from .model import LAYER_RECOMPUTE, LM_HEADS, NORMS, RECOMPUTE_METHODS, RECOMPUTE_MODES, TrainSpec
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,31 +32,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="a training recipe (configs/*.yaml); flags below override it")
     p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
     m = p.add_argument_group("model (without a recipe: --layers, --hidden, --heads are required)")
-    m.add_argument("--layers", type=int)
-    m.add_argument("--hidden", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--kv-groups", type=int, help="KV groups (GQA); default: --heads (MHA)")
-    m.add_argument("--ffn", type=int, help="MLP width f; default 4 x hidden")
-    m.add_argument("--vocab", type=int)
+    # dest: the ModelSpec field (the recipe's model.<key>) each flag sets
+    m.add_argument("--layers", type=int, dest="num_layers", help="model.num_layers")
+    m.add_argument("--hidden", type=int, dest="hidden_size", help="model.hidden_size")
+    m.add_argument("--heads", type=int, dest="num_attention_heads", help="model.num_attention_heads")
+    m.add_argument("--kv-groups", type=int, dest="num_query_groups",
+                   help="model.num_query_groups: KV groups (GQA); default: --heads (MHA)")
+    m.add_argument("--ffn", type=int, dest="ffn_hidden_size", help="model.ffn_hidden_size: MLP width f; default 4 x hidden")
+    m.add_argument("--vocab", type=int, dest="vocab_size", help="model.vocab_size (default without a recipe: 32000)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     m.add_argument("--no-gated", action="store_true", help="GELU MLP instead of SwiGLU")
     t = p.add_argument_group("training")
-    t.add_argument("--seq-len", type=int, help="context length S (default: the recipe's)")
-    t.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the recipe's "
-                                                   "train.micro_batch_size, else 1)")
-    t.add_argument("--global-batch", type=int, help="sequences per step (default: micro-batch x data parallel)")
+    # dest: the TrainSpec field (the recipe's parallel.<key> / train.<key> of that name) each flag sets
+    t.add_argument("--seq-len", type=int, dest="seq_length", help="model.seq_length: context length S (default: "
+                                                                   "the recipe's)")
+    t.add_argument("--micro-batch", type=int, dest="micro_batch_size",
+                   help="train.micro_batch_size: sequences per micro-batch (default: the recipe's, else 1)")
+    t.add_argument("--global-batch", type=int, dest="global_batch_size",
+                   help="sequences per step (default: micro-batch x data parallel)")
     t.add_argument("--optimizer", default="adam", help="adam, or none (forward + backward only)")
     t.add_argument("--distributed-optimizer", action="store_true", default=None,
                    help="shard fp32 master params and Adam state over data parallel (x CP) (default: the "
                         "recipe's train.distributed_optimizer)")
-    t.add_argument("--recompute", choices=list(RECOMPUTE),
+    t.add_argument("--recompute", choices=list(LAYER_RECOMPUTE),
                    help="parallel.recompute: Megatron's layer recompute for every layout (full: keep each "
                         "checkpointed layer's input only; selective: core attention, baselines only)")
     t.add_argument("--recompute-method", choices=list(RECOMPUTE_METHODS), help="parallel.recompute_method")
     t.add_argument("--recompute-num-layers", type=int,
                    help="parallel.recompute_num_layers: uniform: layers per checkpointed chunk (default 1); "
                         "block: the first N layers are recomputed (default all)")
-    t.add_argument("--tsp-recompute", choices=list(TSP_RECOMPUTE),
+    t.add_argument("--tsp-recompute", choices=list(RECOMPUTE_MODES),
                    help="parallel.tsp_recompute: TSP's in-layer mode (none: save per-shard activations; full: "
                         "recompute each shard from the block input)")
     t.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
@@ -65,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tsp-lm-head", choices=list(LM_HEADS),
                    help="parallel.tsp_lm_head: local (sequence-local head, chunked logits) or megatron (S x V/D "
                         "logits); TSP layouts only, the baselines run Megatron's")
-    t.add_argument("--lm-head-chunk-tokens", type=int, help="parallel.lm_head_chunk_tokens (default 4096)")
+    t.add_argument("--lm-head-chunk-tokens", type=int,
+                   help=f"parallel.lm_head_chunk_tokens (default {TrainSpec.lm_head_chunk_tokens})")
     t.add_argument("--norm", choices=list(NORMS), default="lean",
                    help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
                         "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
@@ -104,13 +110,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# flag -> TrainSpec field; a flag given overrides the recipe's key
-_TRAIN_FLAGS = {"micro_batch": "micro_batch", "distributed_optimizer": "distributed_optimizer",
-                "recompute": "recompute", "recompute_method": "recompute_method",
-                "recompute_num_layers": "recompute_num_layers", "tsp_recompute": "tsp_recompute",
-                "offload_activations": "offload_activations", "tsp_lm_head": "lm_head",
-                "lm_head_chunk_tokens": "lm_head_chunk_tokens", "tsp_mlp_exchange": "mlp_exchange",
-                "expert_size": "expert_size"}
+# the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
+_TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
+                "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
+                "expert_size")
+_MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
+                "dtype")
 
 
 def build_inputs(args):
@@ -120,31 +125,32 @@ def build_inputs(args):
     hw = hardware.load(args.hardware)
     seq = None
     tsp = {}
+    kw = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
+    if args.no_gated:
+        kw["swiglu"] = False
     if args.recipe:
         model, seq = ModelSpec.from_recipe(args.recipe, args.overrides)
         tsp = recipe_train_options(args.recipe, args.overrides)
-        kw = {k: v for k, v in dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_groups=args.kv_groups,
-                                    ffn=args.ffn, vocab=args.vocab, dtype=args.dtype).items() if v is not None}
-        if kw or args.no_gated:
+        if kw:
             import dataclasses
 
-            model = dataclasses.replace(model, **kw, **({"gated": False} if args.no_gated else {}))
+            model = dataclasses.replace(model, **kw)
     else:
         if args.overrides:
             raise PlanError(f"overrides {args.overrides} need a recipe")
-        missing = [f for f in ("layers", "hidden", "heads") if getattr(args, f) is None]
+        missing = [flag for flag, k in (("--layers", "num_layers"), ("--hidden", "hidden_size"),
+                                        ("--heads", "num_attention_heads")) if k not in kw]
         if missing:
-            raise PlanError("without a recipe give the model: missing " + ", ".join("--" + f for f in missing))
-        model = ModelSpec(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_groups=args.kv_groups,
-                          ffn=args.ffn, vocab=args.vocab or 32000, dtype=args.dtype or "bfloat16",
-                          gated=not args.no_gated, name="model")
-    seq = args.seq_len or seq
+            raise PlanError("without a recipe give the model: missing " + ", ".join(missing))
+        model = ModelSpec(**kw, name="model")
+    seq = args.seq_length or seq
     if seq is None:
         raise PlanError("--seq-len is required without a recipe")
-    for flag, field_name in _TRAIN_FLAGS.items():
-        if getattr(args, flag) is not None:
-            tsp[field_name] = getattr(args, flag)
-    train = TrainSpec(seq_len=seq, global_batch=args.global_batch, optimizer=args.optimizer, norm=args.norm, **tsp)
+    for name in _TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            tsp[name] = getattr(args, name)
+    train = TrainSpec(seq_length=seq, global_batch_size=args.global_batch_size, optimizer=args.optimizer,
+                      norm=args.norm, **tsp)
     cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
                       gpu_memory_gib=args.gpu_memory_gb, host_memory_gib=args.host_memory_gb)
     layouts = [Layout.parse(x) for x in args.layout] if args.layout else None
@@ -203,7 +209,7 @@ def _inference(args) -> int:
     from .prefill import prefill_plan
 
     if args.prompt_tokens is not None:
-        args.seq_len = args.prompt_tokens
+        args.seq_length = args.prompt_tokens
     model, train, cluster, hw, layouts = build_inputs(args)
     if model.is_moe:
         raise PlanError(f"--inference models dense models: model.num_experts = {model.num_experts} (MoE prefill is "
@@ -214,17 +220,17 @@ def _inference(args) -> int:
         if lay.kind not in ("tsp", "tp", "cp"):
             raise PlanError(f"--inference models tsp, tp and cp layouts, not --layout {lay.kind}")
         runs.append((lay, None))
-        if lay.kind == "tp" and args.chunk_tokens and args.chunk_tokens < train.seq_len:
+        if lay.kind == "tp" and args.chunk_tokens and args.chunk_tokens < train.seq_length:
             runs.append((lay, args.chunk_tokens))
-    rows = [prefill_plan(model, lay, train.seq_len, hw, cluster, args.batch, args.new_tokens, chunk)
+    rows = [prefill_plan(model, lay, train.seq_length, hw, cluster, args.batch, args.new_tokens, chunk)
             for lay, chunk in runs]
     if args.json:
-        print(json.dumps({"prompt_tokens": train.seq_len, "batch": args.batch, "new_tokens": args.new_tokens,
+        print(json.dumps({"prompt_tokens": train.seq_length, "batch": args.batch, "new_tokens": args.new_tokens,
                           "hardware": hw.name, "prediction": "planner model, not a measurement",
                           "layouts": rows}, indent=1))
         return 0
     head = ("layout", "weights GiB", "KV cache GiB", "working set GiB", "peak GiB", "prefill s")
-    print(f"{model.name}: prefill of {train.seq_len} tokens x {args.batch}, {hw.name} (planner model, per GPU)")
+    print(f"{model.name}: prefill of {train.seq_length} tokens x {args.batch}, {hw.name} (planner model, per GPU)")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([r["layout"]] + [f"{r[k]:.2f}" for k in ("weights_gib", "kv_cache_gib", "working_set_gib",

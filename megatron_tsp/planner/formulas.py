@@ -48,7 +48,7 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
-    return resolve_mlp_exchange(train.mlp_exchange, train.micro_batch * train.seq_len // lay.tsp_size, lay.tsp_size)
+    return resolve_mlp_exchange(train.tsp_mlp_exchange, train.micro_batch_size * train.seq_length // lay.tsp_size, lay.tsp_size)
 
 
 def mlp_intermediates(m: ModelSpec, f: Optional[int] = None) -> int:
@@ -99,7 +99,7 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
 def shared_expert_model(m: ModelSpec) -> ModelSpec:
     """The model whose (dense) MLP is the shared expert: TSP runs it as its ring MLP, the
     baselines as Megatron's SharedExpertMLP (a TP+SP MLP of width fs)."""
-    return dataclasses.replace(m, ffn=m.shared_ffn, num_experts=None)
+    return dataclasses.replace(m, ffn_hidden_size=m.shared_ffn, num_experts=None)
 
 
 def layer_counts_saved(m: ModelSpec, train: TrainSpec) -> Tuple[int, int]:
@@ -118,7 +118,7 @@ def moe_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     gradients (SequentialMLP runs its E / EP experts one after the other: s k EP / E tokens
     each, gated 5 fe, GELU 2 fe) and dx and the incoming gradient [s, h]."""
     b, h, k = m.dtype_bytes, m.hidden, m.topk
-    s = train.micro_batch * train.seq_len / lay.token_shards
+    s = train.micro_batch_size * train.seq_length / lay.token_shards
     ep = train.expert_size
     comm = 2 * s * k * h * b if ep > 1 else 0.0
     one_expert = s * k * ep / m.num_experts
@@ -332,7 +332,7 @@ def recompute_mode(lay: Layout, train: TrainSpec) -> str:
 def uses_local_head(train: TrainSpec, lay: Layout) -> bool:
     """The sequence-local LM head (megatron_tsp/lm_head.py) runs only on TSP layouts; the
     baselines run Megatron's."""
-    return lay.kind == "tsp" and train.lm_head == "local"
+    return lay.kind == "tsp" and train.tsp_lm_head == "local"
 
 
 def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
@@ -344,10 +344,10 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
     its gradient (V/D x h, model dtype)."""
     b, w = m.dtype_bytes, lay.weight_shards
     if uses_local_head(train, lay):
-        chunk = min(train.lm_head_chunk_tokens, train.micro_batch * train.seq_len // lay.tsp_size)
+        chunk = min(train.lm_head_chunk_tokens, train.micro_batch_size * train.seq_length // lay.tsp_size)
         return {"logits chunk (fp32)": FP32 * chunk * m.vocab / w,
                 "vocab shard and its gradient in flight": 2 * b * m.vocab / w * m.hidden}
-    tokens = train.micro_batch * train.seq_len / lay.cp
+    tokens = train.micro_batch_size * train.seq_length / lay.cp
     return {"logits (fp32 softmax)": FP32 * tokens * m.vocab / w, "logits (model dtype)": b * tokens * m.vocab / w}
 
 
@@ -357,7 +357,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
     in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
     still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
-    b, B, S, L = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers
+    b, B, S, L = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.layers
     w, C = lay.weight_shards, lay.cp
     P = param_counts(m, lay, train.expert_size)["total"]
     params = P * b
@@ -478,7 +478,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     shard of lag: shard j-1's finish (the adjoint of its projection, its weight gradient) waits
     for its dK/dV reduce-scatter, which stays in flight until shard j's is posted. The forward
     holds fewer (no gradients; two gathered K/V at a time) and is not modelled."""
-    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp_size
+    b, B, S, D = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.tsp_size
     s = B * S / D
     save = in_layer_mode(lay, train) == "save"
     shard = m.attn_params / D * b
@@ -502,7 +502,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
 def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     """(buffers, scratch) in bytes while TSP's MLP backward runs one shard, for the exchange it
     runs (megatron_tsp/mlp.py)."""
-    b, B, S, D = m.dtype_bytes, train.micro_batch, train.seq_len, lay.tsp_size
+    b, B, S, D = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.tsp_size
     s = B * S / D
     exchange = mlp_exchange(train, lay)
     if exchange == "tokens":
@@ -536,7 +536,7 @@ def _link(group: int, stride: int, cluster: Cluster) -> str:
 def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> List[CommItem]:
     """Per-layer (and per-step) traffic of one GPU. `volume`: bytes it receives; `time_bytes`:
     bytes over the collective's NCCL bus bandwidth gives its time."""
-    b, B, S = m.dtype_bytes, train.micro_batch, train.seq_len
+    b, B, S = m.dtype_bytes, train.micro_batch_size, train.seq_length
     mode = in_layer_mode(lay, train)
     out: List[CommItem] = []
 
@@ -730,7 +730,7 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count.
     MoE layers count the active weights (router, k experts, shared expert): balanced routing
     gives every GPU s k expert tokens."""
-    B, S, L = train.micro_batch, train.seq_len, m.layers
+    B, S, L = train.micro_batch_size, train.seq_length, m.layers
     mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
     active = m.active_matmul_params  # summed over the L layers
@@ -762,7 +762,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     """HBM traffic of the memory-bound kernels per GPU per micro-batch (bytes), counted per op
     of the code path (docs/planner.md, "time"); the profile's `elementwise_efficiency` turns
     it into seconds."""
-    b, B, S, L, h = m.dtype_bytes, train.micro_batch, train.seq_len, m.layers, m.hidden
+    b, B, S, L, h = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.layers, m.hidden
     mode = in_layer_mode(lay, train)
     s = B * S / lay.token_shards
     w = lay.weight_shards
@@ -777,7 +777,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     Lm = m.moe_layers
     f_act = ((L - Lm) * m.f + Lm * (m.topk * m.fe + (m.shared_ffn or 0))) / L
     f_tsp = ((L - Lm) * m.f + Lm * (m.shared_ffn or 0)) / L  # width of the MLP TSP recomputes and rings
-    m_act = dataclasses.replace(m, ffn=max(1, round(f_act)), num_experts=None)
+    m_act = dataclasses.replace(m, ffn_hidden_size=max(1, round(f_act)), num_experts=None)
     # composite fp32: fwd 36h + bwd 72h bytes per token; lean (estimated, not profiled): the same
     # ops, plus the backward rebuilding the fp32 normalized value from the saved input (+18h);
     # fused: one read and one write each way

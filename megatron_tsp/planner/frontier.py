@@ -38,8 +38,8 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
         out["offload_activations"] = train.offload_activations
     if lay.kind == "tsp":
         out["tsp_recompute"] = train.tsp_recompute
-        out["tsp_lm_head"] = train.lm_head
-        if train.lm_head == "local":
+        out["tsp_lm_head"] = train.tsp_lm_head
+        if train.tsp_lm_head == "local":
             out["lm_head_chunk_tokens"] = train.lm_head_chunk_tokens
     return out
 
@@ -62,7 +62,7 @@ class _Search:
         self.m, self.base, self.lay, self.cluster, self.hw = m, base, lay, cluster, hw
 
     def _train(self, S: int, **kw) -> TrainSpec:
-        return dataclasses.replace(self.base, seq_len=S, global_batch=None, **kw)
+        return dataclasses.replace(self.base, seq_length=S, global_batch_size=None, **kw)
 
     def _fits(self, t: TrainSpec) -> bool:
         from . import fits
@@ -79,7 +79,7 @@ class _Search:
     def families(self) -> List[dict]:
         inner = [{}]
         if self.lay.kind == "tsp":
-            inner = [{"tsp_recompute": r, "lm_head": h} for r in ("none", "full") for h in ("local", "megatron")]
+            inner = [{"tsp_recompute": r, "tsp_lm_head": h} for r in ("none", "full") for h in ("local", "megatron")]
         return inner
 
     def fitting(self, S: int) -> List[TrainSpec]:
@@ -154,7 +154,7 @@ def layout_frontier(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluste
     """The frontier of one layout (see the module docstring)."""
     search = _Search(m, train, lay, cluster, hw)
     contexts: List[dict] = []
-    S, last_fit, first_miss = train.seq_len, None, None
+    S, last_fit, first_miss = train.seq_length, None, None
     while S <= max_seq:
         found = search.best(S)
         contexts.append(_row(S, found))
@@ -186,12 +186,12 @@ def frontier(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw, layouts: Opti
              max_seq: int = MAX_SEQ) -> Tuple[List[dict], List[dict]]:
     """([per-layout frontier], [skipped layouts with reasons]) for every candidate layout (or the
     given ones). A layout is skipped when it cannot run the model at all (heads, vocab...)."""
-    if max_seq < train.seq_len:
-        raise PlanError(f"--max-seq-len = {max_seq} is below the recipe's context {train.seq_len}")
+    if max_seq < train.seq_length:
+        raise PlanError(f"--max-seq-len = {max_seq} is below the recipe's context {train.seq_length}")
     out, skipped = [], []
     for lay in layouts or candidate_layouts(cluster):
         try:  # divisibility of the model by the layout (the context is checked per S)
-            check_layout(m, dataclasses.replace(train, global_batch=None), lay, cluster)
+            check_layout(m, dataclasses.replace(train, global_batch_size=None), lay, cluster)
         except PlanError as e:
             if layouts:
                 raise
@@ -208,7 +208,7 @@ def render(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw, rows: List[dict
     head = (f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} kv_groups={m.groups} ffn={m.f} V={m.vocab} "
             f"{m.dtype} | {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware "
             f"{hw.name} (host copies {hw.host_gb_s:g} GB/s, host memory "
-            f"{_host(cluster, hw)}) | norms {train.norm}, micro-batch {train.micro_batch}, "
+            f"{_host(cluster, hw)}) | norms {train.norm}, micro-batch {train.micro_batch_size}, "
             f"{'no optimizer' if train.optimizer == 'none' else 'Adam'}"
             f"{' (distributed)' if train.distributed_optimizer else ''} | predictions, not measurements")
     lines = [head, "", "Longest context that fits, and the fastest configuration there"]

@@ -6,21 +6,21 @@ Every check raises `PlanError` (a `TSPConfigError`) naming the flag at fault.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from ..config import MLP_EXCHANGES, TSPConfigError, moe_layer_pattern
+from ..config import (LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
+                      RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES, ModelShape, ParallelRecipe, TrainRecipe,
+                      TSPConfigError, field_default, moe_layer_pattern)
 from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
-RECOMPUTE = ("none", "full", "selective")  # parallel.recompute: Megatron's recompute_granularity
-RECOMPUTE_METHODS = ("uniform", "block")  # parallel.recompute_method
-TSP_RECOMPUTE = ("none", "full")  # parallel.tsp_recompute: TSP's in-layer mode
-LM_HEADS = ("local", "megatron")  # parallel.tsp_lm_head
 NORMS = ("lean", "torch", "fused")
-ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
-LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # model.moe_router_load_balancing_type
+# the CLI flags of ModelSpec's fields (errors name the flag a user typed; from a recipe, the key reads the same)
+_FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "num_attention_heads": "--heads",
+          "num_query_groups": "--kv-groups", "ffn_hidden_size": "--ffn", "vocab_size": "--vocab"}
 
 
 def _positive(flag: str, value) -> None:
@@ -28,52 +28,63 @@ def _positive(flag: str, value) -> None:
         raise PlanError(f"{flag} must be a positive integer, got {value!r}")
 
 
+# recipe defaults (megatron_tsp.config): the planner's inputs take the recipe's names and defaults
+_SHAPE = {f.name: field_default(f) for f in dataclasses.fields(ModelShape)}
+_PARALLEL = {f.name: field_default(f) for f in dataclasses.fields(ParallelRecipe)}
+_TRAIN = {f.name: field_default(f) for f in dataclasses.fields(TrainRecipe)}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A GPT: Megatron's local spec, RMSNorm or LayerNorm, RoPE, untied embeddings by
-    default. `ffn` is the MLP width f; a gated (SwiGLU) MLP has fc1 of 2f x h. With
-    `num_experts` E the layers `moe_layer_freq` picks are mixture-of-experts layers (Megatron's
-    MoELayer: a router h x E, E routed experts of width `moe_ffn` fe of which each token takes
-    `topk` k, an optional shared expert of width `shared_ffn` fs); the others stay dense."""
+    """A GPT: Megatron's local spec, RMSNorm or LayerNorm, RoPE, untied embeddings by default.
 
-    layers: int
-    hidden: int
-    heads: int
-    kv_groups: Optional[int] = None  # None: MHA
-    ffn: Optional[int] = None  # None: 4h
-    vocab: int = 32000
-    dtype: str = "bfloat16"
-    gated: bool = True
-    tied_embeddings: bool = False
+    The fields are the recipe's `model` keys (megatron_tsp.config.ModelShape: names, meanings
+    and defaults declared there), plus the planner's `dtype` (GPUs: bfloat16 by default) and a
+    `name`. The formulas read the symbols of docs/planner.md (properties below: `layers` L,
+    `hidden` h, `heads`, `groups`, `f`, `vocab` V, ...). A gated (SwiGLU) MLP has fc1 of 2f x h.
+    With `num_experts` E the layers `moe_layer_freq` picks are mixture-of-experts layers
+    (Megatron's MoELayer: a router h x E, E routed experts of width fe of which each token takes
+    k, an optional shared expert of width fs); the others stay dense."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int] = _SHAPE["num_query_groups"]  # None: MHA
+    ffn_hidden_size: Optional[int] = None  # None: 4h (Megatron's default; the tiny recipe's 128 is not a default here)
+    vocab_size: int = 32000  # a real tokenizer's, not the tiny recipe's 128
+    dtype: str = "bfloat16"  # the recipe's model.dtype; the planner plans GPUs
+    swiglu: bool = _SHAPE["swiglu"]
+    share_embeddings_and_output_weights: bool = _SHAPE["share_embeddings_and_output_weights"]
+    normalization: str = _SHAPE["normalization"]  # RMSNorm (one fp32 statistic per token: rstd) or LayerNorm
     name: str = "model"
-    normalization: str = "RMSNorm"  # RMSNorm (one fp32 statistic per token: rstd) or LayerNorm (mean, rstd)
-    # mixture of experts (the recipe's model.num_experts and model.moe_* keys); num_experts None: dense
-    num_experts: Optional[int] = None
-    moe_ffn: Optional[int] = None  # routed expert width fe; None: ffn
-    topk: int = 2  # experts per token k
-    shared_ffn: Optional[int] = None  # shared expert width fs; None: no shared expert
-    moe_layer_freq: Union[int, Tuple[int, ...]] = 1  # an MoE layer every N layers, or one 0/1 per layer
-    router_score: str = "softmax"  # softmax or sigmoid
-    router_pre_softmax: bool = False  # softmax over all E before the top-k (saves [E] per token, not [k])
-    router_aux_loss: bool = True  # a load-balancing loss runs (type not none, coefficient > 0)
-    router_z_loss: bool = False
+    # mixture of experts; num_experts None: dense
+    num_experts: Optional[int] = _SHAPE["num_experts"]
+    moe_ffn_hidden_size: Optional[int] = _SHAPE["moe_ffn_hidden_size"]
+    moe_router_topk: int = _SHAPE["moe_router_topk"]
+    moe_shared_expert_intermediate_size: Optional[int] = _SHAPE["moe_shared_expert_intermediate_size"]
+    moe_layer_freq: Union[int, Tuple[int, ...]] = _SHAPE["moe_layer_freq"]  # every N layers, or one 0/1 per layer
+    moe_router_score_function: str = _SHAPE["moe_router_score_function"]
+    moe_router_pre_softmax: bool = _SHAPE["moe_router_pre_softmax"]
+    moe_router_load_balancing_type: Union[str, Tuple[str, ...]] = _SHAPE["moe_router_load_balancing_type"]
+    moe_aux_loss_coeff: float = _SHAPE["moe_aux_loss_coeff"]
+    moe_z_loss_coeff: Optional[float] = _SHAPE["moe_z_loss_coeff"]
 
     def __post_init__(self):
-        for flag, v in (("--layers", self.layers), ("--hidden", self.hidden), ("--heads", self.heads),
-                        ("--vocab", self.vocab)):
-            _positive(flag, v)
-        if self.kv_groups is not None:
-            _positive("--kv-groups", self.kv_groups)
-        if self.ffn is not None:
-            _positive("--ffn", self.ffn)
+        for key, v in (("num_layers", self.num_layers), ("hidden_size", self.hidden_size),
+                       ("num_attention_heads", self.num_attention_heads), ("vocab_size", self.vocab_size)):
+            _positive(_FLAGS.get(key, f"model.{key}"), v)
+        if self.num_query_groups is not None:
+            _positive(_FLAGS["num_query_groups"], self.num_query_groups)
+        if self.ffn_hidden_size is not None:
+            _positive(_FLAGS["ffn_hidden_size"], self.ffn_hidden_size)
         if self.hidden % self.heads:
             raise PlanError(f"--hidden = {self.hidden} must be divisible by --heads = {self.heads}")
         if self.heads % self.groups:
             raise PlanError(f"--heads = {self.heads} must be divisible by --kv-groups = {self.groups}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"--dtype = {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.normalization not in ("RMSNorm", "LayerNorm"):
-            raise PlanError(f"model.normalization = {self.normalization!r} is not one of RMSNorm, LayerNorm")
+        if self.normalization not in NORMALIZATIONS:
+            raise PlanError(f"model.normalization = {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.num_experts is not None:
             _positive("model.num_experts", self.num_experts)
             _positive("model.moe_router_topk", self.topk)
@@ -87,18 +98,91 @@ class ModelSpec:
             if self.router_score not in ROUTER_SCORES:
                 raise PlanError(f"model.moe_router_score_function = {self.router_score!r} is not one of "
                                 f"{', '.join(ROUTER_SCORES)}")
+            for t in self.load_balancing_types:
+                if t not in LOAD_BALANCING:
+                    raise PlanError(f"model.moe_router_load_balancing_type = {t!r} is not modelled by the planner "
+                                    f"(one of {', '.join(LOAD_BALANCING)})")
             freq = list(self.moe_layer_freq) if isinstance(self.moe_layer_freq, (list, tuple)) else self.moe_layer_freq
             try:
                 moe_layer_pattern(_Freq(freq, self.layers))
             except TSPConfigError as e:
                 raise PlanError(f"model.moe_layer_freq: {e}") from None
 
+    # symbols of docs/planner.md
+    @property
+    def layers(self) -> int:
+        return self.num_layers
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def kv_groups(self) -> Optional[int]:
+        return self.num_query_groups
+
+    @property
+    def ffn(self) -> Optional[int]:
+        return self.ffn_hidden_size
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def gated(self) -> bool:
+        return self.swiglu
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.share_embeddings_and_output_weights
+
+    @property
+    def moe_ffn(self) -> Optional[int]:
+        return self.moe_ffn_hidden_size
+
+    @property
+    def topk(self) -> int:
+        """Experts per token k."""
+        return self.moe_router_topk
+
+    @property
+    def shared_ffn(self) -> Optional[int]:
+        """Shared expert width fs; None: no shared expert."""
+        return self.moe_shared_expert_intermediate_size
+
+    @property
+    def router_score(self) -> str:
+        return self.moe_router_score_function
+
+    @property
+    def router_pre_softmax(self) -> bool:
+        """Softmax over all E before the top-k (saves [E] per token, not [k])."""
+        return self.moe_router_pre_softmax
+
+    @property
+    def load_balancing_types(self) -> Tuple[str, ...]:
+        t = self.moe_router_load_balancing_type
+        return tuple(t) if isinstance(t, (list, tuple)) else (t,)
+
+    @property
+    def router_aux_loss(self) -> bool:
+        """A load-balancing loss runs (a type other than none, coefficient > 0)."""
+        return any(t != "none" for t in self.load_balancing_types) and bool(self.moe_aux_loss_coeff or 0)
+
+    @property
+    def router_z_loss(self) -> bool:
+        return bool(self.moe_z_loss_coeff or 0)
+
     @property
     def norm_stats(self) -> int:
         """fp32 statistics per token a lean norm keeps: RMSNorm rstd; LayerNorm mean and rstd."""
         return 2 if self.normalization == "LayerNorm" else 1
 
-    # symbols of docs/planner.md
     @property
     def groups(self) -> int:
         return self.kv_groups or self.heads
@@ -218,23 +302,27 @@ class ModelSpec:
     @classmethod
     def from_recipe(cls, path: str, overrides: List[str] = ()):
         """(ModelSpec, seq_length) of a training recipe (configs/*.yaml) with overrides, read
-        without torch or megatron (planner/recipe_reader.py)."""
+        without torch or megatron (planner/recipe_reader.py): every `model` key that is a field
+        here, by its name. Values the planner cannot model are a PlanError naming the key."""
         from .recipe_reader import read_recipe
 
         m = read_recipe(path, list(overrides))["model"]
-        if m.get("add_bias_linear"):
-            raise PlanError("model.add_bias_linear = true: linear biases are not modelled by the planner")
-        moe = moe_fields(m)
-        if m.get("position_embedding_type", "rope") != "rope":
-            raise PlanError(f"model.position_embedding_type = {m['position_embedding_type']!r}: the planner models "
-                            "rope only")
+        for key, bad, why in (
+                ("add_bias_linear", m["add_bias_linear"], "linear biases are not modelled by the planner"),
+                ("position_embedding_type", m["position_embedding_type"] != "rope", "the planner models rope only"),
+                ("moe_expert_capacity_factor", m["num_experts"] is not None and m["moe_expert_capacity_factor"] is not None,
+                 "token dropping is not modelled by the planner (it assumes balanced routing, under which nothing "
+                 "is dropped; plan without it)")):
+            if bad:
+                raise PlanError(f"model.{key} = {_yaml(m[key])}: {why}")
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
             _positive(f"model.{key}", m[key])
-        return cls(layers=m["num_layers"], hidden=m["hidden_size"], heads=m["num_attention_heads"],
-                   kv_groups=m["num_query_groups"], ffn=m["ffn_hidden_size"], vocab=m["vocab_size"],
-                   dtype=m["dtype"], gated=m["swiglu"], tied_embeddings=m["share_embeddings_and_output_weights"],
-                   normalization=m["normalization"], name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                   **moe), m["seq_length"]
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in MODEL_FIELDS}
+        return cls(**kw, name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m["seq_length"]
+
+
+def _yaml(value) -> str:
+    return "true" if value is True else repr(value) if isinstance(value, str) else str(value)
 
 
 class _Freq:
@@ -244,119 +332,50 @@ class _Freq:
         self.moe_layer_freq, self.num_layers = moe_layer_freq, num_layers
 
 
-def moe_fields(m: dict) -> dict:
-    """ModelSpec's MoE fields of a recipe's `model` section ({} for a dense model). The options
-    the planner cannot model are a PlanError naming the key (every other model.moe_* key only
-    matters with experts, and is ignored without them)."""
-    if m.get("num_experts") is None:
-        return {}
-    if m.get("moe_expert_capacity_factor") is not None:
-        raise PlanError(f"model.moe_expert_capacity_factor = {m['moe_expert_capacity_factor']}: token dropping is "
-                        "not modelled by the planner (it assumes balanced routing, under which nothing is dropped; "
-                        "plan without it)")
-    types = m.get("moe_router_load_balancing_type", "aux_loss")
-    for t in types if isinstance(types, list) else [types]:
-        if t not in LOAD_BALANCING:
-            raise PlanError(f"model.moe_router_load_balancing_type = {t!r} is not modelled by the planner (one of "
-                            f"{', '.join(LOAD_BALANCING)})")
-    types = types if isinstance(types, list) else [types]
-    freq = m.get("moe_layer_freq", 1)
-    return dict(num_experts=m["num_experts"], moe_ffn=m.get("moe_ffn_hidden_size"), topk=m.get("moe_router_topk", 2),
-                shared_ffn=m.get("moe_shared_expert_intermediate_size"),
-                moe_layer_freq=tuple(freq) if isinstance(freq, list) else freq,
-                router_score=m.get("moe_router_score_function", "softmax"),
-                router_pre_softmax=bool(m.get("moe_router_pre_softmax", False)),
-                router_aux_loss=any(t != "none" for t in types) and bool(m.get("moe_aux_loss_coeff") or 0),
-                router_z_loss=bool(m.get("moe_z_loss_coeff") or 0))
-
-
-# recipe key -> TrainSpec field, for every `parallel` / `train` key the planner models (their
-# defaults: the recipe dataclasses in megatron_tsp.config)
-RECIPE_KEYS = {
-    "parallel.tsp_mlp_exchange": "mlp_exchange",
-    "parallel.tsp_recompute": "tsp_recompute",
-    "parallel.recompute": "recompute",
-    "parallel.recompute_method": "recompute_method",
-    "parallel.recompute_num_layers": "recompute_num_layers",
-    "parallel.offload_activations": "offload_activations",
-    "parallel.tsp_lm_head": "lm_head",
-    "parallel.lm_head_chunk_tokens": "lm_head_chunk_tokens",
-    "train.micro_batch_size": "micro_batch",
-    "train.distributed_optimizer": "distributed_optimizer",
-    "parallel.expert_size": "expert_size",
-}
-
-
-def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
-    """The training options of a recipe that the planner models, as TrainSpec fields (RECIPE_KEYS).
-    Recipe values it cannot model are a PlanError naming the key: pipeline stages, Megatron's
-    local core attention (S x S scores), TSP's compute-only benchmark mode."""
-    from .recipe_reader import read_recipe
-
-    r = read_recipe(path, list(overrides))
-    out = {}
-    for key, field_name in RECIPE_KEYS.items():
-        section, name = key.split(".")
-        out[field_name] = r[section][name]
-    if out["lm_head"] is None:  # a per-layout default: local for tsp
-        out["lm_head"] = "local"
-    p = r["parallel"]
-    if r["model"].get("num_experts") is not None and p.get("moe_dispatcher", "alltoall") != "alltoall":
-        raise PlanError(f"parallel.moe_dispatcher = {p['moe_dispatcher']!r}: the planner models the alltoall "
-                        "dispatcher only (the one TSP runs)")
-    for bad, why in ((p.get("pipeline_size", 1) != 1, f"parallel.pipeline_size = {p.get('pipeline_size')}: pipeline "
-                                                      "stages are not modelled by the planner (plan one stage's "
-                                                      "layers with --layers)"),
-                     (p.get("baseline_attention", "sdpa") != "sdpa",
-                      f"parallel.baseline_attention = {p.get('baseline_attention')!r}: the planner models the "
-                      "baselines' sdpa core attention only"),
-                     (p.get("tsp_compute_only", False), "parallel.tsp_compute_only = true: a benchmark mode without "
-                                                        "communication (results are wrong); not planned")):
-        if bad:
-            raise PlanError(why)
-    return out
-
-
 @dataclass(frozen=True)
 class TrainSpec:
-    """One optimizer step: `micro_batch` sequences of `seq_len` tokens per micro-batch and
-    model replica, `global_batch` sequences per step (default: micro_batch x data-parallel)."""
+    """One optimizer step: `micro_batch_size` sequences of `seq_length` tokens per micro-batch
+    and model replica, `global_batch_size` sequences per step (default: micro-batch x data
+    parallel). The fields named as a recipe `parallel` / `train` key are that key (meaning and
+    default in megatron_tsp.config); the others are the planner's own."""
 
-    seq_len: int
-    micro_batch: int = 1
-    global_batch: Optional[int] = None
+    seq_length: int  # model.seq_length (the context S)
+    micro_batch_size: int = 1  # train.micro_batch_size (the planner's default: one sequence)
+    # the planner plans every data-parallel size; None: one micro-batch per replica (the recipe's
+    # train.global_batch_size is for the recipe's own layout: not read)
+    global_batch_size: Optional[int] = None
     optimizer: str = "adam"  # adam; none: forward + backward only (no optimizer state, no step)
-    distributed_optimizer: bool = False
-    recompute: str = "none"  # parallel.recompute: Megatron's recompute_granularity (none, full, selective)
-    recompute_method: str = "uniform"  # parallel.recompute_method (with full): uniform, block
-    recompute_num_layers: Optional[int] = None  # parallel.recompute_num_layers; None: 1 (uniform), L (block)
-    tsp_recompute: str = "none"  # parallel.tsp_recompute: TSP's in-layer mode (none: save per shard; full)
-    offload_activations: bool = False  # parallel.offload_activations: checkpointed inputs to host memory
-    lm_head: str = "local"  # parallel.tsp_lm_head (TSP layouts; the baselines run Megatron's)
-    lm_head_chunk_tokens: int = 4096  # parallel.lm_head_chunk_tokens
+    distributed_optimizer: bool = _TRAIN["distributed_optimizer"]
+    recompute: str = _PARALLEL["recompute"]
+    recompute_method: str = _PARALLEL["recompute_method"]
+    recompute_num_layers: Optional[int] = _PARALLEL["recompute_num_layers"]  # None: 1 (uniform), L (block)
+    tsp_recompute: str = _PARALLEL["tsp_recompute"]
+    offload_activations: bool = _PARALLEL["offload_activations"]
+    tsp_lm_head: str = "local"  # the recipe's null: local under tsp (the baselines run Megatron's)
+    lm_head_chunk_tokens: int = _PARALLEL["lm_head_chunk_tokens"]
+    tsp_mlp_exchange: str = _PARALLEL["tsp_mlp_exchange"]
+    expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
     norm: str = "lean"
-    mlp_exchange: str = "auto"  # TSP's MLP exchange (parallel.tsp_mlp_exchange): ring, broadcast, tokens, auto
-    # expert-parallel size EP of MoE models (parallel.expert_size), the same for every layout planned:
-    # E / EP experts per GPU, expert TP 1, expert-data-parallel = GPUs / EP
-    expert_size: int = 1
 
     def __post_init__(self):
-        _positive("--seq-len", self.seq_len)
-        _positive("--micro-batch (train.micro_batch_size)", self.micro_batch)
-        if self.global_batch is not None:
-            _positive("--global-batch", self.global_batch)
+        _positive("--seq-len", self.seq_length)
+        _positive("--micro-batch (train.micro_batch_size)", self.micro_batch_size)
+        if self.global_batch_size is not None:
+            _positive("--global-batch", self.global_batch_size)
         if self.optimizer not in ("adam", "none"):
             raise PlanError(f"--optimizer = {self.optimizer!r}: only adam (or none: no optimizer) is modelled")
         if self.norm not in NORMS:
             raise PlanError(f"--norm = {self.norm!r} is not one of {', '.join(NORMS)}")
-        for key, value, allowed in (("parallel.recompute (--recompute)", self.recompute, RECOMPUTE),
+        for key, value, allowed in (("parallel.recompute (--recompute)", self.recompute, LAYER_RECOMPUTE),
                                     ("parallel.recompute_method (--recompute-method)", self.recompute_method,
                                      RECOMPUTE_METHODS),
-                                    ("parallel.tsp_recompute (--tsp-recompute)", self.tsp_recompute, TSP_RECOMPUTE),
-                                    ("parallel.tsp_lm_head (--tsp-lm-head)", self.lm_head, LM_HEADS)):
+                                    ("parallel.tsp_recompute (--tsp-recompute)", self.tsp_recompute, RECOMPUTE_MODES),
+                                    ("parallel.tsp_lm_head (--tsp-lm-head)", self.tsp_lm_head, LM_HEADS),
+                                    ("parallel.tsp_mlp_exchange (--tsp-mlp-exchange)", self.tsp_mlp_exchange,
+                                     MLP_EXCHANGES)):
             if value not in allowed:
                 raise PlanError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
         if self.recompute_num_layers is not None:
@@ -371,8 +390,44 @@ class TrainSpec:
                             f"checkpointed layers' inputs); got parallel.recompute = {self.recompute!r}")
         _positive("parallel.lm_head_chunk_tokens (--lm-head-chunk-tokens)", self.lm_head_chunk_tokens)
         _positive("parallel.expert_size (--expert-size)", self.expert_size)
-        if self.mlp_exchange not in MLP_EXCHANGES:
-            raise PlanError(f"--tsp-mlp-exchange = {self.mlp_exchange!r} is not one of {', '.join(MLP_EXCHANGES)}")
+
+
+# The recipe keys the planner reads: a ModelSpec / TrainSpec field of the same name (their
+# meanings and defaults: megatron_tsp.config's recipe dataclasses).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name in _SHAPE or f.name == "dtype")
+_NOT_FROM_RECIPE = ("global_batch_size",)  # see TrainSpec
+TRAIN_FIELDS = {f.name: section for f in dataclasses.fields(TrainSpec) if f.name not in _NOT_FROM_RECIPE
+                for section, names in (("parallel", _PARALLEL), ("train", _TRAIN)) if f.name in names}
+RECIPE_KEYS = tuple([f"model.{k}" for k in MODEL_FIELDS] + ["model.seq_length"]
+                    + [f"{section}.{k}" for k, section in TRAIN_FIELDS.items()])
+
+
+def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
+    """The TrainSpec fields a recipe sets (TRAIN_FIELDS: the parallel / train keys of the same
+    name). Recipe values the planner cannot model are a PlanError naming the key: pipeline
+    stages, Megatron's local core attention (S x S scores), TSP's compute-only benchmark mode,
+    a dispatcher other than alltoall."""
+    from .recipe_reader import read_recipe
+
+    r = read_recipe(path, list(overrides))
+    out = {name: r[section][name] for name, section in TRAIN_FIELDS.items()}
+    if out["tsp_lm_head"] is None:  # a per-layout default: local for tsp
+        out["tsp_lm_head"] = "local"
+    p = r["parallel"]
+    if r["model"]["num_experts"] is not None and p["moe_dispatcher"] != "alltoall":
+        raise PlanError(f"parallel.moe_dispatcher = {p['moe_dispatcher']!r}: the planner models the alltoall "
+                        "dispatcher only (the one TSP runs)")
+    for bad, why in ((p["pipeline_size"] != 1, f"parallel.pipeline_size = {p['pipeline_size']}: pipeline "
+                                               "stages are not modelled by the planner (plan one stage's "
+                                               "layers with --layers)"),
+                     (p["baseline_attention"] != "sdpa",
+                      f"parallel.baseline_attention = {p['baseline_attention']!r}: the planner models the "
+                      "baselines' sdpa core attention only"),
+                     (p["tsp_compute_only"], "parallel.tsp_compute_only = true: a benchmark mode without "
+                                             "communication (results are wrong); not planned")):
+        if bad:
+            raise PlanError(why)
+    return out
 
 
 @dataclass(frozen=True)
@@ -459,7 +514,7 @@ class Cluster:
 
 
 def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cluster) -> None:
-    """Raise PlanError if `layout` cannot run `model` at `train.seq_len` on `cluster`."""
+    """Raise PlanError if `layout` cannot run `model` at `train.seq_length` on `cluster`."""
     w = layout.weight_shards
     where = f"layout {layout.label}"
     if cluster.world % layout.size:
@@ -476,14 +531,14 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
         if value % w:
             raise PlanError(f"{flag} = {value} must be divisible by the {where} weight split {w}")
     check_experts(model, train, layout, cluster)
-    if layout.kind == "tsp" and train.seq_len % (2 * layout.tsp_size):
-        raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x D = {2 * layout.tsp_size} "
+    if layout.kind == "tsp" and train.seq_length % (2 * layout.tsp_size):
+        raise PlanError(f"--seq-len = {train.seq_length} must be divisible by 2 x D = {2 * layout.tsp_size} "
                         f"({where}: zigzag cuts each sequence into 2D chunks)")
-    if layout.cp > 1 and train.seq_len % (2 * layout.cp * layout.tp):
-        raise PlanError(f"--seq-len = {train.seq_len} must be divisible by 2 x CP x TP = "
+    if layout.cp > 1 and train.seq_length % (2 * layout.cp * layout.tp):
+        raise PlanError(f"--seq-len = {train.seq_length} must be divisible by 2 x CP x TP = "
                         f"{2 * layout.cp * layout.tp} ({where}: zigzag chunks, then TP sequence split)")
-    if layout.kind == "tp_sp" and train.seq_len % layout.tp:
-        raise PlanError(f"--seq-len = {train.seq_len} must be divisible by TP = {layout.tp} ({where})")
+    if layout.kind == "tp_sp" and train.seq_length % layout.tp:
+        raise PlanError(f"--seq-len = {train.seq_length} must be divisible by TP = {layout.tp} ({where})")
     if layout.kind == "tsp" and train.recompute == "selective":
         raise PlanError(f"parallel.recompute = selective is for the baselines ({where}): TSP attention never "
                         "keeps S x S scores; use full (or parallel.tsp_recompute)")
@@ -494,9 +549,9 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
         raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} must divide the {model.layers} "
                         "layers per stage with parallel.recompute_method = uniform (checkpointed chunks of N layers)")
     dp = cluster.world // layout.size
-    if train.global_batch is not None and train.global_batch % (train.micro_batch * dp):
-        raise PlanError(f"--global-batch = {train.global_batch} must be a multiple of --micro-batch "
-                        f"({train.micro_batch}) x data-parallel size ({dp}) for {where}")
+    if train.global_batch_size is not None and train.global_batch_size % (train.micro_batch_size * dp):
+        raise PlanError(f"--global-batch = {train.global_batch_size} must be a multiple of --micro-batch "
+                        f"({train.micro_batch_size}) x data-parallel size ({dp}) for {where}")
 
 
 def check_experts(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cluster) -> None:

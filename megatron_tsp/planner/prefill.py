@@ -49,8 +49,8 @@ GIB = 2**30
 
 def _spec(prompt_tokens: int, batch: int) -> TrainSpec:
     # forward only: nothing saved, TSP's ring MLP (what tsp_prefill runs)
-    return TrainSpec(seq_len=prompt_tokens, micro_batch=batch, optimizer="none", tsp_recompute="full",
-                     mlp_exchange="ring", recompute="none")
+    return TrainSpec(seq_length=prompt_tokens, micro_batch_size=batch, optimizer="none", tsp_recompute="full",
+                     tsp_mlp_exchange="ring", recompute="none")
 
 
 def working_set(m: ModelSpec, lay: Layout, prompt_tokens: int, batch: int = 1,

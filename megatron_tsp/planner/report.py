@@ -55,10 +55,10 @@ def render(model: ModelSpec, train: TrainSpec, cluster: Cluster, hw, plans: List
     cap = cluster.gpu_memory_gib or hw.gpu_memory_gib
     head = (f"{model.name}: L={model.layers} h={model.hidden} heads={model.heads} kv_groups={model.groups} "
             f"ffn={model.f}{' gated' if model.gated else ''} V={model.vocab} {model.dtype}, "
-            f"{model.total_params / 1e9:.2f}B params | S={train.seq_len} micro-batch={train.micro_batch} "
+            f"{model.total_params / 1e9:.2f}B params | S={train.seq_length} micro-batch={train.micro_batch_size} "
             f"| {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware {hw.name} "
             f"| Adam{' (distributed)' if train.distributed_optimizer else ''}, recompute={train.recompute}, "
-            f"TSP MLP exchange={train.mlp_exchange}")
+            f"TSP MLP exchange={train.tsp_mlp_exchange}")
     mem_rows, time_rows = [], []
     for p in plans:
         g = p.memory.as_gib()

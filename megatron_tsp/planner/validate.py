@@ -1,7 +1,7 @@
 """Predicted vs measured: reads every benchmark JSON in `benchmarks/results/` and writes
 `docs/plan_validation.md`.
 
-    python -m megatron_tsp.planner.cli validate [--results DIR] [--out FILE]
+    python -m megatron_tsp.cli plan validate [--results DIR] [--out FILE]
 
 A benchmark JSON is a list of rows, or an object with `rows` (or `results`) and optional
 file-level `model` ({"recipe": path} or ModelShape / planner field names), `train`,
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import hardware as hw_mod
 from .formulas import GIB, mlp_exchange
-from .model import Cluster, Layout, ModelSpec, PlanError, TrainSpec
+from .model import MODEL_FIELDS, Cluster, Layout, ModelSpec, PlanError, TrainSpec
 from . import plan_layout
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -71,9 +71,10 @@ PAPER = {
     131072: {"tsp8": 38.8, "tp8": 70.0, "tp_sp8": 85.0, "tp2xcp4": 140.0, "tp4xcp2": 140.0},
 }
 
-_MODEL_KEYS = {"num_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
-               "num_query_groups": "kv_groups", "ffn_hidden_size": "ffn", "vocab_size": "vocab", "swiglu": "gated",
-               "share_embeddings_and_output_weights": "tied_embeddings"}
+# older result files name the model's fields with the planner's former short names
+_OLD_MODEL_KEYS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+                   "kv_groups": "num_query_groups", "ffn": "ffn_hidden_size", "vocab": "vocab_size", "gated": "swiglu",
+                   "tied_embeddings": "share_embeddings_and_output_weights"}
 
 
 @dataclass
@@ -103,8 +104,8 @@ def _model(spec: dict) -> Tuple[ModelSpec, Optional[int]]:
         return _recipe_cache[path]
     kw = {}
     for k, v in spec.items():
-        k = _MODEL_KEYS.get(k, k)
-        if k in ("layers", "hidden", "heads", "kv_groups", "ffn", "vocab", "dtype", "gated", "tied_embeddings"):
+        k = _OLD_MODEL_KEYS.get(k, k)
+        if k in MODEL_FIELDS:
             kw[k] = v
     return ModelSpec(**kw), spec.get("seq_length") or spec.get("seq_len")
 
@@ -198,15 +199,15 @@ def load_file(path: str) -> List[Measurement]:
             tsp_rec = "none" if old in ("none", "save") else "full"
             layer_rec = "full" if old == "full" else "none"
             get = lambda k, d: row.get(k, tr.get(k, d))  # noqa: E731
-            m.train = TrainSpec(seq_len=int(seq), micro_batch=int(tr.get("micro_batch_size", 1)),
-                                global_batch=tr.get("global_batch_size"),
+            m.train = TrainSpec(seq_length=int(seq), micro_batch_size=int(tr.get("micro_batch_size", 1)),
+                                global_batch_size=tr.get("global_batch_size"),
                                 distributed_optimizer=bool(get("distributed_optimizer", False)),
                                 recompute=get("layer_recompute", layer_rec), tsp_recompute=get("tsp_recompute", tsp_rec),
                                 recompute_method=get("recompute_method", "uniform"),
                                 recompute_num_layers=get("recompute_num_layers", None),
                                 offload_activations=bool(get("offload_activations", False)),
-                                lm_head=get("tsp_lm_head", "megatron"), norm=get("norm", "torch"),
-                                mlp_exchange=get("tsp_mlp_exchange", "auto"))
+                                tsp_lm_head=get("tsp_lm_head", "megatron"), norm=get("norm", "torch"),
+                                tsp_mlp_exchange=get("tsp_mlp_exchange", "auto"))
             m.world = int(row.get("world_size") or top.get("world_size") or m.layout.size)
             m.compute_only = bool(row.get("compute_only"))
             m.oom = bool(row.get("oom")) or "failed_rc" in row and "oom" in str(row).lower()
@@ -269,7 +270,7 @@ def paper_section() -> List[str]:
     from . import plan_layout as pl
 
     hw = hw_mod.load("h200x4")
-    model = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000, name="7b")
+    model = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384, vocab_size=32000, name="7b")
     cluster = Cluster(gpus_per_node=8, gpu_memory_gib=192 * 1e9 / GIB)
     lines = ["| S | layout | published (GB) | predicted, torch norms (GB) | ratio | predicted, fused norms (GB) | ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -279,7 +280,7 @@ def paper_section() -> List[str]:
             lay = Layout.parse(key)
             cells = []
             for norm in ("torch", "fused"):  # TSP with the paper's exchange: weights move (the ring)
-                gb = pl(model, TrainSpec(seq_len=S, norm=norm, mlp_exchange="ring", tsp_recompute="full", lm_head="megatron"),
+                gb = pl(model, TrainSpec(seq_length=S, norm=norm, tsp_mlp_exchange="ring", tsp_recompute="full", tsp_lm_head="megatron"),
                         lay, cluster, hw).memory.peak / 1e9
                 preds[(norm, S, key)] = gb
                 pub = table.get(key)
@@ -305,7 +306,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
     for r in rows:
         m = r["m"]
         if m.layout.kind == "tsp" and m.step_time_s is not None:
-            by.setdefault((m.source.split("#")[0], m.model, m.train.seq_len), {})[m.compute_only] = r
+            by.setdefault((m.source.split("#")[0], m.model, m.train.seq_length), {})[m.compute_only] = r
     pairs = [(k, v[False], v[True]) for k, v in by.items() if len(v) == 2]
     if not pairs:
         return []
@@ -329,7 +330,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
 def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
     hw = hw_mod.load("h200x4")
     out = ["# Planner validation: predicted vs measured", "",
-           "Regenerate with `python -m megatron_tsp.planner.cli validate` (reads every `benchmarks/results/*.json`; "
+           "Regenerate with `python -m megatron_tsp.cli plan validate` (reads every `benchmarks/results/*.json`; "
            "formulas in `docs/planner.md`). Memory is GiB (2^30 bytes, `torch.cuda.max_memory_allocated`, the "
            "training logs' \"GB\"); step time is the predicted time with the overlap the code has today (\"as run\"). "
            f"Bounds: peak memory within {100 * MEMORY_BOUND:.0f}%, step time within {100 * TIME_BOUND:.0f}%. "
@@ -349,7 +350,7 @@ def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
         pred_peak = "-" if r["pred_peak"] is None else \
             f"{r['pred_peak']:.1f}" + (" (> {:.0f}: OOM)".format(r["capacity"]) if not p.fits else "")
         label = m.layout.label + (", comm skipped (predicted: compute alone)" if m.compute_only else "")
-        out.append(f"| {m.source} | {label} | {m.train.seq_len // 1024}K | {meas_peak} | {pred_peak} | "
+        out.append(f"| {m.source} | {label} | {m.train.seq_length // 1024}K | {meas_peak} | {pred_peak} | "
                    f"{_pct(r['mem_err'])} | {'yes' if r['mem_ok'] else 'NO'} | "
                    f"{'-' if m.step_time_s is None else f'{m.step_time_s:.3f}'} | {r['pred_time']:.3f} | "
                    f"{_pct(r['time_err'])} | {'yes' if r['time_ok'] else 'NO'} | {p.memory.peak_point} |")
@@ -366,12 +367,12 @@ def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
             parts = {k: t[k] for k in ("matmul_s", "attention_s", "elementwise_s", "comm_exposed_s", "optimizer_s")}
             reason = ("not yet explained; predicted breakdown " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in parts.items())
                       + f"; peak at {p.memory.peak_point}")
-        out.append(f"- {m.source} {m.layout.label} {m.train.seq_len // 1024}K: memory {_pct(r['mem_err'])}, "
+        out.append(f"- {m.source} {m.layout.label} {m.train.seq_length // 1024}K: memory {_pct(r['mem_err'])}, "
                    f"time {_pct(r['time_err'])}. {reason}")
     older = [r for r in rows if r not in outside and known_reason(r["m"].source)]
     if older:
         out += ["", "## Rows within the bounds, measured on older code", ""]
-        out += [f"- {r['m'].source} {r['m'].layout.label} {r['m'].train.seq_len // 1024}K: time {_pct(r['time_err'])}. "
+        out += [f"- {r['m'].source} {r['m'].layout.label} {r['m'].train.seq_length // 1024}K: time {_pct(r['time_err'])}. "
                 f"{known_reason(r['m'].source)}" for r in older]
     out += tsp_overlap_section(rows)
     if bad:
@@ -381,7 +382,7 @@ def render(rows: List[dict], bad: List[Measurement], results_dir: str) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, t = r["m"], r["plan"].time
-        out.append(f"| {m.source} | {m.layout.label} | {m.train.seq_len // 1024}K | {t['matmul_s']:.3f} | {t['attention_s']:.3f} | "
+        out.append(f"| {m.source} | {m.layout.label} | {m.train.seq_length // 1024}K | {t['matmul_s']:.3f} | {t['attention_s']:.3f} | "
                    f"{t['elementwise_s']:.3f} | {t['comm_s']:.3f} | {t['comm_exposed_s']:.3f} | {t['optimizer_s']:.3f} | "
                    f"{t['no_overlap']:.3f} | {t['as_implemented']:.3f} | {t['full_overlap']:.3f} |")
     out += ["", "## The paper's 8-GPU 7B setting", "",

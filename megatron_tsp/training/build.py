@@ -189,6 +189,10 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         layout_invariant_init(model, seed, pgs.tp)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if config.num_moe_experts:
+        from ..tsp.moe import release_dispatcher_probs
+
+        release_dispatcher_probs(model)
     if offload_activations:
         from ..tsp.offload import offload_layer_inputs
 

@@ -14,13 +14,12 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 
 import yaml
 
-from ..config import (DataRecipe, ModelRecipe, ModelShape, ParallelRecipe, TSPConfigError, TSPOptions,  # noqa: F401
-                      TrainRecipe, check_seq_length, recipe_words, tsp_options_from)
+from ..config import (LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe, ModelRecipe,  # noqa: F401
+                      ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions, check_seq_length,
+                      recipe_words, tsp_options_from)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
-RECOMPUTE = ("none", "full", "selective")
-RECOMPUTE_METHODS = ("uniform", "block")
 
 
 class RecipeError(TSPConfigError):
@@ -53,8 +52,8 @@ class Recipe:
                               "baselines run Megatron's LM head (leave it null or set megatron)")
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
-        if m.normalization not in ("LayerNorm", "RMSNorm"):
-            raise RecipeError(f"model.normalization = {m.normalization!r} is not one of LayerNorm, RMSNorm")
+        if m.normalization not in NORMALIZATIONS:
+            raise RecipeError(f"model.normalization = {m.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if m.position_embedding_type not in ("rope", "learned_absolute"):
             raise RecipeError(f"model.position_embedding_type = {m.position_embedding_type!r} is not one of rope, learned_absolute")
         for key in ("steps", "micro_batch_size", "global_batch_size"):
@@ -177,8 +176,8 @@ class Recipe:
 
     def _check_recompute(self) -> None:
         m, p = self.model, self.parallel
-        if p.recompute not in RECOMPUTE:
-            raise RecipeError(f"parallel.recompute = {p.recompute!r} is not one of {', '.join(RECOMPUTE)}")
+        if p.recompute not in LAYER_RECOMPUTE:
+            raise RecipeError(f"parallel.recompute = {p.recompute!r} is not one of {', '.join(LAYER_RECOMPUTE)}")
         if p.recompute_method not in RECOMPUTE_METHODS:
             raise RecipeError(f"parallel.recompute_method = {p.recompute_method!r} is not one of "
                               f"{', '.join(RECOMPUTE_METHODS)}")

@@ -244,6 +244,24 @@ def forget_router_metrics() -> None:
     entries.clear()
 
 
+def release_dispatcher_probs(model) -> None:
+    """Drop, when each MoE layer's forward ends, the routing probabilities Megatron's alltoall
+    dispatcher keeps (`token_dispatcher.probs`, read only inside `MoELayer.forward`). They carry
+    their autograd graph, which reaches the parameters' gradient hooks (Megatron DDP's) and
+    through them the model: a cycle through C++ autograd nodes that gc cannot see, keeping every
+    MoE model under DDP, its last graph and its destroyed process groups alive (57 gloo threads
+    per driver run at world 2; tests/tsp/test_moe.py::test_moe_model_under_ddp_is_freed)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    def drop_probs(module, args, output):
+        if getattr(module.token_dispatcher, "probs", None) is not None:
+            module.token_dispatcher.probs = None
+
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.register_forward_hook(drop_probs, always_call=True)
+
+
 def pop_router_losses(tsp_group) -> dict:
     """The router losses of the forwards since the last call, per layer, for this rank's
     micro-batches: {name: float64 [num_layers]} with load-balancing losses summed over their

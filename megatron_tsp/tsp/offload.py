@@ -22,6 +22,14 @@ Mechanism: `megatron.core.tensor_parallel.checkpoint` (what TransformerBlock cal
 megatron-core 0.16 and 0.19) is wrapped once per process; the wrapper acts only while the
 decoder of a model passed to `offload_layer_inputs` runs its forward, and otherwise calls
 Megatron's checkpoint unchanged.
+
+References: the handles are reached only from the autograd graph (the packed saved tensors) and,
+during one forward, from the offloader's `_last`; nothing of the offloader reaches back into the
+graph. The graph's CheckpointFunctionBackward nodes hold the decoder (the checkpointed function),
+and the decoder holds the offloader: a reference from the offloader into the graph (a host copy
+carrying a grad_fn, a handle kept after the forward) would be a cycle through C++ autograd nodes
+that Python's gc cannot see, keeping every model, graph and destroyed process group alive
+(tests/tsp/test_memory.py::test_offloaded_model_is_freed).
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ class LayerInputOffloader:
     def begin_forward(self) -> None:
         self._last, self._count = None, 0
 
+    def end_forward(self) -> None:
+        """The chain is complete: from now on only the graph holds the handles."""
+        self._last = None
+
     def is_layer_input(self, t) -> bool:
         return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3
                 and t.shape[-1] == self.hidden_size)
@@ -82,6 +94,7 @@ class LayerInputOffloader:
         """Post the copy of `t` to (pinned) host memory; `t`'s device memory may be reused as
         soon as the copy has read it."""
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        t = t.detach()  # a copy under autograd would give `host` a grad_fn into the graph (a cycle)
         done = None
         if t.is_cuda:
             stream = self._stream(t.device, "d2h")
@@ -197,6 +210,7 @@ def offload_layer_inputs(model) -> LayerInputOffloader:
         _ACTIVE.append(offloader)
 
     def leave(module, args, output):
+        offloader.end_forward()
         if _ACTIVE and _ACTIVE[-1] is offloader:
             _ACTIVE.pop()
 

@@ -14,16 +14,16 @@ from megatron_tsp.planner.model import Layout, ModelSpec, TrainSpec
 def test_bench_and_planner_count_the_same_model_flops(variant, kind, size):
     seq = 16 * 1024
     shape = bench_rows.model_shape("7b", variant, 4, seq)
-    spec = ModelSpec(layers=shape.num_layers, hidden=shape.hidden_size, heads=shape.num_attention_heads,
-                     kv_groups=shape.num_query_groups, ffn=shape.ffn_hidden_size, vocab=shape.vocab_size,
-                     gated=shape.swiglu)
+    spec = ModelSpec(num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+                     num_query_groups=shape.num_query_groups, ffn_hidden_size=shape.ffn_hidden_size, vocab_size=shape.vocab_size,
+                     swiglu=shape.swiglu)
     lay = Layout(kind, tsp_size=size) if kind == "tsp" else Layout(kind, tp=size)
-    per_gpu = flops(spec, TrainSpec(seq_len=seq), lay)["model_flops"]
+    per_gpu = flops(spec, TrainSpec(seq_length=seq), lay)["model_flops"]
     assert per_gpu * lay.size == pytest.approx(bench_rows.model_flops(shape)["total"], rel=1e-12)
     # recompute and the local head's second logits pass are not model work: the same count
-    with_recompute = flops(spec, TrainSpec(seq_len=seq, tsp_recompute="full", recompute="full"), lay)
+    with_recompute = flops(spec, TrainSpec(seq_length=seq, tsp_recompute="full", recompute="full"), lay)
     assert with_recompute["model_flops"] == per_gpu
-    assert with_recompute["matmul"] > flops(spec, TrainSpec(seq_len=seq), lay)["matmul"]
+    assert with_recompute["matmul"] > flops(spec, TrainSpec(seq_length=seq), lay)["matmul"]
 
 
 def test_attention_backward_counts_twice_the_forward():

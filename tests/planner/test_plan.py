@@ -13,14 +13,14 @@ from megatron_tsp.planner.formulas import tsp_saved_per_token
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 H = 4096
-MHA = ModelSpec(layers=32, hidden=H, heads=32, ffn=4 * H, vocab=32000)
-GQA = ModelSpec(layers=32, hidden=H, heads=32, kv_groups=8, ffn=4 * H, vocab=32000)
+MHA = ModelSpec(num_layers=32, hidden_size=H, num_attention_heads=32, ffn_hidden_size=4 * H, vocab_size=32000)
+GQA = ModelSpec(num_layers=32, hidden_size=H, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=4 * H, vocab_size=32000)
 NODE4 = Cluster(gpus_per_node=4)
 
 
 def fwd_volume(model, layout, S, B=1, cluster=NODE4, exchange="ring"):
     """docs/design.md §6's volumes move the MLP weights: the ring (auto would move tokens below 8K per rank)."""
-    train = TrainSpec(seq_len=S, micro_batch=B, mlp_exchange=exchange)
+    train = TrainSpec(seq_length=S, micro_batch_size=B, tsp_mlp_exchange=exchange)
     return volume_per_layer(comm_items(model, train, layout, cluster), "fwd")
 
 
@@ -57,11 +57,11 @@ def test_static_memory_is_18_bytes_per_parameter_and_the_distributed_optimizer_s
     P = MHA.total_params
     assert P == 32 * (16 * H * H + 2 * H) + 2 * 32000 * H + H
     lay = Layout("tsp", tsp_size=4)
-    mem = memory(MHA, TrainSpec(seq_len=16384), lay, NODE4)
+    mem = memory(MHA, TrainSpec(seq_length=16384), lay, NODE4)
     assert mem.params + mem.grads + mem.optimizer == pytest.approx((P - 32 * 2 * H - H) / 4 * 18 + (32 * 2 * H + H) * 18)
     node8 = Cluster(gpus_per_node=8)  # TSP D=4 x DP 2
-    plain = memory(MHA, TrainSpec(seq_len=16384, global_batch=2), lay, node8)
-    dist = memory(MHA, TrainSpec(seq_len=16384, global_batch=2, distributed_optimizer=True), lay, node8)
+    plain = memory(MHA, TrainSpec(seq_length=16384, global_batch_size=2), lay, node8)
+    dist = memory(MHA, TrainSpec(seq_length=16384, global_batch_size=2, distributed_optimizer=True), lay, node8)
     assert dist.optimizer == pytest.approx(plain.optimizer / 2)
     assert dist.params == plain.params and dist.grads == plain.grads
 
@@ -75,13 +75,13 @@ def test_tsp_activation_items_by_hand():
 
 
 def test_tsp_memory_beats_tp_sp_and_recompute_modes_order():
-    t = TrainSpec(seq_len=65536)
+    t = TrainSpec(seq_length=65536)
     tsp = memory(MHA, t, Layout("tsp", tsp_size=4), NODE4)
     tpsp = memory(MHA, t, Layout("tp_sp", tp=4), NODE4)
     assert tsp.peak < tpsp.peak
-    block = memory(MHA, TrainSpec(seq_len=65536, tsp_recompute="full"), Layout("tsp", tsp_size=4), NODE4)
+    block = memory(MHA, TrainSpec(seq_length=65536, tsp_recompute="full"), Layout("tsp", tsp_size=4), NODE4)
     assert block.activations < tsp.activations
-    full = memory(MHA, TrainSpec(seq_len=65536, recompute="full"), Layout("tp_sp", tp=4), NODE4)
+    full = memory(MHA, TrainSpec(seq_length=65536, recompute="full"), Layout("tp_sp", tp=4), NODE4)
     assert full.activations < tpsp.activations
 
 
@@ -95,7 +95,7 @@ def test_candidate_layouts_of_one_8_gpu_node():
 def test_paper_ordering_at_128k_on_8_gpus():
     hw = hardware.load("h200x4")
     cl = Cluster(gpus_per_node=8, gpu_memory_gib=178.8)
-    t = TrainSpec(seq_len=131072)
+    t = TrainSpec(seq_length=131072)
     peak = {k: plan_layout(MHA, t, Layout.parse(k), cl, hw).memory.peak for k in ("tsp8", "tp_sp8", "tp2xcp4", "tp4xcp2")}
     assert peak["tsp8"] < peak["tp_sp8"] < min(peak["tp2xcp4"], peak["tp4xcp2"])
 
@@ -128,21 +128,21 @@ def test_measured_rows_within_bounds():
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: ModelSpec(layers=2, hidden=4096, heads=30), r"--hidden = 4096 must be divisible by --heads = 30"),
-    (lambda: ModelSpec(layers=2, hidden=4096, heads=32, kv_groups=6), r"--heads = 32 must be divisible by --kv-groups = 6"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=8)]),
+    (lambda: ModelSpec(num_layers=2, hidden_size=4096, num_attention_heads=30), r"--hidden = 4096 must be divisible by --heads = 30"),
+    (lambda: ModelSpec(num_layers=2, hidden_size=4096, num_attention_heads=32, num_query_groups=6), r"--heads = 32 must be divisible by --kv-groups = 6"),
+    (lambda: plan_all(MHA, TrainSpec(seq_length=4096), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=8)]),
      r"layout TSP D=8 needs 8 GPUs per replica, which does not divide --gpus-per-node x --nodes = 4"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=4096), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
+    (lambda: plan_all(MHA, TrainSpec(seq_length=4096), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
                       [Layout("tsp", tsp_size=8)]), r"the TSP axis \(8\) must fit in one node"),
-    (lambda: plan_all(ModelSpec(layers=2, hidden=3072, heads=6, ffn=8192), TrainSpec(seq_len=4096), NODE4,
+    (lambda: plan_all(ModelSpec(num_layers=2, hidden_size=3072, num_attention_heads=6, ffn_hidden_size=8192), TrainSpec(seq_length=4096), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]), r"--heads = 6 must be divisible by the layout TSP D=4"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=1004), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
+    (lambda: plan_all(MHA, TrainSpec(seq_length=1004), NODE4, hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"--seq-len = 1004 must be divisible by 2 x D = 8"),
     (lambda: hardware.load("mi300x_nonexistent"), r"--hardware 'mi300x_nonexistent': no such profile; available: .*h200x4"),
     (lambda: Layout.parse("zp4"), r"--layout 'zp4': expected one of"),
-    (lambda: plan_all(MHA, TrainSpec(seq_len=16384), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
+    (lambda: plan_all(MHA, TrainSpec(seq_length=16384), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
                       [Layout("cp", cp=8)]), r"no inter-node link"),
-    (lambda: TrainSpec(seq_len=16384, recompute="some"), r"parallel.recompute \(--recompute\) = 'some'"),
+    (lambda: TrainSpec(seq_length=16384, recompute="some"), r"parallel.recompute \(--recompute\) = 'some'"),
 ])
 def test_bad_inputs_are_clear_errors(build, message):
     with pytest.raises(PlanError, match=message):
@@ -150,8 +150,8 @@ def test_bad_inputs_are_clear_errors(build, message):
 
 
 def test_unusable_candidates_are_listed_with_reasons():
-    m = ModelSpec(layers=2, hidden=3072, heads=6, ffn=8192, vocab=32000)
-    plans, skipped = plan_all(m, TrainSpec(seq_len=4096), NODE4, hardware.load("h200x4"))
+    m = ModelSpec(num_layers=2, hidden_size=3072, num_attention_heads=6, ffn_hidden_size=8192, vocab_size=32000)
+    plans, skipped = plan_all(m, TrainSpec(seq_length=4096), NODE4, hardware.load("h200x4"))
     reasons = {s.layout.label: s.reason for s in skipped}
     assert "--heads = 6 must be divisible" in reasons["TSP D=4"]
     assert any(p.layout.label == "TSP D=2" for p in plans)
@@ -183,7 +183,7 @@ def test_validate_command_writes_the_table(tmp_path):
 
 
 def test_peak_gib_units():
-    mem = memory(MHA, TrainSpec(seq_len=16384), Layout("tsp", tsp_size=4), NODE4)
+    mem = memory(MHA, TrainSpec(seq_length=16384), Layout("tsp", tsp_size=4), NODE4)
     assert mem.as_gib()["peak"] == pytest.approx(mem.peak / GIB)
 
 
@@ -191,7 +191,7 @@ def test_whole_step_crossover_at_13h_tokens_for_d4():
     """docs/design.md §6 (the first notes) said backward roughly doubles both; it does not: forward + backward,
     D=4, MHA, f=4h: TSP 39h^2 + 4.5 BSh vs TP+SP 7.5 BSh, equal at B*S = 13h."""
     def total(layout, S):
-        items = comm_items(MHA, TrainSpec(seq_len=S, mlp_exchange="ring"), layout, NODE4)
+        items = comm_items(MHA, TrainSpec(seq_length=S, tsp_mlp_exchange="ring"), layout, NODE4)
         return volume_per_layer(items, "fwd") + volume_per_layer(items, "bwd")
 
     tsp, tpsp = Layout("tsp", tsp_size=4), Layout("tp_sp", tp=4)
@@ -207,10 +207,10 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold():
     from megatron_tsp.planner import mlp_exchange
 
     lay = Layout("tsp", tsp_size=4)
-    below, at = TrainSpec(seq_len=4 * AUTO_TOKENS_BELOW - 8), TrainSpec(seq_len=4 * AUTO_TOKENS_BELOW)
+    below, at = TrainSpec(seq_length=4 * AUTO_TOKENS_BELOW - 8), TrainSpec(seq_length=4 * AUTO_TOKENS_BELOW)
     assert mlp_exchange(below, lay) == "tokens" and mlp_exchange(at, lay) == "ring"
-    assert mlp_exchange(TrainSpec(seq_len=2 * AUTO_TOKENS_BELOW, micro_batch=2), lay) == "ring"  # B S / D
-    assert mlp_exchange(TrainSpec(seq_len=16384, mlp_exchange="ring"), lay) == "ring"
+    assert mlp_exchange(TrainSpec(seq_length=2 * AUTO_TOKENS_BELOW, micro_batch_size=2), lay) == "ring"  # B S / D
+    assert mlp_exchange(TrainSpec(seq_length=16384, tsp_mlp_exchange="ring"), lay) == "ring"
     assert mlp_exchange(below, Layout("tp_sp", tp=4)) is None
     names = lambda t: {i.name for i in comm_items(MHA, t, lay, NODE4)}  # noqa: E731
     assert "MLP input all-gather (tokens)" in names(below) and "MLP weight ring" not in names(below)
@@ -232,7 +232,7 @@ def test_tokens_exchange_volume_and_saved_activations_by_hand():
     assert sum(tokens.values()) - sum(ring.values()) == pytest.approx(2 * (5 - 2) * 4 * H)
     assert sum(tsp_saved_per_token(MHA, save_activations=False, norm="torch", exchange="tokens").values()) == \
         pytest.approx(2 * (8 * H + 4) + 2 * 2 * H + 4 * 128 + 2 * 5 * 4 * H)  # Megatron's MLP ignores TSP recompute
-    t_ring, t_tokens = (TrainSpec(seq_len=S, recompute="none", mlp_exchange=e) for e in ("ring", "tokens"))
+    t_ring, t_tokens = (TrainSpec(seq_length=S, recompute="none", tsp_mlp_exchange=e) for e in ("ring", "tokens"))
     gap = memory(MHA, t_tokens, lay, NODE4).activations - memory(MHA, t_ring, lay, NODE4).activations
     assert gap == pytest.approx(2 * 3 * 4 * H * S / D * 32)
 
@@ -244,7 +244,7 @@ def test_tsp_kv_transfers_overlap_one_shard_behind():
     lay = Layout("tsp", tsp_size=D)
     kv = (D - 1) / D * S * 2 * H * 2
     for tsp_recompute, exposed_bwd_gather in (("none", kv / D), ("full", kv)):
-        items = comm_items(MHA, TrainSpec(seq_len=S, tsp_recompute=tsp_recompute), lay, NODE4)
+        items = comm_items(MHA, TrainSpec(seq_length=S, tsp_recompute=tsp_recompute), lay, NODE4)
         serial = {(i.phase, i.collective): 0.0 for i in items}
         for i in items:
             serial[i.phase, i.collective] += 0.0 if i.overlapped else i.volume
@@ -262,7 +262,7 @@ def test_ring_hops_hide_only_behind_their_shards_gemms():
     hw, lay = hardware.load("h200x4"), Layout("tsp", tsp_size=4)
 
     def ring_exposed(S):
-        t = TrainSpec(seq_len=S, recompute="none", mlp_exchange="ring")
+        t = TrainSpec(seq_length=S, recompute="none", tsp_mlp_exchange="ring")
         items = comm_items(MHA, t, lay, NODE4)
         without = [i for i in items if "ring" not in i.name]
         return step_time(MHA, t, lay, NODE4, hw, items)["as_implemented"] - \
@@ -289,26 +289,26 @@ def test_cli_reads_the_mlp_exchange(capsys):
 from megatron_tsp.planner import flops, step_time  # noqa: E402
 from megatron_tsp.planner.formulas import lm_head_working_set, norm_saved  # noqa: E402
 
-SMALL = ModelSpec(layers=8, hidden=H, heads=32, ffn=4 * H, vocab=32000)
+SMALL = ModelSpec(num_layers=8, hidden_size=H, num_attention_heads=32, ffn_hidden_size=4 * H, vocab_size=32000)
 
 
 def _tsp_layer_bytes(model, train, D):
     """One TSP layer's saved activations (its in-layer mode), summed from the per-token items."""
     per_tok = tsp_saved_per_token(model, save_activations=train.tsp_recompute == "none", norm=train.norm,
                                   exchange="ring")
-    return sum(per_tok.values()) * train.seq_len / D
+    return sum(per_tok.values()) * train.seq_length / D
 
 
 def test_lean_norms_keep_their_input_and_per_token_statistics():
     """RMSNorm: input 2h B (bf16) + rstd 4 B; LayerNorm: + mean 4 B; torch's composite: 8h + 4."""
     assert norm_saved(MHA, "lean") == 2 * H + 4
-    assert norm_saved(ModelSpec(layers=1, hidden=H, heads=32, normalization="LayerNorm"), "lean") == 2 * H + 8
+    assert norm_saved(ModelSpec(num_layers=1, hidden_size=H, num_attention_heads=32, normalization="LayerNorm"), "lean") == 2 * H + 8
     assert norm_saved(MHA, "torch") == 8 * H + 4
     # TSP block mode per token: 2 norms + 2 block inputs (2h B each) + RoPE table slice (4 d)
     lean = tsp_saved_per_token(MHA, save_activations=False, norm="lean")
     assert sum(lean.values()) == 2 * (2 * H + 4) + 2 * 2 * H + 4 * 128
     # the baselines use TSPNorm too: TP+SP's norms item shrinks from 2(8h+4) to 2(2h+4) per token
-    t_lean, t_torch = TrainSpec(seq_len=16384), TrainSpec(seq_len=16384, norm="torch")
+    t_lean, t_torch = TrainSpec(seq_length=16384), TrainSpec(seq_length=16384, norm="torch")
     lay = Layout("tp_sp", tp=4)
     gap = memory(MHA, t_torch, lay, NODE4).detail["norms"] - memory(MHA, t_lean, lay, NODE4).detail["norms"]
     assert gap == pytest.approx(2 * 6 * H * 16384 / 4 * 32)
@@ -323,15 +323,15 @@ def test_full_uniform_recompute_keeps_one_input_per_chunk_by_hand(tsp_recompute)
     lay = Layout("tsp", tsp_size=D)
     inp = S / D * H * 2
     for N, inputs in ((1, 8), (2, 4), (4, 2)):
-        t = TrainSpec(seq_len=S, recompute="full", recompute_num_layers=N, tsp_recompute=tsp_recompute,
-                      mlp_exchange="ring")
+        t = TrainSpec(seq_length=S, recompute="full", recompute_num_layers=N, tsp_recompute=tsp_recompute,
+                      tsp_mlp_exchange="ring")
         mem = memory(SMALL, t, lay, NODE4)
         key = f"checkpointed layer inputs (full uniform N={N}: {inputs} of {inputs} on the GPU)"
         assert mem.detail[key] == pytest.approx(inputs * inp)
         assert mem.recompute_working_set == pytest.approx(N * _tsp_layer_bytes(SMALL, t, D))
         assert "q (all shards)" not in mem.detail and "norms" not in mem.detail  # no layer saves its activations
-    none = memory(SMALL, TrainSpec(seq_len=S, tsp_recompute=tsp_recompute, mlp_exchange="ring"), lay, NODE4)
-    full = memory(SMALL, TrainSpec(seq_len=S, recompute="full", tsp_recompute=tsp_recompute, mlp_exchange="ring"),
+    none = memory(SMALL, TrainSpec(seq_length=S, tsp_recompute=tsp_recompute, tsp_mlp_exchange="ring"), lay, NODE4)
+    full = memory(SMALL, TrainSpec(seq_length=S, recompute="full", tsp_recompute=tsp_recompute, tsp_mlp_exchange="ring"),
                   lay, NODE4)
     # saved activations: 8 layers' worth -> 8 inputs
     assert none.activations - full.activations == pytest.approx(8 * (_tsp_layer_bytes(SMALL, t, D) - inp))
@@ -343,20 +343,20 @@ def test_full_block_recompute_by_hand():
     and the step runs 3/8 of a forward more: matmul FLOPs + 3/8 x 2 S P_layer L / D."""
     D, S = 4, 65536
     lay = Layout("tsp", tsp_size=D)
-    t = TrainSpec(seq_len=S, recompute="full", recompute_method="block", recompute_num_layers=3, mlp_exchange="ring")
+    t = TrainSpec(seq_length=S, recompute="full", recompute_method="block", recompute_num_layers=3, tsp_mlp_exchange="ring")
     mem = memory(SMALL, t, lay, NODE4)
     assert mem.detail["checkpointed layer inputs (full block N=3: 3 of 3 on the GPU)"] == pytest.approx(3 * S / D * H * 2)
     assert mem.detail["q (all shards)"] == pytest.approx(5 * S / D * 2 * H)  # q: 2h B per token, 5 layers
     assert mem.recompute_working_set == pytest.approx(_tsp_layer_bytes(SMALL, t, D))
-    base = TrainSpec(seq_len=S, mlp_exchange="ring")
+    base = TrainSpec(seq_length=S, tsp_mlp_exchange="ring")
     fwd_mm = 2 * S * SMALL.layer_matmul_params * 8 / D
     assert flops(SMALL, t, lay)["matmul"] - flops(SMALL, base, lay)["matmul"] == pytest.approx(3 / 8 * fwd_mm)
     fwd_attn = 2 * S * S * SMALL.q_dim * 8 / D
     assert flops(SMALL, t, lay)["attention"] - flops(SMALL, base, lay)["attention"] == pytest.approx(3 / 8 * fwd_attn)
     # default N for block: every layer (the same memory as uniform N = 1)
-    all_block = memory(SMALL, TrainSpec(seq_len=S, recompute="full", recompute_method="block", mlp_exchange="ring"),
+    all_block = memory(SMALL, TrainSpec(seq_length=S, recompute="full", recompute_method="block", tsp_mlp_exchange="ring"),
                        lay, NODE4)
-    uniform = memory(SMALL, TrainSpec(seq_len=S, recompute="full", mlp_exchange="ring"), lay, NODE4)
+    uniform = memory(SMALL, TrainSpec(seq_length=S, recompute="full", tsp_mlp_exchange="ring"), lay, NODE4)
     assert all_block.peak == pytest.approx(uniform.peak)
 
 
@@ -366,12 +366,12 @@ def test_full_recompute_around_tsp_block_mode_runs_two_more_forwards():
     D, S = 4, 65536
     lay = Layout("tsp", tsp_size=D)
     fwd_attn = 2 * S * S * MHA.q_dim * 32 / D
-    t = TrainSpec(seq_len=S, recompute="full", tsp_recompute="full", mlp_exchange="ring")
+    t = TrainSpec(seq_length=S, recompute="full", tsp_recompute="full", tsp_mlp_exchange="ring")
     assert flops(MHA, t, lay)["attention"] == pytest.approx(fwd_attn * 3 + 2.5 * fwd_attn)
     # and the baselines' layer recompute reruns the forward's collectives in backward
     tpsp = Layout("tp_sp", tp=4)
-    items = comm_items(MHA, TrainSpec(seq_len=S, recompute="full"), tpsp, NODE4)
-    plain = comm_items(MHA, TrainSpec(seq_len=S), tpsp, NODE4)
+    items = comm_items(MHA, TrainSpec(seq_length=S, recompute="full"), tpsp, NODE4)
+    plain = comm_items(MHA, TrainSpec(seq_length=S), tpsp, NODE4)
     assert volume_per_layer(items, "bwd") - volume_per_layer(plain, "bwd") == \
         pytest.approx(volume_per_layer(plain, "fwd"))
 
@@ -383,11 +383,11 @@ def test_offload_keeps_two_inputs_on_the_gpu_and_costs_host_copies():
     D, S = 4, 65536
     lay = Layout("tsp", tsp_size=D)
     inp = S / D * H * 2
-    t = TrainSpec(seq_len=S, recompute="full", offload_activations=True, mlp_exchange="ring")
+    t = TrainSpec(seq_length=S, recompute="full", offload_activations=True, tsp_mlp_exchange="ring")
     mem = memory(SMALL, t, lay, NODE4)
     assert mem.detail["checkpointed layer inputs (full uniform N=1: 2 of 8 on the GPU)"] == pytest.approx(2 * inp)
     assert mem.host_offload == pytest.approx(8 * inp)
-    no = memory(SMALL, TrainSpec(seq_len=S, recompute="full", mlp_exchange="ring"), lay, NODE4)
+    no = memory(SMALL, TrainSpec(seq_length=S, recompute="full", tsp_mlp_exchange="ring"), lay, NODE4)
     assert no.peak - mem.peak == pytest.approx(6 * inp)
     copies = [i for i in comm_items(SMALL, t, lay, NODE4) if i.collective == "host_copy"]
     assert [i.volume for i in copies] == pytest.approx([8 * inp, 8 * inp])
@@ -396,7 +396,7 @@ def test_offload_keeps_two_inputs_on_the_gpu_and_costs_host_copies():
     # hidden behind the compute (a step of seconds); with nothing to hide behind it would cost
     # 2 x 8 x 128 MiB / 50 GB/s = 43 ms
     slow = step_time(SMALL, t, lay, NODE4, hw)
-    ref = step_time(SMALL, TrainSpec(seq_len=S, recompute="full", mlp_exchange="ring"), lay, NODE4, hw)
+    ref = step_time(SMALL, TrainSpec(seq_length=S, recompute="full", tsp_mlp_exchange="ring"), lay, NODE4, hw)
     assert slow["comm_s"] - ref["comm_s"] == pytest.approx(2 * 8 * inp / 50e9)
     assert slow["as_implemented"] == pytest.approx(ref["as_implemented"])
     # the offloaded inputs of the node's 4 GPUs must fit its host memory: 4 x 8 x 128 MiB = 4 GiB
@@ -409,20 +409,20 @@ def test_local_lm_head_working_set_by_hand():
     Megatron's: all S tokens x V/D in fp32 and bf16. D = 4, S = 64K, V = 32000."""
     D, S, V = 4, 65536, 32000
     lay = Layout("tsp", tsp_size=D)
-    local = lm_head_working_set(MHA, TrainSpec(seq_len=S), lay)
+    local = lm_head_working_set(MHA, TrainSpec(seq_length=S), lay)
     assert sum(local.values()) == pytest.approx(4096 * V / D * 4 + 2 * V / D * H * 2)
-    short = lm_head_working_set(MHA, TrainSpec(seq_len=S, lm_head_chunk_tokens=1024), lay)
+    short = lm_head_working_set(MHA, TrainSpec(seq_length=S, lm_head_chunk_tokens=1024), lay)
     assert sum(short.values()) == pytest.approx(1024 * V / D * 4 + 2 * V / D * H * 2)
-    meg = lm_head_working_set(MHA, TrainSpec(seq_len=S, lm_head="megatron"), lay)
+    meg = lm_head_working_set(MHA, TrainSpec(seq_length=S, tsp_lm_head="megatron"), lay)
     assert sum(meg.values()) == pytest.approx(S * V / D * 6)
     # the baselines always run Megatron's head
-    assert sum(lm_head_working_set(MHA, TrainSpec(seq_len=S), Layout("tp_sp", tp=4)).values()) == \
+    assert sum(lm_head_working_set(MHA, TrainSpec(seq_length=S), Layout("tp_sp", tp=4)).values()) == \
         pytest.approx(S * V / 4 * 6)
     # the local head recomputes each chunk's logits in backward: 8 S h V / D FLOPs instead of 6
-    fl = lambda head: flops(MHA, TrainSpec(seq_len=S, lm_head=head), lay)["matmul"]  # noqa: E731
+    fl = lambda head: flops(MHA, TrainSpec(seq_length=S, tsp_lm_head=head), lay)["matmul"]  # noqa: E731
     assert fl("local") - fl("megatron") == pytest.approx(2 * S * H * V / D)
     # and saves one fp32 log-sum-exp per local token (megatron_tsp/lm_head.py)
-    mem = memory(MHA, TrainSpec(seq_len=S, mlp_exchange="ring"), lay, NODE4)
+    mem = memory(MHA, TrainSpec(seq_length=S, tsp_mlp_exchange="ring"), lay, NODE4)
     assert mem.detail["LM-head log-sum-exp"] == pytest.approx(4 * S / D)
 
 
@@ -431,7 +431,7 @@ def test_selective_recompute_of_the_baselines_by_hand():
     (4 a / T per token and layer), and the attention forward runs again."""
     S = 65536
     lay = Layout("tp_sp", tp=4)
-    none, sel = TrainSpec(seq_len=S), TrainSpec(seq_len=S, recompute="selective")
+    none, sel = TrainSpec(seq_length=S), TrainSpec(seq_length=S, recompute="selective")
     gap = memory(MHA, none, lay, NODE4).activations - memory(MHA, sel, lay, NODE4).activations
     assert gap == pytest.approx(4 * 32 / 4 * S * 32)
     fwd_attn = 2 * S * S * MHA.q_dim * 32 / 4
@@ -439,21 +439,21 @@ def test_selective_recompute_of_the_baselines_by_hand():
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: TrainSpec(seq_len=64, tsp_recompute="block"), r"parallel.tsp_recompute \(--tsp-recompute\) = 'block'"),
-    (lambda: TrainSpec(seq_len=64, recompute="full", recompute_method="random"), r"parallel.recompute_method"),
-    (lambda: TrainSpec(seq_len=64, recompute="full", recompute_num_layers=0), r"parallel.recompute_num_layers"),
-    (lambda: TrainSpec(seq_len=64, recompute_num_layers=2), r"parallel.recompute_num_layers = 2 needs parallel.recompute = full"),
-    (lambda: TrainSpec(seq_len=64, offload_activations=True), r"parallel.offload_activations = true needs parallel.recompute = full"),
-    (lambda: TrainSpec(seq_len=64, lm_head="vocab"), r"parallel.tsp_lm_head \(--tsp-lm-head\) = 'vocab'"),
-    (lambda: TrainSpec(seq_len=64, lm_head_chunk_tokens=0), r"parallel.lm_head_chunk_tokens"),
-    (lambda: TrainSpec(seq_len=64, norm="apex"), r"--norm = 'apex'"),
-    (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=9), NODE4,
+    (lambda: TrainSpec(seq_length=64, tsp_recompute="block"), r"parallel.tsp_recompute \(--tsp-recompute\) = 'block'"),
+    (lambda: TrainSpec(seq_length=64, recompute="full", recompute_method="random"), r"parallel.recompute_method"),
+    (lambda: TrainSpec(seq_length=64, recompute="full", recompute_num_layers=0), r"parallel.recompute_num_layers"),
+    (lambda: TrainSpec(seq_length=64, recompute_num_layers=2), r"parallel.recompute_num_layers = 2 needs parallel.recompute = full"),
+    (lambda: TrainSpec(seq_length=64, offload_activations=True), r"parallel.offload_activations = true needs parallel.recompute = full"),
+    (lambda: TrainSpec(seq_length=64, tsp_lm_head="vocab"), r"parallel.tsp_lm_head \(--tsp-lm-head\) = 'vocab'"),
+    (lambda: TrainSpec(seq_length=64, lm_head_chunk_tokens=0), r"parallel.lm_head_chunk_tokens"),
+    (lambda: TrainSpec(seq_length=64, norm="apex"), r"--norm = 'apex'"),
+    (lambda: plan_all(SMALL, TrainSpec(seq_length=4096, recompute="full", recompute_num_layers=9), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"parallel.recompute_num_layers = 9 is more than the layers per stage \(8\)"),
-    (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="full", recompute_num_layers=3), NODE4,
+    (lambda: plan_all(SMALL, TrainSpec(seq_length=4096, recompute="full", recompute_num_layers=3), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"parallel.recompute_num_layers = 3 must divide the 8 layers per stage"),
-    (lambda: plan_all(SMALL, TrainSpec(seq_len=4096, recompute="selective"), NODE4, hardware.load("h200x4"),
+    (lambda: plan_all(SMALL, TrainSpec(seq_length=4096, recompute="selective"), NODE4, hardware.load("h200x4"),
                       [Layout("tsp", tsp_size=4)]), r"parallel.recompute = selective is for the baselines"),
 ])
 def test_bad_memory_options_are_clear_errors(build, message):
@@ -497,25 +497,52 @@ def test_cli_reads_the_recipe_memory_options(capsys, monkeypatch):
 
 def test_every_recipe_key_is_modelled_or_refused_or_irrelevant_to_the_plan():
     """The planner reads its recipe keys from the one option definition (config.RECIPE_SECTIONS):
-    a key added there must be placed here, so `plan RECIPE` never silently ignores a key it models."""
+    a modelled key is a ModelSpec / TrainSpec field of the same name (RECIPE_KEYS is derived from
+    the fields); a key added there must be placed here, so `plan RECIPE` never silently ignores a
+    key it models."""
     from megatron_tsp.config import recipe_keys
     from megatron_tsp.planner.model import RECIPE_KEYS
 
-    shape = {"model." + k for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                                     "ffn_hidden_size", "vocab_size", "seq_length", "swiglu", "normalization",
-                                     "share_embeddings_and_output_weights", "dtype")}
     refused = {"model.add_bias_linear", "model.position_embedding_type", "parallel.pipeline_size",
-               "parallel.baseline_attention", "parallel.tsp_compute_only", "model.num_experts"}
-    # MoE: refused through model.num_experts (the planner models dense models); the rest only act with experts
-    not_planned_moe = {k for k in recipe_keys() if k.startswith("model.moe_")} | {"parallel.expert_size",
-                                                                                  "parallel.moe_dispatcher"}
-    # the planner plans every layout and size itself; run-time, kernel, data and logging keys cost no memory
+               "parallel.baseline_attention", "parallel.tsp_compute_only", "model.moe_expert_capacity_factor",
+               "parallel.moe_dispatcher"}
+    # the planner plans every layout and size itself; run-time, kernel, data and logging keys cost no memory;
+    # token dropping's policy only acts with a capacity factor (refused)
     not_planned = {"model.init_method_std", "model.cpu_init", "parallel.layout", "parallel.size",
                    "parallel.context_size", "parallel.fsdp", "parallel.tsp_attention_backend",
-                   "parallel.high_priority_comm", "parallel.comm_max_ctas", "parallel.gemm_sm_carveout"}
+                   "parallel.high_priority_comm", "parallel.comm_max_ctas", "parallel.gemm_sm_carveout",
+                   "model.moe_token_drop_policy"}
     not_planned |= {k for k in recipe_keys() if k.startswith(("train.", "data."))} - set(RECIPE_KEYS)
-    placed = shape | refused | not_planned | not_planned_moe | set(RECIPE_KEYS)
+    assert not (set(RECIPE_KEYS) & (refused | not_planned))
+    placed = refused | not_planned | set(RECIPE_KEYS)
     assert set(recipe_keys()) == placed, (set(recipe_keys()) - placed, placed - set(recipe_keys()))
+    assert {"model.moe_router_topk", "parallel.tsp_recompute", "train.micro_batch_size"} <= set(RECIPE_KEYS)
+
+
+def test_planner_fields_take_the_recipe_defaults():
+    """A ModelSpec / TrainSpec field named as a recipe key has that key's default (declared once, in
+    megatron_tsp.config), except the planner's own defaults listed here with the reason."""
+    import dataclasses
+
+    from megatron_tsp.config import RECIPE_SECTIONS, field_default
+    from megatron_tsp.planner.model import ModelSpec, TrainSpec
+
+    own = {"ffn_hidden_size": None,  # 4h, Megatron's default (the tiny recipe's 128 is no default for a 7B)
+           "vocab_size": 32000, "dtype": "bfloat16",  # a real model on GPUs, not the tiny CPU recipe
+           "micro_batch_size": 1, "global_batch_size": None,  # one sequence per replica, any data-parallel size
+           "tsp_lm_head": "local",  # the recipe's null means local under tsp
+           "num_layers": dataclasses.MISSING, "hidden_size": dataclasses.MISSING,  # required
+           "num_attention_heads": dataclasses.MISSING, "seq_length": dataclasses.MISSING}
+    recipe = {f.name: field_default(f) for cls in RECIPE_SECTIONS.values() for f in dataclasses.fields(cls)}
+    checked = 0
+    for spec in (ModelSpec, TrainSpec):
+        for f in dataclasses.fields(spec):
+            if f.name not in recipe:
+                continue
+            checked += 1
+            want = own.get(f.name, recipe[f.name])
+            assert f.default == want, f"{spec.__name__}.{f.name} defaults to {f.default!r}, the recipe's is {want!r}"
+    assert checked >= 25, checked
 
 
 def test_plan_imports_neither_torch_nor_megatron():
@@ -544,7 +571,7 @@ def test_frontier_json(capsys):
     data = json.loads(capsys.readouterr().out)
     hw = hardware.load("h200x4")
     model, seq = ModelSpec.from_recipe(RECIPE)
-    base = TrainSpec(seq_len=seq)
+    base = TrainSpec(seq_length=seq)
     by = {r["layout"]: r for r in data["layouts"]}
     assert {"TSP D=4", "TP+SP 4", "FSDP-over-CP 4", "TP+SP 2 x CP 2"} <= set(by)
     for r in data["layouts"]:
@@ -555,12 +582,12 @@ def test_frontier_json(capsys):
         lay = next(x for x in fr.candidate_layouts(Cluster(4)) if x.label == r["layout"])
 
         def spec(opts, S):
-            return dataclasses.replace(base, seq_len=S, recompute=opts["recompute"],
+            return dataclasses.replace(base, seq_length=S, recompute=opts["recompute"],
                                        recompute_method=opts.get("recompute_method", "uniform"),
                                        recompute_num_layers=opts.get("recompute_num_layers"),
                                        offload_activations=opts.get("offload_activations", False),
                                        tsp_recompute=opts.get("tsp_recompute", "none"),
-                                       lm_head=opts.get("tsp_lm_head", "local"))
+                                       tsp_lm_head=opts.get("tsp_lm_head", "local"))
 
         fitting = [c for c in r["contexts"] if c["fits"]]
         for small, large in zip(fitting, fitting[1:]):
@@ -586,14 +613,14 @@ def test_tsp_mlp_shard_backward_working_set_by_hand():
     for D in (1, 2, 4):
         s = S / D
         for rec, extra in (("none", 0), ("full", 2)):
-            t = TrainSpec(seq_len=S, tsp_recompute=rec, mlp_exchange="ring")
+            t = TrainSpec(seq_length=S, tsp_recompute=rec, tsp_mlp_exchange="ring")
             _, scratch = tsp_mlp_in_flight(MHA, t, Layout("tsp", tsp_size=D))
             assert scratch == pytest.approx(s * 2 * ((6 + extra) * 4 * H / D + 2 * H)), (D, rec)
-    gelu = ModelSpec(layers=2, hidden=H, heads=32, ffn=4 * H, gated=False)
-    _, scratch = tsp_mlp_in_flight(gelu, TrainSpec(seq_len=S, mlp_exchange="ring"), Layout("tsp", tsp_size=4))
+    gelu = ModelSpec(num_layers=2, hidden_size=H, num_attention_heads=32, ffn_hidden_size=4 * H, swiglu=False)
+    _, scratch = tsp_mlp_in_flight(gelu, TrainSpec(seq_length=S, tsp_mlp_exchange="ring"), Layout("tsp", tsp_size=4))
     assert scratch == pytest.approx(S / 4 * 2 * (3 * 4 * H / 4 + 2 * H))  # act(h1), d act, d h1
     lay = Layout("tsp", tsp_size=1)
-    mem = memory(SMALL, TrainSpec(seq_len=S, tsp_recompute="full", mlp_exchange="ring"), lay, Cluster(gpus_per_node=1))
+    mem = memory(SMALL, TrainSpec(seq_length=S, tsp_recompute="full", tsp_mlp_exchange="ring"), lay, Cluster(gpus_per_node=1))
     head = mem.detail["final norm and LM-head input"] + mem.detail["LM-head log-sum-exp"]
     assert mem.peak_point == "layer backward (MLP)"
     assert mem.at_peak["saved activations"] == pytest.approx(mem.activations - head)
@@ -611,7 +638,7 @@ def test_one_h200_d1_rows_within_5_percent():
     assert len(rows) >= 11 and any(r["measured"]["oom"] for r in rows)
     for r in rows:
         model, seq = ModelSpec.from_recipe(recipe, r["overrides"])
-        train = TrainSpec(seq_len=seq, global_batch=1, norm=r["predicted"]["norm"],
+        train = TrainSpec(seq_length=seq, global_batch_size=1, norm=r["predicted"]["norm"],
                           **recipe_train_options(recipe, r["overrides"]))
         p = plan_layout(model, train, Layout("tsp", tsp_size=1), Cluster(gpus_per_node=1, gpu_memory_gib=139.8),
                         hardware.load("h200x4"))

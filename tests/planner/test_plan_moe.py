@@ -16,20 +16,18 @@ from megatron_tsp.planner.model import check_layout
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 OLMOE = os.path.join(ROOT, "configs", "olmoe_1b_7b_4k.yaml")
 H, E, K, FE = 2048, 64, 8, 1024
-MOE = ModelSpec(layers=16, hidden=H, heads=16, ffn=8192, vocab=50304, num_experts=E, moe_ffn=FE, topk=K)
+MOE = ModelSpec(num_layers=16, hidden_size=H, num_attention_heads=16, ffn_hidden_size=8192, vocab_size=50304, num_experts=E, moe_ffn_hidden_size=FE, moe_router_topk=K)
 NODE4 = Cluster(gpus_per_node=4)
 
 
 # -- what the code keeps: one MoE layer's saved tensors (CPU, float32, world 1) ------------------
 
 S, HID, HEADS, EXPERTS, TOPK, FE_TINY = 64, 32, 4, 4, 2, 16
-MEASURE_CASES = {  # name: (MoE config, planner fields)
-    "top2": ({}, {}),
-    "shared-zloss": (dict(moe_shared_expert_intermediate_size=32, moe_z_loss_coeff=1e-3),
-                     dict(shared_ffn=32, router_z_loss=True)),
-    "top1-presoftmax-noaux": (dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0,
-                                   moe_router_load_balancing_type="none"),
-                              dict(topk=1, router_pre_softmax=True, router_aux_loss=False)),
+MEASURE_CASES = {  # name: the MoE options, the same keywords for Megatron's config and the planner's ModelSpec
+    "top2": {},
+    "shared-zloss": dict(moe_shared_expert_intermediate_size=32, moe_z_loss_coeff=1e-3),
+    "top1-presoftmax-noaux": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0,
+                                  moe_router_load_balancing_type="none"),
 }
 
 
@@ -81,10 +79,10 @@ def test_moe_layer_saved_bytes_match_the_planner(case, recompute):
     probabilities per expert instead of an int64 index per copy)."""
     from megatron.core import package_info
 
-    moe_kwargs, fields = MEASURE_CASES[case]
+    moe_kwargs = MEASURE_CASES[case]
     measured = _saved_bytes_of_one_moe_layer(moe_kwargs, recompute)
-    model = ModelSpec(layers=1, hidden=HID, heads=HEADS, ffn=64, dtype="float32", num_experts=EXPERTS,
-                      moe_ffn=FE_TINY, **{"topk": TOPK, **fields})
+    model = ModelSpec(num_layers=1, hidden_size=HID, num_attention_heads=HEADS, ffn_hidden_size=64, dtype="float32", num_experts=EXPERTS,
+                      moe_ffn_hidden_size=FE_TINY, **{"moe_router_topk": TOPK, **moe_kwargs})
     planned = S * sum(tsp_saved_per_token(model, save_activations=recompute == "none", norm="lean",
                                           exchange="ring", moe=True).values())
     major, minor = (int(v) for v in package_info.__version__.split(".")[:2])
@@ -97,8 +95,8 @@ def test_moe_layer_saved_bytes_match_the_planner(case, recompute):
 def test_the_measurement_sees_the_experts():
     """The comparison above can fail: the routed experts' intermediates are most of the layer
     (without them the planner would be far below what is saved)."""
-    model = ModelSpec(layers=1, hidden=HID, heads=HEADS, ffn=64, dtype="float32", num_experts=EXPERTS,
-                      moe_ffn=FE_TINY, topk=TOPK)
+    model = ModelSpec(num_layers=1, hidden_size=HID, num_attention_heads=HEADS, ffn_hidden_size=64, dtype="float32", num_experts=EXPERTS,
+                      moe_ffn_hidden_size=FE_TINY, moe_router_topk=TOPK)
     items = tsp_saved_per_token(model, save_activations=False, moe=True)
     measured = _saved_bytes_of_one_moe_layer({}, "full")
     without = S * (sum(items.values()) - items["MoE expert intermediates (k copies)"])
@@ -119,7 +117,7 @@ def test_expert_parameters_and_their_optimizer_state_by_hand():
     assert P["total"] == pytest.approx(dense + experts)
     for nodes in (1, 2):
         cluster = Cluster(gpus_per_node=4, nodes=nodes)
-        mem = memory(MOE, TrainSpec(seq_len=4096, distributed_optimizer=True, expert_size=4), lay, cluster)
+        mem = memory(MOE, TrainSpec(seq_length=4096, distributed_optimizer=True, expert_size=4), lay, cluster)
         assert mem.optimizer == pytest.approx(12 * (dense / nodes + experts / nodes))
         assert mem.params == pytest.approx(2 * (dense + experts))
 
@@ -130,7 +128,7 @@ def test_moe_activations_by_hand():
     per copy of gated intermediates; TP+SP T = 4 keeps them for its S/4 tokens, as TSP D = 4."""
     per_token = sum(moe_saved_per_token(MOE).values())
     assert per_token == 4 * K + 8 * K + 4 * E + 8 * K + 8 * K + 8 * E + 2 * K * H + 2 * K + 2 * K * 6 * FE
-    train = TrainSpec(seq_len=4096, expert_size=4)
+    train = TrainSpec(seq_length=4096, expert_size=4)
     for lay in (Layout("tsp", tsp_size=4), Layout("tp_sp", tp=4)):
         detail = memory(MOE, train, lay, NODE4).detail
         assert detail["MoE expert intermediates (k copies)"] == pytest.approx(16 * 1024 * 2 * K * 6 * FE)
@@ -147,18 +145,18 @@ def test_all_to_all_volumes_intra_and_inter_node():
     4: 3/8 to the node's GPUs, 4/8 over the inter-node link."""
     S_ = 4096
     tokens = S_ / 4 * K * H * 2
-    items = _a2a(comm_items(MOE, TrainSpec(seq_len=S_, expert_size=4), Layout("tsp", tsp_size=4), NODE4))
+    items = _a2a(comm_items(MOE, TrainSpec(seq_length=S_, expert_size=4), Layout("tsp", tsp_size=4), NODE4))
     assert items["MoE all-to-all dispatch (intra-node peers)"].volume == pytest.approx(3 / 4 * tokens)
     assert {i.phase for i in items.values()} == {"fwd", "bwd"}
     assert not any("inter" in n for n in items)
     two = Cluster(gpus_per_node=4, nodes=2)
-    items = _a2a(comm_items(MOE, TrainSpec(seq_len=S_, expert_size=8), Layout("tsp", tsp_size=4), two))
+    items = _a2a(comm_items(MOE, TrainSpec(seq_length=S_, expert_size=8), Layout("tsp", tsp_size=4), two))
     assert items["MoE all-to-all combine (intra-node peers)"].volume == pytest.approx(3 / 8 * tokens)
     assert items["MoE all-to-all combine (inter-node peers)"].volume == pytest.approx(4 / 8 * tokens)
     assert items["MoE all-to-all combine (inter-node peers)"].link == "inter"
     # EP = 1: no all-to-all; CP + EP moves the same tokens as TSP + EP at the same size
-    assert not _a2a(comm_items(MOE, TrainSpec(seq_len=S_), Layout("tsp", tsp_size=4), NODE4))
-    cp = _a2a(comm_items(MOE, TrainSpec(seq_len=S_, expert_size=4), Layout("cp", cp=4), NODE4))
+    assert not _a2a(comm_items(MOE, TrainSpec(seq_length=S_), Layout("tsp", tsp_size=4), NODE4))
+    cp = _a2a(comm_items(MOE, TrainSpec(seq_length=S_, expert_size=4), Layout("cp", cp=4), NODE4))
     assert cp["MoE all-to-all dispatch (intra-node peers)"].volume == pytest.approx(3 / 4 * tokens)
 
 
@@ -166,10 +164,10 @@ def test_interleaved_dense_layers_and_the_expert_dp_sync():
     """moe_layer_freq = 2: half the layers are dense. Their MLP ring runs on half the layers and
     the all-to-all on the other half (per-layer items are averages); the experts' gradients go
     over expert-DP (stride EP), the dense ones over DP."""
-    half = ModelSpec(layers=16, hidden=H, heads=16, ffn=8192, vocab=50304, num_experts=E, moe_ffn=FE, topk=K,
+    half = ModelSpec(num_layers=16, hidden_size=H, num_attention_heads=16, ffn_hidden_size=8192, vocab_size=50304, num_experts=E, moe_ffn_hidden_size=FE, moe_router_topk=K,
                      moe_layer_freq=2)
     assert half.moe_layers == 8
-    train = TrainSpec(seq_len=65536, expert_size=2, mlp_exchange="ring")
+    train = TrainSpec(seq_length=65536, expert_size=2, tsp_mlp_exchange="ring")
     items = comm_items(half, train, Layout("tsp", tsp_size=2), NODE4)
     ring = next(i for i in items if i.name == "MLP grad ring (D hops)")
     assert ring.volume == pytest.approx(0.5 * 3 * H * 8192 * 2)
@@ -180,11 +178,11 @@ def test_interleaved_dense_layers_and_the_expert_dp_sync():
 
 def test_flops_count_the_active_experts():
     """Model FLOPs per token: 6 x (attention + router + k experts) per layer, not all E experts."""
-    train, lay = TrainSpec(seq_len=4096, expert_size=4), Layout("tsp", tsp_size=4)
+    train, lay = TrainSpec(seq_length=4096, expert_size=4), Layout("tsp", tsp_size=4)
     active = 4 * H * H + H * E + K * 3 * H * FE
     assert MOE.active_matmul_params == 16 * active
     f = flops(MOE, train, lay)
-    lm_head_and_attention = flops(ModelSpec(layers=16, hidden=H, heads=16, ffn=1, vocab=50304, gated=False),
+    lm_head_and_attention = flops(ModelSpec(num_layers=16, hidden_size=H, num_attention_heads=16, ffn_hidden_size=1, vocab_size=50304, swiglu=False),
                                   train, lay)["model_flops"] - 6 * 4096 * 16 * (4 * H * H + 2 * H) / 4
     assert f["model_flops"] == pytest.approx(6 * 4096 * 16 * active / 4 + lm_head_and_attention)
 
@@ -211,9 +209,9 @@ def test_moe_options_the_planner_cannot_model_are_errors(capsys, override, messa
 ])
 def test_layouts_that_cannot_run_the_experts(lay, ep, message):
     with pytest.raises(PlanError, match=message):
-        check_layout(MOE, TrainSpec(seq_len=4096, expert_size=ep), lay, NODE4)
+        check_layout(MOE, TrainSpec(seq_length=4096, expert_size=ep), lay, NODE4)
     with pytest.raises(PlanError, match="parallel.expert_size = 4 needs model.num_experts"):
-        check_layout(ModelSpec(layers=2, hidden=64, heads=4), TrainSpec(seq_len=64, expert_size=4),
+        check_layout(ModelSpec(num_layers=2, hidden_size=64, num_attention_heads=4), TrainSpec(seq_length=64, expert_size=4),
                      Layout("tsp", tsp_size=4), NODE4)
 
 

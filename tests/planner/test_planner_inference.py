@@ -21,8 +21,8 @@ def test_weights_and_kv_cache_are_the_tensors_the_code_holds(groups, tied):
                        vocab_size=64, seq_length=64, share_embeddings_and_output_weights=tied)
     init_tsp(1)
     model = build_gpt(shape, layout="tsp", dtype=torch.float32).eval()
-    spec = ModelSpec(layers=2, hidden=32, heads=4, kv_groups=groups, ffn=64, vocab=64, dtype="float32",
-                     tied_embeddings=tied)
+    spec = ModelSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=groups, ffn_hidden_size=64, vocab_size=64, dtype="float32",
+                     share_embeddings_and_output_weights=tied)
     prompts, new = [[1, 2, 3, 4, 5], [6, 7, 8]], 4
     plan = inference_memory(spec, Layout("tsp", tsp_size=1), prompt_tokens=5, batch=2, new_tokens=new)
     assert plan["weights"] == _bytes(model.parameters())
@@ -35,7 +35,7 @@ def test_weights_and_kv_cache_are_the_tensors_the_code_holds(groups, tied):
 
 
 def test_per_gpu_cache_divides_by_the_layout_size_and_bad_input_is_refused():
-    spec = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000)
+    spec = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384, vocab_size=32000)
     one = inference_memory(spec, Layout("tsp", tsp_size=1), 131072)
     assert one["kv_prefill"] == 2 * 32 * 131072 * 4096 * 2  # 64 GiB of bf16 K/V at 128K
     for lay in (Layout("tsp", tsp_size=4), Layout("tp", tp=4), Layout("cp", cp=4), Layout("tp_cp", tp=2, cp=2)):

@@ -27,8 +27,8 @@ def test_tsp_d1_peak_and_prefill_time_against_the_h200_measurements():
     assert {r["S"] for r in rows} >= {131072, 262144}
     hw = hardware.load("h200x4")
     for r in rows:
-        m = ModelSpec(layers=r["layers"], hidden=r["hidden"], heads=r["heads"], kv_groups=r["query_groups"],
-                      ffn=r["ffn"], vocab=r["vocab"], dtype=r["dtype"])
+        m = ModelSpec(num_layers=r["layers"], hidden_size=r["hidden"], num_attention_heads=r["heads"], num_query_groups=r["query_groups"],
+                      ffn_hidden_size=r["ffn"], vocab_size=r["vocab"], dtype=r["dtype"])
         lay = Layout("tsp", tsp_size=1)
         mem = inference_memory(m, lay, r["S"])
         assert mem["weights"] / GIB == pytest.approx(r["weights_gib"], rel=1e-6)  # + 512 B of buffers
@@ -44,7 +44,7 @@ def test_tsp_d1_peak_and_prefill_time_against_the_h200_measurements():
 
 
 def test_working_set_per_layout():
-    m = ModelSpec(layers=32, hidden=4096, heads=32, kv_groups=8, ffn=14336, vocab=128256)
+    m = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=14336, vocab_size=128256)
     S = 131072
     one = working_set(m, Layout("tsp", tsp_size=1), S)
     # D = 1: the MLP at its multiply dominates: fc1's S x 2f + 3 S x f + 4 S h + the packed MLP weights (bf16)
@@ -65,7 +65,7 @@ def test_working_set_per_layout():
 
 
 def test_prefill_time_communication_per_layout():
-    m = ModelSpec(layers=32, hidden=4096, heads=32, ffn=16384, vocab=32000)
+    m = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384, vocab_size=32000)
     hw, cluster = hardware.load("h200x4"), Cluster(gpus_per_node=4)
     one = prefill_time(m, Layout("tsp", tsp_size=1), 131072, hw, Cluster(gpus_per_node=1))
     tsp = prefill_time(m, Layout("tsp", tsp_size=4), 131072, hw, cluster)
