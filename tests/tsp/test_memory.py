@@ -316,7 +316,11 @@ def check_layer_inputs_offloaded(alive, values, fetched):
     assert not alive, f"the inputs of checkpointed layers {alive} stayed where they were between forward and backward"
     assert len(fetched) == len(values)
     for (index, t, host), (layer, value) in zip(sorted(fetched, key=lambda f: f[0]), sorted(values.items())):
-        assert t is host, "the saved tensor the backward got is not the host copy"
+        assert host.device.type == "cpu", "the offloaded copy is not in host memory"
+        if value.is_cuda:  # the backward gets a device copy of the pinned host copy
+            assert host.is_pinned() and t.device == value.device and t.data_ptr() != host.data_ptr()
+        else:  # on CPU the host copy itself
+            assert t is host, "the saved tensor the backward got is not the host copy"
         assert t.data_ptr() != 0 and torch.equal(t, value), f"layer {layer}'s offloaded input changed"
 
 
