@@ -327,7 +327,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     model, ddp, optimizer = build(recipe, pgs)
     resumed_from = ""
     if saved is not None:
-        start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved), pgs)
+        start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved), pg_collection=pgs)
         theirs, mine = _layout_text(saved["parallel"], saved.get("world_size")), _layout_text(recipe.to_dict()["parallel"], world)
         resumed_from = f" (resumed from {t.save_dir}" + (f", written by {theirs}" if theirs != mine else "") + ")"
     dataset = build_train_dataset(recipe)
@@ -366,14 +366,14 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
             record.update(moe_step_metrics(model, len(batches), pgs))
         progress.step(record)
         if t.save_dir and ((t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps):
-            path = save_checkpoint(model, optimizer, recipe, step + 1, pgs)
+            path = save_checkpoint(model, optimizer, recipe, step + 1, pg_collection=pgs)
             saved_step = step + 1
             progress.print(f"saved checkpoint {path}")
     if stopped_after is not None:
         if t.save_dir and t.save_on_signal and saved_step is None and stopped_after == 0:
             where = "nothing saved (no step ran)"
         elif t.save_dir and t.save_on_signal and saved_step != stopped_after:
-            where = f"checkpoint saved in {save_checkpoint(model, optimizer, recipe, stopped_after, pgs)}"
+            where = f"checkpoint saved in {save_checkpoint(model, optimizer, recipe, stopped_after, pg_collection=pgs)}"
         elif t.save_dir and t.save_on_signal:
             where = f"its checkpoint is {_step_dir(t.save_dir, stopped_after)}"
         else:

@@ -58,9 +58,9 @@ def test_tsp_ep_checkpoint_loads_into_native_tp_sp_ep(world, shared_tmp_path, mo
     at_save = {}
     save = loop.save_checkpoint
 
-    def save_and_remember(model, optimizer, recipe, step):
+    def save_and_remember(model, optimizer, recipe, step, **kwargs):
         at_save[step] = full_params(model, mpu.get_tensor_model_parallel_group(), mpu.get_expert_model_parallel_group())
-        return save(model, optimizer, recipe, step)
+        return save(model, optimizer, recipe, step, **kwargs)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_and_remember)
     recipe = load_recipe(TINY_MOE, COMMON + ["train.steps=2", f"train.save_dir={ckpt}"])
