@@ -9,8 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_frontier}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"; echo "commit ${TSP_COMMIT:-unknown}"; } > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+record_device "$OUT/device.txt"
 if [ "${1:-}" = "--tests" ]; then
   shift
   timeout 240 python3 -m pytest -q -rs -s tests/gpu tests/tsp/test_norm.py > "$OUT/pytest_world1.log" 2>&1

@@ -11,8 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_inference}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"; echo "commit ${TSP_COMMIT:-unknown}"; } > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+record_device "$OUT/device.txt"
 # one process per S: an out-of-memory at one length leaves no fragmentation for the next
 for S in $(echo "${1:-128K,256K,512K,1M}" | tr ',' ' '); do
   timeout 900 python3 benchmarks/inference_d1.py --seq "$S" --layers "${2:-4}" --new "${3:-8}" \

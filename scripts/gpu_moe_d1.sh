@@ -15,8 +15,7 @@ OUT=${OUT:-runs/gpu_moe}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 export PYTHONUNBUFFERED=1
 LAYERS=${1:-2}; STEPS=${2:-8}
-{ nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"; echo "commit ${TSP_COMMIT:-unknown}"; } > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+record_device "$OUT/device.txt"
 timeout 150 python3 -m pytest -q -rs -s tests/gpu/test_moe_bf16.py > "$OUT/pytest_moe_bf16.log" 2>&1
 grep -E "^BF16|passed|failed|skipped|^E " "$OUT/pytest_moe_bf16.log" | sort -u | head -20
 for variant in olmoe_1b_7b_4k:olmoe_d1:$STEPS olmoe_1b_7b_shared_4k:olmoe_shared_d1:$(( (STEPS + 1) / 2 )); do

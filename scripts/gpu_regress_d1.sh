@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_regress}; mkdir -p "$OUT"
 source scripts/gpu_env.sh
 export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"; echo "commit ${TSP_COMMIT:-unknown}"; } > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+record_device "$OUT/device.txt"
 timeout 200 python3 -m pytest -q -rs -s tests/gpu > "$OUT/pytest_gpu.log" 2>&1
 grep -E "^BF16|passed|failed|^E " "$OUT/pytest_gpu.log" | sort -u | head -20
 timeout 240 torchrun --standalone --nproc-per-node 1 -m pytest -q -x -m distributed tests/training/test_recompute.py \

@@ -147,3 +147,17 @@ class OpShapes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
         return out
+
+
+def saved_by_layer(layer, x, rope):
+    """Forward + backward of one TransformerLayer with every tensor autograd saves recorded:
+    (saved tensors, data pointers of the layer's weights, bytes of the distinct saved storages that
+    are activations: weights, which are saved by reference, and scalars excluded)."""
+    params = {p.data_ptr() for p in layer.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+    out.sum().backward()
+    activations = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                   if t.data_ptr() not in params and t.numel() > 1}
+    return saved, params, sum(activations.values())

@@ -43,7 +43,7 @@ def _saved_bytes_of_one_moe_layer(moe_kwargs, recompute):
     from megatron.core import parallel_state as mpu
     from megatron_tsp.config import TSPOptions
     from megatron_tsp.tsp.specs import get_tsp_layer_spec
-    from tests.utils import tiny_config
+    from tests.utils import saved_by_layer, tiny_config
 
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
@@ -56,17 +56,11 @@ def _saved_bytes_of_one_moe_layer(moe_kwargs, recompute):
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     spec = get_tsp_layer_spec(config, pgs.tp, TSPOptions(recompute=recompute, mlp_exchange="ring"), moe=True)
     layer = TransformerLayer(config, spec.submodules, pg_collection=pgs)
-    weights = {p.data_ptr() for p in layer.parameters()}
     x = torch.randn(S, 1, HID).requires_grad_()
     rope = RotaryEmbedding(kv_channels=HID // HEADS, rotary_percent=1.0)(S)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
-    out.sum().backward()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-                if t.data_ptr() not in weights and t.numel() > 1}
+    _, _, activation_bytes = saved_by_layer(layer, x, rope)
     megatron_tsp.destroy_model_parallel()
-    return sum(storages.values())
+    return activation_bytes
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])

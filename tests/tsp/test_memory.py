@@ -15,7 +15,7 @@ from megatron_tsp.tsp.specs import get_tsp_layer_spec
 from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.zigzag import to_zigzag
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from tests.utils import OpShapes, device, init_tsp, mock_batch, singleton_pgs, tiny_config
+from tests.utils import OpShapes, device, init_tsp, mock_batch, saved_by_layer, singleton_pgs, tiny_config
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -26,16 +26,9 @@ def _saved_by_layer_forward(D, pgs, options):
     config = tiny_config(D, heads=HEADS, hidden=H, ffn=4 * H, dtype=torch.float32)
     spec = get_tsp_layer_spec(config, pgs.tp, options)
     layer = TransformerLayer(config, spec.submodules, pg_collection=pgs).to(device())
-    params = {p.data_ptr() for p in layer.parameters()}
     x = to_zigzag(torch.randn(S, B, H, device=device()), D, 0)[: S // D].clone().requires_grad_()  # this rank's tokens
     rope = RotaryEmbedding(kv_channels=H // HEADS, rotary_percent=1.0)(S).to(device())
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
-    out.sum().backward()
-    activations = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-                   if t.data_ptr() not in params and t.numel() > 1}
-    return saved, params, sum(activations.values()), layer
+    return (*saved_by_layer(layer, x, rope), layer)
 
 
 _BYTES = {}
