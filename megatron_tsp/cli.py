@@ -9,6 +9,7 @@ COMMANDS = {
     "plan": ("megatron_tsp.planner.cli", "memory, communication and step time of TSP and its baselines"),
     "bench": ("megatron_tsp.bench.launcher", "benchmark TSP against TP, TP+SP, CP, TP x CP, FSDP: memory, step time, MFU"),
     "generate": ("megatron_tsp.inference.cli", "TSP prefill + tensor-parallel decode from a checkpoint: continuations, log-probs"),
+    "probe": ("megatron_tsp.probe.cli", "measure one rank of an N-GPU job on this GPU (fake process group), beside the planner"),
     "run": ("megatron_tsp.megatron_lm.run", "run Megatron-LM's pretrain_gpt.py with --tsp-size"),
 }
 

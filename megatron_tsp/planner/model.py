@@ -493,6 +493,31 @@ class Layout:
         return cls(kind, **{key: n})
 
 
+def recipe_layout(path: str, overrides: List[str] = ()) -> Layout:
+    """The planner layout of a recipe's `parallel` section: tsp (size D), tp / tp_sp (size T),
+    dp with context_size C (cp; fsdp_cp with parallel.fsdp), tp_sp with C > 1 (tp_cp); plain
+    data parallelism is tp with T = 1. A combination the planner has no model for (tp without
+    sequence parallelism across CP) is a PlanError naming the keys."""
+    from .recipe_reader import read_recipe
+
+    p = read_recipe(path, list(overrides))["parallel"]
+    kind, n, cp = p["layout"], p["size"], p["context_size"]
+    if kind == "tsp":
+        return Layout("tsp", tsp_size=n)
+    if kind == "dp" and cp > 1:
+        return Layout("fsdp_cp" if p["fsdp"] else "cp", cp=cp)
+    if kind == "dp" and not p["fsdp"]:
+        return Layout("tp", tp=1)
+    if cp > 1 or p["fsdp"]:
+        if kind == "tp_sp" and not p["fsdp"]:
+            return Layout("tp_cp", tp=n, cp=cp)
+        raise PlanError(f"parallel.layout = {kind} with parallel.context_size = {cp}"
+                        + (" and parallel.fsdp = true" if p["fsdp"] else "") + ": not modelled by the planner")
+    if kind in ("tp", "tp_sp"):
+        return Layout(kind, tp=n)
+    raise PlanError(f"parallel.layout = {kind!r} is not modelled by the planner")
+
+
 @dataclass(frozen=True)
 class Cluster:
     gpus_per_node: int

@@ -1,0 +1,303 @@
+"""`megatron-tsp probe`: one rank of an N-GPU job, measured in this one process.
+
+torch's fake process group (`torch.testing._internal.distributed.fake_pg`, backend "fake")
+makes a world of N in one process as rank R: every collective returns at once and leaves its
+output as it was. So every shape, kernel and allocation of rank R is real and no received
+value is: the probe measures per-rank memory and compute time of any layout at any size on
+one GPU (CPU for tiny models), without the communication. It runs the recipe through the
+project's own driver (`training.loop`: groups, build, micro-batches, `train_step` with the
+optimizer step), warm-up steps first (Adam allocates its moments in the first step), then the
+measured steps, and puts the planner's prediction for the same configuration beside each
+number.
+
+What it does not measure: communication time, NCCL's own buffers (the planner's terms are
+printed beside), and values (received tensors are whatever the buffer held: the loss can be
+NaN, and nothing aborts on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from typing import List, Optional, Sequence
+
+from ..config import TSPConfigError
+
+GIB = 2**30
+
+
+class ProbeError(TSPConfigError):
+    """A probe request that cannot run (named flag or key)."""
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int = 0):
+    """torch.distributed as rank `rank` of a world of `world` through the fake backend, for
+    the duration of the block. Megatron asks `new_group` for gloo groups and per-group NCCL
+    options, which the fake backend cannot make: inside the block `torch.distributed.new_group`
+    drops `backend=` / `pg_options=` (every group is a fake group). On exit the model-parallel
+    groups and the world are destroyed and `new_group` is restored: nothing stays patched."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if world < 1:
+        raise ProbeError(f"--world {world} must be >= 1")
+    if not 0 <= rank < world:
+        raise ProbeError(f"--rank {rank} must be between 0 and --world - 1 = {world - 1}")
+    if dist.is_initialized():
+        raise ProbeError("torch.distributed is already initialized in this process: the probe makes its own "
+                         "(fake) world; run it in a fresh process, not under torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    original = dist.new_group
+
+    def new_group(*args, backend=None, pg_options=None, **kwargs):
+        return original(*args, **kwargs)
+
+    replaced = [(dist, "new_group", new_group)] + _mirrored_integer_collectives()
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replaced]
+    for owner, name, function in replaced:
+        setattr(owner, name, function)
+    try:
+        yield
+    finally:
+        for owner, name, function in saved:
+            setattr(owner, name, function)
+        from megatron.core import parallel_state as mpu
+
+        from .. import parallel_state as tsp_state
+
+        if mpu.model_parallel_is_initialized():
+            tsp_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _mirrored_integer_collectives():
+    """All-gathers and all-to-alls of integer tensors (the MoE dispatcher's token counts, from
+    which it sizes the tokens' all-to-all) filled as in a world symmetric under rotation of the
+    ranks: peer j's tensor is this rank's with its blocks rotated by j - me (peer j sends to rank
+    r's experts what this rank sends to rank r - j + me's). Every rank then receives as many
+    tokens as it sends, whatever the routing. Left as the fake backend leaves them (uninitialized),
+    the counts would size buffers at random. Floating tensors stay untouched (no copy, no time).
+    Megatron keeps its own reference to the all-gather (`dist_all_gather_func`), replaced too."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import utils as mutils
+    from megatron.core.tensor_parallel import mappings
+
+    def integer(t):
+        return torch.is_tensor(t) and not t.is_floating_point() and not t.is_complex()
+
+    def me_of(kwargs, args):
+        group = kwargs.get("group", args[0] if args else None)
+        return dist.get_rank(group)
+
+    def peer(mine, me, j, n):
+        """Peer j's tensor in the rotation-symmetric world (flat, n peers)."""
+        flat = mine.reshape(-1)
+        return flat.roll((j - me) * (flat.numel() // n)) if flat.numel() % n == 0 else flat
+
+    def gather(original):
+        def all_gather_mirrored(output, input, *args, **kwargs):
+            work = original(output, input, *args, **kwargs)
+            if integer(input) and input.numel():
+                n, me = output.numel() // input.numel(), me_of(kwargs, args)
+                rows = output.view(n, input.numel())
+                for j in range(n):
+                    rows[j].copy_(peer(input, me, j, n))
+            return work
+        return all_gather_mirrored
+
+    def all_to_all(original):
+        def all_to_all_mirrored(output, input, *args, **kwargs):
+            work = original(output, input, *args, **kwargs)
+            if integer(input) and output.numel() == input.numel() and not args and not kwargs.get("input_split_sizes"):
+                n = dist.get_world_size(kwargs.get("group"))
+                me = dist.get_rank(kwargs.get("group"))
+                if input.numel() % n == 0:  # block j = what peer j sends to this rank
+                    blocks = output.view(n, -1)
+                    for j in range(n):
+                        blocks[j].copy_(peer(input, me, j, n).view(n, -1)[me])
+            return work
+        return all_to_all_mirrored
+
+    out = [(dist, "all_gather_into_tensor", gather(dist.all_gather_into_tensor)),
+           (dist, "all_to_all_single", all_to_all(dist.all_to_all_single))]
+    for module in (mappings, mutils):
+        if hasattr(module, "dist_all_gather_func"):
+            out.append((module, "dist_all_gather_func", gather(module.dist_all_gather_func)))
+    return out
+
+
+def stage_rank(world: int, pipeline_size: int, stage: int) -> int:
+    """The first rank of pipeline stage `stage` (Megatron's rank order tp-cp-ep-dp-pp: the
+    pipeline axis is the outermost)."""
+    if not 0 <= stage < pipeline_size:
+        raise ProbeError(f"--stage {stage} must be between 0 and parallel.pipeline_size - 1 = {pipeline_size - 1}")
+    return stage * (world // pipeline_size)
+
+
+def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, memory_mode: bool = False,
+            plant=None) -> dict:
+    """Build the recipe's model as rank `rank` of `world` and run `warmup` + `steps` driver
+    steps; per measured step: the memory allocated when it starts (model states: weights,
+    gradient buffers, optimizer state), at the end of each forward (+ the activations kept for
+    backward), the peak of forward + backward and of the optimizer step, and the step's time.
+    `memory_mode`: attention (and GEMM) kernels replaced by stand-ins that allocate what the real
+    kernels allocate and skip the arithmetic (probe.standins), for contexts whose step takes
+    hours; times are then meaningless. `plant(model)`: a test hook run after the build."""
+    import torch
+    from megatron.core import parallel_state as mpu
+
+    from ..parallel_state import tsp_process_groups
+    from ..training import loop as driver
+    from ..training.cpu import install_cpu_shims
+    from .meter import meter_for
+
+    if warmup < 1:
+        raise ProbeError(f"--warmup {warmup} must be >= 1: Adam allocates its moments in the first step, "
+                         "so a first step's peak is not the steady state's")
+    if steps < 1:
+        raise ProbeError(f"--steps {steps} must be >= 1")
+    recipe.check(world)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    install_cpu_shims()  # no-op with CUDA
+    kernels = contextlib.nullcontext()
+    if memory_mode:
+        from .standins import memory_mode as standins
+
+        kernels = standins(device)
+    meter = meter_for(device)
+    out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "warmup": warmup, "steps": steps, "memory_mode": memory_mode}
+    with fake_world(world, rank):
+        driver.init_groups(recipe)
+        pgs = tsp_process_groups()
+        out["stage"] = pgs.pp.rank()
+        out["groups"] = {"tp_or_tsp": pgs.tp.size(), "cp": pgs.cp.size(), "dp": pgs.dp.size(), "pp": pgs.pp.size()}
+        model = ddp = optimizer = None
+        try:
+            meter.start()
+            with kernels:
+                model, ddp, optimizer = driver.build(recipe, pgs)
+                if plant is not None:
+                    plant(model)
+                meter.mark("built")
+                dataset = driver.build_train_dataset(recipe)
+                forward_ends: List[str] = []
+
+                def end_of_forward(module, args, output):
+                    name = f"forward_end_{len(forward_ends)}"
+                    meter.mark(name)
+                    forward_ends.append(name)
+
+                hook = ddp.module.register_forward_hook(end_of_forward)
+                step_of_optimizer = optimizer.step
+
+                def optimizer_step(*a, **k):  # the optimizer step's own peak window
+                    meter.close_peak()
+                    meter.open_peak(f"optimizer_{current}")
+                    return step_of_optimizer(*a, **k)
+
+                optimizer.step = optimizer_step
+                times, measured = [], []
+                try:
+                    for current in range(warmup + steps):
+                        batches = list(driver.micro_batches(dataset, current, recipe, pgs.dp.rank(), pgs.dp.size(),
+                                                            device, pgs.cp))
+                        ends_before = len(forward_ends)
+                        meter.mark(f"start_{current}")
+                        meter.open_peak(f"fwd_bwd_{current}")
+                        t0 = time.perf_counter()
+                        driver.train_step(ddp, optimizer, batches, recipe, pgs)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - t0
+                        meter.close_peak()
+                        if current >= warmup:
+                            times.append(elapsed)
+                            measured.append((current, forward_ends[ends_before:]))
+                finally:
+                    hook.remove()
+                    optimizer.step = step_of_optimizer
+            meter.finish()
+        except torch.OutOfMemoryError as e:
+            out["oom"] = str(e).splitlines()[0][:300]
+            return out
+        finally:
+            del model, ddp, optimizer
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    out["oom"] = None
+    out["built_gib"] = meter.point("built")[0] / GIB
+    rows = []
+    for step, ends in measured:
+        start = meter.point(f"start_{step}")
+        fwd_bwd = meter.peak(f"fwd_bwd_{step}")
+        opt = meter.peak(f"optimizer_{step}")
+        at_end = max(meter.point(e)[0] for e in ends) if ends else None
+        rows.append({
+            "step": step, "model_states_gib": start[0] / GIB,
+            "forward_end_gib": at_end / GIB if at_end is not None else None,
+            "kept_activations_gib": (at_end - start[0]) / GIB if at_end is not None else None,
+            "fwd_bwd_peak_gib": fwd_bwd[0] / GIB, "optimizer_peak_gib": opt[0] / GIB,
+            "peak_allocated_gib": max(fwd_bwd[0], opt[0]) / GIB,
+            "peak_reserved_gib": max(fwd_bwd[1], opt[1]) / GIB if fwd_bwd[1] is not None else None,
+        })
+    last = max(rows, key=lambda r: r["peak_allocated_gib"])
+    out.update({k: v for k, v in last.items() if k != "step"})
+    out["working_set_gib"] = (last["fwd_bwd_peak_gib"] - last["forward_end_gib"]
+                              if last["forward_end_gib"] is not None else None)
+    out["peak_in"] = "optimizer step" if last["optimizer_peak_gib"] > last["fwd_bwd_peak_gib"] else "forward + backward"
+    out["step_time_s"] = statistics.median(times)
+    out["steps_measured"] = rows
+    return out
+
+
+def norm_kind() -> str:
+    """How the code's TSPNorm saves (the planner's `norm`): TE's fused kernel when installed, else lean."""
+    from ..tsp import norm
+
+    return "fused" if norm._te_norm() is not None else "lean"
+
+
+def predict(path: str, overrides: Sequence[str], world: int, gpus_per_node: int, capacity_gib: Optional[float],
+            hardware: str) -> dict:
+    """The planner's per-GPU prediction for the recipe on `world` GPUs: memory terms, the peak
+    and where it is, step time split into compute and communication. {'error': ...} where the
+    planner has no model for the recipe (it says why)."""
+    from ..planner import Cluster, GIB as _GIB, ModelSpec, PlanError, TrainSpec, hardware as hw_mod, plan_layout
+    from ..planner.model import recipe_layout, recipe_train_options
+
+    try:
+        model, seq = ModelSpec.from_recipe(path, list(overrides))
+        opts = recipe_train_options(path, list(overrides))
+        from ..planner.recipe_reader import read_recipe
+
+        t = read_recipe(path, list(overrides))["train"]
+        train = TrainSpec(seq_length=seq, global_batch_size=t["global_batch_size"], norm=norm_kind(), **opts)
+        layout = recipe_layout(path, list(overrides))
+        gpn = min(world, gpus_per_node)
+        if world % gpn:
+            raise PlanError(f"--world {world} is not a multiple of --gpus-per-node {gpn}")
+        cluster = Cluster(gpus_per_node=gpn, nodes=world // gpn, gpu_memory_gib=capacity_gib)
+        plan = plan_layout(model, train, layout, cluster, hw_mod.load(hardware))
+    except PlanError as e:
+        return {"error": str(e)}
+    mem, tm = plan.memory, plan.time
+    return {
+        "layout": layout.label, "hardware": hardware,
+        "model_states_gib": (mem.params + mem.grads + mem.optimizer) / _GIB,
+        "kept_activations_gib": mem.activations / _GIB,
+        "peak_gib": mem.peak / _GIB, "peak_point": mem.peak_point, "fits": plan.fits,
+        "at_peak_gib": {k: v / _GIB for k, v in mem.at_peak.items()},
+        "comm_buffers_gib": mem.comm_buffers / _GIB, "host_offload_gib": mem.host_offload / _GIB,
+        "compute_s": tm["matmul_s"] + tm["attention_s"] + tm["elementwise_s"] + tm["optimizer_s"],
+        "comm_s": tm["comm_s"], "comm_exposed_s": tm["comm_exposed_s"], "dp_sync_s": tm["dp_sync_s"],
+        "step_s": tm["as_implemented"],
+    }

@@ -1,0 +1,136 @@
+"""`megatron-tsp probe RECIPE [key=value ...] --world N`: measure rank R of an N-GPU job of the
+recipe's layout on this one GPU (CPU for tiny models), beside the planner's prediction.
+
+    megatron-tsp probe configs/7b_16k.yaml parallel.size=4 model.num_layers=4 model.seq_length=524288 \\
+        train.global_batch_size=1 train.micro_batch_size=1 parallel.recompute=full --world 4
+    megatron-tsp probe configs/tiny.yaml parallel.layout=tp_sp parallel.size=4 --world 4 --json
+
+Measured per rank (torch's fake process group: collectives are no-ops, allocations and kernels
+real): peak allocated and reserved memory of a step after warm-up, the model states resident
+when the step starts, the activations kept at the end of the forward, the backward's working set
+above them, and the compute-only step time. Not measured: communication time, NCCL's buffers,
+values (the loss can be NaN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+PROG = "megatron-tsp probe"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("recipe", help="a training recipe (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
+    p.add_argument("--world", type=int, required=True, help="GPUs of the job whose rank is measured")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--rank", type=int, default=None, help="the rank measured (default 0)")
+    where.add_argument("--stage", type=int, default=None,
+                       help="with parallel.pipeline_size > 1: measure the first rank of this pipeline stage")
+    p.add_argument("--warmup", type=int, default=1, help="steps before measuring (>= 1: Adam allocates its moments "
+                                                         "in the first step)")
+    p.add_argument("--steps", type=int, default=1, help="measured steps (the peak is their largest, the time their median)")
+    p.add_argument("--memory-mode", action="store_true",
+                   help="attention and GEMM kernels replaced by stand-ins that allocate what the real kernels allocate "
+                        "and skip the arithmetic: the peak of contexts whose step takes hours (step time meaningless)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="capacity per GPU (GiB) for the planner's fits and, on a GPU, the allocator's limit (at most "
+                        "the device's; default: the device's)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="the planner's node size (default 8)")
+    p.add_argument("--hardware", default="h200x4", help="the planner's hardware profile for times (default h200x4)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _fmt(x, unit=""):
+    return "-" if x is None else f"{x:.2f}{unit}"
+
+
+def _scaled(x, scale):
+    return None if x is None else x * scale
+
+
+def render(result: dict) -> str:
+    m, p = result["measured"], result["predicted"]
+    lines = [f"{PROG}: rank {m['rank']} (pipeline stage {m.get('stage', 0)}) of {m['world']} on {m['device']}, "
+             f"{result['layout']}, S = {result['seq_length']}, {result['num_layers']} layers"
+             + (", memory mode (stand-in kernels)" if m["memory_mode"] else "")]
+    if m.get("oom"):
+        lines.append(f"  out of memory: {m['oom']}")
+    else:
+        rows = [("model states (weights, grads, optimizer)", m["model_states_gib"], p.get("model_states_gib")),
+                ("activations kept at the end of forward", m["kept_activations_gib"], p.get("kept_activations_gib")),
+                ("working set above them (backward)", m["working_set_gib"], None),
+                ("peak allocated", m["peak_allocated_gib"], p.get("peak_gib")),
+                ("peak reserved", m["peak_reserved_gib"], None)]
+        unit, scale = ("GiB", 1) if m["peak_allocated_gib"] >= 1 else ("MiB", 1024)
+        lines.append(f"  {unit + ' per rank':44s} {'measured':>9s} {'planner':>9s} {'ratio':>6s}")
+        for name, meas, pred in rows:
+            ratio = f"{meas / pred:.3f}" if meas is not None and pred else "-"
+            lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
+        lines.append(f"  peak in: {m['peak_in']} (planner: {p.get('peak_point', '-')})")
+        t = "meaningless in memory mode" if m["memory_mode"] else f"{m['step_time_s']:.3f} s"
+        lines.append(f"  compute-only step time: {t} (planner's compute: {_fmt(p.get('compute_s'), ' s')})")
+    if "error" in p:
+        lines.append(f"  planner: no prediction: {p['error']}")
+    else:
+        lines.append(f"  not measured (planner's, {p['hardware']}): communication {p['comm_s']:.3f} s per step, "
+                     f"{p['comm_exposed_s']:.3f} s exposed; communication buffers {p['comm_buffers_gib']:.2f} GiB (in its peak), "
+                     "NCCL's own; "
+                     "values (received tensors are garbage; the loss may be NaN)")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import torch
+
+    from ..training.recipe import load_recipe
+    from . import ProbeError, measure, predict, stage_rank
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    recipe.check(args.world)
+    rank = args.rank or 0
+    if args.stage is not None:
+        rank = stage_rank(args.world, recipe.parallel.pipeline_size, args.stage)
+    capacity = args.gpu_memory_gb
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if capacity is not None:
+            if capacity > total:
+                raise ProbeError(f"--gpu-memory-gb {capacity} is more than this GPU's {total:.1f} GiB")
+            torch.cuda.set_per_process_memory_fraction(capacity / total, 0)
+        else:
+            capacity = total
+    measured = measure(recipe, args.world, rank, warmup=args.warmup, steps=args.steps, memory_mode=args.memory_mode)
+    predicted = predict(args.recipe, args.overrides, args.world, args.gpus_per_node, capacity, args.hardware)
+    p = recipe.parallel
+    layout = predicted.get("layout") or f"{p.layout} {recipe.axis_size}" + (
+        f" x CP {p.context_size}" if p.context_size > 1 else "") + (" (fsdp)" if p.fsdp else "")
+    return {"recipe": args.recipe, "overrides": list(args.overrides), "layout": layout,
+            "seq_length": recipe.model.seq_length, "num_layers": recipe.model.num_layers,
+            "capacity_gib": capacity, "measured": measured, "predicted": predicted,
+            "ratio_peak": (measured["peak_allocated_gib"] / predicted["peak_gib"]
+                           if not measured.get("oom") and predicted.get("peak_gib") else None)}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from ..config import TSPConfigError
+    from ..output import hide_benign_output, print_user_error
+
+    hide_benign_output(announce=False)
+    try:
+        result = run(args)
+    except TSPConfigError as e:
+        return print_user_error(PROG, e)
+    print(json.dumps(result, indent=1) if args.json else render(result), flush=True)
+    return 3 if result["measured"].get("oom") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
