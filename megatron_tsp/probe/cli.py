@@ -86,17 +86,46 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
-    import torch
+def check_request(args, recipe) -> int:
+    """The flags against the recipe, before torch is imported; returns the rank to measure."""
+    from . import ProbeError, stage_rank
 
+    p = recipe.parallel
+    if args.world < 1:
+        raise ProbeError(f"--world {args.world} must be >= 1")
+    replica = recipe.axis_size * p.pipeline_size * p.context_size
+    if args.world % replica:
+        raise ProbeError(f"--world {args.world} does not fit the recipe's layout: parallel.size ({recipe.axis_size}) x "
+                         f"parallel.pipeline_size ({p.pipeline_size}) x parallel.context_size ({p.context_size}) = "
+                         f"{replica} must divide it")
+    for flag, value, least in (("--warmup", args.warmup, 1), ("--steps", args.steps, 1)):
+        if value < least:
+            raise ProbeError(f"{flag} {value} must be >= {least}" + (
+                " (Adam allocates its moments in the first step: a first step's peak is not the steady state's)"
+                if flag == "--warmup" else ""))
+    if args.gpus_per_node < 1:
+        raise ProbeError(f"--gpus-per-node {args.gpus_per_node} must be >= 1")
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        raise ProbeError(f"--gpu-memory-gb {args.gpu_memory_gb} must be positive")
+    if args.stage is not None:
+        if p.pipeline_size == 1:
+            raise ProbeError(f"--stage {args.stage} needs parallel.pipeline_size > 1 (the recipe has one stage)")
+        return stage_rank(args.world, p.pipeline_size, args.stage)
+    rank = args.rank or 0
+    if not 0 <= rank < args.world:
+        raise ProbeError(f"--rank {rank} must be between 0 and --world - 1 = {args.world - 1}")
+    return rank
+
+
+def run(args) -> dict:
     from ..training.recipe import load_recipe
-    from . import ProbeError, measure, predict, stage_rank
 
     recipe = load_recipe(args.recipe, args.overrides)
+    rank = check_request(args, recipe)
     recipe.check(args.world)
-    rank = args.rank or 0
-    if args.stage is not None:
-        rank = stage_rank(args.world, recipe.parallel.pipeline_size, args.stage)
+    import torch
+
+    from . import ProbeError, measure, predict
     capacity = args.gpu_memory_gb
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory / 2**30

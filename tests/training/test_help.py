@@ -63,7 +63,7 @@ def test_the_help_default_is_the_recipe_default(key):
     assert f"{key} (default: {config._yaml_value(default)})" in parser().format_help()
 
 
-@pytest.mark.parametrize("command", [["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["run", "--help"]])
+@pytest.mark.parametrize("command", [["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["run", "--help"], ["probe", "--help"]])
 def test_help_imports_neither_torch_nor_megatron(command):
     """`megatron-tsp COMMAND --help` in a process where importing torch or megatron raises (the
     planner's check, tests/test_layering.py): the help comes from the option dataclasses, and for

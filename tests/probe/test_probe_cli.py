@@ -1,0 +1,52 @@
+"""`megatron-tsp probe` as a user runs it: bad flags are one line naming the flag (exit 2, before
+torch is imported); a tiny run prints the table, or one JSON object with --json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def probe(*argv, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "megatron_tsp.cli", "probe", *argv], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--world", "3"], "--world 3 does not fit"),
+    (["--world", "4", "--rank", "4"], "--rank 4"),
+    (["--world", "4", "--warmup", "0"], "--warmup 0"),
+    (["--world", "4", "--stage", "1"], "--stage 1 needs parallel.pipeline_size"),
+    (["parallel.pipeline_size=2", "--world", "4", "--stage", "2"], "--stage 2"),
+    (["--world", "2", "--gpu-memory-gb", "0"], "--gpu-memory-gb"),
+    (["parallel.size=3", "--world", "3"], "parallel.size = 3"),
+])
+def test_bad_request_is_one_line_naming_it(argv, names):
+    out = probe("configs/tiny.yaml", *argv)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("megatron-tsp probe: error:") and names in lines[0], out.stderr
+
+
+def test_json_run():
+    out = probe("configs/tiny.yaml", "parallel.layout=tp_sp", "parallel.size=2", "--world", "2", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["layout"] == "TP+SP 2" and result["measured"]["world"] == 2
+    assert result["measured"]["peak_allocated_gib"] > result["measured"]["model_states_gib"] > 0
+    assert result["predicted"]["peak_gib"] > 0 and 0.8 < result["ratio_peak"] < 1.25
+
+
+def test_table_run():
+    out = probe("configs/tiny.yaml", "parallel.size=2", "--world", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for what in ("rank 0 (pipeline stage 0) of 2", "TSP D=2", "peak allocated", "model states", "not measured"):
+        assert what in text, text
