@@ -138,15 +138,15 @@ def stage_rank(world: int, pipeline_size: int, stage: int) -> int:
     return stage * (world // pipeline_size)
 
 
-def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, memory_mode: bool = False,
+def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, memory_mode: Optional[str] = None,
             plant=None) -> dict:
     """Build the recipe's model as rank `rank` of `world` and run `warmup` + `steps` driver
     steps; per measured step: the memory allocated when it starts (model states: weights,
     gradient buffers, optimizer state), at the end of each forward (+ the activations kept for
     backward), the peak of forward + backward and of the optimizer step, and the step's time.
-    `memory_mode`: attention (and GEMM) kernels replaced by stand-ins that allocate what the real
-    kernels allocate and skip the arithmetic (probe.standins), for contexts whose step takes
-    hours; times are then meaningless. `plant(model)`: a test hook run after the build."""
+    `memory_mode`: "attention" (or "all": attention and GEMMs) kernels replaced by stand-ins that
+    allocate what the real kernels allocate and skip the arithmetic (probe.standins), for contexts
+    whose step takes hours; times then leave those kernels out. `plant(model)`: a test hook run after the build."""
     import torch
     from megatron.core import parallel_state as mpu
 
@@ -167,10 +167,12 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     install_cpu_shims()  # no-op with CUDA
     kernels = contextlib.nullcontext()
+    if memory_mode not in (None, "attention", "all"):
+        raise ProbeError(f"--memory-mode {memory_mode!r} is not one of attention, all")
     if memory_mode:
         from .standins import memory_mode as standins
 
-        kernels = standins(device)
+        kernels = standins(device, gemms=memory_mode == "all")
     meter = meter_for(device)
     out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "warmup": warmup, "steps": steps, "memory_mode": memory_mode}
@@ -225,7 +227,9 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
                     hook.remove()
                     optimizer.step = step_of_optimizer
             meter.finish()
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # RuntimeError: pinned host memory for offload
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
             out["oom"] = str(e).splitlines()[0][:300]
             return out
         finally:

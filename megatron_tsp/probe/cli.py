@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 PROG = "megatron-tsp probe"
 
@@ -35,15 +36,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="steps before measuring (>= 1: Adam allocates its moments "
                                                          "in the first step)")
     p.add_argument("--steps", type=int, default=1, help="measured steps (the peak is their largest, the time their median)")
-    p.add_argument("--memory-mode", action="store_true",
-                   help="attention and GEMM kernels replaced by stand-ins that allocate what the real kernels allocate "
-                        "and skip the arithmetic: the peak of contexts whose step takes hours (step time meaningless)")
+    p.add_argument("--memory-mode", choices=("attention", "all"), default=None,
+                   help="kernels replaced by stand-ins that allocate what the real kernels allocate and skip the "
+                        "arithmetic: attention's (step time = the rest of the step), or all: attention's and the GEMMs' "
+                        "(step time meaningless); for contexts whose step takes hours")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="capacity per GPU (GiB) for the planner's fits and, on a GPU, the allocator's limit (at most "
                         "the device's; default: the device's)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="the planner's node size (default 8)")
     p.add_argument("--hardware", default="h200x4", help="the planner's hardware profile for times (default h200x4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    f = p.add_argument_group("--frontier: the longest context per layout whose measured peak fits (memory mode, "
+                             "the recipe's model at its depth)")
+    f.add_argument("--frontier", action="store_true", help="search the longest context per layout")
+    f.add_argument("--layouts", default=None, help="comma-separated bench layouts (megatron-tsp bench's names, "
+                                                   "sized by --world; default tsp,tp_sp,cp4,tp2_cp2,fsdp_cp4)")
+    f.add_argument("--start-seq", type=int, default=None, help="first context tried (default: the recipe's)")
+    f.add_argument("--max-seq", type=int, default=16 * 2**20, help="largest context searched (default 16M)")
+    f.add_argument("--host-memory-gb", type=float, default=512.0,
+                   help="host memory per node (GiB) for offloaded inputs, shared by --gpus-per-node GPUs (default 512)")
+    f.add_argument("--time-at", type=int, default=None,
+                   help="context of the real step the frontier's step time is extrapolated from (default: none)")
+    f.add_argument("--out", default=None, help="append every probe as a JSON line here (a rerun skips those present)")
     return p
 
 
@@ -59,7 +73,7 @@ def render(result: dict) -> str:
     m, p = result["measured"], result["predicted"]
     lines = [f"{PROG}: rank {m['rank']} (pipeline stage {m.get('stage', 0)}) of {m['world']} on {m['device']}, "
              f"{result['layout']}, S = {result['seq_length']}, {result['num_layers']} layers"
-             + (", memory mode (stand-in kernels)" if m["memory_mode"] else "")]
+             + (f", memory mode ({m['memory_mode']} kernels stood in)" if m["memory_mode"] else "")]
     if m.get("oom"):
         lines.append(f"  out of memory: {m['oom']}")
     else:
@@ -74,7 +88,8 @@ def render(result: dict) -> str:
             ratio = f"{meas / pred:.3f}" if meas is not None and pred else "-"
             lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
         lines.append(f"  peak in: {m['peak_in']} (planner: {p.get('peak_point', '-')})")
-        t = "meaningless in memory mode" if m["memory_mode"] else f"{m['step_time_s']:.3f} s"
+        t = {"all": "meaningless in memory mode (all)", "attention": f"{m['step_time_s']:.3f} s without attention",
+             None: f"{m['step_time_s']:.3f} s"}[m["memory_mode"]]
         lines.append(f"  compute-only step time: {t} (planner's compute: {_fmt(p.get('compute_s'), ' s')})")
     if "error" in p:
         lines.append(f"  planner: no prediction: {p['error']}")
@@ -117,15 +132,12 @@ def check_request(args, recipe) -> int:
     return rank
 
 
-def run(args) -> dict:
-    from ..training.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    rank = check_request(args, recipe)
-    recipe.check(args.world)
+def capacity_of(args) -> Optional[float]:
+    """--gpu-memory-gb, applied to the allocator on a GPU (the device's memory when not given)."""
     import torch
 
-    from . import ProbeError, measure, predict
+    from . import ProbeError
+
     capacity = args.gpu_memory_gb
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -135,6 +147,17 @@ def run(args) -> dict:
             torch.cuda.set_per_process_memory_fraction(capacity / total, 0)
         else:
             capacity = total
+    return capacity
+
+
+def run(args) -> dict:
+    from ..training.recipe import load_recipe
+    from . import measure, predict
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    rank = check_request(args, recipe)
+    recipe.check(args.world)
+    capacity = capacity_of(args)
     measured = measure(recipe, args.world, rank, warmup=args.warmup, steps=args.steps, memory_mode=args.memory_mode)
     predicted = predict(args.recipe, args.overrides, args.world, args.gpus_per_node, capacity, args.hardware)
     p = recipe.parallel
@@ -147,6 +170,60 @@ def run(args) -> dict:
                            if not measured.get("oom") and predicted.get("peak_gib") else None)}
 
 
+def run_frontier(args) -> dict:
+    from ..training.recipe import load_recipe
+    from . import measure, predict
+    from .frontier import DEFAULT_LAYOUTS, ProbeLog, Search, extrapolated_time, granularity, layout_overrides, summary_line
+
+    names = (args.layouts or DEFAULT_LAYOUTS).split(",")
+    layouts = {name: layout_overrides(name, args.world) for name in names}
+    for name, lay in layouts.items():  # every layout's flags and keys checked before the first probe
+        recipe = load_recipe(args.recipe, list(args.overrides) + lay)
+        check_request(args, recipe)
+        recipe.check(args.world)
+    capacity = capacity_of(args)
+    log = ProbeLog(args.out)
+    host = args.host_memory_gb / min(args.world, args.gpus_per_node) if args.host_memory_gb else None
+    rows = []
+    for name, lay in layouts.items():
+        def overrides(S, opts, lay=lay):
+            return list(args.overrides) + lay + opts + [f"model.seq_length={S}"]
+
+        def probe(S, opts, mode="all", warmup=1, name=name):
+            key = json.dumps([args.recipe, overrides(S, opts), args.world, round(capacity or 0, 2), mode, warmup])
+            hit = log.get(key)
+            if hit is None:
+                m = measure(load_recipe(args.recipe, overrides(S, opts)), args.world, 0, warmup=warmup, steps=1,
+                            memory_mode=mode)
+                hit = {"layout": name, "seq_len": S, "measured": m}
+                log.put(key, hit)
+            return hit["measured"]
+
+        def offload_gib(S, opts):
+            p = predict(args.recipe, overrides(S, opts), args.world, args.gpus_per_node, capacity, args.hardware)
+            return p.get("host_offload_gib")
+
+        recipe = load_recipe(args.recipe, list(args.overrides) + lay)
+        start = args.start_seq or recipe.model.seq_length
+        row = Search(name, args.world, host, probe, offload_gib).run(start, args.max_seq, granularity(lay, args.world))
+        row["world"] = args.world
+        if row["max_seq_len"] and args.time_at:
+            opts = row["at_max"]["options"]
+            real = probe(args.time_at, opts, mode=None)
+            stood_in = probe(args.time_at, opts, mode="attention")
+            if not real.get("oom") and not stood_in.get("oom"):
+                row["time"] = extrapolated_time(real["step_time_s"], stood_in["step_time_s"], args.time_at,
+                                                row["max_seq_len"])
+        S = row["max_seq_len"]
+        if S:
+            row["predicted"] = predict(args.recipe, overrides(S, row["at_max"]["options"]), args.world,
+                                       args.gpus_per_node, capacity, args.hardware)
+        print(summary_line(row), flush=True)
+        rows.append(row)
+    return {"recipe": args.recipe, "overrides": list(args.overrides), "world": args.world, "capacity_gib": capacity,
+            "host_memory_gb_per_node": args.host_memory_gb, "layouts": rows}
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from ..config import TSPConfigError
@@ -154,6 +231,11 @@ def main(argv=None) -> int:
 
     hide_benign_output(announce=False)
     try:
+        if args.frontier:
+            result = run_frontier(args)
+            if args.json:
+                print(json.dumps(result, indent=1), flush=True)
+            return 0
         result = run(args)
     except TSPConfigError as e:
         return print_user_error(PROG, e)

@@ -1,0 +1,144 @@
+"""`megatron-tsp probe RECIPE --frontier --world N`: per layout, the longest context whose
+measured per-rank peak fits a capacity, full depth, in memory mode.
+
+For the frontier every layout runs its leanest memory options (each trades time for memory, so
+the leanest reaches furthest): Megatron's full recompute, uniform, one layer per checkpoint,
+with the checkpointed inputs offloaded to the host while the node's host memory holds them
+(`--host-memory-gb` per node, shared by its GPUs; the planner's count of the offloaded bytes,
+which is exact: 2h bytes per local token and layer), and for TSP its in-layer recompute and
+sequence-local LM head. The context is searched over multiples of the layout's granularity
+(2 x GPUs of the layout x 1024): doubling from the start until a context does not fit, then
+bisection to 2%. Each probe is one warm-up step and one measured step of rank 0 in memory mode
+(kernels stood in, `probe.standins`), its peak against the allocator's limit
+(`--gpu-memory-gb`). Every probe is a JSON line in `--out` (a later run with the same file
+skips what it holds).
+
+Step time at the frontier is not measured there (memory mode skips the arithmetic): it is
+extrapolated from a real step at `--time-at` tokens: the non-attention time scales with S, the
+attention time with S^2 (the causal area), and is labelled extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+from . import GIB, ProbeError
+
+LEAN = ["parallel.recompute=full", "parallel.recompute_method=uniform", "parallel.recompute_num_layers=1"]
+LEAN_TSP = ["parallel.tsp_recompute=full", "parallel.tsp_lm_head=local"]
+DEFAULT_LAYOUTS = "tsp,tp_sp,cp4,tp2_cp2,fsdp_cp4"
+
+
+def layout_overrides(name: str, world: int) -> List[str]:
+    """A bench layout name (megatron_tsp.bench.rows.LAYOUTS) as recipe overrides on `world` GPUs."""
+    from ..bench.rows import LAYOUTS
+
+    if name not in LAYOUTS:
+        raise ProbeError(f"--layouts: unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return [o.format(n=world, half=world // 2) for o in LAYOUTS[name].overrides]
+
+
+def granularity(overrides: List[str], world: int) -> int:
+    """Contexts are multiples of 2 x (GPUs of a replica) x 1024: zigzag chunks for TSP and CP,
+    the TP sequence split inside."""
+    return 2 * world * 1024
+
+
+def lean(name: str, offload: bool) -> List[str]:
+    tsp = name.startswith("tsp")
+    return LEAN + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else [])
+
+
+class Search:
+    """The frontier of one layout. `probe(S, overrides)` -> the measured dict (probe.measure's);
+    `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
+
+    def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
+                 offload_gib: Callable, log: Callable = print):
+        self.name, self.world, self.host = name, world, host_per_rank_gib
+        self.probe, self.offload_gib, self.log = probe, offload_gib, log
+        self.tried: Dict[int, dict] = {}
+
+    def options(self, S: int) -> List[str]:
+        with_offload = lean(self.name, True)
+        need = self.offload_gib(S, with_offload)
+        return with_offload if self.host is None or (need is not None and need <= self.host) else lean(self.name, False)
+
+    def fits(self, S: int) -> bool:
+        if S not in self.tried:
+            opts = self.options(S)
+            m = self.probe(S, opts)
+            self.tried[S] = {"seq_len": S, "options": opts, "measured": m}
+            peak = "OOM" if m.get("oom") else f"{m['peak_allocated_gib']:.2f} GiB"
+            self.log(f"[probe --frontier] {self.name} S={S}: {peak} ({', '.join(o.split('.', 1)[1] for o in opts)})")
+        return not self.tried[S]["measured"].get("oom")
+
+    def run(self, start: int, max_seq: int, unit: int) -> dict:
+        """Doubling from `start` (a multiple of `unit`), then bisection between the last fit and
+        the first miss until they are within 2%."""
+        lo, hi = 0, None  # in units: lo fits (0: none yet), hi does not
+        k = max(1, start // unit)
+        while k * unit <= max_seq:
+            if self.fits(k * unit):
+                lo, k = k, k * 2
+            else:
+                hi = k
+                break
+        if hi is not None:
+            while hi - lo > 1 and (lo == 0 or hi / lo > 1.02):
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self.fits(mid * unit) else (lo, mid)
+        best = self.tried.get(lo * unit)
+        return {"layout": self.name, "max_seq_len": lo * unit if lo else None, "capped": hi is None,
+                "first_miss": hi * unit if hi else None, "at_max": best,
+                "probes": [self.tried[s] for s in sorted(self.tried)]}
+
+
+class ProbeLog:
+    """The JSON lines of earlier probes (`--out`): a probe already there is read, not re-run."""
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.rows = path, {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    row = json.loads(line)
+                    if "key" in row:
+                        self.rows[row["key"]] = row
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.rows.get(key)
+
+    def put(self, key: str, row: dict) -> None:
+        row = dict(row, key=key)
+        self.rows[key] = row
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def extrapolated_time(real_s: float, memory_mode_s: float, S0: int, S: int) -> dict:
+    """Step time at S from one real step and one memory-mode step (attention stood in, GEMMs real)
+    at S0: the non-attention part grows with S, the attention part (the difference) with S^2."""
+    attention = max(0.0, real_s - memory_mode_s)
+    r = S / S0
+    return {"step_time_s": memory_mode_s * r + attention * r * r, "from_seq_len": S0,
+            "attention_s_at_from": attention, "other_s_at_from": memory_mode_s, "extrapolated": True}
+
+
+def summary_line(row: dict) -> str:
+    a = row.get("at_max")
+    if a is None:
+        return f"{row['layout']}: nothing fits from the start context"
+    m = a["measured"]
+    plus = "+" if row["capped"] else ""
+    return (f"{row['layout']}: {row['max_seq_len'] // 1024}K{plus} tokens ({row['max_seq_len'] // row['world'] // 1024}K "
+            f"per GPU), peak {m['peak_allocated_gib']:.2f} GiB"
+            + (f", first miss {row['first_miss'] // 1024}K" if row.get("first_miss") else "")
+            + f"; {', '.join(o.split('.', 1)[1] for o in a['options'])}")
+
+
+__all__ = ["Search", "ProbeLog", "extrapolated_time", "layout_overrides", "granularity", "lean", "GIB",
+           "DEFAULT_LAYOUTS", "summary_line"]
