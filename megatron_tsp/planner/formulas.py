@@ -140,7 +140,8 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
     b = m.dtype_bytes
     items = {
         "norms": 2 * norm_saved(m, norm),
-        "block inputs x_p (attention, MLP)": 2 * b * m.hidden,
+        "attention block input x_p": b * m.hidden,
+        "MLP block input x_p": b * m.hidden,  # the MLP function's: freed by its backward
         "RoPE table slice": rope_saved(m),
     }
     f_mlp = (m.shared_ffn or 0) if moe else m.f  # the TSP MLP of the layer: dense, or the shared expert
@@ -176,7 +177,8 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     mlp = mlp_intermediates(m)
     items = {
         "norms": (2 * norm_saved(m, norm), "norm"),
-        "inputs of linear_qkv and linear_fc1": (2 * b * m.hidden, "norm"),
+        "input of linear_qkv": (b * m.hidden, "norm"),
+        "input of linear_fc1 (MLP)": (b * m.hidden, "norm"),  # freed by the MLP's backward
         "mixed qkv (v is a view of it)": (b * (m.q_dim + 2 * m.kv_dim) / T, "core"),
         "q, k after RoPE": (b * (m.q_dim + m.kv_dim) / T, "core"),
         "attention output (linear_proj input)": (b * m.q_dim / T, "core"),
@@ -212,6 +214,7 @@ class Memory:
     recompute_working_set: float = 0.0  # one checkpointed chunk's activations, rebuilt in its backward
     host_offload: float = 0.0  # checkpointed layer inputs held in pinned host memory (per GPU)
     at_peak: Dict[str, float] = field(default_factory=dict)  # what is allocated at the peak, by kind
+    points: Dict[str, float] = field(default_factory=dict)  # the total at each candidate peak point
 
     def as_gib(self) -> dict:
         out = {k: getattr(self, k) / GIB for k in ("params", "grads", "optimizer", "activations", "comm_buffers",
@@ -384,7 +387,14 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
 
     dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
     # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
-    layer_act = max(sum(dense_items.values()) if m.dense_layers else 0.0, sum(moe_items.values()))
+    big_items = moe_items if (m.is_moe and (not m.dense_layers or sum(moe_items.values()) > sum(dense_items.values()))) \
+        else dense_items
+    layer_act = sum(big_items.values())
+    # what the layer's MLP (MoE layer, shared expert) saves: its backward runs first and frees them,
+    # so they are gone when the attention's backward runs (issue 25: the CPU fake-group probe,
+    # benchmarks/fake_rank_memory.py, finds the attention-backward peak of TSP and of CP one layer's
+    # MLP intermediates below a count that keeps them)
+    layer_mlp = sum(v for k, v in big_items.items() if _is_mlp_item(k))
     layer_input = b * m.hidden * tokens_norm  # [s, b, h]: what a checkpointed layer keeps
     inputs_on_gpu = min(2, rc.inputs) if train.offload_activations else rc.inputs
     saved_dense, saved_moe = layer_counts_saved(m, train)
@@ -413,64 +423,128 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
                                               or exchange == "tokens")
     mpu_buffer = b * B * S / C * m.hidden if needs_buffer else 0.0
 
-    # what is in flight while one layer runs its backward
+    # what is in flight while one layer runs its backward: (buffers, scratch, point, frees the
+    # MLP's saved tensors) for each block; the MLP's backward runs first, the attention's after it
     s = tokens_norm
-    point = "layer backward"
     if lay.kind == "tsp":
         # the attention and the MLP backward run one after the other: the larger of the two
         # (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)
-        blocks = [(tsp_attention_in_flight(m, train, lay), "layer backward (attention)")]
+        blocks = [(*tsp_attention_in_flight(m, train, lay), "layer backward (attention)", True)]
         if m.dense_layers:
-            blocks.append((tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)"))
+            blocks.append((*tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)", False))
         if m.is_moe:
-            blocks.append((moe_in_flight(m, train, lay), "layer backward (MoE)"))
+            blocks.append((*moe_in_flight(m, train, lay), "layer backward (MoE)", False))
             if m.shared_ffn:
-                blocks.append((tsp_mlp_in_flight(shared_expert_model(m), train, lay),
-                               "layer backward (shared expert)"))
-        (comm, scratch), point = max(blocks, key=lambda x: sum(x[0]))
-    elif lay.kind == "fsdp_cp":
-        comm = 2 * m.layer_matmul_params * b + m.layer_matmul_params * FP32  # 2 gathered layers + grads
-        scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
+                blocks.append((*tsp_mlp_in_flight(shared_expert_model(m), train, lay),
+                               "layer backward (shared expert)", False))
     else:
-        comm = 2 * B * S / C * 2 * m.kv_dim / w * b if C > 1 else 0.0  # gathered K/V + grad
-        scratch = 2 * tokens_core * 2 * m.f / w * b + 2 * s * m.hidden * b
+        fsdp = 0.0
+        if lay.kind == "fsdp_cp":
+            # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
+            # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
+            # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
+            # post-backward buffers 1.25 P_l at C = 4; not 2 gathered layers + fp32 grads), and the
+            # root's gathered output layer (V x h)
+            fsdp = (2 + 1 / C) * m.layer_matmul_params * b + m.embedding_params * b
+        dense_mlp = baseline_mlp_in_flight(m, train, lay) if m.dense_layers else (0.0, 0.0)
+        mlp_comm, mlp_scratch = dense_mlp
         if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
             moe_comm, moe_scratch = moe_in_flight(m, train, lay)
-            dense_mlp = scratch if m.dense_layers else 0.0
-            shared = 2 * tokens_core * 2 * m.shared_ffn / w * b + 2 * s * m.hidden * b if m.shared_ffn else 0.0
-            if moe_comm + max(moe_scratch, shared) > dense_mlp:
-                comm, scratch = comm + moe_comm, max(moe_scratch, shared)
-    comm += mpu_buffer
+            shared = baseline_mlp_in_flight(shared_expert_model(m), train, lay)[1] if m.shared_ffn else 0.0
+            if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
+                mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
+        blocks = [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
+                  (*[x + y for x, y in zip(baseline_attention_in_flight(m, train, lay), (fsdp, 0.0))],
+                   "layer backward (attention)", True)]
+    blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in blocks]
+    comm, scratch, point, _ = max(blocks, key=lambda x: x[0] + x[1] - (layer_mlp if x[3] else 0.0))
     static = params + grads + optimizer
+    step_extra = 0.0
+    if lay.kind == "fsdp_cp":
+        # FSDP2's sharded gradients are set to None by the optimizer's zero_grad and appear layer
+        # by layer as each reduce-scatter lands, after the first layers' backward (the peak): they
+        # do not count in forward and backward (probe: FSDP over CP at 4 and 32 layers on the GPU
+        # rows, 1-6% over with them). At the step they exist in the parameter dtype, and Megatron's
+        # mixed-precision optimizer copies them to fp32 main gradients (model_param.grad.float())
+        static_fb = params + optimizer
+        step_extra = stepped * FP32 if b < FP32 else 0.0
+    else:
+        static_fb = static
     # a checkpointed chunk rebuilds its N layers' saved tensors: the first layer's input is the
     # checkpointed input (counted there), and the chunk's rebuilt output, which the checkpoint holds
     # until the chunk's backward ends, takes its place ([s, b, h] each): N x layer_act
     working = rc.chunk * layer_act if rc.recomputed else 0.0
     points = {"loss (start of backward)": (activations, logits + mpu_buffer, 0.0, 0.0)}
-    if rc.saved:
-        points[point] = (layers_saved, comm, scratch, 0.0)
-    if rc.recomputed:
-        points[f"checkpointed {point}"] = (inputs_on_gpu * layer_input, comm, scratch, working)
+    for b_comm, b_scratch, b_point, frees_mlp in blocks:
+        gone = layer_mlp if frees_mlp else 0.0
+        if rc.saved:
+            points[b_point] = (layers_saved - gone, b_comm, b_scratch, 0.0)
+        if rc.recomputed:
+            points[f"checkpointed {b_point}"] = (inputs_on_gpu * layer_input, b_comm, b_scratch, working - gone)
     name, (act_at, buf_at, scratch_at, work_at) = max(points.items(), key=lambda kv: sum(kv[1]))
-    fwd_bwd_peak = static + act_at + buf_at + scratch_at + work_at
-    step_peak = static + opt_step_transient + mpu_buffer
+    fwd_bwd_peak = static_fb + act_at + buf_at + scratch_at + work_at
+    step_peak = static + opt_step_transient + step_extra + mpu_buffer
     if fwd_bwd_peak >= step_peak:
         peak, point = fwd_bwd_peak, name
-        at_peak = {"params": params, "grads": grads, "optimizer": optimizer, "saved activations": act_at,
+        at_peak = {"params": params, "grads": grads if static_fb == static else 0.0, "optimizer": optimizer,
+                   "saved activations": act_at,
                    "recompute working set": work_at,
                    ("LM head + buffers" if name.startswith("loss") else "in-flight buffers"): buf_at,
                    "scratch": scratch_at}
     else:
         peak, point = step_peak, "optimizer step"
         at_peak = {"params": params, "grads": grads, "optimizer": optimizer,
-                   "optimizer step transient": opt_step_transient, "buffers": mpu_buffer}
+                   "optimizer step transient": opt_step_transient + step_extra, "buffers": mpu_buffer}
     return Memory(
         params=params, grads=grads, optimizer=optimizer, activations=activations,
         comm_buffers=comm, logits=logits, other_transient=scratch,
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
         recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
-        at_peak=at_peak,
+        at_peak=at_peak, points={k: static_fb + sum(v) for k, v in points.items()} | {"optimizer step": step_peak},
     )
+
+
+def _is_mlp_item(key: str) -> bool:
+    """A saved item of the layer's MLP block (dense MLP, shared expert, MoE router/dispatcher/experts)."""
+    return "MLP" in key or "MoE" in key or "shared expert" in key
+
+
+def baseline_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
+    """(buffers, scratch) in bytes at the peak of Megatron's MLP backward (TP / TP+SP / CP /
+    FSDP-over-CP), measured with the CPU fake-group probe (benchmarks/fake_rank_memory.py) at
+    7B proportions: beside all of the layer's saved tensors, either fc2's input gradient [s_c, f/T]
+    and, with sequence parallelism, the all-gathered output gradient [B S / C, h] (fc2's dgrad), or,
+    gated, after fc2's backward has freed its input (the product): the product's gradient and the
+    two gradients of the product's factors, 3 x [s_c, f/T] for the freed 1 (net 2). The incoming
+    gradient [s, h] beside. (It counted 2 x [s_c, 2f/T] + 2 [s, h] before: 14-20% over the
+    measured baselines with the product kept.)"""
+    b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
+    f_c = B * S / C * m.f / T * b
+    gathered = B * S / C * m.hidden * b if lay.sequence_parallel else 0.0
+    s = B * S / lay.token_shards
+    return 0.0, max(f_c + gathered, 2 * f_c if m.gated else 0.0) + s * m.hidden * b
+
+
+# the CP attention's backward (baselines/context_parallel.py) at its peak on CP rank 0, in units of
+# the whole sequence's K/V [B S, 2 kv / T]: the re-gathered K/V in natural order, the last chunk's
+# dK/dV (its prefix is the whole sequence) from the kernels' two parts (prefix, causal block) and
+# their concatenation (3), and an autograd add of a quarter of it: 3.3 on the CPU probe (CP 8,
+# 16K, h 512); the GPU rows of CP and FSDP over CP at 4 and 8 ranks fit 3.2-3.4, one (FSDP over
+# CP with offload, 4 ranks) 3.6
+CP_ATTENTION_KV_UNITS = 3.25
+
+
+def baseline_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
+    """(buffers, scratch) in bytes while Megatron's attention runs its backward (the MLP's saved
+    tensors are freed by then): with CP the gathered sequence's K/V and their gradients
+    (CP_ATTENTION_KV_UNITS x [B S, 2 kv / T]: the planner counted [B S / C, 2 kv / T] x 2 before,
+    and was 7% LOW for FSDP over CP on 8 ranks, where this is the peak); scratch: the gradients of
+    q, k, v over the attention region and the incoming gradient [s, h]."""
+    b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
+    comm = CP_ATTENTION_KV_UNITS * B * S * 2 * m.kv_dim / T * b if C > 1 else 0.0
+    s = B * S / lay.token_shards
+    scratch = B * S / C * (m.q_dim + 2 * m.kv_dim) / T * b + s * m.hidden * b
+    return comm, scratch
 
 
 def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:

@@ -567,7 +567,8 @@ def test_frontier_json(capsys):
 
     from megatron_tsp.planner import frontier as fr
 
-    assert plan_main([RECIPE, "--frontier", "--json", "--gpus-per-node", "4", "--max-seq-len", str(2**20)]) == 0
+    # 4M: with the baselines' in-layer peaks as measured (issue 25) TP+SP 4 reaches 1M too
+    assert plan_main([RECIPE, "--frontier", "--json", "--gpus-per-node", "4", "--max-seq-len", str(2**22)]) == 0
     data = json.loads(capsys.readouterr().out)
     hw = hardware.load("h200x4")
     model, seq = ModelSpec.from_recipe(RECIPE)
@@ -647,3 +648,48 @@ def test_one_h200_d1_rows_within_5_percent():
         else:
             ratio = r["measured"]["peak_allocated_gib"] * GIB / p.memory.peak
             assert abs(ratio - 1) <= 0.05, (r["mode"], seq, ratio)
+
+
+def test_fake_pg_frontier_rows_within_3_percent():
+    """Issue 25: the per-rank peaks measured on one H100 with torch's fake process group (DESIGN.md
+    §11; 7B width, 4 and 32 layers, 256K / 512K, full uniform N=1, 4 and 8 ranks, TSP and the
+    baselines), asked with the row's recipe overrides, are predicted within 3% (the planner was
+    14-20% over the baselines before the in-layer peaks were corrected). One row is not explained:
+    FSDP over CP with activation offload on 4 ranks measured 3.6 GiB (5%) above the prediction
+    (the same layout without offload, and TSP with offload, are within 1%), allowed 6%."""
+    from megatron_tsp.planner.formulas import memory
+    from megatron_tsp.planner.model import recipe_train_options
+
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "benchmarks", "results", "fake_pg_frontier_h100.jsonl"))]
+    assert len(rows) == 10 and {r["layout"] for r in rows} == {"tsp", "tp_sp", "cp", "fsdp_cp"}
+    for r in rows:
+        model, seq = ModelSpec.from_recipe(RECIPE, r["overrides"])
+        train = TrainSpec(seq_length=seq, norm="lean", **recipe_train_options(RECIPE, r["overrides"]))
+        n = r["ranks"]
+        lay = {"tsp": Layout("tsp", tsp_size=n), "tp_sp": Layout("tp_sp", tp=n), "cp": Layout("cp", cp=n),
+               "fsdp_cp": Layout("fsdp_cp", cp=n)}[r["layout"]]
+        ratio = r["measured"]["peak_allocated_gib"] * GIB / memory(model, train, lay, Cluster(gpus_per_node=n)).peak
+        tol = 0.06 if (r["layout"] == "fsdp_cp" and r["offload_activations"] and n == 4) else 0.03
+        assert abs(ratio - 1) <= tol, (r["layout"], n, r["layers"], r["seq_len"], ratio)
+
+
+def test_attention_backward_point_excludes_the_mlp_saved_tensors():
+    """Issue 25: the layer's MLP backward runs first and frees what the MLP saved; the attention
+    backward point counts one layer's rebuilt tensors without them (CPU probe: TSP's attention
+    backward peak = the old attention point less the fc1 outputs of all shards), and the peak
+    is the largest point."""
+    from megatron_tsp.planner import formulas as F
+
+    model, _ = ModelSpec.from_recipe(RECIPE, ["model.num_layers=4"])
+    S, b, h = 2**19, model.dtype_bytes, model.hidden
+    s = S / 4
+    train = TrainSpec(seq_length=S, recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    # TSP: the fc1 outputs of all shards and the MLP function's input; Megatron: the MLP's
+    # intermediates and linear_fc1's input
+    for lay, in_flight, mlp in ((Layout("tsp", tsp_size=4), F.tsp_attention_in_flight, (2 * model.f + h) * b * s),
+                                (Layout("cp", cp=4), F.baseline_attention_in_flight, (5 * model.f + h) * b * s)):
+        mem = F.memory(model, train, lay, Cluster(gpus_per_node=4))
+        static = mem.params + mem.grads + mem.optimizer
+        expected = static + 4 * b * h * s + mem.recompute_working_set - mlp + sum(in_flight(model, train, lay))
+        assert mem.points["checkpointed layer backward (attention)"] == pytest.approx(expected), lay.label
+        assert mem.peak == max(mem.points.values())
