@@ -139,7 +139,7 @@ def stage_rank(world: int, pipeline_size: int, stage: int) -> int:
 
 
 def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, memory_mode: Optional[str] = None,
-            plant=None) -> dict:
+            plant=None, profile: bool = False) -> dict:
     """Build the recipe's model as rank `rank` of `world` and run `warmup` + `steps` driver
     steps; per measured step: the memory allocated when it starts (model states: weights,
     gradient buffers, optimizer state), at the end of each forward (+ the activations kept for
@@ -152,6 +152,7 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
 
     from ..parallel_state import tsp_process_groups
     from ..training import loop as driver
+    from ..bench.profiling import StepProfile
     from ..training.cpu import install_cpu_shims
     from .meter import meter_for
 
@@ -214,11 +215,16 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
                         ends_before = len(forward_ends)
                         meter.mark(f"start_{current}")
                         meter.open_peak(f"fwd_bwd_{current}")
-                        t0 = time.perf_counter()
-                        driver.train_step(ddp, optimizer, batches, recipe, pgs)
-                        if cuda:
-                            torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - t0
+                        profiled = profile and current == warmup + steps - 1
+                        tracer = StepProfile() if profiled else contextlib.nullcontext()
+                        with tracer:
+                            t0 = time.perf_counter()
+                            driver.train_step(ddp, optimizer, batches, recipe, pgs)
+                            if cuda:
+                                torch.cuda.synchronize()
+                            elapsed = time.perf_counter() - t0
+                        if profiled:
+                            out["profile"] = tracer.summary(elapsed, title=f"rank {rank} of {world}, one step")
                         meter.close_peak()
                         if current >= warmup:
                             times.append(elapsed)

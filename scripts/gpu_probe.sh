@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 25 on one GPU (H200 when lent, else H100): the probe's GPU tests, the memory-mode check
+# (real vs stand-in kernels, every layout), the compute-time profile, then the measured frontier.
+# Usage: OUT=dir TSP_COMMIT=sha bash scripts/gpu_probe.sh PARTS   (PARTS: comma-separated of
+# tests,calibrate,check,profile,frontier4,frontier8; each part appends to its file under $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_probe}; mkdir -p "$OUT"
+source scripts/gpu_env.sh
+export PYTHONUNBUFFERED=1
+record_device "$OUT/device.txt"
+PARTS=${1:-tests,check}
+SEQ=${SEQ:-256K}
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+if has tests; then
+  timeout 300 python3 -m pytest -q -x tests/probe > "$OUT/pytest_probe.log" 2>&1; tail -3 "$OUT/pytest_probe.log"
+fi
+if has calibrate; then
+  python3 -c "from megatron_tsp.probe.standins import calibrate; import json, torch; print(json.dumps(calibrate(torch.device('cuda')), indent=1))" \
+    > "$OUT/calibrate.json" 2>&1; tail -40 "$OUT/calibrate.json"
+fi
+if has check; then
+  python3 benchmarks/probe_gpu.py --jobs check --seq "$SEQ" --layers 4 --world 4 --out "$OUT/check.jsonl" 2>&1 | grep -E "probe_gpu|Error|error"
+fi
+if has profile; then
+  python3 benchmarks/probe_gpu.py --jobs profile --seq "$SEQ" --layers 2 --world 4 --out "$OUT/profile.jsonl" 2>&1 | grep -E "probe_gpu|Error|error"
+fi
+for W in 4 8; do
+  if has frontier$W; then
+    python3 -m megatron_tsp.cli probe configs/7b_16k.yaml train.global_batch_size=1 train.micro_batch_size=1 \
+      --world $W --frontier --start-seq $((262144 * W / 4)) --host-memory-gb 512 --gpus-per-node $W \
+      --out "$OUT/frontier_w$W.jsonl" --json > "$OUT/frontier_w$W.json" 2> "$OUT/frontier_w$W.err"; tail -8 "$OUT/frontier_w$W.err"
+  fi
+done
