@@ -218,7 +218,7 @@ def run_frontier(args) -> dict:
         if S:
             row["predicted"] = predict(args.recipe, overrides(S, row["at_max"]["options"]), args.world,
                                        args.gpus_per_node, capacity, args.hardware)
-        print(summary_line(row), flush=True)
+        print(summary_line(row), file=sys.stderr if args.json else sys.stdout, flush=True)
         rows.append(row)
     return {"recipe": args.recipe, "overrides": list(args.overrides), "world": args.world, "capacity_gib": capacity,
             "host_memory_gb_per_node": args.host_memory_gb, "layouts": rows}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Dict, List, Optional
 
 from . import GIB, ProbeError
@@ -56,9 +57,10 @@ class Search:
     `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
-                 offload_gib: Callable, log: Callable = print):
+                 offload_gib: Callable, log: Callable = None):
         self.name, self.world, self.host = name, world, host_per_rank_gib
-        self.probe, self.offload_gib, self.log = probe, offload_gib, log
+        self.probe, self.offload_gib = probe, offload_gib
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
 
     def options(self, S: int) -> List[str]:
