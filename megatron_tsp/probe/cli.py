@@ -205,7 +205,7 @@ def run_frontier(args) -> dict:
 
         recipe = load_recipe(args.recipe, list(args.overrides) + lay)
         start = args.start_seq or recipe.model.seq_length
-        row = Search(name, args.world, host, probe, offload_gib).run(start, args.max_seq, granularity(lay, args.world))
+        row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers).run(start, args.max_seq, granularity(lay, args.world))
         row["world"] = args.world
         if row["max_seq_len"] and args.time_at:
             opts = row["at_max"]["options"]

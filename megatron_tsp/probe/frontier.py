@@ -2,11 +2,12 @@
 measured per-rank peak fits a capacity, full depth, in memory mode.
 
 For the frontier every layout runs its leanest memory options (each trades time for memory, so
-the leanest reaches furthest): Megatron's full recompute, uniform, one layer per checkpoint,
-with the checkpointed inputs offloaded to the host while the node's host memory holds them
-(`--host-memory-gb` per node, shared by its GPUs; the planner's count of the offloaded bytes,
-which is exact: 2h bytes per local token and layer), and for TSP its in-layer recompute and
-sequence-local LM head. The context is searched over multiples of the layout's granularity
+the leanest reaches furthest): Megatron's full recompute, uniform, with the checkpointed inputs
+offloaded to the host, one layer per checkpoint or, where the node's host memory
+(`--host-memory-gb` per node, shared by its GPUs) does not hold them, the fewest layers per
+checkpoint (N = 2, 4, ...) whose inputs it holds (the planner's count of the offloaded bytes,
+which is exact: 2h bytes per local token and checkpoint); without offload when none fits. For
+TSP also its in-layer recompute and sequence-local LM head. The context is searched over multiples of the layout's granularity
 (2 x GPUs of the layout x 1024): doubling from the start until a context does not fit, then
 bisection to 2%. Each probe is one warm-up step and one measured step of rank 0 in memory mode
 (kernels stood in, `probe.standins`), its peak against the allocator's limit
@@ -47,9 +48,12 @@ def granularity(overrides: List[str], world: int) -> int:
     return 2 * world * 1024
 
 
-def lean(name: str, offload: bool) -> List[str]:
+def lean(name: str, offload: bool, every: int = 1) -> List[str]:
+    """The leanest options of a layout: full recompute, uniform, a checkpoint every `every` layers
+    (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU)."""
     tsp = name.startswith("tsp")
-    return LEAN + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else [])
+    base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
+    return base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else [])
 
 
 class Search:
@@ -57,16 +61,23 @@ class Search:
     `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
-                 offload_gib: Callable, log: Callable = None):
-        self.name, self.world, self.host = name, world, host_per_rank_gib
+                 offload_gib: Callable, log: Callable = None, layers: int = 32):
+        self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
 
     def options(self, S: int) -> List[str]:
-        with_offload = lean(self.name, True)
-        need = self.offload_gib(S, with_offload)
-        return with_offload if self.host is None or (need is not None and need <= self.host) else lean(self.name, False)
+        """Offload with the smallest N (1, 2, 4, ... dividing the layers) whose offloaded inputs the
+        host holds; without offload (N = 1) when none does."""
+        n = 1
+        while n <= self.layers:
+            opts = lean(self.name, True, n)
+            need = self.offload_gib(S, opts)
+            if self.layers % n == 0 and (self.host is None or (need is not None and need <= self.host)):
+                return opts
+            n *= 2
+        return lean(self.name, False)
 
     def fits(self, S: int) -> bool:
         if S not in self.tried:

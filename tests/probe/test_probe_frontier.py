@@ -40,6 +40,14 @@ def test_offload_only_while_the_host_holds_it():
     assert row["max_seq_len"] <= 300_000 or need(row["max_seq_len"], ()) <= host_gib
 
 
+def test_offload_with_more_layers_per_checkpoint_when_the_host_is_short():
+    """N layers per checkpoint offload 1/N of the inputs: the smallest N the host holds."""
+    probe, calls = fake(10**9)
+    need = lambda S, opts: S / 2**20 * 64 / int(next(o for o in opts if "recompute_num_layers" in o).split("=")[1])  # noqa: E731
+    Search("tsp", 4, 100.0, probe, need, log=lambda *_: None, layers=32).fits(2**21)  # 128 GiB at N = 1
+    assert "parallel.recompute_num_layers=2" in calls[0][1] and "parallel.offload_activations=true" in calls[0][1]
+
+
 def test_capped_when_everything_fits():
     probe, _ = fake(10**9)
     row = Search("cp4", 4, None, probe, lambda S, o: 0.0, log=lambda *_: None).run(65536, 2**20, UNIT)
