@@ -25,7 +25,7 @@ ALLOWED = {
     "megatron_lm": {"", "tsp", "baselines", "training", "megatron_lm"},
     "bench": {"", "tsp", "baselines", "training", "planner", "bench"},
     "inference": {"", "tsp", "training", "inference"},
-    "probe": {"", "tsp", "baselines", "training", "planner", "bench", "probe"},
+    "probe": {"", "tsp", "baselines", "training", "inference", "planner", "bench", "probe"},
 }
 # Known exceptions, each with the reason and when it goes.
 EXCEPTIONS = set()

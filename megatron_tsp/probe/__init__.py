@@ -311,3 +311,80 @@ def predict(path: str, overrides: Sequence[str], world: int, gpus_per_node: int,
         "comm_s": tm["comm_s"], "comm_exposed_s": tm["comm_exposed_s"], "dp_sync_s": tm["dp_sync_s"],
         "step_s": tm["as_implemented"],
     }
+
+
+def measure_inference(recipe, world: int, rank: int = 0, prompt_tokens: Optional[int] = None, new_tokens: int = 2,
+                      memory_mode: Optional[str] = None) -> dict:
+    """TSP prefill of one prompt of `prompt_tokens` (default: the recipe's S) and `new_tokens` - 1
+    decode steps at TP = D, as rank `rank` of `world` (inference.decode.generate: prefill, the
+    cache all-to-all, decode): the weights resident, the peak, time to first token and decode time.
+    The model is built with the recipe's initialization (no checkpoint: values do not matter)."""
+    import torch
+
+    from ..inference.cli import build_and_load
+    from ..inference.decode import generate
+    from ..training.cpu import install_cpu_shims
+    from .meter import meter_for
+
+    p = recipe.parallel
+    if p.layout != "tsp" or p.pipeline_size != 1 or p.context_size != 1:
+        raise ProbeError("--inference measures TSP prefill + TP decode: parallel.layout = tsp, one pipeline stage, "
+                         f"no context parallelism (got {p.layout}, pipeline {p.pipeline_size}, context {p.context_size})")
+    if world != p.size:
+        raise ProbeError(f"--inference runs TSP over all ranks: --world {world} must equal parallel.size {p.size}")
+    S = prompt_tokens or recipe.model.seq_length
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    install_cpu_shims()
+    kernels = contextlib.nullcontext()
+    if memory_mode:
+        from .standins import memory_mode as standins
+
+        kernels = standins(device, gemms=memory_mode == "all")
+    meter = meter_for(device)
+    out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "prompt_tokens": S, "new_tokens": new_tokens, "memory_mode": memory_mode, "inference": True}
+    with fake_world(world, rank):
+        model = None
+        try:
+            meter.start()
+            with kernels, torch.no_grad():
+                model = build_and_load(recipe, None)
+                meter.mark("built")
+                meter.open_peak("generate")
+                prompt = (torch.arange(S) % (recipe.model.vocab_size - 1)).tolist()
+                result = generate(model, [prompt], new_tokens)
+                meter.close_peak()
+            meter.finish()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
+            out["oom"] = str(e).splitlines()[0][:300]
+            return out
+        finally:
+            del model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    out.update(oom=None, weights_gib=meter.point("built")[0] / GIB, peak_allocated_gib=meter.peak("generate")[0] / GIB,
+               peak_reserved_gib=(meter.peak("generate")[1] / GIB if meter.peak("generate")[1] is not None else None),
+               time_to_first_token_s=result.time_to_first_token, decode_s=result.decode_time)
+    return out
+
+
+def predict_inference(path: str, overrides: Sequence[str], world: int, gpus_per_node: int, prompt_tokens: int,
+                      new_tokens: int, hardware: str) -> dict:
+    """The planner's TSP prefill model (planner.prefill) for the same prompt."""
+    from ..planner import Cluster, Layout, ModelSpec, PlanError, hardware as hw_mod
+    from ..planner.prefill import prefill_plan
+
+    try:
+        model, _ = ModelSpec.from_recipe(path, list(overrides))
+        gpn = min(world, gpus_per_node)
+        cluster = Cluster(gpus_per_node=gpn, nodes=max(1, world // gpn))
+        return prefill_plan(model, Layout("tsp", tsp_size=world), prompt_tokens, hw_mod.load(hardware), cluster,
+                            new_tokens=new_tokens)
+    except PlanError as e:
+        return {"error": str(e)}

@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="the planner's node size (default 8)")
     p.add_argument("--hardware", default="h200x4", help="the planner's hardware profile for times (default h200x4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--inference", action="store_true",
+                   help="TSP prefill of one prompt (--prompt-tokens, default the recipe's S) and the first decode step "
+                        "at TP = D, instead of a training step (parallel.layout = tsp, --world = parallel.size)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="--inference: the prompt's length")
     f = p.add_argument_group("--frontier: the longest context per layout whose measured peak fits (memory mode, "
                              "the recipe's model at its depth)")
     f.add_argument("--frontier", action="store_true", help="search the longest context per layout")
@@ -224,6 +228,42 @@ def run_frontier(args) -> dict:
             "host_memory_gb_per_node": args.host_memory_gb, "layouts": rows}
 
 
+def run_inference(args) -> dict:
+    from ..training.recipe import load_recipe
+    from . import ProbeError, measure_inference, predict_inference
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    rank = check_request(args, recipe)
+    recipe.check(args.world)
+    S = args.prompt_tokens or recipe.model.seq_length
+    if S < 1 or S > recipe.model.seq_length:
+        raise ProbeError(f"--prompt-tokens {S} must be between 1 and model.seq_length = {recipe.model.seq_length}")
+    capacity_of(args)
+    measured = measure_inference(recipe, args.world, rank, S, memory_mode=args.memory_mode)
+    predicted = predict_inference(args.recipe, args.overrides, args.world, args.gpus_per_node, S, 2, args.hardware)
+    return {"recipe": args.recipe, "overrides": list(args.overrides), "measured": measured, "predicted": predicted,
+            "ratio_peak": (measured["peak_allocated_gib"] / predicted["peak_gib"]
+                           if not measured.get("oom") and predicted.get("peak_gib") else None)}
+
+
+def render_inference(result: dict) -> str:
+    m, p = result["measured"], result["predicted"]
+    lines = [f"{PROG} --inference: rank {m['rank']} of {m['world']} on {m['device']}, TSP prefill of "
+             f"{m['prompt_tokens']} tokens + the first decode step (TP = {m['world']})"]
+    if m.get("oom"):
+        return "\n".join(lines + [f"  out of memory: {m['oom']}"])
+    unit, scale = ("GiB", 1) if m["peak_allocated_gib"] >= 1 else ("MiB", 1024)
+    lines.append(f"  {unit + ' per rank':44s} {'measured':>9s} {'planner':>9s} {'ratio':>6s}")
+    for name, meas, pred in (("weights", m["weights_gib"], p.get("weights_gib")),
+                             ("peak allocated (prefill, hand-over, decode)", m["peak_allocated_gib"], p.get("peak_gib"))):
+        ratio = f"{meas / pred:.3f}" if pred else "-"
+        lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
+    lines.append(f"  time to first token (compute only): {m['time_to_first_token_s']:.3f} s (planner's prefill "
+                 f"{_fmt(p.get('prefill_s'), ' s')}, its exposed communication {_fmt(p.get('prefill_comm_exposed_s'), ' s')} "
+                 "not measured)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from ..config import TSPConfigError
@@ -231,6 +271,10 @@ def main(argv=None) -> int:
 
     hide_benign_output(announce=False)
     try:
+        if args.inference:
+            result = run_inference(args)
+            print(json.dumps(result, indent=1) if args.json else render_inference(result), flush=True)
+            return 3 if result["measured"].get("oom") else 0
         if args.frontier:
             result = run_frontier(args)
             if args.json:
