@@ -16,9 +16,12 @@ math path of SDPA and TSP's `math` backend are not one op: they decompose into m
 with `gemms=True`) and elementwise ops (always run).
 
 A stand-in's outputs are the op's meta outputs (shape, strides, dtype; undefined tensors and
-integers as the meta kernel gives them) allocated on the real device and zero-filled (garbage
-could be NaN, and NaN checks would end the step). Then the kernel's internal buffers (the
-transients below) are allocated and freed before returning, which reproduces the op's peak.
+integers as the meta kernel gives them) allocated on the real device and zero-filled (fresh
+memory can hold NaN or inf, which a NaN check would stop on). Then the kernel's internal
+buffers (the transients below) are allocated and freed before returning: the op's peak. An op
+without a meta kernel runs for real (counted in `fallbacks`). On CUDA the first stubbed GEMM of
+each thread and stream runs once for real on 1-element tensors, so that cuBLAS allocates the
+workspace it keeps, as the real step would.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ aten = torch.ops.aten
 
 def _dims(a, layout: str):
     """(b, hq, hk, sq, sk, d) of the q, k arguments in layout "bhsd" (SDPA ops) or "bshd"."""
-    q, k = a.get("query", a.get("q")), a.get("key", a.get("k"))
+    q, k = a["query"], a["key"]
     if layout == "bhsd":
         (b, hq, sq, d), hk, sk = q.shape, k.shape[1], k.shape[2]
     else:
@@ -80,7 +83,7 @@ def _cpu_flash_forward(a) -> List[int]:
 def _cpu_flash_backward(a) -> List[int]:
     """Measured: grad_out copied to [b, s, h, d]-contiguous unless it already is; per thread an
     fp32 buffer of attn and grad_attn [qS, kvS] each (and their bf16/fp16 copies) and a row sum
-    [qS]. Not modelled: oneDNN's scratch in bf16/fp16 GEMMs (<= 0.4 MB per call measured)."""
+    [qS]. Not modelled: oneDNN's scratch in bf16/fp16 GEMMs (<= 0.25 MB per call measured)."""
     q, do = a["query"], a["grad_out"]
     b, hq, hk, sq, sk, d = _dims(a, "bhsd")
     qs, kvs = _cpu_splits(sq, sk)
@@ -96,14 +99,17 @@ def _round(x: int, m: int) -> int:
 
 def _flash_backward(layout: str):
     def formula(a) -> List[int]:
-        """Source (FlashAttention-2 mha_bwd): softmax_d [b, h, sq rounded to 128] fp32, dq_accum
-        [b, sq rounded to 128, h, d rounded to 32] fp32, and with GQA dk, dv expanded to the
-        query heads [b, sk, hq, d] before they are summed to [b, sk, hk, d]."""
+        """Source (torch's _flash_attention_backward and its FlashAttention-2 mha_bwd):
+        grad_out and out copied to [b, s, h, d]-contiguous unless they are; softmax_d [b, h,
+        sq rounded to 128] fp32; dq_accum [b, sq rounded to 128, h, d rounded to 32] fp32; and
+        with GQA dk, dv at the query heads [b, sk, hq, d] before they are summed to hk heads."""
         q = a["query"]
         b, hq, hk, sq, sk, d = _dims(a, layout)
-        sq_r, d_r = _round(sq, 128), (_round(d, 32) if d <= 192 else 256)
+        bshd = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+        copies = [t.numel() * t.element_size() for t in (a["grad_out"], a["out"]) if not bshd(t).is_contiguous()]
+        sq_r, d_r = _round(sq, 128), _round(d, 32)
         gqa = [2 * b * sk * hq * d * q.element_size()] if hk != hq else []
-        return [b * hq * sq_r * 4, b * sq_r * hq * d_r * 4] + gqa
+        return copies + [b * hq * sq_r * 4, b * sq_r * hq * d_r * 4] + gqa
     return formula
 
 
@@ -125,14 +131,17 @@ def _efficient_backward(layout: str):
 
 
 def _none(a) -> List[int]:
-    """Source: no buffer beyond the outputs (flash and mem-efficient forwards without split-KV;
-    cuDNN forward: workspace 0 without dropout, to be calibrated)."""
+    """No buffer beyond the outputs. Source: FlashAttention-2 and mem-efficient forwards (no
+    split-KV, head dim a multiple of 8), GEMMs (cuBLAS's workspace is kept per handle, see
+    `KernelStandins.prime`). Assumed, to be calibrated: cuDNN forward without dropout."""
     return []
 
 
-# op -> its transient formula. Forward variants that only decoding shapes take (flash split-KV
-# when b * h * ceil(sq / 64) < 1.6 * SMs, which allocates fp32 partial outputs) and head dims
-# that are not a multiple of 8 (padded by copies) are not modelled.
+# op -> its transient formula. Not modelled: FlashAttention-2's split-KV forward, which it may
+# pick when b * h * ceil(sq / 64) is small against the SM count (decoding shapes) and which
+# allocates fp32 partial outputs; head dims that are not a multiple of 8 (padded by copies).
+# Not intercepted: the ops' out= overloads, `_scaled_dot_product_fused_attention_overrideable`
+# (other backends), `_native_multi_head_attention` (nn.MultiheadAttention's inference path).
 ATTENTION: Dict[object, Callable] = {
     aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_backward,
@@ -142,12 +151,14 @@ ATTENTION: Dict[object, Callable] = {
     aten._flash_attention_backward.default: _flash_backward("bshd"),
     aten._scaled_dot_product_cudnn_attention.default: _none,
     aten._scaled_dot_product_cudnn_attention_backward.default: _cudnn_backward,
+    aten._cudnn_attention_forward.default: _none,  # no meta kernel in torch 2.13: run for real
+    aten._cudnn_attention_backward.default: _cudnn_backward,  # likewise
+    aten._flash_attention_forward_no_dropout_inplace.default: _none,  # fills `out` in place: left as it is
     aten._scaled_dot_product_efficient_attention.default: _none,
     aten._scaled_dot_product_efficient_attention_backward.default: _efficient_backward("bhsd"),
     aten._efficient_attention_forward.default: _none,
     aten._efficient_attention_backward.default: _efficient_backward("bshd"),
 }
-# GEMMs allocate nothing beyond their outputs: cuBLAS's workspace is preallocated per handle.
 GEMMS: Dict[object, Callable] = {
     op: _none for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
                          aten.baddbmm.default, aten._addmm_activation.default)
@@ -263,8 +274,10 @@ def _cuda_trace(fn):
 
 
 def _calls(q, k, v, do, scale):
-    """family -> (forward call, backward call from the forward's outputs), each (op, args, kwargs)."""
+    """family -> (first call, second call from the first's outputs), each (op, args, kwargs):
+    an attention forward and its backward, or two GEMMs."""
     sq, sk, kw, t = q.shape[2], k.shape[2], {"scale": scale}, lambda x: x.transpose(1, 2)
+    a, b = q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1]).T  # [b h sq, d] @ [d, b hk sk]
     return {
         "flash_for_cpu": (
             (aten._scaled_dot_product_flash_attention_for_cpu.default, (q, k, v, 0.0, True), kw),
@@ -286,65 +299,70 @@ def _calls(q, k, v, do, scale):
             (aten._scaled_dot_product_efficient_attention.default, (q, k, v, None, True, 0.0, True), kw),
             lambda o: (aten._scaled_dot_product_efficient_attention_backward.default,
                        (do, q, k, v, None, o[0], o[1], o[2], o[3], 0.0, [True, True, True, False], True), kw)),
+        "gemm": ((aten.mm.default, (a, b), {}),
+                 lambda o: (aten.addmm.default, (o[0, :1], a, b), {})),
     }
 
 
 # (b, hq, hk, sq, sk, d): square, a chunk against a longer prefix, and GQA (flash only)
 CALIBRATION_SHAPES = [(1, 8, 8, 1024, 1024, 128), (2, 4, 4, 512, 2048, 64), (1, 16, 4, 2048, 2048, 128)]
+GQA_FAMILIES = ("flash", "flash_raw", "flash_for_cpu", "gemm")
 
 
-def _layout(tensors):
-    return [(tuple(t.shape), t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
+def _layout(out):
+    return [(tuple(t.shape), t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t
+            for t in (out if isinstance(out, (tuple, list)) else [out])]
 
 
-def _compare(report, key, op, args, kwargs, measure):
+def _compare(report, key, op, args, kwargs, measure, gemms):
     """Measure op and its stand-in; returns the real outputs."""
     real = lambda: op(*args, **kwargs)
-    standins = KernelStandins()
+    standins = KernelStandins(gemms=gemms)
 
     def standin():
         with standins:
             return real()
 
-    for fn in (real, standin):  # warm-ups: cuDNN builds its graph, lazy state is allocated
+    for fn in (real, standin):  # warm-ups: cuDNN builds its graph, cuBLAS its workspace
         fn()
     out, peak, net = measure(real)
     s_out, s_peak, s_net = measure(standin)
-    outs, s_outs = (_layout(o if isinstance(o, (tuple, list)) else [o]) for o in (out, s_out))
     report[f"{key} {op.name()}"] = {
         "real": [peak, net], "standin": [s_peak, s_net], "transient": peak - net,
         "formula": sum(standins.transients(op, args, kwargs)),
-        "layout": [] if outs == s_outs else [outs, s_outs],
+        "layout": [] if _layout(out) == _layout(s_out) else [_layout(out), _layout(s_out)],
     }
     return out
 
 
 def calibrate(device, dtype=None, shapes=CALIBRATION_SHAPES) -> Dict[str, dict]:
-    """Each intercepted attention op of `device`'s type, run for real and as its stand-in, at a
-    few shapes: "{family} {op} {shape}" -> {"real": [peak, net], "standin": [peak, net],
-    "transient": measured peak - net of the real op, "formula": the table's sum,
-    "layout": [real, meta] output layouts where they differ} (bytes above the call's start).
-    On CUDA it reads the caching allocator, on the CPU the profiler; a family the device cannot
-    run (no cuDNN, an old GPU) is reported as {"error": ...}. Default dtype: bf16 on CUDA."""
+    """Each intercepted op of `device`'s type, run for real and as its stand-in at a few shapes,
+    q/k/v contiguous ("bhsd") and as Megatron hands them to SDPA ("sbhd" permuted):
+    "{family} {layout} {shape} {op}" -> {"real": [peak, net], "standin": [peak, net],
+    "transient": peak - net of the real op, "formula": the table's sum, "layout": [real, meta]
+    output layouts where they differ} in bytes above the call's start. On CUDA it reads the
+    caching allocator (bf16 by default), on the CPU the profiler (the CPU flash kernel, fp32 by
+    default). A family this device cannot run (no cuDNN, an old GPU) reads {"error": ...}."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"calibrate({device}): this machine has no CUDA device (torch {torch.__version__})")
-    families = ("flash", "flash_raw", "cudnn", "efficient") if cuda else ("flash_for_cpu",)
+    families = ("flash", "flash_raw", "cudnn", "efficient", "gemm") if cuda else ("flash_for_cpu",)
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     measure = _cuda_trace if cuda else cpu_trace
     report = {}
-    for b, hq, hk, sq, sk, d in shapes:
+    for (b, hq, hk, sq, sk, d), layout in ((shape, lay) for shape in shapes for lay in ("bhsd", "sbhd")):
         g = torch.Generator(device=device).manual_seed(0)
-        rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)
-        q, k, v, do = rand(b, hq, sq, d), rand(b, hk, sk, d), rand(b, hk, sk, d), rand(b, hq, sq, d)
-        for family, (fwd, bwd) in _calls(q, k, v, do, d ** -0.5).items():
-            if family not in families or (hk != hq and family not in ("flash", "flash_raw", "flash_for_cpu")):
+        new = lambda b, h, s, d: (torch.randn(b, h, s, d, generator=g, device=device, dtype=dtype) if layout == "bhsd"
+                                  else torch.randn(s, b, h, d, generator=g, device=device, dtype=dtype).permute(1, 2, 0, 3))
+        q, k, v, do = new(b, hq, sq, d), new(b, hk, sk, d), new(b, hk, sk, d), new(b, hq, sq, d)
+        for family, (first, second) in _calls(q, k, v, do, d ** -0.5).items():
+            if family not in families or (hk != hq and family not in GQA_FAMILIES):
                 continue
-            key = f"{family} {(b, hq, hk, sq, sk, d)}"
+            key, out = f"{family} {layout} {(b, hq, hk, sq, sk, d)}", None
             try:
-                out = _compare(report, key, *fwd, measure)
-                _compare(report, key, *bwd(out), measure)
+                out = _compare(report, key, *first, measure, family == "gemm")
+                _compare(report, key, *second(out), measure, family == "gemm")
             except RuntimeError as e:  # this device / build lacks the kernel
                 report[key] = {"error": str(e).splitlines()[0]}
     return report
