@@ -196,7 +196,8 @@ class KernelStandins(TorchDispatchMode):
             return
         key = (threading.get_ident(), device, torch.cuda.current_stream(device).cuda_stream)
         if key not in self.primed:
-            tiny = lambda t: torch.zeros([1] * t.dim(), dtype=t.dtype, device=t.device) if isinstance(t, torch.Tensor) else t
+            tiny = lambda t: (torch.zeros([1] * t.dim(), dtype=t.dtype, device=t.device)
+                              if isinstance(t, torch.Tensor) else t)
             func(*tree_map(tiny, args), **tree_map(tiny, kwargs))
             self.primed.add(key)
 
@@ -213,6 +214,7 @@ class KernelStandins(TorchDispatchMode):
         except (NotImplementedError, RuntimeError):  # no (usable) meta kernel: run the real one
             self.fallbacks[str(func)] += 1
             return func(*args, **kwargs)
+        # the kernel's buffers: alive together during the call, freed at its end
         transient = [torch.empty(n, dtype=torch.uint8, device=self.device(args))
                      for n in self.transients(func, args, kwargs) if n]
         del transient
@@ -353,9 +355,13 @@ def calibrate(device, dtype=None, shapes=CALIBRATION_SHAPES) -> Dict[str, dict]:
     report = {}
     for (b, hq, hk, sq, sk, d), layout in ((shape, lay) for shape in shapes for lay in ("bhsd", "sbhd")):
         g = torch.Generator(device=device).manual_seed(0)
-        new = lambda b, h, s, d: (torch.randn(b, h, s, d, generator=g, device=device, dtype=dtype) if layout == "bhsd"
-                                  else torch.randn(s, b, h, d, generator=g, device=device, dtype=dtype).permute(1, 2, 0, 3))
-        q, k, v, do = new(b, hq, sq, d), new(b, hk, sk, d), new(b, hk, sk, d), new(b, hq, sq, d)
+
+        def new(heads, length):
+            if layout == "bhsd":
+                return torch.randn(b, heads, length, d, generator=g, device=device, dtype=dtype)
+            return torch.randn(length, b, heads, d, generator=g, device=device, dtype=dtype).permute(1, 2, 0, 3)
+
+        q, k, v, do = new(hq, sq), new(hk, sk), new(hk, sk), new(hq, sq)
         for family, (first, second) in _calls(q, k, v, do, d ** -0.5).items():
             if family not in families or (hk != hq and family not in GQA_FAMILIES):
                 continue
