@@ -173,7 +173,7 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     if memory_mode:
         from .standins import memory_mode as standins
 
-        kernels = standins(device, gemms=memory_mode == "all")
+        kernels = standins(gemms=memory_mode == "all")
     meter = meter_for(device)
     out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "warmup": warmup, "steps": steps, "memory_mode": memory_mode}
@@ -342,7 +342,7 @@ def measure_inference(recipe, world: int, rank: int = 0, prompt_tokens: Optional
     if memory_mode:
         from .standins import memory_mode as standins
 
-        kernels = standins(device, gemms=memory_mode == "all")
+        kernels = standins(gemms=memory_mode == "all")
     meter = meter_for(device)
     out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "prompt_tokens": S, "new_tokens": new_tokens, "memory_mode": memory_mode, "inference": True}

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inference", action="store_true",
                    help="TSP prefill of one prompt (--prompt-tokens, default the recipe's S) and the first decode step "
                         "at TP = D, instead of a training step (parallel.layout = tsp, --world = parallel.size)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="--inference: the prompt's length")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="--inference: the prompt's length (default: the recipe's S less the two generated tokens)")
     f = p.add_argument_group("--frontier: the longest context per layout whose measured peak fits (memory mode, "
                              "the recipe's model at its depth)")
     f.add_argument("--frontier", action="store_true", help="search the longest context per layout")
@@ -235,12 +236,15 @@ def run_inference(args) -> dict:
     recipe = load_recipe(args.recipe, args.overrides)
     rank = check_request(args, recipe)
     recipe.check(args.world)
-    S = args.prompt_tokens or recipe.model.seq_length
-    if S < 1 or S > recipe.model.seq_length:
-        raise ProbeError(f"--prompt-tokens {S} must be between 1 and model.seq_length = {recipe.model.seq_length}")
+    new_tokens = 2  # the prefill's token, then one decode step
+    S = args.prompt_tokens or recipe.model.seq_length - new_tokens
+    if not 1 <= S <= recipe.model.seq_length - new_tokens:
+        raise ProbeError(f"--prompt-tokens {S} must be between 1 and model.seq_length - 2 = "
+                         f"{recipe.model.seq_length - new_tokens} (room for the first decode step)")
     capacity_of(args)
-    measured = measure_inference(recipe, args.world, rank, S, memory_mode=args.memory_mode)
-    predicted = predict_inference(args.recipe, args.overrides, args.world, args.gpus_per_node, S, 2, args.hardware)
+    measured = measure_inference(recipe, args.world, rank, S, new_tokens, memory_mode=args.memory_mode)
+    predicted = predict_inference(args.recipe, args.overrides, args.world, args.gpus_per_node, S, new_tokens,
+                                  args.hardware)
     return {"recipe": args.recipe, "overrides": list(args.overrides), "measured": measured, "predicted": predicted,
             "ratio_peak": (measured["peak_allocated_gib"] / predicted["peak_gib"]
                            if not measured.get("oom") and predicted.get("peak_gib") else None)}

@@ -50,3 +50,17 @@ def test_table_run():
     text = out.stdout
     for what in ("rank 0 (pipeline stage 0) of 2", "TSP D=2", "peak allocated", "model states", "not measured"):
         assert what in text, text
+
+
+def test_inference_run():
+    out = probe("configs/tiny.yaml", "parallel.size=4", "--world", "4", "--inference", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    m, p = result["measured"], result["predicted"]
+    assert m["inference"] and m["prompt_tokens"] == 62 and m["peak_allocated_gib"] > m["weights_gib"] > 0
+    assert 0.8 < m["weights_gib"] / p["weights_gib"] < 1.25 and m["time_to_first_token_s"] > 0
+
+
+def test_inference_refuses_a_baseline_layout():
+    out = probe("configs/tiny.yaml", "parallel.layout=tp_sp", "parallel.size=2", "--world", "2", "--inference")
+    assert out.returncode == 2 and "--inference measures TSP prefill" in out.stderr, out.stderr
