@@ -94,8 +94,8 @@ def render(result: dict) -> str:
             lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
         lines.append(f"  peak in: {m['peak_in']} (planner: {p.get('peak_point', '-')})")
         if p.get("at_peak_gib"):
-            lines.append("  planner's peak, by term (GiB): " + ", ".join(
-                f"{k} {v:.2f}" for k, v in p["at_peak_gib"].items() if v))
+            lines.append(f"  planner's peak, by term ({unit}): " + ", ".join(
+                f"{k} {v * scale:.2f}" for k, v in p["at_peak_gib"].items() if v))
         t = {"all": "meaningless in memory mode (all)", "attention": f"{m['step_time_s']:.3f} s without attention",
              None: f"{m['step_time_s']:.3f} s"}[m["memory_mode"]]
         lines.append(f"  compute-only step time: {t} (planner's compute: {_fmt(p.get('compute_s'), ' s')})")
