@@ -142,23 +142,25 @@ def _none(a) -> List[int]:
 # allocates fp32 partial outputs; head dims that are not a multiple of 8 (padded by copies).
 # Not intercepted: the ops' out= overloads, `_scaled_dot_product_fused_attention_overrideable`
 # (other backends), `_native_multi_head_attention` (nn.MultiheadAttention's inference path).
-ATTENTION: Dict[object, Callable] = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: _cpu_flash_forward,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _cpu_flash_backward,
-    aten._scaled_dot_product_flash_attention.default: _none,
-    aten._scaled_dot_product_flash_attention_backward.default: _flash_backward("bhsd"),
-    aten._flash_attention_forward.default: _none,
-    aten._flash_attention_backward.default: _flash_backward("bshd"),
-    aten._scaled_dot_product_cudnn_attention.default: _none,
-    aten._scaled_dot_product_cudnn_attention_backward.default: _cudnn_backward,
-    aten._cudnn_attention_forward.default: _none,  # no meta kernel in torch 2.13: run for real
-    aten._cudnn_attention_backward.default: _cudnn_backward,  # likewise
-    aten._flash_attention_forward_no_dropout_inplace.default: _none,  # fills `out` in place: left as it is
-    aten._scaled_dot_product_efficient_attention.default: _none,
-    aten._scaled_dot_product_efficient_attention_backward.default: _efficient_backward("bhsd"),
-    aten._efficient_attention_forward.default: _none,
-    aten._efficient_attention_backward.default: _efficient_backward("bshd"),
+_ATTENTION_BY_NAME = {  # name -> transient formula; ops this torch lacks are left out
+    "_scaled_dot_product_flash_attention_for_cpu": _cpu_flash_forward,
+    "_scaled_dot_product_flash_attention_for_cpu_backward": _cpu_flash_backward,
+    "_scaled_dot_product_flash_attention": _none,
+    "_scaled_dot_product_flash_attention_backward": _flash_backward("bhsd"),
+    "_flash_attention_forward": _none,
+    "_flash_attention_backward": _flash_backward("bshd"),
+    "_scaled_dot_product_cudnn_attention": _none,
+    "_scaled_dot_product_cudnn_attention_backward": _cudnn_backward,
+    "_cudnn_attention_forward": _none,  # no meta kernel in torch 2.13: run for real
+    "_cudnn_attention_backward": _cudnn_backward,  # likewise
+    "_flash_attention_forward_no_dropout_inplace": _none,  # (torch 2.13) fills `out` in place: left as it is
+    "_scaled_dot_product_efficient_attention": _none,
+    "_scaled_dot_product_efficient_attention_backward": _efficient_backward("bhsd"),
+    "_efficient_attention_forward": _none,
+    "_efficient_attention_backward": _efficient_backward("bshd"),
 }
+ATTENTION: Dict[object, Callable] = {getattr(aten, name).default: formula for name, formula in _ATTENTION_BY_NAME.items()
+                                     if hasattr(aten, name)}
 GEMMS: Dict[object, Callable] = {
     op: _none for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
                          aten.baddbmm.default, aten._addmm_activation.default)
