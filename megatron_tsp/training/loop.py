@@ -443,6 +443,10 @@ def main(argv=None):
     except TSPConfigError as e:  # raised on every rank before any collective: rank 0 says it
         if dist.is_initialized():
             dist.destroy_process_group()
+        if e.__cause__ is not None and verbose_requested(argv) and rank() == 0:  # e.g. a checkpoint's load failure
+            import traceback
+
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         return print_user_error("megatron-tsp train", e)
     except RuntimeError as e:  # gloo / NCCL: a peer died or stopped answering; say who and where first
         if dist.is_initialized():
