@@ -7,6 +7,7 @@ Every check here is a pure function of the configuration, so every rank raises t
 from __future__ import annotations
 
 import ast
+import os
 import dataclasses
 import inspect
 import textwrap
@@ -412,7 +413,13 @@ class TrainRecipe:
     resume: bool = False
     """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
     pipeline, data parallel); refused, with the differences listed, when the model's shapes,
-    vocabulary or dtype or train.distributed_optimizer differ."""
+    vocabulary or dtype or train.distributed_optimizer differ. A save_dir that is missing or
+    holds no checkpoint is an error (never a silent start from step 1); a corrupt latest
+    checkpoint is an error naming the last complete one (never a silent fallback)."""
+    resume_if_present: bool = False
+    """For jobs a scheduler requeues (SLURM --requeue, preemptible queues): resume from save_dir's
+    latest checkpoint when there is one, else start at step 1 and say so in one line (Megatron-LM's
+    --load behaviour); implies train.resume. CLI: --resume-if-present DIR."""
     collective_timeout_s: float = 600.0
     """How long a collective (and the start-up rendezvous of the process groups) waits for its
     peers before it fails with an error naming the missing peer; a rank that died or hangs (a lost
@@ -669,3 +676,61 @@ def check_moe_config(config, tsp_size: int) -> None:
     moe_layer_pattern(config)
 
 
+def moe_config_kwargs(shape, dispatcher: str = "alltoall") -> dict:
+    """TransformerConfig fields of a ModelShape's MoE fields (empty for a dense shape)."""
+    if not shape.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=shape.num_experts, moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.ffn_hidden_size,
+        moe_router_topk=shape.moe_router_topk, moe_router_score_function=shape.moe_router_score_function,
+        moe_router_pre_softmax=shape.moe_router_pre_softmax,
+        moe_router_load_balancing_type=shape.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=shape.moe_aux_loss_coeff, moe_z_loss_coeff=shape.moe_z_loss_coeff,
+        moe_expert_capacity_factor=shape.moe_expert_capacity_factor, moe_token_drop_policy=shape.moe_token_drop_policy,
+        moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
+        moe_layer_freq=shape.moe_layer_freq, moe_token_dispatcher_type=dispatcher,
+    )
+
+
+def check_context_parallel(seq_length: int, cp_size: int, tp_size: int = 1, sequence_parallel: bool = False,
+                           what: str = "model.seq_length", cp_key: str = "parallel.context_size",
+                           tp_key: str = "parallel.size") -> None:
+    """The sequence must cut into 2*CP equal chunks, and (sequence parallel) each CP rank's
+    S/CP tokens into TP equal slices."""
+    if cp_size < 1:
+        raise TSPConfigError(f"{cp_key} = {cp_size} must be >= 1")
+    if cp_size > 1 and seq_length % (2 * cp_size):
+        raise TSPConfigError(f"{what} = {seq_length} must be divisible by 2 x {cp_key} = {2 * cp_size} "
+                             "(context parallelism cuts each sequence into 2*CP equal chunks)")
+    if sequence_parallel and (seq_length // cp_size) % tp_size:
+        raise TSPConfigError(f"{what} / {cp_key} = {seq_length // cp_size} must be divisible by {tp_key} = "
+                             f"{tp_size} (sequence parallelism splits each CP rank's tokens over TP)")
+
+
+def yaml_problem(error) -> str:
+    """A YAML error in a few words: its problem and line/column (1-based), and the line where the
+    construct it broke starts ("while parsing a flow sequence" at line 3), no excerpt of the file."""
+    mark, context_mark = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+    problem, context = getattr(error, "problem", None), getattr(error, "context", None)
+    if mark is None or problem is None:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if context and context_mark is not None and context_mark.line != mark.line:
+        text += f" ({context} started at line {context_mark.line + 1})"
+    return text
+
+
+def read_yaml_file(path: str, error=TSPConfigError):
+    """The YAML document at `path` ({} when empty). A file that is missing, unreadable or not
+    valid YAML raises `error` in one line naming the file (and the line: docs/training.md)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise error(f"recipe file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise error(f"recipe file {path!r} is not valid YAML: {yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"recipe file {path!r} cannot be read: {e}") from None

@@ -83,7 +83,7 @@ def test_driver_entry(tmp_path, layout):
     assert _value(torchrun, "--nproc-per-node") == "2"
     program = torchrun[torchrun.index("-m"):]
     assert program == ["-m", "megatron_tsp.cli", "train", str(REPO / "configs" / "7b_16k.yaml"), f"parallel.layout={layout}",
-                       "parallel.size=2", "train.save_dir=/ckpt", "train.save_interval=5", "train.resume=true",
+                       "parallel.size=2", "train.save_dir=/ckpt", "train.save_interval=5", "train.resume_if_present=true",
                        "train.steps=3"]
 
 

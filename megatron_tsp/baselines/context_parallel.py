@@ -38,26 +38,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from ..tsp import comm
-from ..config import TSPConfigError, require_group
+from ..config import TSPConfigError, check_context_parallel, require_group  # noqa: F401 (check_context_parallel: torch-free, in config)
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
 from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
-
-
-def check_context_parallel(seq_length: int, cp_size: int, tp_size: int = 1, sequence_parallel: bool = False,
-                           what: str = "model.seq_length", cp_key: str = "parallel.context_size",
-                           tp_key: str = "parallel.size") -> None:
-    """The sequence must cut into 2*CP equal chunks, and (sequence parallel) each CP rank's
-    S/CP tokens into TP equal slices."""
-    if cp_size < 1:
-        raise TSPConfigError(f"{cp_key} = {cp_size} must be >= 1")
-    if cp_size > 1 and seq_length % (2 * cp_size):
-        raise TSPConfigError(f"{what} = {seq_length} must be divisible by 2 x {cp_key} = {2 * cp_size} "
-                             "(context parallelism cuts each sequence into 2*CP equal chunks)")
-    if sequence_parallel and (seq_length // cp_size) % tp_size:
-        raise TSPConfigError(f"{what} / {cp_key} = {seq_length // cp_size} must be divisible by {tp_key} = "
-                             f"{tp_size} (sequence parallelism splits each CP rank's tokens over TP)")
 
 
 def cp_slice(t: Tensor, cp_group, dim: int = 1) -> Tensor:

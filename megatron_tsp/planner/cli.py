@@ -118,9 +118,33 @@ _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "dtype")
 
 
+def check_flags(args) -> None:
+    """The flags the planner's inputs do not check themselves: a value no cluster or run can have
+    is an error naming the flag (never a plan of nonsense, never a silent default)."""
+    import math
+
+    from . import PlanError
+    from .model import check_seq_len
+
+    for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--host-memory-gb", args.host_memory_gb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PlanError(f"{flag} must be a positive number of GiB, got {value!r}")
+    if args.frontier:
+        check_seq_len("--max-seq-len", args.max_seq_len)
+    if args.inference:
+        for flag, value, least in (("--batch", args.batch, 1), ("--new-tokens", args.new_tokens, 0),
+                                   ("--chunk-tokens", args.chunk_tokens, 0)):
+            if value < least:
+                raise PlanError(f"{flag} must be >= {least}, got {value}")
+        if args.prompt_tokens is not None:
+            check_seq_len("--prompt-tokens", args.prompt_tokens)
+
+
 def build_inputs(args):
     from . import Cluster, Layout, ModelSpec, PlanError, TrainSpec, hardware
     from .model import recipe_train_options
+
+    check_flags(args)
 
     hw = hardware.load(args.hardware)
     seq = None
@@ -143,7 +167,7 @@ def build_inputs(args):
         if missing:
             raise PlanError("without a recipe give the model: missing " + ", ".join(missing))
         model = ModelSpec(**kw, name="model")
-    seq = args.seq_length or seq
+    seq = args.seq_length if args.seq_length is not None else seq
     if seq is None:
         raise PlanError("--seq-len is required without a recipe")
     for name in _TRAIN_FLAGS:
@@ -151,7 +175,8 @@ def build_inputs(args):
             tsp[name] = getattr(args, name)
     train = TrainSpec(seq_length=seq, global_batch_size=args.global_batch_size, optimizer=args.optimizer,
                       norm=args.norm, **tsp)
-    cluster = Cluster(gpus_per_node=args.gpus_per_node or hw.gpus_per_node, nodes=args.nodes,
+    cluster = Cluster(gpus_per_node=hw.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node,
+                      nodes=args.nodes,
                       gpu_memory_gib=args.gpu_memory_gb, host_memory_gib=args.host_memory_gb)
     layouts = [Layout.parse(x) for x in args.layout] if args.layout else None
     return model, train, cluster, hw, layouts

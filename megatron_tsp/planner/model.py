@@ -28,6 +28,21 @@ def _positive(flag: str, value) -> None:
         raise PlanError(f"{flag} must be a positive integer, got {value!r}")
 
 
+# The longest context the planner models: 2^24 = 16,777,216 tokens. Megatron computes RoPE's angles
+# from float32 positions, which are exact integers only up to 2^24 (beyond it neighbouring tokens
+# get the same position), and every layout's per-GPU activations at that length are already
+# terabytes for a 7B model; a longer context is a typo (a missing k, an extra 0), not a plan.
+MAX_SEQ_LEN = 2**24
+
+
+def check_seq_len(flag: str, value) -> None:
+    """A context length the planner can model: a positive integer of at most MAX_SEQ_LEN tokens."""
+    _positive(flag, value)
+    if value > MAX_SEQ_LEN:
+        raise PlanError(f"{flag} = {value} exceeds the longest context the planner models, {MAX_SEQ_LEN} tokens "
+                        "(2^24: Megatron's RoPE positions are float32, exact integers only up to 2^24)")
+
+
 # recipe defaults (megatron_tsp.config): the planner's inputs take the recipe's names and defaults
 _SHAPE = {f.name: field_default(f) for f in dataclasses.fields(ModelShape)}
 _PARALLEL = {f.name: field_default(f) for f in dataclasses.fields(ParallelRecipe)}
@@ -361,7 +376,7 @@ class TrainSpec:
     norm: str = "lean"
 
     def __post_init__(self):
-        _positive("--seq-len", self.seq_length)
+        check_seq_len("--seq-len (model.seq_length)", self.seq_length)
         _positive("--micro-batch (train.micro_batch_size)", self.micro_batch_size)
         if self.global_batch_size is not None:
             _positive("--global-batch", self.global_batch_size)

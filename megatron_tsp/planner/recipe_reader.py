@@ -10,12 +10,11 @@ key is a PlanError naming it. The values the planner models are checked where th
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, List
 
 import yaml
 
-from ..config import RECIPE_SECTIONS, field_default
+from ..config import RECIPE_SECTIONS, field_default, read_yaml_file, yaml_problem
 from .errors import PlanError
 
 _SECTIONS = tuple(RECIPE_SECTIONS)
@@ -32,16 +31,17 @@ def _parse_override(text: str) -> dict:
         raise PlanError(f"override {text!r} must look like section.key=value (e.g. parallel.size=4)")
     key, raw = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    return {section: {name: yaml.safe_load(raw) if raw.strip() else None}}
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise PlanError(f"override {text!r}: the value is not valid YAML ({yaml_problem(e)})") from None
+    return {section: {name: value}}
 
 
 def read_recipe(path: str, overrides: List[str] = ()) -> Dict[str, Dict[str, object]]:
     """{section: {key: value}} of the recipe at `path` with `overrides`, defaults filled in."""
-    if not os.path.isfile(path):
-        raise PlanError(f"recipe file {path!r} does not exist")
     values = recipe_defaults()
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml_file(path, PlanError)
     for where, block in [(path, data)] + [("override", _parse_override(o)) for o in overrides]:
         if not isinstance(block, dict):
             raise PlanError(f"{where}: a recipe is a mapping of sections ({', '.join(_SECTIONS)})")

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .recipe import Recipe, RecipeError
 
-CHECKPOINT_META = "megatron_tsp_run.json"
+from .checkpoint_files import (CHECKPOINT_META, INCOMPLETE, MANIFEST, corrupt_checkpoint_error,  # noqa: F401
+                               latest_step, step_dir, write_manifest)
 
 
 #
@@ -24,9 +27,8 @@ CHECKPOINT_META = "megatron_tsp_run.json"
 #
 # A checkpoint is written as step_NNNNNNN.incomplete and renamed once every rank has finished;
 # `latest` moves after the rename. A run killed mid-save leaves only a *.incomplete directory,
-# never `latest` pointing at it; the next run in that directory removes it.
-
-INCOMPLETE = ".incomplete"
+# never `latest` pointing at it; the next run in that directory removes it. Before the rename
+# rank 0 lists the files and their sizes (checkpoint_files.MANIFEST), which a resume checks.
 # The distributed optimizer's format: `fully_reshardable` stores its state per model parameter,
 # in the model's own (TP/TSP-sliced, global-layer) keys, so it loads at any TSP / TP / pipeline /
 # data-parallel layout; `dp_reshardable` (what megatron-tsp wrote before) stores each rank's
@@ -40,16 +42,7 @@ _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gr
                "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "dtype")
 
 
-def _step_dir(save_dir: str, step: int) -> str:
-    return os.path.join(save_dir, f"step_{step:07d}")
-
-
-def latest_step(save_dir: Optional[str]) -> Optional[int]:
-    path = os.path.join(save_dir, "latest") if save_dir else None
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return int(f.read().strip())
+_step_dir = step_dir
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -176,6 +169,7 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
     dist_checkpointing.save(state, partial_path)
     dist.barrier()  # every rank's shards are on disk
     if rank0:
+        write_manifest(partial_path)
         if os.path.isdir(path):  # a complete step_N that never became `latest` (killed in between)
             shutil.rmtree(path)
         os.rename(partial_path, path)
@@ -239,6 +233,30 @@ def _load_optimizer_state(optimizer, state_dict) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
+def _first_failure(error: BaseException) -> BaseException:
+    """The first rank's own exception inside torch's CheckpointException (which gathers every
+    rank's failure), or the error itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[sorted(failures)[0]]  # (exception, its stack summary)
+        first = first[0] if isinstance(first, tuple) and first else first
+        return first if isinstance(first, BaseException) else error
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line of the message` (EOFError: a file ends early)."""
+    text = (str(error).strip().splitlines() or [""])[0][:300]
+    if isinstance(error, EOFError) and not text:
+        text = "a file ends early (truncated)"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_shape_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(w in text for w in ("shape", "size mismatch", "missing key", "unexpected key"))
+
+
 def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT,
                     pg_collection=None) -> int:
     """Load the latest checkpoint of save_dir into this run's model and optimizer, at whatever
@@ -253,8 +271,14 @@ def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DI
     state["step"] = step
     try:
         loaded = dist_checkpointing.load(state, path)
-    except Exception as e:  # shapes or keys that do not fit this model
-        raise RecipeError(f"checkpoint {path!r} does not fit this model: {e}") from e
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        cause = _first_failure(e)
+        if isinstance(cause, (EOFError, OSError, RuntimeError, pickle.UnpicklingError)) and not _is_shape_error(cause):
+            # Unreadable bytes (a checkpoint without a file list, or damaged at its sizes). Every rank
+            # got the same CheckpointException (torch gathers the failures): each raises this.
+            raise corrupt_checkpoint_error(recipe.train.save_dir, step, f"reading it failed with "
+                                           f"{_first_line(cause)}") from e
+        raise RecipeError(f"checkpoint {path!r} does not fit this model: {_first_line(cause)}") from e
     with torch.no_grad():  # float32 main params are views of the (grad-requiring) model params
         model.load_state_dict(loaded["model"])
         _load_optimizer_state(optimizer, loaded["optimizer"])

@@ -26,7 +26,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: the embedded tiny recipe, = configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.size=4 model.seq_length=32768")
-    p.add_argument("--resume", metavar="DIR", help="resume from the latest checkpoint in DIR (sets train.save_dir=DIR train.resume=true)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", metavar="DIR",
+                        help="resume from the latest checkpoint in DIR (sets train.save_dir=DIR train.resume=true); "
+                             "a DIR that is missing or holds no checkpoint is an error, as is a corrupt latest "
+                             "checkpoint (the error names the last complete one)")
+    resume.add_argument("--resume-if-present", metavar="DIR",
+                        help="for jobs a scheduler requeues: resume from DIR's latest checkpoint if there is one, "
+                             "else start at step 1 and save there, saying so in one line (sets train.save_dir=DIR "
+                             "train.resume_if_present=true)")
     p.add_argument("--summary-json", metavar="FILE", help="write the final summary (rank 0) to FILE")
     p.add_argument("--nproc-per-node", metavar="N", type=int,
                    help="start N worker processes on this machine (no torchrun; not under torchrun / srun)")
@@ -34,6 +42,22 @@ def parser() -> argparse.ArgumentParser:
                    help="show every warning (by default the known-benign ones from megatron-core and torch are "
                         "hidden, and rank 0 says so in one line)")
     return p
+
+
+def train_args(argv):
+    """(args, recipe path or None, overrides) of `megatron-tsp train ARGV`. Options and overrides
+    may come in any order (`recipe.yaml --resume DIR train.steps=9`); --resume /
+    --resume-if-present become their train.* overrides. argparse's errors exit 2."""
+    args = parser().parse_intermixed_args(argv)
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if recipe_path is not None and "=" in recipe_path:  # only overrides were given
+        overrides.insert(0, recipe_path)
+        recipe_path = None
+    if args.resume:
+        overrides += [f"train.save_dir={args.resume}", "train.resume=true"]
+    if args.resume_if_present:
+        overrides += [f"train.save_dir={args.resume_if_present}", "train.resume_if_present=true"]
+    return args, recipe_path, overrides
 
 
 def wants_help(argv) -> bool:

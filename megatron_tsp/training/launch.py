@@ -5,7 +5,9 @@ world that torchrun / SLURM / this launcher set up, or a world of one.
     megatron-tsp train --nproc-per-node 2 configs/tiny.yaml parallel.size=2
     torchrun --nproc-per-node 2 --no-python megatron-tsp train configs/tiny.yaml parallel.size=2
 
-The launcher imports neither torch nor megatron. It gives each worker torchrun's environment
+The launcher imports neither torch nor megatron. It checks the command line, the recipe (every
+check but the GPU-only ones, at world size N) and `--resume DIR` before any worker starts
+(`check_before_workers`: a bad input costs well under a second, not a worker start-up). It gives each worker torchrun's environment
 (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT /
 SIGTERM to them (they save and stop: `training.signals`; the copy of a terminal's Ctrl-C they got
 themselves is not a second request), and returns the first failing worker's exit code (2 for a
@@ -23,7 +25,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .command import PROG, parser, wants_help
+from .command import PROG, parser, train_args, wants_help
 
 GRACE_S = 30.0
 
@@ -106,6 +108,25 @@ def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> i
     return 128 - first_rc if first_rc < 0 else first_rc
 
 
+def check_before_workers(nproc: int, argv: List[str]):
+    """The recipe, its overrides and --resume DIR checked here, torch-free, before any worker
+    starts (a misspelled key costs no worker start-up): the TSPConfigError to print, or None.
+    The workers check again (under torchrun / srun this launcher is not there); the checks that
+    need torch (GPU-only options) run only there. argparse's errors exit 2 from here."""
+    from ..config import TSPConfigError
+    from .checkpoint_files import check_resume
+    from .recipe import load_recipe
+
+    _, recipe_path, overrides = train_args(argv)
+    try:
+        recipe = load_recipe(recipe_path, overrides, devices=False)
+        recipe.check(nproc, devices=False)  # this launcher's world: nproc processes
+        check_resume(recipe.train)
+    except TSPConfigError as e:
+        return e
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -122,6 +143,11 @@ def main(argv=None) -> int:
 
             return print_user_error(PROG, "--nproc-per-node starts the workers itself: run it without torchrun, "
                                           "or drop it under torchrun / srun")
+        error = check_before_workers(nproc, rest)
+        if error is not None:
+            from ..output import print_user_error
+
+            return print_user_error(PROG, error)
         return launch_workers(nproc, rest)
     from .loop import main as worker_main
 

@@ -24,7 +24,8 @@ from ..config import TSPConfigError
 from ..output import hide_benign_output, print_user_error, rank, verbose_requested
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
                          latest_step, load_checkpoint, remove_incomplete_checkpoints, save_checkpoint)
-from .command import parser
+from .checkpoint_files import check_resume
+from .command import parser, train_args  # noqa: F401 (parser: tests and scripts import it from here)
 from .recipe import Recipe, RecipeError, load_recipe
 from .signals import StopRequest
 
@@ -304,6 +305,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     from .build import init_distributed
     from .cpu import install_cpu_shims
 
+    check_resume(recipe.train)  # torch-free, before any collective: a missing or corrupt checkpoint
     backend = init_distributed(recipe.train.collective_timeout_s)
     install_cpu_shims()  # the training run's entry: megatron-core on CPU needs them (no-op with CUDA)
     world = dist.get_world_size()
@@ -311,11 +313,15 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     t = recipe.train
     start = 0
     saved = None
+    resuming = t.resume or t.resume_if_present
+    fresh = ""
     if t.save_dir:
         found = latest_step(t.save_dir)
-        if t.resume and found is not None:
+        if resuming and found is not None:
             saved = check_checkpoint_matches(recipe, t.save_dir)
-        elif not t.resume and (found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META))):
+        elif resuming:  # check_resume let it through: train.resume_if_present
+            fresh = f" (no checkpoint in {t.save_dir} yet: a fresh start, train.resume_if_present)"
+        elif not resuming and (found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META))):
             raise RecipeError(f"train.save_dir = {t.save_dir!r} already holds checkpoints: set train.resume=true "
                               "to continue them, or choose another directory (they are never overwritten)")
         for name in remove_incomplete_checkpoints(t.save_dir):
@@ -325,7 +331,7 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     pgs = tsp_process_groups()  # the groups built once: the model, DDP, optimizer and step run on them
     model, ddp, optimizer = build(recipe, pgs)
-    resumed_from = ""
+    resumed_from = fresh
     if saved is not None:
         start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved), pg_collection=pgs)
         theirs, mine = _layout_text(saved["parallel"], saved.get("world_size")), _layout_text(recipe.to_dict()["parallel"], world)
@@ -419,29 +425,28 @@ def _is_communication_error(error: BaseException) -> bool:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     if rank() == 0:
-        args = parser().parse_args(argv)
+        args, recipe_path, overrides = train_args(argv)
     else:  # argparse's own errors: rank 0 prints them
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            args = parser().parse_args(argv)
+            args, recipe_path, overrides = train_args(argv)
     if args.nproc_per_node is not None:  # `python -m megatron_tsp.training.loop --nproc-per-node N`
         from ..cli import main as cli_main  # -> training.launch, which starts the workers
 
-        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+        return cli_main(["train", *argv])
     warnings.filterwarnings("ignore", message=".*deprecated.*")
-    hide_benign_output(verbose_requested(argv or sys.argv[1:]))
-    recipe_path, overrides = args.recipe, list(args.overrides)
-    if recipe_path is not None and "=" in recipe_path:  # only overrides were given
-        overrides.insert(0, recipe_path)
-        recipe_path = None
-    if args.resume:
-        overrides += [f"train.save_dir={args.resume}", "train.resume=true"]
+    hide_benign_output(verbose_requested(argv))
     try:
         recipe = load_recipe(recipe_path, overrides)
         result = run(recipe)
     except TSPConfigError as e:  # raised on every rank before any collective: rank 0 says it
         if dist.is_initialized():
             dist.destroy_process_group()
+        if e.__cause__ is not None and verbose_requested(argv) and rank() == 0:  # e.g. a checkpoint's load failure
+            import traceback
+
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         return print_user_error("megatron-tsp train", e)
     except RuntimeError as e:  # gloo / NCCL: a peer died or stopped answering; say who and where first
         if dist.is_initialized():

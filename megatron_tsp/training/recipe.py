@@ -16,7 +16,7 @@ import yaml
 
 from ..config import (LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe, ModelRecipe,  # noqa: F401
                       ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions, check_seq_length,
-                      recipe_words, tsp_options_from)
+                      read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
@@ -37,7 +37,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
     # -- validation -----------------------------------------------------------------------
-    def check(self, world_size: Optional[int] = None) -> "Recipe":
+    def check(self, world_size: Optional[int] = None, devices: bool = True) -> "Recipe":
+        """Every check of the recipe, torch-free except `devices` (whether this machine has GPUs, for
+        the GPU-only options): the launcher runs it with devices=False before any worker starts."""
         m, p, t = self.model, self.parallel, self.train
         if p.layout not in LAYOUTS:
             raise RecipeError(f"parallel.layout = {p.layout!r} is not one of {', '.join(LAYOUTS)}")
@@ -72,13 +74,13 @@ class Recipe:
                               f"{p.baseline_attention!r} must be sdpa")
         if p.comm_max_ctas < 0:
             raise RecipeError(f"parallel.comm_max_ctas = {p.comm_max_ctas} must be >= 0")
-        if p.comm_max_ctas and not _cuda_available():
+        if p.comm_max_ctas and devices and not _cuda_available():
             raise RecipeError("parallel.comm_max_ctas needs NCCL process groups (GPUs); this machine has none")
         if p.gemm_sm_carveout < 0:
             raise RecipeError(f"parallel.gemm_sm_carveout = {p.gemm_sm_carveout} must be >= 0")
-        if p.gemm_sm_carveout and not _cuda_available():
+        if p.gemm_sm_carveout and devices and not _cuda_available():
             raise RecipeError("parallel.gemm_sm_carveout needs GPUs; this machine has none")
-        if p.high_priority_comm and not _cuda_available():
+        if p.high_priority_comm and devices and not _cuda_available():
             raise RecipeError("parallel.high_priority_comm = true needs NCCL process groups (GPUs); this machine has none")
         if p.fsdp:
             for bad, key in ((t.distributed_optimizer, "train.distributed_optimizer = true (fsdp already shards the optimizer state)"),
@@ -98,7 +100,7 @@ class Recipe:
             except TSPConfigError as e:
                 raise RecipeError(recipe_words(str(e))) from None
         if cp > 1:
-            from ..baselines.context_parallel import check_context_parallel
+            from ..config import check_context_parallel
 
             try:
                 check_context_parallel(m.seq_length, cp, size, sequence_parallel=p.layout == "tp_sp")
@@ -116,6 +118,8 @@ class Recipe:
             raise RecipeError(f"train.collective_timeout_s = {t.collective_timeout_s} must be > 0 (seconds)")
         if t.resume and not t.save_dir:
             raise RecipeError("train.resume = true needs train.save_dir")
+        if t.resume_if_present and not t.save_dir:
+            raise RecipeError("train.resume_if_present = true needs train.save_dir")
         if world_size is not None:
             model = size * p.pipeline_size * cp
             if world_size % model:
@@ -228,7 +232,7 @@ class _MoEView:
     """The TransformerConfig fields `moe.check_moe_config` reads, from a recipe (no config built)."""
 
     def __init__(self, recipe: "Recipe"):
-        from ..tsp.moe import moe_config_kwargs
+        from ..config import moe_config_kwargs
 
         m = recipe.model
         self.__dict__.update(moe_config_kwargs(m.shape(), recipe.parallel.moe_dispatcher))
@@ -296,20 +300,21 @@ def parse_override(text: str) -> dict:
         raise RecipeError(f"override {text!r} must look like section.key=value (e.g. parallel.size=4)")
     key, raw = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({yaml_problem(e)}); quote it "
+                          f"(e.g. {key.strip()}='\"...\"')") from None
     return {section: {name: value}}
 
 
-def load_recipe(path: Optional[str] = None, overrides: List[str] = ()) -> Recipe:
-    """The recipe at `path` (default: configs/tiny.yaml's embedded twin) with overrides applied."""
+def load_recipe(path: Optional[str] = None, overrides: List[str] = (), devices: bool = True) -> Recipe:
+    """The recipe at `path` (default: configs/tiny.yaml's embedded twin) with overrides applied,
+    checked (`devices`: see Recipe.check)."""
     recipe = Recipe()
     if path is not None:
-        if not os.path.isfile(path):
-            raise RecipeError(f"recipe file {path!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        _apply(recipe, data, path)
+        _apply(recipe, read_yaml_file(path, RecipeError), path)
     for text in overrides:
         _apply(recipe, parse_override(text), "override")
-    return recipe.check()
+    return recipe.check(devices=devices)
 

@@ -41,25 +41,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .. import compat
-from ..config import TSPConfigError, TSPOptions, check_expert_parallel, check_moe_config, moe_layer_pattern, require_group  # noqa: F401
+from ..config import (TSPConfigError, TSPOptions, check_expert_parallel, check_moe_config,  # noqa: F401
+                      moe_config_kwargs, moe_layer_pattern, require_group)  # moe_config_kwargs: torch-free, in config
 from .mlp import TSPRingMLP
 from .zigzag import from_zigzag, to_zigzag
-
-def moe_config_kwargs(shape, dispatcher: str = "alltoall") -> dict:
-    """TransformerConfig fields of a ModelShape's MoE fields (empty for a dense shape)."""
-    if not shape.num_experts:
-        return {}
-    return dict(
-        num_moe_experts=shape.num_experts, moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.ffn_hidden_size,
-        moe_router_topk=shape.moe_router_topk, moe_router_score_function=shape.moe_router_score_function,
-        moe_router_pre_softmax=shape.moe_router_pre_softmax,
-        moe_router_load_balancing_type=shape.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=shape.moe_aux_loss_coeff, moe_z_loss_coeff=shape.moe_z_loss_coeff,
-        moe_expert_capacity_factor=shape.moe_expert_capacity_factor, moe_token_drop_policy=shape.moe_token_drop_policy,
-        moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
-        moe_layer_freq=shape.moe_layer_freq, moe_token_dispatcher_type=dispatcher,
-    )
-
 
 def check_expert_groups(config, pg_collection=None) -> None:
     """The model's expert groups against its config: EP divides the experts, expert TP is 1.

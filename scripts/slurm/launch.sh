@@ -14,7 +14,7 @@
 #                   [--tsp-recipe $RECIPE] --save $CKPT_DIR --save-interval $SAVE_INTERVAL
 #                   [--load $CKPT_DIR] $EXTRA_ARGS "$@"
 #     driver:       python -m megatron_tsp.cli train [$RECIPE] parallel.layout=$LAYOUT parallel.size=D
-#                   train.save_dir=$CKPT_DIR train.save_interval=$SAVE_INTERVAL [train.resume=true]
+#                   train.save_dir=$CKPT_DIR train.save_interval=$SAVE_INTERVAL [train.resume_if_present=true]
 #                   $EXTRA_ARGS "$@"
 #   MEGATRON_LM     Megatron-LM checkout holding pretrain_gpt.py  (default $HOME/Megatron-LM)
 #   RECIPE          recipe file, relative paths taken from TSP_REPO; empty for none. megatron-lm:
@@ -113,7 +113,7 @@ case $TSP_ENTRY in
     [[ -z $RECIPE ]] || program+=("$RECIPE")
     program+=("parallel.layout=$LAYOUT" "parallel.size=$TSP_SIZE" "train.save_dir=$CKPT_DIR"
               "train.save_interval=$SAVE_INTERVAL")
-    [[ $RESUME == 0 ]] || program+=(train.resume=true)
+    [[ $RESUME == 0 ]] || program+=(train.resume_if_present=true)  # requeue-safe: the first allocation starts at step 1
     ;;
 esac
 program+=("${extra[@]}")

@@ -693,3 +693,35 @@ def test_attention_backward_point_excludes_the_mlp_saved_tensors():
         expected = static + 4 * b * h * s + mem.recompute_working_set - mlp + sum(in_flight(model, train, lay))
         assert mem.points["checkpointed layer backward (attention)"] == pytest.approx(expected), lay.label
         assert mem.peak == max(mem.points.values())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gpus-per-node", "0"], "--gpus-per-node must be a positive integer, got 0"),  # was: the profile's 4, silently
+    (["--nodes", "0"], "--nodes must be a positive integer, got 0"),
+    (["--seq-len", "0"], "--seq-len (model.seq_length) must be a positive integer, got 0"),  # was: the recipe's
+    (["--seq-len", str(10**12)], f"--seq-len (model.seq_length) = {10**12} exceeds the longest context the planner "
+                                 "models, 16777216 tokens"),  # was: a table with "MFU 62%", exit 0
+    (["--seq-len", "1e12"], "argument --seq-len: invalid int value: '1e12'"),
+    (["model.seq_length=33554432"], "model.seq_length) = 33554432 exceeds the longest context"),
+    (["--gpu-memory-gb", "nan"], "--gpu-memory-gb must be a positive number of GiB, got nan"),
+    (["--host-memory-gb", "-1"], "--host-memory-gb must be a positive number of GiB, got -1.0"),
+    (["--frontier", "--max-seq-len", str(2**25)], "--max-seq-len = 33554432 exceeds the longest context"),
+    (["--inference", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--inference", "--new-tokens", "-1"], "--new-tokens must be >= 0, got -1"),
+])
+def test_impossible_cli_inputs_are_one_line_naming_the_flag(capsys, flags, message):
+    try:
+        rc = plan_main([RECIPE, *flags])
+    except SystemExit as e:  # argparse's own type errors
+        rc = e.code
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_the_longest_modelled_context_still_plans(capsys):
+    from megatron_tsp.planner.model import MAX_SEQ_LEN
+
+    assert plan_main([RECIPE, "--seq-len", str(MAX_SEQ_LEN), "--layout", "tsp4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plans"][0]["layout"] == "TSP D=4"

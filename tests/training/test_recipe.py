@@ -64,3 +64,20 @@ def test_help_lists_the_keys():
     text = parser().format_help()
     assert ("parallel.layout (default: tsp)\n" in text and "parallel.size (default: 2)\n" in text
             and "parallel.pipeline_size (default: 1)\n" in text and "--resume" in text)
+
+
+@pytest.mark.parametrize("text,where", [
+    ("model:\n  hidden_size: 64\n  num_layers: [2\ntrain:\n  steps: 3\n",
+     "line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence started at line 3)"),
+    ("model:\n  num_layers: 2\n hidden_size: 64\n", "line 3, column 2: expected <block end>, but found "
+     "'<block mapping start>' (while parsing a block mapping started at line 1)"),
+    ("\tmodel: {}\n", "line 1, column 1: found character '\\t' that cannot start any token"),
+])
+def test_malformed_yaml_is_one_line_naming_the_file_and_line(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(path))
+    assert str(e.value) == f"recipe file {str(path)!r} is not valid YAML: {where}"
+    with pytest.raises(RecipeError, match=r"override 'model.num_layers=\[2': the value is not valid YAML \(line 1"):
+        load_recipe(None, ["model.num_layers=[2"])
