@@ -139,7 +139,7 @@ def stage_rank(world: int, pipeline_size: int, stage: int) -> int:
 
 
 def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, memory_mode: Optional[str] = None,
-            plant=None, profile: bool = False) -> dict:
+            plant=None, profile: bool = False, capacity_gib: Optional[float] = None) -> dict:
     """Build the recipe's model as rank `rank` of `world` and run `warmup` + `steps` driver
     steps; per measured step: the memory allocated when it starts (model states: weights,
     gradient buffers, optimizer state), at the end of each forward (+ the activations kept for
@@ -266,6 +266,8 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     out["peak_in"] = "optimizer step" if last["optimizer_peak_gib"] > last["fwd_bwd_peak_gib"] else "forward + backward"
     out["step_time_s"] = statistics.median(times)
     out["steps_measured"] = rows
+    if not cuda and capacity_gib is not None and out["peak_allocated_gib"] > capacity_gib:
+        out["oom"] = f"peak {out['peak_allocated_gib']:.4f} GiB over the capacity {capacity_gib} GiB (CPU: checked after the step)"
     return out
 
 

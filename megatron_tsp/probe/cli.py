@@ -56,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--frontier", action="store_true", help="search the longest context per layout")
     f.add_argument("--layouts", default=None, help="comma-separated bench layouts (megatron-tsp bench's names, "
                                                    "sized by --world; default tsp,tp_sp,cp4,tp2_cp2,fsdp_cp4)")
-    f.add_argument("--start-seq", type=int, default=None, help="first context tried (default: the recipe's)")
+    f.add_argument("--start-seq", default=None,
+                   help="first context tried: tokens, or auto: the planner's frontier for the layout, then steps of 6%% "
+                        "(default: the recipe's S, then doubling)")
     f.add_argument("--max-seq", type=int, default=16 * 2**20, help="largest context searched (default 16M)")
     f.add_argument("--host-memory-gb", type=float, default=512.0,
                    help="host memory per node (GiB) for offloaded inputs, shared by --gpus-per-node GPUs (default 512)")
@@ -178,6 +180,27 @@ def run(args) -> dict:
                            if not measured.get("oom") and predicted.get("peak_gib") else None)}
 
 
+def planner_guess(args, layout_overrides, capacity) -> int:
+    """The planner's longest context for the layout at this capacity (its own option search);
+    None when nothing fits by the planner."""
+    import dataclasses
+
+    from ..planner import Cluster, ModelSpec, TrainSpec, hardware as hw_mod
+    from ..planner.frontier import layout_frontier
+    from ..planner.model import recipe_layout
+    from . import norm_kind
+
+    over = list(args.overrides) + layout_overrides
+    model, seq = ModelSpec.from_recipe(args.recipe, over)
+    gpn = min(args.world, args.gpus_per_node)
+    cluster = Cluster(gpus_per_node=gpn, nodes=args.world // gpn, gpu_memory_gib=capacity,
+                      host_memory_gib=args.host_memory_gb)
+    train = TrainSpec(seq_length=seq, norm=norm_kind())
+    row = layout_frontier(model, dataclasses.replace(train, global_batch_size=None), recipe_layout(args.recipe, over),
+                          cluster, hw_mod.load(args.hardware), max_seq=args.max_seq)
+    return row["max_seq_len"]  # None: nothing fits by the planner
+
+
 def run_frontier(args) -> dict:
     from ..training.recipe import load_recipe
     from . import measure, predict
@@ -191,7 +214,7 @@ def run_frontier(args) -> dict:
         recipe.check(args.world)
     capacity = capacity_of(args)
     log = ProbeLog(args.out)
-    host = args.host_memory_gb / min(args.world, args.gpus_per_node) if args.host_memory_gb else None
+    host = args.host_memory_gb / min(args.world, args.gpus_per_node)  # 0: no offload
     rows = []
     for name, lay in layouts.items():
         def overrides(S, opts, lay=lay):
@@ -202,7 +225,7 @@ def run_frontier(args) -> dict:
             hit = log.get(key)
             if hit is None:
                 m = measure(load_recipe(args.recipe, overrides(S, opts)), args.world, 0, warmup=warmup, steps=1,
-                            memory_mode=mode)
+                            memory_mode=mode, capacity_gib=capacity)
                 hit = {"layout": name, "seq_len": S, "measured": m}
                 log.put(key, hit)
             return hit["measured"]
@@ -212,8 +235,15 @@ def run_frontier(args) -> dict:
             return p.get("host_offload_gib")
 
         recipe = load_recipe(args.recipe, list(args.overrides) + lay)
-        start = args.start_seq or recipe.model.seq_length
-        row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers).run(start, args.max_seq, granularity(lay, args.world))
+        growth = 2.0
+        guess = planner_guess(args, lay, capacity) if args.start_seq == "auto" else None
+        if guess:
+            start, growth = guess, 1.06
+        else:  # the recipe's S (or the one given), doubling
+            start = int(args.start_seq) if args.start_seq not in (None, "auto") else recipe.model.seq_length
+        row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers).run(
+            start, args.max_seq, granularity(start, args.world), growth)
+        row["growth"] = growth
         row["world"] = args.world
         if row["max_seq_len"] and args.time_at:
             opts = row["at_max"]["options"]

@@ -42,10 +42,13 @@ def layout_overrides(name: str, world: int) -> List[str]:
     return [o.format(n=world, half=world // 2) for o in LAYOUTS[name].overrides]
 
 
-def granularity(overrides: List[str], world: int) -> int:
-    """Contexts are multiples of 2 x (GPUs of a replica) x 1024: zigzag chunks for TSP and CP,
-    the TP sequence split inside."""
-    return 2 * world * 1024
+def granularity(start: int, world: int) -> int:
+    """Contexts are multiples of 2 x GPUs x 1024 (zigzag chunks for TSP and CP, the TP sequence
+    split inside), or of a smaller power of two for contexts under 8 such units (small models)."""
+    m = 1024
+    while m > 1 and 2 * world * m * 8 > start:
+        m //= 2
+    return 2 * world * m
 
 
 def lean(name: str, offload: bool, every: int = 1) -> List[str]:
@@ -88,17 +91,30 @@ class Search:
             self.log(f"[probe --frontier] {self.name} S={S}: {peak} ({', '.join(o.split('.', 1)[1] for o in opts)})")
         return not self.tried[S]["measured"].get("oom")
 
-    def run(self, start: int, max_seq: int, unit: int) -> dict:
-        """Doubling from `start` (a multiple of `unit`), then bisection between the last fit and
-        the first miss until they are within 2%."""
+    def run(self, start: int, max_seq: int, unit: int, growth: float = 2.0) -> dict:
+        """From `start` (a multiple of `unit`): up by `growth` while it fits (doubling from a small
+        start; from the planner's guess a few percent), down by it while it does not, then
+        bisection between the last fit and the first miss until they are within 2%."""
         lo, hi = 0, None  # in units: lo fits (0: none yet), hi does not
         k = max(1, start // unit)
-        while k * unit <= max_seq:
-            if self.fits(k * unit):
-                lo, k = k, k * 2
-            else:
+        if not self.fits(k * unit):
+            hi = k
+            while k > 1:
+                k = max(1, min(k - 1, int(k / growth)))
+                if self.fits(k * unit):
+                    lo = k
+                    break
                 hi = k
-                break
+        else:
+            lo = k
+            while hi is None:
+                k = max(k + 1, int(k * growth))
+                if k * unit > max_seq:
+                    break
+                if self.fits(k * unit):
+                    lo = k
+                else:
+                    hi = k
         if hi is not None:
             while hi - lo > 1 and (lo == 0 or hi / lo > 1.02):
                 mid = (lo + hi) // 2

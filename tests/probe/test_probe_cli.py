@@ -64,3 +64,22 @@ def test_inference_run():
 def test_inference_refuses_a_baseline_layout():
     out = probe("configs/tiny.yaml", "parallel.layout=tp_sp", "parallel.size=2", "--world", "2", "--inference")
     assert out.returncode == 2 and "--inference measures TSP prefill" in out.stderr, out.stderr
+
+
+def test_frontier_on_cpu(tmp_path):
+    """--frontier end to end on the tiny model (the capacity checked after each CPU step): the longest
+    context fits, the next one tried does not, and a rerun reads the log instead of probing."""
+    log = str(tmp_path / "probes.jsonl")
+    argv = ["configs/tiny.yaml", "train.global_batch_size=2", "train.micro_batch_size=1", "model.num_layers=1",
+            "--world", "2", "--frontier", "--layouts", "tsp", "--start-seq", "256", "--gpu-memory-gb", "0.004",
+            "--max-seq", "16384", "--host-memory-gb", "0", "--out", log, "--json"]
+    out = probe(*argv, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout)["layouts"][0]
+    assert row["max_seq_len"] and row["first_miss"] and row["max_seq_len"] < row["first_miss"]
+    assert row["at_max"]["measured"]["peak_allocated_gib"] <= 0.004
+    assert {p["seq_len"]: p["measured"]["oom"] is None for p in row["probes"]}[row["first_miss"]] is False
+    probed = len(open(log).readlines())
+    again = probe(*argv, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout)["layouts"][0]["max_seq_len"] == row["max_seq_len"]
+    assert len(open(log).readlines()) == probed  # nothing probed twice

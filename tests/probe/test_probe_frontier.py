@@ -78,3 +78,17 @@ def test_layout_names_and_lean_options():
     assert layout_overrides("cp4", 8) == ["parallel.layout=dp", "parallel.size=1", "parallel.context_size=8"]
     assert "parallel.offload_activations=true" in lean("tsp", True)
     assert not any("tsp_" in o for o in lean("fsdp_cp4", True))
+
+
+def test_from_a_close_guess_few_probes():
+    """From the planner's guess (steps of 6%): a guess 3% short finds the frontier in a few probes."""
+    probe, calls = fake(1_000_000)
+    row = Search("tsp", 4, None, probe, lambda S, o: 0.0, log=lambda *_: None).run(970_000, 2**24, UNIT, 1.06)
+    assert row["max_seq_len"] <= 1_000_000 < row["first_miss"] and row["first_miss"] / row["max_seq_len"] <= 1.02
+    assert len(calls) <= 4
+
+
+def test_from_a_guess_too_long_steps_down():
+    probe, calls = fake(1_000_000)
+    row = Search("tsp", 4, None, probe, lambda S, o: 0.0, log=lambda *_: None).run(1_100_000, 2**24, UNIT, 1.06)
+    assert row["max_seq_len"] <= 1_000_000 < row["first_miss"] and len(calls) <= 5
