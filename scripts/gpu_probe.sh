@@ -31,8 +31,12 @@ for W in 2 4 8; do
       --out "$OUT/rows_w$W.jsonl" 2>&1 | grep -E "probe_gpu|Error|error"
   fi
   if has frontier$W; then
+    # host memory: the reference node's 512 GiB per 4 GPUs is 128 GiB per rank, all of this machine's
+    # RAM; HOST_GB per node leaves this process room (100 GiB per rank at 4 GPUs)
     python3 -m megatron_tsp.cli probe configs/7b_16k.yaml train.global_batch_size=1 train.micro_batch_size=1 \
-      --world $W --frontier --start-seq $((262144 * W / 4)) --host-memory-gb 512 --gpus-per-node $W \
-      --out "$OUT/frontier_w$W.jsonl" --json > "$OUT/frontier_w$W.json" 2> "$OUT/frontier_w$W.err"; tail -8 "$OUT/frontier_w$W.err"
+      --world $W --frontier --start-seq auto --host-memory-gb ${HOST_GB:-400} --gpus-per-node $W \
+      --layouts ${LAYOUTS:-tsp,fsdp_cp4,tp_sp,tp2_cp2} ${FRONTIER_ARGS:-} \
+      --out "$OUT/frontier_w$W.jsonl" --json > "$OUT/frontier_w$W.json" 2> "$OUT/frontier_w$W.err"
+    grep -E "probe --frontier|tokens|rror" "$OUT/frontier_w$W.err" | tail -30
   fi
 done
