@@ -264,3 +264,30 @@ def test_mlp_memory_follows_the_chunk_not_the_tokens(world, kind):
     assert tiled_growth <= 6 * per_token_h * added, (tiled_growth, untiled_growth)
     assert untiled_growth > 2 * tiled_growth, (tiled_growth, untiled_growth)
 
+
+
+@pytest.mark.parametrize("D", [2, 4])
+def test_tiled_shared_expert_of_an_moe_layer_matches_single_process(world, D, monkeypatch):
+    """The TSP shared expert (a ring MLP) of MoE layers runs tiled too: the MoE model's loss,
+    router losses and every gradient equal the single process's (tests/tsp/test_moe.py's check)."""
+    import megatron_tsp.tsp.model as tsp_model
+    from tests.tsp import test_moe
+
+    skip_unless_divides(world, D)
+    softmax = torch.softmax  # as test_moe's fixture: the router's softmax in float64 on both sides
+
+    def softmax_keeping_float64(x, dim, dtype=None, **kw):
+        if dtype is torch.float32 and x.dtype is torch.float64:
+            dtype = torch.float64
+        return softmax(x, dim, dtype=dtype, **kw)
+
+    monkeypatch.setattr(torch, "softmax", softmax_keeping_float64)
+    # tiled on D ranks only: the single-process reference runs untiled
+    monkeypatch.setattr(tsp_model, "TSPOptions", lambda: TSPOptions(
+        mlp_chunk_tokens=6 if mpu.get_tensor_model_parallel_world_size() > 1 else 0, mlp_exchange="ring"))
+    seed = fresh_seed()
+    errors, worst, model = test_moe._check(test_moe.CASES["top2-shared-zloss"], D, D, seed)
+    bad = {n: e for n, e in errors.items() if not e <= test_moe.TOL}
+    assert not bad and worst <= test_moe.TOL, f"seed {seed}: {bad or worst}"
+    shared = [m for m in model.modules() if type(m).__name__ == "TSPSharedExpertMLP"]
+    assert shared and all(m.tsp_options.mlp_chunk_tokens == 6 for m in shared)
