@@ -179,11 +179,11 @@ def test_ddp_grad_ready_hooks_fire_once_per_parameter(world):
         assert tiled["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4), layout
 
 
-@pytest.mark.parametrize("layout", ["tsp", "tp_sp", "cp", "fsdp_cp"])
+@pytest.mark.parametrize("layout", ["tsp", "tsp_ring", "tp_sp", "cp", "fsdp_cp"])
 def test_driver_trains_the_same_tiled(world, layout):
     """build + train_step (Megatron's schedule, DDP or FSDP2, the optimizer) for 2 steps: the
-    losses of parallel.mlp_chunk_tokens = 24 (not dividing the 64 local tokens of 2 x 64 / 2)
-    equal untiled."""
+    losses of parallel.mlp_chunk_tokens = 24 (not dividing the 64 local tokens of 2 x 64 / 2),
+    with and without Megatron's layer recompute, equal untiled."""
     import os
 
     from megatron_tsp.training.loop import run
@@ -193,7 +193,8 @@ def test_driver_trains_the_same_tiled(world, layout):
         pytest.skip("2 processes")
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "configs", "tiny.yaml")
-    base = {"tsp": ["parallel.size=2"], "tp_sp": ["parallel.layout=tp_sp", "parallel.size=2"],
+    base = {"tsp": ["parallel.size=2"],  # 64 tokens per rank: auto runs the tokens exchange (Megatron's MLP)
+            "tsp_ring": ["parallel.size=2", "parallel.tsp_mlp_exchange=ring"], "tp_sp": ["parallel.layout=tp_sp", "parallel.size=2"],
             "cp": ["parallel.layout=dp", "parallel.context_size=2"],
             "fsdp_cp": ["parallel.layout=dp", "parallel.context_size=2", "parallel.fsdp=true"]}[layout]
     base = base + ["train.steps=2", "train.log_interval=100"]
@@ -202,7 +203,9 @@ def test_driver_trains_the_same_tiled(world, layout):
         return [h["loss"] for h in run(load_recipe(tiny, base + extra))["history"]]
 
     plain = losses([])
-    assert losses(["parallel.mlp_chunk_tokens=24"]) == pytest.approx(plain, rel=1e-5)
+    assert losses(["parallel.mlp_chunk_tokens=24"]) == pytest.approx(plain, rel=1e-6)
+    # inside Megatron's layer recompute (the tiled forward runs again in the checkpoint's backward)
+    assert losses(["parallel.mlp_chunk_tokens=24", "parallel.recompute=full"]) == pytest.approx(plain, rel=1e-6)
 
 
 # --- memory: what the MLP keeps follows the chunk ------------------------------------------------
