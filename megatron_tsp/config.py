@@ -163,6 +163,11 @@ def resolve_mlp_exchange(exchange: str, local_tokens: int, tsp_size: int, comput
     return "tokens" if small and not compute_only else "ring"
 
 
+def check_mlp_chunk_tokens(chunk) -> None:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise TSPConfigError(f"--tsp-mlp-chunk-tokens must be a non-negative integer (0: untiled), got {chunk!r}")
+
+
 @dataclass(frozen=True)
 class TSPOptions:
     """How the TSP blocks run; passed explicitly through the layer spec (no global state).
@@ -184,6 +189,11 @@ class TSPOptions:
       (all S tokens' logits, S x V/D per rank). The same loss and gradients.
     lm_head_chunk_tokens: local tokens per chunk of the local head: at most this many x V/D logits
       exist at a time (forward and backward).
+    mlp_chunk_tokens: token-tiled MLP (every exchange; the baselines' Megatron MLP too, through
+      `megatron_tsp.tiled_mlp`): 0 = untiled; N > 0 = the MLP runs on chunks of at most N local
+      tokens, its forward saves only its input, and its backward rebuilds one chunk at a time
+      (fc1, the activation) and accumulates the weight gradients, so the MLP's working set is one
+      chunk's, not the rank's tokens'. The same math (up to the order of the weight-gradient sums).
     compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
       the numbers are wrong) to time the same kernels without communication.
     """
@@ -193,6 +203,7 @@ class TSPOptions:
     mlp_exchange: str = "auto"
     lm_head: str = "local"
     lm_head_chunk_tokens: int = 4096
+    mlp_chunk_tokens: int = 0
     compute_only: bool = False
 
     def __post_init__(self):
@@ -207,6 +218,7 @@ class TSPOptions:
         chunk = self.lm_head_chunk_tokens
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise TSPConfigError(f"--tsp-lm-head-chunk-tokens must be a positive integer, got {chunk!r}")
+        check_mlp_chunk_tokens(self.mlp_chunk_tokens)
         if self.compute_only and self.mlp_exchange == "tokens":
             raise TSPConfigError("--tsp-mlp-exchange tokens runs Megatron's own collectives, which the compute-only "
                                  "benchmark mode cannot skip: use ring, broadcast or auto")
@@ -336,6 +348,16 @@ class ParallelRecipe:
     rank). Same loss and gradients. null: local. local needs layout tsp."""
     lm_head_chunk_tokens: int = 4096
     """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
+    mlp_chunk_tokens: int = 0
+    """Token-tiled MLP, every layout (TSP's ring / broadcast / tokens exchanges, the baselines'
+    Megatron MLP alike): 0 = untiled; N > 0 = the MLP runs on chunks of at most N of the rank's
+    tokens (the baselines cut along the sequence: max(1, N // micro-batch) positions per chunk;
+    TP+SP all-gathers and reduce-scatters chunk by chunk). Its forward keeps only its input; its
+    backward rebuilds one chunk at a time and accumulates the weight gradients, so the MLP's
+    backward working set (fc1 output, activation, their gradients: six [s, f/D] pieces) is one
+    chunk's instead of the rank's s tokens', for one more fc1 + activation per chunk (TSP with
+    tsp_recompute = full already pays it). Same loss and gradients. Default 0 until the GPU
+    measurement picks a chunk (time within 3% of untiled at 128K tokens per rank)."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     high_priority_comm: bool = False
@@ -514,6 +536,7 @@ TSP_OPTION_KEYS = {
     "tsp_mlp_exchange": ("mlp_exchange", "--tsp-mlp-exchange", MLP_EXCHANGES),
     "tsp_lm_head": ("lm_head", "--tsp-lm-head", LM_HEADS),
     "lm_head_chunk_tokens": ("lm_head_chunk_tokens", "--tsp-lm-head-chunk-tokens", None),
+    "mlp_chunk_tokens": ("mlp_chunk_tokens", "--tsp-mlp-chunk-tokens", None),
     "tsp_compute_only": ("compute_only", None, None),  # benchmarks only: no flag for pretrain_gpt.py
 }
 

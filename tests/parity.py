@@ -1,4 +1,5 @@
-"""Parity harness: a TSP block against Megatron's native block holding the same full weights.
+"""Parity harness: a TSP block against Megatron's native block holding the same full weights
+(kind 'attention', 'mlp'; 'tiled_mlp': Megatron's MLP at TP + SP on D ranks run on token chunks).
 
 Returns relative errors of the output, the input gradient and every weight gradient, so the
 same harness serves the parity tests and the test-the-test (sensitivity) checks."""
@@ -18,6 +19,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron_tsp import compat
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.mlp import TSPRingMLP
+from megatron_tsp.tsp.tiled_mlp import TiledMLP
 from megatron_tsp.tsp.specs import get_sp_layer_spec
 from megatron_tsp.tsp.zigzag import to_zigzag
 from tests.utils import (device, gather_full, init_tsp, load_full_into, rel_err, singleton_pgs,
@@ -55,7 +57,11 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
     else:
         sub = compat.mlp_submodules(spec.mlp)
         ref = MLP(ref_cfg, sub, ffn_hidden_size=ffn, tp_group=singleton_pgs().tp)
-        tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
+        if kind == "tiled_mlp":  # the baselines' MLP: Megatron's (TP + SP on D ranks) on token chunks
+            tsp = TiledMLP(tsp_cfg, sub, ffn_hidden_size=ffn, tp_group=group,
+                           mlp_chunk_tokens=(options.mlp_chunk_tokens if options is not None else 0))
+        else:
+            tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
     ref, tsp = ref.to(dev, dtype), tsp.to(dev, dtype)
     load_full_into(tsp, dict(ref.named_parameters()), group)
 

@@ -51,7 +51,7 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
                  "sp_norm with torch scaled_dot_product_attention as core attention (the kernel "
                  "family TSP uses, no S x S scores). Ignored with --tsp-size > 1.",
         )
-    _add_option_flags(group, ("tsp_mlp_exchange", "tsp_lm_head", "lm_head_chunk_tokens"))
+    _add_option_flags(group, ("tsp_mlp_exchange", "tsp_lm_head", "lm_head_chunk_tokens", "mlp_chunk_tokens"))
     return parser
 
 
@@ -81,6 +81,9 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     check_tsp_size(D)
     args.tsp = D > 1
     if D == 1:
+        if tsp_options_from_args(args).mlp_chunk_tokens and getattr(args, "tsp_native_spec", "megatron") == "megatron":
+            raise TSPConfigError("--tsp-mlp-chunk-tokens needs the plugin's model: --tsp-size > 1, or "
+                                 "--tsp-native-spec sp_norm|sdpa for the baselines (Megatron's own spec is not tiled)")
         return args
     get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1))

@@ -74,5 +74,12 @@ def build_gpt_model(args, config, kwargs: dict):
 
         pp_rank = mpu.get_pipeline_model_parallel_rank()
     core_attention = SDPACoreAttention if native_spec == "sdpa" else None
-    spec = get_sp_block_spec(config, kwargs.get("vp_stage"), pp_rank, core_attention=core_attention)
+    chunk = tsp_options_from_args(args).mlp_chunk_tokens
+    tp_group = None
+    if chunk:
+        from megatron.core import parallel_state as mpu
+
+        tp_group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
+    spec = get_sp_block_spec(config, kwargs.get("vp_stage"), pp_rank, core_attention=core_attention,
+                             mlp_chunk_tokens=chunk, tp_group=tp_group)
     return GPTModel(config, spec, **kwargs)

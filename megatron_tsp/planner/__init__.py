@@ -110,6 +110,8 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     if lay.kind == "tsp":
         p.notes.append(f"LM head: {train.tsp_lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
                                                       if train.tsp_lm_head == "local" else ""))
+    if train.mlp_chunk_tokens:
+        p.notes.append(f"MLP: token-tiled, at most {train.mlp_chunk_tokens} local tokens per chunk")
     if mem.host_offload:
         p.notes.append(f"host memory for offloaded inputs: {mem.host_offload / GIB:.1f} GiB per GPU")
     exchange = mlp_exchange(train, lay)

@@ -59,6 +59,17 @@ def mlp_intermediates(m: ModelSpec, f: Optional[int] = None) -> int:
     return (5 if m.gated else 2) * (m.f if f is None else f)
 
 
+def mlp_chunk(train: TrainSpec, tokens: float, batch: int = 1) -> float:
+    """Tokens of one chunk of the token-tiled MLP (parallel.mlp_chunk_tokens) on a GPU whose MLP
+    input holds `tokens` tokens: all of them untiled (0); else at most the chunk (the baselines'
+    Megatron MLP cuts along the sequence: max(1, chunk // B) positions of each of the `batch`
+    sequences; TSP's exchanges cut the token rows)."""
+    chunk = train.mlp_chunk_tokens
+    if not chunk:
+        return tokens
+    return min(tokens, max(1, chunk // batch) * batch)
+
+
 # -- mixture of experts: Megatron's MoELayer, alltoall dispatcher, SequentialMLP experts --------
 
 def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
@@ -127,7 +138,7 @@ def moe_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
 
 
 def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean",
-                        exchange: str = "ring", moe: bool = False) -> Dict[str, float]:
+                        exchange: str = "ring", moe: bool = False, tiled: bool = False) -> Dict[str, float]:
     """TSP, per local token of one layer. Block recompute: the two norms, the inputs of the
     attention and MLP functions (x_p) and the RoPE slice; nothing per shard. "Save activations"
     mode adds, summed over the D shards: q, the local k/v, the attention output and its
@@ -136,7 +147,8 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
     either mode (it does not follow TSP's recompute): D x that over S/D local tokens.
     `moe`: an MoE layer, whose MLP is Megatron's MoELayer on the local tokens
     (moe_saved_per_token, the same in both modes: TSP's recompute does not cover it) and whose
-    shared expert is the TSP ring MLP at width fs (its items as the MLP's above)."""
+    shared expert is the TSP ring MLP at width fs (its items as the MLP's above). `tiled`
+    (parallel.mlp_chunk_tokens > 0): the MLP (every exchange) saves only its input x_p."""
     b = m.dtype_bytes
     items = {
         "norms": 2 * norm_saved(m, norm),
@@ -152,10 +164,10 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
             "attention output o (all shards)": b * m.q_dim,
             "softmax log-sum-exp": FP32 * m.heads,
         })
-        if exchange != "tokens" and f_mlp:
+        if exchange != "tokens" and f_mlp and not tiled:
             items["shared expert fc1 output (all shards)" if moe else "MLP fc1 output (all shards)"] = \
                 b * (2 if m.gated else 1) * f_mlp
-    if exchange == "tokens" and f_mlp:
+    if exchange == "tokens" and f_mlp and not tiled:
         items[("shared expert" if moe else "MLP") + " intermediates (tokens exchange, S tokens x f/D)"] = \
             b * mlp_intermediates(m, f_mlp)
     if moe:
@@ -164,7 +176,7 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
 
 
 def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool = False,
-                 moe: bool = False) -> Dict[str, tuple]:
+                 moe: bool = False, tiled: bool = False) -> Dict[str, tuple]:
     """Megatron's local-spec layer (SDPA core attention), per token: {item: (bytes, region)}
     with region 'norm' (tokens of the norm/residual region) or 'core' (tokens of the attention
     / MLP region, widths already divided by T). `selective` (Megatron's core-attention
@@ -172,7 +184,9 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     and not its log-sum-exp; its output is still saved by linear_proj. `moe`: an MoE layer
     (ETP = 1): router, dispatcher and experts on the tokens of the norm region
     (moe_saved_per_token), the shared expert Megatron's SharedExpertMLP (MLP intermediates at
-    width fs / T) instead of the MLP."""
+    width fs / T) instead of the MLP. `tiled` (parallel.mlp_chunk_tokens > 0): the dense MLP
+    (megatron_tsp.tsp.tiled_mlp.TiledMLP) saves only its input, linear_fc1's input above; the
+    shared expert (Megatron's SharedExpertMLP) is not tiled."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = mlp_intermediates(m)
     items = {
@@ -188,8 +202,10 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     }
     if selective:
         del items["softmax log-sum-exp"]
-    if moe:
+    if tiled:
         del items["MLP intermediates"]
+    if moe:
+        items.pop("MLP intermediates", None)
         if m.shared_ffn:
             items["shared expert intermediates"] = (b * mlp_intermediates(m, m.shared_ffn) / T, "core")
         items.update({k: (v, "norm") for k, v in moe_saved_per_token(m).items()})
@@ -377,13 +393,14 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     exchange = mlp_exchange(train, lay)
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
     tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
+    tiled = bool(train.mlp_chunk_tokens)
     def layer_items(moe: bool) -> Dict[str, float]:  # bytes one layer saves for its backward
         if lay.kind == "tsp":
             return {k: v * tokens_norm for k, v in tsp_saved_per_token(
-                m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe).items()}
+                m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe, tiled=tiled).items()}
         return {k: v * (tokens_norm if region == "norm" else tokens_core)
                 for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
-                                                   moe=moe).items()}
+                                                   moe=moe, tiled=tiled).items()}
 
     dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
     # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
@@ -450,7 +467,9 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         mlp_comm, mlp_scratch = dense_mlp
         if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
             moe_comm, moe_scratch = moe_in_flight(m, train, lay)
-            shared = baseline_mlp_in_flight(shared_expert_model(m), train, lay)[1] if m.shared_ffn else 0.0
+            # the baselines' shared expert is Megatron's SharedExpertMLP: never tiled
+            shared = baseline_mlp_in_flight(shared_expert_model(m), dataclasses.replace(train, mlp_chunk_tokens=0),
+                                            lay)[1] if m.shared_ffn else 0.0
             if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
                 mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
         blocks = [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
@@ -517,12 +536,20 @@ def baseline_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple
     gated, after fc2's backward has freed its input (the product): the product's gradient and the
     two gradients of the product's factors, 3 x [s_c, f/T] for the freed 1 (net 2). The incoming
     gradient [s, h] beside. (It counted 2 x [s_c, 2f/T] + 2 [s, h] before: 14-20% over the
-    measured baselines with the product kept.)"""
+    measured baselines with the product kept.)
+    Tiled (parallel.mlp_chunk_tokens, TiledMLP): the same pieces over one chunk's tokens of the MLP
+    region (the chunk of the s local tokens, all-gathered over T with sequence parallelism), plus
+    that chunk's rebuilt intermediates (saved by the untiled MLP for all tokens, counted there) and
+    the input gradient [s, h] the chunks fill."""
     b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
-    f_c = B * S / C * m.f / T * b
-    gathered = B * S / C * m.hidden * b if lay.sequence_parallel else 0.0
     s = B * S / lay.token_shards
-    return 0.0, max(f_c + gathered, 2 * f_c if m.gated else 0.0) + s * m.hidden * b
+    core = B * S / C * mlp_chunk(train, s, B) / s  # tokens of the MLP region in one chunk (all of them untiled)
+    f_c = core * m.f / T * b
+    gathered = core * m.hidden * b if lay.sequence_parallel else 0.0
+    scratch = max(f_c + gathered, 2 * f_c if m.gated else 0.0) + s * m.hidden * b
+    if train.mlp_chunk_tokens:
+        scratch += core * mlp_intermediates(m) / T * b + s * m.hidden * b
+    return 0.0, scratch
 
 
 # the CP attention's backward (baselines/context_parallel.py) at its peak on CP rank 0, in units of
@@ -579,10 +606,17 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     b, B, S, D = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.tsp_size
     s = B * S / D
     exchange = mlp_exchange(train, lay)
+    tiled = bool(train.mlp_chunk_tokens)
     if exchange == "tokens":
         # Megatron's MLP: no weight buffers (the input re-gather uses the persistent mpu
-        # buffer, counted by the caller); the gradients of its intermediates, as TP+SP's
-        return 0.0, 2 * B * S * 2 * m.f / D * b + 2 * s * m.hidden * b
+        # buffer, counted by the caller); the gradients of its intermediates, as TP+SP's; tiled
+        # (TiledMLP's function) those of one chunk all-gathered (D chunks), the chunk's rebuilt
+        # intermediates and the input gradient the chunks fill
+        gathered = D * mlp_chunk(train, s, B)
+        scratch = 2 * gathered * 2 * m.f / D * b + 2 * s * m.hidden * b
+        if tiled:
+            scratch += gathered * mlp_intermediates(m) / D * b + s * m.hidden * b
+        return 0.0, scratch
     shard = m.mlp_params / D * b
     if exchange == "ring":
         # the packed own shard, the one in use, the next hop's; the shard's gradient, the
@@ -594,10 +628,13 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     # these are alive (at the end of the product's backward, before its saved tensors are freed),
     # each [s, f/D]: gated: act(gate), up + offset, their product a (held until the grad returns),
     # d a = g @ W_fc2 (the grad's grad_outputs), d act(gate), d up; GELU: act(h1), d a, d h1. Plus
-    # dx and the incoming gradient [s, h]; recompute adds the shard's fc1 output [s, 2f/D or f/D]
-    scratch = s * b * ((6 if m.gated else 3) * m.f / D + 2 * m.hidden)
-    if in_layer_mode(lay, train) != "save":
-        scratch += s * b * (2 if m.gated else 1) * m.f / D
+    # dx and the incoming gradient [s, h]; recompute adds the shard's fc1 output [s, 2f/D or f/D].
+    # Tiled (parallel.mlp_chunk_tokens): the [., f/D] pieces and the rebuilt fc1 output (always
+    # rebuilt then) of one chunk c = min(chunk, s) instead of s
+    c = mlp_chunk(train, s)
+    scratch = c * b * (6 if m.gated else 3) * m.f / D + s * b * 2 * m.hidden
+    if in_layer_mode(lay, train) != "save" or tiled:
+        scratch += c * b * (2 if m.gated else 1) * m.f / D
     return comm, scratch
 
 
@@ -669,7 +706,7 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
                 # again with recompute); the last gradient hop has only the last dx GEMM beside it,
                 # so the share is spread evenly over the 2D - 1 hops.
                 shard_fwd = 2 * s * mm.mlp_params / D
-                bwd = D * (2 * shard_fwd + (0 if mode == "save" else 2 * s * fc1))
+                bwd = D * (2 * shard_fwd + (0 if mode == "save" and not train.mlp_chunk_tokens else 2 * s * fc1))
                 add(f"{what} weight ring", "fwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
                     overlap_flops=(D - 1) * shard_fwd)
                 add(f"{what} weight ring", "bwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
@@ -817,6 +854,15 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     rerun_tsp = L * m.attn_params + (0 if tokens else m.dense_layers * m.mlp_params
                                      + m.moe_layers * m.shared_params)
     extra_mm = extra * rerun_tsp / active
+    if train.mlp_chunk_tokens:
+        # the token-tiled MLP runs forward again chunk by chunk in backward: Megatron's MLP (the
+        # baselines', TSP's tokens exchange) all of it; TSP's exchanges fc1 (what block mode
+        # already reruns)
+        if lay.kind != "tsp" or tokens:
+            extra_mm += m.dense_layers * m.mlp_params / active
+        elif mode == "save":
+            fc1_share = 2 / 3 if m.gated else 1 / 2
+            extra_mm += fc1_share * (m.dense_layers * m.mlp_params + m.moe_layers * m.shared_params) / active
     # Megatron's layer recompute: one more forward of the recomputed layers (inside which TSP's
     # block mode still recomputes in its backward); selective: one more core-attention forward
     rerun = layer_recompute(m, train).recomputed / L
@@ -863,6 +909,9 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     resid = 24 * h * b / 2
     per_layer = 2 * norm * s + resid * s
     per_layer += s_core_width * (rope * (2 + refwd) + act + (0 if tokens_mlp else refwd) * act_tsp + act_bwd)
+    if train.mlp_chunk_tokens:  # the tiled MLP's activation again in backward (TSP's block mode already reruns it)
+        per_layer += s_core_width * ((L - Lm) / L * act * m.f / m_act.f if (lay.kind != "tsp" or tokens_mlp)
+                                     else (0 if refwd else act_tsp))
     per_layer += Lm / L * 4 * (1 + m.topk) * h * b * s  # MoE permute / unpermute, forward and backward
     P_layer = (m.dense_layers * m.layer_matmul_params / w + (m.moe_layers * (
         (m.attn_params + m.shared_params) / w + m.router_params + m.num_experts / train.expert_size * m.expert_params)

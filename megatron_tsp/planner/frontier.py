@@ -36,6 +36,8 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
         out["recompute_method"] = train.recompute_method
         out["recompute_num_layers"] = train.recompute_num_layers
         out["offload_activations"] = train.offload_activations
+    if train.mlp_chunk_tokens:
+        out["mlp_chunk_tokens"] = train.mlp_chunk_tokens
     if lay.kind == "tsp":
         out["tsp_recompute"] = train.tsp_recompute
         out["tsp_lm_head"] = train.tsp_lm_head
@@ -54,6 +56,8 @@ def describe(opts: Dict[str, object]) -> str:
         parts = [f"recompute {opts['recompute']}"]
     if "tsp_recompute" in opts:
         parts += [f"tsp_recompute {opts['tsp_recompute']}", f"head {opts['tsp_lm_head']}"]
+    if opts.get("mlp_chunk_tokens"):
+        parts.append(f"MLP chunks of {opts['mlp_chunk_tokens']}")
     return ", ".join(parts)
 
 

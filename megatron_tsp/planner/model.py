@@ -369,6 +369,7 @@ class TrainSpec:
     tsp_lm_head: str = "local"  # the recipe's null: local under tsp (the baselines run Megatron's)
     lm_head_chunk_tokens: int = _PARALLEL["lm_head_chunk_tokens"]
     tsp_mlp_exchange: str = _PARALLEL["tsp_mlp_exchange"]
+    mlp_chunk_tokens: int = _PARALLEL["mlp_chunk_tokens"]  # 0: untiled; every layout's dense MLP (and TSP's shared expert)
     expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
@@ -404,6 +405,10 @@ class TrainSpec:
             raise PlanError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                             f"checkpointed layers' inputs); got parallel.recompute = {self.recompute!r}")
         _positive("parallel.lm_head_chunk_tokens (--lm-head-chunk-tokens)", self.lm_head_chunk_tokens)
+        chunk = self.mlp_chunk_tokens
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise PlanError(f"parallel.mlp_chunk_tokens (--mlp-chunk-tokens) must be a non-negative integer "
+                            f"(0: untiled), got {chunk!r}")
         _positive("parallel.expert_size (--expert-size)", self.expert_size)
 
 

@@ -116,6 +116,9 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
       initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
       kernel, compute-only). Takes full sequences.
+    - Every layout: `tsp_options.mlp_chunk_tokens` > 0 runs the dense MLP on token chunks (TSP's
+      exchanges tiled, or Megatron's MLP as `tsp.tiled_mlp.TiledMLP`); the other TSPOptions are
+      TSP's own and the native layout ignores them.
     - `layout='native'`: Megatron's GPTModel with the local spec: DP, TP, or TP + sequence
       parallelism (when the TP group has more than one rank, unless `sequence_parallel=False`).
       Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
@@ -172,7 +175,9 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         from ..baselines.sdpa_attention import SDPACoreAttention
 
         core = ContextParallelAttention if cp > 1 else SDPACoreAttention if core_attention in ("sdpa", "cp") else None
-        spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core)
+        chunk = tsp_options.mlp_chunk_tokens if tsp_options is not None else 0
+        spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core, mlp_chunk_tokens=chunk,
+                                 tp_group=pgs.tp)
     model = cls(
         config,
         spec,

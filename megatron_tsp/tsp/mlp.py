@@ -14,10 +14,23 @@ partial, and after D hops the sum arrives at the owner. Saves x_p, the owned sha
 recompute='full', each shard's fc1 output (what Megatron's MLP saves, over the local tokens);
 with 'full', each shard's fc1 runs again in backward.
 
+Token tiling (`TSPOptions(mlp_chunk_tokens=N)`, N > 0): within each shard step the local tokens
+run in chunks c of at most N, and nothing but x_p is saved (fc1 always runs again in backward):
+
+    forward, shard step t:   for c: out[c] += fc2_j(act(fc1_j(x_p[c])))
+    backward, shard step t:  for c: rebuild fc1_j(x_p[c]), act; dW_j += (chunk's partial);
+                                    dx[c] += d fc1_j(x_p[c]) @ W_fc1_j
+                             post the gradient's exchange after the last chunk's dW (its dx GEMM
+                             overlaps the exchange)
+
+so the shard step's working set is one chunk's [N, f/D] pieces, not [S/D, f/D]. The weight
+shards move exactly as untiled: one ring pass (or D broadcasts) per direction, not per chunk.
+
 `TSPOptions(mlp_exchange='broadcast')` runs the same math with attention's exchange instead:
 shard j broadcast from its owner, its gradient reduced onto the owner (`TSPBroadcastMLPFunction`).
 `'tokens'` keeps the weights and moves the tokens (Megatron's sequence-parallel MLP forward);
-`'auto'` (the default) picks `tokens` below AUTO_TOKENS_BELOW local tokens, else the ring.
+`'auto'` (the default) picks `tokens` below AUTO_TOKENS_BELOW local tokens, else the ring; tiled,
+`tokens` runs Megatron's MLP on token chunks (`tiled_mlp.tiled_megatron_mlp_forward`).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from megatron.core.transformer.mlp import MLP
 from . import comm
 from .. import compat
 from .exchange import Reductions, broadcast_shards, ring_shards, run_holder_pre_hooks
+from .tiled_mlp import tiled_megatron_mlp_forward
 from ..config import TSPConfigError, TSPOptions, require_group, resolve_mlp_exchange, validate_transformer_config
 
 
@@ -60,49 +74,93 @@ def fc1(x, w_fc1, b_fc1):
     return F.linear(x, w_fc1, b_fc1)
 
 
-def shard_backward(g2d, x2d, h1, w_fc2, activation, grad_views):
-    """One shard's weight gradients from its fc1 output h1 [s, b, 2f/D or f/D], written into
-    `grad_views` (views of one flat buffer); returns d(fc1 output) [s*b, out] for the caller's
-    dx += dh1 @ W_fc1, which runs after the caller has posted the gradient's exchange, so the
-    last exchange of a layer overlaps that GEMM."""
+def token_chunks(tokens: int, chunk_tokens: int) -> list:
+    """Row slices of the local tokens ([s*b, h] as 2-D) of at most `chunk_tokens` rows each;
+    [None] (the whole 3-D tensor, untiled) when `chunk_tokens` is 0."""
+    if not chunk_tokens:
+        return [None]
+    return [slice(i, min(i + chunk_tokens, tokens)) for i in range(0, tokens, chunk_tokens)]
+
+
+def shard_backward(g2d, x2d, h1, w_fc2, activation, grad_views, accumulate: bool = False):
+    """One shard's weight gradients from its fc1 output h1 [s, b, 2f/D or f/D] (or [rows, ...]
+    of a token chunk, with g2d and x2d the chunk's rows), written into `grad_views` (views of one
+    flat buffer; `accumulate`: added to them, for the chunks after the first); returns d(fc1
+    output) [rows, out] for the caller's dx += dh1 @ W_fc1, which runs after the caller has posted
+    the gradient's exchange, so the last exchange of a layer overlaps that GEMM."""
     gw1, gb1, gw2 = grad_views
     with torch.enable_grad():
         h1_ = h1.detach().requires_grad_()
         a = activation(h1_)
     a2d = a.detach().reshape(g2d.shape[0], -1)
-    torch.mm(g2d.t(), a2d, out=gw2)
+    if accumulate:
+        gw2.addmm_(g2d.t(), a2d)
+    else:
+        torch.mm(g2d.t(), a2d, out=gw2)
     del a2d
     (dh1,) = torch.autograd.grad(a, h1_, torch.mm(g2d, w_fc2).view(a.shape))
     del a, h1_
     dh1 = dh1.reshape(g2d.shape[0], -1)
-    torch.mm(dh1.t(), x2d, out=gw1)
-    if gb1 is not None:
-        torch.sum(dh1, dim=0, out=gb1)
+    if accumulate:
+        gw1.addmm_(dh1.t(), x2d)
+        if gb1 is not None:
+            gb1.add_(dh1.sum(dim=0))
+    else:
+        torch.mm(dh1.t(), x2d, out=gw1)
+        if gb1 is not None:
+            torch.sum(dh1, dim=0, out=gb1)
     return dh1
 
 
-def forward_over_shards(shards, packer, x, activation, recompute: str):
-    """out = sum over the shards of fc2_j(act(fc1_j(x))); with recompute='none' also each
-    shard's fc1 output, in shard order, for the backward."""
+def shard_backward_chunks(g2d, x2d, dx, chunks, h1_of, w1, w_fc2, activation, grad_views):
+    """shard_backward over the token chunks of one shard step: each chunk's fc1 output from
+    `h1_of(rows)` (the saved one, or fc1 run again on the chunk), its partial weight gradients
+    summed into `grad_views`, and dx[rows] += dh1 @ W_fc1 for every chunk but the last, whose
+    (dh1, rows) come back for the caller to finish after posting the gradient's exchange."""
+    dh1, last = None, None
+    for i, rows in enumerate(chunks):
+        if dh1 is not None:
+            dx[last].addmm_(dh1, w1)
+        r = slice(None) if rows is None else rows
+        h1 = h1_of(rows)
+        dh1 = shard_backward(g2d[r], x2d[r], h1, w_fc2, activation, grad_views, accumulate=i > 0)
+        last = r
+        del h1
+    return dh1, last
+
+
+def forward_over_shards(shards, packer, x, activation, recompute: str, chunks=(None,)):
+    """out = sum over the shards of fc2_j(act(fc1_j(x))), each shard over the token `chunks`
+    (token_chunks; [None]: untiled); untiled with recompute='none' also each shard's fc1 output,
+    in shard order, for the backward."""
     out, saved = None, []
+    x2d = x.reshape(-1, x.shape[-1])
     for _, shard in shards:
         w1, b1, w2 = packer.unpack(shard)
-        h1 = fc1(x, w1, b1)
-        y = F.linear(activation(h1), w2)
-        out = y if out is None else out.add_(y)
-        if recompute == "none":
-            saved.append(h1)
-        del y, h1, w1, b1, w2, shard
-    return out, saved
+        for rows in chunks:
+            h1 = fc1(x if rows is None else x2d[rows], w1, b1)
+            y = F.linear(activation(h1), w2)
+            if rows is None:
+                out = y if out is None else out.add_(y)
+                if recompute == "none":
+                    saved.append(h1)
+            else:
+                if out is None:
+                    out = torch.zeros_like(x2d)
+                out[rows].add_(y)
+            del y, h1
+        del w1, b1, w2, shard
+    return out.view_as(x), saved
 
 
-def _forward(ctx, shard_iterator, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
+def _forward(ctx, shard_iterator, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str, chunk_tokens: int):
     """Both MLP Functions' forward; they differ in how the shards arrive (`ring_shards` or
     `broadcast_shards`)."""
     packer = comm.ShardPacker([w_fc1, b_fc1, w_fc2])
     shards = shard_iterator(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group)
-    out, saved = forward_over_shards(shards, packer, x, activation, recompute)
-    ctx.activation, ctx.group, ctx.packer = activation, group, packer
+    chunks = token_chunks(x.numel() // x.shape[-1], chunk_tokens)
+    out, saved = forward_over_shards(shards, packer, x, activation, recompute, chunks)
+    ctx.activation, ctx.group, ctx.packer, ctx.chunks = activation, group, packer, chunks
     ctx.save_for_backward(x, w_fc1, b_fc1, w_fc2, *saved)
     return out
 
@@ -115,13 +173,23 @@ def _backward_inputs(ctx, grad_out):
     return x, w_fc1, b_fc1, w_fc2, saved, x2d, grad_out.reshape(-1, h), torch.zeros_like(x2d)
 
 
+def _fc1_rebuild(saved_h1, x, x2d, w1, b1):
+    """rows -> the shard's fc1 output over those token rows: the saved one (untiled, recompute
+    'none'), or fc1 run again (on all of x untiled, on the chunk's rows tiled)."""
+    def h1_of(rows):
+        if saved_h1 is not None:
+            return saved_h1
+        return fc1(x if rows is None else x2d[rows], w1, b1)
+    return h1_of
+
+
 class TSPBroadcastMLPFunction(torch.autograd.Function):
     """The MLP with attention's exchange: shard j is broadcast from its owner (shard j+1's
     broadcast in flight while j computes) and its gradient reduced onto the owner."""
 
     @staticmethod
-    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
-        return _forward(ctx, broadcast_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute)
+    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str, chunk_tokens: int = 0):
+        return _forward(ctx, broadcast_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute, chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -130,24 +198,25 @@ class TSPBroadcastMLPFunction(torch.autograd.Function):
         reductions, owned_grad = Reductions(group), None
         for j, shard in broadcast_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
             w1, b1, w2 = packer.unpack(shard)
-            h1 = saved[j] if saved else fc1(x, w1, b1)
+            h1_of = _fc1_rebuild(saved[j] if saved else None, x, x2d, w1, b1)
             grad_buf = packer.empty()
-            dh1 = shard_backward(g2d, x2d, h1, w2, activation, packer.unpack(grad_buf))
+            dh1, rows = shard_backward_chunks(g2d, x2d, dx, ctx.chunks, h1_of, w1, w2, activation,
+                                              packer.unpack(grad_buf))
             reductions.post(grad_buf, j)
-            dx.addmm_(dh1, w1)
-            del h1, dh1, w1, b1, w2, shard
+            dx[rows].addmm_(dh1, w1)
+            del h1_of, dh1, w1, b1, w2, shard
             if j == group.rank():
                 owned_grad = grad_buf
             del grad_buf
         reductions.wait()
         dw_fc1, db_fc1, dw_fc2 = packer.unpack(owned_grad)
-        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
+        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None, None
 
 
 class TSPRingMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str):
-        return _forward(ctx, ring_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute)
+    def forward(ctx, x, w_fc1, b_fc1, w_fc2, activation, group, recompute: str, chunk_tokens: int = 0):
+        return _forward(ctx, ring_shards, x, w_fc1, b_fc1, w_fc2, activation, group, recompute, chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -157,9 +226,10 @@ class TSPRingMLPFunction(torch.autograd.Function):
         grad_in, grad_requests = None, None  # the accumulated gradient arriving from p-1
         for t, shard in ring_shards(packer.pack([w_fc1, b_fc1, w_fc2]), packer, group):
             w1, b1, w2 = packer.unpack(shard)
-            h1 = saved[t] if saved else fc1(x, w1, b1)
+            h1_of = _fc1_rebuild(saved[t] if saved else None, x, x2d, w1, b1)
             grad_acc = packer.empty()
-            dh1 = shard_backward(g2d, x2d, h1, w2, activation, packer.unpack(grad_acc))
+            dh1, rows = shard_backward_chunks(g2d, x2d, dx, ctx.chunks, h1_of, w1, w2, activation,
+                                              packer.unpack(grad_acc))
             if t > 0:  # add the partials of the ranks this shard visited before
                 comm.wait_all(grad_requests)
                 grad_acc.add_(grad_in)
@@ -168,11 +238,11 @@ class TSPRingMLPFunction(torch.autograd.Function):
                 grad_requests = comm.ring_shift(grad_acc, grad_in, group)
             else:
                 grad_in = grad_acc
-            dx.addmm_(dh1, w1)  # while the hop is in flight
-            del h1, dh1, w1, b1, w2, shard
+            dx[rows].addmm_(dh1, w1)  # while the hop is in flight
+            del h1_of, dh1, w1, b1, w2, shard
         comm.wait_all(grad_requests)
         dw_fc1, db_fc1, dw_fc2 = packer.unpack(grad_in)
-        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None
+        return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None, None
 
 
 class TSPRingMLP(MLP):
@@ -227,12 +297,15 @@ class TSPRingMLP(MLP):
         if per_token_scale is not None:
             raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP ring MLP")
         exchange = self.exchange(hidden_states)
+        chunk_tokens = self.tsp_options.mlp_chunk_tokens
         if exchange == "tokens":  # Megatron's sequence-parallel MLP: all-gather in, reduce-scatter out
+            if chunk_tokens:
+                return tiled_megatron_mlp_forward(self, hidden_states, chunk_tokens)
             return super().forward(hidden_states)
         run_holder_pre_hooks(self.linear_fc1, self.linear_fc2)
         function = TSPBroadcastMLPFunction if exchange == "broadcast" else TSPRingMLPFunction
         out = function.apply(
             hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
-            self.activation, self.tsp_group, self.tsp_options.recompute,
+            self.activation, self.tsp_group, self.tsp_options.recompute, chunk_tokens,
         )
         return out, self.linear_fc2.bias

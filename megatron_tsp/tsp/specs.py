@@ -17,6 +17,7 @@ from .. import compat
 from .attention import TSPSelfAttention
 from ..config import TSPOptions, require_group
 from .mlp import TSPRingMLP
+from .tiled_mlp import TiledMLP
 from .norm import TSPNorm
 
 
@@ -64,14 +65,22 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     return spec
 
 
-def get_sp_layer_spec(config, core_attention=None, moe: bool = False) -> ModuleSpec:
+def get_sp_layer_spec(config, core_attention=None, moe: bool = False, mlp_chunk_tokens: int = 0,
+                      tp_group=None) -> ModuleSpec:
     """Megatron's native local layer (TP, TP + sequence parallelism) with norms that accept
     sequence parallelism: the baseline and the reference of the parity tests. `core_attention`
     replaces Megatron's DotProductAttention (e.g. SDPACoreAttention for long contexts).
-    `moe=True`: Megatron's own local MoE MLP (MoELayer, SequentialMLP, SharedExpertMLP)."""
+    `moe=True`: Megatron's own local MoE MLP (MoELayer, SequentialMLP, SharedExpertMLP).
+    `mlp_chunk_tokens` > 0: the dense MLP runs on token chunks (`tiled_mlp.TiledMLP`, Megatron's
+    MLP otherwise; parallel.mlp_chunk_tokens) on `tp_group` (required then: the layer's TP group)."""
     spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
+    if mlp_chunk_tokens and not moe:
+        require_group(tp_group, "get_sp_layer_spec(mlp_chunk_tokens > 0)", "tp_group")
+        mlp = spec.submodules.mlp
+        spec.submodules.mlp = compat.mlp_spec(mlp, TiledMLP, compat.mlp_submodules(mlp), tp_group=tp_group,
+                                              mlp_chunk_tokens=mlp_chunk_tokens)
     return spec
 
 
@@ -97,5 +106,7 @@ def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None,
     return _block(config, lambda moe: get_tsp_layer_spec(config, tsp_group, tsp_options, moe=moe), vp_stage, pp_rank)
 
 
-def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None) -> TransformerBlockSubmodules:
-    return _block(config, lambda moe: get_sp_layer_spec(config, core_attention, moe=moe), vp_stage, pp_rank)
+def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None, mlp_chunk_tokens: int = 0,
+                      tp_group=None) -> TransformerBlockSubmodules:
+    return _block(config, lambda moe: get_sp_layer_spec(config, core_attention, moe=moe, mlp_chunk_tokens=mlp_chunk_tokens,
+                                                        tp_group=tp_group), vp_stage, pp_rank)

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from megatron_tsp import TSPConfigError
-from megatron_tsp.megatron_lm.arguments import expand_tsp_recipe, load_flag_recipe
+from megatron_tsp.megatron_lm.arguments import expand_tsp_recipe, load_flag_recipe, tsp_options_from_args
 from megatron_tsp.megatron_lm.hooks import SUPPORTED_TAGS, check_built_model, tsp_extra_args_provider, tsp_gpt_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,6 +109,8 @@ def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
     (["--tsp-size", "3"], r"--num-attention-heads = 32 must be divisible by --tsp-size = 3"),
     (["--tsp-size", "0"], r"--tsp-size must be a positive integer"),
     (["--tsp-size", "2", "--tsp-lm-head-chunk-tokens", "0"], r"--tsp-lm-head-chunk-tokens must be a positive integer"),
+    (["--tsp-size", "2", "--tsp-mlp-chunk-tokens", "-4"], r"--tsp-mlp-chunk-tokens must be a non-negative integer"),
+    (["--tsp-mlp-chunk-tokens", "4096"], r"--tsp-mlp-chunk-tokens needs the plugin's model"),
 ])
 def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -130,7 +132,8 @@ def test_help_lists_the_tsp_flags(capsys):
     with pytest.raises(SystemExit):
         _megatron_like_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec", "--tsp-lm-head", "--tsp-lm-head-chunk-tokens"):
+    for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec", "--tsp-lm-head", "--tsp-lm-head-chunk-tokens",
+                 "--tsp-mlp-chunk-tokens"):
         assert flag in out
 
 
@@ -418,3 +421,9 @@ def test_tsp_schedule_flags_reach_the_options(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--tsp-recompute", "some"])
     assert "--tsp-recompute" in capsys.readouterr().err
+
+
+def test_mlp_chunk_tokens_serves_the_native_specs_too():
+    args = _megatron_like_parser().parse_args(["--tsp-native-spec", "sdpa", "--tsp-mlp-chunk-tokens", "4096"])
+    assert tsp_options_from_args(args).mlp_chunk_tokens == 4096
+    assert _megatron_like_parser().parse_args(["--tsp-size", "2"]).tsp_mlp_chunk_tokens == 0  # untiled by default

@@ -446,6 +446,7 @@ def test_selective_recompute_of_the_baselines_by_hand():
     (lambda: TrainSpec(seq_length=64, offload_activations=True), r"parallel.offload_activations = true needs parallel.recompute = full"),
     (lambda: TrainSpec(seq_length=64, tsp_lm_head="vocab"), r"parallel.tsp_lm_head \(--tsp-lm-head\) = 'vocab'"),
     (lambda: TrainSpec(seq_length=64, lm_head_chunk_tokens=0), r"parallel.lm_head_chunk_tokens"),
+    (lambda: TrainSpec(seq_length=64, mlp_chunk_tokens=-1), r"parallel.mlp_chunk_tokens \(--mlp-chunk-tokens\) must be a non-negative"),
     (lambda: TrainSpec(seq_length=64, norm="apex"), r"--norm = 'apex'"),
     (lambda: plan_all(SMALL, TrainSpec(seq_length=4096, recompute="full", recompute_num_layers=9), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
@@ -725,3 +726,55 @@ def test_the_longest_modelled_context_still_plans(capsys):
 
     assert plan_main([RECIPE, "--seq-len", str(MAX_SEQ_LEN), "--layout", "tsp4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plans"][0]["layout"] == "TSP D=4"
+
+
+def test_tiled_mlp_working_set_follows_the_chunk():
+    """parallel.mlp_chunk_tokens: TSP's MLP backward holds one chunk's [c, f/D] pieces (six, and the
+    rebuilt fc1 output [c, 2f/D]) beside dx and the incoming gradient [s, h]; Megatron's MLP
+    (TiledMLP) one chunk's pieces (all-gathered over T with sequence parallelism) and its rebuilt
+    intermediates beside dx and the incoming gradient; the MLP saves only its input."""
+    from megatron_tsp.planner.formulas import baseline_mlp_in_flight, mlp_intermediates, native_saved, tsp_mlp_in_flight
+
+    S, c, b, f = 2**20, 8192, 2, 4 * H
+    for D in (1, 2, 4):
+        s = S / D
+        t = TrainSpec(seq_length=S, tsp_mlp_exchange="ring", mlp_chunk_tokens=c)
+        _, scratch = tsp_mlp_in_flight(MHA, t, Layout("tsp", tsp_size=D))
+        assert scratch == pytest.approx(c * b * 8 * f / D + s * b * 2 * H), D
+        # a chunk larger than the local tokens is all of them
+        big = TrainSpec(seq_length=S, tsp_mlp_exchange="ring", mlp_chunk_tokens=2 * S, tsp_recompute="full")
+        untiled = TrainSpec(seq_length=S, tsp_mlp_exchange="ring", tsp_recompute="full")
+        assert tsp_mlp_in_flight(MHA, big, Layout("tsp", tsp_size=D)) == tsp_mlp_in_flight(MHA, untiled, Layout("tsp", tsp_size=D))
+        assert "MLP fc1 output (all shards)" not in tsp_saved_per_token(MHA, True, exchange="ring", tiled=True)
+        assert "MLP fc1 output (all shards)" in tsp_saved_per_token(MHA, True, exchange="ring")
+    T = 4
+    lay = Layout("tp_sp", tp=T)
+    s = S / T
+    _, scratch = baseline_mlp_in_flight(MHA, TrainSpec(seq_length=S, mlp_chunk_tokens=c), lay)
+    core = c * T  # the chunk of every TP rank, all-gathered
+    f_c = core * f / T * b
+    want = max(f_c + core * H * b, 2 * f_c) + core * mlp_intermediates(MHA) / T * b + 2 * s * H * b
+    assert scratch == pytest.approx(want)
+    assert "MLP intermediates" not in native_saved(MHA, lay, tiled=True)
+    assert "MLP intermediates" in native_saved(MHA, lay)
+
+
+@pytest.mark.parametrize("layout", [Layout("tsp", tsp_size=4), Layout("tp_sp", tp=4), Layout("fsdp_cp", cp=4)],
+                         ids=["tsp4", "tp_sp4", "fsdp_cp4"])
+def test_tiled_mlp_lowers_the_frontier_peak(layout):
+    """At 1M tokens with layer recompute the peak is one layer's backward: the tiled MLP's backward
+    point is lower and grows with the chunk (the peak then may be the attention's), and it costs
+    one more MLP forward (Megatron's) or fc1 (TSP's) of compute."""
+    from megatron_tsp.planner.formulas import flops
+
+    kw = dict(seq_length=2**20, recompute="full", recompute_num_layers=1, tsp_mlp_exchange="ring")
+    mems = {c: memory(MHA, TrainSpec(**kw, mlp_chunk_tokens=c), layout, NODE4) for c in (0, 65536, 8192)}
+    mlp_point = {c: m.points["checkpointed layer backward (MLP)"] for c, m in mems.items()}
+    assert mlp_point[8192] < mlp_point[65536] < mlp_point[0], mlp_point
+    assert mems[0].peak_point == "checkpointed layer backward (MLP)"
+    assert mems[8192].peak <= mems[65536].peak <= mems[0].peak
+    if layout.kind == "tsp":  # 149.8 -> 138.5 GiB per rank: the attention's backward is the peak then
+        assert mems[0].peak - mems[8192].peak > 8 * GIB
+        assert mems[8192].peak_point == "checkpointed layer backward (attention)"
+    untiled, tiled = (flops(MHA, TrainSpec(**kw, mlp_chunk_tokens=c), layout)["matmul"] for c in (0, 8192))
+    assert tiled > untiled
