@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    help="host memory per node (GiB) for offloaded inputs, shared by --gpus-per-node GPUs (default 512)")
     f.add_argument("--time-at", type=int, default=None,
                    help="context of the real step the frontier's step time is extrapolated from (default: none)")
+    f.add_argument("--mlp-chunk-tokens", type=int, default=0,
+                   help="the token-tiled MLP (parallel.mlp_chunk_tokens) in every layout's lean options (default 0: off)")
     f.add_argument("--out", default=None, help="append every probe as a JSON line here (a rerun skips those present)")
     return p
 
@@ -241,7 +243,8 @@ def run_frontier(args) -> dict:
             start, growth = guess, 1.06
         else:  # the recipe's S (or the one given), doubling
             start = int(args.start_seq) if args.start_seq not in (None, "auto") else recipe.model.seq_length
-        row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers).run(
+        row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers,
+                     mlp_chunk_tokens=args.mlp_chunk_tokens).run(
             start, args.max_seq, granularity(start, args.world), growth)
         row["growth"] = growth
         row["world"] = args.world

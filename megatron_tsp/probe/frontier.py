@@ -7,12 +7,13 @@ offloaded to the host, one layer per checkpoint or, where the node's host memory
 (`--host-memory-gb` per node, shared by its GPUs) does not hold them, the fewest layers per
 checkpoint (N = 2, 4, ...) whose inputs it holds (the planner's count of the offloaded bytes,
 which is exact: 2h bytes per local token and checkpoint); without offload when none fits. For
-TSP also its in-layer recompute and sequence-local LM head. The context is searched over multiples of the layout's granularity
-(2 x GPUs of the layout x 1024): doubling from the start until a context does not fit, then
-bisection to 2%. Each probe is one warm-up step and one measured step of rank 0 in memory mode
-(kernels stood in, `probe.standins`), its peak against the allocator's limit
-(`--gpu-memory-gb`). Every probe is a JSON line in `--out` (a later run with the same file
-skips what it holds).
+TSP also its in-layer recompute and sequence-local LM head; for every layout the token-tiled MLP
+with `--mlp-chunk-tokens`. The context is searched over multiples of 2 x GPUs x 1024: from the
+start up by a factor (doubling; 6% from the planner's guess, `--start-seq auto`) while it fits,
+down while it does not, then bisection to 2%. Each probe is one warm-up step and one measured
+step of rank 0 in memory mode "all" (kernels stood in, `probe.standins`), its peak against the
+allocator's limit (`--gpu-memory-gb`). Every probe is a JSON line in `--out` (a later run with
+the same file skips what it holds).
 
 Step time at the frontier is not measured there (memory mode skips the arithmetic): it is
 extrapolated from a real step at `--time-at` tokens: the non-attention time scales with S, the
@@ -51,12 +52,14 @@ def granularity(start: int, world: int) -> int:
     return 2 * world * m
 
 
-def lean(name: str, offload: bool, every: int = 1) -> List[str]:
+def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0) -> List[str]:
     """The leanest options of a layout: full recompute, uniform, a checkpoint every `every` layers
-    (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU)."""
+    (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU); the
+    token-tiled MLP when `mlp_chunk_tokens` (every layout: TSP's and Megatron's MLP)."""
     tsp = name.startswith("tsp")
     base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
-    return base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else [])
+    tiled = [f"parallel.mlp_chunk_tokens={mlp_chunk_tokens}"] if mlp_chunk_tokens else []
+    return base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
 
 
 class Search:
@@ -64,8 +67,9 @@ class Search:
     `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
-                 offload_gib: Callable, log: Callable = None, layers: int = 32):
+                 offload_gib: Callable, log: Callable = None, layers: int = 32, mlp_chunk_tokens: int = 0):
         self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
+        self.chunk = mlp_chunk_tokens
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
@@ -75,12 +79,12 @@ class Search:
         host holds; without offload (N = 1) when none does."""
         n = 1
         while n <= self.layers:
-            opts = lean(self.name, True, n)
+            opts = lean(self.name, True, n, self.chunk)
             need = self.offload_gib(S, opts)
             if self.layers % n == 0 and (self.host is None or (need is not None and need <= self.host)):
                 return opts
             n *= 2
-        return lean(self.name, False)
+        return lean(self.name, False, 1, self.chunk)
 
     def fits(self, S: int) -> bool:
         if S not in self.tried:
