@@ -13,7 +13,7 @@ PARTS=${1:-tests,check}
 SEQ=${SEQ:-256K}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 if has tests; then
-  timeout 240 python3 -m pytest -q tests/probe/test_probe.py tests/probe/test_standins.py > "$OUT/pytest_probe.log" 2>&1; tail -3 "$OUT/pytest_probe.log"
+  timeout 150 python3 -m pytest -q tests/probe/test_probe.py tests/probe/test_standins.py > "$OUT/pytest_probe.log" 2>&1; tail -3 "$OUT/pytest_probe.log"
 fi
 if has calibrate; then
   python3 -c "from megatron_tsp.probe.standins import calibrate; import json, torch; print(json.dumps(calibrate(torch.device('cuda')), indent=1))" \
