@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="context of the real step the frontier's step time is extrapolated from (default: none)")
     f.add_argument("--mlp-chunk-tokens", type=int, default=0,
                    help="the token-tiled MLP (parallel.mlp_chunk_tokens) in every layout's lean options (default 0: off)")
+    f.add_argument("--in-process", action="store_true",
+                   help="run every probe in this process (default: each in a fresh one, so nothing of an earlier "
+                        "probe stays allocated)")
     f.add_argument("--out", default=None, help="append every probe as a JSON line here (a rerun skips those present)")
     return p
 
@@ -87,7 +90,7 @@ def render(result: dict) -> str:
         lines.append(f"  out of memory: {m['oom']}")
     else:
         rows = [("model states (weights, grads, optimizer)", m["model_states_gib"], p.get("model_states_gib")),
-                ("activations kept at the end of forward", m["kept_activations_gib"], p.get("kept_activations_gib")),
+                ("activations kept at the end of forward *", m["kept_activations_gib"], p.get("kept_activations_gib")),
                 ("working set above them (backward)", m["working_set_gib"], None),
                 ("peak allocated", m["peak_allocated_gib"], p.get("peak_gib")),
                 ("peak reserved", m["peak_reserved_gib"], None)]
@@ -96,6 +99,8 @@ def render(result: dict) -> str:
         for name, meas, pred in rows:
             ratio = f"{meas / pred:.3f}" if meas is not None and pred else "-"
             lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
+        lines.append("  * planner: the layers' saved activations; measured: everything kept, the LM head's saved "
+                     "logits too (Megatron's head keeps [S, V/T] float32)")
         lines.append(f"  peak in: {m['peak_in']} (planner: {p.get('peak_point', '-')})")
         if p.get("at_peak_gib"):
             lines.append(f"  planner's peak, by term ({unit}): " + ", ".join(
@@ -170,7 +175,8 @@ def run(args) -> dict:
     rank = check_request(args, recipe)
     recipe.check(args.world)
     capacity = capacity_of(args)
-    measured = measure(recipe, args.world, rank, warmup=args.warmup, steps=args.steps, memory_mode=args.memory_mode)
+    measured = measure(recipe, args.world, rank, warmup=args.warmup, steps=args.steps, memory_mode=args.memory_mode,
+                       capacity_gib=capacity)
     predicted = predict(args.recipe, args.overrides, args.world, args.gpus_per_node, capacity, args.hardware)
     p = recipe.parallel
     layout = predicted.get("layout") or f"{p.layout} {recipe.axis_size}" + (
@@ -180,6 +186,28 @@ def run(args) -> dict:
             "capacity_gib": capacity, "measured": measured, "predicted": predicted,
             "ratio_peak": (measured["peak_allocated_gib"] / predicted["peak_gib"]
                            if not measured.get("oom") and predicted.get("peak_gib") else None)}
+
+
+def measure_in_child(recipe: str, overrides, world: int, warmup: int, mode: Optional[str],
+                     capacity: Optional[float]) -> dict:
+    """One probe in a fresh process (`megatron-tsp probe ... --json`): nothing of an earlier probe
+    stays allocated (on a GPU a built model was seen to outlive `measure` in the same process,
+    5-17 GiB per earlier probe), and an out-of-memory leaves no allocator state behind."""
+    import subprocess
+
+    from . import ProbeError
+
+    argv = [sys.executable, "-m", "megatron_tsp.cli", "probe", recipe, *overrides, "--world", str(world),
+            "--warmup", str(warmup), "--json"]
+    if mode:
+        argv += ["--memory-mode", mode]
+    if capacity:
+        argv += ["--gpu-memory-gb", str(capacity)]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode not in (0, 3):  # 3: out of memory, reported in the JSON
+        last = [line for line in out.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise ProbeError(f"a probe of {' '.join(overrides)} failed (exit {out.returncode}): {last[0]}")
+    return json.loads(out.stdout)["measured"]
 
 
 def planner_guess(args, layout_overrides, capacity) -> int:
@@ -226,8 +254,11 @@ def run_frontier(args) -> dict:
             key = json.dumps([args.recipe, overrides(S, opts), args.world, round(capacity or 0, 2), mode, warmup])
             hit = log.get(key)
             if hit is None:
-                m = measure(load_recipe(args.recipe, overrides(S, opts)), args.world, 0, warmup=warmup, steps=1,
-                            memory_mode=mode, capacity_gib=capacity)
+                if args.in_process:
+                    m = measure(load_recipe(args.recipe, overrides(S, opts)), args.world, 0, warmup=warmup, steps=1,
+                                memory_mode=mode, capacity_gib=capacity)
+                else:
+                    m = measure_in_child(args.recipe, overrides(S, opts), args.world, warmup, mode, capacity)
                 hit = {"layout": name, "seq_len": S, "measured": m}
                 log.put(key, hit)
             return hit["measured"]

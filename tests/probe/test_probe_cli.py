@@ -67,12 +67,13 @@ def test_inference_refuses_a_baseline_layout():
 
 
 def test_frontier_on_cpu(tmp_path):
-    """--frontier end to end on the tiny model (the capacity checked after each CPU step): the longest
-    context fits, the next one tried does not, and a rerun reads the log instead of probing."""
+    """--frontier end to end on the tiny model (the capacity checked after each CPU step; all probes in
+    one process, as --in-process): the longest context fits, the next one tried does not, and a rerun
+    reads the log instead of probing."""
     log = str(tmp_path / "probes.jsonl")
     argv = ["configs/tiny.yaml", "train.global_batch_size=2", "train.micro_batch_size=1", "model.num_layers=1",
             "--world", "2", "--frontier", "--layouts", "tsp", "--start-seq", "256", "--gpu-memory-gb", "0.004",
-            "--max-seq", "16384", "--host-memory-gb", "0", "--out", log, "--json"]
+            "--max-seq", "16384", "--host-memory-gb", "0", "--out", log, "--json", "--in-process"]
     out = probe(*argv, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads(out.stdout)["layouts"][0]
@@ -83,3 +84,15 @@ def test_frontier_on_cpu(tmp_path):
     again = probe(*argv, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout)["layouts"][0]["max_seq_len"] == row["max_seq_len"]
     assert len(open(log).readlines()) == probed  # nothing probed twice
+
+
+def test_a_probe_in_a_child_process_measures_the_same():
+    """--frontier's default runs each probe in a fresh process (probe.cli.measure_in_child): the same
+    peak as in this one, and an over-capacity peak comes back as out of memory (exit 3), not a failure."""
+    from megatron_tsp.probe.cli import measure_in_child
+
+    over = ["parallel.size=2", "train.global_batch_size=2", "train.micro_batch_size=1"]
+    child = measure_in_child("configs/tiny.yaml", over, 2, 1, None, None)
+    again = measure_in_child("configs/tiny.yaml", over, 2, 1, None, child["peak_allocated_gib"] / 2)
+    assert child["oom"] is None and child["peak_allocated_gib"] > child["model_states_gib"] > 0
+    assert again["oom"] and "over the capacity" in again["oom"]
