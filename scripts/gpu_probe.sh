@@ -16,7 +16,7 @@ if has tests; then
   timeout 150 python3 -m pytest -q tests/probe/test_probe.py tests/probe/test_standins.py > "$OUT/pytest_probe.log" 2>&1; tail -3 "$OUT/pytest_probe.log"
 fi
 if has calibrate; then
-  python3 -c "from megatron_tsp.probe.standins import calibrate; import json, torch; print(json.dumps(calibrate(torch.device('cuda')), indent=1))" \
+  python3 -c "from megatron_tsp.probe.standins import calibrate; import json, torch; print(json.dumps(calibrate(torch.device('cuda')), indent=1, default=str))" \
     > "$OUT/calibrate.json" 2>&1; tail -40 "$OUT/calibrate.json"
 fi
 if has check; then
