@@ -2,7 +2,7 @@
 # Issue 25 on one GPU (H200 when lent, else H100): the probe's GPU tests, the memory-mode check
 # (real vs stand-in kernels, every layout), the compute-time profile, then the measured frontier.
 # Usage: OUT=dir TSP_COMMIT=sha bash scripts/gpu_probe.sh PARTS   (PARTS: comma-separated of
-# tests,calibrate,check,profile,rows2,rows4,rows8,frontier4,frontier8; each part appends to its file under $OUT)
+# tests,calibrate,check,profile,rows2,rows4,rows8,bracket4,bracket8,frontier4,frontier8; each part appends to its file under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_probe}; mkdir -p "$OUT"
@@ -25,6 +25,12 @@ fi
 if has profile; then
   python3 benchmarks/probe_gpu.py --jobs profile --seq "$SEQ" --layers 2 --world 4 --out "$OUT/profile.jsonl" 2>&1 | grep -E "probe_gpu|Error|error"
 fi
+for W in 4 8; do
+  if has bracket$W; then
+    python3 benchmarks/probe_bracket.py --world $W --layouts ${LAYOUTS:-tsp,fsdp_cp4,tp_sp} --host-memory-gb ${HOST_GB:-400} \
+      --out "$OUT/bracket_w$W.jsonl" 2>&1 | grep -E "probe_bracket|rror"
+  fi
+done
 for W in 2 4 8; do
   if has rows$W; then
     python3 benchmarks/probe_gpu.py --jobs rows --mode all --seq 64K,256K,1M --layers 4,32 --world $W \
