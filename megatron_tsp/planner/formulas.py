@@ -186,7 +186,15 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     (moe_saved_per_token), the shared expert Megatron's SharedExpertMLP (MLP intermediates at
     width fs / T) instead of the MLP. `tiled` (parallel.mlp_chunk_tokens > 0): the dense MLP
     (megatron_tsp.tsp.tiled_mlp.TiledMLP) saves only its input, linear_fc1's input above; the
-    shared expert (Megatron's SharedExpertMLP) is not tiled."""
+    shared expert (Megatron's SharedExpertMLP) is not tiled.
+    CP (lay.cp > 1, megatron_tsp.baselines.context_parallel, without selective recompute): v is
+    consumed by the cat [k | v] the K/V all-gather sends, so no view keeps the mixed qkv, nor is
+    k after RoPE saved; the attention keeps q after RoPE, the local [k | v] (re-gathered in
+    backward), each local chunk's output o (the kernel's) and their concatenation (linear_proj's
+    input): (3 q + 2 kv) / T per token, not the (3 q + 3 kv) / T of the SDPA path. Evidence
+    (issue 25 follow-up, benchmarks/fake_rank_memory.py, CP 4 and TP 2 x CP 2, S 4K and 8K, h 512):
+    the planner was over by exactly [S / C, kv / T] at both lengths; the H100 rows at 256K (CP 4,
+    TP+SP 2 x CP 2) by 0.5 GiB = the same tensor."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = mlp_intermediates(m)
     items = {
@@ -202,6 +210,11 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     }
     if selective:
         del items["softmax log-sum-exp"]
+    elif lay.cp > 1:
+        del items["mixed qkv (v is a view of it)"], items["q, k after RoPE"]
+        items = {"q after RoPE": (b * m.q_dim / T, "core"),
+                 "local [k | v] (the CP all-gather's input, re-gathered in backward)": (b * 2 * m.kv_dim / T, "core"),
+                 "chunk attention outputs o": (b * m.q_dim / T, "core"), **items}
     if tiled:
         del items["MLP intermediates"]
     if moe:
@@ -231,6 +244,20 @@ class Memory:
     host_offload: float = 0.0  # checkpointed layer inputs held in pinned host memory (per GPU)
     at_peak: Dict[str, float] = field(default_factory=dict)  # what is allocated at the peak, by kind
     points: Dict[str, float] = field(default_factory=dict)  # the total at each candidate peak point
+    # allocated before a step starts and kept across steps, beside the model states: Megatron's
+    # global all-gather buffer (sequence parallelism; counted in `comm_buffers` and the peak points)
+    # and the cached RoPE table (counted in the peak points)
+    persistent_buffers: float = 0.0
+    # what is kept when the model's forward returns (the loss): the saved activations (`activations`)
+    # and what the LM head keeps for its backward (Megatron's vocab-parallel cross entropy: the fp32
+    # softmax [B S / C, V / T]; the local head: nothing beside its log-sum-exp, in `activations`)
+    kept_at_loss: float = 0.0
+    # allocated when a step starts (model states + persistent buffers) and when its forward returns:
+    # the probe's `model_states_gib` and `forward_end_gib`. FSDP over CP: the start holds the fp32
+    # main gradients the previous step's optimizer made (`step_extra`, none for an fp32 model), which
+    # zero_grad frees before the forward (H100 probe at 256K: 1.24 GiB = P x 4 bytes, 4 layers)
+    step_start: float = 0.0
+    forward_end: float = 0.0
 
     def as_gib(self) -> dict:
         out = {k: getattr(self, k) / GIB for k in ("params", "grads", "optimizer", "activations", "comm_buffers",
@@ -370,6 +397,27 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
     return {"logits (fp32 softmax)": FP32 * tokens * m.vocab / w, "logits (model dtype)": b * tokens * m.vocab / w}
 
 
+def lm_head_kept(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
+    """Bytes the LM head keeps from the end of forward to its backward, beside its input (counted
+    in the activations): Megatron's vocab-parallel cross entropy saves its fp32 softmax
+    [B S / C, V / T] (the model-dtype logits are freed when the forward returns); the local head
+    only its log-sum-exp (counted in the activations). H100 probe, 7B width, 256K, 4 ranks: the
+    forward's end is 7.81 GiB = [S, V / 4] fp32 above the saved activations for TP+SP, CP and
+    TP+SP x CP (FSDP over CP too, less the gradients zero_grad frees), TSP's local head 0."""
+    if uses_local_head(train, lay):
+        return 0.0
+    return FP32 * train.micro_batch_size * train.seq_length / lay.cp * m.vocab / lay.weight_shards
+
+
+def rope_table(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
+    """Megatron's RotaryEmbedding caches its table (lru_cache, fp32 [S / C, d]) across steps; TSP
+    indexes the same table over the whole sequence. In the step's starting allocation of the H100
+    probe at 256K: 0.125 GiB TP+SP 4, 0.0625 TP+SP 2 x CP 2, 0.031 CP 4 and FSDP over CP 4
+    beyond the model states and Megatron's all-gather buffer (TSP D=4: 0.20, of which 0.075 is not
+    this table and not modelled). With it the 512K fake-group rows (test_plan.py) are within 0.7%."""
+    return FP32 * train.seq_length / lay.cp * m.head_dim
+
+
 def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
     """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
     the LM head's working set), the backward of a layer that saved its activations (the layers'
@@ -432,6 +480,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     activations = sum(detail.values())
     layers_saved = activations - sum(head_saved.values())  # what is still saved when the last layer's backward runs
 
+    kept_at_loss = activations + lm_head_kept(m, train, lay)
     head = lm_head_working_set(m, train, lay)
     logits = sum(head.values())
     # Megatron's persistent all-gather buffer (sequence-parallel linears, its LM head, the
@@ -439,6 +488,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     needs_buffer = lay.sequence_parallel and (lay.kind != "tsp" or not uses_local_head(train, lay)
                                               or exchange == "tokens")
     mpu_buffer = b * B * S / C * m.hidden if needs_buffer else 0.0
+    rope = rope_table(m, train, lay)
 
     # what is in flight while one layer runs its backward: (buffers, scratch, point, frees the
     # MLP's saved tensors) for each block; the MLP's backward runs first, the attention's after it
@@ -477,7 +527,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
                    "layer backward (attention)", True)]
     blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in blocks]
     comm, scratch, point, _ = max(blocks, key=lambda x: x[0] + x[1] - (layer_mlp if x[3] else 0.0))
-    static = params + grads + optimizer
+    static = params + grads + optimizer + rope
     step_extra = 0.0
     if lay.kind == "fsdp_cp":
         # FSDP2's sharded gradients are set to None by the optimizer's zero_grad and appear layer
@@ -485,7 +535,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         # do not count in forward and backward (probe: FSDP over CP at 4 and 32 layers on the GPU
         # rows, 1-6% over with them). At the step they exist in the parameter dtype, and Megatron's
         # mixed-precision optimizer copies them to fp32 main gradients (model_param.grad.float())
-        static_fb = params + optimizer
+        static_fb = params + optimizer + rope
         step_extra = stepped * FP32 if b < FP32 else 0.0
     else:
         static_fb = static
@@ -506,13 +556,13 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     if fwd_bwd_peak >= step_peak:
         peak, point = fwd_bwd_peak, name
         at_peak = {"params": params, "grads": grads if static_fb == static else 0.0, "optimizer": optimizer,
-                   "saved activations": act_at,
+                   "RoPE table": rope, "saved activations": act_at,
                    "recompute working set": work_at,
                    ("LM head + buffers" if name.startswith("loss") else "in-flight buffers"): buf_at,
                    "scratch": scratch_at}
     else:
         peak, point = step_peak, "optimizer step"
-        at_peak = {"params": params, "grads": grads, "optimizer": optimizer,
+        at_peak = {"params": params, "grads": grads, "optimizer": optimizer, "RoPE table": rope,
                    "optimizer step transient": opt_step_transient + step_extra, "buffers": mpu_buffer}
     return Memory(
         params=params, grads=grads, optimizer=optimizer, activations=activations,
@@ -520,6 +570,9 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
         recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
         at_peak=at_peak, points={k: static_fb + sum(v) for k, v in points.items()} | {"optimizer step": step_peak},
+        persistent_buffers=mpu_buffer + rope, kept_at_loss=kept_at_loss,
+        step_start=static_fb + step_extra + mpu_buffer,
+        forward_end=static_fb + mpu_buffer + kept_at_loss,
     )
 
 

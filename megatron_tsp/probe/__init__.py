@@ -305,7 +305,14 @@ def predict(path: str, overrides: Sequence[str], world: int, gpus_per_node: int,
     return {
         "layout": layout.label, "hardware": hardware,
         "model_states_gib": (mem.params + mem.grads + mem.optimizer) / _GIB,
-        "kept_activations_gib": mem.activations / _GIB,
+        # what the measured `model_states_gib` is (the step's starting allocation): the states and
+        # the buffers kept across steps (Megatron's all-gather buffer, the RoPE table)
+        "step_start_gib": mem.step_start / _GIB,
+        # like the measured one (the forward's end less the step's start): the saved activations and
+        # what the LM head keeps (Megatron's: fp32 logits [B S / C, V / T]); FSDP over CP of a bf16
+        # model less the previous step's fp32 main gradients, which zero_grad frees in between
+        "kept_activations_gib": (mem.forward_end - mem.step_start) / _GIB,
+        "saved_activations_gib": mem.activations / _GIB,
         "peak_gib": mem.peak / _GIB, "peak_point": mem.peak_point, "fits": plan.fits,
         "at_peak_gib": {k: v / _GIB for k, v in mem.at_peak.items()},
         "comm_buffers_gib": mem.comm_buffers / _GIB, "host_offload_gib": mem.host_offload / _GIB,

@@ -89,7 +89,8 @@ def render(result: dict) -> str:
     if m.get("oom"):
         lines.append(f"  out of memory: {m['oom']}")
     else:
-        rows = [("model states (weights, grads, optimizer)", m["model_states_gib"], p.get("model_states_gib")),
+        rows = [("model states + kept buffers (step start)", m["model_states_gib"],
+                 p.get("step_start_gib", p.get("model_states_gib"))),
                 ("activations kept at the end of forward *", m["kept_activations_gib"], p.get("kept_activations_gib")),
                 ("working set above them (backward)", m["working_set_gib"], None),
                 ("peak allocated", m["peak_allocated_gib"], p.get("peak_gib")),
@@ -99,8 +100,8 @@ def render(result: dict) -> str:
         for name, meas, pred in rows:
             ratio = f"{meas / pred:.3f}" if meas is not None and pred else "-"
             lines.append(f"  {name:44s} {_fmt(_scaled(meas, scale)):>9s} {_fmt(_scaled(pred, scale)):>9s} {ratio:>6s}")
-        lines.append("  * planner: the layers' saved activations; measured: everything kept, the LM head's saved "
-                     "logits too (Megatron's head keeps [S, V/T] float32)")
+        lines.append("  * the forward's end less the step's start: the layers' saved activations and the LM head's "
+                     "(Megatron's head keeps [S, V/T] float32)")
         lines.append(f"  peak in: {m['peak_in']} (planner: {p.get('peak_point', '-')})")
         if p.get("at_peak_gib"):
             lines.append(f"  planner's peak, by term ({unit}): " + ", ".join(
