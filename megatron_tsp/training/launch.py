@@ -9,10 +9,16 @@ The launcher imports neither torch nor megatron. It checks the command line, the
 check but the GPU-only ones, at world size N) and `--resume DIR` before any worker starts
 (`check_before_workers`: a bad input costs well under a second, not a worker start-up). It gives each worker torchrun's environment
 (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT /
-SIGTERM to them (they save and stop: `training.signals`; the copy of a terminal's Ctrl-C they got
-themselves is not a second request), and returns the first failing worker's exit code (2 for a
+SIGTERM to them (they save and stop: `training.signals`; a second one kills them), and returns the first failing worker's exit code (2 for a
 user error, which rank 0 alone has printed) without a traceback of its own. When one worker fails
 the others get GRACE_S to fail the same way, then are terminated.
+
+As torchrun does, each worker gets OMP_NUM_THREADS=1 unless it is set (N workers each with a
+thread per core overload the cores: 3-4x slower steps on a 2-core machine). The workers run in
+their own process group, so a terminal's Ctrl-C reaches the launcher alone: it passes the first
+one on (they save and stop) and kills them at a second one (abort, at any interval). On Linux a
+worker gets SIGTERM when the launcher dies, however it dies (PR_SET_PDEATHSIG), and exits at most
+ORPHAN_GRACE_S later even if its stop has not finished (no orphaned jobs holding GPUs).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import List, Optional
 from .command import PROG, parser, train_args, wants_help
 
 GRACE_S = 30.0
+LAUNCHER_PID_ENV = "MEGATRON_TSP_LAUNCHER_PID"  # set for the workers: whose death ends them
+ORPHAN_GRACE_S = 8.0  # a worker whose launcher died: its stop and save, at most this long
 
 
 def _free_port() -> int:
@@ -58,22 +66,77 @@ def split_nproc(argv: List[str]):
     return n, rest
 
 
-def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> int:
-    """Run `python -m megatron_tsp.cli train ARGV` as `nproc` local workers; their exit code."""
+def worker_env(nproc: int, env: Optional[dict] = None) -> dict:
+    """The environment all `nproc` workers share (RANK and LOCAL_RANK are added per worker)."""
     env = dict(os.environ if env is None else env)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", TORCHELASTIC_RUN_ID="megatron-tsp")
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    # torchrun's default: one OpenMP thread per worker unless the user chose a number (torch's
+    # default, a thread per core in every worker, oversubscribes the cores: 3-4x slower on 2 cores).
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _die_with_parent(parent_pid: int):
+    """A preexec_fn (runs in the child before exec): SIGTERM this worker when the launcher dies,
+    even by SIGKILL. Linux only; elsewhere the worker's watchdog (`watch_launcher`) alone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing to import after fork
+
+    def preexec():
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the launcher died before prctl: the signal would never come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def watch_launcher(poll_s: float = 0.5) -> None:
+    """In a worker this launcher started: once the launcher is gone, SIGTERM itself (the stop
+    and save after the current step, if PR_SET_PDEATHSIG did not already send it) and exit at
+    most ORPHAN_GRACE_S later whatever the stop is doing (a long step, a save, a collective
+    waiting for a dead rank). A daemon thread; nothing when not started by this launcher."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not launcher.isdigit():
+        return
+    import threading
+
+    def watch():
+        while os.getppid() == int(launcher):
+            time.sleep(poll_s)
+        if not sys.platform.startswith("linux"):  # on Linux PR_SET_PDEATHSIG has sent it already
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="megatron-tsp-watch-launcher", daemon=True).start()
+
+
+def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> int:
+    """Run `python -m megatron_tsp.cli train ARGV` as `nproc` local workers; their exit code."""
+    env = worker_env(nproc, env)
     procs = []
     for r in range(nproc):
+        # process_group=0: a terminal's Ctrl-C reaches the launcher only, which passes it on once
+        # (two copies would make the workers' 1 s same-signal window swallow a real second Ctrl-C).
         procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", "train", *argv],
-                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), process_group=0,
+                                      preexec_fn=_die_with_parent(os.getpid())))
+    stops = []
 
     def forward(signum, _frame):
+        stops.append(signum)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                if len(stops) == 1:
+                    p.send_signal(signum)  # the first: they save and stop after the current step
+                else:
+                    p.kill()  # a second Ctrl-C / SIGTERM aborts at once, however soon it comes
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -100,6 +163,10 @@ def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> i
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if len(stops) > 1:
+        print(f"{PROG}: aborted by a second {signal.Signals(stops[1]).name}: the workers were killed "
+              "without saving", file=sys.stderr, flush=True)
+        return 130 if stops[1] == signal.SIGINT else 128 + stops[1]
     if first_rc == 0:
         first_rc = next((c for c in codes if c != 0), 0)
     if first_rc not in (0, 2):  # a crash (its traceback is above) or a signal: say which exit code
@@ -151,4 +218,5 @@ def main(argv=None) -> int:
         return launch_workers(nproc, rest)
     from .loop import main as worker_main
 
+    watch_launcher()  # started by this launcher: end with it (no orphaned workers)
     return worker_main(argv)

@@ -6,8 +6,10 @@ loop asks `StopRequest.agreed()` once per step, a one-element all-reduce over th
 every rank stops after the same step (a signal may reach the ranks at different times, or only
 some of them), saves, and exits 0. A second signal while a stop is pending aborts at once
 (exit 130 for SIGINT, 128 + signal number otherwise), except within `SAME_SIGNAL_S` of the
-first: torchrun passes the terminal's Ctrl-C on to its workers, which already received it
-from the terminal, and that copy is not a second request.
+first: torchrun passes the terminal's Ctrl-C (and SLURM's SIGTERM) on to its workers, which
+already received it themselves, and that copy is not a second request. megatron-tsp's own
+launcher keeps its workers out of the terminal's process group and aborts them itself at a
+second Ctrl-C, so there a second Ctrl-C aborts however soon it comes (docs/training.md).
 """
 
 from __future__ import annotations

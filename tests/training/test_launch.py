@@ -90,3 +90,80 @@ def test_options_and_overrides_in_any_order():
     assert overrides == ["train.steps=9", "parallel.size=1", "train.save_dir=ck", "train.resume_if_present=true"]
     with pytest.raises(SystemExit):
         train_args(["--resume", "a", "--resume-if-present", "b"])
+
+
+# --- the workers' environment, their end with the launcher, a second Ctrl-C (issue 28, items 10, 2, 6)
+
+def test_workers_get_one_omp_thread_unless_the_user_set_it():
+    from megatron_tsp.training.launch import LAUNCHER_PID_ENV, worker_env
+
+    env = worker_env(2, {"PATH": "/bin"})  # torchrun's default: 1 (a thread per core each: 3-4x slower)
+    assert env["OMP_NUM_THREADS"] == "1" and env["WORLD_SIZE"] == "2" and env[LAUNCHER_PID_ENV] == str(os.getpid())
+    assert worker_env(2, {"OMP_NUM_THREADS": "6"})["OMP_NUM_THREADS"] == "6"  # the user's choice stays
+
+
+def _children(pid):
+    """PIDs whose parent is `pid`, through /proc (Linux)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{name}/stat").read() if name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def _alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended (only its parent's wait is missing)
+
+
+def _start_long_run():
+    """A tiny 2-worker run with many steps; returns (launcher, worker PIDs) once step 1 is printed."""
+    env = _env()
+    env.update(PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", "train", "--nproc-per-node", "2",
+                             "parallel.size=2", "train.steps=100000", "train.log_interval=1",
+                             "train.progress_bar=false", "train.save_on_signal=false"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # stdout is the workers' too: rank 0 prints the steps
+        lines.append(line)
+        if line.lstrip().startswith("step ") or len(lines) > 200:
+            break
+    workers = _children(proc.pid)
+    assert len(workers) == 2 and any(l.lstrip().startswith("step ") for l in lines), (workers, "".join(lines))
+    return proc, workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc: Linux")
+def test_kill_9_of_the_launcher_ends_the_workers_within_10_s():
+    proc, workers = _start_long_run()
+    proc.kill()  # SIGKILL: the launcher can pass nothing on
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them behind if the assertion fails
+        os.kill(w, 9)
+    assert not left, f"workers {left} still running 10 s after the launcher's SIGKILL"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_a_second_ctrl_c_to_the_launcher_aborts_at_once():
+    import signal
+
+    proc, workers = _start_long_run()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # well inside the workers' 1 s same-signal window: still a second request
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:]
+    assert "aborted by a second SIGINT" in out.splitlines()[-1], out[-3000:]
+    assert not [w for w in workers if _alive(w)]
