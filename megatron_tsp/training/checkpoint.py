@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
+import warnings
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..output import verbose_requested
 from .recipe import Recipe, RecipeError
 
 from .checkpoint_files import (CHECKPOINT_META, INCOMPLETE, MANIFEST, corrupt_checkpoint_error,  # noqa: F401
@@ -269,9 +272,20 @@ def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DI
     path = _step_dir(recipe.train.save_dir, step)
     state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format, pg_collection=pg_collection)
     state["step"] = step
-    try:
-        loaded = dist_checkpointing.load(state, path)
-    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+    # What torch warns while a load fails (torch 2.13: "torch.distributed is disabled, unavailable
+    # or uninitialized" from each rank's failing read) is part of that failure: held back, shown
+    # again only when the load succeeds or with --verbose, so a corrupt checkpoint stays one line.
+    with warnings.catch_warnings(record=True) as held:
+        try:
+            loaded = dist_checkpointing.load(state, path)
+            failed = None
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            failed = e
+    if failed is None or verbose_requested(sys.argv):
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if failed is not None:
+        e = failed
         cause = _first_failure(e)
         if isinstance(cause, (EOFError, OSError, RuntimeError, pickle.UnpicklingError)) and not _is_shape_error(cause):
             # Unreadable bytes (a checkpoint without a file list, or damaged at its sizes). Every rank
