@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as mpu
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention
@@ -22,7 +23,7 @@ from megatron_tsp.tsp.mlp import TSPRingMLP
 from megatron_tsp.tsp.tiled_mlp import TiledMLP
 from megatron_tsp.tsp.specs import get_sp_layer_spec
 from megatron_tsp.tsp.zigzag import to_zigzag
-from tests.utils import (device, gather_full, init_tsp, load_full_into, rel_err, singleton_pgs,
+from tests.utils import (device, gather_full, init_tsp, load_full_into, mock_batch, rel_err, singleton_pgs,
                          sum_sequence_parallel_grads, tiny_config)
 
 
@@ -89,3 +90,31 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
     vals = torch.tensor(list(errors.values()), dtype=torch.float64, device=dev)
     dist.all_reduce(vals, op=dist.ReduceOp.MAX)
     return dict(zip(errors, vals.tolist())), seed
+
+
+def model_loss_and_grads(model, shape, seed):
+    """The loss and every full parameter gradient of a built float64 model on the current TSP / TP
+    group. The loss is a fixed random linear function of the logits, in float64: Megatron's
+    vocab-parallel cross entropy casts the logits to float32, which would hide everything below 1e-7."""
+    tokens, _, pos = mock_batch(0, 2, shape, seed=seed)
+    logits = model(tokens, pos, None)  # [b, S, V/D]: every token, this rank's vocabulary shard
+    group = mpu.get_tensor_model_parallel_group()
+    weights = torch.randn(logits.shape[0], logits.shape[1], shape.vocab_size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(seed)).to(logits.device)
+    v = logits.shape[-1]
+    loss = (logits * weights[..., group.rank() * v:(group.rank() + 1) * v]).sum()
+    loss.backward()
+    loss = loss.detach().reshape(1)
+    dist.all_reduce(loss, group=group)
+    sum_sequence_parallel_grads(model, group)
+    return loss, {n: gather_full(p.grad, p, group) for n, p in model.named_parameters()}
+
+
+def worst_error(got, ref):
+    """The largest relative error of the loss and the gradients, the same on every rank."""
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert grads.keys() == ref_grads.keys()
+    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in grads]
+    worst = torch.tensor([max(errs)], dtype=torch.float64, device=loss.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()

@@ -148,7 +148,6 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     allocate what the real kernels allocate and skip the arithmetic (probe.standins), for contexts
     whose step takes hours; times then leave those kernels out. `plant(model)`: a test hook run after the build."""
     import torch
-    from megatron.core import parallel_state as mpu
 
     from ..parallel_state import tsp_process_groups
     from ..training import loop as driver

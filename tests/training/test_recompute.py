@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as mpu
 
 import megatron_tsp.tsp.offload as offload
 from megatron_tsp.config import TSPConfigError, TSPOptions
@@ -18,9 +17,9 @@ from megatron_tsp.training.recipe import RecipeError, load_recipe
 from megatron_tsp.training.loop import run
 from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.utils import mock_batch
-from tests.parity import fresh_seed
+from tests.parity import fresh_seed, model_loss_and_grads, worst_error
 from tests.training.train_reference import run_steps
-from tests.utils import gather_full, init_tsp, rel_err, sum_sequence_parallel_grads
+from tests.utils import init_tsp
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -50,28 +49,7 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     model.double()  # TSPNorm's weights too (float32 whatever params_dtype says, until lean norms)
     for layer in model.decoder.layers:
         layer.hidden_dropout = hidden_dropout
-    tokens, _, pos = mock_batch(0, 2, shape, seed=seed)
-    logits = model(tokens, pos, None)  # [b, S, V/D]: every token, this rank's vocabulary shard
-    group = mpu.get_tensor_model_parallel_group()
-    weights = torch.randn(logits.shape[0], logits.shape[1], shape.vocab_size, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(seed)).to(logits.device)
-    v = logits.shape[-1]
-    loss = (logits * weights[..., group.rank() * v:(group.rank() + 1) * v]).sum()
-    loss.backward()
-    loss = loss.detach().reshape(1)
-    dist.all_reduce(loss, group=group)
-    sum_sequence_parallel_grads(model, group)
-    return loss, {n: gather_full(p.grad, p, group) for n, p in model.named_parameters()}
-
-
-def worst_error(got, ref):
-    """The largest relative error of the loss and the gradients, the same on every rank."""
-    (loss, grads), (ref_loss, ref_grads) = got, ref
-    assert grads.keys() == ref_grads.keys()
-    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in grads]
-    worst = torch.tensor([max(errs)], dtype=torch.float64, device=loss.device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
+    return model_loss_and_grads(model, shape, seed)
 
 
 # Every option at least once, for CI at every world size; the whole product is `slow`.

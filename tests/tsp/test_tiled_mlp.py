@@ -9,13 +9,12 @@ local tokens."""
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from megatron_tsp.config import TSPOptions
 from megatron_tsp.training.build import ModelShape, build_gpt
-from tests.parity import block_parity, fresh_seed
-from tests.utils import gather_full, init_tsp, mock_batch, rel_err, skip_unless_divides, sum_sequence_parallel_grads
+from tests.parity import block_parity, fresh_seed, model_loss_and_grads, worst_error
+from tests.utils import init_tsp, skip_unless_divides
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
@@ -113,27 +112,7 @@ def loss_and_grads(layout, D, shape, seed, chunk, **options):
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed,
                       tsp_options=TSPOptions(mlp_chunk_tokens=chunk, **options))
     model.double()
-    tokens, _, pos = mock_batch(0, 2, shape, seed=seed)
-    logits = model(tokens, pos, None)
-    group = mpu.get_tensor_model_parallel_group()
-    weights = torch.randn(logits.shape[0], logits.shape[1], shape.vocab_size, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(seed)).to(logits.device)
-    v = logits.shape[-1]
-    loss = (logits * weights[..., group.rank() * v:(group.rank() + 1) * v]).sum()
-    loss.backward()
-    loss = loss.detach().reshape(1)
-    dist.all_reduce(loss, group=group)
-    sum_sequence_parallel_grads(model, group)
-    return loss, {n: gather_full(p.grad, p, group) for n, p in model.named_parameters()}
-
-
-def worst_error(got, ref):
-    (loss, grads), (ref_loss, ref_grads) = got, ref
-    assert grads.keys() == ref_grads.keys()
-    errs = [rel_err(loss, ref_loss)] + [rel_err(grads[n], ref_grads[n]) for n in grads]
-    worst = torch.tensor([max(errs)], dtype=torch.float64, device=loss.device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return worst.item()
+    return model_loss_and_grads(model, shape, seed)
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])
