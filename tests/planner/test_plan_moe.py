@@ -129,7 +129,8 @@ def test_the_shared_expert_gate_by_hand():
     assert gated.moe_active_params - shared.moe_active_params == H
     extra = sum(moe_saved_per_token(gated).values()) - sum(moe_saved_per_token(shared).values())
     assert extra == 2 * (H + 1)
-    assert ModelSpec(**{**MOE.__dict__, "moe_shared_expert_gate": True}).total_params == MOE.total_params  # no shared expert
+    no_shared = ModelSpec(**{**MOE.__dict__, "moe_shared_expert_gate": True})
+    assert no_shared.total_params == MOE.total_params  # no shared expert: no gate
 
 
 def test_moe_activations_by_hand():
