@@ -93,8 +93,10 @@ def test_moe_under_pipeline_parallelism_matches_single_process(world):
     ("parallel.moe_dispatcher=allgather", r"parallel.moe_dispatcher = 'allgather'.*whole sequence"),
     ("model.moe_shared_expert_intermediate_size=33", r"model.moe_shared_expert_intermediate_size = 33 must be divisible by parallel.size = 2"),
     ("model.moe_router_topk=1", r"moe_router_pre_softmax"),
+    ("model.moe_shared_expert_intermediate_size=null model.moe_shared_expert_gate=true",
+     r"model.moe_shared_expert_gate gates the shared expert: it needs model.moe_shared_expert_intermediate_size"),
     ("model.num_experts=null", r"parallel.expert_size = 2 needs model.num_experts"),
 ])
 def test_moe_recipe_errors_name_the_key(world, override, match):
     with pytest.raises(RecipeError, match=match):
-        load_recipe(TINY_MOE, [override])
+        load_recipe(TINY_MOE, override.split())
