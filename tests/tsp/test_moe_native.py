@@ -41,6 +41,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 import megatron_tsp
+from megatron_tsp.config import TSPOptions
 from megatron_tsp.tsp.moe import TSPSharedExpertMLP, TSPTopKRouter, expert_param_global_name
 from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.parity import fresh_seed
@@ -100,7 +101,10 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
     megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
-    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, **{**BASE, **moe})
+    # the gated case's shared expert on the ring exchange (at this size `auto` picks Megatron's token
+    # all-gather, which the other case runs); the native layout ignores TSP's options
+    options = TSPOptions(mlp_exchange="ring") if moe.get("moe_shared_expert_gate") else None
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, **{**BASE, **moe})
     model.double()  # norms built in float32 whatever params_dtype says (issue 14 item 2): same for both
     if broken == "router":
         for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
@@ -118,6 +122,8 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
     assert all(type(m.shared_experts) is shared and type(m.router) is router for m in moe_layers), layout
     gated = bool(moe.get("moe_shared_expert_gate"))
     assert all((m.shared_experts.gate_weight is not None) == gated for m in moe_layers), layout
+    if layout == "tsp" and gated:
+        assert all(m.shared_experts.tsp_options.mlp_exchange == "ring" for m in moe_layers)
     del aux_seen[:]
     tokens, labels, pos = mock_batch(0, 2, SHAPE, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S] natural order on every rank
