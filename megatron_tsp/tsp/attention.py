@@ -343,7 +343,10 @@ class TSPSelfAttention(SelfAttention):
             chunk_len=S // (2 * D),
             backend=self.tsp_options.attention_backend,
         )
-        out = TSPAttentionFunction.apply(
+        function = TSPAttentionFunction
+        if self.tsp_options.attention_kv == "streamed":  # parallel.tsp_attention_kv: K/V around the ring
+            from .streamed_attention import StreamedAttentionFunction as function
+        out = function.apply(
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, shard,
             self.tsp_options.recompute,
         )
