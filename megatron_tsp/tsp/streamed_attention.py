@@ -80,7 +80,7 @@ def _ring(kv: torch.Tensor, group):
         yield (p - t) % D, held
         if t + 1 < D:
             comm.wait_all(requests)
-            held = incoming
+            held, incoming, requests = incoming, None, None  # a done request still holds what it sent
 
 
 def _merge(o_acc, lse_acc, o_b, lse_b) -> None:
@@ -140,7 +140,8 @@ def stream_backward(shard: AttentionShard, do, q, kv, o, lse):
             buf, requests, _ = arriving
             comm.wait_all(requests)
             partial.add_(buf)
-            del buf
+            del buf, requests
+            arriving = None  # frees the arrived buffer and the one sent last step
         if D == 1:
             return dq.to(q.dtype), (partial, [], None)
         incoming = torch.empty_like(partial)
