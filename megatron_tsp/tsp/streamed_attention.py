@@ -27,20 +27,20 @@ zigzag keeps the ring's steps balanced, as it keeps the gathered schedule's chun
 Backward, per shard j: re-broadcast W_j; dWo_j = g^T o, do = g Wo_j; the K/V travel the ring
 again (the next hop posted before each step computes); at step t the blocks of the forward run
 their kernel backward from the *merged* o and lse (each block's softmax weights are exp(s - lse):
-exact), dq accumulates locally (fp32), and the block's dK,dV go into a fresh partial of src's
-K/V; the partial arriving from p-1 (every rank before it on the ring has added its share) is
-added and the sum sent on to p+1. After D hops src's accumulator is back at src, summed over the
+exact), dq accumulates locally (fp32), and the block's dK,dV go into a fresh fp32 partial of
+src's K/V; the partial arriving from p-1 (every rank before it on the ring has added its share)
+is added and the sum sent on to p+1 (in the K/V's dtype, as the gathered reduce-scatter sends). After D hops src's accumulator is back at src, summed over the
 group. While that last hop is in flight shard j-1 is finished: undo RoPE, dWqkv = dqkv^T x_p,
 post its reduction onto the owner, dx += dqkv Wqkv.
 
 Working set per step (besides q, o and the local k/v): the K/V held and the one arriving (two
-ranks' 2c tokens), the dK,dV partial being built, the one arriving and the one being sent (fp32):
-O(S/D x kv), never S x kv. Saved, as the gathered schedule: with `recompute='none'` each shard's
+ranks' 2c tokens), the dK,dV partial being built (fp32), the one arriving and the one being sent:
+O(S/D x kv), never S x kv (planner: formulas.streamed_kv_buffers). Saved, as the gathered schedule: with `recompute='none'` each shard's
 q, the local k/v, o and the log-sum-exps of the local rows; with `'full'` only x_p and the owned
 shard (the projection and the streamed forward run again in backward).
 
-Communication: per shard, D-1 K/V hops forward; D-1 K/V hops and D dK,dV hops (fp32) backward,
-each posted before the compute it hides behind. GPU timing of that overlap is not measured yet.
+Communication: per shard, D-1 K/V hops forward; D-1 K/V hops and D dK,dV hops backward, each
+posted before the compute it hides behind (the same bytes as the all-gather and reduce-scatter). GPU timing of that overlap is not measured yet.
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def stream_forward(shard: AttentionShard, q: torch.Tensor, kv: torch.Tensor):
 
 def stream_backward(shard: AttentionShard, do, q, kv, o, lse):
     """-> dq [s, b, heads, hn] (q's dtype) and (buffer, requests, sent): this rank's dK,dV
-    [s, b, groups, 2hn] (fp32, fp64 for fp64 inputs), summed over the group once the requests
-    complete (the last ring hop, left in flight for the caller to overlap; `sent` is the buffer
-    that hop sends, kept alive until then)."""
+    [s, b, groups, 2hn], summed over the group once the requests complete (the last ring hop,
+    left in flight for the caller to overlap; `sent` is the buffer that hop sends, kept alive
+    until then). Each rank sums its blocks' dK,dV and the arriving partial in fp32 (fp64 for
+    fp64 inputs); the partials travel in the K/V's dtype, rounded once per hop as the gathered
+    schedule's reduce-scatter rounds them (half the bytes of fp32 partials, buffers and hops)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     D, p = group.size(), group.rank()
     backend = resolve_backend(shard.backend, q)
@@ -144,9 +146,11 @@ def stream_backward(shard: AttentionShard, do, q, kv, o, lse):
             arriving = None  # frees the arrived buffer and the one sent last step
         if D == 1:
             return dq.to(q.dtype), (partial, [], None)
-        incoming = torch.empty_like(partial)
-        arriving = (incoming, comm.ring_shift(partial, incoming, group), partial)
-        del incoming, partial
+        send = partial.to(kv.dtype)
+        del partial
+        incoming = torch.empty_like(send)
+        arriving = (incoming, comm.ring_shift(send, incoming, group), send)
+        del incoming, send
     return dq.to(q.dtype), arriving
 
 
