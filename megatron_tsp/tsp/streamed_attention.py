@@ -51,9 +51,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comm
-from .attention import AttentionShard, _bhcd
 from .exchange import Reductions, broadcast_shards
 from .kernels import chunk_backward, chunk_forward, full_backward, full_forward, resolve_backend
+
+
+def _bhcd(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[c, b, heads*hn] or [c, b, heads, hn] -> a [b, heads, c, hn] view (as attention.py's)."""
+    c, b = t.shape[:2]
+    return t.reshape(c, b, heads, -1).permute(1, 2, 0, 3)
 
 
 def _blocks(p: int, src: int, c: int) -> List[Tuple[slice, slice, bool]]:
@@ -91,9 +96,10 @@ def _merge(o_acc, lse_acc, o_b, lse_b) -> None:
     lse_acc.copy_(lse)
 
 
-def stream_forward(shard: AttentionShard, q: torch.Tensor, kv: torch.Tensor):
+def stream_forward(shard, q: torch.Tensor, kv: torch.Tensor):
     """q [s, b, heads, hn], this rank's kv [s, b, groups, 2hn] -> o [s, b, heads*hn] (q's dtype)
-    and the log-sum-exp of every local row [b, heads, s] (fp32, fp64 for fp64 inputs)."""
+    and the log-sum-exp of every local row [b, heads, s] (fp32, fp64 for fp64 inputs). `shard`:
+    the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     D, p = group.size(), group.rank()
     backend = resolve_backend(shard.backend, q)
@@ -112,7 +118,7 @@ def stream_forward(shard: AttentionShard, q: torch.Tensor, kv: torch.Tensor):
     return o_acc.to(q.dtype).view(s, b, H * hn), lse
 
 
-def stream_backward(shard: AttentionShard, do, q, kv, o, lse):
+def stream_backward(shard, do, q, kv, o, lse):
     """-> dq [s, b, heads, hn] (q's dtype) and (buffer, requests, sent): this rank's dK,dV
     [s, b, groups, 2hn], summed over the group once the requests complete (the last ring hop,
     left in flight for the caller to overlap; `sent` is the buffer that hop sends, kept alive
@@ -160,7 +166,7 @@ class StreamedAttentionFunction(torch.autograd.Function):
     `attention.TSPAttentionFunction`, whose arguments it takes."""
 
     @staticmethod
-    def forward(ctx, x, w_qkv, b_qkv, w_proj, freqs, shard: AttentionShard, recompute: str):
+    def forward(ctx, x, w_qkv, b_qkv, w_proj, freqs, shard, recompute: str):
         packer = comm.ShardPacker([w_qkv, b_qkv, w_proj])
         rope = shard.rotary(freqs, x.dtype)
         out, saved = None, []
