@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from ..config import (ATTENTION_KV, LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
+from ..config import ATTENTION_KV
+from ..config import (LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
                       RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES, ModelShape, ParallelRecipe, TrainRecipe,
                       TSPConfigError, field_default, moe_layer_pattern)
 from .errors import PlanError

@@ -29,18 +29,21 @@ again (the next hop posted before each step computes); at step t the blocks of t
 their kernel backward from the *merged* o and lse (each block's softmax weights are exp(s - lse):
 exact), dq accumulates locally (fp32), and the block's dK,dV go into a fresh fp32 partial of
 src's K/V; the partial arriving from p-1 (every rank before it on the ring has added its share)
-is added and the sum sent on to p+1 (in the K/V's dtype, as the gathered reduce-scatter sends). After D hops src's accumulator is back at src, summed over the
-group. While that last hop is in flight shard j-1 is finished: undo RoPE, dWqkv = dqkv^T x_p,
-post its reduction onto the owner, dx += dqkv Wqkv.
+is added and the sum sent on to p+1 (in the K/V's dtype, as the gathered reduce-scatter sends).
+After D hops src's accumulator is back at src, summed over the group. While that last hop is in
+flight shard j-1 is finished: undo RoPE, dWqkv = dqkv^T x_p, post its reduction onto the owner,
+dx += dqkv Wqkv.
 
 Working set per step (besides q, o and the local k/v): the K/V held and the one arriving (two
 ranks' 2c tokens), the dK,dV partial being built (fp32), the one arriving and the one being sent:
-O(S/D x kv), never S x kv (planner: formulas.streamed_kv_buffers). Saved, as the gathered schedule: with `recompute='none'` each shard's
-q, the local k/v, o and the log-sum-exps of the local rows; with `'full'` only x_p and the owned
-shard (the projection and the streamed forward run again in backward).
+O(S/D x kv), never S x kv (planner: formulas.streamed_kv_buffers). Saved, as the gathered
+schedule: with `recompute='none'` each shard's q, the local k/v, o and the log-sum-exps of the
+local rows; with `'full'` only x_p and the owned shard (the projection and the streamed forward
+run again in backward).
 
 Communication: per shard, D-1 K/V hops forward; D-1 K/V hops and D dK,dV hops backward, each
-posted before the compute it hides behind (the same bytes as the all-gather and reduce-scatter). GPU timing of that overlap is not measured yet.
+posted before the compute it hides behind (the same bytes as the all-gather and reduce-scatter).
+The GPU timing of that overlap is not measured yet.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def stream_forward(shard, q: torch.Tensor, kv: torch.Tensor):
     and the log-sum-exp of every local row [b, heads, s] (fp32, fp64 for fp64 inputs). `shard`:
     the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
-    D, p = group.size(), group.rank()
+    p = group.rank()
     backend = resolve_backend(shard.backend, q)
     s, b = q.shape[:2]
     acc = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 (fp64 for fp64 inputs)

@@ -54,10 +54,10 @@ def test_streamed_attention_parity(world, D, groups, options):
 def test_streamed_attention_parity_variants(world, D, case):
     """Biases, no RoPE, and the cuDNN path's split kernel (prefix + square block merged by lse)."""
     skip_unless_divides(world, D)
-    backend = "math_split" if case == "split" else "auto"
-    errors, seed = block_parity("attention", D, groups=D if case == "split" else None, heads=8 if case == "split" else 4,
-                                bias=case == "bias", rope=case != "norope", S=8 * D,
-                                options=TSPOptions(attention_kv="streamed", attention_backend=backend))
+    split = case == "split"
+    options = TSPOptions(attention_kv="streamed", attention_backend="math_split" if split else "auto")
+    errors, seed = block_parity("attention", D, groups=D if split else None, heads=8 if split else 4,
+                                bias=case == "bias", rope=case != "norope", S=8 * D, options=options)
     _check(errors, seed)
     assert ("linear_qkv.bias" in errors) == (case == "bias")
 
@@ -259,10 +259,10 @@ def test_no_tensor_spans_the_sequence_kv(world, recompute):
     if D < 2:
         pytest.skip("needs D >= 2")
     shapes, saved, params = _attention_footprint(D, "streamed", recompute)
-    assert not _kv_spans(shapes, D), f"streamed attention made tensors of more than one rank's K/V: {_kv_spans(shapes, D)}"
+    assert not _kv_spans(shapes, D), f"tensors of more than one rank's K/V: {_kv_spans(shapes, D)}"
     for t in saved:
         if t.data_ptr() not in params:
-            assert t.dim() == 0 or t.shape[0] <= MS // D, f"saved a tensor of {tuple(t.shape)}: more than the local tokens"
+            assert t.dim() == 0 or t.shape[0] <= MS // D, f"saved {tuple(t.shape)}: more than the local tokens"
     if recompute == "none":  # the positive control, once
         gathered, _, _ = _attention_footprint(D, "gathered", recompute)
         assert any(MS in s for s in _kv_spans(gathered, D)), "the check should see the gathered K/V"
