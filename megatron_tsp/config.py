@@ -145,6 +145,7 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # model.normalization
 ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
+ATTENTION_KV = ("gathered", "streamed")  # parallel.tsp_attention_kv: how a head shard's K/V meet the queries
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
 BACKENDS = ("auto", "cudnn", "flash", "math", "math_split")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
@@ -194,6 +195,12 @@ class TSPOptions:
       tokens, its forward saves only its input, and its backward rebuilds one chunk at a time
       (fc1, the activation) and accumulates the weight gradients, so the MLP's working set is one
       chunk's, not the rank's tokens'. The same math (up to the order of the weight-gradient sums).
+    attention_kv: how each head shard's K/V reach the queries: `gathered` (all-gathered over the
+      group into the whole sequence, S x kv per rank; backward reduce-scatters dK/dV) or `streamed`
+      (ring attention inside the shard, tsp/streamed_attention.py: each rank's K/V travel around
+      the ring, partial outputs merged by their log-sum-exps; the backward streams them again and
+      sends dK/dV back around the ring, so a rank holds at most two ranks' K/V, S/D x kv each). The
+      same math (up to the order of the softmax sums).
     compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
       the numbers are wrong) to time the same kernels without communication.
     """
@@ -204,6 +211,7 @@ class TSPOptions:
     lm_head: str = "local"
     lm_head_chunk_tokens: int = 4096
     mlp_chunk_tokens: int = 0
+    attention_kv: str = "gathered"
     compute_only: bool = False
 
     def __post_init__(self):
@@ -222,6 +230,10 @@ class TSPOptions:
         if self.compute_only and self.mlp_exchange == "tokens":
             raise TSPConfigError("--tsp-mlp-exchange tokens runs Megatron's own collectives, which the compute-only "
                                  "benchmark mode cannot skip: use ring, broadcast or auto")
+        if self.attention_kv not in ATTENTION_KV:
+            raise TSPConfigError(
+                f"--tsp-attention-kv must be one of {', '.join(ATTENTION_KV)}, got {self.attention_kv!r}"
+            )
         if self.attention_backend not in BACKENDS:
             raise TSPConfigError(
                 f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"
@@ -361,6 +373,13 @@ class ParallelRecipe:
     chunk's instead of the rank's s tokens', for one more fc1 + activation per chunk (TSP with
     tsp_recompute = full already pays it). Same loss and gradients. Default 0 until the GPU
     measurement picks a chunk (time within 3% of untiled at 128K tokens per rank)."""
+    tsp_attention_kv: str = "gathered"
+    """How TSP attention meets each head shard's K/V: gathered (all-gathered into the whole
+    sequence: S tokens' K/V and their gradients on every rank, the peak at D = 4 and millions of
+    tokens) or streamed (ring attention inside the shard: K/V travel around the TSP ring chunk by
+    chunk, merged by log-sum-exp; dK/dV travel back the same way; at most two ranks' K/V, S/D
+    tokens each, at a time). Same loss and gradients. Default gathered until the GPU timing of
+    the ring's overlap with the attention kernels is measured."""
     tsp_compute_only: bool = False
     """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
     high_priority_comm: bool = False
@@ -540,6 +559,7 @@ TSP_OPTION_KEYS = {
     "tsp_lm_head": ("lm_head", "--tsp-lm-head", LM_HEADS),
     "lm_head_chunk_tokens": ("lm_head_chunk_tokens", "--tsp-lm-head-chunk-tokens", None),
     "mlp_chunk_tokens": ("mlp_chunk_tokens", "--tsp-mlp-chunk-tokens", None),
+    "tsp_attention_kv": ("attention_kv", "--tsp-attention-kv", ATTENTION_KV),
     "tsp_compute_only": ("compute_only", None, None),  # benchmarks only: no flag for pretrain_gpt.py
 }
 

@@ -34,7 +34,7 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
         help="Size D of the TSP axis: every rank of a group of D holds 1/D of each layer's weights "
              "and 1/D of the tokens. Takes the tensor-parallel slot; 1 disables TSP.",
     )
-    _add_option_flags(group, ("tsp_recompute", "tsp_attention_backend"))
+    _add_option_flags(group, ("tsp_recompute", "tsp_attention_backend", "tsp_attention_kv"))
     if megatron_lm:
         group.add_argument(
             "--tsp-recipe", metavar="FILE", default=None,
@@ -84,6 +84,9 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         if tsp_options_from_args(args).mlp_chunk_tokens and getattr(args, "tsp_native_spec", "megatron") == "megatron":
             raise TSPConfigError("--tsp-mlp-chunk-tokens needs the plugin's model: --tsp-size > 1, or "
                                  "--tsp-native-spec sp_norm|sdpa for the baselines (Megatron's own spec is not tiled)")
+        if tsp_options_from_args(args).attention_kv == "streamed":
+            raise TSPConfigError("--tsp-attention-kv streamed needs --tsp-size > 1: with --tsp-size 1 the model is "
+                                 "Megatron's own, whose attention is not TSP's")
         return args
     get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1))

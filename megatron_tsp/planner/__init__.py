@@ -110,6 +110,8 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
     if lay.kind == "tsp":
         p.notes.append(f"LM head: {train.tsp_lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
                                                       if train.tsp_lm_head == "local" else ""))
+    if lay.kind == "tsp" and train.tsp_attention_kv == "streamed":
+        p.notes.append("attention: K/V streamed around the ring (two ranks' K/V of a head shard at a time)")
     if train.mlp_chunk_tokens:
         p.notes.append(f"MLP: token-tiled, at most {train.mlp_chunk_tokens} local tokens per chunk")
     if mem.host_offload:

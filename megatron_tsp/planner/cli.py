@@ -19,7 +19,7 @@ import json
 import sys
 from typing import List, Optional
 
-from ..config import AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
+from ..config import ATTENTION_KV, AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
 from .model import LAYER_RECOMPUTE, LM_HEADS, NORMS, RECOMPUTE_METHODS, RECOMPUTE_MODES, TrainSpec
 
 
@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--mlp-chunk-tokens", type=int,
                    help="parallel.mlp_chunk_tokens: the token-tiled MLP of every layout (0: untiled, the default): "
                         "the MLP keeps only its input and its backward works on one chunk of this many local tokens")
+    t.add_argument("--tsp-attention-kv", choices=list(ATTENTION_KV),
+                   help="parallel.tsp_attention_kv: gathered (each head shard's K/V of all S tokens on every rank) or "
+                        "streamed (ring attention inside the shard: two ranks' K/V at a time); TSP layouts only")
     t.add_argument("--norm", choices=list(NORMS), default="lean",
                    help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
                         "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
@@ -116,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
 # the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
 _TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
                 "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
-                "mlp_chunk_tokens", "expert_size")
+                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv")
 _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
                 "dtype")
 

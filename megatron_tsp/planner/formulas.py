@@ -635,7 +635,9 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     """(buffers, scratch) in bytes while TSPAttentionFunction.backward runs shard j, with one
     shard of lag: shard j-1's finish (the adjoint of its projection, its weight gradient) waits
     for its dK/dV reduce-scatter, which stays in flight until shard j's is posted. The forward
-    holds fewer (no gradients; two gathered K/V at a time) and is not modelled."""
+    holds fewer (no gradients; two gathered K/V at a time) and is not modelled.
+    parallel.tsp_attention_kv = streamed (tsp/streamed_attention.py): no K/V of all S tokens;
+    see `streamed_kv_buffers`."""
     b, B, S, D = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.tsp_size
     s = B * S / D
     save = in_layer_mode(lay, train) == "save"
@@ -649,12 +651,28 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     # K/V: j's gathered K/V (natural order) and its dK/dV, j-1's dK/dV in its reduce-scatter,
     # and j+1's gather prefetched (save mode; with recompute the gather is synchronous)
     kv_buffers = 4 if save else 3
-    comm = (shards + grads) * shard + kv_buffers * kv
+    streamed = train.tsp_attention_kv == "streamed"
+    kv_bytes = streamed_kv_buffers(m, train, lay) if streamed else kv_buffers * kv
+    comm = (shards + grads) * shard + kv_bytes
     # dx, the incoming gradient, do and two shards' dq, d(mixed qkv); recompute adds j's q, k/v, o
     scratch = s * b * (2 * m.hidden + 3 * m.q_dim / D + (m.q_dim + 2 * m.kv_dim) / D)
+    if streamed:  # dq accumulated over the ring steps in fp32
+        scratch += s * 4 * m.q_dim / D
     if not save:
         scratch += s * b * (2 * m.q_dim + 2 * m.kv_dim) / D
     return comm, scratch
+
+
+def streamed_kv_buffers(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
+    """Bytes of K/V and dK/dV the streamed attention's backward holds at once (in place of the
+    gathered schedule's 3-4 x [B S, 2 kv / D]), in units of one rank's K/V of one head shard,
+    u = [B S / D, 2 kv / D]: the K/V held and the one arriving, a block's dK/dV out of the
+    kernel, the dK/dV partial arriving, the one last sent (alive until its hop completes) and the
+    previous shard's summed dK/dV waiting for its finish (6 u), and the partial being built in
+    fp32 (4 / b u). It scales with S / D: unlike the gathered K/V, D divides it."""
+    b, B, S, D = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.tsp_size
+    u = B * S / D * 2 * m.kv_dim / D
+    return u * (6 * b + 4)
 
 
 def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
@@ -738,16 +756,32 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         # gather, the backward's first re-gather and last reduce-scatter), the other D-1 overlap.
         # With recompute the backward re-gathers synchronously (no prefetch).
         prefetched = mode == "save"
+        streamed = train.tsp_attention_kv == "streamed"
         for phase in ("fwd", "bwd"):
             # D broadcasts of Pa/D: each rank receives (D-1)/D Pa; NCCL time = D x (Pa/D) / busbw
             add("attention weight broadcast", phase, "broadcast", r * Pa, D, 1, True, time_bytes=Pa)
-            if phase == "fwd" or prefetched:
+            if streamed:
+                # per shard D-1 hops of [B S / D, 2 kv / D], each posted before the step it hides
+                # behind; with recompute the backward runs the forward's ring again. The overlap is
+                # not measured on the GPU yet: modelled as the gathered schedule's (one shard's
+                # transfer exposed per direction), so the planner prefers streaming only to fit
+                hops = 2 if phase == "bwd" and not prefetched else 1
+                add("K/V ring (D-1 shards, overlapped)", phase, "send_recv", hops * r * KV * (D - 1) / D, D, 1, True)
+                add("K/V ring (one shard, exposed)", phase, "send_recv", hops * r * KV / D, D, 1, False)
+            elif phase == "fwd" or prefetched:
                 add("K/V all-gather (D-1 shards, overlapped)", phase, "all_gather", r * KV * (D - 1) / D, D, 1, True)
                 add("K/V all-gather (one shard, exposed)", phase, "all_gather", r * KV / D, D, 1, False)
             else:
                 add("K/V all-gather (synchronous with recompute)", phase, "all_gather", r * KV, D, 1, False)
-        add("dK/dV reduce-scatter (D-1 shards, overlapped)", "bwd", "reduce_scatter", r * KV * (D - 1) / D, D, 1, True)
-        add("dK/dV reduce-scatter (last shard, exposed)", "bwd", "reduce_scatter", r * KV / D, D, 1, False)
+        if streamed:
+            # D hops per shard of the dK/dV partials (KV in all: the reduce-scatter's r KV and the
+            # hop home); as the K/V, one shard's modelled exposed
+            add("dK/dV ring (D-1 shards, overlapped)", "bwd", "send_recv", KV * (D - 1) / D, D, 1, True)
+            add("dK/dV ring (one shard, exposed)", "bwd", "send_recv", KV / D, D, 1, False)
+        else:
+            add("dK/dV reduce-scatter (D-1 shards, overlapped)", "bwd", "reduce_scatter", r * KV * (D - 1) / D, D, 1,
+                True)
+            add("dK/dV reduce-scatter (last shard, exposed)", "bwd", "reduce_scatter", r * KV / D, D, 1, False)
         add("attention weight-grad reduce", "bwd", "reduce", r * Pa, D, 1, True, time_bytes=Pa)
 
         def tsp_mlp_items(mm, frac, what="MLP"):

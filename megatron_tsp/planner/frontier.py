@@ -12,7 +12,8 @@ time only of those that fit) and the fastest that fits is kept:
   faster; GPU memory falls as N grows, so it is found by bisection; with offload the host
   memory rises with N, so that N must also fit the host); selective (baselines only).
 - `parallel.offload_activations` false / true (with full).
-- TSP only: `parallel.tsp_recompute` none / full and `parallel.tsp_lm_head` local / megatron.
+- TSP only: `parallel.tsp_recompute` none / full, `parallel.tsp_lm_head` local / megatron and
+  `parallel.tsp_attention_kv` gathered / streamed.
 
 Ties go to the first in that order (the simpler configuration).
 """
@@ -41,6 +42,7 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
     if lay.kind == "tsp":
         out["tsp_recompute"] = train.tsp_recompute
         out["tsp_lm_head"] = train.tsp_lm_head
+        out["tsp_attention_kv"] = train.tsp_attention_kv
         if train.tsp_lm_head == "local":
             out["lm_head_chunk_tokens"] = train.lm_head_chunk_tokens
     return out
@@ -56,6 +58,8 @@ def describe(opts: Dict[str, object]) -> str:
         parts = [f"recompute {opts['recompute']}"]
     if "tsp_recompute" in opts:
         parts += [f"tsp_recompute {opts['tsp_recompute']}", f"head {opts['tsp_lm_head']}"]
+        if opts.get("tsp_attention_kv") == "streamed":
+            parts.append("K/V streamed")
     if opts.get("mlp_chunk_tokens"):
         parts.append(f"MLP chunks of {opts['mlp_chunk_tokens']}")
     return ", ".join(parts)
@@ -83,7 +87,8 @@ class _Search:
     def families(self) -> List[dict]:
         inner = [{}]
         if self.lay.kind == "tsp":
-            inner = [{"tsp_recompute": r, "tsp_lm_head": h} for r in ("none", "full") for h in ("local", "megatron")]
+            inner = [{"tsp_recompute": r, "tsp_lm_head": h, "tsp_attention_kv": kv} for kv in ("gathered", "streamed")
+                     for r in ("none", "full") for h in ("local", "megatron")]
         return inner
 
     def fitting(self, S: int) -> List[TrainSpec]:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
+from ..config import ATTENTION_KV
 from ..config import (LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
                       RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES, ModelShape, ParallelRecipe, TrainRecipe,
                       TSPConfigError, field_default, moe_layer_pattern)
@@ -377,6 +378,7 @@ class TrainSpec:
     tsp_lm_head: str = "local"  # the recipe's null: local under tsp (the baselines run Megatron's)
     lm_head_chunk_tokens: int = _PARALLEL["lm_head_chunk_tokens"]
     tsp_mlp_exchange: str = _PARALLEL["tsp_mlp_exchange"]
+    tsp_attention_kv: str = _PARALLEL["tsp_attention_kv"]  # gathered | streamed (TSP's K/V around the ring)
     mlp_chunk_tokens: int = _PARALLEL["mlp_chunk_tokens"]  # 0: untiled; every layout's dense MLP (and TSP's shared expert)
     expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
@@ -399,7 +401,9 @@ class TrainSpec:
                                     ("parallel.tsp_recompute (--tsp-recompute)", self.tsp_recompute, RECOMPUTE_MODES),
                                     ("parallel.tsp_lm_head (--tsp-lm-head)", self.tsp_lm_head, LM_HEADS),
                                     ("parallel.tsp_mlp_exchange (--tsp-mlp-exchange)", self.tsp_mlp_exchange,
-                                     MLP_EXCHANGES)):
+                                     MLP_EXCHANGES),
+                                    ("parallel.tsp_attention_kv (--tsp-attention-kv)", self.tsp_attention_kv,
+                                     ATTENTION_KV)):
             if value not in allowed:
                 raise PlanError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
         if self.recompute_num_layers is not None:

@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
                    help="context of the real step the frontier's step time is extrapolated from (default: none)")
     f.add_argument("--mlp-chunk-tokens", type=int, default=0,
                    help="the token-tiled MLP (parallel.mlp_chunk_tokens) in every layout's lean options (default 0: off)")
+    f.add_argument("--tsp-attention-kv", choices=("gathered", "streamed"), default="gathered",
+                   help="TSP's attention K/V (parallel.tsp_attention_kv) in its lean options (default gathered)")
     f.add_argument("--in-process", action="store_true",
                    help="run every probe in this process (default: each in a fresh one, so nothing of an earlier "
                         "probe stays allocated)")
@@ -275,7 +277,7 @@ def run_frontier(args) -> dict:
         else:  # the recipe's S (or the one given), doubling
             start = int(args.start_seq) if args.start_seq not in (None, "auto") else recipe.model.seq_length
         row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers,
-                     mlp_chunk_tokens=args.mlp_chunk_tokens).run(
+                     mlp_chunk_tokens=args.mlp_chunk_tokens, attention_kv=args.tsp_attention_kv).run(
             start, args.max_seq, granularity(start, args.world), growth)
         row["growth"] = growth
         row["world"] = args.world

@@ -52,14 +52,18 @@ def granularity(start: int, world: int) -> int:
     return 2 * world * m
 
 
-def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0) -> List[str]:
+def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0,
+         attention_kv: str = "gathered") -> List[str]:
     """The leanest options of a layout: full recompute, uniform, a checkpoint every `every` layers
     (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU); the
-    token-tiled MLP when `mlp_chunk_tokens` (every layout: TSP's and Megatron's MLP)."""
+    token-tiled MLP when `mlp_chunk_tokens` (every layout: TSP's and Megatron's MLP); TSP's
+    streamed K/V attention when `attention_kv` is streamed."""
     tsp = name.startswith("tsp")
     base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
     tiled = [f"parallel.mlp_chunk_tokens={mlp_chunk_tokens}"] if mlp_chunk_tokens else []
-    return base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
+    streamed = ["parallel.tsp_attention_kv=streamed"] if tsp and attention_kv == "streamed" else []
+    return (base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
+            + streamed)
 
 
 class Search:
@@ -67,9 +71,10 @@ class Search:
     `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
-                 offload_gib: Callable, log: Callable = None, layers: int = 32, mlp_chunk_tokens: int = 0):
+                 offload_gib: Callable, log: Callable = None, layers: int = 32, mlp_chunk_tokens: int = 0,
+                 attention_kv: str = "gathered"):
         self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
-        self.chunk = mlp_chunk_tokens
+        self.chunk, self.kv = mlp_chunk_tokens, attention_kv
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
@@ -79,12 +84,12 @@ class Search:
         host holds; without offload (N = 1) when none does."""
         n = 1
         while n <= self.layers:
-            opts = lean(self.name, True, n, self.chunk)
+            opts = lean(self.name, True, n, self.chunk, self.kv)
             need = self.offload_gib(S, opts)
             if self.layers % n == 0 and (self.host is None or (need is not None and need <= self.host)):
                 return opts
             n *= 2
-        return lean(self.name, False, 1, self.chunk)
+        return lean(self.name, False, 1, self.chunk, self.kv)
 
     def fits(self, S: int) -> bool:
         if S not in self.tried:

@@ -52,6 +52,9 @@ class Recipe:
         if p.tsp_lm_head == "local" and p.layout != "tsp":
             raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = tsp (got {p.layout}): the "
                               "baselines run Megatron's LM head (leave it null or set megatron)")
+        if p.tsp_attention_kv == "streamed" and p.layout != "tsp":
+            raise RecipeError(f"parallel.tsp_attention_kv = streamed needs parallel.layout = tsp (got {p.layout}): "
+                              "the baselines run Megatron's attention")
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in NORMALIZATIONS:

@@ -38,6 +38,7 @@ from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group
 from .exchange import Reductions, broadcast_shards, run_holder_pre_hooks
 from .kernels import chunk_backward, chunk_forward, resolve_backend
 from .rope import Rotary
+from .streamed_attention import StreamedAttentionFunction
 from .zigzag import from_zigzag, local_chunk_starts, local_position_index, to_zigzag
 
 
@@ -343,7 +344,9 @@ class TSPSelfAttention(SelfAttention):
             chunk_len=S // (2 * D),
             backend=self.tsp_options.attention_backend,
         )
-        out = TSPAttentionFunction.apply(
+        # parallel.tsp_attention_kv: K/V all-gathered (this module) or streamed around the ring
+        function = StreamedAttentionFunction if self.tsp_options.attention_kv == "streamed" else TSPAttentionFunction
+        out = function.apply(
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, shard,
             self.tsp_options.recompute,
         )

@@ -223,3 +223,20 @@ def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str, dq=None, dk=
         _write(dk[:, :, start : start + n], dk_i, accumulate)
         _write(dv[:, :, start : start + n], dv_i, accumulate)
     return dq, dk, dv
+
+
+# ---- a block of keys wholly before the queries (streamed K/V) -------------------------------
+
+
+def full_forward(q, k, v, scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over every key of k, v (no mask): a block of keys that all lie before the
+    queries, as streamed K/V attention (tsp/streamed_attention.py) meets them. -> o, lse."""
+    fwd, _ = _CALLS[backend]
+    return fwd(q, k, v, scale, False)
+
+
+def full_backward(do, q, k, v, o, lse, scale: float, backend: str):
+    """dq, dk, dv of `full_forward`'s block, from the o and lse of the whole row (the merge of
+    every block the queries saw): each block's softmax weights are exp(s - lse), so this is exact."""
+    _, bwd = _CALLS[backend]
+    return bwd(do, q, k, v, o, lse, scale, False)

@@ -89,6 +89,27 @@ def test_greedy_tokens_and_logits_match_full_recompute(world, D, name):
     assert max(errs) <= TOL, errs
 
 
+def test_streamed_kv_prefill_matches(world, monkeypatch):
+    """parallel.tsp_attention_kv = streamed: the prefill runs the streamed attention (its K/V
+    ring; the caching shard keeps each rank's K/V as with the gathered one)."""
+    from megatron_tsp.config import TSPOptions
+    from megatron_tsp.tsp import streamed_attention
+
+    calls, real = [], streamed_attention.stream_forward
+    monkeypatch.setattr(streamed_attention, "stream_forward", lambda *a: (calls.append(1), real(*a))[1])
+    D = world
+    if D < 2:
+        pytest.skip("needs D >= 2")
+    want, _, want_logits, _, _ = _reference("rope-gqa-tied")
+    init_tsp(D)
+    model = build_gpt(SHAPES["rope-gqa-tied"], layout="tsp", dtype=torch.float64, seed=SEED, init_method_std=0.5,
+                      tsp_options=TSPOptions(attention_kv="streamed")).eval()
+    got = generate(model, PROMPTS, NEW, keep_logits=True)
+    assert calls, "the prefill did not stream"
+    assert got.tokens == want
+    assert max(rel_err(a, b) for a, b in zip([got.first_logits] + got.step_logits, want_logits)) <= TOL
+
+
 @pytest.mark.parametrize("D", [1, 2, 4])
 def test_logprobs_match_unsharded(world, D):
     skip_unless_divides(world, D)

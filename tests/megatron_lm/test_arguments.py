@@ -123,6 +123,7 @@ def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
     (["--tsp-size", "2", "--tsp-lm-head-chunk-tokens", "0"], r"--tsp-lm-head-chunk-tokens must be a positive integer"),
     (["--tsp-size", "2", "--tsp-mlp-chunk-tokens", "-4"], r"--tsp-mlp-chunk-tokens must be a non-negative integer"),
     (["--tsp-mlp-chunk-tokens", "4096"], r"--tsp-mlp-chunk-tokens needs the plugin's model"),
+    (["--tsp-attention-kv", "streamed"], r"--tsp-attention-kv streamed needs --tsp-size > 1"),
 ])
 def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -145,7 +146,7 @@ def test_help_lists_the_tsp_flags(capsys):
         _megatron_like_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     for flag in ("--tsp-size", "--tsp-recipe", "--tsp-native-spec", "--tsp-lm-head", "--tsp-lm-head-chunk-tokens",
-                 "--tsp-mlp-chunk-tokens"):
+                 "--tsp-mlp-chunk-tokens", "--tsp-attention-kv"):
         assert flag in out
 
 
@@ -439,3 +440,9 @@ def test_mlp_chunk_tokens_serves_the_native_specs_too():
     args = _megatron_like_parser().parse_args(["--tsp-native-spec", "sdpa", "--tsp-mlp-chunk-tokens", "4096"])
     assert tsp_options_from_args(args).mlp_chunk_tokens == 4096
     assert _megatron_like_parser().parse_args(["--tsp-size", "2"]).tsp_mlp_chunk_tokens == 0  # untiled by default
+
+
+def test_attention_kv_reaches_the_options():
+    args = _megatron_like_parser().parse_args(["--tsp-size", "2", "--tsp-attention-kv", "streamed"])
+    assert tsp_options_from_args(args).attention_kv == "streamed"
+    assert _megatron_like_parser().parse_args(["--tsp-size", "2"]).tsp_attention_kv == "gathered"  # the default

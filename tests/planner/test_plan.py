@@ -448,6 +448,8 @@ def test_selective_recompute_of_the_baselines_by_hand():
     (lambda: TrainSpec(seq_length=64, lm_head_chunk_tokens=0), r"parallel.lm_head_chunk_tokens"),
     (lambda: TrainSpec(seq_length=64, mlp_chunk_tokens=-1), r"parallel.mlp_chunk_tokens \(--mlp-chunk-tokens\) must be a non-negative"),
     (lambda: TrainSpec(seq_length=64, norm="apex"), r"--norm = 'apex'"),
+    (lambda: TrainSpec(seq_length=64, tsp_attention_kv="ring"),
+     r"parallel.tsp_attention_kv \(--tsp-attention-kv\) = 'ring'"),
     (lambda: plan_all(SMALL, TrainSpec(seq_length=4096, recompute="full", recompute_num_layers=9), NODE4,
                       hardware.load("h200x4"), [Layout("tsp", tsp_size=4)]),
      r"parallel.recompute_num_layers = 9 is more than the layers per stage \(8\)"),
@@ -811,3 +813,39 @@ def test_tiled_mlp_lowers_the_frontier_peak(layout):
         assert mems[8192].peak_point == "checkpointed layer backward (attention)"
     untiled, tiled = (flops(MHA, TrainSpec(**kw, mlp_chunk_tokens=c), layout)["matmul"] for c in (0, 8192))
     assert tiled > untiled
+
+
+def test_streamed_kv_working_set_by_hand():
+    """parallel.tsp_attention_kv = streamed: the attention backward holds, in units of one rank's
+    K/V of a head shard u = [B S / D, 2 kv / D], six u in the model dtype and the fp32 partial
+    (tsp/streamed_attention.py) instead of the gathered schedule's 3-4 K/V of all S tokens
+    [B S, 2 kv / D]; dq accumulates in fp32. The same K/V bytes move (a ring instead of an
+    all-gather), plus the dK/dV hop home."""
+    from megatron_tsp.planner import formulas as F
+    from megatron_tsp.planner.frontier import describe, options_of
+
+    S, B, b = 2**21, 1, 2
+    for model in (MHA, GQA):
+        for D in (2, 4, 8):
+            lay = Layout("tsp", tsp_size=D)
+            u = B * S / D * 2 * model.kv_dim / D
+            for mode, gathered_units in (("none", 4), ("full", 3)):
+                kw = dict(seq_length=S, micro_batch_size=B, tsp_recompute=mode)
+                g_comm, g_scratch = F.tsp_attention_in_flight(model, TrainSpec(**kw), lay)
+                s_comm, s_scratch = F.tsp_attention_in_flight(model, TrainSpec(**kw, tsp_attention_kv="streamed"), lay)
+                assert F.streamed_kv_buffers(model, TrainSpec(**kw), lay) == pytest.approx(u * (6 * b + 4))
+                assert g_comm - s_comm == pytest.approx(gathered_units * D * u * b - u * (6 * b + 4)), (D, mode)
+                assert s_scratch - g_scratch == pytest.approx(B * S / D * 4 * model.q_dim / D)
+            KV = B * S * 2 * model.kv_dim * b
+            for kv, name in (("gathered", "K/V all-gather"), ("streamed", "K/V ring")):
+                items = F.comm_items(model, TrainSpec(**kw, tsp_attention_kv=kv), lay, Cluster(gpus_per_node=8))
+                fwd = [i.volume for i in items if i.phase == "fwd" and i.name.startswith(name)]
+                assert len(fwd) == 2 and sum(fwd) == pytest.approx((D - 1) / D * KV)  # the same bytes forward
+    # D = 4, 2.5M tokens, the 7B with layer recompute: the attention backward's peak falls by ~7.5 GiB
+    kw = dict(seq_length=2621440, recompute="full", recompute_num_layers=1, tsp_recompute="full", mlp_chunk_tokens=8192)
+    peaks = {kv: memory(MHA, TrainSpec(**kw, tsp_attention_kv=kv), Layout("tsp", tsp_size=4), NODE4)
+             for kv in ("gathered", "streamed")}
+    assert peaks["gathered"].peak_point == "checkpointed layer backward (attention)"
+    assert 7 * GIB < peaks["gathered"].peak - peaks["streamed"].peak < 8 * GIB
+    opts = options_of(TrainSpec(seq_length=S, tsp_attention_kv="streamed"), Layout("tsp", tsp_size=4))
+    assert opts["tsp_attention_kv"] == "streamed" and "K/V streamed" in describe(opts)

@@ -78,6 +78,8 @@ def test_layout_names_and_lean_options():
     assert layout_overrides("cp4", 8) == ["parallel.layout=dp", "parallel.size=1", "parallel.context_size=8"]
     assert "parallel.offload_activations=true" in lean("tsp", True)
     assert not any("tsp_" in o for o in lean("fsdp_cp4", True))
+    assert "parallel.tsp_attention_kv=streamed" in lean("tsp", True, attention_kv="streamed")
+    assert not any("attention_kv" in o for o in lean("tsp", True) + lean("fsdp_cp4", True, attention_kv="streamed"))
 
 
 def test_from_a_close_guess_few_probes():

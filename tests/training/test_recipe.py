@@ -37,6 +37,9 @@ def test_every_recipe_loads(path):
     (["parallel.tsp_lm_head=fused"], r"parallel.tsp_lm_head must be one of local, megatron, got 'fused'"),
     (["parallel.lm_head_chunk_tokens=0"], r"parallel.lm_head_chunk_tokens must be a positive integer, got 0"),
     (["parallel.mlp_chunk_tokens=-1"], r"parallel.mlp_chunk_tokens must be a non-negative integer \(0: untiled\), got -1"),
+    (["parallel.tsp_attention_kv=ring"], r"parallel.tsp_attention_kv must be one of gathered, streamed, got 'ring'"),
+    (["parallel.layout=tp", "parallel.tsp_attention_kv=streamed"],
+     r"parallel.tsp_attention_kv = streamed needs parallel.layout = tsp \(got tp\)"),
     (["parallel.layout=tp", "parallel.tsp_lm_head=local"], r"parallel.tsp_lm_head = local needs parallel.layout = tsp"),
 ] + ([] if torch.cuda.is_available() else [  # the CPU machine (CI): GPU-only keys are refused
     (["parallel.gemm_sm_carveout=8"], r"parallel.gemm_sm_carveout needs GPUs"),
@@ -52,6 +55,11 @@ def test_lm_head_keys_reach_the_tsp_options():
     options = load_recipe(None, ["parallel.tsp_lm_head=megatron", "parallel.lm_head_chunk_tokens=7"]).tsp_options()
     assert (options.lm_head, options.lm_head_chunk_tokens) == ("megatron", 7)
     assert load_recipe(None, ["parallel.layout=dp", "parallel.tsp_lm_head=megatron"]).parallel.layout == "dp"
+
+
+def test_attention_kv_reaches_the_tsp_options():
+    assert load_recipe(None, []).tsp_options().attention_kv == "gathered"
+    assert load_recipe(None, ["parallel.tsp_attention_kv=streamed"]).tsp_options().attention_kv == "streamed"
 
 
 def test_mlp_chunk_tokens_reaches_the_options_of_every_layout():

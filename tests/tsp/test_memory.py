@@ -35,18 +35,19 @@ _BYTES = {}
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
-def test_saved_activations_shrink_with_D(world, recompute):
+@pytest.mark.parametrize("kv", ["gathered", "streamed"])  # parallel.tsp_attention_kv: the same saves
+def test_saved_activations_shrink_with_D(world, recompute, kv):
     if world != 4:
         pytest.skip("needs D = 4")
-    options = TSPOptions(recompute=recompute, mlp_exchange="ring")
+    options = TSPOptions(recompute=recompute, mlp_exchange="ring", attention_kv=kv)
     init_tsp(1)
     _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
     init_tsp(4)
     saved, params, bytes_d4, layer = _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(), options)
     assert bytes_d4 <= 1.25 / 4 * bytes_d1, f"saved {bytes_d4} B at D=4 vs {bytes_d1} B at D=1"
-    _BYTES[recompute] = bytes_d4
-    if len(_BYTES) == 2:  # full recompute keeps the block inputs only: well under half of `none`
-        assert _BYTES["full"] < 0.5 * _BYTES["none"], _BYTES
+    _BYTES[recompute, kv] = bytes_d4
+    if (("full", kv) in _BYTES) and (("none", kv) in _BYTES):  # full recompute keeps the block inputs only
+        assert _BYTES["full", kv] < 0.5 * _BYTES["none", kv], _BYTES
 
     weight_shapes = {tuple(p.shape) for p in layer.parameters() if p.dim() > 1}
     for t in saved:
