@@ -159,7 +159,9 @@ def build(recipe: Recipe, pg_collection=None):
     )
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
-                                            weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs)
+                                            weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs,
+                                            optimizer_cpu_offload=t.optimizer_cpu_offload,
+                                            optimizer_offload_fraction=t.optimizer_offload_fraction)
     config = model.config
     config.finalize_model_grads_func = compat.finalize_model_grads_func(
         require_groups(pgs, compat.FINALIZE_GROUPS, "finalize_model_grads"))
