@@ -139,6 +139,7 @@ def build(recipe: Recipe, pg_collection=None):
     from ..config import require_groups
     from ..parallel_state import tsp_process_groups
     from .build import build_gpt, wrap_ddp_and_optimizer
+    from .host_memory import check_host_memory
 
     pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     m, p, t = recipe.model, recipe.parallel, recipe.train
@@ -157,6 +158,9 @@ def build(recipe: Recipe, pg_collection=None):
         pg_collection=pgs,
         **({"moe_token_dispatcher_type": p.moe_dispatcher} if m.num_experts else {}),
     )
+    # the node's host memory against what the run offloads, before the optimizer pins its share
+    check_host_memory(recipe, sum(q.numel() for q in model.parameters()), pgs.dp_cp.size(),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
                                             weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs,

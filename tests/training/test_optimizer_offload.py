@@ -207,3 +207,36 @@ def test_offload_keys_are_checked(world):
     model = build_gpt(SHAPE, layout="tsp", seed=SEED)  # float32
     with pytest.raises(TSPConfigError, match="optimizer_cpu_offload = true cannot be combined with model.dtype = float32"):
         wrap_ddp_and_optimizer(model, use_distributed_optimizer=True, optimizer_cpu_offload=True)
+
+
+def test_host_memory_need_and_the_refusal(world, tmp_path):
+    """The need per process by hand: 16 bytes per offloaded parameter of the rank's optimizer
+    shard; the checkpointed inputs [S/D x b, h] per kept input. A node that cannot hold its
+    processes' share is one RecipeError before the first step (the driver, every rank)."""
+    from megatron_tsp.training.host_memory import GIB, HostMemoryError, check_host_memory, host_need_per_rank
+    from megatron_tsp.training.loop import run
+
+    recipe = load_recipe(TINY, ["model.dtype=bfloat16", "train.distributed_optimizer=true",
+                                "train.optimizer_cpu_offload=true", "parallel.size=2", "parallel.recompute=full",
+                                "parallel.offload_activations=true"])
+    # 2 layers kept (uniform, 1 per checkpoint) x 2 sequences x 64 / 2 tokens x h 64 x 2 bytes
+    assert host_need_per_rank(recipe, 1000, 2) == {"optimizer": 1000 / 2 * 16, "inputs": 2 * 2 * 32 * 64 * 2}
+    recipe.train.optimizer_offload_fraction = 0.5
+    assert host_need_per_rank(recipe, 1000, 1)["optimizer"] == 1000 * 0.5 * 16
+    need = (8000 + 16384) * 4  # 4 processes per node
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       {need // 1024 + 1} kB\nMemFree: 1 kB\n")
+    assert check_host_memory(recipe, 1000, 1, 4, meminfo=str(meminfo)) == need
+    meminfo.write_text(f"MemTotal:       {need // 1024 - 1} kB\n")
+    with pytest.raises(HostMemoryError, match=r"need .* GiB of host memory per node \(4 processes x 7.45e-06 GiB "
+                                              r"optimizer state \(train.optimizer_cpu_offload\) \+ 1.53e-05 GiB layer "
+                                              r"inputs \(parallel.offload_activations\)\) but this node's MemTotal"):
+        check_host_memory(recipe, 1000, 1, 4, meminfo=str(meminfo))
+    recipe.train.host_memory_gb = need / GIB * 1.01  # the key wins over MemTotal
+    assert check_host_memory(recipe, 1000, 1, 4, meminfo=str(meminfo)) == need
+
+    # The driver, at this world: refused after the model is built, before the optimizer and step 1.
+    with pytest.raises(RecipeError, match=r"layer inputs \(parallel.offload_activations\)\) but "
+                                          r"train.host_memory_gb = 1e-06 GiB: offload less"):
+        run(load_recipe(TINY, [f"parallel.size={world}", "parallel.recompute=full", "parallel.offload_activations=true",
+                               "train.host_memory_gb=0.000001", "train.steps=1", "train.log_interval=100"]))
