@@ -14,14 +14,14 @@ from typing import List, Optional, Sequence
 from . import hardware
 from ..config import AUTO_TOKENS_BELOW
 from .formulas import (ADAM_BYTES_PER_PARAM, GIB, HOST_ADAM_BYTES_PER_PARAM, HOST_ADAM_GB_S,
-                       HOST_OPTIMIZER_COPY_BYTES_PER_PARAM, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
-                       in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
+                       HOST_OPTIMIZER_COPY_BYTES_PER_PARAM, CommItem, Memory, Plan, comm_items, elementwise_bytes,
+                       flops, in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
                        stepped_params, volume_per_layer)
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
-__all__ = ["fits", "host_need_per_node", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
-           "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
+__all__ = ["fits", "host_need_per_node", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory",
+           "CommItem", "hardware", "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
 ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
