@@ -280,6 +280,7 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
                 raise TSPConfigError(f"train.optimizer_cpu_offload = true cannot be combined with {why}")
         if not 0 < optimizer_offload_fraction <= 1:
             raise TSPConfigError(f"train.optimizer_offload_fraction = {optimizer_offload_fraction} must be in (0, 1]")
+        compat.te_version_check_without_te()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_grad_reduce=overlap,
                                                overlap_param_gather=overlap and use_distributed_optimizer,
