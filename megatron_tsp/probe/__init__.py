@@ -185,7 +185,7 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
         try:
             meter.start()
             with kernels:
-                model, ddp, optimizer = driver.build(recipe, pgs)
+                model, ddp, optimizer = driver.build(recipe, pgs, host_processes=1)  # one rank runs here
                 if plant is not None:
                     plant(model)
                 meter.mark("built")
