@@ -153,10 +153,31 @@ def test_partial_offload_and_a_broken_offload(world, monkeypatch):
         assert_same_training(broken, ref, "broken offload")
 
 
-@pytest.mark.slow  # a checkpoint save and load: ~12 s
+def _resumed(D, recipe, offload, steps):
+    """A fresh model and optimizer (other weights: another seed), the checkpoint loaded, `steps`
+    more steps; their losses."""
+    from megatron_tsp.training.checkpoint import load_checkpoint
+
+    _groups("tsp", D)
+    model = build_gpt(SHAPE, layout="tsp", dtype=torch.bfloat16, seed=SEED + 1, sequence_parallel=True)
+    ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, weight_decay=0.01,
+                                      use_distributed_optimizer=True, optimizer_cpu_offload=offload)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    assert load_checkpoint(model, opt, recipe) == steps
+    r = Recipe(model=ModelRecipe(**vars(SHAPE)), train=TrainRecipe(micro_batch_size=GLOBAL_BATCH,
+                                                                   global_batch_size=GLOBAL_BATCH, seed=SEED))
+    dataset = build_train_dataset(r)
+    return [train_step(ddp, opt, list(micro_batches(dataset, step, r, 0, 1, torch.device("cpu"),
+                                                    mpu.get_context_parallel_group())), r)[0]
+            for step in range(steps, 2 * steps)]
+
+
+@pytest.mark.slow  # a checkpoint save and two loads: ~15 s
 def test_resume_with_offload_is_exact(world, shared_tmp_path):
-    """2 steps, save, 2 more == 4 straight, with the offload on (fully_reshardable format)."""
-    from megatron_tsp.training.checkpoint import load_checkpoint, save_checkpoint
+    """2 steps, save, 2 more == 4 straight, with the offload on (fully_reshardable format); the
+    same checkpoint also resumes without the offload (the state is stored per parameter either way)."""
+    from megatron_tsp.training.checkpoint import save_checkpoint
 
     if world > 2:
         pytest.skip("tsp D = 1 and 2 at worlds 1 and 2")
@@ -173,23 +194,13 @@ def test_resume_with_offload_is_exact(world, shared_tmp_path):
         STEPS = steps
         first, _, model, opt = train("tsp", D, offload=True)
         save_checkpoint(model, opt, recipe, steps)
-        # a fresh model and optimizer (other weights: another seed), loaded, then 2 more steps
-        _groups("tsp", D)
-        model = build_gpt(SHAPE, layout="tsp", dtype=torch.bfloat16, seed=SEED + 1, sequence_parallel=True)
-        ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, weight_decay=0.01,
-                                          use_distributed_optimizer=True, optimizer_cpu_offload=True)
-        model.config.finalize_model_grads_func = finalize_model_grads
-        model.config.no_sync_func = ddp.no_sync
-        assert load_checkpoint(model, opt, recipe) == steps
-        r = Recipe(model=ModelRecipe(**vars(SHAPE)), train=TrainRecipe(micro_batch_size=GLOBAL_BATCH,
-                                                                       global_batch_size=GLOBAL_BATCH, seed=SEED))
-        dataset = build_train_dataset(r)
-        rest = [train_step(ddp, opt, list(micro_batches(dataset, step, r, 0, 1, torch.device("cpu"),
-                                                        mpu.get_context_parallel_group())), r)[0]
-                for step in range(steps, 2 * steps)]
+        rest = _resumed(D, recipe, True, steps)
+        in_memory = _resumed(D, recipe, False, steps)
     finally:
         STEPS = steps
     assert first + rest == straight  # bit for bit: the same host Adam, its state restored
+    for a, b in zip(in_memory, rest):
+        assert abs(a - b) <= LOSS_TOL * abs(b), (in_memory, rest)
 
 
 def test_offload_keys_are_checked(world):
