@@ -238,12 +238,17 @@ def _load_optimizer_state(optimizer, state_dict) -> None:
 
 def _optimizer_classes(optimizer) -> list:
     """The classes an offloading optimizer's saved param groups name: megatron-core's
-    HybridDeviceOptimizer keeps its sub-optimizers' classes (torch's AdamW) in its defaults, so
-    they are pickled with the checkpoint's common state, which 0.16.1 reads with torch.load's
-    weights_only (refusing any class not allowed)."""
+    HybridDeviceOptimizer keeps its sub-optimizers' classes (torch's AdamW on the host, megatron's
+    Adam on the GPU) in its defaults, so they are pickled with the checkpoint's common state, which
+    0.16.1 reads with torch.load's weights_only (refusing any class not allowed). Allowed: those
+    megatron-core's offload can write (whether this run offloads or not: the offload may be switched
+    at a resume) and this optimizer's own."""
+    from megatron.core import optimizer as moptimizer
     from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 
-    out = []
+    out = [torch.optim.AdamW, torch.optim.SGD]
+    out += [c for c in (getattr(moptimizer, "Adam", None), getattr(moptimizer, "SGD", None))
+            if isinstance(c, type) and c not in out]
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, HybridDeviceOptimizer):
