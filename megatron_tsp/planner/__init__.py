@@ -21,7 +21,8 @@ from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, c
                     usable_layouts)
 
 __all__ = ["fits", "host_need_per_node", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory",
-           "CommItem", "hardware", "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
+           "CommItem", "hardware", "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory",
+           "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
 ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at

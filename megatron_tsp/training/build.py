@@ -280,6 +280,12 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
                 raise TSPConfigError(f"train.optimizer_cpu_offload = true cannot be combined with {why}")
         if not 0 < optimizer_offload_fraction <= 1:
             raise TSPConfigError(f"train.optimizer_offload_fraction = {optimizer_offload_fraction} must be in (0, 1]")
+        # megatron-core hands the offload an fp32 parameter of a bf16 model as a view that torch's
+        # optimizers refuse ("can't optimize a non-leaf Tensor"): say so here instead
+        fp32 = [name for name, p in model.named_parameters() if p.dtype == torch.float32]
+        if fp32:
+            raise TSPConfigError(f"train.optimizer_cpu_offload = true steps bf16 parameters only: {fp32[0]} "
+                                 f"(and {len(fp32) - 1} more) is float32")
         compat.te_version_check_without_te()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_grad_reduce=overlap,

@@ -68,7 +68,8 @@ def check_host_memory(recipe, local_params: int, dp_cp: int, ranks_per_node: int
         where = "train.host_memory_gb" if t.host_memory_gb is not None else "this node's MemTotal"
         parts = [f"{need['optimizer'] / GIB:.3g} GiB optimizer state (train.optimizer_cpu_offload)"
                  if need["optimizer"] else "",
-                 f"{need['inputs'] / GIB:.3g} GiB layer inputs (parallel.offload_activations)" if need["inputs"] else ""]
+                 f"{need['inputs'] / GIB:.3g} GiB layer inputs (parallel.offload_activations)"
+                 if need["inputs"] else ""]
         raise HostMemoryError(
             f"the offloaded tensors need {per_node / GIB:.3g} GiB of host memory per node ({ranks_per_node} processes "
             f"x {' + '.join(x for x in parts if x)}) but {where} = {host:.3g} GiB: offload less "

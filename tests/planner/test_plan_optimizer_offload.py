@@ -62,7 +62,8 @@ def test_step_time_pays_the_host_step():
     base = step_time(MODEL, train(), lay, cluster, HW)
     off = step_time(MODEL, train(optimizer_cpu_offload=True), lay, cluster, HW)
     assert base["optimizer_s"] == pytest.approx(ADAM_BYTES_PER_PARAM * P / (HW.hbm_tb_s * 1e12))
-    host = P * (HOST_OPTIMIZER_COPY_BYTES_PER_PARAM / (HW.host_gb_s * 1e9) + HOST_ADAM_BYTES_PER_PARAM / (HOST_ADAM_GB_S * 1e9))
+    host = P * (HOST_OPTIMIZER_COPY_BYTES_PER_PARAM / (HW.host_gb_s * 1e9)
+                + HOST_ADAM_BYTES_PER_PARAM / (HOST_ADAM_GB_S * 1e9))
     assert off["optimizer_s"] == pytest.approx(host) and off["host_optimizer_s"] == pytest.approx(host)
     assert off["as_implemented"] - base["as_implemented"] == pytest.approx(host - base["optimizer_s"])
 

@@ -206,9 +206,9 @@ def test_resume_with_offload_is_exact(world, shared_tmp_path):
 def test_offload_keys_are_checked(world):
     base = ["model.dtype=bfloat16", "train.distributed_optimizer=true", "train.optimizer_cpu_offload=true"]
     for overrides, match in (
-            (["model.dtype=float32"], r"train.optimizer_cpu_offload = true cannot be combined with model.dtype = float32"),
+            (["model.dtype=float32"], r"optimizer_cpu_offload = true cannot be combined with model.dtype = float32"),
             (["train.distributed_optimizer=false"], r"with train.distributed_optimizer = false"),
-            (["train.optimizer_offload_fraction=0"], r"train.optimizer_offload_fraction = 0.0 must be a number in \(0, 1\]"),
+            (["train.optimizer_offload_fraction=0"], r"optimizer_offload_fraction = 0.0 must be a number in \(0, 1\]"),
             (["train.host_memory_gb=-1"], r"train.host_memory_gb = -1.0 must be a positive number"),
             (["parallel.layout=dp", "train.distributed_optimizer=false", "parallel.fsdp=true"],
              r"with parallel.fsdp = true")):
@@ -216,7 +216,7 @@ def test_offload_keys_are_checked(world):
             load_recipe(TINY, base + overrides).check(world, devices=False)
     _groups("tsp", 1)
     model = build_gpt(SHAPE, layout="tsp", seed=SEED)  # float32
-    with pytest.raises(TSPConfigError, match="optimizer_cpu_offload = true cannot be combined with model.dtype = float32"):
+    with pytest.raises(TSPConfigError, match="optimizer_cpu_offload = true cannot be combined with model.dtype"):
         wrap_ddp_and_optimizer(model, use_distributed_optimizer=True, optimizer_cpu_offload=True)
 
 
