@@ -251,3 +251,8 @@ def test_host_memory_need_and_the_refusal(world, tmp_path):
                                           r"train.host_memory_gb = 1e-06 GiB: offload less"):
         run(load_recipe(TINY, [f"parallel.size={world}", "parallel.recompute=full", "parallel.offload_activations=true",
                                "train.host_memory_gb=0.000001", "train.steps=1", "train.log_interval=100"]))
+    bf16 = build_gpt(SHAPE, layout="tsp", seed=SEED, dtype=torch.bfloat16)
+    norm = bf16.decoder.final_layernorm.weight
+    norm.data = norm.data.float()  # as a norm that keeps fp32 weights would
+    with pytest.raises(TSPConfigError, match=r"bf16 parameters only: decoder.final_layernorm.weight \(and 0 more\)"):
+        wrap_ddp_and_optimizer(bf16, use_distributed_optimizer=True, optimizer_cpu_offload=True)
