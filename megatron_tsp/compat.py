@@ -21,6 +21,11 @@ is allowed with one warning, at the first import of a module that builds on mega
   `te_general_gemm is not None`, a name only bound when Transformer Engine imports: without TE
   every router call raises NameError. `bind_missing_te_general_gemm` binds it to None (the
   torch path; called when an MoE model is built, not at import); later versions bind it themselves.
+- The optimizer CPU offload takes megatron-core's precision-aware optimizer path, whose
+  `OptimizerConfig.__post_init__` asks `is_te_min_version("2.1.0")`: without Transformer Engine
+  0.16.1's `get_te_version()` is None and the comparison raises TypeError (0.19.2 answers).
+  `te_version_check_without_te` makes that check answer False there (TE absent: not >= 2.1),
+  called when an offloading optimizer is built.
 - The groups handed to Megatron's DDP, optimizer, `finalize_model_grads` and schedules (one
   `ProcessGroupCollection`, `ddp_group_kwargs`, `optimizer_group_kwargs`,
   `finalize_model_grads_func`, `schedule_group_kwargs`; `DDP_GROUPS`, `OPTIMIZER_GROUPS`,
@@ -185,6 +190,20 @@ def schedule_group_kwargs(pg_collection, config) -> dict:
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     return {"pg_collection": pg_collection, "p2p_communicator": P2PCommunicator(pp_group=pg_collection.pp, config=config)}
+
+
+def te_version_check_without_te() -> None:
+    from megatron.core import utils
+    from megatron.core.optimizer import optimizer_config
+
+    if utils.get_te_version() is not None or getattr(optimizer_config.is_te_min_version, "_without_te", False):
+        return
+
+    def is_te_min_version(version, check_equality=True):
+        return False  # Transformer Engine is not installed: no version of it is
+
+    is_te_min_version._without_te = True
+    optimizer_config.is_te_min_version = is_te_min_version
 
 
 def bind_missing_te_general_gemm() -> None:

@@ -446,6 +446,24 @@ class TrainRecipe:
     distributed_optimizer: bool = False
     """Megatron's distributed optimizer (optimizer state sharded over data parallel). Its
     checkpoints (fully_reshardable format) resume exactly, at any layout."""
+    optimizer_cpu_offload: bool = False
+    """Model states off the GPU: the fp32 main weights and Adam's two moments live in pinned host
+    memory and Adam steps there, on the CPU (megatron-core's optimizer CPU offload, its
+    HybridDeviceOptimizer: the precision-aware distributed optimizer hands it each rank's shard).
+    The GPU keeps the bf16 weights and fp32 gradients: 6 bytes per parameter instead of 18; the
+    host holds 16 per parameter of the rank's optimizer shard (main weight, two moments, a pinned
+    fp32 copy of the gradient). Needs model.dtype = bfloat16 and train.distributed_optimizer =
+    true (the shard over data parallel: every layout; at data parallel 1 the rank's whole model);
+    not with parallel.fsdp. Same losses as without it to float rounding (the host Adam is torch's
+    fused CPU AdamW). The node's host memory must hold it: see train.host_memory_gb."""
+    optimizer_offload_fraction: float = 1.0
+    """With optimizer_cpu_offload: the fraction (0 < x <= 1) of the rank's optimizer shard, by
+    parameters in order, whose state goes to the host; the rest steps on the GPU."""
+    host_memory_gb: Optional[float] = None
+    """Host memory per node (GiB) for what the run offloads (parallel.offload_activations' layer
+    inputs, train.optimizer_cpu_offload's optimizer state, as the planner counts them, for every
+    process of the node); null: this node's MemTotal (/proc/meminfo). A run that needs more is
+    refused before its first step, naming these keys."""
     seed: int = 1234
     """Seed of weights and data order."""
     log_interval: int = 5

@@ -13,14 +13,16 @@ from typing import List, Optional, Sequence
 
 from . import hardware
 from ..config import AUTO_TOKENS_BELOW
-from .formulas import (ADAM_BYTES_PER_PARAM, GIB, CommItem, Memory, Plan, comm_items, elementwise_bytes, flops,
-                       in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
+from .formulas import (ADAM_BYTES_PER_PARAM, GIB, HOST_ADAM_BYTES_PER_PARAM, HOST_ADAM_GB_S,
+                       HOST_OPTIMIZER_COPY_BYTES_PER_PARAM, CommItem, Memory, Plan, comm_items, elementwise_bytes,
+                       flops, in_layer_mode, layer_recompute, memory, mlp_exchange, param_counts, recompute_mode,
                        stepped_params, volume_per_layer)
 from .model import (Cluster, Layout, ModelSpec, PlanError, Skipped, TrainSpec, candidate_layouts, check_layout,
                     usable_layouts)
 
-__all__ = ["fits", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory", "CommItem", "hardware",
-           "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory", "comm_items", "flops",
+__all__ = ["fits", "host_need_per_node", "Cluster", "Layout", "ModelSpec", "PlanError", "TrainSpec", "Plan", "Memory",
+           "CommItem", "hardware", "Skipped", "plan_layout", "plan_all", "candidate_layouts", "check_layout", "memory",
+           "comm_items", "flops",
            "step_time", "volume_per_layer", "param_counts", "mlp_exchange", "GIB"]
 
 ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
@@ -71,7 +73,13 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     gb = train.global_batch_size or train.micro_batch_size * dp
     n_micro = gb // (train.micro_batch_size * dp)
     stepped = stepped_params(m, train, lay, cluster)
-    t_opt = ADAM_BYTES_PER_PARAM * stepped / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
+    on_host = train.host_optimizer_fraction
+    t_opt = ADAM_BYTES_PER_PARAM * stepped * (1 - on_host) / (hw.hbm_tb_s * 1e12) if train.optimizer == "adam" else 0.0
+    # the offloaded share: its gradients to the host and weights back (host copies), then the host
+    # Adam; counted one after the other (megatron overlaps a parameter's copies with others' steps)
+    t_host_opt = stepped * on_host * (HOST_OPTIMIZER_COPY_BYTES_PER_PARAM / (hw.host_gb_s * 1e9)
+                                      + HOST_ADAM_BYTES_PER_PARAM / (HOST_ADAM_GB_S * 1e9))
+    t_opt += t_host_opt
     micro = {
         "no_overlap": compute + comm_all,
         "as_implemented": compute + comm_serial + max(0.0, comm_hidden - compute),
@@ -80,7 +88,7 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
     out = {k: n_micro * v + t_opt + step_comm for k, v in micro.items()}
     out.update({"matmul_s": n_micro * t_mm, "attention_s": n_micro * t_attn, "elementwise_s": n_micro * t_ew,
                 "comm_s": n_micro * comm_all, "comm_exposed_s": n_micro * (micro["as_implemented"] - compute),
-                "optimizer_s": t_opt, "dp_sync_s": step_comm, "micro_batches": n_micro,
+                "optimizer_s": t_opt, "host_optimizer_s": t_host_opt, "dp_sync_s": step_comm, "micro_batches": n_micro,
                 "model_flops": fl["model_flops"] * n_micro})
     tokens = gb * train.seq_length
     out["tokens_per_s_per_gpu"] = tokens / out["as_implemented"] / cluster.world
@@ -90,11 +98,18 @@ def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw:
 
 
 def fits(mem: Memory, cluster: Cluster, hw: hardware.Hardware) -> bool:
-    """The peak within the GPU's memory and, with offload, every GPU's offloaded inputs within
-    the node's host memory (when the cluster or the profile gives it)."""
+    """The peak within the GPU's memory and, with offload, what every GPU offloads (checkpointed
+    inputs, optimizer state: `Memory.host`) within the node's host memory (when the cluster or the
+    profile gives it)."""
     capacity = cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else hw.gpu_memory_gib
     host = cluster.host_memory_gib if cluster.host_memory_gib is not None else hw.host_memory_gib
-    return mem.peak / GIB <= capacity and (host is None or mem.host_offload * cluster.gpus_per_node / GIB <= host)
+    return mem.peak / GIB <= capacity and (host is None or host_need_per_node(mem, cluster) / GIB <= host)
+
+
+def host_need_per_node(mem: Memory, cluster: Cluster) -> float:
+    """Bytes of pinned host memory a node's processes need: each GPU's offloaded inputs and
+    optimizer state, times the GPUs of a node."""
+    return mem.host * cluster.gpus_per_node
 
 
 def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware) -> Plan:
@@ -116,6 +131,10 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
         p.notes.append(f"MLP: token-tiled, at most {train.mlp_chunk_tokens} local tokens per chunk")
     if mem.host_offload:
         p.notes.append(f"host memory for offloaded inputs: {mem.host_offload / GIB:.1f} GiB per GPU")
+    if mem.host_optimizer:
+        p.notes.append(f"optimizer state on the host: {mem.host_optimizer / GIB:.1f} GiB per GPU "
+                       f"({train.host_optimizer_fraction:g} of it; host Adam + copies {t['host_optimizer_s']:.2f} s "
+                       "per step, an estimate)")
     exchange = mlp_exchange(train, lay)
     if exchange is not None:
         why = (f" (auto: {train.micro_batch_size * train.seq_length // lay.tsp_size} tokens per rank, tokens below "

@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--distributed-optimizer", action="store_true", default=None,
                    help="shard fp32 master params and Adam state over data parallel (x CP) (default: the "
                         "recipe's train.distributed_optimizer)")
+    t.add_argument("--optimizer-cpu-offload", action=argparse.BooleanOptionalAction, default=None,
+                   dest="optimizer_cpu_offload",
+                   help="train.optimizer_cpu_offload: fp32 main weights and Adam state on the host (bf16 model, "
+                        "needs --distributed-optimizer; default: the recipe's). --frontier tries it either way")
+    t.add_argument("--optimizer-offload-fraction", type=float, dest="optimizer_offload_fraction",
+                   help="train.optimizer_offload_fraction: the offloaded share of the state, in (0, 1] (default 1)")
     t.add_argument("--recompute", choices=list(LAYER_RECOMPUTE),
                    help="parallel.recompute: Megatron's layer recompute for every layout (full: keep each "
                         "checkpointed layer's input only; selective: core attention, baselines only)")
@@ -92,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--nodes", type=int, default=1)
     c.add_argument("--gpu-memory-gb", type=float, help="usable GiB per GPU (default: the hardware profile's)")
     c.add_argument("--host-memory-gb", type=float,
-                   help="host GiB per node for offloaded activations (default: the profile's host.memory_gib)")
+                   help="host GiB per node for what is offloaded (activations, optimizer state) (default: the "
+                        "profile's host.memory_gib)")
     c.add_argument("--hardware", default="h200x4", help="configs/hardware/NAME.yaml or a path (default h200x4)")
     o = p.add_argument_group("output")
     o.add_argument("--layout", action="append", help="only these layouts (repeatable), named with their sizes: e.g. on "
@@ -119,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
 # the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
 _TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
                 "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
-                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv")
+                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv", "optimizer_cpu_offload",
+                "optimizer_offload_fraction")
 _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
                 "dtype")
 

@@ -245,6 +245,9 @@ class Memory:
     detail: Dict[str, float] = field(default_factory=dict)
     recompute_working_set: float = 0.0  # one checkpointed chunk's activations, rebuilt in its backward
     host_offload: float = 0.0  # checkpointed layer inputs held in pinned host memory (per GPU)
+    # train.optimizer_cpu_offload: the host's share of the optimizer (per GPU): fp32 main weight,
+    # two Adam moments and a pinned fp32 copy of the gradient per offloaded parameter
+    host_optimizer: float = 0.0
     at_peak: Dict[str, float] = field(default_factory=dict)  # what is allocated at the peak, by kind
     points: Dict[str, float] = field(default_factory=dict)  # the total at each candidate peak point
     # allocated before a step starts and kept across steps, beside the model states: Megatron's
@@ -265,9 +268,15 @@ class Memory:
     def as_gib(self) -> dict:
         out = {k: getattr(self, k) / GIB for k in ("params", "grads", "optimizer", "activations", "comm_buffers",
                                                     "logits", "other_transient", "optimizer_step_transient",
-                                                    "recompute_working_set", "host_offload", "peak")}
+                                                    "recompute_working_set", "host_offload", "host_optimizer",
+                                                    "peak")}
         out["peak_point"] = self.peak_point
         return out
+
+    @property
+    def host(self) -> float:
+        """Pinned host memory this GPU's process needs: offloaded inputs + offloaded optimizer state."""
+        return self.host_offload + self.host_optimizer
 
 
 @dataclass
@@ -360,11 +369,23 @@ def layer_recompute(m: ModelSpec, train: TrainSpec) -> LayerRecompute:
     L = m.layers
     if train.recompute != "full":
         return LayerRecompute(saved=L, label=train.recompute)
+    inputs = checkpointed_inputs(L, train.recompute, train.recompute_method, train.recompute_num_layers)
     if train.recompute_method == "uniform":
         N = min(train.recompute_num_layers or 1, L)
-        return LayerRecompute(inputs=-(-L // N), chunk=N, recomputed=L, label=f"full uniform N={N}")
-    N = L if train.recompute_num_layers is None else min(train.recompute_num_layers, L)
+        return LayerRecompute(inputs=inputs, chunk=N, recomputed=L, label=f"full uniform N={N}")
+    N = inputs
     return LayerRecompute(inputs=N, saved=L - N, chunk=1 if N else 0, recomputed=N, label=f"full block N={N}")
+
+
+def checkpointed_inputs(layers: int, recompute: str, method: str, num_layers: Optional[int]) -> int:
+    """Layer inputs Megatron's full recompute keeps over `layers` layers ([s, b, h] each; with
+    parallel.offload_activations all on the host): uniform N: ceil(L/N); block N: N (default L);
+    none without full recompute. The driver's host check (training/host_memory.py) counts with it."""
+    if recompute != "full":
+        return 0
+    if method == "uniform":
+        return -(-layers // min(num_layers or 1, layers))
+    return layers if num_layers is None else min(num_layers, layers)
 
 
 def recompute_mode(lay: Layout, train: TrainSpec) -> str:
@@ -436,9 +457,15 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     adam = train.optimizer == "adam"
     master = FP32 if b < FP32 and adam else 0  # fp32 main params of a bf16 model
     stepped = stepped_params(m, train, lay, cluster)
-    optimizer = stepped * (master + (2 * FP32 if adam else 0))
-    # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps
-    opt_step_transient = stepped * FP32 if adam else 0.0
+    # train.optimizer_cpu_offload: megatron-core's HybridDeviceOptimizer keeps the main weights and
+    # moments of this fraction of the stepped parameters on the host (the GPU keeps the bf16 weights
+    # and the fp32 gradient buffer: 6 bytes per parameter instead of 18) and adds a pinned fp32
+    # copy of their gradients there
+    on_host = train.host_optimizer_fraction
+    optimizer = stepped * (master + (2 * FP32 if adam else 0)) * (1 - on_host)
+    host_optimizer = stepped * on_host * HOST_OPTIMIZER_BYTES_PER_PARAM
+    # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps on the GPU
+    opt_step_transient = stepped * FP32 * (1 - on_host) if adam else 0.0
 
     mode = in_layer_mode(lay, train)
     rc = layer_recompute(m, train)
@@ -573,6 +600,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         comm_buffers=comm, logits=logits, other_transient=scratch,
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
         recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
+        host_optimizer=host_optimizer,
         at_peak=at_peak, points={k: static_fb + sum(v) for k, v in points.items()} | {"optimizer step": step_peak},
         persistent_buffers=mpu_buffer + rope, kept_at_loss=kept_at_loss,
         step_start=static_fb + step_extra + mpu_buffer,
@@ -1029,3 +1057,12 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
 
 
 ADAM_BYTES_PER_PARAM = 80  # foreach AdamW + grad-norm + clip + copy to bf16 (docs/planner.md)
+# train.optimizer_cpu_offload, per offloaded parameter: host memory (fp32 main weight, exp_avg,
+# exp_avg_sq, the pinned fp32 gradient copy), bytes copied (the fp32 gradient to the host, the
+# fp32 main weight back into the bf16 weight), bytes the host's fused CPU AdamW moves (reads weight,
+# gradient, two moments; writes weight, two moments) and the rate one GPU's process steps them at:
+# an estimate (a node's host memory bandwidth shared by its processes), not measured
+HOST_OPTIMIZER_BYTES_PER_PARAM = 16
+HOST_OPTIMIZER_COPY_BYTES_PER_PARAM = 8
+HOST_ADAM_BYTES_PER_PARAM = 28
+HOST_ADAM_GB_S = 10.0

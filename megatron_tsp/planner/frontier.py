@@ -12,6 +12,9 @@ time only of those that fit) and the fastest that fits is kept:
   faster; GPU memory falls as N grows, so it is found by bisection; with offload the host
   memory rises with N, so that N must also fit the host); selective (baselines only).
 - `parallel.offload_activations` false / true (with full).
+- `train.optimizer_cpu_offload` false / true (bf16 models with Adam, not FSDP-over-CP; with the
+  distributed optimizer): the optimizer state on the host, which must then hold it beside the
+  offloaded inputs.
 - TSP only: `parallel.tsp_recompute` none / full, `parallel.tsp_lm_head` local / megatron and
   `parallel.tsp_attention_kv` gathered / streamed.
 
@@ -39,6 +42,10 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
         out["offload_activations"] = train.offload_activations
     if train.mlp_chunk_tokens:
         out["mlp_chunk_tokens"] = train.mlp_chunk_tokens
+    if train.optimizer_cpu_offload:
+        out["optimizer_cpu_offload"] = True  # a train.* key (with train.distributed_optimizer = true)
+        if train.optimizer_offload_fraction != 1:
+            out["optimizer_offload_fraction"] = train.optimizer_offload_fraction
     if lay.kind == "tsp":
         out["tsp_recompute"] = train.tsp_recompute
         out["tsp_lm_head"] = train.tsp_lm_head
@@ -62,6 +69,8 @@ def describe(opts: Dict[str, object]) -> str:
             parts.append("K/V streamed")
     if opts.get("mlp_chunk_tokens"):
         parts.append(f"MLP chunks of {opts['mlp_chunk_tokens']}")
+    if opts.get("optimizer_cpu_offload"):
+        parts.append("optimizer on host")
     return ", ".join(parts)
 
 
@@ -89,7 +98,11 @@ class _Search:
         if self.lay.kind == "tsp":
             inner = [{"tsp_recompute": r, "tsp_lm_head": h, "tsp_attention_kv": kv} for kv in ("gathered", "streamed")
                      for r in ("none", "full") for h in ("local", "megatron")]
-        return inner
+        host_adam = self.base.optimizer == "adam" and self.m.dtype_bytes < 4 and self.lay.kind != "fsdp_cp"
+        optimizer = [{"optimizer_cpu_offload": False}]
+        if host_adam:
+            optimizer.append({"optimizer_cpu_offload": True, "distributed_optimizer": True})
+        return [{**o, **f} for o in optimizer for f in inner]
 
     def fitting(self, S: int) -> List[TrainSpec]:
         """The configurations worth timing at S: every family's fitting ones (the smallest fitting
@@ -155,7 +168,8 @@ def _row(S: int, found) -> dict:
             "tokens_per_s_per_gpu": p.time["tokens_per_s_per_gpu"], "step_time_s": p.time["as_implemented"],
             "mfu": p.time["mfu"], "peak_gib": p.memory.peak / GIB, "peak_point": p.memory.peak_point,
             "peak_breakdown_gib": {k: v / GIB for k, v in p.memory.at_peak.items()},
-            "host_offload_gib": p.memory.host_offload / GIB, "notes": p.notes}
+            "host_offload_gib": p.memory.host_offload / GIB, "host_optimizer_gib": p.memory.host_optimizer / GIB,
+            "notes": p.notes}
 
 
 def layout_frontier(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw,
@@ -244,8 +258,8 @@ def render(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw, rows: List[dict
     lines.append(_table(["layout"] + [_seq(s) for s in seqs], table))
     if skipped:
         lines += ["", "Not applicable:"] + [f"  {s['layout']}: {s['reason']}" for s in skipped]
-    lines += ["", "+: fits at the largest context searched (--max-seq-len). Options: parallel.* recipe keys; "
-                  "docs/frontier.md."]
+    lines += ["", "+: fits at the largest context searched (--max-seq-len). Options: parallel.* recipe keys "
+                  "(optimizer on host: train.optimizer_cpu_offload); docs/frontier.md."]
     return "\n".join(lines)
 
 

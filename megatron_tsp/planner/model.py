@@ -381,6 +381,10 @@ class TrainSpec:
     tsp_attention_kv: str = _PARALLEL["tsp_attention_kv"]  # gathered | streamed (TSP's K/V around the ring)
     mlp_chunk_tokens: int = _PARALLEL["mlp_chunk_tokens"]  # 0: untiled; every layout's dense MLP (and TSP's shared expert)
     expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
+    # the optimizer's state (fp32 main weights, Adam moments) on the host for this fraction of the
+    # stepped parameters (megatron-core's HybridDeviceOptimizer); needs the distributed optimizer
+    optimizer_cpu_offload: bool = _TRAIN["optimizer_cpu_offload"]
+    optimizer_offload_fraction: float = _TRAIN["optimizer_offload_fraction"]
     grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
@@ -422,6 +426,22 @@ class TrainSpec:
             raise PlanError(f"parallel.mlp_chunk_tokens (--mlp-chunk-tokens) must be a non-negative integer "
                             f"(0: untiled), got {chunk!r}")
         _positive("parallel.expert_size (--expert-size)", self.expert_size)
+        if not isinstance(self.optimizer_cpu_offload, bool):
+            raise PlanError(f"train.optimizer_cpu_offload must be true or false, got {self.optimizer_cpu_offload!r}")
+        f = self.optimizer_offload_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise PlanError(f"train.optimizer_offload_fraction must be a number in (0, 1], got {f!r}")
+        if self.optimizer_cpu_offload and self.optimizer != "adam":
+            raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) offloads Adam's state: "
+                            f"--optimizer = {self.optimizer!r} has none")
+        if self.optimizer_cpu_offload and not self.distributed_optimizer:
+            raise PlanError("train.optimizer_cpu_offload (--optimizer-cpu-offload) needs train.distributed_optimizer "
+                            "(--distributed-optimizer): megatron-core offloads the distributed optimizer's shard")
+
+    @property
+    def host_optimizer_fraction(self) -> float:
+        """The fraction of the stepped parameters whose optimizer state is on the host."""
+        return float(self.optimizer_offload_fraction) if self.optimizer_cpu_offload else 0.0
 
 
 # The recipe keys the planner reads: a ModelSpec / TrainSpec field of the same name (their
@@ -588,6 +608,12 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
         if value % w:
             raise PlanError(f"{flag} = {value} must be divisible by the {where} weight split {w}")
     check_experts(model, train, layout, cluster)
+    if train.optimizer_cpu_offload and layout.kind == "fsdp_cp":
+        raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) cannot be combined with {where} "
+                        "(parallel.fsdp: FSDP steps its own sharded optimizer state on the GPU)")
+    if train.optimizer_cpu_offload and model.dtype_bytes >= 4:
+        raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) needs a bf16 model (model.dtype = "
+                        f"bfloat16; got {model.dtype}): the host keeps the fp32 main weights of bf16 weights")
     if layout.kind == "tsp" and train.seq_length % (2 * layout.tsp_size):
         raise PlanError(f"--seq-len = {train.seq_length} must be divisible by 2 x D = {2 * layout.tsp_size} "
                         f"({where}: zigzag cuts each sequence into 2D chunks)")

@@ -23,7 +23,8 @@ def plan_to_dict(p: Plan) -> dict:
         "flops": p.flops,
         "step_time_s": {k: p.time[k] for k in ("no_overlap", "as_implemented", "full_overlap")},
         "time_breakdown_s": {k: p.time[k] for k in ("matmul_s", "attention_s", "elementwise_s", "comm_s",
-                                                    "comm_exposed_s", "optimizer_s", "dp_sync_s")},
+                                                    "comm_exposed_s", "optimizer_s", "host_optimizer_s",
+                                                    "dp_sync_s")},
         "tokens_per_s_per_gpu": p.time["tokens_per_s_per_gpu"], "mfu": p.time["mfu"], "notes": p.notes,
     }
 
@@ -57,7 +58,8 @@ def render(model: ModelSpec, train: TrainSpec, cluster: Cluster, hw, plans: List
             f"ffn={model.f}{' gated' if model.gated else ''} V={model.vocab} {model.dtype}, "
             f"{model.total_params / 1e9:.2f}B params | S={train.seq_length} micro-batch={train.micro_batch_size} "
             f"| {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware {hw.name} "
-            f"| Adam{' (distributed)' if train.distributed_optimizer else ''}, recompute={train.recompute}, "
+            f"| Adam{' (distributed)' if train.distributed_optimizer else ''}"
+            f"{' state on the host' if train.optimizer_cpu_offload else ''}, recompute={train.recompute}, "
             f"TSP MLP exchange={train.tsp_mlp_exchange}")
     mem_rows, time_rows = [], []
     for p in plans:

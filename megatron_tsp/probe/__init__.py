@@ -185,7 +185,7 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
         try:
             meter.start()
             with kernels:
-                model, ddp, optimizer = driver.build(recipe, pgs)
+                model, ddp, optimizer = driver.build(recipe, pgs, host_processes=1)  # one rank runs here
                 if plant is not None:
                     plant(model)
                 meter.mark("built")
@@ -315,6 +315,8 @@ def predict(path: str, overrides: Sequence[str], world: int, gpus_per_node: int,
         "peak_gib": mem.peak / _GIB, "peak_point": mem.peak_point, "fits": plan.fits,
         "at_peak_gib": {k: v / _GIB for k, v in mem.at_peak.items()},
         "comm_buffers_gib": mem.comm_buffers / _GIB, "host_offload_gib": mem.host_offload / _GIB,
+        # train.optimizer_cpu_offload's share on the host, and all this GPU's process pins there
+        "host_optimizer_gib": mem.host_optimizer / _GIB, "host_gib": mem.host / _GIB,
         "compute_s": tm["matmul_s"] + tm["attention_s"] + tm["elementwise_s"] + tm["optimizer_s"],
         "comm_s": tm["comm_s"], "comm_exposed_s": tm["comm_exposed_s"], "dp_sync_s": tm["dp_sync_s"],
         "step_s": tm["as_implemented"],

@@ -60,7 +60,11 @@ def parser() -> argparse.ArgumentParser:
                         "(default: the recipe's S, then doubling)")
     f.add_argument("--max-seq", type=int, default=16 * 2**20, help="largest context searched (default 16M)")
     f.add_argument("--host-memory-gb", type=float, default=512.0,
-                   help="host memory per node (GiB) for offloaded inputs, shared by --gpus-per-node GPUs (default 512)")
+                   help="host memory per node (GiB) for offloaded inputs and optimizer state, shared by "
+                        "--gpus-per-node GPUs (default 512)")
+    f.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="the optimizer state on the host too (train.optimizer_cpu_offload, with the distributed "
+                        "optimizer; bf16 models; not the FSDP layouts) where the host memory holds it")
     f.add_argument("--time-at", type=int, default=None,
                    help="context of the real step the frontier's step time is extrapolated from (default: none)")
     f.add_argument("--mlp-chunk-tokens", type=int, default=0,
@@ -117,6 +121,10 @@ def render(result: dict) -> str:
                      f"{p['comm_exposed_s']:.3f} s exposed; communication buffers {p['comm_buffers_gib']:.2f} GiB (in its peak), "
                      "NCCL's own; "
                      "values (received tensors are garbage; the loss may be NaN)")
+        if p.get("host_gib"):
+            lines.append(f"  host memory per rank (planner's): {p['host_gib']:.2f} GiB (offloaded inputs "
+                         f"{p['host_offload_gib']:.2f}, optimizer state {p['host_optimizer_gib']:.2f}), times the "
+                         "node's GPUs against its host memory")
     return "\n".join(lines)
 
 
@@ -236,12 +244,14 @@ def planner_guess(args, layout_overrides, capacity) -> int:
 def run_frontier(args) -> dict:
     from ..training.recipe import load_recipe
     from . import measure, predict
-    from .frontier import DEFAULT_LAYOUTS, ProbeLog, Search, extrapolated_time, granularity, layout_overrides, summary_line
+    from .frontier import (DEFAULT_LAYOUTS, OPTIMIZER_ON_HOST, ProbeLog, Search, extrapolated_time, granularity,
+                           layout_overrides, summary_line)
 
     names = (args.layouts or DEFAULT_LAYOUTS).split(",")
     layouts = {name: layout_overrides(name, args.world) for name in names}
     for name, lay in layouts.items():  # every layout's flags and keys checked before the first probe
-        recipe = load_recipe(args.recipe, list(args.overrides) + lay)
+        host_adam = OPTIMIZER_ON_HOST if args.optimizer_cpu_offload and not name.startswith("fsdp") else []
+        recipe = load_recipe(args.recipe, list(args.overrides) + lay + host_adam)
         check_request(args, recipe)
         recipe.check(args.world)
     capacity = capacity_of(args)
@@ -267,7 +277,7 @@ def run_frontier(args) -> dict:
 
         def offload_gib(S, opts):
             p = predict(args.recipe, overrides(S, opts), args.world, args.gpus_per_node, capacity, args.hardware)
-            return p.get("host_offload_gib")
+            return p.get("host_gib")  # offloaded inputs + optimizer state, per GPU
 
         recipe = load_recipe(args.recipe, list(args.overrides) + lay)
         growth = 2.0
@@ -277,7 +287,8 @@ def run_frontier(args) -> dict:
         else:  # the recipe's S (or the one given), doubling
             start = int(args.start_seq) if args.start_seq not in (None, "auto") else recipe.model.seq_length
         row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers,
-                     mlp_chunk_tokens=args.mlp_chunk_tokens, attention_kv=args.tsp_attention_kv).run(
+                     mlp_chunk_tokens=args.mlp_chunk_tokens, attention_kv=args.tsp_attention_kv,
+                     optimizer_offload=args.optimizer_cpu_offload).run(
             start, args.max_seq, granularity(start, args.world), growth)
         row["growth"] = growth
         row["world"] = args.world

@@ -8,7 +8,10 @@ offloaded to the host, one layer per checkpoint or, where the node's host memory
 checkpoint (N = 2, 4, ...) whose inputs it holds (the planner's count of the offloaded bytes,
 which is exact: 2h bytes per local token and checkpoint); without offload when none fits. For
 TSP also its in-layer recompute and sequence-local LM head; for every layout the token-tiled MLP
-with `--mlp-chunk-tokens`. The context is searched over multiples of 2 x GPUs x 1024: from the
+with `--mlp-chunk-tokens`; with `--optimizer-cpu-offload` the optimizer state on the host too
+(train.optimizer_cpu_offload with the distributed optimizer; not FSDP, which steps its own), its
+host share counted with the offloaded inputs against the node's host memory, and dropped where the
+host cannot hold it. The context is searched over multiples of 2 x GPUs x 1024: from the
 start up by a factor (doubling; 6% from the planner's guess, `--start-seq auto`) while it fits,
 down while it does not, then bisection to 2%. Each probe is one warm-up step and one measured
 step of rank 0 in memory mode "all" (kernels stood in, `probe.standins`), its peak against the
@@ -52,44 +55,62 @@ def granularity(start: int, world: int) -> int:
     return 2 * world * m
 
 
+OPTIMIZER_ON_HOST = ["train.distributed_optimizer=true", "train.optimizer_cpu_offload=true"]
+
+
 def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0,
-         attention_kv: str = "gathered") -> List[str]:
+         attention_kv: str = "gathered", optimizer_offload: bool = False) -> List[str]:
     """The leanest options of a layout: full recompute, uniform, a checkpoint every `every` layers
     (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU); the
     token-tiled MLP when `mlp_chunk_tokens` (every layout: TSP's and Megatron's MLP); TSP's
-    streamed K/V attention when `attention_kv` is streamed."""
+    streamed K/V attention when `attention_kv` is streamed; the optimizer state on the host when
+    `optimizer_offload` (not for FSDP layouts)."""
     tsp = name.startswith("tsp")
     base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
     tiled = [f"parallel.mlp_chunk_tokens={mlp_chunk_tokens}"] if mlp_chunk_tokens else []
     streamed = ["parallel.tsp_attention_kv=streamed"] if tsp and attention_kv == "streamed" else []
+    host_adam = OPTIMIZER_ON_HOST if optimizer_offload and not name.startswith("fsdp") else []
     return (base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
-            + streamed)
+            + streamed + host_adam)
 
 
 class Search:
     """The frontier of one layout. `probe(S, overrides)` -> the measured dict (probe.measure's);
-    `offload_bytes(S, overrides)` -> the host bytes per rank that offload needs (the planner's)."""
+    `offload_gib(S, overrides)` -> the host GiB per rank that offload needs (the planner's:
+    offloaded inputs + optimizer state). `optimizer_offload`: try the optimizer state on the host
+    first (dropped at an S where the host cannot hold it with the fewest offloaded inputs)."""
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
                  offload_gib: Callable, log: Callable = None, layers: int = 32, mlp_chunk_tokens: int = 0,
-                 attention_kv: str = "gathered"):
+                 attention_kv: str = "gathered", optimizer_offload: bool = False):
         self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
         self.chunk, self.kv = mlp_chunk_tokens, attention_kv
+        self.optimizer_offload = optimizer_offload and not name.startswith("fsdp")
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
 
+    def _holds(self, S: int, opts: List[str]) -> bool:
+        if self.host is None:
+            return True
+        need = self.offload_gib(S, opts)
+        return need is not None and need <= self.host
+
     def options(self, S: int) -> List[str]:
         """Offload with the smallest N (1, 2, 4, ... dividing the layers) whose offloaded inputs the
-        host holds; without offload (N = 1) when none does."""
-        n = 1
-        while n <= self.layers:
-            opts = lean(self.name, True, n, self.chunk, self.kv)
-            need = self.offload_gib(S, opts)
-            if self.layers % n == 0 and (self.host is None or (need is not None and need <= self.host)):
+        host holds; without offload (N = 1) when none does. With the optimizer on the host first
+        (`optimizer_offload`), and without it when the host cannot hold even its state alone."""
+        for host_adam in ([True, False] if self.optimizer_offload else [False]):
+            n = 1
+            while n <= self.layers:
+                opts = lean(self.name, True, n, self.chunk, self.kv, host_adam)
+                if self.layers % n == 0 and self._holds(S, opts):
+                    return opts
+                n *= 2
+            opts = lean(self.name, False, 1, self.chunk, self.kv, host_adam)
+            if not host_adam or self._holds(S, opts):
                 return opts
-            n *= 2
-        return lean(self.name, False, 1, self.chunk, self.kv)
+        raise AssertionError("unreachable: the last try is without the optimizer on the host")
 
     def fits(self, S: int) -> bool:
         if S not in self.tried:
@@ -179,4 +200,4 @@ def summary_line(row: dict) -> str:
 
 
 __all__ = ["Search", "ProbeLog", "extrapolated_time", "layout_overrides", "granularity", "lean", "GIB",
-           "DEFAULT_LAYOUTS", "summary_line"]
+           "DEFAULT_LAYOUTS", "OPTIMIZER_ON_HOST", "summary_line"]

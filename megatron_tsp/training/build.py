@@ -251,20 +251,42 @@ def layout_invariant_init(model, seed: int, tp_group) -> None:
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
                            overlap=False, bucket_size=None, fsdp=False,
-                           pg_collection: Optional[ProcessGroupCollection] = None):
+                           pg_collection: Optional[ProcessGroupCollection] = None,
+                           optimizer_cpu_offload: bool = False, optimizer_offload_fraction: float = 1.0):
     """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
     `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
     parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
     state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
     plain optimizer over the local shards, so `use_distributed_optimizer` must be False).
     `pg_collection`: the groups the model was built on (default: `tsp_process_groups()`),
-    handed to DDP and the optimizer, so neither reads Megatron's global groups."""
+    handed to DDP and the optimizer, so neither reads Megatron's global groups.
+    `optimizer_cpu_offload`: megatron-core's optimizer CPU offload (train.optimizer_cpu_offload):
+    the precision-aware distributed optimizer hands this rank's shard to its
+    HybridDeviceOptimizer, which keeps the fp32 main weights and Adam's moments in pinned host
+    memory for `optimizer_offload_fraction` of the shard's parameters and steps them with torch's
+    CPU AdamW; the GPU keeps the bf16 weights and the fp32 gradient buffer. Needs a bf16 model and
+    `use_distributed_optimizer`, not `fsdp`."""
     from .. import compat
     from ..config import require_groups
 
     pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     require_groups(pgs, compat.OPTIMIZER_GROUPS, "get_megatron_optimizer")
     config = model.config
+    if optimizer_cpu_offload:
+        for bad, why in ((fsdp, "parallel.fsdp = true"),
+                         (not use_distributed_optimizer, "train.distributed_optimizer = false"),
+                         (not config.bf16, f"model.dtype = {str(config.params_dtype).replace('torch.', '')}")):
+            if bad:  # megatron-core's path: bf16 shards of the distributed optimizer (recipe.check says why)
+                raise TSPConfigError(f"train.optimizer_cpu_offload = true cannot be combined with {why}")
+        if not 0 < optimizer_offload_fraction <= 1:
+            raise TSPConfigError(f"train.optimizer_offload_fraction = {optimizer_offload_fraction} must be in (0, 1]")
+        # megatron-core hands the offload an fp32 parameter of a bf16 model as a view that torch's
+        # optimizers refuse ("can't optimize a non-leaf Tensor"): say so here instead
+        fp32 = [name for name, p in model.named_parameters() if p.dtype == torch.float32]
+        if fp32:
+            raise TSPConfigError(f"train.optimizer_cpu_offload = true steps bf16 parameters only: {fp32[0]} "
+                                 f"(and {len(fp32) - 1} more) is float32")
+        compat.te_version_check_without_te()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_grad_reduce=overlap,
                                                overlap_param_gather=overlap and use_distributed_optimizer,
@@ -284,6 +306,11 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
             optimizer="adam", lr=lr, clip_grad=clip_grad, weight_decay=weight_decay,
             use_distributed_optimizer=use_distributed_optimizer,
             bf16=config.bf16, params_dtype=config.params_dtype,
+            **(dict(optimizer_cpu_offload=True, optimizer_offload_fraction=float(optimizer_offload_fraction),
+                    # HybridDeviceOptimizer takes the shards as they are (bf16, fp32 gradients beside)
+                    use_precision_aware_optimizer=True,
+                    # one CPU Adam per parameter, copies on side streams: the next copy overlaps a step
+                    overlap_cpu_optimizer_d2h_h2d=True) if optimizer_cpu_offload else {}),
         ),
         [ddp],
         **compat.optimizer_group_kwargs(pgs),

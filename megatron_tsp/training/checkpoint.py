@@ -237,6 +237,27 @@ def _load_optimizer_state(optimizer, state_dict) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
+def _optimizer_classes(optimizer) -> list:
+    """The classes an offloading optimizer's saved param groups name: megatron-core's
+    HybridDeviceOptimizer keeps its sub-optimizers' classes (torch's AdamW on the host, megatron's
+    Adam on the GPU) in its defaults, so they are pickled with the checkpoint's common state, which
+    0.16.1 reads with torch.load's weights_only (refusing any class not allowed). Allowed: those
+    megatron-core's offload can write (whether this run offloads or not: the offload may be switched
+    at a resume) and this optimizer's own."""
+    from megatron.core import optimizer as moptimizer
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    out = [torch.optim.AdamW, torch.optim.SGD]
+    out += [c for c in (getattr(moptimizer, "Adam", None), getattr(moptimizer, "SGD", None))
+            if isinstance(c, type) and c not in out]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, HybridDeviceOptimizer):
+            out += [c for c in (inner.defaults.get("cpu_optimizer_cls"), inner.defaults.get("gpu_optimizer_cls"))
+                    if isinstance(c, type) and c not in out]
+    return out
+
+
 def _first_failure(error: BaseException) -> BaseException:
     """The first rank's own exception inside torch's CheckpointException (which gathers every
     rank's failure), or the error itself."""
@@ -276,7 +297,7 @@ def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DI
     # What torch warns while a load fails (torch 2.13: "torch.distributed is disabled, unavailable
     # or uninitialized" from each rank's failing read) is part of that failure: held back, shown
     # again only when the load succeeds or with --verbose, so a corrupt checkpoint stays one line.
-    with warnings.catch_warnings(record=True) as held:
+    with warnings.catch_warnings(record=True) as held, torch.serialization.safe_globals(_optimizer_classes(optimizer)):
         try:
             loaded = dist_checkpointing.load(state, path)
             failed = None

@@ -6,8 +6,10 @@ the RNG tracker, `torch.cuda.current_device()` allocations, literal `device='cud
 megatron-core 0.19's DDP also asks for `torch.cuda.current_stream()` in every
 `start_grad_sync` (to wait on CUDA-graph events), and the MoE all-to-all dispatcher makes a
 side stream (`torch.cuda.Stream()`) for its device-to-host copies of the split sizes and enters
-it with `torch.cuda.stream(...)`: on the CPU both are the one CPU "stream". `install_cpu_shims()` redirects all of these
-to the CPU. It is a no-op when CUDA is available and must never be used on a GPU run.
+it with `torch.cuda.stream(...)`: on the CPU both are the one CPU "stream". The optimizer CPU offload's
+HybridDeviceOptimizer offloads only CUDA tensors (see `_hybrid_optimizer_on_cpu`).
+`install_cpu_shims()` redirects all of these to the CPU. It is a no-op when CUDA is available
+and must never be used on a GPU run.
 """
 
 from __future__ import annotations
@@ -171,6 +173,50 @@ def _all_to_all_single_taking_tensor_splits():
     dist.all_to_all_single = all_to_all_single
 
 
+class _TheseAreOnTheDevice(TorchFunctionMode):
+    """The tensors given, and what is computed from them, answer `is_cuda` true; `.cpu()` gives
+    another tensor object (a host copy, as on a GPU: on the CPU it would be the same object) and
+    `pin_memory()` is a no-op. Tensors are tracked by id and kept alive while the mode is (no id
+    is reused)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.alive = list(tensors)
+        self.ids = {id(t) for t in self.alive}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.is_cuda.__get__:
+            return id(args[0]) in self.ids
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.cpu:
+            return args[0].detach()
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and any(id(a) in self.ids for a in args if isinstance(a, torch.Tensor)):
+            self.alive.append(out)
+            self.ids.add(id(out))
+        return out
+
+
+def _hybrid_optimizer_on_cpu():
+    """megatron-core's optimizer CPU offload (HybridDeviceOptimizer) splits its parameters by
+    `param.is_cuda`: on the CPU none would be, and it would step them in place without the host
+    copies (and fail in its copy-back hook). While it splits them, its own parameters count as
+    device ones, so the CPU run takes the GPU run's path: host fp32 copies (main weights, Adam
+    state, gradients) stepped by the CPU AdamW and copied back into the model's shards, and with
+    offload_fraction < 1 the rest stepped as "device" parameters."""
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer
+
+    cls = hybrid_optimizer.HybridDeviceOptimizer
+    split = cls._get_sub_optimizer_param_groups
+
+    def split_as_on_a_gpu(self, offload_fraction):
+        with _TheseAreOnTheDevice(p for group in self.param_groups for p in group["params"]):
+            return split(self, offload_fraction)
+
+    cls._get_sub_optimizer_param_groups = split_as_on_a_gpu
+
+
 def install_cpu_shims() -> bool:
     """Install the CPU redirections once per process; returns whether they are active."""
     global _INSTALLED
@@ -185,6 +231,7 @@ def install_cpu_shims() -> bool:
     torch.cuda.stream = _cpu_stream_context
     _install_rng_tracker()
     _all_to_all_single_taking_tensor_splits()
+    _hybrid_optimizer_on_cpu()
     _CudaToCpuMode().__enter__()  # process-wide: the CPU path has no CUDA to fall back on
     _INSTALLED = True
     return True

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -131,14 +131,17 @@ def init_groups(recipe: Recipe):
             os.unlink(extra["nccl_communicator_config_path"])
 
 
-def build(recipe: Recipe, pg_collection=None):
+def build(recipe: Recipe, pg_collection=None, host_processes: Optional[int] = None):
     """Model, DDP and optimizer of `recipe` on the groups `pg_collection` (default: the
     collection `init_groups` built, `tsp_process_groups()`, read once here): the model, DDP, the
-    optimizer and `finalize_model_grads` all get them, none reads Megatron's global groups."""
+    optimizer and `finalize_model_grads` all get them, none reads Megatron's global groups.
+    `host_processes`: the processes of this node that pin offloaded tensors in its host memory
+    (default: torchrun's LOCAL_WORLD_SIZE, else the world; the probe's fake world runs one)."""
     from .. import compat
     from ..config import require_groups
     from ..parallel_state import tsp_process_groups
     from .build import build_gpt, wrap_ddp_and_optimizer
+    from .host_memory import check_host_memory
 
     pgs = pg_collection if pg_collection is not None else tsp_process_groups()
     m, p, t = recipe.model, recipe.parallel, recipe.train
@@ -157,9 +160,15 @@ def build(recipe: Recipe, pg_collection=None):
         pg_collection=pgs,
         **({"moe_token_dispatcher_type": p.moe_dispatcher} if m.num_experts else {}),
     )
+    # the node's host memory against what the run offloads, before the optimizer pins its share
+    if host_processes is None:
+        host_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    check_host_memory(recipe, sum(q.numel() for q in model.parameters()), pgs.dp_cp.size(), host_processes)
     ddp, optimizer = wrap_ddp_and_optimizer(model, lr=t.lr, clip_grad=t.clip_grad,
                                             use_distributed_optimizer=t.distributed_optimizer,
-                                            weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs)
+                                            weight_decay=t.weight_decay, fsdp=p.fsdp, pg_collection=pgs,
+                                            optimizer_cpu_offload=t.optimizer_cpu_offload,
+                                            optimizer_offload_fraction=t.optimizer_offload_fraction)
     config = model.config
     config.finalize_model_grads_func = compat.finalize_model_grads_func(
         require_groups(pgs, compat.FINALIZE_GROUPS, "finalize_model_grads"))

@@ -91,6 +91,7 @@ class Recipe:
                              (t.save_dir is not None, "train.save_dir (checkpoints of FSDP runs are not supported)")):
                 if bad:
                     raise RecipeError(f"parallel.fsdp = true cannot be combined with {key}")
+        self._check_optimizer_offload()
         size = self.axis_size
         for what, value in (("model.num_attention_heads", m.num_attention_heads),
                             ("model.num_query_groups", m.num_query_groups or m.num_attention_heads),
@@ -181,6 +182,28 @@ class Recipe:
             for flag, key in keys.items():
                 text = text.replace(flag, key)
             raise RecipeError(text) from None
+
+    def _check_optimizer_offload(self) -> None:
+        """train.optimizer_cpu_offload runs megatron-core's HybridDeviceOptimizer behind the
+        precision-aware distributed optimizer: bf16 weights (the fp32 main weights are the host's),
+        the distributed optimizer, not FSDP's own sharded optimizer."""
+        m, p, t = self.model, self.parallel, self.train
+        f = t.optimizer_offload_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise RecipeError(f"train.optimizer_offload_fraction = {f!r} must be a number in (0, 1]")
+        hm = t.host_memory_gb
+        if hm is not None and (isinstance(hm, bool) or not isinstance(hm, (int, float)) or not hm > 0):
+            raise RecipeError(f"train.host_memory_gb = {hm!r} must be a positive number of GiB (null: this node's)")
+        if not t.optimizer_cpu_offload:
+            return
+        for bad, why in ((p.fsdp, "parallel.fsdp = true (FSDP shards the optimizer state itself, on the GPU)"),
+                         (not t.distributed_optimizer, "train.distributed_optimizer = false (megatron-core offloads "
+                                                       "the distributed optimizer's shard: set it true, at any data-"
+                                                       "parallel size)"),
+                         (m.dtype != "bfloat16", f"model.dtype = {m.dtype} (the host keeps the fp32 main weights of "
+                                                 "bf16 weights: set model.dtype = bfloat16)")):
+            if bad:
+                raise RecipeError(f"train.optimizer_cpu_offload = true cannot be combined with {why}")
 
     def _check_recompute(self) -> None:
         m, p = self.model, self.parallel

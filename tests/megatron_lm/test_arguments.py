@@ -44,6 +44,10 @@ def _megatron_like_parser():
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--data-path", nargs="*", default=None)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--use-precision-aware-optimizer", action="store_true")
+    p.add_argument("--optimizer-cpu-offload", action="store_true")
+    p.add_argument("--optimizer-offload-fraction", type=float, default=1.0)
     return tsp_extra_args_provider()(p)
 
 
@@ -58,6 +62,15 @@ def test_tsp_size_maps_at_parse_time():
 def test_without_tsp_the_arguments_are_megatrons(argv):
     args = _megatron_like_parser().parse_args(argv + ["--tensor-model-parallel-size", "4", "--sequence-parallel"])
     assert not args.tsp and args.tensor_model_parallel_size == 4 and args.sequence_parallel
+
+
+def test_megatron_optimizer_cpu_offload_passes_through():
+    """Megatron-LM's own optimizer offload (issue 26 item 3) with the TSP model: not refused, untouched."""
+    args = _megatron_like_parser().parse_args(["--tsp-size", "4", "--bf16", "--use-distributed-optimizer",
+                                               "--use-precision-aware-optimizer", "--optimizer-cpu-offload",
+                                               "--optimizer-offload-fraction", "0.5"])
+    assert args.tsp_size == 4 and args.optimizer_cpu_offload and args.use_precision_aware_optimizer
+    assert args.use_distributed_optimizer and args.optimizer_offload_fraction == 0.5
 
 
 def test_parse_known_args_maps_too():

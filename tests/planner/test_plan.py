@@ -591,7 +591,9 @@ def test_frontier_json(capsys):
                                        recompute_num_layers=opts.get("recompute_num_layers"),
                                        offload_activations=opts.get("offload_activations", False),
                                        tsp_recompute=opts.get("tsp_recompute", "none"),
-                                       tsp_lm_head=opts.get("tsp_lm_head", "local"))
+                                       tsp_lm_head=opts.get("tsp_lm_head", "local"),
+                                       optimizer_cpu_offload=opts.get("optimizer_cpu_offload", False),
+                                       distributed_optimizer=opts.get("optimizer_cpu_offload", False))
 
         fitting = [c for c in r["contexts"] if c["fits"]]
         for small, large in zip(fitting, fitting[1:]):
