@@ -13,13 +13,16 @@ Standard library only: the launcher and `--help` import nothing heavy.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 
 VERBOSE_ENV = "MEGATRON_TSP_VERBOSE"  # set by `--verbose` for the workers a launcher starts
+REPORT_DIR_ENV = "MEGATRON_TSP_REPORT_DIR"  # set by training.launch (not with --verbose): where a failure goes
 
 # Python warnings (re.match against the message text).
 BENIGN_WARNINGS = (
@@ -81,3 +84,20 @@ def print_user_error(prog: str, error: BaseException) -> int:
     if rank() == 0:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return 2
+
+
+def write_failure_report(line: str, traceback_text: str, peer_lost: bool) -> bool:
+    """In a worker that training.launch started (without --verbose): write this rank's failure
+    (its one line, its traceback, whether it only saw a peer die) for the launcher to print or
+    hold back. False when there is no report directory (torchrun, srun, --verbose): print it yourself."""
+    folder = os.environ.get(REPORT_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    path = os.path.join(folder, f"rank_{rank()}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"line": line, "traceback": traceback_text, "peer_lost": peer_lost, "time": time.time()}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a full disk, say: the worker prints its error itself
+        return False
+    return True

@@ -22,7 +22,7 @@ worker gets SIGTERM when the launcher dies, however it dies (PR_SET_PDEATHSIG), 
 ORPHAN_GRACE_S later even if its stop has not finished (no orphaned jobs holding GPUs).
 
 A failing worker (without `--verbose`) writes its error line and traceback to a report file in a
-directory the launcher made (REPORT_DIR_ENV) instead of its stderr, and the launcher prints what
+directory the launcher made (output.REPORT_DIR_ENV) instead of its stderr, and the launcher prints what
 explains the failure once (`failure_summary`): a rank killed by a signal (SIGKILL, the kernel's
 out-of-memory killer) is one line naming the rank and the signal, exit code 128 + the signal
 (137 for SIGKILL); otherwise the failing rank's own error and traceback (one that is not a peer's
@@ -43,12 +43,12 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
+from ..output import REPORT_DIR_ENV
 from .command import PROG, parser, train_args, wants_help
 
 GRACE_S = 30.0
 LAUNCHER_PID_ENV = "MEGATRON_TSP_LAUNCHER_PID"  # set for the workers: whose death ends them
 ORPHAN_GRACE_S = 8.0  # a worker whose launcher died: its stop and save, at most this long
-REPORT_DIR_ENV = "MEGATRON_TSP_REPORT_DIR"  # set for the workers (not with --verbose): where a failure goes
 
 
 def _free_port() -> int:
@@ -130,23 +130,6 @@ def watch_launcher(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="megatron-tsp-watch-launcher", daemon=True).start()
 
 
-def write_failure_report(line: str, traceback_text: str, peer_lost: bool) -> bool:
-    """In a worker this launcher started (without --verbose): write this rank's failure (its one
-    line, its traceback, whether it only saw a peer die) for the launcher to print or hold back.
-    False when there is no report directory (torchrun, srun, --verbose): print it yourself."""
-    folder = os.environ.get(REPORT_DIR_ENV)
-    if not folder or not os.path.isdir(folder):
-        return False
-    rank = os.environ.get("RANK", "0")
-    try:
-        with open(os.path.join(folder, f"rank_{rank}.json.tmp"), "w") as f:
-            json.dump({"line": line, "traceback": traceback_text, "peer_lost": peer_lost, "time": time.time()}, f)
-        os.replace(os.path.join(folder, f"rank_{rank}.json.tmp"), os.path.join(folder, f"rank_{rank}.json"))
-    except OSError:  # a full disk, say: the worker prints its error itself
-        return False
-    return True
-
-
 def _read_reports(folder: str) -> Dict[int, dict]:
     reports = {}
     for name in os.listdir(folder):
@@ -159,7 +142,8 @@ def _read_reports(folder: str) -> Dict[int, dict]:
     return reports
 
 
-def failure_summary(codes: List[int], signalled: set, reports: Dict[int, dict]) -> Tuple[List[str], int]:
+def failure_summary(codes: List[int], signalled: set, reports: Dict[int, dict],
+                    prog: str = PROG) -> Tuple[List[str], int]:
     """(the lines the launcher prints, its exit code) once the workers ended with exit codes
     `codes` (by rank; -N: killed by signal N), `signalled`: the ranks the launcher itself
     terminated, `reports`: the failure reports by rank. Nothing when every worker exited 0; a
@@ -170,7 +154,7 @@ def failure_summary(codes: List[int], signalled: set, reports: Dict[int, dict]) 
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "an unknown signal"
         oom = ": kill -9, or the kernel's out-of-memory killer (see dmesg)" if sig == signal.SIGKILL else ""
         held = "; --verbose shows the other ranks' errors" if set(reports) - {r} else ""
-        return [f"{PROG}: rank {r} was killed by signal {sig} ({name}{oom}); the other ranks stopped; exit code "
+        return [f"{prog}: rank {r} was killed by signal {sig} ({name}{oom}); the other ranks stopped; exit code "
                 f"{128 + sig} (exit codes by rank: {codes}{held})"], 128 + sig
     failed = [c for c in codes if c != 0]
     if not failed:
@@ -187,12 +171,13 @@ def failure_summary(codes: List[int], signalled: set, reports: Dict[int, dict]) 
     held = " (--verbose shows the other ranks' errors)" if set(reports) - {culprit} else ""
     what = f"rank {culprit} failed" if culprit is not None else "a worker stopped"
     code = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-    lines.append(f"{PROG}: {what} ({code}); exit codes by rank: {codes}{held}")
+    lines.append(f"{prog}: {what} ({code}); exit codes by rank: {codes}{held}")
     return lines, 128 - rc if rc < 0 else rc
 
 
-def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> int:
-    """Run `python -m megatron_tsp.cli train ARGV` as `nproc` local workers; their exit code."""
+def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None, command: str = "train") -> int:
+    """Run `python -m megatron_tsp.cli COMMAND ARGV` (train, generate) as `nproc` local workers;
+    their exit code."""
     from ..output import verbose_requested
 
     env = worker_env(nproc, env)
@@ -201,18 +186,19 @@ def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> i
         reports_dir = tempfile.mkdtemp(prefix="megatron-tsp-reports-")
         env[REPORT_DIR_ENV] = reports_dir
     try:
-        return _run_workers(nproc, argv, env, reports_dir)
+        return _run_workers(nproc, [command, *argv], env, reports_dir)
     finally:
         if reports_dir:
             shutil.rmtree(reports_dir, ignore_errors=True)
 
 
 def _run_workers(nproc: int, argv: List[str], env: dict, reports_dir: Optional[str]) -> int:
+    prog = f"megatron-tsp {argv[0]}"
     procs = []
     for r in range(nproc):
         # process_group=0: a terminal's Ctrl-C reaches the launcher only, which passes it on once
         # (two copies would make the workers' 1 s same-signal window swallow a real second Ctrl-C).
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", "train", *argv],
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", *argv],
                                       env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), process_group=0,
                                       preexec_fn=_die_with_parent(os.getpid())))
     stops = []
@@ -254,10 +240,10 @@ def _run_workers(nproc: int, argv: List[str], env: dict, reports_dir: Optional[s
         for s, h in previous.items():
             signal.signal(s, h)
     if len(stops) > 1:
-        print(f"{PROG}: aborted by a second {signal.Signals(stops[1]).name}: the workers were killed "
+        print(f"{prog}: aborted by a second {signal.Signals(stops[1]).name}: the workers were killed "
               "without saving", file=sys.stderr, flush=True)
         return 130 if stops[1] == signal.SIGINT else 128 + stops[1]
-    lines, rc = failure_summary(codes, signalled, _read_reports(reports_dir) if reports_dir else {})
+    lines, rc = failure_summary(codes, signalled, _read_reports(reports_dir) if reports_dir else {}, prog)
     for line in lines:
         print(line, file=sys.stderr, flush=True)
     return rc

@@ -453,7 +453,7 @@ def main(argv=None):
         if line is not None and not verbose_requested(argv):
             import traceback
 
-            from .launch import write_failure_report
+            from ..output import write_failure_report
 
             # Under megatron-tsp's launcher: it prints the rank at fault once, not every rank's traceback.
             if write_failure_report(line, "".join(traceback.format_exception(e)), _is_communication_error(e)):
