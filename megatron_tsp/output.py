@@ -7,7 +7,9 @@ The benign ones, by where they come from:
 - the mock dataset's "Unable to save MockGPTDataset indexes because path_to_cache is None";
 - "set CUDA_DEVICE_MAX_CONNECTIONS to 1" (sequence parallelism; the driver's TSP exchanges do not
   depend on it);
-- torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine).
+- torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine);
+- "`sequence_parallel` is set to `True`, but tensor model parallel size is 1" from the expert
+  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see BENIGN_WARNINGS).
 Standard library only: the launcher and `--help` import nothing heavy.
 """
 
@@ -30,6 +32,11 @@ BENIGN_WARNINGS = (
     r".*absl\.logging is not installed",
     r".*CUDA_DEVICE_MAX_CONNECTIONS",
     r".*is experimental and still under active development",
+    # Megatron's expert MLPs (SequentialMLP) are built from the model's config, whose sequence_parallel
+    # is on (TSP / TP+SP), on the expert tensor-parallel group, of size 1 here (the dispatcher hands
+    # each expert whole tokens): their linears say they turn SP off, once per rank. Megatron-LM at
+    # TP+SP with expert_tensor_parallel_size=1 prints it too; nothing to act on. Size 1 only.
+    r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel",
 )
 # logging records: (logger name, message regex).
 BENIGN_LOG_RECORDS = (
@@ -38,7 +45,8 @@ BENIGN_LOG_RECORDS = (
     ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
 )
 INFO_LINE = ("megatron-tsp: known-benign notices from megatron-core and torch (Transformer Engine / apex / absl "
-             "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS) are hidden; --verbose shows them")
+             "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS, sequence parallel off in experts of "
+             "expert-TP size 1) are hidden; --verbose shows them")
 
 
 def rank() -> int:

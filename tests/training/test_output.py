@@ -50,8 +50,12 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
         warnings.warn("Apex is not installed. Falling back to Torch Norm")
         warnings.warn("When using sequence parallelism it is recommended to set the environment variable "
                       "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+        warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 1. Disabling "
+                      "sequence parallel.")  # Megatron's expert MLPs on an expert-TP group of size 1
+        warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 2.")  # not this one
         warnings.warn("something the user must see")
-    assert [str(w.message) for w in seen] == ["something the user must see"]
+    assert [str(w.message) for w in seen] == ["`sequence_parallel` is set to `True`, but tensor model parallel size is 2.",
+                                              "something the user must see"]
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -99,8 +103,10 @@ def test_bad_input_after_init_printed_once():
 
 
 @pytest.mark.slow
-def test_tiny_run_stderr_has_no_warning_lines():
-    res = _train("parallel.size=2", "train.steps=1", "train.progress_bar=false")
+@pytest.mark.parametrize("recipe", [["parallel.size=2"], ["configs/tiny_moe.yaml", "model.num_layers=1"]],
+                         ids=["tiny", "tiny_moe"])
+def test_tiny_run_stderr_has_no_warning_lines(recipe):
+    res = _train(*recipe, "train.steps=1", "train.progress_bar=false")
     assert res.returncode == 0, res.stderr
     bad = [ln for ln in res.stderr.splitlines() if WARNING_LINE.search(ln)]
     assert not bad, "\n".join(bad)
