@@ -9,7 +9,10 @@ The benign ones, by where they come from:
   depend on it);
 - torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine);
 - "`sequence_parallel` is set to `True`, but tensor model parallel size is 1" from the expert
-  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see BENIGN_WARNINGS).
+  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see BENIGN_WARNINGS);
+- torch's distributed checkpoint notes while megatron-core saves and loads ("MCore's async save is
+  deprecated", "torch.distributed is disabled ... load in a single process", "The argument order
+  of load has been changed").
 Standard library only: the launcher and `--help` import nothing heavy.
 """
 
@@ -37,16 +40,22 @@ BENIGN_WARNINGS = (
     # each expert whole tokens): their linears say they turn SP off, once per rank. Megatron-LM at
     # TP+SP with expert_tensor_parallel_size=1 prints it too; nothing to act on. Size 1 only.
     r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel",
+    # torch's distributed checkpoint while megatron-core loads a checkpoint's common part and metadata
+    # (no_dist on purpose) and calls load with its older argument order: on every resume, per rank.
+    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single",
+    r"The argument order of load has been changed",
 )
 # logging records: (logger name, message regex).
 BENIGN_LOG_RECORDS = (
     ("megatron.core.datasets.gpt_dataset", r"Unable to save \w+ indexes"),
     ("megatron.core.datasets.blended_megatron_dataset_builder", r"Unable to save \w+ indexes"),
     ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
+    # every save, per rank: megatron-core's own save path (dist_checkpointing.save) logs it
+    ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated"),
 )
 INFO_LINE = ("megatron-tsp: known-benign notices from megatron-core and torch (Transformer Engine / apex / absl "
              "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS, sequence parallel off in experts of "
-             "expert-TP size 1) are hidden; --verbose shows them")
+             "expert-TP size 1, checkpoint API notes) are hidden; --verbose shows them")
 
 
 def rank() -> int:

@@ -168,6 +168,16 @@ def _any_failed(failed: bool) -> bool:
 
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^\n;]*)")
 _WRITER_LOG = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+_WORKER_ERROR = re.compile(r"encountered an error: ([^\n]+)")
+
+
+def _free_space(path: str) -> str:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "unknown"
+    free = st.f_bavail * st.f_frsize
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
 
 
 class _HeldLog(logging.Handler):
@@ -208,6 +218,9 @@ def _save_failure(error: Optional[BaseException], log: str) -> Optional[str]:
     found = _ERRNO_TEXT.search(log) or _ERRNO_TEXT.search(str(_first_failure(error)))
     if found:
         return f"{found.group(2).strip()} [errno {found.group(1)}]"
+    worker = _WORKER_ERROR.search(log)  # torch.save's own words (it drops the errno): "file write failed"
+    if worker:
+        return worker.group(1).strip()[:300]
     if isinstance(error, CheckpointException) and not getattr(error, "failures", None):
         return None  # megatron-core tells the other ranks only that some rank failed
     return _first_line(_first_failure(error))
@@ -275,7 +288,8 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
         kept = (f"{os.path.join(save_dir, 'latest')} still names step {previous} ({_step_dir(save_dir, previous)}, "
                 "untouched)" if previous is not None else "no earlier checkpoint is there")
         raise CheckpointSaveError(f"saving the checkpoint of step {step} in {save_dir} failed ({why}); the partial "
-                                  f"{os.path.basename(partial_path)} was removed and {kept}; free space there, then "
+                                  f"{os.path.basename(partial_path)} was removed and {kept}; "
+                                  f"{_free_space(save_dir)} free there: free space, then "
                                   f"resume with --resume {save_dir}") from error
     if rank0:
         prune_checkpoints(save_dir, recipe.train.keep_checkpoints)  # after `latest` names the new one

@@ -53,6 +53,10 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
         warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 1. Disabling "
                       "sequence parallel.")  # Megatron's expert MLPs on an expert-TP group of size 1
         warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 2.")  # not this one
+        warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+                      "in a single process.")  # megatron-core loading a checkpoint's common part: every resume
+        warnings.warn("The argument order of load has been changed. Please check the document to avoid future "
+                      "breakages.")
         warnings.warn("something the user must see")
     assert [str(w.message) for w in seen] == ["`sequence_parallel` is set to `True`, but tensor model parallel size is 2.",
                                               "something the user must see"]
@@ -64,10 +68,14 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
     try:
         log.warning("Unable to save MockGPTDataset indexes because path_to_cache is None")
         log.warning("Build and save the MockGPTDataset train indices")
+        saver = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+        saver.addHandler(handler)
+        saver.warning("MCore's async save is deprecated and will be removed in the future releases.")
     finally:
-        log.removeHandler(handler)
-        for f in list(log.filters):
-            log.removeFilter(f)
+        for one in (log, saver):
+            one.removeHandler(handler)
+            for f in list(one.filters):
+                one.removeFilter(f)
     assert [r.getMessage() for r in records] == ["Build and save the MockGPTDataset train indices"]
     assert capsys.readouterr().out == ""
 
