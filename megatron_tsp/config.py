@@ -291,6 +291,9 @@ class ModelShape:
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Width of the shared expert every token also passes (--moe-shared-expert-intermediate-size;
     under TSP a ring MLP, divisible by the TSP size); null: none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output per token by sigmoid(x . g), g a learned [h] weight
+    (--moe-shared-expert-gate, the Qwen2-MoE family); needs a shared expert."""
     moe_layer_freq: int = 1
     """An MoE layer every N layers, the others dense, starting with layer 0 (--moe-layer-freq)."""
 
@@ -679,9 +682,11 @@ def check_moe_config(config, tsp_size: int) -> None:
             )
         if config.add_bias_linear:
             raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
+    elif getattr(config, "moe_shared_expert_gate", False):
+        raise TSPConfigError("--moe-shared-expert-gate gates the shared expert: it needs "
+                             "--moe-shared-expert-intermediate-size")
     unsupported = {
         "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
-        "moe_shared_expert_gate": "--moe-shared-expert-gate",
         "moe_router_fusion": "--moe-router-fusion",
         "moe_latent_size": "--moe-latent-size",
         "moe_use_upcycling": "--moe-use-upcycling",
@@ -714,6 +719,7 @@ def moe_config_kwargs(shape, dispatcher: str = "alltoall") -> dict:
         moe_aux_loss_coeff=shape.moe_aux_loss_coeff, moe_z_loss_coeff=shape.moe_z_loss_coeff,
         moe_expert_capacity_factor=shape.moe_expert_capacity_factor, moe_token_drop_policy=shape.moe_token_drop_policy,
         moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=shape.moe_shared_expert_gate,
         moe_layer_freq=shape.moe_layer_freq, moe_token_dispatcher_type=dispatcher,
     )
 

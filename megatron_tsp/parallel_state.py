@@ -4,10 +4,10 @@ A TSP rank is a weight-shard owner that also owns a token shard, so Megatron's d
 pipeline- and expert-parallel groups, DDP, the sum of sequence-parallel norm gradients,
 grad clipping, the distributed optimizer and dist-checkpointing all apply unchanged
 (docs/design.md §9). `initialize_model_parallel` builds the groups once and keeps them as one
-`ProcessGroupCollection` (`tsp_process_groups()`, `.tp` is the TSP group), which the builders
-pass to every TSP module: no module reads Megatron's global getters. It also registers the
-getters below on `megatron.core.parallel_state`, next to Megatron's pipeline and expert getters,
-for Megatron's own code (importing this module patches nothing).
+`ProcessGroupCollection` (returned, and `tsp_process_groups()`; `.tp` is the TSP group), which the
+builders pass to every TSP module: no module reads Megatron's global getters. Nothing is written
+into `megatron.core.parallel_state` beyond what Megatron's own `initialize_model_parallel` sets
+(no megatron-core or Megatron-LM version reads a TSP getter there).
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from . import compat  # noqa: F401  (the megatron-core version check, once)
 from .config import TSPConfigError, check_parallel_sizes, check_tsp_size, check_world_size
 
 
-def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: int = 1, **kwargs) -> None:
+def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: int = 1,
+                              **kwargs) -> ProcessGroupCollection:
     """`megatron.core.parallel_state.initialize_model_parallel` with a TSP axis of size
     `tsp_size` in the TP slot. Other keyword arguments go to Megatron unchanged; native TP
     and CP are refused. `expert_model_parallel_size` = EP (experts 1/EP per rank) is built
     next to the TSP axis by Megatron's expert rank generator with expert TP = 1: EP = D gives
     EP groups equal to the TSP groups, EP = D x k spans k TSP groups of consecutive
-    data-parallel ranks; expert-DP = world / (EP x PP). Validates before creating any group."""
+    data-parallel ranks; expert-DP = world / (EP x PP). Validates before creating any group.
+    Returns the groups as one ProcessGroupCollection (`.tp` is the TSP group)."""
     from .config import check_expert_parallel
 
     check_tsp_size(tsp_size)
@@ -46,10 +48,9 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         **kwargs,
     )
-    mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = mpu.get_tensor_model_parallel_group()
-    _register_getters()
     global _PROCESS_GROUPS
     _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
+    return _PROCESS_GROUPS
 
 
 _PROCESS_GROUPS: Optional[ProcessGroupCollection] = None
@@ -60,7 +61,6 @@ def destroy_model_parallel() -> None:
     each gloo group holds threads, and re-initializing without this leaks them."""
     global _PROCESS_GROUPS
     _PROCESS_GROUPS = None
-    mpu._TENSOR_AND_SEQUENCE_PARALLEL_GROUP = None
     for group in (getattr(mpu, "_global_process_group_list", None) or [])[1:]:  # [0] is WORLD
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)
@@ -100,10 +100,8 @@ def _forget_dtensor_meshes() -> None:
 
 
 def get_tsp_group():
-    group = getattr(mpu, "_TENSOR_AND_SEQUENCE_PARALLEL_GROUP", None)
-    if group is None:
-        raise RuntimeError("the TSP group is not initialized: call megatron_tsp.initialize_model_parallel")
-    return group
+    """The TSP group: `tsp_process_groups().tp`."""
+    return tsp_process_groups().tp
 
 
 def get_tsp_world_size() -> int:
@@ -125,12 +123,3 @@ def tsp_process_groups() -> ProcessGroupCollection:
     if _PROCESS_GROUPS is None or _PROCESS_GROUPS.tp is not mpu.get_tensor_model_parallel_group():
         _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
     return _PROCESS_GROUPS
-
-
-
-def _register_getters() -> None:
-    """Put the TSP getters beside Megatron's get_pipeline_model_parallel_group / get_expert_*
-    ones. Done by initialize_model_parallel, never at import (importing patches nothing)."""
-    mpu.get_tensor_and_sequence_parallel_group = get_tsp_group
-    mpu.get_tensor_and_sequence_parallel_world_size = get_tsp_world_size
-    mpu.get_tensor_and_sequence_parallel_rank = get_tsp_rank

@@ -17,11 +17,17 @@ import importlib, pkgutil, sys, warnings
 warnings.simplefilter("ignore")
 import torch
 from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import random as mrandom
 
 def snapshot():
     watched = {"mpu." + k: id(v) for k, v in vars(mpu).items() if not k.startswith("__")}
-    watched.update({"torch.cuda." + k: id(getattr(torch.cuda, k)) for k in ("current_device", "synchronize", "current_stream")})
+    watched.update({"torch.cuda." + k: id(getattr(torch.cuda, k))
+                    for k in ("current_device", "synchronize", "current_stream", "Stream", "stream")})
+    watched["tensor_parallel.checkpoint"] = id(tensor_parallel.checkpoint)
+    import logging
+    watched.update({"logger " + name: tuple(map(id, logger.filters)) for name, logger in logging.Logger.manager.loggerDict.items()
+                    if isinstance(logger, logging.Logger) and logger.filters})
     watched.update({"mrandom." + k: id(v) for k, v in vars(mrandom).items() if callable(v)})
     watched["modes"] = (torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack())
     return watched
@@ -46,6 +52,9 @@ if sys.argv[1:] == ["shims"]:
     from megatron_tsp.training.cpu import install_cpu_shims
     install_cpu_shims()
     print("AFTER SHIMS", sorted(k for k in after if after[k] != snapshot().get(k)))
+    # torch.cuda.Stream stays a class: `torch.cuda.Stream | None` at import time (transformers) works
+    print("STREAM", [isinstance(torch.cuda.Stream, type), isinstance(torch.cuda.Stream(), torch.cuda.Stream),
+                     torch.cuda.Stream() is torch.cuda.current_stream(), str(torch.cuda.Stream | None) != ""])
 """
 
 
@@ -54,7 +63,7 @@ def _run(*args):
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-3000:]
     return {line.split(" ", 1)[0] if not line.startswith("AFTER") else "AFTER": eval(line.split(" ", 1)[1].replace("SHIMS ", ""))
-            for line in out.stdout.splitlines() if line.startswith(("CHANGED", "SKIPPED", "AFTER"))}
+            for line in out.stdout.splitlines() if line.startswith(("CHANGED", "SKIPPED", "AFTER", "STREAM"))}
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the shims are CPU-only")
@@ -65,3 +74,4 @@ def test_importing_the_package_patches_nothing():
     assert all(m.startswith("megatron_tsp.megatron_lm.") for m in res["SKIPPED"]), res["SKIPPED"]
     # test the test: the CPU shims, once installed, are seen
     assert "torch.cuda.current_device" in res["AFTER"] and "modes" in res["AFTER"]
+    assert res["STREAM"] == [True, True, True, True]

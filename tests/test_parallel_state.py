@@ -1,5 +1,6 @@
 """The TSP axis sits in Megatron's TP slot: TSP groups are consecutive ranks, data-parallel
-groups exclude the TSP partners, and the getters registered on Megatron's parallel_state agree."""
+groups exclude the TSP partners; initialize_model_parallel returns the groups and writes no getter
+into Megatron's parallel_state."""
 
 import gc
 import os
@@ -19,12 +20,15 @@ pytestmark = pytest.mark.distributed  # runs under torchrun at every world size 
 def test_tsp_group_in_the_tp_slot(world):
     D = 2
     skip_unless_divides(world, D, with_data_parallel=True)
-    init_tsp(D)
+    before = set(vars(mpu))
+    pgs = init_tsp(D)
+    assert pgs is megatron_tsp.tsp_process_groups() and pgs.tp is mpu.get_tensor_model_parallel_group()
+    assert not {k for k in set(vars(mpu)) - before if "tensor_and_sequence" in k.lower()}, "a TSP getter in mpu"
     rank = dist.get_rank()
     tsp_ranks = dist.get_process_group_ranks(megatron_tsp.get_tsp_group())
     assert tsp_ranks == [rank - rank % D + i for i in range(D)]
     assert megatron_tsp.get_tsp_world_size() == D and megatron_tsp.get_tsp_rank() == rank % D
-    assert mpu.get_tensor_and_sequence_parallel_group() is megatron_tsp.get_tsp_group()
+    assert megatron_tsp.tsp_process_groups().tp is megatron_tsp.get_tsp_group()
     assert megatron_tsp.get_tsp_group() is mpu.get_tensor_model_parallel_group()
     dp_ranks = dist.get_process_group_ranks(mpu.get_data_parallel_group())
     assert len(dp_ranks) == world // D and not set(dp_ranks) & (set(tsp_ranks) - {rank})

@@ -51,9 +51,10 @@ def singleton_pgs() -> ProcessGroupCollection:
 
 def init_tsp(D, pp=1, seed=1234):
     megatron_tsp.destroy_model_parallel() if mpu.model_parallel_is_initialized() else None
-    megatron_tsp.initialize_model_parallel(tsp_size=D, pipeline_model_parallel_size=pp)
+    pgs = megatron_tsp.initialize_model_parallel(tsp_size=D, pipeline_model_parallel_size=pp)
     mrandom.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    return pgs
 
 
 def tiny_config(D, *, heads=4, groups=None, hidden=32, ffn=64, layers=1, bias=False, gated=True,

@@ -87,7 +87,8 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
     (fc1's input, h), its probability and the MLP intermediates at width fe plus the activation
     output the probability multiplies (gated 6 fe, GELU 3 fe). Megatron 0.16.1 keeps the
     routing map [E] as bool and the probabilities [E] in fp32 instead of one int64 index per
-    copy: within 2% of this at the test's shape."""
+    copy: within 2% of this at the test's shape. A gated shared expert (SharedExpertMLP's gate,
+    TSP's the same) keeps its output (h) and the sigmoid score (1) for the product's backward."""
     b, k, E = m.dtype_bytes, m.topk, m.num_experts
     if m.router_score == "sigmoid":
         probs = FP32 * (E + k) + 2 * FP32
@@ -98,7 +99,9 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
         router += FP32 * E + 8 * k
     if m.router_z_loss:
         router += FP32 * (E + 1)
+    gate = {"MoE shared expert gate (output and score)": b * (m.hidden + 1)} if m.shared_gate_params else {}
     return {
+        **gate,
         "MoE router (probabilities, top-k indices, loss scores)": router,
         "MoE dispatcher permutation indices": 8 * k + 8 * E,
         "MoE permuted tokens (k copies, expert fc1 input)": b * k * m.hidden,
@@ -310,7 +313,8 @@ def param_counts(m: ModelSpec, lay: Layout, expert_size: int = 1) -> Dict[str, f
     heads = 1 if m.tied_embeddings else 2
     layers = m.dense_layers * (m.layer_matmul_params / w + m.layer_norm_params)
     if m.is_moe:
-        layers += m.moe_layers * ((m.attn_params + m.shared_params) / w + m.router_params + m.layer_norm_params)
+        layers += m.moe_layers * ((m.attn_params + m.shared_params) / w + m.router_params + m.shared_gate_params
+                                  + m.layer_norm_params)
     experts = m.moe_layers * m.num_experts / expert_size * m.expert_params if m.is_moe else 0.0
     embed = heads * m.embedding_params / w + m.hidden
     return {"layers": layers / shard, "embeddings": embed / shard, "experts": experts,
@@ -967,7 +971,8 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
                                      else (0 if refwd else act_tsp))
     per_layer += Lm / L * 4 * (1 + m.topk) * h * b * s  # MoE permute / unpermute, forward and backward
     P_layer = (m.dense_layers * m.layer_matmul_params / w + (m.moe_layers * (
-        (m.attn_params + m.shared_params) / w + m.router_params + m.num_experts / train.expert_size * m.expert_params)
+        (m.attn_params + m.shared_params) / w + m.router_params + m.shared_gate_params
+        + m.num_experts / train.expert_size * m.expert_params)
         if m.is_moe else 0)) / L
     per_layer += P_layer * (b + 2 * FP32)  # add the weight grads into the fp32 main grads
     if lay.kind == "tsp":

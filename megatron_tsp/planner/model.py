@@ -77,6 +77,7 @@ class ModelSpec:
     moe_ffn_hidden_size: Optional[int] = _SHAPE["moe_ffn_hidden_size"]
     moe_router_topk: int = _SHAPE["moe_router_topk"]
     moe_shared_expert_intermediate_size: Optional[int] = _SHAPE["moe_shared_expert_intermediate_size"]
+    moe_shared_expert_gate: bool = _SHAPE["moe_shared_expert_gate"]
     moe_layer_freq: Union[int, Tuple[int, ...]] = _SHAPE["moe_layer_freq"]  # every N layers, or one 0/1 per layer
     moe_router_score_function: str = _SHAPE["moe_router_score_function"]
     moe_router_pre_softmax: bool = _SHAPE["moe_router_pre_softmax"]
@@ -274,6 +275,11 @@ class ModelSpec:
         return (3 if self.gated else 2) * self.hidden * self.shared_ffn if self.is_moe and self.shared_ffn else 0
 
     @property
+    def shared_gate_params(self) -> int:
+        """The shared expert's gate, a [1, h] weight (replicated on every rank of the layer, like the router)."""
+        return self.hidden if self.is_moe and self.shared_ffn and self.moe_shared_expert_gate else 0
+
+    @property
     def router_params(self) -> int:
         """The router's h x E weight (replicated on every rank of the layer)."""
         return self.hidden * self.num_experts if self.is_moe else 0
@@ -281,12 +287,14 @@ class ModelSpec:
     @property
     def moe_layer_params(self) -> int:
         """Matmul weights of an MoE layer, every expert counted."""
-        return self.attn_params + self.router_params + self.num_experts * self.expert_params + self.shared_params
+        return (self.attn_params + self.router_params + self.num_experts * self.expert_params + self.shared_params
+                + self.shared_gate_params)
 
     @property
     def moe_active_params(self) -> int:
-        """Matmul weights one token passes in an MoE layer: attention, router, k experts, shared."""
-        return self.attn_params + self.router_params + self.topk * self.expert_params + self.shared_params
+        """Matmul weights one token passes in an MoE layer: attention, router, k experts, shared (and its gate)."""
+        return (self.attn_params + self.router_params + self.topk * self.expert_params + self.shared_params
+                + self.shared_gate_params)
 
     @property
     def matmul_params_total(self) -> int:

@@ -44,7 +44,8 @@ DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "vocab_size", "seq_length", "swiglu", "add_bias_linear", "normalization",
                "position_embedding_type", "share_embeddings_and_output_weights", "num_experts",
-               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "dtype")
+               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+               "moe_layer_freq", "dtype")
 
 
 _step_dir = step_dir

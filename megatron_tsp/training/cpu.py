@@ -58,7 +58,20 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _CPUStream:
-    """The current "stream" on the CPU: work is already ordered, so waits are no-ops."""
+    """The current "stream" on the CPU: work is already ordered, so waits are no-ops. It stands
+    in for the class `torch.cuda.Stream` and stays a class (code that annotates with
+    `torch.cuda.Stream | None` at import, as transformers does, needs one): constructing it
+    answers the one CPU stream."""
+
+    _one = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls._one is None:
+            cls._one = super().__new__(cls)
+        return cls._one
+
+    def __init__(self, *args, **kwargs):  # torch.cuda.Stream(device=..., priority=...): nothing to set
+        pass
 
     def wait_event(self, event):
         pass
@@ -168,7 +181,7 @@ def install_cpu_shims() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
-    torch.cuda.Stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.Stream = _CPUStream
     torch.cuda.stream = _cpu_stream_context
     _install_rng_tracker()
     _all_to_all_single_taking_tensor_splits()

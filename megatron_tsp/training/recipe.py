@@ -168,6 +168,7 @@ class Recipe:
 
         keys = {"--num-experts": "model.num_experts", "--moe-token-dispatcher-type": "parallel.moe_dispatcher",
                 "--moe-shared-expert-intermediate-size": "model.moe_shared_expert_intermediate_size",
+                "--moe-shared-expert-gate": "model.moe_shared_expert_gate",
                 "--moe-router-load-balancing-type": "model.moe_router_load_balancing_type",
                 "--moe-router-topk": "model.moe_router_topk", "--moe-token-drop-policy": "model.moe_token_drop_policy",
                 "--tsp-size": "parallel.size"}
@@ -239,7 +240,7 @@ class _MoEView:
         m = recipe.model
         self.__dict__.update(moe_config_kwargs(m.shape(), recipe.parallel.moe_dispatcher))
         self.num_layers, self.add_bias_linear, self.expert_tensor_parallel_size = m.num_layers, m.add_bias_linear, 1
-        for name in ("moe_shared_expert_overlap", "moe_shared_expert_gate", "moe_router_fusion", "moe_latent_size",
+        for name in ("moe_shared_expert_overlap", "moe_router_fusion", "moe_latent_size",
                      "moe_use_upcycling", "moe_enable_routing_replay", "moe_pad_expert_input_to_capacity"):
             setattr(self, name, False)
 

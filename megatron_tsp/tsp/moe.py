@@ -7,7 +7,9 @@ TSP group when EP = D, or D x k ranks over TSP x DP). No sequence is gathered.
 
 What differs from Megatron's TP+SP MoE layer, and why:
 - Shared experts run as the TSP ring MLP (`TSPSharedExpertMLP`), not Megatron's
-  `SharedExpertMLP`, which all-gathers the sequence over the TP group.
+  `SharedExpertMLP`, which all-gathers the sequence over the TP group. Its gate
+  (`--moe-shared-expert-gate`) is SharedExpertMLP's: a replicated [1, h] weight whose
+  per-rank gradient is summed over the TSP group with the norms' and the router's.
 - Token dropping (capacity factor) decides over every token of the micro-batch, as the
   single-process model does (`TSPTopKRouter`): each rank all-gathers its tokens' routing
   probabilities (E numbers per token, never hidden states) over the TSP group, puts them in
@@ -22,8 +24,8 @@ What differs from Megatron's TP+SP MoE layer, and why:
 Refused, with one `TSPConfigError` before any collective (`megatron_tsp.config.check_moe_config`): the `allgather`
 dispatcher (it all-gathers hidden states over TP x EP, the whole sequence), `flex` (DeepEP;
 not tested), expert tensor parallelism > 1 (its all-gather over ETP would gather tokens),
-shared-expert overlap and gate, sinkhorn routing (it normalises over the rank's tokens),
-fused router kernels and latent MoE (Transformer Engine only).
+shared-expert overlap, sinkhorn routing (it normalises over the rank's tokens), fused router
+kernels and latent MoE (Transformer Engine only).
 """
 
 from __future__ import annotations
@@ -126,22 +128,50 @@ class TSPTopKRouter(TopKRouter):
 class TSPSharedExpertMLP(TSPRingMLP):
     """The shared expert of an MoE layer as the TSP ring MLP (width
     `moe_shared_expert_intermediate_size`), on the layer's TSP group; same parameters and
-    checkpoint keys as Megatron's SharedExpertMLP (linear_fc1, linear_fc2). Returns the output
-    alone, as SharedExpertMLP does."""
+    checkpoint keys as Megatron's SharedExpertMLP (linear_fc1, linear_fc2, and `gate_weight`
+    with `gate`). Returns the output alone, as SharedExpertMLP does.
+
+    `gate` (`--moe-shared-expert-gate`, Qwen2-MoE): the output times sigmoid(x @ gate_weight^T)
+    per token, as SharedExpertMLP computes it. The [1, h] gate weight is replicated, as in
+    Megatron; each rank's gradient covers its own tokens, so it is tagged `sequence_parallel`
+    like the norms and the router and `finalize_model_grads` sums it over the TSP group."""
 
     def __init__(self, config, submodules, pg_collection=None, gate: bool = False, tp_group=None,
                  tsp_options: Optional[TSPOptions] = None, name=None):
-        if gate:
-            raise TSPConfigError("--moe-shared-expert-gate is not supported with --tsp-size in this version")
         config = copy.copy(config)
         config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
         group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
         super().__init__(config, submodules, tp_group=group if group is not None else tp_group,
                          tsp_options=tsp_options, name=name)
+        self.use_shared_expert_gate = gate
+        self.gate_weight = None
+        if gate:  # Megatron's SharedExpertMLP.__init__ (0.16.1 and 0.19.2)
+            self.gate_weight = torch.nn.Parameter(torch.empty((1, self.config.hidden_size)))
+            if config.perform_initialization:
+                config.init_method(self.gate_weight)
+            self.gate_weight.data = self.gate_weight.data.to(dtype=config.params_dtype)
+            setattr(self.gate_weight, "sequence_parallel", self.config.sequence_parallel)
 
     def forward(self, hidden_states, *args, **kwargs):
         output, bias = super().forward(hidden_states)
-        return output if bias is None else output + bias
+        output = output if bias is None else output + bias
+        if self.use_shared_expert_gate:
+            output = output * torch.sigmoid(torch.nn.functional.linear(hidden_states, self.gate_weight))
+        return output
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """MLP's sharded state dict, plus the replicated gate weight (SharedExpertMLP's)."""
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)  # as MegatronModule does when none is given
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.use_shared_expert_gate:
+            key = f"{prefix}gate_weight"
+            sharded[key] = make_sharded_tensor_for_checkpoint(
+                self.gate_weight, key, prepend_offsets=sharded_offsets, tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"])
+        return sharded
 
 
 def _submodule_entry(style_of, module, submodules, **params):

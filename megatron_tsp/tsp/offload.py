@@ -181,13 +181,19 @@ def _checkpoint(function, distribute_saved_activations, *args):
         return _ORIGINAL_CHECKPOINT(function, distribute_saved_activations, *args)
 
 
-def _install() -> None:
+def _swap_checkpoint(offloading: bool) -> None:
+    """Megatron's TransformerBlock calls `tensor_parallel.checkpoint` by its module attribute: while
+    an offloading decoder's forward runs (and only then) it is `_checkpoint`; the outermost such
+    forward puts Megatron's own back when it ends, however it ends (the hook is `always_call`)."""
     global _ORIGINAL_CHECKPOINT
     from megatron.core import tensor_parallel
 
-    if _ORIGINAL_CHECKPOINT is None:
-        _ORIGINAL_CHECKPOINT = tensor_parallel.random.checkpoint
+    if offloading:
+        if tensor_parallel.checkpoint is not _checkpoint:
+            _ORIGINAL_CHECKPOINT = tensor_parallel.checkpoint
         tensor_parallel.checkpoint = _checkpoint
+    elif _ORIGINAL_CHECKPOINT is not None:
+        tensor_parallel.checkpoint = _ORIGINAL_CHECKPOINT
 
 
 def offload_layer_inputs(model) -> LayerInputOffloader:
@@ -202,17 +208,20 @@ def offload_layer_inputs(model) -> LayerInputOffloader:
     if config.distribute_saved_activations:
         raise TSPConfigError("parallel.offload_activations = true cannot be combined with "
                              "distribute_saved_activations (both move the saved layer input)")
-    _install()
     offloader = LayerInputOffloader(config.hidden_size)
 
     def enter(module, args):
         offloader.begin_forward()
+        if not _ACTIVE:
+            _swap_checkpoint(True)
         _ACTIVE.append(offloader)
 
     def leave(module, args, output):
         offloader.end_forward()
         if _ACTIVE and _ACTIVE[-1] is offloader:
             _ACTIVE.pop()
+        if not _ACTIVE:
+            _swap_checkpoint(False)
 
     model.decoder.register_forward_pre_hook(enter)
     model.decoder.register_forward_hook(leave, always_call=True)

@@ -22,13 +22,17 @@ from .norm import TSPNorm
 
 
 class _QuietTSPMLPNotice(logging.Filter):
-    """TransformerLayer logs "Unknown MLP type" for any MLP subclass; ours is known."""
+    """TransformerLayer logs "Unknown MLP type" for any MLP subclass; ours is known. Added to that
+    logger once, when the first TSP spec is built (never at import)."""
 
     def filter(self, record):
         return "Unknown MLP type" not in record.getMessage()
 
 
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietTSPMLPNotice())
+def _quiet_unknown_mlp_notice() -> None:
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _QuietTSPMLPNotice) for f in logger.filters):
+        logger.addFilter(_QuietTSPMLPNotice())
 
 
 def _local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
@@ -45,6 +49,7 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     the MLP is Megatron's MoELayer on this rank's tokens (`megatron_tsp.tsp.moe`; its groups come
     from the layer's pg_collection)."""
     require_group(tsp_group, "get_tsp_layer_spec", "tsp_group")
+    _quiet_unknown_mlp_notice()
     options = tsp_options or TSPOptions()
     spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     attention = spec.submodules.self_attention

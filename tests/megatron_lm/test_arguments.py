@@ -33,6 +33,7 @@ def _megatron_like_parser():
     p.add_argument("--moe-token-dispatcher-type", default="allgather")  # Megatron-LM's default
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    p.add_argument("--moe-shared-expert-gate", action="store_true")
     p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--reset-attention-mask", action="store_true")
@@ -79,6 +80,15 @@ def test_moe_maps_at_parse_time(ep, monkeypatch):
     assert args.expert_tensor_parallel_size == 1 and args.expert_model_parallel_size == int(ep)
 
 
+def test_gated_shared_expert_is_accepted(monkeypatch):
+    """--moe-shared-expert-gate (Qwen2-MoE) runs under TSP (tests/tsp/test_moe_native.py): the
+    flag passes through to Megatron's config as Megatron-LM parsed it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = _megatron_like_parser().parse_args(MOE + ["--moe-shared-expert-intermediate-size", "32",
+                                                     "--moe-shared-expert-gate"])
+    assert args.tsp and args.moe_shared_expert_gate and args.moe_shared_expert_intermediate_size == 32
+
+
 def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
@@ -98,6 +108,8 @@ def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
     (MOE[:3] + ["--num-experts", "6", "--expert-model-parallel-size", "4", "--moe-token-dispatcher-type", "alltoall"],
      r"--num-experts = 6 must be divisible by --expert-model-parallel-size = 4"),
     (MOE + ["--moe-shared-expert-intermediate-size", "33"], r"--moe-shared-expert-intermediate-size = 33"),
+    (MOE + ["--moe-shared-expert-gate"], r"--moe-shared-expert-gate gates the shared expert: it needs "
+                                         r"--moe-shared-expert-intermediate-size"),
     (MOE + ["--moe-router-topk", "9"], r"--moe-router-topk = 9 must be between 1 and --num-experts = 8"),
     (["--tsp-size", "2", "--expert-model-parallel-size", "2"], r"--expert-model-parallel-size = 2 needs --num-experts"),
     (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),

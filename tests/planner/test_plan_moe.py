@@ -26,6 +26,7 @@ S, HID, HEADS, EXPERTS, TOPK, FE_TINY = 64, 32, 4, 4, 2, 16
 MEASURE_CASES = {  # name: the MoE options, the same keywords for Megatron's config and the planner's ModelSpec
     "top2": {},
     "shared-zloss": dict(moe_shared_expert_intermediate_size=32, moe_z_loss_coeff=1e-3),
+    "gated-shared": dict(moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True),
     "top1-presoftmax-noaux": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0,
                                   moe_router_load_balancing_type="none"),
 }
@@ -114,6 +115,22 @@ def test_expert_parameters_and_their_optimizer_state_by_hand():
         mem = memory(MOE, TrainSpec(seq_length=4096, distributed_optimizer=True, expert_size=4), lay, cluster)
         assert mem.optimizer == pytest.approx(12 * (dense / nodes + experts / nodes))
         assert mem.params == pytest.approx(2 * (dense + experts))
+
+
+def test_the_shared_expert_gate_by_hand():
+    """A gated shared expert (Qwen2-MoE) adds its [1, h] gate per MoE layer, replicated like the
+    router (not split by D), to the parameters and the active weights; and keeps its output and
+    score (h + 1 per token) for backward. Megatron-LM's theoretical memory counts the gate as h too."""
+    shared = ModelSpec(**{**MOE.__dict__, "moe_shared_expert_intermediate_size": 1024})
+    gated = ModelSpec(**{**shared.__dict__, "moe_shared_expert_gate": True})
+    lay = Layout("tsp", tsp_size=4)
+    assert param_counts(gated, lay)["total"] - param_counts(shared, lay)["total"] == 16 * H
+    assert gated.total_params - shared.total_params == 16 * H
+    assert gated.moe_active_params - shared.moe_active_params == H
+    extra = sum(moe_saved_per_token(gated).values()) - sum(moe_saved_per_token(shared).values())
+    assert extra == 2 * (H + 1)
+    no_shared = ModelSpec(**{**MOE.__dict__, "moe_shared_expert_gate": True})
+    assert no_shared.total_params == MOE.total_params  # no shared expert: no gate
 
 
 def test_moe_activations_by_hand():

@@ -86,14 +86,24 @@ def _metrics(path: Path):
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())] if path.exists() else []
 
 
-def _wait_for(what, predicate, timeout_s, text):
+def _wait_for(what, predicate, timeout_s, text, cluster=None, job=None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
         time.sleep(0.5)
-    pytest.fail(f"no {what} in {timeout_s} s:\n{text()[-4000:]}")
+    pytest.fail(f"no {what} in {timeout_s} s:\n{text()[-4000:]}" + (_slurm_state(cluster, job) if cluster else ""))
+
+
+def _slurm_state(cluster, job):
+    """What SLURM says when a job does not start or stalls: the job, the nodes, the daemons' last lines."""
+    env = job_env(cluster)
+    out = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+           for cmd in (["scontrol", "show", "job", job], ["sinfo", "-N", "-l"])]
+    for log in sorted((cluster["dir"] / "log").glob("*.log")):
+        out.append(f"--- {log.name}:\n" + "\n".join(read(log).splitlines()[-25:]))
+    return "\n\nSLURM:\n" + "\n".join(out)
 
 
 def test_layouts_across_two_nodes_match_one_node(cluster, reference):
@@ -168,11 +178,19 @@ def test_preempted_then_lost_node_job_resumes_with_the_same_losses(cluster, refe
     assert stopped.group(2) in (f"checkpoint saved in {ckpt / f'step_{first:07d}'}", f"its checkpoint is {ckpt / f'step_{first:07d}'}")
     _wait_for("requeue", lambda: f"launch.sh: requeueing job {job}" in text(), 120, text)
     # SLURM holds a requeued job for 2 minutes (its BeginTime); the test does not wait them out.
-    _wait_for("the requeued job pending", lambda: job_field(cluster, job, "JobState") == "PENDING", 120, text)
-    scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
+    _wait_for("the requeued job pending", lambda: job_field(cluster, job, "JobState") == "PENDING", 120, text, cluster, job)
+
+    def started(last=[0.0]):  # StartTime=now again while it pends (every 10 s): one racing the requeue's BeginTime is lost
+        if job_field(cluster, job, "JobState") != "PENDING":
+            return True
+        if time.monotonic() - last[0] > 10:
+            scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
+            last[0] = time.monotonic()
+        return False
+    _wait_for("the second allocation", started, 300, text, cluster, job)
 
     # 2. The second allocation resumes from that checkpoint; once it saved one of its own, node 2's workers die.
-    resumed = _wait_for("resume", lambda: re.search(rf"steps {first + 1}\.\.{LONG_STEPS} \(resumed from {ckpt}\)", text()), 300, text)
+    resumed = _wait_for("resume", lambda: re.search(rf"steps {first + 1}\.\.{LONG_STEPS} \(resumed from {ckpt}\)", text()), 300, text, cluster, job)
     saved = _wait_for("a checkpoint of the second allocation",
                       lambda: re.findall(r"^0: saved checkpoint .*step_(\d+)$", text()[resumed.end():], re.M), 600, text)
     last_saved = int(saved[-1])

@@ -1,5 +1,5 @@
 """MoE checkpoints through the driver (configs/tiny_moe.yaml: TSP D = 2, 4 experts over EP = 2,
-top-2, a shared expert; world 2):
+top-2, a shared expert, gated in the first test; world 2):
 - a TSP+EP checkpoint written by the driver's save loads into Megatron's native TP+SP+EP model
   (GPTModel with the local MoE spec, groups from Megatron's own initialize_model_parallel with
   TP = 2, sequence parallelism, EP = 2, expert TP = 1) with parameters identical to the TSP
@@ -63,10 +63,13 @@ def test_tsp_ep_checkpoint_loads_into_native_tp_sp_ep(world, shared_tmp_path, mo
         return save(model, optimizer, recipe, step, **kwargs)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_and_remember)
-    recipe = load_recipe(TINY_MOE, COMMON + ["train.steps=2", f"train.save_dir={ckpt}"])
+    # the shared expert gated (Qwen2-MoE): its replicated gate weight saved once and loaded by SharedExpertMLP
+    recipe = load_recipe(TINY_MOE, COMMON + ["train.steps=2", f"train.save_dir={ckpt}",
+                                             "model.moe_shared_expert_gate=true"])
     loop.run(recipe)
     expected = at_save[2]
     assert any("local_experts" in n for n in expected) and any("shared_experts" in n for n in expected)
+    assert any(n.endswith("shared_experts.gate_weight") for n in expected)
 
     # Megatron's own groups and model: TP 2 + SP, EP 2, expert TP 1.
     megatron_tsp.destroy_model_parallel()

@@ -53,10 +53,11 @@ def test_tsp_ep_five_steps_match_single_process(world):
     data parallel (world 4: each data-parallel rank one micro-batch, experts 1/4 per rank)
     against the same recipe on one process (layout dp: Megatron's GPTModel and MoE layer, the
     same layout-invariant initial weights and data), <= 1e-5 relative as test_loop's
-    comparisons (float32 rounding of different reduction orders, grown over 5 Adam steps)."""
+    comparisons (float32 rounding of different reduction orders, grown over 5 Adam steps). The
+    shared expert gated (Qwen2-MoE): the driver's gradient reduction sums its replicated gate."""
     if world not in (2, 4):
         pytest.skip("TSP D = 2 with EP = world, at world 2 and 4")
-    common = ["train.steps=5", "train.log_interval=100", "model.cpu_init=true"]
+    common = ["train.steps=5", "train.log_interval=100", "model.cpu_init=true", "model.moe_shared_expert_gate=true"]
     ref = _single_process_losses(common + ["parallel.layout=dp", "parallel.size=1", "parallel.expert_size=1"], TINY_MOE)
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -93,8 +94,10 @@ def test_moe_under_pipeline_parallelism_matches_single_process(world):
     ("parallel.moe_dispatcher=allgather", r"parallel.moe_dispatcher = 'allgather'.*whole sequence"),
     ("model.moe_shared_expert_intermediate_size=33", r"model.moe_shared_expert_intermediate_size = 33 must be divisible by parallel.size = 2"),
     ("model.moe_router_topk=1", r"moe_router_pre_softmax"),
+    ("model.moe_shared_expert_intermediate_size=null model.moe_shared_expert_gate=true",
+     r"model.moe_shared_expert_gate gates the shared expert: it needs model.moe_shared_expert_intermediate_size"),
     ("model.num_experts=null", r"parallel.expert_size = 2 needs model.num_experts"),
 ])
 def test_moe_recipe_errors_name_the_key(world, override, match):
     with pytest.raises(RecipeError, match=match):
-        load_recipe(TINY_MOE, [override])
+        load_recipe(TINY_MOE, override.split())

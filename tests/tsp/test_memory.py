@@ -322,8 +322,13 @@ def test_offload_moves_every_checkpointed_input_off_the_device(world, method, n)
     """With offload no checkpointed layer input stays on the device between forward and backward
     (on CPU: the original is freed and the backward recomputes from the host copy), and the
     backward prefetches chunk i-1's input when chunk i's starts: at most two on the device."""
+    from megatron.core import tensor_parallel
+
+    megatrons = tensor_parallel.checkpoint
     alive, values, fetched, events = _offload_run(world, True, method, n)
     check_layer_inputs_offloaded(alive, values, fetched)
+    # the offloading checkpoint is in place only while the decoder's forward runs
+    assert tensor_parallel.checkpoint is megatrons, "offload left its checkpoint installed after the forward"
     k = len(_chunks(method, n))
     expected = [("offload", i) for i in range(k)] + [("fetch", k - 1)]
     for i in range(k - 1, 0, -1):

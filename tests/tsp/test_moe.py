@@ -7,9 +7,10 @@ against Megatron's native TP+SP+EP one, tests/tsp/test_moe_native.py.)
 
 EP = D (the EP group is the TSP group) at D = 2 and 4; EP = 2 x D over TSP x DP at world 4 with
 D = 2 (each data-parallel rank its own batch; the reference runs both). Each option once: top-k
-1 and 2, shared expert, token dropping (both policies), z-loss, per-sequence aux loss, dense
-layers interleaved (`moe_layer_freq`). Plus a broken variant the test must catch, the
-saved-tensor check, and bad input refused before any collective."""
+1 and 2, shared expert (plain, and gated: Qwen2-MoE's sigmoid gate), token dropping (both
+policies), z-loss, per-sequence aux loss, dense layers interleaved (`moe_layer_freq`). Plus a
+broken variant the test must catch, the saved-tensor check, and bad input refused before any
+collective."""
 
 import pytest
 import torch
@@ -37,8 +38,9 @@ CASES = {
     "top2-shared-zloss": dict(moe_router_topk=2, moe_shared_expert_intermediate_size=64, moe_z_loss_coeff=1e-3),
     "top2-drop-interleaved": dict(moe_router_topk=2, moe_expert_capacity_factor=1.0, moe_layer_freq=[0, 1],
                                   moe_router_load_balancing_type="seq_aux_loss"),
-    "top1-drop-position-shared": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=0.75, moe_token_drop_policy="position",
-                                      moe_shared_expert_intermediate_size=32),
+    "top1-drop-position-gated-shared": dict(moe_router_topk=1, moe_router_pre_softmax=True,
+                                            moe_expert_capacity_factor=0.75, moe_token_drop_policy="position",
+                                            moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True),
 }
 
 
@@ -120,9 +122,10 @@ def _check(moe, D, ep, seed):
 
 
 @pytest.mark.parametrize("D,ep_factor,case", [
-    (2, 1, "top1"), (2, 1, "top2-shared-zloss"), (2, 1, "top2-drop-interleaved"), (2, 1, "top1-drop-position-shared"),
+    (2, 1, "top1"), (2, 1, "top2-shared-zloss"), (2, 1, "top2-drop-interleaved"),
+    (2, 1, "top1-drop-position-gated-shared"),
     (4, 1, "top2-shared-zloss"), (4, 1, "top2-drop-interleaved"),
-    (2, 2, "top2-drop-interleaved"), (2, 2, "top1-drop-position-shared"),
+    (2, 2, "top2-drop-interleaved"), (2, 2, "top1-drop-position-gated-shared"),
 ])
 def test_moe_loss_router_losses_and_every_gradient_match_single_process(world, D, ep_factor, case):
     if world % (D * ep_factor):
@@ -176,7 +179,7 @@ def test_no_saved_tensor_holds_every_token(world):
 
     _init(2, 2)
     model = build_gpt(SHAPE, layout="tsp", dtype=torch.float64, seed=1,
-                      **{**BASE, **CASES["top1-drop-position-shared"], "moe_expert_capacity_factor": None})
+                      **{**BASE, **CASES["top1-drop-position-gated-shared"], "moe_expert_capacity_factor": None})
     saved, hooks = [], []
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         context = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t)
@@ -198,7 +201,7 @@ def test_no_saved_tensor_holds_every_token(world):
     (dict(moe_token_dispatcher_type="allgather"), r"--moe-token-dispatcher-type = 'allgather'.*whole sequence"),
     (dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0), r"sinkhorn"),
     (dict(moe_shared_expert_intermediate_size=33), r"--moe-shared-expert-intermediate-size = 33"),
-    (dict(moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True), r"--moe-shared-expert-gate"),
+    (dict(moe_shared_expert_gate=True), r"--moe-shared-expert-gate .*needs --moe-shared-expert-intermediate-size"),
     (dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), r"--moe-pad-expert-input-to-capacity"),
 ])
 def test_bad_moe_options_are_refused_on_every_rank(world, bad, match):

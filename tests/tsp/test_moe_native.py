@@ -7,9 +7,10 @@ SequentialMLP experts, SharedExpertMLP), TP = D with sequence_parallel=True, EP 
 TSP router, the shared expert as the ring MLP). Checked equal: the per-token loss, each MoE
 layer's load-balancing loss (float64, captured where the router attaches it, summed over the
 TSP / TP group), and every gradient (attention, router, experts, shared expert, embedding), at
-world 2 and 4, top-k 1 and 2, with a shared expert and a z-loss. A broken TSP model (the
-router's weight gradient not summed over the TSP ranks: its `sequence_parallel` tag dropped)
-must fail the same check.
+world 2 and 4, top-k 1 and 2, with a shared expert (top-1: gated, `moe_shared_expert_gate`, the
+Qwen2-MoE family: its replicated gate weight's gradient checked too) and a z-loss. A broken TSP
+model (the router's or the gate's weight gradient not summed over the TSP ranks: its
+`sequence_parallel` tag dropped) must fail the same check.
 
 Token dropping is not compared here: Megatron's SP router drops per rank-local token set, the
 TSP router over the whole micro-batch as the single-process model does (tests/tsp/test_moe.py).
@@ -40,6 +41,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 import megatron_tsp
+from megatron_tsp.config import TSPOptions
 from megatron_tsp.tsp.moe import TSPSharedExpertMLP, TSPTopKRouter, expert_param_global_name
 from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.parity import fresh_seed
@@ -53,7 +55,8 @@ SHAPE = ModelShape(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidd
 BASE = dict(num_moe_experts=4, moe_ffn_hidden_size=32, moe_token_dispatcher_type="alltoall",
             moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2)
 CASES = {
-    "top1-shared": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=32),
+    "top1-gated-shared": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=32,
+                              moe_shared_expert_gate=True),
     "top2-shared-zloss": dict(moe_router_topk=2, moe_shared_expert_intermediate_size=64, moe_z_loss_coeff=1e-3),
 }
 
@@ -91,17 +94,24 @@ def aux_losses(monkeypatch):
     return seen
 
 
-def _run(layout, D, moe, seed, aux_seen, broken=False):
+def _run(layout, D, moe, seed, aux_seen, broken=None):
     """Full parameters, per-token loss, aux losses summed over the TP group and full gradients
-    of `layout` ('tsp' or 'native') at TP / TSP = EP = D, expert TP 1."""
+    of `layout` ('tsp' or 'native') at TP / TSP = EP = D, expert TP 1. `broken`: the TSP
+    parameters ('router' or 'gate') whose gradient is not summed over the TSP ranks."""
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
     megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
-    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, **{**BASE, **moe})
+    # the gated case's shared expert on the ring exchange (at this size `auto` picks Megatron's token
+    # all-gather, which the other case runs); the native layout ignores TSP's options
+    options = TSPOptions(mlp_exchange="ring") if moe.get("moe_shared_expert_gate") else None
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, **{**BASE, **moe})
     model.double()  # norms built in float32 whatever params_dtype says (issue 14 item 2): same for both
-    if broken:
+    if broken == "router":
         for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
             router.weight.sequence_parallel = False
+    elif broken == "gate":
+        for shared in (m for m in model.modules() if isinstance(m, TSPSharedExpertMLP)):
+            shared.gate_weight.sequence_parallel = False
     group, ep = mpu.get_tensor_model_parallel_group(), mpu.get_expert_model_parallel_group()
     assert model.config.sequence_parallel == (D > 1) and model.config.expert_tensor_parallel_size == 1
     assert ep.size() == D and mpu.get_expert_tensor_parallel_world_size() == 1
@@ -110,6 +120,10 @@ def _run(layout, D, moe, seed, aux_seen, broken=False):
     assert all(isinstance(m.token_dispatcher, MoEAlltoAllTokenDispatcher) for m in moe_layers)
     shared, router = (TSPSharedExpertMLP, TSPTopKRouter) if layout == "tsp" else (SharedExpertMLP, TopKRouter)
     assert all(type(m.shared_experts) is shared and type(m.router) is router for m in moe_layers), layout
+    gated = bool(moe.get("moe_shared_expert_gate"))
+    assert all((m.shared_experts.gate_weight is not None) == gated for m in moe_layers), layout
+    if layout == "tsp" and gated:
+        assert all(m.shared_experts.tsp_options.mlp_exchange == "ring" for m in moe_layers)
     del aux_seen[:]
     tokens, labels, pos = mock_batch(0, 2, SHAPE, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S] natural order on every rank
@@ -135,12 +149,13 @@ def _run(layout, D, moe, seed, aux_seen, broken=False):
     return params, loss.detach(), aux, grads
 
 
-def _errors(D, case, seed, aux_seen, broken=False):
+def _errors(D, case, seed, aux_seen, broken=None):
     native = _run("native", D, CASES[case], seed, aux_seen)
     tsp = _run("tsp", D, CASES[case], seed, aux_seen, broken=broken)
     (n_params, n_loss, n_aux, n_grads), (t_params, t_loss, t_aux, t_grads) = native, tsp
     assert n_params.keys() == t_params.keys() == n_grads.keys() == t_grads.keys()
     assert any("local_experts" in n for n in n_params) and any("shared_experts" in n for n in n_params)
+    assert any(n.endswith("gate_weight") for n in n_params) == bool(CASES[case].get("moe_shared_expert_gate"))
     unequal = [n for n in n_params if not torch.equal(n_params[n], t_params[n])]
     assert not unequal, f"the two models do not start from the same weights: {unequal}"
     assert n_aux.keys() == t_aux.keys() and len(n_aux) == SHAPE.num_layers, (n_aux.keys(), t_aux.keys())
@@ -165,10 +180,14 @@ def test_tsp_ep_equals_megatron_native_tp_sp_ep(world, case, float64_softmax_and
         print(f"\n{case} D={world}: worst {max(errors.values()):.1e} ({max(errors, key=errors.get)})")
 
 
-def test_a_broken_tsp_router_gradient_is_caught(world, float64_softmax_and_cross_entropy, aux_losses):
+@pytest.mark.parametrize("broken,case,suffix", [("router", "top2-shared-zloss", "router.weight"),
+                                                 ("gate", "top1-gated-shared", "shared_experts.gate_weight")])
+def test_a_broken_tsp_gradient_is_caught(world, broken, case, suffix, float64_softmax_and_cross_entropy, aux_losses):
+    """The router's (or the shared expert's gate's) weight gradient left unsummed over the TSP
+    ranks, each rank's covering only its tokens: caught, and nothing else moves."""
     if world != 2:
         pytest.skip("once, at world 2")
-    errors = _errors(world, "top2-shared-zloss", fresh_seed(), aux_losses, broken=True)
-    router = {n: e for n, e in errors.items() if n.endswith("router.weight")}
-    assert router and min(router.values()) > 1e-3, f"the unsummed router gradient was not caught: {router}"
-    assert max(e for n, e in errors.items() if n not in router) <= TOL  # and nothing else moved
+    errors = _errors(world, case, fresh_seed(), aux_losses, broken=broken)
+    hit = {n: e for n, e in errors.items() if n.endswith(suffix)}
+    assert hit and min(hit.values()) > 1e-3, f"the unsummed {broken} gradient was not caught: {hit}"
+    assert max(e for n, e in errors.items() if n not in hit) <= TOL  # and nothing else moved
