@@ -208,23 +208,30 @@ class _HeldLog(logging.Handler):
 
 
 def _save_failure(error: Optional[BaseException], log: str) -> Optional[str]:
-    """This rank's failing write in one line (the errno's text: No space left on device), or None."""
+    """This rank's own failing write in one line (the errno's text: No space left on device), or
+    None when this rank's writes did not fail (megatron-core raises its CheckpointException on
+    every rank, the others' failures listed on the coordinator: those ranks say theirs)."""
     if error is None:
         return None
     cause = error
     while not isinstance(cause, OSError) and cause.__cause__ is not None:
         cause = cause.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
+    if isinstance(cause, OSError) and cause.strerror:  # rank 0's own files (the list, `latest`)
         return f"{cause.strerror} [errno {cause.errno}]" + (f" ({cause.filename})" if cause.filename else "")
-    found = _ERRNO_TEXT.search(log) or _ERRNO_TEXT.search(str(_first_failure(error)))
+    found = _ERRNO_TEXT.search(log)  # this rank's shard writer logged it
     if found:
         return f"{found.group(2).strip()} [errno {found.group(1)}]"
     worker = _WORKER_ERROR.search(log)  # torch.save's own words (it drops the errno): "file write failed"
     if worker:
         return worker.group(1).strip()[:300]
-    if isinstance(error, CheckpointException) and not getattr(error, "failures", None):
-        return None  # megatron-core tells the other ranks only that some rank failed
-    return _first_line(_first_failure(error))
+    if isinstance(error, CheckpointException):
+        own = (getattr(error, "failures", None) or {}).get(dist.get_rank())
+        if own is None:
+            return None
+        own = own[0] if isinstance(own, tuple) and own else own
+        found = _ERRNO_TEXT.search(str(own))
+        return f"{found.group(2).strip()} [errno {found.group(1)}]" if found else _first_line(own)
+    return _first_line(error)
 
 
 def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=None) -> str:
@@ -286,6 +293,7 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
             for name in ("latest.tmp", CHECKPOINT_META + ".tmp"):
                 if os.path.exists(os.path.join(save_dir, name)):
                     os.unlink(os.path.join(save_dir, name))
+        dist.barrier()  # every rank raises once the partial step is gone
         kept = (f"{os.path.join(save_dir, 'latest')} still names step {previous} ({_step_dir(save_dir, previous)}, "
                 "untouched)" if previous is not None else "no earlier checkpoint is there")
         raise CheckpointSaveError(f"saving the checkpoint of step {step} in {save_dir} failed ({why}); the partial "

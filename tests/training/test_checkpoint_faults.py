@@ -14,11 +14,11 @@ from megatron_tsp.training.checkpoint_files import checkpoint_problem, latest_st
 from megatron_tsp.training.loop import run
 from megatron_tsp.training.recipe import load_recipe
 
-pytestmark = pytest.mark.distributed  # one in-process world-1 run (skips at other world sizes)
+pytestmark = pytest.mark.distributed  # in-process runs at world 1 and 2 (TSP 2; skips at 4)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
-COMMON = ["parallel.size=1", "train.log_interval=100", "train.progress_bar=false", "model.num_layers=1",
+COMMON = ["train.log_interval=100", "train.progress_bar=false", "model.num_layers=1",
           "train.save_interval=2"]
 
 
@@ -39,29 +39,38 @@ def _fail_file_list(monkeypatch):
     monkeypatch.setattr(ckpt_module, "write_manifest", _disk_full)
 
 
-def test_keep_checkpoints_and_a_full_disk_during_a_save(world, tmp_path, monkeypatch):
-    if world != 1:
-        pytest.skip("one in-process run")
-    save_dir = str(tmp_path / "ckpt")
-    run(load_recipe(TINY, COMMON + ["train.steps=6", f"train.save_dir={save_dir}", "train.keep_checkpoints=2"]))
+def test_keep_checkpoints_and_a_full_disk_during_a_save(world, shared_tmp_path, monkeypatch):
+    """At world 2 (TSP 2) the shard write fails on rank 1 alone: every rank still raises,
+    and rank 0's line quotes rank 1's errno."""
+    import torch.distributed as dist
+
+    if world > 2:
+        pytest.skip("worlds 1 and 2")
+    save_dir = os.path.join(shared_tmp_path, "faults_ckpt")
+    common = COMMON + [f"parallel.size={world}"]  # TSP over the world: every rank writes shards of its own
+    run(load_recipe(TINY, common + ["train.steps=6", f"train.save_dir={save_dir}", "train.keep_checkpoints=2"]))
     assert step_dirs(save_dir) == [4, 6] and latest_step(save_dir) == 6  # step 2 removed once 4 and 6 were complete
     files_before = sorted(os.listdir(step_dir(save_dir, 6)))
 
+    failing = world - 1  # the rank whose write fails (the file list: always rank 0, which writes it)
     for fail in (_fail_shard_writes, _fail_file_list):
         with monkeypatch.context() as m:
-            fail(m)
+            if dist.get_rank() == (failing if fail is _fail_shard_writes else 0):
+                fail(m)
             with pytest.raises(CheckpointSaveError) as e:
-                run(load_recipe(TINY, COMMON + ["train.steps=8", f"train.save_dir={save_dir}", "train.resume=true",
+                run(load_recipe(TINY, common + ["train.steps=8", f"train.save_dir={save_dir}", "train.resume=true",
                                                 "train.keep_checkpoints=1"]))
         text = str(e.value)
-        assert "\n" not in text and f"saving the checkpoint of step 8 in {save_dir} failed (rank 0: No space left on device [errno 28]" in text, text
+        who = failing if fail is _fail_shard_writes else 0
+        assert "\n" not in text and f"saving the checkpoint of step 8 in {save_dir} failed (rank {who}: No space left " \
+            "on device [errno 28]" in text, text
         assert f"{save_dir}/latest still names step 6" in text, text
         assert latest_step(save_dir) == 6 and step_dirs(save_dir) == [4, 6], fail  # nothing pruned, nothing added
         assert not [n for n in os.listdir(save_dir) if n.endswith((".incomplete", ".tmp"))], os.listdir(save_dir)
         assert checkpoint_problem(step_dir(save_dir, 6)) is None
         assert sorted(os.listdir(step_dir(save_dir, 6))) == files_before
 
-    resumed = run(load_recipe(TINY, COMMON + ["train.steps=8", f"train.save_dir={save_dir}", "train.resume=true",
+    resumed = run(load_recipe(TINY, common + ["train.steps=8", f"train.save_dir={save_dir}", "train.resume=true",
                                               "train.keep_checkpoints=1"]))
     assert [h["step"] for h in resumed["history"]] == [7, 8]
     assert step_dirs(save_dir) == [8] and latest_step(save_dir) == 8
