@@ -198,6 +198,7 @@ def _rank_of(pid):
     return int(next(v for v in env if v.startswith(b"RANK="))[5:])
 
 
+@pytest.mark.slow  # a training run's start (CI runs slow tests once)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
 def test_kill_9_of_one_worker_is_one_line_naming_the_rank_and_its_signal():
     proc, workers = _start_long_run()
