@@ -162,7 +162,8 @@ def cases(tmp):
     yield "two Ctrl-C within 0.2 s", lambda: run_and_signal(long, two_ctrl_c), None
     keep = os.path.join(tmp, "keep")
     yield "keep_checkpoints=2, 5 saves", lambda: run(TRAIN + ["train.steps=5", "train.save_interval=1",
-                                                              "train.keep_checkpoints=2", f"train.save_dir={keep}"]), keep
+                                                              "train.keep_checkpoints=2",
+                                                              f"train.save_dir={keep}"]), keep
 
 
 def main(argv=None):

@@ -339,7 +339,8 @@ def main(argv=None):
 
             from ..training.loop import _is_communication_error
 
-            line = f"{PROG}: rank {dist.get_rank()} of {dist.get_world_size()} failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            line = f"{PROG}: rank {dist.get_rank()} of {dist.get_world_size()} failed: {first}"
             if write_failure_report(line, "".join(traceback.format_exception(e)), _is_communication_error(e)):
                 return 1
         raise

@@ -58,8 +58,8 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
         warnings.warn("The argument order of load has been changed. Please check the document to avoid future "
                       "breakages.")
         warnings.warn("something the user must see")
-    assert [str(w.message) for w in seen] == ["`sequence_parallel` is set to `True`, but tensor model parallel size is 2.",
-                                              "something the user must see"]
+    kept = ["`sequence_parallel` is set to `True`, but tensor model parallel size is 2.", "something the user must see"]
+    assert [str(w.message) for w in seen] == kept
     records = []
     handler = logging.Handler()
     handler.emit = records.append
