@@ -12,7 +12,9 @@ setup(
         # tested 0.16.1 <= megatron-core <= 0.19.2 (0.17+ need Python >= 3.12); a newer one
         # installs and warns once (megatron_tsp/compat.py)
         "megatron-core>=0.16.1",
-        "torch>=2.6",
+        # tested: torch 2.13.0 (CI, CPU) and 2.11.0 (the recorded GPU runs, docs/validation.md);
+        # older ones were never run. A newer torch installs (pip picks the newest) but is untested.
+        "torch>=2.11",
         "numpy",
         "packaging",
         "PyYAML",

@@ -472,6 +472,9 @@ class TrainRecipe:
     """Checkpoint directory (distributed checkpoint format); null: no checkpoints."""
     save_interval: int = 0
     """Save every N steps (and always at the end when save_dir is set); 0: only at the end."""
+    keep_checkpoints: int = 0
+    """How many complete checkpoints save_dir keeps (the newest); 0: all. An older one is removed
+    only once a newer one is complete and `latest` names it; the one `latest` names never is."""
     resume: bool = False
     """Resume from the latest checkpoint in save_dir, at any layout (TSP / TP / TP+SP size,
     pipeline, data parallel); refused, with the differences listed, when the model's shapes,

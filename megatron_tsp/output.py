@@ -7,19 +7,27 @@ The benign ones, by where they come from:
 - the mock dataset's "Unable to save MockGPTDataset indexes because path_to_cache is None";
 - "set CUDA_DEVICE_MAX_CONNECTIONS to 1" (sequence parallelism; the driver's TSP exchanges do not
   depend on it);
-- torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine).
+- torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine);
+- "`sequence_parallel` is set to `True`, but tensor model parallel size is 1" from the expert
+  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see BENIGN_WARNINGS);
+- torch's distributed checkpoint notes while megatron-core saves and loads ("MCore's async save is
+  deprecated", "torch.distributed is disabled ... load in a single process", "The argument order
+  of load has been changed").
 Standard library only: the launcher and `--help` import nothing heavy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 
 VERBOSE_ENV = "MEGATRON_TSP_VERBOSE"  # set by `--verbose` for the workers a launcher starts
+REPORT_DIR_ENV = "MEGATRON_TSP_REPORT_DIR"  # set by training.launch (not with --verbose): where a failure goes
 
 # Python warnings (re.match against the message text).
 BENIGN_WARNINGS = (
@@ -27,15 +35,27 @@ BENIGN_WARNINGS = (
     r".*absl\.logging is not installed",
     r".*CUDA_DEVICE_MAX_CONNECTIONS",
     r".*is experimental and still under active development",
+    # Megatron's expert MLPs (SequentialMLP) are built from the model's config, whose sequence_parallel
+    # is on (TSP / TP+SP), on the expert tensor-parallel group, of size 1 here (the dispatcher hands
+    # each expert whole tokens): their linears say they turn SP off, once per rank. Megatron-LM at
+    # TP+SP with expert_tensor_parallel_size=1 prints it too; nothing to act on. Size 1 only.
+    r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel",
+    # torch's distributed checkpoint while megatron-core loads a checkpoint's common part and metadata
+    # (no_dist on purpose) and calls load with its older argument order: on every resume, per rank.
+    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single",
+    r"The argument order of load has been changed",
 )
 # logging records: (logger name, message regex).
 BENIGN_LOG_RECORDS = (
     ("megatron.core.datasets.gpt_dataset", r"Unable to save \w+ indexes"),
     ("megatron.core.datasets.blended_megatron_dataset_builder", r"Unable to save \w+ indexes"),
     ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
+    # every save, per rank: megatron-core's own save path (dist_checkpointing.save) logs it
+    ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated"),
 )
 INFO_LINE = ("megatron-tsp: known-benign notices from megatron-core and torch (Transformer Engine / apex / absl "
-             "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS) are hidden; --verbose shows them")
+             "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS, sequence parallel off in experts of "
+             "expert-TP size 1, checkpoint API notes) are hidden; --verbose shows them")
 
 
 def rank() -> int:
@@ -81,3 +101,20 @@ def print_user_error(prog: str, error: BaseException) -> int:
     if rank() == 0:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return 2
+
+
+def write_failure_report(line: str, traceback_text: str, peer_lost: bool) -> bool:
+    """In a worker that training.launch started (without --verbose): write this rank's failure
+    (its one line, its traceback, whether it only saw a peer die) for the launcher to print or
+    hold back. False when there is no report directory (torchrun, srun, --verbose): print it yourself."""
+    folder = os.environ.get(REPORT_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    path = os.path.join(folder, f"rank_{rank()}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"line": line, "traceback": traceback_text, "peer_lost": peer_lost, "time": time.time()}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a full disk, say: the worker prints its error itself
+        return False
+    return True

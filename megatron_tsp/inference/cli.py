@@ -1,5 +1,8 @@
 """`megatron-tsp generate RECIPE --load CKPT`: continuations (or log-probabilities) of prompts
-with TSP prefill and tensor-parallel decode over every launched process (torchrun, as `train`).
+with TSP prefill and tensor-parallel decode over every launched process: `--nproc-per-node N`
+starts N local processes itself (training.launch's launcher, as `train`), or torchrun / srun do.
+
+    megatron-tsp generate --nproc-per-node 2 configs/tiny.yaml --load ckpt --prompt-tokens p.jsonl
 
 The model is the recipe's `model` section, run with TSP of size = the world size (the recipe's
 `parallel` layout and size are for training and are not needed here: checkpoints are
@@ -8,6 +11,11 @@ list of token-id lists, or one JSON list per line) or `--prompt TEXT` (repeatabl
 `--tokenizer tokenizer.json` (the `tokenizers` package). Rank 0 writes one JSON line per prompt
 (stdout or `--output`) and a summary (stderr, `--summary-json`). torch and megatron load after
 the arguments are parsed: `generate --help` imports neither.
+
+Bad input is one line, printed once (by rank 0 / the launcher), exit 2, before the checkpoint
+loads: the arguments, the recipe, the prompts (token ids in the vocabulary, prompt + new tokens
+within model.seq_length) and `--load DIR` (a checkpoint there, not corrupt) are checked first,
+and with `--nproc-per-node N` in the launcher, before any worker starts.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from ..training.recipe import RecipeError, load_recipe
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-tsp generate",
-        description="Generate with TSP prefill + tensor-parallel decode (launch with torchrun; TSP size = world size).",
+        description="Generate with TSP prefill + tensor-parallel decode (TSP size = world size: --nproc-per-node N "
+                    "starts N local processes, or launch with torchrun / srun).",
     )
+    p.add_argument("--nproc-per-node", metavar="N", type=int,
+                   help="start N processes on this machine (TSP size N; no torchrun needed)")
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe whose model section matches the checkpoint "
                    "(default: the embedded tiny recipe)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.seq_length=131072")
@@ -52,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", action="append", metavar="TEXT", help="with --logprobs: one text per --prompt")
     p.add_argument("--output", metavar="FILE", help="write the JSON lines here instead of stdout")
     p.add_argument("--summary-json", metavar="FILE", help="write the summary (rank 0) to FILE")
+    p.add_argument("--verbose", action="store_true", help="every rank's errors and tracebacks (a failing worker's "
+                   "are otherwise printed once, by the launcher)")
     return p
 
 
@@ -121,8 +134,9 @@ def _prompts(args):
     return prompts, continuations, tokenizer
 
 
-def _recipe_for(args, world: int):
-    recipe = load_recipe(args.recipe, list(args.overrides) + ["parallel.layout=tsp", f"parallel.size={world}"])
+def _recipe_for(args, world: int, devices: bool = True):
+    recipe = load_recipe(args.recipe, list(args.overrides) + ["parallel.layout=tsp", f"parallel.size={world}"],
+                         devices=devices)
     p = recipe.parallel
     for key, value in (("parallel.pipeline_size", p.pipeline_size), ("parallel.context_size", p.context_size)):
         if value != 1:
@@ -130,6 +144,38 @@ def _recipe_for(args, world: int):
     if p.fsdp:
         raise RecipeError("parallel.fsdp = true: generate runs TSP over all processes (set parallel.fsdp=false)")
     return recipe
+
+
+def check_inputs(args, recipe):
+    """Every check that needs no model, torch-free: the prompts (and continuations) against the
+    recipe's vocabulary and model.seq_length, --max-new-tokens, and `--load DIR` (a checkpoint
+    there, its latest step not corrupt). Runs before the checkpoint loads (and, with
+    --nproc-per-node, in the launcher before any worker starts). (prompts, continuations, tokenizer)."""
+    from ..training.checkpoint_files import checkpoint_problem, corrupt_checkpoint_error, latest_step, step_dir
+    from .prompts import check_prompts
+
+    prompts, continuations, tokenizer = _prompts(args)
+    m = recipe.model
+    if args.logprobs:
+        prompts = check_prompts(prompts, m.vocab_size, m.seq_length)
+        continuations = check_prompts(continuations, m.vocab_size, m.seq_length, what="continuation")
+        check_prompts([p + c for p, c in zip(prompts, continuations)], m.vocab_size, m.seq_length,
+                      what="prompt + continuation")
+    else:
+        if args.max_new_tokens < 1:
+            raise RecipeError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+        prompts = check_prompts(prompts, m.vocab_size, m.seq_length, extra_tokens=args.max_new_tokens)
+    if args.load:
+        if not os.path.isdir(args.load):
+            raise RecipeError(f"--load {args.load!r}: no such directory")
+        step = latest_step(args.load)
+        if step is None:
+            raise RecipeError(f"--load {args.load!r}: no checkpoint there (no 'latest' file written by megatron-tsp "
+                              "train)")
+        problem = checkpoint_problem(step_dir(args.load, step))
+        if problem is not None:
+            raise corrupt_checkpoint_error(args.load, step, problem)
+    return prompts, continuations, tokenizer
 
 
 def check_checkpoint_shape(recipe, load_dir: str) -> int:
@@ -208,7 +254,7 @@ def run(args) -> dict:
     install_cpu_shims()  # the generate entry: megatron-core on CPU needs them (no-op with CUDA)
     world = dist.get_world_size()
     recipe = _recipe_for(args, world)
-    prompts, continuations, tokenizer = _prompts(args)
+    prompts, continuations, tokenizer = check_inputs(args, recipe)  # before the checkpoint loads
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = build_and_load(recipe, args.load)
     device = next(model.parameters()).device
@@ -238,22 +284,66 @@ def run(args) -> dict:
     return {"records": records, "summary": summary}
 
 
-def main(argv=None):
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated|DEPRECATED).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    args = parser().parse_args(argv)  # `--help` prints before torch and megatron load
-    import torch.distributed as dist
+PROG = "megatron-tsp generate"
 
+
+def _parse(argv):
+    args = parser().parse_args(argv)  # `--help` prints before torch and megatron load
     if args.recipe is not None and "=" in args.recipe:  # only overrides were given
         args.overrides.insert(0, args.recipe)
         args.recipe = None
+    return args
+
+
+def main(argv=None):
+    import contextlib
+
+    from ..output import print_user_error, rank, verbose_requested, write_failure_report
+    from ..training.launch import launch_workers, split_nproc, watch_launcher
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        nproc, rest = split_nproc(argv)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if nproc is not None:  # the launcher: check everything torch-free, then start the workers
+        if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+            return print_user_error(PROG, "--nproc-per-node starts the processes itself: run it without torchrun, "
+                                          "or drop it under torchrun / srun")
+        args = _parse(rest)
+        try:
+            check_inputs(args, _recipe_for(args, nproc, devices=False))
+        except TSPConfigError as e:
+            return print_user_error(PROG, e)
+        return launch_workers(nproc, rest, command="generate")
+    if rank() == 0:
+        args = _parse(argv)
+    else:  # argparse's own errors: rank 0 prints them
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            args = _parse(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated|DEPRECATED).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch.distributed as dist
+
+    watch_launcher()  # started by the launcher: end with it
     try:
         result = run(args)
-    except TSPConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except TSPConfigError as e:  # raised on every rank before any collective: rank 0 says it
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return print_user_error(PROG, e)
+    except Exception as e:  # under the launcher: it prints the rank at fault once, not every rank's traceback
+        if dist.is_initialized() and not verbose_requested(argv):
+            import traceback
+
+            from ..training.loop import _is_communication_error
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            line = f"{PROG}: rank {dist.get_rank()} of {dist.get_world_size()} failed: {first}"
+            if write_failure_report(line, "".join(traceback.format_exception(e)), _is_communication_error(e)):
+                return 1
+        raise
     if dist.get_rank() == 0:
         lines = "".join(json.dumps(r) + "\n" for r in result["records"])
         if args.output:

@@ -6,8 +6,10 @@ A TSP checkpoint is a Megatron TP one (docs/design.md §9): it loads at another 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 from typing import List, Optional
@@ -152,33 +154,154 @@ def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = D
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
+class CheckpointSaveError(RecipeError):
+    """A save that failed (a full disk, a quota, a lost mount): raised on every rank, printed once."""
+
+
+def _any_failed(failed: bool) -> bool:
+    """Whether any rank failed (a collective: every rank calls it at the same point)."""
+    flag = torch.tensor([int(failed)], dtype=torch.int32)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^\n;]*)")
+_WRITER_LOG = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+_WORKER_ERROR = re.compile(r"encountered an error: ([^\n]+)")
+
+
+def _free_space(path: str) -> str:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "unknown"
+    free = st.f_bavail * st.f_frsize
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
+
+
+class _HeldLog(logging.Handler):
+    """Holds what megatron-core's checkpoint writer logs while a save runs: its errors name the
+    failing write's errno ("[Errno 28] No space left on device"), which the exception it raises
+    does not; printed only with --verbose, the failure's one line quotes them."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self.logger = logging.getLogger(_WRITER_LOG)
+        self.logger.addHandler(self)
+        self.propagate, self.logger.propagate = self.logger.propagate, False
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.propagate = self.propagate
+
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+def _save_failure(error: Optional[BaseException], log: str) -> Optional[str]:
+    """This rank's own failing write in one line (the errno's text: No space left on device), or
+    None when this rank's writes did not fail (megatron-core raises its CheckpointException on
+    every rank, the others' failures listed on the coordinator: those ranks say theirs)."""
+    if error is None:
+        return None
+    cause = error
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.strerror:  # rank 0's own files (the list, `latest`)
+        return f"{cause.strerror} [errno {cause.errno}]" + (f" ({cause.filename})" if cause.filename else "")
+    found = _ERRNO_TEXT.search(log)  # this rank's shard writer logged it
+    if found:
+        return f"{found.group(2).strip()} [errno {found.group(1)}]"
+    worker = _WORKER_ERROR.search(log)  # torch.save's own words (it drops the errno): "file write failed"
+    if worker:
+        return worker.group(1).strip()[:300]
+    if isinstance(error, CheckpointException):
+        own = (getattr(error, "failures", None) or {}).get(dist.get_rank())
+        if own is None:
+            return None
+        own = own[0] if isinstance(own, tuple) and own else own
+        found = _ERRNO_TEXT.search(str(own))
+        return f"{found.group(2).strip()} [errno {found.group(1)}]" if found else _first_line(own)
+    return _first_line(error)
+
+
 def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=None) -> str:
     """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective.
-    `pg_collection`: the groups the model was built on (default `tsp_process_groups()`)."""
+    `pg_collection`: the groups the model was built on (default `tsp_process_groups()`).
+    A write that fails on any rank (ENOSPC: the disk filled up) is a CheckpointSaveError on every
+    rank naming the directory; the partial step is removed, `latest` and the checkpoint it names
+    are untouched. After a complete save, train.keep_checkpoints prunes older ones."""
     import shutil
 
     from megatron.core import dist_checkpointing
+
+    from .checkpoint_files import prune_checkpoints
 
     save_dir = recipe.train.save_dir
     path = _step_dir(save_dir, step)
     partial_path = path + INCOMPLETE
     rank0 = dist.get_rank() == 0
+    error = None
     if rank0:
-        if os.path.isdir(partial_path):
-            shutil.rmtree(partial_path)
-        os.makedirs(partial_path)
-    dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, pg_collection=pg_collection)
-    state["step"] = step
-    dist_checkpointing.save(state, partial_path)
-    dist.barrier()  # every rank's shards are on disk
+        try:
+            if os.path.isdir(partial_path):
+                shutil.rmtree(partial_path)
+            os.makedirs(partial_path)
+        except OSError as e:
+            error = e
+    held = _HeldLog()
+    if not _any_failed(error is not None):
+        state = _sharded_state(model, optimizer, is_loading=False, pg_collection=pg_collection)
+        state["step"] = step
+        try:
+            with held:
+                dist_checkpointing.save(state, partial_path)  # raises on every rank when a rank's write failed
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+            error = e
+        # every rank's shards are on disk, or the save failed on every rank
+        if error is None and rank0:
+            try:
+                write_manifest(partial_path)
+                if os.path.isdir(path):  # a complete step_N that never became `latest` (killed in between)
+                    shutil.rmtree(path)
+                os.rename(partial_path, path)
+                _write_atomically(os.path.join(save_dir, CHECKPOINT_META),
+                                  json.dumps(_checkpoint_identity(recipe), indent=1))
+                _write_atomically(os.path.join(save_dir, "latest"), str(step))  # the commit point
+            except OSError as e:
+                error = e
+    if _any_failed(error is not None):
+        if held.records and verbose_requested(sys.argv):
+            print(held.text(), file=sys.stderr, flush=True)
+        texts = [None] * dist.get_world_size()
+        dist.all_gather_object(texts, _save_failure(error, held.text()))
+        why = next((f"rank {r}: {t}" for r, t in enumerate(texts) if t), "a write failed")
+        previous = latest_step(save_dir)
+        if rank0:  # free what the failed save took; `latest` (an atomic replace) was not moved
+            for leftover in (partial_path, path):
+                if os.path.isdir(leftover) and previous != step:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            for name in ("latest.tmp", CHECKPOINT_META + ".tmp"):
+                if os.path.exists(os.path.join(save_dir, name)):
+                    os.unlink(os.path.join(save_dir, name))
+        dist.barrier()  # every rank raises once the partial step is gone
+        kept = (f"{os.path.join(save_dir, 'latest')} still names step {previous} ({_step_dir(save_dir, previous)}, "
+                "untouched)" if previous is not None else "no earlier checkpoint is there")
+        raise CheckpointSaveError(f"saving the checkpoint of step {step} in {save_dir} failed ({why}); the partial "
+                                  f"{os.path.basename(partial_path)} was removed and {kept}; "
+                                  f"{_free_space(save_dir)} free there: free space, then "
+                                  f"resume with --resume {save_dir}") from error
     if rank0:
-        write_manifest(partial_path)
-        if os.path.isdir(path):  # a complete step_N that never became `latest` (killed in between)
-            shutil.rmtree(path)
-        os.rename(partial_path, path)
-        _write_atomically(os.path.join(save_dir, CHECKPOINT_META), json.dumps(_checkpoint_identity(recipe), indent=1))
-        _write_atomically(os.path.join(save_dir, "latest"), str(step))
+        prune_checkpoints(save_dir, recipe.train.keep_checkpoints)  # after `latest` names the new one
     dist.barrier()
     return path
 

@@ -11,6 +11,10 @@ the directory is renamed from step_NNNNNNN.incomplete: a file that is missing or
 differs from the list (a truncated copy, a disk that filled up, a sync that stopped) marks the
 checkpoint corrupt. A resume of a corrupt latest checkpoint is an error naming the file and the
 last complete earlier checkpoint; megatron-tsp never falls back to it silently.
+
+train.keep_checkpoints = K (0: all) keeps the K newest complete checkpoints: once a save is
+complete and `latest` names it, older complete step directories beyond K are removed
+(`prune_checkpoints`); the one `latest` names, newer ones and corrupt ones are never touched.
 """
 
 from __future__ import annotations
@@ -138,3 +142,25 @@ def check_resume(train: TrainRecipe) -> Optional[int]:
     if problem is not None:
         raise corrupt_checkpoint_error(save_dir, step, problem)
     return step
+
+
+def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
+    """Remove the complete checkpoints older than the `keep` newest complete ones up to the one
+    `latest` names (call after `latest` moved to a complete one; keep = 0: remove nothing).
+    Never the one `latest` names, never a newer one (not ours to judge), never a corrupt one
+    (kept for inspection; it does not count). Returns the removed directories."""
+    import shutil
+
+    latest = latest_step(save_dir)
+    if keep <= 0 or latest is None:
+        return []
+    kept, removed = 0, []
+    for step in reversed([s for s in step_dirs(save_dir) if s <= latest]):
+        path = step_dir(save_dir, step)
+        if checkpoint_problem(path) is not None:
+            continue
+        kept += 1
+        if kept > keep and step != latest:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed

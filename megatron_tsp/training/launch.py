@@ -7,11 +7,12 @@ world that torchrun / SLURM / this launcher set up, or a world of one.
 
 The launcher imports neither torch nor megatron. It checks the command line, the recipe (every
 check but the GPU-only ones, at world size N) and `--resume DIR` before any worker starts
-(`check_before_workers`: a bad input costs well under a second, not a worker start-up). It gives each worker torchrun's environment
-(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), forwards SIGINT /
-SIGTERM to them (they save and stop: `training.signals`; a second one kills them), and returns the first failing worker's exit code (2 for a
-user error, which rank 0 alone has printed) without a traceback of its own. When one worker fails
-the others get GRACE_S to fail the same way, then are terminated.
+(`check_before_workers`: a bad input costs well under a second, not a worker start-up). It gives
+each worker torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), forwards SIGINT / SIGTERM to them (they save and stop: `training.signals`; a second
+one kills them), and returns 0, 2 for a user error (which rank 0 alone has printed), or the
+failure's exit code (below). When one worker fails the others get GRACE_S to fail the same way,
+then are terminated.
 
 As torchrun does, each worker gets OMP_NUM_THREADS=1 unless it is set (N workers each with a
 thread per core overload the cores: 3-4x slower steps on a 2-core machine). The workers run in
@@ -19,18 +20,30 @@ their own process group, so a terminal's Ctrl-C reaches the launcher alone: it p
 one on (they save and stop) and kills them at a second one (abort, at any interval). On Linux a
 worker gets SIGTERM when the launcher dies, however it dies (PR_SET_PDEATHSIG), and exits at most
 ORPHAN_GRACE_S later even if its stop has not finished (no orphaned jobs holding GPUs).
+
+A failing worker (without `--verbose`) writes its error line and traceback to a report file in a
+directory the launcher made (output.REPORT_DIR_ENV) instead of its stderr, and the launcher prints what
+explains the failure once (`failure_summary`): a rank killed by a signal (SIGKILL, the kernel's
+out-of-memory killer) is one line naming the rank and the signal, exit code 128 + the signal
+(137 for SIGKILL); otherwise the failing rank's own error and traceback (one that is not a peer's
+death), then one line with every rank's exit code. The other ranks' errors ("connection closed
+by peer": they only saw the first one die) are held back; `--verbose` prints every rank's.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from ..output import REPORT_DIR_ENV
 from .command import PROG, parser, train_args, wants_help
 
 GRACE_S = 30.0
@@ -117,22 +130,85 @@ def watch_launcher(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="megatron-tsp-watch-launcher", daemon=True).start()
 
 
-def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> int:
-    """Run `python -m megatron_tsp.cli train ARGV` as `nproc` local workers; their exit code."""
+def _read_reports(folder: str) -> Dict[int, dict]:
+    reports = {}
+    for name in os.listdir(folder):
+        if name.startswith("rank_") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    reports[int(name[5:-5])] = json.load(f)
+            except (OSError, ValueError):
+                continue
+    return reports
+
+
+def failure_summary(codes: List[int], signalled: set, reports: Dict[int, dict],
+                    prog: str = PROG) -> Tuple[List[str], int]:
+    """(the lines the launcher prints, its exit code) once the workers ended with exit codes
+    `codes` (by rank; -N: killed by signal N), `signalled`: the ranks the launcher itself
+    terminated, `reports`: the failure reports by rank. Nothing when every worker exited 0; a
+    user error (2) was printed by rank 0 already."""
+    killed = [(r, -c) for r, c in enumerate(codes) if c < 0 and r not in signalled]
+    if killed:  # from outside (kill -9, the OOM killer): the cause; the others only saw it die
+        r, sig = killed[0]
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "an unknown signal"
+        oom = ": kill -9, or the kernel's out-of-memory killer (see dmesg)" if sig == signal.SIGKILL else ""
+        held = "; --verbose shows the other ranks' errors" if set(reports) - {r} else ""
+        return [f"{prog}: rank {r} was killed by signal {sig} ({name}{oom}); the other ranks stopped; exit code "
+                f"{128 + sig} (exit codes by rank: {codes}{held})"], 128 + sig
+    failed = [c for c in codes if c != 0]
+    if not failed:
+        return [], 0
+    if 2 in codes and not reports:
+        return [], 2
+    # The rank whose own error it is (not "connection closed by peer"), else the first to fail.
+    culprit = min(reports, key=lambda r: (reports[r].get("peer_lost", False), reports[r].get("time", 0)), default=None)
+    lines = []
+    if culprit is not None:
+        rep = reports[culprit]
+        lines += rep.get("traceback", "").rstrip("\n").splitlines() + [rep.get("line", "")]
+    rc = codes[culprit] if culprit is not None and codes[culprit] > 0 else next(c for c in codes if c != 0)
+    held = " (--verbose shows the other ranks' errors)" if set(reports) - {culprit} else ""
+    what = f"rank {culprit} failed" if culprit is not None else "a worker stopped"
+    code = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+    lines.append(f"{prog}: {what} ({code}); exit codes by rank: {codes}{held}")
+    return lines, 128 - rc if rc < 0 else rc
+
+
+def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None, command: str = "train") -> int:
+    """Run `python -m megatron_tsp.cli COMMAND ARGV` (train, generate) as `nproc` local workers;
+    their exit code."""
+    from ..output import verbose_requested
+
     env = worker_env(nproc, env)
+    reports_dir = None
+    if not verbose_requested(argv):
+        reports_dir = tempfile.mkdtemp(prefix="megatron-tsp-reports-")
+        env[REPORT_DIR_ENV] = reports_dir
+    try:
+        return _run_workers(nproc, [command, *argv], env, reports_dir)
+    finally:
+        if reports_dir:
+            shutil.rmtree(reports_dir, ignore_errors=True)
+
+
+def _run_workers(nproc: int, argv: List[str], env: dict, reports_dir: Optional[str]) -> int:
+    prog = f"megatron-tsp {argv[0]}"
     procs = []
     for r in range(nproc):
         # process_group=0: a terminal's Ctrl-C reaches the launcher only, which passes it on once
         # (two copies would make the workers' 1 s same-signal window swallow a real second Ctrl-C).
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", "train", *argv],
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.cli", *argv],
                                       env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), process_group=0,
                                       preexec_fn=_die_with_parent(os.getpid())))
     stops = []
+    signalled = set()  # the ranks this launcher terminated or killed: their signal is not the cause
 
     def forward(signum, _frame):
         stops.append(signum)
-        for p in procs:
+        for r, p in enumerate(procs):
             if p.poll() is None:
+                signalled.add(r)
                 if len(stops) == 1:
                     p.send_signal(signum)  # the first: they save and stop after the current step
                 else:
@@ -140,15 +216,15 @@ def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> i
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        failed_at, first_rc = None, 0
+        failed_at = None
         while any(p.poll() is None for p in procs):
             if failed_at is None:
-                bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
-                if bad:
-                    failed_at, first_rc = time.time(), bad[0]
-            elif time.time() - failed_at > GRACE_S:
-                for p in procs:
+                if any(p.returncode not in (None, 0) for p in procs):
+                    failed_at = time.time()
+            elif time.time() - failed_at > GRACE_S:  # one failed, the others did not follow: end them
+                for r, p in enumerate(procs):
                     if p.poll() is None:
+                        signalled.add(r)
                         p.terminate()
                 deadline = time.time() + 10
                 while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -164,15 +240,13 @@ def launch_workers(nproc: int, argv: List[str], env: Optional[dict] = None) -> i
         for s, h in previous.items():
             signal.signal(s, h)
     if len(stops) > 1:
-        print(f"{PROG}: aborted by a second {signal.Signals(stops[1]).name}: the workers were killed "
+        print(f"{prog}: aborted by a second {signal.Signals(stops[1]).name}: the workers were killed "
               "without saving", file=sys.stderr, flush=True)
         return 130 if stops[1] == signal.SIGINT else 128 + stops[1]
-    if first_rc == 0:
-        first_rc = next((c for c in codes if c != 0), 0)
-    if first_rc not in (0, 2):  # a crash (its traceback is above) or a signal: say which exit code
-        what = f"signal {-first_rc}" if first_rc < 0 else f"exit code {first_rc}"
-        print(f"{PROG}: a worker stopped with {what} (exit codes by rank: {codes})", file=sys.stderr, flush=True)
-    return 128 - first_rc if first_rc < 0 else first_rc
+    lines, rc = failure_summary(codes, signalled, _read_reports(reports_dir) if reports_dir else {}, prog)
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return rc
 
 
 def check_before_workers(nproc: int, argv: List[str]):

@@ -457,9 +457,18 @@ def main(argv=None):
 
             traceback.print_exception(e.__cause__, file=sys.stderr)
         return print_user_error("megatron-tsp train", e)
-    except RuntimeError as e:  # gloo / NCCL: a peer died or stopped answering; say who and where first
-        if dist.is_initialized():
-            print(collective_failure(e, recipe.train.collective_timeout_s), file=sys.stderr, flush=True)
+    except Exception as e:  # gloo / NCCL: a peer died or stopped answering; or a bug: say who and where first
+        line = collective_failure(e, recipe.train.collective_timeout_s) if dist.is_initialized() else None
+        if line is not None and not verbose_requested(argv):
+            import traceback
+
+            from ..output import write_failure_report
+
+            # Under megatron-tsp's launcher: it prints the rank at fault once, not every rank's traceback.
+            if write_failure_report(line, "".join(traceback.format_exception(e)), _is_communication_error(e)):
+                return 1
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
         raise
     if args.summary_json and dist.get_rank() == 0:
         with open(args.summary_json, "w") as f:

@@ -118,6 +118,8 @@ class Recipe:
         self._check_moe(world_size)
         if t.save_interval < 0:
             raise RecipeError("train.save_interval must be >= 0")
+        if t.keep_checkpoints < 0:
+            raise RecipeError(f"train.keep_checkpoints = {t.keep_checkpoints} must be >= 0 (0: keep all)")
         if not t.collective_timeout_s > 0:
             raise RecipeError(f"train.collective_timeout_s = {t.collective_timeout_s} must be > 0 (seconds)")
         if t.resume and not t.save_dir:

@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import sys
-import types
+import time
 
 import pytest
 import torch
@@ -17,6 +17,8 @@ from megatron_tsp.training.recipe import RecipeError, load_recipe
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 PROMPTS = [[5, 9, 14, 3, 7, 21, 2], [100, 4, 77]]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "SLURM_PROCID")
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +85,64 @@ def test_a_checkpoint_of_another_shape_is_one_clear_error(checkpoint, tmp_path):
         cli.run(_args("--load", save, "--prompt-tokens", str(big)))
 
 
+def _generate(*argv):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("TORCHELASTIC")}
+    env.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "megatron_tsp.cli", "generate", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    proc.seconds = time.time() - t0
+    return proc
+
+
+def _one_error(proc, needle):
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("megatron-tsp generate: error: ") and needle in lines[0], lines
+
+
+def test_generate_launcher_checks_prompts_and_load_before_any_worker(checkpoint, tmp_path):
+    """--nproc-per-node N: bad prompts and a --load without a checkpoint are one line from the
+    launcher, torch-free (no worker starts, nothing loads)."""
+    save, prompts = checkpoint
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([[1, 200]]))
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([list(range(60))]))
+    for argv, needle in (
+        (["--prompt-tokens", str(big)], "prompt 0 has token ids out of the vocabulary [0, 128): [200]"),
+        (["--prompt-tokens", str(long), "--max-new-tokens", "5"], "prompt 0 has 60 tokens + 5 new tokens"),
+        (["--prompt-tokens", prompts, "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["--prompt-tokens", str(tmp_path / "nope.json")], "--prompt-tokens"),
+        (["--load", str(tmp_path)], "no checkpoint there"),
+        (["--prompt", "hi"], "--prompt TEXT needs --tokenizer"),
+    ):
+        if "--load" not in argv:
+            argv = argv + ["--load", save]
+        if "--prompt-tokens" not in argv and "--prompt" not in argv:
+            argv = argv + ["--prompt-tokens", prompts]
+        proc = _generate("--nproc-per-node", "2", TINY, *argv)
+        _one_error(proc, needle)
+        assert proc.seconds < 10, proc.seconds  # the launcher alone (~0.2 s unloaded): no worker, no torch
+
+
 @pytest.mark.slow
 def test_generate_at_tsp_size_2_matches_size_1(checkpoint, tmp_path):
-    """The console command under torchrun (2 processes) on the size-1 checkpoint."""
+    """The console command with --nproc-per-node 2 (its own launcher, as train) on the size-1
+    checkpoint; an error only the workers find (the checkpoint's shape) is printed once."""
     save, prompts = checkpoint
     one = cli.run(_args("--load", save, "--prompt-tokens", prompts, "--max-new-tokens", "5"))
     out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "megatron_tsp.cli",
-         "generate", TINY, "--load", save, "--prompt-tokens", prompts, "--max-new-tokens", "5", "--output", str(out),
-         "--summary-json", str(summary)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = _generate("--nproc-per-node", "2", TINY, "--load", save, "--prompt-tokens", prompts, "--max-new-tokens",
+                     "5", "--output", str(out), "--summary-json", str(summary))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
     assert got == [r["tokens"] for r in one["records"]]
     assert json.loads(summary.read_text())["tsp_size"] == 2
     assert "summary: tsp_size 2" in proc.stderr
+    proc = _generate("--nproc-per-node", "2", TINY, "model.hidden_size=32", "--load", save, "--prompt-tokens", prompts)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert "model.hidden_size: checkpoint 64, recipe 32" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_inference_d1_benchmark_smoke():

@@ -151,3 +151,25 @@ def test_corrupt_checkpoint_resume_if_present_and_overrides_after_resume(tmp_pat
     res = _train("--resume", pristine, "train.steps=5", "train.progress_bar=false")
     assert res.returncode == 0, res.stderr
     assert f"steps 5..5 (resumed from {pristine})" in res.stdout
+
+
+# -- train.keep_checkpoints (torch-free) --------------------------------------------------------
+
+def test_prune_keeps_the_newest_complete_ones_and_never_latest(tmp_path):
+    from megatron_tsp.training.checkpoint_files import prune_checkpoints, step_dirs
+
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(tmp_path, step)
+    assert prune_checkpoints(str(tmp_path), 0) == [] and step_dirs(str(tmp_path)) == [2, 4, 6, 8]  # 0: keep all
+    with open(os.path.join(step_dir(str(tmp_path), 6), "__0_0.distcp"), "r+b") as f:
+        f.truncate(3)  # a corrupt one is neither counted nor removed
+    removed = prune_checkpoints(str(tmp_path), 2)
+    assert removed == [step_dir(str(tmp_path), 2)] and step_dirs(str(tmp_path)) == [4, 6, 8], removed
+    # `latest` moved back to 4 by hand (resume from an earlier one): 8 is newer, not ours; 4 stays
+    with open(tmp_path / "latest", "w") as f:
+        f.write("4")
+    assert prune_checkpoints(str(tmp_path), 1) == [] and step_dirs(str(tmp_path)) == [4, 6, 8]
+    with pytest.raises(RecipeError, match=r"train.keep_checkpoints = -1 must be >= 0"):
+        from megatron_tsp.training.recipe import Recipe
+
+        Recipe(train=TrainRecipe(keep_checkpoints=-1)).check(1, devices=False)

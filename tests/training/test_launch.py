@@ -167,3 +167,48 @@ def test_a_second_ctrl_c_to_the_launcher_aborts_at_once():
     assert proc.returncode == 130, out[-3000:]
     assert "aborted by a second SIGINT" in out.splitlines()[-1], out[-3000:]
     assert not [w for w in workers if _alive(w)]
+
+
+# --- one worker's death: one line naming it (issue 28, item 5)
+
+def test_failure_summary_names_the_killed_rank_and_holds_back_the_others():
+    from megatron_tsp.training.launch import failure_summary
+
+    peer = {"line": "rank 0 failed: Connection closed by peer", "traceback": "Traceback ...\nRuntimeError: closed\n",
+            "peer_lost": True, "time": 2.0}
+    lines, rc = failure_summary([1, -9], set(), {0: peer})
+    assert rc == 137 and len(lines) == 1, lines
+    assert "rank 1 was killed by signal 9 (SIGKILL" in lines[0] and "--verbose" in lines[0], lines
+    # A signal the launcher sent itself (its grace ran out) is not the cause: the failing rank's error is.
+    bug = {"line": "rank 1 failed: ZeroDivisionError", "traceback": "Traceback ...\nZeroDivisionError: x\n",
+           "peer_lost": False, "time": 1.0}
+    lines, rc = failure_summary([-15, 1], {0}, {1: bug})
+    assert rc == 1 and lines[-3:-1] == ["ZeroDivisionError: x", "rank 1 failed: ZeroDivisionError"], lines
+    assert lines[-1].startswith("megatron-tsp train: rank 1 failed (exit code 1)"), lines
+    # The rank with its own error, not the one that saw its peer die, even when that one wrote first.
+    lines, rc = failure_summary([1, 1], set(), {0: dict(peer, time=0.5), 1: bug})
+    assert rc == 1 and "ZeroDivisionError: x" in lines and not any("closed" in l for l in lines), lines
+    assert lines[-1].startswith("megatron-tsp train: rank 1 failed (exit code 1)") and "--verbose" in lines[-1], lines
+    assert failure_summary([2, 2], set(), {}) == ([], 2)  # a user error: rank 0 printed it
+    assert failure_summary([0, 0], set(), {}) == ([], 0)
+
+
+def _rank_of(pid):
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK="))[5:])
+
+
+@pytest.mark.slow  # a training run's start (CI runs slow tests once)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_kill_9_of_one_worker_is_one_line_naming_the_rank_and_its_signal():
+    proc, workers = _start_long_run()
+    rank1 = next(w for w in workers if _rank_of(w) == 1)
+    t0 = time.monotonic()
+    os.kill(rank1, 9)
+    out, _ = proc.communicate(timeout=60)
+    seconds = time.monotonic() - t0
+    lines = [l for l in out.splitlines() if not l.lstrip().startswith("step ")]  # after step 1: rank 0's steps
+    assert proc.returncode == 128 + 9, out[-3000:]
+    assert len(lines) == 1, out[-3000:]  # one line (was ~40-150 lines of the other ranks' tracebacks)
+    assert lines[-1].startswith("megatron-tsp train: rank 1 was killed by signal 9 (SIGKILL"), out[-3000:]
+    assert seconds < 30, seconds

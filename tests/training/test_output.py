@@ -50,8 +50,16 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
         warnings.warn("Apex is not installed. Falling back to Torch Norm")
         warnings.warn("When using sequence parallelism it is recommended to set the environment variable "
                       "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+        warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 1. Disabling "
+                      "sequence parallel.")  # Megatron's expert MLPs on an expert-TP group of size 1
+        warnings.warn("`sequence_parallel` is set to `True`, but tensor model parallel size is 2.")  # not this one
+        warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+                      "in a single process.")  # megatron-core loading a checkpoint's common part: every resume
+        warnings.warn("The argument order of load has been changed. Please check the document to avoid future "
+                      "breakages.")
         warnings.warn("something the user must see")
-    assert [str(w.message) for w in seen] == ["something the user must see"]
+    kept = ["`sequence_parallel` is set to `True`, but tensor model parallel size is 2.", "something the user must see"]
+    assert [str(w.message) for w in seen] == kept
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -60,10 +68,14 @@ def test_benign_warnings_hidden_others_kept(monkeypatch, capsys):
     try:
         log.warning("Unable to save MockGPTDataset indexes because path_to_cache is None")
         log.warning("Build and save the MockGPTDataset train indices")
+        saver = logging.getLogger("megatron.core.dist_checkpointing.strategies.torch")
+        saver.addHandler(handler)
+        saver.warning("MCore's async save is deprecated and will be removed in the future releases.")
     finally:
-        log.removeHandler(handler)
-        for f in list(log.filters):
-            log.removeFilter(f)
+        for one in (log, saver):
+            one.removeHandler(handler)
+            for f in list(one.filters):
+                one.removeFilter(f)
     assert [r.getMessage() for r in records] == ["Build and save the MockGPTDataset train indices"]
     assert capsys.readouterr().out == ""
 
@@ -99,8 +111,10 @@ def test_bad_input_after_init_printed_once():
 
 
 @pytest.mark.slow
-def test_tiny_run_stderr_has_no_warning_lines():
-    res = _train("parallel.size=2", "train.steps=1", "train.progress_bar=false")
+@pytest.mark.parametrize("recipe", [["parallel.size=2"], ["configs/tiny_moe.yaml", "model.num_layers=1"]],
+                         ids=["tiny", "tiny_moe"])
+def test_tiny_run_stderr_has_no_warning_lines(recipe):
+    res = _train(*recipe, "train.steps=1", "train.progress_bar=false")
     assert res.returncode == 0, res.stderr
     bad = [ln for ln in res.stderr.splitlines() if WARNING_LINE.search(ln)]
     assert not bad, "\n".join(bad)
