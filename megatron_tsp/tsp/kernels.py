@@ -19,6 +19,10 @@ Backends (`backend=`):
 - `math_split`: `math` through the split-and-merge path (tests the merge on CPU).
 - `auto`: cudnn on CUDA for fp16/bf16 (cuDNN ran causal attention ~2x faster than flash on
   H200, docs/design.md §8), else math.
+Document masks (packed sequences, `megatron_tsp.tsp.documents`): `mask=` a boolean
+[b, 1, c, L] (True = masked out) combined with the lower-right causal mask; the `math` and
+`math_split` kernels take it (a row the mask empties in one part of the split gets lse -inf
+and no weight in the merge); `flash` / `cudnn` have no such mask and refuse it.
 Tensors: q [b, hq, c, d]; k, v [b, hk, L, d] with hq a multiple of hk (GQA: query head i uses
 KV head i // (hq/hk), Megatron's grouped layout); o like q; lse [b, hq, c] float32 (float64 for float64 inputs).
 """
@@ -59,25 +63,31 @@ def _fold_kv(g: torch.Tensor, hk: int) -> torch.Tensor:
 # ---- one kernel call: no mask (causal=False) or a mask aligned to the lower right -----------
 
 
-def _math_forward(q, k, v, scale, causal):
+def _math_forward(q, k, v, scale, causal, mask=None):
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    s = _masked_scores(q, k, scale, causal, mask)
+    lse = torch.logsumexp(s.to(_acc(q)), dim=-1)
+    # a row the mask empties (a document mask's part of a split): lse -inf, weights 0, not nan
+    safe = lse if mask is None else lse.masked_fill(torch.isneginf(lse), 0.0)
+    p = torch.exp(s.to(_acc(q)) - safe.unsqueeze(-1)).to(q.dtype)
+    return torch.matmul(p, v), lse
+
+
+def _masked_scores(q, k, scale, causal, mask):
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         c, L = s.shape[-2:]
         s = s.masked_fill(_lower_right_mask(c, L, s.device), float("-inf"))
-    lse = torch.logsumexp(s.to(_acc(q)), dim=-1)
-    p = torch.exp(s.to(_acc(q)) - lse.unsqueeze(-1)).to(q.dtype)
-    return torch.matmul(p, v), lse
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    return s
 
 
-def _math_backward(do, q, k, v, o, lse, scale, causal):
+def _math_backward(do, q, k, v, o, lse, scale, causal, mask=None):
     hq, hk = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    s = torch.matmul(q, ke.transpose(-1, -2)) * scale
-    if causal:
-        c, L = s.shape[-2:]
-        s = s.masked_fill(_lower_right_mask(c, L, s.device), float("-inf"))
+    s = _masked_scores(q, ke, scale, causal, mask)
     acc = _acc(q)
     p = torch.exp(s.to(acc) - lse.unsqueeze(-1)).to(q.dtype)
     dv = torch.matmul(p.transpose(-1, -2), do)
@@ -169,21 +179,39 @@ _CALLS = {
     "cudnn": (_cudnn_forward, _cudnn_backward),
 }
 _ONE_CALL = {"math", "flash"}  # kernels that take a lower-right mask with c < L directly
+_TAKES_MASK = {"math", "math_split"}  # kernels that take a document mask (`mask=`)
+
+
+def _check_mask(backend: str, mask) -> None:
+    if mask is not None and backend not in _TAKES_MASK:
+        raise TSPConfigError(f"--tsp-attention-backend {backend} cannot apply a document mask (packed sequences, "
+                             f"data.reset_attention_mask): use {' or '.join(sorted(_TAKES_MASK))}")
+
+
+def _part(mask, lo, hi):
+    return None if mask is None else mask[..., lo:hi]
+
+
+def _kw(mask):
+    return {} if mask is None else {"mask": mask}
 
 
 # ---- a chunk against its causal prefix ----------------------------------------------------
 
 
-def chunk_forward(q, k, v, scale: float, backend: str, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def chunk_forward(q, k, v, scale: float, backend: str, out=None, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (the last c positions of a length-L sequence) over k, v [.., L, d].
-    With `out` (a [b, hq, c, d] tensor or strided view), o is written there."""
+    With `out` (a [b, hq, c, d] tensor or strided view), o is written there; with `mask`
+    (boolean [b, 1, c, L], True = masked out), that mask as well as the causal one."""
     fwd, _ = _CALLS[backend]
+    _check_mask(backend, mask)
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        o, lse = fwd(q, k, v, scale, True)
+        o, lse = fwd(q, k, v, scale, True, **_kw(mask))
         return (o, lse) if out is None else (out.copy_(o), lse)
-    o1, lse1 = fwd(q, k[:, :, : L - c], v[:, :, : L - c], scale, False)  # prefix: no mask
-    o2, lse2 = fwd(q, k[:, :, L - c :], v[:, :, L - c :], scale, True)  # square causal block
+    # prefix: no causal mask; then the square causal block
+    o1, lse1 = fwd(q, k[:, :, : L - c], v[:, :, : L - c], scale, False, **_kw(_part(mask, 0, L - c)))
+    o2, lse2 = fwd(q, k[:, :, L - c :], v[:, :, L - c :], scale, True, **_kw(_part(mask, L - c, L)))
     lse = torch.logaddexp(lse1, lse2)
     # o = o1 w1 + o2 w2 with w_i = exp(lse_i - lse), accumulated in lse's (fp32) precision
     acc = torch.mul(o1, torch.exp(lse1 - lse).unsqueeze(-1))
@@ -196,17 +224,20 @@ def _write(dst, src, accumulate: bool):
 
 
 def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str, dq=None, dk=None, dv=None,
-                   accumulate: bool = False):
+                   accumulate: bool = False, mask=None):
     """dq, dk, dv of `chunk_forward`, from its o and lse (no autograd graph). Given `dq`, `dk`,
     `dv` (tensors or strided views shaped like q, k, v), the gradients are written there, or
-    added to what they hold with `accumulate` (dq is always overwritten)."""
+    added to what they hold with `accumulate` (dq is always overwritten). `mask` as the forward's."""
     _, bwd = _CALLS[backend]
+    _check_mask(backend, mask)
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        parts = [(0, bwd(do, q, k, v, o, lse, scale, True))]
+        parts = [(0, bwd(do, q, k, v, o, lse, scale, True, **_kw(mask)))]
     else:
-        parts = [(0, bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False)),
-                 (L - c, bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True))]
+        parts = [(0, bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False,
+                         **_kw(_part(mask, 0, L - c)))),
+                 (L - c, bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True,
+                             **_kw(_part(mask, L - c, L))))]
     dqs = [p[1][0] for p in parts]
     if dq is None:
         dq = dqs[0] if len(dqs) == 1 else dqs[0].add_(dqs[1])
