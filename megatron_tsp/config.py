@@ -468,6 +468,20 @@ class DataRecipe:
     """train,valid,test split of the indexed dataset."""
     cache_dir: Optional[str] = None
     """Where Megatron caches the dataset indices (defaults next to the data)."""
+    reset_attention_mask: bool = False
+    """Packed sequences: a token attends only to its own document (documents end at the EOD token;
+    Megatron's GPTDataset option of that name). TSP, the CP and the TP + SP (sdpa) baselines."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 after every EOD token (Megatron's option): learned absolute
+    embeddings and, under parallel.layout = tsp, RoPE read them."""
+    eod_mask_loss: bool = False
+    """No loss on the EOD tokens (Megatron's option)."""
+    eod_id: Optional[int] = None
+    """The end-of-document token id; null: model.vocab_size - 1 (what the mock data ends documents with)."""
+    mock_document_length: int = 0
+    """Mock data only (data.path null): 0 keeps Megatron's MockGPTDataset (documents of 1..4095
+    tokens counting up); N > 0 packs documents of random lengths 1..N (random tokens, each ended by
+    the EOD token), for tests and benchmarks of data.reset_attention_mask."""
 
 
 

@@ -131,7 +131,7 @@ class AttentionShard:
         (written chunk by chunk, no concatenation) and one log-sum-exp per chunk. With document
         ids: against [key start, start + c) only, under the document mask."""
         c, hn = self.chunk_len, self.head_dim
-        backend = resolve_backend(self.backend, q)
+        backend = resolve_backend(self.backend, q, masked=self.doc_ids is not None)
         o = q.new_empty(q.shape[0], q.shape[1], self.heads * hn)
         lses = []
         for i in range(len(self.chunk_starts)):
@@ -149,7 +149,7 @@ class AttentionShard:
         with the longer prefix writes its dK,dV first (its prefix covers the other's), the other
         adds; only the keys no local query sees are zero-filled."""
         c, hn = self.chunk_len, self.head_dim
-        backend = resolve_backend(self.backend, q)
+        backend = resolve_backend(self.backend, q, masked=self.doc_ids is not None)
         dq = torch.empty_like(q)
         order = sorted(range(len(self.chunk_starts)), key=lambda i: -self.chunk_starts[i])
         if self.doc_ids is None:
@@ -344,6 +344,7 @@ class TSPSelfAttention(SelfAttention):
         if is_document_ids(attention_mask):
             check_document_ids(attention_mask, hidden_states.shape[1], S, what=DOC_IDS)
             doc_ids = attention_mask.to(hidden_states.device)
+            resolve_backend(self.tsp_options.attention_backend, hidden_states, masked=True)  # before any collective
             first_keys = key_starts(doc_ids, starts)
         freqs = None
         if rotary_pos_emb is not None:

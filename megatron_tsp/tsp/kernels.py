@@ -36,10 +36,14 @@ import torch
 from ..config import BACKENDS, TSPConfigError
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
+    """The kernel `backend` names for q; `masked`: a document mask will be passed (auto -> math)."""
     if backend not in BACKENDS:
         raise TSPConfigError(f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if masked:
+        _check_mask(backend if backend != "auto" else "math", True)
+        return "math" if backend == "auto" else backend
     if backend == "auto":
         return "cudnn" if fast else "math"
     if backend in ("cudnn", "flash") and not fast:
