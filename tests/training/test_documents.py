@@ -165,3 +165,83 @@ def test_document_ids_and_positions_match_megatrons_masks():
         assert torch.equal(full_mask(docs[i:i + 1])[0, 0], mask[0])
         assert torch.equal(document_positions(docs[i:i + 1])[0], pos)
         assert torch.equal(loss_mask, (tokens[i] != eod).float())
+
+
+# --- bad input: one clear error naming the key, before any collective ----------------------
+
+@pytest.mark.parametrize("overrides,match", [
+    (["data.eod_id=128"], r"data.eod_id = 128 is outside the vocabulary \[0, model.vocab_size = 128\)"),
+    (["data.eod_id=-1"], r"data.eod_id = -1 is outside the vocabulary"),
+    (["data.mock_document_length=-2"], r"data.mock_document_length = -2 must be >= 0"),
+    (["data.mock_document_length=8", "data.path=/corpus"], r"data.mock_document_length is for mock data only"),
+    (["data.mock_document_length=8", "data.eod_id=3"], r"data.eod_id = 3 would find no boundaries"),
+    (["data.reset_attention_mask=true", "parallel.layout=tp", "parallel.baseline_attention=local"],
+     r"data.reset_attention_mask = true on parallel.layout = tp needs parallel.baseline_attention = sdpa"),
+    (["data.reset_attention_mask=true", "parallel.tsp_attention_backend=cudnn"],
+     r"data.reset_attention_mask = true cannot run on parallel.tsp_attention_backend = cudnn"),
+    (["data.reset_position_ids=true", "parallel.layout=tp_sp"],
+     r"data.reset_position_ids = true with RoPE on parallel.layout = tp_sp"),
+])
+def test_recipe_errors_name_the_key(overrides, match):
+    from megatron_tsp.training.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(None, overrides, devices=False)
+
+
+def test_recipe_accepts_the_packed_keys():
+    from megatron_tsp.training.recipe import load_recipe
+
+    for layout in (["parallel.layout=tsp"], ["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
+        load_recipe(None, layout + ["data.reset_attention_mask=true", "data.reset_position_ids=true",
+                                    "data.eod_mask_loss=true", "data.mock_document_length=24"], devices=False)
+
+
+def test_generate_refuses_document_masks():
+    from argparse import Namespace
+
+    from megatron_tsp.inference.cli import _recipe_for
+    from megatron_tsp.training.recipe import RecipeError
+
+    for key in ("reset_attention_mask", "reset_position_ids"):
+        with pytest.raises(RecipeError, match=rf"data.{key} = true: generate runs each prompt as one document"):
+            _recipe_for(Namespace(recipe=None, overrides=[f"data.{key}=true"]), 1)
+
+
+def test_masked_kernel_refuses_flash_and_cudnn():
+    from megatron_tsp.config import TSPConfigError
+    from megatron_tsp.tsp.kernels import chunk_forward, resolve_backend
+
+    q = torch.zeros(1, 1, 2, 4)
+    assert resolve_backend("auto", q, masked=True) == "math"
+    for backend in ("flash", "cudnn"):
+        with pytest.raises(TSPConfigError, match=rf"--tsp-attention-backend {backend} cannot apply a document mask"):
+            chunk_forward(q, q, q, 1.0, backend, mask=torch.zeros(1, 1, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["tsp", "tp_sp", "cp"])
+def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeypatch):
+    from megatron_tsp.config import TSPConfigError
+
+    size = world if kind == "tsp" else 2
+    if world % size:
+        pytest.skip(f"needs a multiple of {size} ranks")
+    shape = SHAPES["gqa-rope"]
+    _init(kind, size)
+    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, core_attention="sdpa")
+    tokens, docs, pos, _ = _batch(shape, 1, LAYOUTS)
+    docs[0, 10] = 0  # a document id that goes back (3 -> 0)
+    cp = mpu.get_context_parallel_group()
+    local = (lambda t: cp_slice(t, cp)) if kind == "cp" else (lambda t: t)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective ran before the error")
+
+    for name in ("broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather"):
+        monkeypatch.setattr(dist, name, forbidden)
+    from megatron_tsp.tsp import comm
+
+    monkeypatch.setattr(comm, "_all_gather_tensor", forbidden)
+    with pytest.raises((TSPConfigError, ValueError), match=r"attention_mask \(document ids\) must be non-decreasing"):
+        model(local(tokens), local(pos), docs)
