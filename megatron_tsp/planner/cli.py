@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--mlp-chunk-tokens", type=int,
                    help="parallel.mlp_chunk_tokens: the token-tiled MLP of every layout (0: untiled, the default): "
                         "the MLP keeps only its input and its backward works on one chunk of this many local tokens")
+    t.add_argument("--document-length", type=int,
+                   help="packed documents of this many tokens under document masks (data.reset_attention_mask): "
+                        "attention FLOPs inside documents only, as a kernel that skips masked blocks "
+                        "(0: one document per sequence, the default)")
     t.add_argument("--norm", choices=list(NORMS), default="lean",
                    help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
                         "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
@@ -116,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
 # the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
 _TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
                 "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
-                "mlp_chunk_tokens", "expert_size")
+                "mlp_chunk_tokens", "expert_size", "document_length")
 _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
                 "dtype")
 
