@@ -146,7 +146,7 @@ ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
-BACKENDS = ("auto", "cudnn", "flash", "math", "math_split")
+BACKENDS = ("auto", "cudnn", "flash", "math", "math_split", "flex")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
 # shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
 # tokens = 4K per rank exposed the ring; docs/performance.md).
@@ -333,8 +333,9 @@ class ParallelRecipe:
     """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
     does without recompute) or full (save only block inputs, recompute each shard's forward)."""
     tsp_attention_backend: str = "auto"
-    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
-    math, math_split."""
+    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math; math under document
+    masks), cudnn, flash, math, math_split, flex (torch FlexAttention, block mask from the document
+    ids; exact on CPU, untested on GPUs)."""
     tsp_mlp_exchange: str = "auto"
     """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
     the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens

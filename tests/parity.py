@@ -181,7 +181,8 @@ def document_block_parity(D, layouts, *, groups=None, heads=4, hidden=32, option
     ((out if out_bias is None else out + out_bias) * _local(g, D, r)).sum().backward()
     sum_sequence_parallel_grads(tsp, group)
 
-    errors = {"output": rel_err(out, _local(out_ref, D, r)), "input_grad": rel_err(x_loc.grad, _local(x_ref.grad, D, r))}
+    errors = {"output": rel_err(out, _local(out_ref, D, r)),
+              "input_grad": rel_err(x_loc.grad, _local(x_ref.grad, D, r))}
     ref_params = dict(ref.named_parameters())
     for name, p in tsp.named_parameters():
         errors[name] = rel_err(gather_full(p.grad, p, group), ref_params[name].grad)

@@ -9,7 +9,8 @@ materialized. It lets the native TP and TP + sequence-parallel baselines reach l
 without Transformer Engine. `get_sdpa_layer_spec` is the native local layer spec with it.
 
 Packed sequences: document ids as `attention_mask` (see SDPACoreAttention). Not supported (a
-ValueError at construction or in forward): context parallelism, THD packed_seq_params, attention bias, sliding-window attention, non-vanilla softmax types and
+ValueError at construction or in forward): context parallelism, THD packed_seq_params,
+attention bias, sliding-window attention, non-vanilla softmax types and
 num_query_groups < tensor-parallel size.
 """
 

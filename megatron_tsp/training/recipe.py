@@ -184,7 +184,8 @@ class Recipe:
         d, m, p = self.data, self.model, self.parallel
         eod = m.vocab_size - 1 if d.eod_id is None else d.eod_id
         if not 0 <= eod < m.vocab_size:
-            raise RecipeError(f"data.eod_id = {d.eod_id} is outside the vocabulary [0, model.vocab_size = {m.vocab_size})")
+            raise RecipeError(f"data.eod_id = {d.eod_id} is outside the vocabulary "
+                              f"[0, model.vocab_size = {m.vocab_size})")
         if d.mock_document_length < 0:
             raise RecipeError(f"data.mock_document_length = {d.mock_document_length} must be >= 0")
         if d.mock_document_length and d.path is not None:

@@ -68,12 +68,15 @@ class AttentionShard:
     doc_ids: Optional[torch.Tensor] = None
     key_starts: Optional[tuple] = None
 
-    def key_range(self, i: int):
-        """The keys chunk i attends to, [lo, start + c), and its document mask (None without)."""
+    def key_range(self, i: int, backend: str):
+        """The keys chunk i attends to, [lo, start + c), and its document mask (None without; for
+        `flex` the chunk's query and key document ids, not a dense mask)."""
         start, c = self.chunk_starts[i], self.chunk_len
         if self.doc_ids is None:
             return 0, start + c, None
         lo = self.key_starts[i]
+        if backend == "flex":
+            return lo, start + c, (self.doc_ids[:, start : start + c], self.doc_ids[:, lo : start + c])
         return lo, start + c, chunk_mask(self.doc_ids, start, c, lo, start + c)
 
     def rotary(self, freqs, dtype) -> Optional[Rotary]:
@@ -136,7 +139,7 @@ class AttentionShard:
         lses = []
         for i in range(len(self.chunk_starts)):
             rows = slice(i * c, (i + 1) * c)
-            lo, end, mask = self.key_range(i)
+            lo, end, mask = self.key_range(i, backend)
             prefix = _bhcd(kv_nat[lo:end], self.groups)
             _, lse = chunk_forward(_bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
                                    self.softmax_scale, backend, out=_bhcd(o[rows], self.heads),
@@ -159,7 +162,7 @@ class AttentionShard:
             dkv_nat = torch.zeros_like(kv_nat)
         for n, i in enumerate(order):
             rows = slice(i * c, (i + 1) * c)
-            lo, end, mask = self.key_range(i)
+            lo, end, mask = self.key_range(i, backend)
             prefix, dprefix = _bhcd(kv_nat[lo:end], self.groups), _bhcd(dkv_nat[lo:end], self.groups)
             chunk_backward(
                 _bhcd(do[rows], self.heads), _bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],

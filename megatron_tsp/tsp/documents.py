@@ -45,7 +45,8 @@ def check_document_ids(doc_ids: torch.Tensor, batch: Optional[int], seq_length: 
     Every rank holds the same ids (the whole sequence), so every rank raises the same error
     before any collective. Reads the data (one device sync)."""
     if not is_document_ids(doc_ids):
-        raise TSPConfigError(f"{what} must be an integer tensor [batch, sequence], got {getattr(doc_ids, 'dtype', doc_ids)}")
+        got = getattr(doc_ids, "dtype", type(doc_ids).__name__)
+        raise TSPConfigError(f"{what} must be an integer tensor [batch, sequence], got {got}")
     if doc_ids.dim() != 2 or doc_ids.shape[1] != seq_length or (batch is not None and doc_ids.shape[0] != batch):
         raise TSPConfigError(f"{what} must have shape [batch={batch if batch is not None else 'b'}, "
                              f"sequence={seq_length}], got {list(doc_ids.shape)}")

@@ -17,6 +17,11 @@ Backends (`backend=`):
   backward runs each part's kernel with the *merged* o and lse, which is exact.
 - `math`: explicit matrices in the input dtype (CPU, fp32/fp64 tests, any head dim).
 - `math_split`: `math` through the split-and-merge path (tests the merge on CPU).
+- `flex`: torch's FlexAttention, its block mask built from the causal rule and, for document
+  masks, the document ids (`mask=(doc_q [b, c], doc_k [b, L])`, never a dense mask): blocks the
+  mask empties are skipped. Backward runs the forward again under autograd (one more forward); on
+  CPU, where torch has no FlexAttention backward, the math kernel's with the same mask. Forward
+  exact on CPU (eager, tests); compiled on CUDA, where it is UNTESTED (no GPU run yet).
 - `auto`: cudnn on CUDA for fp16/bf16 (cuDNN ran causal attention ~2x faster than flash on
   H200, docs/design.md §8), else math.
 Document masks (packed sequences, `megatron_tsp.tsp.documents`): `mask=` a boolean
@@ -29,6 +34,7 @@ KV head i // (hq/hk), Megatron's grouped layout); o like q; lse [b, hq, c] float
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -41,6 +47,8 @@ def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
     if backend not in BACKENDS:
         raise TSPConfigError(f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if backend == "flex":
+        return backend
     if masked:
         _check_mask(backend if backend != "auto" else "math", True)
         return "math" if backend == "auto" else backend
@@ -176,14 +184,60 @@ def _cudnn_backward(do, q, k, v, o, lse, scale, causal):
     return dq, _fold_kv(dk, hk), _fold_kv(dv, hk)
 
 
+# ---- FlexAttention (document masks as ids; untested on GPUs) --------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _flex_block_mask(q, k, causal, docs):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    c, L = q.shape[2], k.shape[2]
+    shift = L - c  # query i sits at key position i + (L - c): the lower-right causal mask
+    doc_q, doc_k = docs if docs is not None else (None, None)
+
+    def mask_mod(b, h, qi, ki):
+        keep = ki <= qi + shift if causal else ki >= 0
+        return keep if doc_q is None else keep & (doc_q[b, qi] == doc_k[b, ki])
+
+    return create_block_mask(mask_mod, q.shape[0] if docs is not None else None, None, c, L, device=q.device,
+                             **({"_compile": True} if q.is_cuda else {}))
+
+
+def _flex_forward(q, k, v, scale, causal, mask=None):
+    import warnings
+
+    with warnings.catch_warnings():  # eager (CPU): torch warns that it is unfused, which is the point there
+        warnings.simplefilter("ignore")
+        o, lse = _flex_fn(q.is_cuda)(q, k, v, block_mask=_flex_block_mask(q, k, causal, mask), scale=scale,
+                                     enable_gqa=k.shape[1] != q.shape[1], return_lse=True)
+    return o, lse
+
+
+def _flex_backward(do, q, k, v, o, lse, scale, causal, mask=None):
+    if not q.is_cuda:  # torch has no FlexAttention backward on CPU: the math kernel, the same mask
+        dense = None if mask is None else (mask[0].unsqueeze(-1) != mask[1].unsqueeze(-2)).unsqueeze(1)
+        return _math_backward(do, q, k, v, o, lse, scale, causal, mask=dense)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = _flex_forward(*leaves, scale, causal, mask)
+        return torch.autograd.grad(out, leaves, do)
+
+
 _CALLS = {
     "math": (_math_forward, _math_backward),
     "math_split": (_math_forward, _math_backward),
     "flash": (_flash_forward, _flash_backward),
     "cudnn": (_cudnn_forward, _cudnn_backward),
+    "flex": (_flex_forward, _flex_backward),
 }
-_ONE_CALL = {"math", "flash"}  # kernels that take a lower-right mask with c < L directly
-_TAKES_MASK = {"math", "math_split"}  # kernels that take a document mask (`mask=`)
+_ONE_CALL = {"math", "flash", "flex"}  # kernels that take a lower-right mask with c < L directly
+_TAKES_MASK = {"math", "math_split", "flex"}  # kernels that take a document mask (`mask=`; flex: the ids)
 
 
 def _check_mask(backend: str, mask) -> None:

@@ -32,8 +32,8 @@ def _check(errors, seed, tol=TOL):
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])
-@pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout,groups", [("crossing", None), ("crossing", 2), ("short", 2), ("long", None)],
+                         ids=["crossing-mha", "crossing-gqa", "short-gqa", "long-mha"])
 def test_packed_attention_equals_documents_alone(world, D, groups, layout):
     skip_unless_divides(world, D)
     if groups is not None and groups % D:
@@ -43,12 +43,24 @@ def test_packed_attention_equals_documents_alone(world, D, groups, layout):
 
 
 @pytest.mark.parametrize("D", [2, 4])
-@pytest.mark.parametrize("options", [TSPOptions(recompute="full"), TSPOptions(attention_backend="math_split"),
+@pytest.mark.parametrize("options", [TSPOptions(recompute="full"),
                                      TSPOptions(attention_backend="math_split", recompute="full")],
-                         ids=["recompute", "split", "split-recompute"])
+                         ids=["recompute", "split-recompute"])
 def test_packed_attention_every_recompute_mode_and_the_split_kernel(world, D, options):
     skip_unless_divides(world, D)
     errors, seed = document_block_parity(D, LAYOUTS["crossing"], groups=D, heads=8, options=options)
+    _check(errors, seed)
+
+
+@pytest.mark.slow  # FlexAttention's first use imports torch's compiler stack (~10 s on 2 cores)
+@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_packed_attention_on_flex_attention(world, D, recompute):
+    """The `flex` kernel (torch FlexAttention, block mask from the document ids; eager on CPU; its
+    backward on CPU is the math kernel's, torch has none there)."""
+    skip_unless_divides(world, D)
+    errors, seed = document_block_parity(D, LAYOUTS["short" if D == 4 else "crossing"], groups=D, heads=8,
+                                         options=TSPOptions(attention_backend="flex", recompute=recompute))
     _check(errors, seed)
 
 
@@ -84,3 +96,29 @@ def test_skipped_key_prefix_is_caught(world, monkeypatch):
     monkeypatch.setattr(attention, "key_starts", lambda doc_ids, starts: tuple(s + 1 for s in real(doc_ids, starts)))
     errors, _ = document_block_parity(world, LAYOUTS["long"])
     assert errors["output"] > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed  # (one process suffices; runs in the slow world-2 pass with the test above)
+def test_flex_kernel_equals_math_unmasked_and_masked(world):
+    """chunk_forward / chunk_backward on `flex` equal `math` (float64, GQA, a chunk of c queries
+    against a longer prefix), with and without document ids."""
+    from megatron_tsp.tsp.documents import chunk_mask
+    from megatron_tsp.tsp.kernels import chunk_backward, chunk_forward
+    from tests.parity import lengths_to_ids
+
+    torch.manual_seed(0)
+    b, c, L, d = 2, 4, 11, 8
+    q = torch.randn(b, 4, c, d, dtype=torch.float64)
+    k, v = (torch.randn(b, 2, L, d, dtype=torch.float64) for _ in range(2))
+    do = torch.randn_like(q)
+    docs = torch.stack([lengths_to_ids([3, 5, 3]), lengths_to_ids([8, 1, 2])])
+    for masked in (False, True):
+        ref_kw = {"mask": chunk_mask(docs, L - c, c, 0, L)} if masked else {}
+        flex_kw = {"mask": (docs[:, L - c:], docs)} if masked else {}
+        o, lse = chunk_forward(q, k, v, 0.3, "math", **ref_kw)
+        fo, flse = chunk_forward(q, k, v, 0.3, "flex", **flex_kw)
+        assert torch.allclose(fo, o, rtol=0, atol=1e-12) and torch.allclose(flse.double(), lse, rtol=0, atol=1e-12)
+        for got, want in zip(chunk_backward(do, q, k, v, fo, flse, 0.3, "flex", **flex_kw),
+                             chunk_backward(do, q, k, v, o, lse, 0.3, "math", **ref_kw)):
+            assert torch.allclose(got, want, rtol=0, atol=1e-12)

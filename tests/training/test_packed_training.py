@@ -123,6 +123,8 @@ def _assert_match(got, ref, seed, tol=TOL):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_tsp_packed_model_equals_documents_alone(world, D, name):
     skip_unless_divides(world, D)
+    if name != "gqa-rope" and D == 1 and world > 1:
+        pytest.skip("learned absolute positions: D = 1 runs at world 1")
     shape, seed = SHAPES[name], fresh_seed()
     _assert_match(packed("tsp", D, shape, seed, LAYOUTS), documents_alone(shape, seed, LAYOUTS), seed)
 
@@ -138,16 +140,6 @@ def test_baselines_packed_model_equals_documents_alone(world, kind):
     # Megatron's GPTModel rotates by absolute positions (it ignores position_ids for RoPE): the same
     # relative angles from a float32 table at other rows differ by ~3e-10 relative
     _assert_match(packed(kind, 2, shape, seed, LAYOUTS), documents_alone(shape, seed, LAYOUTS), seed, tol=1e-8)
-
-
-@pytest.mark.distributed
-def test_one_document_equals_unmasked_and_masks_change_a_packed_batch(world):
-    D = world
-    shape, seed = SHAPES["gqa-rope"], fresh_seed()
-    one = [[S], [S]]
-    _assert_match(packed("tsp", D, shape, seed, one), packed("tsp", D, shape, seed, one, masked=False), seed)
-    masked, unmasked = packed("tsp", D, shape, seed, LAYOUTS), packed("tsp", D, shape, seed, LAYOUTS, masked=False)
-    assert rel_err(masked[0], unmasked[0]) > 1e-3  # the test data has boundaries that matter
 
 
 # --- the driver's data: Megatron's own masks ------------------------------------------------
@@ -192,7 +184,8 @@ def test_recipe_errors_name_the_key(overrides, match):
 def test_recipe_accepts_the_packed_keys():
     from megatron_tsp.training.recipe import load_recipe
 
-    for layout in (["parallel.layout=tsp"], ["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
+    for layout in (["parallel.layout=tsp"], ["parallel.layout=tp_sp"],
+                   ["parallel.layout=dp", "parallel.context_size=2"]):
         load_recipe(None, layout + ["data.reset_attention_mask=true", "data.reset_position_ids=true",
                                     "data.eod_mask_loss=true", "data.mock_document_length=24"], devices=False)
 
@@ -264,7 +257,9 @@ def test_driver_packed_runs_agree_across_layouts(world):
     common = ["train.steps=2", "train.micro_batch_size=1", "train.log_interval=100", "model.num_attention_heads=8",
               "model.num_query_groups=4", "data.mock_document_length=20", "data.reset_position_ids=true",
               "data.eod_mask_loss=true"]
-    losses = lambda extra: [(h["loss"], h["grad_norm"]) for h in run(load_recipe(tiny, common + extra))["history"]]  # noqa: E731
+    def losses(extra):
+        return [(h["loss"], h["grad_norm"]) for h in run(load_recipe(tiny, common + extra))["history"]]
+
     ref = losses(["data.reset_attention_mask=true"])
     for extra in (["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
         got = losses(extra + ["data.reset_attention_mask=true"])
