@@ -67,7 +67,12 @@ class TSPGPTModel(GPTModel):
         position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
         if out[1] is None or not isinstance(out[1], torch.Tensor) or position_ids is None or position_ids.shape[1] < 2:
             return out
-        return (out[0], rope_at_positions(out[1], from_zigzag(position_ids, self.tsp_group.size(), dim=1)), *out[2:])
+        positions = from_zigzag(position_ids, self.tsp_group.size(), dim=1)
+        # One sample: its rows of the table, same shape, no device sync. Several: per-sample tables
+        # (b x the RoPE memory) only when the positions are not 0..S-1 (one sync to tell).
+        if (positions.shape[0] > 1 or getattr(self.config, "rotary_interleaved", False)) and _counts_up(positions):
+            return out
+        return (out[0], rope_at_positions(out[1], positions), *out[2:])
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
         D = self.tsp_group.size()
@@ -92,14 +97,11 @@ class TSPGPTModel(GPTModel):
         return from_zigzag(output, D, dim=1)  # loss [b, S] or logits [b, S, V/D]
 
 
+def _counts_up(positions: torch.Tensor) -> bool:
+    return bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
+
+
 def rope_at_positions(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Megatron's RoPE table [L, 1, 1, rot] at positions [b, S] (natural order) -> [S, b, 1, rot];
-    the table itself when every row is 0..S-1 (no copy, the unpacked case)."""
-    S = position_ids.shape[1]
-    pos = position_ids.to(table.device)
-    if bool((pos == torch.arange(S, device=pos.device)).all()):
-        return table
-    if bool((pos < 0).any()) or bool((pos >= table.shape[0]).any()):
-        raise TSPConfigError(f"position_ids must lie in [0, {table.shape[0]}) (the RoPE table's length), "
-                             f"got [{int(pos.min())}, {int(pos.max())}]")
-    return table.reshape(table.shape[0], table.shape[-1])[pos.t()].unsqueeze(2)  # [S, b, 1, rot]
+    """Megatron's RoPE table [L, 1, 1, rot] at positions [b, S] (natural order) -> [S, b, 1, rot]
+    (positions 0..S-1 give the table's own rows: the same values)."""
+    return table.reshape(table.shape[0], table.shape[-1])[position_ids.to(table.device).t()].unsqueeze(2)

@@ -266,3 +266,19 @@ def test_driver_packed_runs_agree_across_layouts(world):
         assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0), f"{extra}: {got} vs TSP {ref}"
     unmasked = losses([])
     assert abs(unmasked[0][1] - ref[0][1]) > 1e-3 * ref[0][1]  # the first gradient norm
+
+
+def test_bench_attention_probe_times_document_masks():
+    """The bench's attention probe (kernel time per model FLOP) on packed documents: it runs the
+    masked kernels and counts only the pairs inside documents."""
+    from megatron_tsp.bench.worker import attention_probe
+    from megatron_tsp.planner.flops import packed_pairs
+    from megatron_tsp.training.recipe import load_recipe
+
+    keys = ["parallel.size=1", "model.seq_length=64", "data.reset_attention_mask=true", "data.mock_document_length=24"]
+    recipe = load_recipe(None, keys, devices=False)
+    for kind in ("tsp", "sdpa"):
+        probe = attention_probe(kind, recipe, 0, torch.device("cpu"), reps=1)
+        assert probe["shape"]["pairs"] == packed_pairs(64, 24) and probe["seconds"] > 0
+    plain = attention_probe("tsp", load_recipe(None, keys[:2], devices=False), 0, torch.device("cpu"), reps=1)
+    assert plain["shape"]["pairs"] == packed_pairs(64, 0)
