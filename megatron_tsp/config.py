@@ -147,7 +147,7 @@ MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
 ATTENTION_KV = ("gathered", "streamed")  # parallel.tsp_attention_kv: how a head shard's K/V meet the queries
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
-BACKENDS = ("auto", "cudnn", "flash", "math", "math_split")
+BACKENDS = ("auto", "cudnn", "flash", "math", "math_split", "flex")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
 # shard's hop outlasts the shard's GEMMs and the ring cannot hide it (4 x H200: 7B width, 16K
 # tokens = 4K per rank exposed the ring; docs/performance.md).
@@ -348,8 +348,9 @@ class ParallelRecipe:
     """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
     does without recompute) or full (save only block inputs, recompute each shard's forward)."""
     tsp_attention_backend: str = "auto"
-    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math), cudnn, flash,
-    math, math_split."""
+    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math; math under document
+    masks), cudnn, flash, math, math_split, flex (torch FlexAttention, block mask from the document
+    ids; exact on CPU, untested on GPUs)."""
     tsp_mlp_exchange: str = "auto"
     """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
     the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
@@ -511,6 +512,20 @@ class DataRecipe:
     """train,valid,test split of the indexed dataset."""
     cache_dir: Optional[str] = None
     """Where Megatron caches the dataset indices (defaults next to the data)."""
+    reset_attention_mask: bool = False
+    """Packed sequences: a token attends only to its own document (documents end at the EOD token;
+    Megatron's GPTDataset option of that name). TSP, the CP and the TP + SP (sdpa) baselines."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 after every EOD token (Megatron's option): learned absolute
+    embeddings and, under parallel.layout = tsp, RoPE read them."""
+    eod_mask_loss: bool = False
+    """No loss on the EOD tokens (Megatron's option)."""
+    eod_id: Optional[int] = None
+    """The end-of-document token id; null: model.vocab_size - 1 (what the mock data ends documents with)."""
+    mock_document_length: int = 0
+    """Mock data only (data.path null): 0 keeps Megatron's MockGPTDataset (documents of 1..4095
+    tokens counting up); N > 0 packs documents of random lengths 1..N (random tokens, each ended by
+    the EOD token), for tests and benchmarks of data.reset_attention_mask."""
 
 
 

@@ -118,3 +118,74 @@ def worst_error(got, ref):
     worst = torch.tensor([max(errs)], dtype=torch.float64, device=loss.device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return worst.item()
+
+
+def lengths_to_ids(lengths, device=None) -> torch.Tensor:
+    """Document lengths of one sequence -> its document ids [S]."""
+    return torch.cat([torch.full((n,), d, dtype=torch.long) for d, n in enumerate(lengths)]).to(device)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, S] document ids -> positions that restart at 0 per document (GPTDataset's reset_position_ids)."""
+    S = doc_ids.shape[1]
+    idx = torch.arange(S, device=doc_ids.device).expand_as(doc_ids)
+    first = torch.searchsorted(doc_ids.contiguous(), doc_ids.contiguous(), right=False)
+    return idx - first
+
+
+def document_block_parity(D, layouts, *, groups=None, heads=4, hidden=32, options=None, rope=True,
+                          dtype=torch.float64):
+    """TSP attention on packed sequences (one list of document lengths per sample; the document
+    ids as attention_mask, RoPE positions restarting per document) against Megatron's native
+    SelfAttention run on each document alone with the same weights: output, input gradient and
+    every weight gradient (the loss is a sum over documents, so the weight gradients add up)."""
+    from megatron_tsp.tsp.model import rope_at_positions
+
+    init_tsp(D)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    group, r = pgs.tp, pgs.tp.rank()
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    b, S = len(layouts), sum(layouts[0])
+    assert all(sum(lengths) == S for lengths in layouts)
+    kw = dict(groups=groups, dtype=dtype, heads=heads, hidden=hidden)
+    ref_cfg, tsp_cfg = tiny_config(1, **kw), tiny_config(D, **kw)
+    sub = get_sp_layer_spec(ref_cfg).submodules.self_attention.submodules
+    dev = device()
+    ref = SelfAttention(ref_cfg, sub, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                        pg_collection=singleton_pgs()).to(dev, dtype)
+    tsp = TSPSelfAttention(tsp_cfg, sub, layer_number=1, pg_collection=pgs, tsp_options=options).to(dev, dtype)
+    load_full_into(tsp, dict(ref.named_parameters()), group)
+    x = torch.randn(S, b, hidden, dtype=dtype, device=dev)
+    g = torch.randn(S, b, hidden, dtype=dtype, device=dev)
+    table = RotaryEmbedding(kv_channels=hidden // heads, rotary_percent=1.0)(S).to(dev) if rope else None
+
+    x_ref = x.clone().requires_grad_()
+    out_ref = torch.zeros_like(x)
+    total = 0
+    for i, lengths in enumerate(layouts):
+        a = 0
+        for n in lengths:
+            extra = {"rotary_pos_emb": table[:n]} if rope else {}
+            o, o_bias = ref(x_ref[a : a + n, i : i + 1], None, **extra)
+            o = o if o_bias is None else o + o_bias
+            total = total + (o * g[a : a + n, i : i + 1]).sum()
+            out_ref[a : a + n, i : i + 1] = o.detach()
+            a += n
+    total.backward()
+
+    doc_ids = torch.stack([lengths_to_ids(lengths, dev) for lengths in layouts])
+    extra = {"rotary_pos_emb": rope_at_positions(table, document_positions(doc_ids))} if rope else {}
+    x_loc = _local(x, D, r).clone().requires_grad_()
+    out, out_bias = tsp(x_loc, doc_ids, **extra)
+    ((out if out_bias is None else out + out_bias) * _local(g, D, r)).sum().backward()
+    sum_sequence_parallel_grads(tsp, group)
+
+    errors = {"output": rel_err(out, _local(out_ref, D, r)),
+              "input_grad": rel_err(x_loc.grad, _local(x_ref.grad, D, r))}
+    ref_params = dict(ref.named_parameters())
+    for name, p in tsp.named_parameters():
+        errors[name] = rel_err(gather_full(p.grad, p, group), ref_params[name].grad)
+    vals = torch.tensor(list(errors.values()), dtype=torch.float64, device=dev)
+    dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+    return dict(zip(errors, vals.tolist())), seed

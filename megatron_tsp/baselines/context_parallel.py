@@ -39,6 +39,7 @@ from megatron.core.utils import divide
 
 from ..tsp import comm
 from ..config import TSPConfigError, check_context_parallel, require_group  # noqa: F401 (check_context_parallel: torch-free, in config)
+from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
 from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
 
@@ -95,31 +96,38 @@ class _ChunkAttention(torch.autograd.Function):
     split on GPUs, math on CPU), so the CP baseline runs the same attention kernels as TSP."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, backend: str):
-        o, lse = chunk_forward(q, k, v, scale, backend)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, scale: float, backend: str, mask=None):
+        kw = {} if mask is None else {"mask": mask}
+        o, lse = chunk_forward(q, k, v, scale, backend, **kw)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
         ctx.scale, ctx.backend = scale, backend
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = chunk_backward(do, q, k, v, o, lse, ctx.scale, ctx.backend)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        kw = {} if mask is None else {"mask": mask}
+        dq, dk, dv = chunk_backward(do, q, k, v, o, lse, ctx.scale, ctx.backend, **kw)
+        return dq, dk, dv, None, None, None
 
 
 def attend_chunks_to_prefix(q: Tensor, k: Tensor, v: Tensor, chunk_starts, scale: float,
-                            backend: str = "auto") -> Tensor:
+                            backend: str = "auto", doc_ids: Optional[Tensor] = None) -> Tensor:
     """q [s, b, np, hn] (the two local chunks, s = 2c), k/v [L, b, ng, hn] in natural order ->
-    [s, b, np * hn]: each chunk against its causal prefix [0, start + c), lower-right causal."""
+    [s, b, np * hn]: each chunk against its causal prefix [0, start + c), lower-right causal.
+    With document ids [b, L] (packed sequences): against [its first document's start, start + c)
+    under the document mask, as TSP attention."""
     s, b, np_, hn = q.shape
     c = s // 2
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, masked=doc_ids is not None)
+    firsts = key_starts(doc_ids, chunk_starts) if doc_ids is not None else (0,) * len(chunk_starts)
     outs = []
     for i, start in enumerate(chunk_starts):
+        lo = firsts[i]
+        mask = None if doc_ids is None else chunk_mask(doc_ids, start, c, lo, start + c)
         q_chunk = q[i * c : (i + 1) * c].permute(1, 2, 0, 3)  # [b, np, c, hn]
-        k_prefix, v_prefix = (t[: start + c].permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, L, hn]
-        o = _ChunkAttention.apply(q_chunk, k_prefix, v_prefix, scale, backend)
+        k_prefix, v_prefix = (t[lo : start + c].permute(1, 2, 0, 3) for t in (k, v))  # [b, ng, L, hn]
+        o = _ChunkAttention.apply(q_chunk, k_prefix, v_prefix, scale, backend, mask)
         outs.append(o.permute(2, 0, 1, 3).reshape(c, b, np_ * hn))
     return torch.cat(outs, dim=0)
 
@@ -131,8 +139,10 @@ class ContextParallelAttention(MegatronModule):
     causal prefix. Heads are split by TP (`pg_collection.tp`) as in Megatron; composes with
     sequence parallelism (the layer's linear_qkv all-gathers the CP rank's tokens over TP).
 
-    Causal self-attention only (an explicit attention_mask is ignored, as in Megatron's TE/flash
-    paths); no dropout, packed sequences, attention bias or sliding windows."""
+    Causal self-attention only; an attention_mask of document ids [b, S] (packed sequences,
+    `megatron_tsp.tsp.documents`: the whole sequence, natural order) masks each document, any
+    other is ignored (as in Megatron's TE/flash paths); no dropout, THD packed_seq_params,
+    attention bias or sliding windows."""
 
     def __init__(
         self,
@@ -202,11 +212,16 @@ class ContextParallelAttention(MegatronModule):
                                cp_key="context-parallel size")
         if s % 2:
             raise TSPConfigError(f"ContextParallelAttention needs an even number of local tokens, got {s}")
+        doc_ids = None
+        if is_document_ids(attention_mask):  # before the all-gather
+            check_document_ids(attention_mask, query.shape[1], S, what=DOC_IDS)
+            doc_ids = attention_mask.to(query.device)
+            resolve_backend("auto", query, masked=True)
         kv_local = torch.cat([key, value], dim=-1)  # [s, b, ng, 2hn]: one all-gather for K and V
         kv_natural = from_zigzag(comm.all_gather_sequence(kv_local, group), cp, dim=0)
         k, v = kv_natural[..., :hn], kv_natural[..., hn:]
         starts = local_chunk_starts(S, cp, r)
         if cp > 1 and self.regather_kv_in_backward and torch.is_grad_enabled():
             with _RegatherInBackward(kv_local, kv_natural, group).hooks():
-                return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale)
-        return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale)
+                return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale, doc_ids=doc_ids)
+        return attend_chunks_to_prefix(query, k, v, starts, self.softmax_scale, doc_ids=doc_ids)

@@ -8,8 +8,9 @@ kernels (flash / memory-efficient on CUDA), so the [b, np, sq, sk] score matrix 
 materialized. It lets the native TP and TP + sequence-parallel baselines reach long contexts
 without Transformer Engine. `get_sdpa_layer_spec` is the native local layer spec with it.
 
-Not supported (a ValueError at construction or in forward): context parallelism, packed
-sequences (THD), attention bias, sliding-window attention, non-vanilla softmax types and
+Packed sequences: document ids as `attention_mask` (see SDPACoreAttention). Not supported (a
+ValueError at construction or in forward): context parallelism, THD packed_seq_params,
+attention bias, sliding-window attention, non-vanilla softmax types and
 num_query_groups < tensor-parallel size.
 """
 
@@ -35,6 +36,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from ..config import require_group
+from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, full_mask, is_document_ids
 from ..tsp.specs import get_sp_layer_spec
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
@@ -45,7 +47,9 @@ class SDPACoreAttention(MegatronModule):
 
     Masks follow DotProductAttention: with a causal mask type the causal mask is applied by
     the kernel (`is_causal=True`; a given `attention_mask` is then ignored, as in Transformer
-    Engine's and TSP's attention); with any other type a given `attention_mask` (boolean,
+    Engine's and TSP's attention), unless it is document ids [b, S] (an integer tensor: packed
+    sequences, `megatron_tsp.tsp.documents`), then causal within each document; with any other
+    type a given `attention_mask` (boolean,
     Megatron's convention: True = masked out, broadcastable to [b, np, sq, sk]) is applied,
     and none means no masking.
     """
@@ -125,7 +129,14 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"query heads ({np_}) must be a multiple of key/value groups ({ng})")
 
         is_causal, sdpa_mask = False, None
-        if mask_type in _CAUSAL_TYPES:
+        if mask_type in _CAUSAL_TYPES and is_document_ids(attention_mask):
+            # packed sequences: causal within each document, the S x S mask Megatron's
+            # create_attention_mask would build (the baseline's memory, not TSP's)
+            check_document_ids(attention_mask, b, sk, what=DOC_IDS)
+            if sq != sk:
+                raise ValueError(f"SDPACoreAttention: document ids need sq == sk, got sq={sq}, sk={sk}")
+            sdpa_mask = ~full_mask(attention_mask.to(query.device))
+        elif mask_type in _CAUSAL_TYPES:
             # DotProductAttention: no mask for a single query (KV-cache decoding); otherwise the
             # causal mask of a square score matrix.
             if sq > 1:

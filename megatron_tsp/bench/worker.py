@@ -101,7 +101,9 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
     their causal prefixes of the gathered K/V (TSP's own `AttentionShard.attend` and
     `attend_backward`; a layer
     runs it D times). 'sdpa': the TP baselines' causal SDPA over the full sequence with a/D heads
-    (one layer's attention on one rank)."""
+    (one layer's attention on one rank). With data.reset_attention_mask and
+    data.mock_document_length = N: packed documents of N tokens each (the last one cut) under
+    document masks, and `pairs` counts only the pairs inside documents."""
     import torch
 
     from ..tsp.zigzag import local_chunk_starts
@@ -113,18 +115,31 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
     heads, groups = a // D, max(g // D, 1)
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     gen = torch.Generator(device=device).manual_seed(rank)
+    N = recipe.data.mock_document_length if recipe.data.reset_attention_mask else 0
+    docs = (torch.arange(S, device=device) // N).unsqueeze(0) if N else None
+
+    def area(c, start):  # the (query, key) pairs of queries [start, start + c)
+        if docs is None:
+            return causal_area(c, start)
+        return sum(p % N + 1 for p in range(start, start + c))
+
     if kind == "tsp":
         from ..tsp.attention import AttentionShard
 
         c = S // (2 * D)
         starts = local_chunk_starts(S, D, rank)
+        masks = {}
+        if docs is not None:
+            from ..tsp.documents import key_starts
+
+            masks = {"doc_ids": docs, "key_starts": key_starts(docs, starts)}
         shard = AttentionShard(config=None, group=None, heads=heads, groups=groups, head_dim=d,
                                softmax_scale=1 / math.sqrt(d), chunk_starts=starts, chunk_len=c,
-                               backend=recipe.parallel.tsp_attention_backend)
+                               backend=recipe.parallel.tsp_attention_backend, **masks)
         q = torch.randn(2 * c, 1, heads, d, device=device, dtype=dtype, generator=gen)
         kv = torch.randn(S, 1, groups, 2 * d, device=device, dtype=dtype, generator=gen)
         do = torch.randn(2 * c, 1, heads * d, device=device, dtype=dtype, generator=gen)
-        pairs = sum(causal_area(c, s) for s in starts)
+        pairs = sum(area(c, s) for s in starts)
 
         def step():  # the kernels' forward and their explicit backward, as TSPAttentionFunction runs them
             o, lses = shard.attend(q, kv)
@@ -136,11 +151,17 @@ def attention_probe(kind: str, recipe, rank: int, device, reps: int = 3) -> Opti
         k = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         v = torch.randn(S, 1, groups, d, device=device, dtype=dtype, generator=gen).requires_grad_()
         grad = torch.randn(1, heads, S, d, device=device, dtype=dtype, generator=gen)
-        pairs = causal_area(S, 0)
+        pairs = area(S, 0)
+        mask = None
+        if docs is not None:  # as SDPACoreAttention with document ids: the S x S mask
+            from ..tsp.documents import full_mask
+
+            mask = ~full_mask(docs)
 
         def step():  # as SDPACoreAttention: [s, b, n, d] permuted to [b, n, s, d] views
-            F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
-                                           scale=1 / math.sqrt(d), enable_gqa=heads != groups).backward(grad)
+            F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=mask is None,
+                                           attn_mask=mask, scale=1 / math.sqrt(d),
+                                           enable_gqa=heads != groups).backward(grad)
     else:
         return None
     times = []

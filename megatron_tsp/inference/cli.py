@@ -143,6 +143,11 @@ def _recipe_for(args, world: int, devices: bool = True):
             raise RecipeError(f"{key} = {value}: generate runs TSP over all processes (pipeline and context size 1)")
     if p.fsdp:
         raise RecipeError("parallel.fsdp = true: generate runs TSP over all processes (set parallel.fsdp=false)")
+    d = recipe.data
+    for key in ("reset_attention_mask", "reset_position_ids"):
+        if getattr(d, key):  # training-data options: a prompt is one document
+            raise RecipeError(f"data.{key} = true: generate runs each prompt as one document (no document masks, "
+                              f"positions from 0); set data.{key}=false")
     return recipe
 
 

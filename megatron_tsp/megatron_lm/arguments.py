@@ -93,7 +93,9 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     apply_tsp_moe_args(args, D)
     for flag in ("reset_attention_mask", "reset_position_ids"):
         if get(flag):
-            raise TSPConfigError(f"--{flag.replace('_', '-')} (packed sequences) cannot be combined with --tsp-size")
+            raise TSPConfigError(f"--{flag.replace('_', '-')} (packed sequences) cannot be combined with --tsp-size "
+                                 "in the Megatron-LM runner (pretrain_gpt would build the S x S mask); "
+                                 f"`megatron-tsp train` takes data.{flag} = true")
     if get("sft"):
         raise TSPConfigError("--sft (packed sequences, THD) cannot be combined with --tsp-size")
     if get("hybrid_context_parallel"):

@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tsp-attention-kv", choices=list(ATTENTION_KV),
                    help="parallel.tsp_attention_kv: gathered (each head shard's K/V of all S tokens on every rank) or "
                         "streamed (ring attention inside the shard: two ranks' K/V at a time); TSP layouts only")
+    t.add_argument("--document-length", type=int,
+                   help="packed documents of this many tokens under document masks (data.reset_attention_mask): "
+                        "attention FLOPs inside documents only, as a kernel that skips masked blocks "
+                        "(0: one document per sequence, the default)")
     t.add_argument("--norm", choices=list(NORMS), default="lean",
                    help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
                         "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
@@ -127,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
 _TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
                 "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
                 "mlp_chunk_tokens", "expert_size", "tsp_attention_kv", "optimizer_cpu_offload",
-                "optimizer_offload_fraction")
+                "optimizer_offload_fraction", "document_length")
 _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
                 "dtype")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..config import resolve_mlp_exchange
-from .flops import model_flops
+from .flops import causal_pairs, model_flops, packed_pairs
 from .model import Cluster, Layout, ModelSpec, TrainSpec
 
 GIB = 2.0**30
@@ -966,6 +966,8 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     active = m.active_matmul_params  # summed over the L layers
     fwd_mm = 2 * B * S * active / n
     fwd_attn = 2 * B * S * S * m.q_dim * L / n
+    if train.document_length:  # document masks: only the pairs inside documents (blocks skipped)
+        fwd_attn *= packed_pairs(S, train.document_length) / causal_pairs(S)
     extra = 1.0 if mode == "block" else 0.0  # TSP's block recompute, every layer
     # what TSP's block recompute reruns: attention and the TSP MLP (the dense MLP, the shared
     # expert); not the tokens MLP (Megatron's) nor the MoE layer's router and experts (Megatron's)
@@ -993,7 +995,8 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
         # for MFU: the one model-FLOP count bench uses too (planner/flops.py: attention backward
         # = 2 x forward, no recompute, the LM head once), per GPU
         "model_flops": model_flops(layers=L, matmul_params_per_layer=active / L, q_dim=m.q_dim,
-                                   hidden=m.hidden, vocab=m.vocab, seq=S, batch=B)["total"] / n,
+                                   hidden=m.hidden, vocab=m.vocab, seq=S, batch=B,
+                                   document_length=train.document_length)["total"] / n,
     }
 
 

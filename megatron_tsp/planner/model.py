@@ -389,12 +389,17 @@ class TrainSpec:
     # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
     # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
     norm: str = "lean"
+    # packed documents of this many tokens under document masks (data.reset_attention_mask): the
+    # attention FLOPs are those inside documents; 0: one document per sequence
+    document_length: int = 0
 
     def __post_init__(self):
         check_seq_len("--seq-len (model.seq_length)", self.seq_length)
         _positive("--micro-batch (train.micro_batch_size)", self.micro_batch_size)
         if self.global_batch_size is not None:
             _positive("--global-batch", self.global_batch_size)
+        if self.document_length < 0:
+            raise PlanError(f"--document-length = {self.document_length} must be >= 0 (0: one document per sequence)")
         if self.optimizer not in ("adam", "none"):
             raise PlanError(f"--optimizer = {self.optimizer!r}: only adam (or none: no optimizer) is modelled")
         if self.norm not in NORMS:

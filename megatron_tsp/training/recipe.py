@@ -116,6 +116,7 @@ class Recipe:
             raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
         self._check_recompute()
         self._check_moe(world_size)
+        self._check_documents()
         if t.save_interval < 0:
             raise RecipeError("train.save_interval must be >= 0")
         if t.keep_checkpoints < 0:
@@ -206,6 +207,38 @@ class Recipe:
                                                  "bf16 weights: set model.dtype = bfloat16)")):
             if bad:
                 raise RecipeError(f"train.optimizer_cpu_offload = true cannot be combined with {why}")
+
+    def _check_documents(self) -> None:
+        """The packed-sequence keys (data.reset_attention_mask, reset_position_ids, eod_*)."""
+        d, m, p = self.data, self.model, self.parallel
+        eod = m.vocab_size - 1 if d.eod_id is None else d.eod_id
+        if not 0 <= eod < m.vocab_size:
+            raise RecipeError(f"data.eod_id = {d.eod_id} is outside the vocabulary "
+                              f"[0, model.vocab_size = {m.vocab_size})")
+        if d.mock_document_length < 0:
+            raise RecipeError(f"data.mock_document_length = {d.mock_document_length} must be >= 0")
+        if d.mock_document_length and d.path is not None:
+            raise RecipeError("data.mock_document_length is for mock data only: the documents of data.path "
+                              f"({d.path!r}) are those of the dataset (set it to 0)")
+        if d.mock_document_length and d.eod_id is not None and d.eod_id != m.vocab_size - 1:
+            raise RecipeError(f"data.mock_document_length ends mock documents with model.vocab_size - 1 = "
+                              f"{m.vocab_size - 1}: data.eod_id = {d.eod_id} would find no boundaries")
+        if d.reset_attention_mask and p.layout != "tsp" and p.baseline_attention != "sdpa":
+            raise RecipeError(f"data.reset_attention_mask = true on parallel.layout = {p.layout} needs "
+                              f"parallel.baseline_attention = sdpa (Megatron's local attention, "
+                              f"{p.baseline_attention!r}, ignores the mask under a causal mask type)")
+        if d.reset_attention_mask and p.layout == "tsp" and p.tsp_attention_kv == "streamed":
+            raise RecipeError("data.reset_attention_mask = true cannot run with parallel.tsp_attention_kv = streamed "
+                              "in this version (the streamed blocks have no document mask yet): use gathered")
+        if d.reset_attention_mask and p.layout == "tsp" and p.tsp_attention_backend in ("cudnn", "flash"):
+            raise RecipeError(f"data.reset_attention_mask = true cannot run on parallel.tsp_attention_backend = "
+                              f"{p.tsp_attention_backend} (no document mask in that kernel): use auto or math")
+        if (d.reset_position_ids and not d.reset_attention_mask and p.layout != "tsp"
+                and m.position_embedding_type == "rope"):
+            raise RecipeError(f"data.reset_position_ids = true with RoPE on parallel.layout = {p.layout}: Megatron's "
+                              "GPTModel does not read position ids for RoPE; set data.reset_attention_mask = true "
+                              "too (RoPE is relative, so within a document restarting it changes nothing) or use "
+                              "parallel.layout = tsp")
 
     def _check_recompute(self) -> None:
         m, p = self.model, self.parallel

@@ -36,6 +36,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from . import comm
 from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group, validate_transformer_config
 from .exchange import Reductions, broadcast_shards, run_holder_pre_hooks
+from .documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
 from .kernels import chunk_backward, chunk_forward, resolve_backend
 from .rope import Rotary
 from .streamed_attention import StreamedAttentionFunction
@@ -63,6 +64,21 @@ class AttentionShard:
     chunk_starts: tuple  # true start positions of the two local chunks
     chunk_len: int
     backend: str = "auto"
+    # Packed sequences: document ids [b, S] in natural order (`megatron_tsp.tsp.documents`) and,
+    # per local chunk, the first key its queries can see (the keys before are skipped).
+    doc_ids: Optional[torch.Tensor] = None
+    key_starts: Optional[tuple] = None
+
+    def key_range(self, i: int, backend: str):
+        """The keys chunk i attends to, [lo, start + c), and its document mask (None without; for
+        `flex` the chunk's query and key document ids, not a dense mask)."""
+        start, c = self.chunk_starts[i], self.chunk_len
+        if self.doc_ids is None:
+            return 0, start + c, None
+        lo = self.key_starts[i]
+        if backend == "flex":
+            return lo, start + c, (self.doc_ids[:, start : start + c], self.doc_ids[:, lo : start + c])
+        return lo, start + c, chunk_mask(self.doc_ids, start, c, lo, start + c)
 
     def rotary(self, freqs, dtype) -> Optional[Rotary]:
         return None if freqs is None else Rotary(freqs, self.config, dtype, self.group)
@@ -116,16 +132,19 @@ class AttentionShard:
 
     def attend(self, q, kv_nat):
         """Each local chunk against its causal prefix [0, start + c) of K,V -> o [s, b, heads*hn]
-        (written chunk by chunk, no concatenation) and one log-sum-exp per chunk."""
+        (written chunk by chunk, no concatenation) and one log-sum-exp per chunk. With document
+        ids: against [key start, start + c) only, under the document mask."""
         c, hn = self.chunk_len, self.head_dim
-        backend = resolve_backend(self.backend, q)
+        backend = resolve_backend(self.backend, q, masked=self.doc_ids is not None)
         o = q.new_empty(q.shape[0], q.shape[1], self.heads * hn)
         lses = []
-        for i, start in enumerate(self.chunk_starts):
+        for i in range(len(self.chunk_starts)):
             rows = slice(i * c, (i + 1) * c)
-            prefix = _bhcd(kv_nat[: start + c], self.groups)
+            lo, end, mask = self.key_range(i, backend)
+            prefix = _bhcd(kv_nat[lo:end], self.groups)
             _, lse = chunk_forward(_bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
-                                   self.softmax_scale, backend, out=_bhcd(o[rows], self.heads))
+                                   self.softmax_scale, backend, out=_bhcd(o[rows], self.heads),
+                                   **({} if mask is None else {"mask": mask}))
             lses.append(lse)
         return o, lses
 
@@ -134,18 +153,23 @@ class AttentionShard:
         with the longer prefix writes its dK,dV first (its prefix covers the other's), the other
         adds; only the keys no local query sees are zero-filled."""
         c, hn = self.chunk_len, self.head_dim
-        backend = resolve_backend(self.backend, q)
+        backend = resolve_backend(self.backend, q, masked=self.doc_ids is not None)
         dq = torch.empty_like(q)
-        dkv_nat = torch.empty_like(kv_nat)
         order = sorted(range(len(self.chunk_starts)), key=lambda i: -self.chunk_starts[i])
-        dkv_nat[self.chunk_starts[order[0]] + c :].zero_()
+        if self.doc_ids is None:
+            dkv_nat = torch.empty_like(kv_nat)
+            dkv_nat[self.chunk_starts[order[0]] + c :].zero_()
+        else:  # the chunks' key ranges start anywhere: every chunk adds into zeros
+            dkv_nat = torch.zeros_like(kv_nat)
         for n, i in enumerate(order):
-            rows, end = slice(i * c, (i + 1) * c), self.chunk_starts[i] + c
-            prefix, dprefix = _bhcd(kv_nat[:end], self.groups), _bhcd(dkv_nat[:end], self.groups)
+            rows = slice(i * c, (i + 1) * c)
+            lo, end, mask = self.key_range(i, backend)
+            prefix, dprefix = _bhcd(kv_nat[lo:end], self.groups), _bhcd(dkv_nat[lo:end], self.groups)
             chunk_backward(
                 _bhcd(do[rows], self.heads), _bhcd(q[rows], self.heads), prefix[..., :hn], prefix[..., hn:],
                 _bhcd(o[rows], self.heads), lses[i], self.softmax_scale, backend,
-                dq=_bhcd(dq[rows], self.heads), dk=dprefix[..., :hn], dv=dprefix[..., hn:], accumulate=n > 0,
+                dq=_bhcd(dq[rows], self.heads), dk=dprefix[..., :hn], dv=dprefix[..., hn:],
+                accumulate=n > 0 or self.doc_ids is not None, **({} if mask is None else {"mask": mask}),
             )
         return dq, dkv_nat
 
@@ -303,7 +327,9 @@ class TSPSelfAttention(SelfAttention):
         *,
         inference_params=None,
     ):
-        # attention_mask is ignored: TSP attention is causal (as Megatron's flash/TE paths).
+        # attention_mask: document ids [b, S] (packed sequences, megatron_tsp.tsp.documents) mask
+        # attention to each document; any other mask is ignored: TSP attention is causal (as
+        # Megatron's flash/TE paths).
         if inference_context is not None or inference_params is not None:
             raise TSPConfigError("inference (KV cache) is not supported with --tsp-size in this version")
         if packed_seq_params is not None:
@@ -318,6 +344,16 @@ class TSPSelfAttention(SelfAttention):
         s_local = hidden_states.shape[0]
         S = s_local * D
         check_seq_length(S, D, what="sequence length (S/D local tokens x --tsp-size)")
+        doc_ids, starts = None, local_chunk_starts(S, D, p)
+        if is_document_ids(attention_mask):
+            if self.tsp_options.attention_kv == "streamed":  # its blocks have no document mask yet
+                raise TSPConfigError("document masks (data.reset_attention_mask) cannot run with "
+                                     "parallel.tsp_attention_kv = streamed (--tsp-attention-kv) in this version: "
+                                     "use gathered")
+            check_document_ids(attention_mask, hidden_states.shape[1], S, what=DOC_IDS)
+            doc_ids = attention_mask.to(hidden_states.device)
+            resolve_backend(self.tsp_options.attention_backend, hidden_states, masked=True)  # before any collective
+            first_keys = key_starts(doc_ids, starts)
         freqs = None
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):
@@ -340,9 +376,10 @@ class TSPSelfAttention(SelfAttention):
             groups=self.num_query_groups_per_partition,
             head_dim=self.hidden_size_per_attention_head,
             softmax_scale=self.softmax_scale,
-            chunk_starts=local_chunk_starts(S, D, p),
+            chunk_starts=starts,
             chunk_len=S // (2 * D),
             backend=self.tsp_options.attention_backend,
+            **({} if doc_ids is None else {"doc_ids": doc_ids, "key_starts": first_keys}),
         )
         # parallel.tsp_attention_kv: K/V all-gathered (this module) or streamed around the ring
         function = StreamedAttentionFunction if self.tsp_options.attention_kv == "streamed" else TSPAttentionFunction

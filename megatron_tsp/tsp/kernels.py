@@ -17,14 +17,24 @@ Backends (`backend=`):
   backward runs each part's kernel with the *merged* o and lse, which is exact.
 - `math`: explicit matrices in the input dtype (CPU, fp32/fp64 tests, any head dim).
 - `math_split`: `math` through the split-and-merge path (tests the merge on CPU).
+- `flex`: torch's FlexAttention, its block mask built from the causal rule and, for document
+  masks, the document ids (`mask=(doc_q [b, c], doc_k [b, L])`, never a dense mask): blocks the
+  mask empties are skipped. Backward runs the forward again under autograd (one more forward); on
+  CPU, where torch has no FlexAttention backward, the math kernel's with the same mask. Forward
+  exact on CPU (eager, tests); compiled on CUDA, where it is UNTESTED (no GPU run yet).
 - `auto`: cudnn on CUDA for fp16/bf16 (cuDNN ran causal attention ~2x faster than flash on
   H200, docs/design.md §8), else math.
+Document masks (packed sequences, `megatron_tsp.tsp.documents`): `mask=` a boolean
+[b, 1, c, L] (True = masked out) combined with the lower-right causal mask; the `math` and
+`math_split` kernels take it (a row the mask empties in one part of the split gets lse -inf
+and no weight in the merge); `flash` / `cudnn` have no such mask and refuse it.
 Tensors: q [b, hq, c, d]; k, v [b, hk, L, d] with hq a multiple of hk (GQA: query head i uses
 KV head i // (hq/hk), Megatron's grouped layout); o like q; lse [b, hq, c] float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -32,10 +42,16 @@ import torch
 from ..config import BACKENDS, TSPConfigError
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
+    """The kernel `backend` names for q; `masked`: a document mask will be passed (auto -> math)."""
     if backend not in BACKENDS:
         raise TSPConfigError(f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if backend == "flex":
+        return backend
+    if masked:
+        _check_mask(backend if backend != "auto" else "math", True)
+        return "math" if backend == "auto" else backend
     if backend == "auto":
         return "cudnn" if fast else "math"
     if backend in ("cudnn", "flash") and not fast:
@@ -59,25 +75,31 @@ def _fold_kv(g: torch.Tensor, hk: int) -> torch.Tensor:
 # ---- one kernel call: no mask (causal=False) or a mask aligned to the lower right -----------
 
 
-def _math_forward(q, k, v, scale, causal):
+def _math_forward(q, k, v, scale, causal, mask=None):
     hq = q.shape[1]
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    s = _masked_scores(q, k, scale, causal, mask)
+    lse = torch.logsumexp(s.to(_acc(q)), dim=-1)
+    # a row the mask empties (a document mask's part of a split): lse -inf, weights 0, not nan
+    safe = lse if mask is None else lse.masked_fill(torch.isneginf(lse), 0.0)
+    p = torch.exp(s.to(_acc(q)) - safe.unsqueeze(-1)).to(q.dtype)
+    return torch.matmul(p, v), lse
+
+
+def _masked_scores(q, k, scale, causal, mask):
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         c, L = s.shape[-2:]
         s = s.masked_fill(_lower_right_mask(c, L, s.device), float("-inf"))
-    lse = torch.logsumexp(s.to(_acc(q)), dim=-1)
-    p = torch.exp(s.to(_acc(q)) - lse.unsqueeze(-1)).to(q.dtype)
-    return torch.matmul(p, v), lse
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    return s
 
 
-def _math_backward(do, q, k, v, o, lse, scale, causal):
+def _math_backward(do, q, k, v, o, lse, scale, causal, mask=None):
     hq, hk = q.shape[1], k.shape[1]
     ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    s = torch.matmul(q, ke.transpose(-1, -2)) * scale
-    if causal:
-        c, L = s.shape[-2:]
-        s = s.masked_fill(_lower_right_mask(c, L, s.device), float("-inf"))
+    s = _masked_scores(q, ke, scale, causal, mask)
     acc = _acc(q)
     p = torch.exp(s.to(acc) - lse.unsqueeze(-1)).to(q.dtype)
     dv = torch.matmul(p.transpose(-1, -2), do)
@@ -162,28 +184,92 @@ def _cudnn_backward(do, q, k, v, o, lse, scale, causal):
     return dq, _fold_kv(dk, hk), _fold_kv(dv, hk)
 
 
+# ---- FlexAttention (document masks as ids; untested on GPUs) --------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _flex_block_mask(q, k, causal, docs):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    c, L = q.shape[2], k.shape[2]
+    shift = L - c  # query i sits at key position i + (L - c): the lower-right causal mask
+    doc_q, doc_k = docs if docs is not None else (None, None)
+
+    def mask_mod(b, h, qi, ki):
+        keep = ki <= qi + shift if causal else ki >= 0
+        return keep if doc_q is None else keep & (doc_q[b, qi] == doc_k[b, ki])
+
+    return create_block_mask(mask_mod, q.shape[0] if docs is not None else None, None, c, L, device=q.device,
+                             **({"_compile": True} if q.is_cuda else {}))
+
+
+def _flex_forward(q, k, v, scale, causal, mask=None):
+    import warnings
+
+    with warnings.catch_warnings():  # eager (CPU): torch warns that it is unfused, which is the point there
+        warnings.simplefilter("ignore")
+        o, lse = _flex_fn(q.is_cuda)(q, k, v, block_mask=_flex_block_mask(q, k, causal, mask), scale=scale,
+                                     enable_gqa=k.shape[1] != q.shape[1], return_lse=True)
+    return o, lse
+
+
+def _flex_backward(do, q, k, v, o, lse, scale, causal, mask=None):
+    if not q.is_cuda:  # torch has no FlexAttention backward on CPU: the math kernel, the same mask
+        dense = None if mask is None else (mask[0].unsqueeze(-1) != mask[1].unsqueeze(-2)).unsqueeze(1)
+        return _math_backward(do, q, k, v, o, lse, scale, causal, mask=dense)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = _flex_forward(*leaves, scale, causal, mask)
+        return torch.autograd.grad(out, leaves, do)
+
+
 _CALLS = {
     "math": (_math_forward, _math_backward),
     "math_split": (_math_forward, _math_backward),
     "flash": (_flash_forward, _flash_backward),
     "cudnn": (_cudnn_forward, _cudnn_backward),
+    "flex": (_flex_forward, _flex_backward),
 }
-_ONE_CALL = {"math", "flash"}  # kernels that take a lower-right mask with c < L directly
+_ONE_CALL = {"math", "flash", "flex"}  # kernels that take a lower-right mask with c < L directly
+_TAKES_MASK = {"math", "math_split", "flex"}  # kernels that take a document mask (`mask=`; flex: the ids)
+
+
+def _check_mask(backend: str, mask) -> None:
+    if mask is not None and backend not in _TAKES_MASK:
+        raise TSPConfigError(f"--tsp-attention-backend {backend} cannot apply a document mask (packed sequences, "
+                             f"data.reset_attention_mask): use {' or '.join(sorted(_TAKES_MASK))}")
+
+
+def _part(mask, lo, hi):
+    return None if mask is None else mask[..., lo:hi]
+
+
+def _kw(mask):
+    return {} if mask is None else {"mask": mask}
 
 
 # ---- a chunk against its causal prefix ----------------------------------------------------
 
 
-def chunk_forward(q, k, v, scale: float, backend: str, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def chunk_forward(q, k, v, scale: float, backend: str, out=None, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (the last c positions of a length-L sequence) over k, v [.., L, d].
-    With `out` (a [b, hq, c, d] tensor or strided view), o is written there."""
+    With `out` (a [b, hq, c, d] tensor or strided view), o is written there; with `mask`
+    (boolean [b, 1, c, L], True = masked out), that mask as well as the causal one."""
     fwd, _ = _CALLS[backend]
+    _check_mask(backend, mask)
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        o, lse = fwd(q, k, v, scale, True)
+        o, lse = fwd(q, k, v, scale, True, **_kw(mask))
         return (o, lse) if out is None else (out.copy_(o), lse)
-    o1, lse1 = fwd(q, k[:, :, : L - c], v[:, :, : L - c], scale, False)  # prefix: no mask
-    o2, lse2 = fwd(q, k[:, :, L - c :], v[:, :, L - c :], scale, True)  # square causal block
+    # prefix: no causal mask; then the square causal block
+    o1, lse1 = fwd(q, k[:, :, : L - c], v[:, :, : L - c], scale, False, **_kw(_part(mask, 0, L - c)))
+    o2, lse2 = fwd(q, k[:, :, L - c :], v[:, :, L - c :], scale, True, **_kw(_part(mask, L - c, L)))
     lse = torch.logaddexp(lse1, lse2)
     # o = o1 w1 + o2 w2 with w_i = exp(lse_i - lse), accumulated in lse's (fp32) precision
     acc = torch.mul(o1, torch.exp(lse1 - lse).unsqueeze(-1))
@@ -196,17 +282,20 @@ def _write(dst, src, accumulate: bool):
 
 
 def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str, dq=None, dk=None, dv=None,
-                   accumulate: bool = False):
+                   accumulate: bool = False, mask=None):
     """dq, dk, dv of `chunk_forward`, from its o and lse (no autograd graph). Given `dq`, `dk`,
     `dv` (tensors or strided views shaped like q, k, v), the gradients are written there, or
-    added to what they hold with `accumulate` (dq is always overwritten)."""
+    added to what they hold with `accumulate` (dq is always overwritten). `mask` as the forward's."""
     _, bwd = _CALLS[backend]
+    _check_mask(backend, mask)
     c, L = q.shape[2], k.shape[2]
     if backend in _ONE_CALL or L == c:
-        parts = [(0, bwd(do, q, k, v, o, lse, scale, True))]
+        parts = [(0, bwd(do, q, k, v, o, lse, scale, True, **_kw(mask)))]
     else:
-        parts = [(0, bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False)),
-                 (L - c, bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True))]
+        parts = [(0, bwd(do, q, k[:, :, : L - c], v[:, :, : L - c], o, lse, scale, False,
+                         **_kw(_part(mask, 0, L - c)))),
+                 (L - c, bwd(do, q, k[:, :, L - c :], v[:, :, L - c :], o, lse, scale, True,
+                             **_kw(_part(mask, L - c, L))))]
     dqs = [p[1][0] for p in parts]
     if dq is None:
         dq = dqs[0] if len(dqs) == 1 else dqs[0].add_(dqs[1])

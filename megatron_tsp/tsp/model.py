@@ -7,16 +7,24 @@ hands rank r chunks r and 2D-1-r; the per-token output is un-permuted on the way
 Embedding: Megatron's, on the same group. With labels, the loss comes from the sequence-local
 LM head (`megatron_tsp.tsp.lm_head`, `TSPOptions(lm_head='local')`, the default) or Megatron's
 output layer and vocab-parallel cross entropy (`lm_head='megatron'`); logits are Megatron's.
+
+Packed sequences: `attention_mask` may be document ids [b, S] (natural order, every rank;
+`megatron_tsp.tsp.documents`), which every attention layer applies; RoPE reads `position_ids`
+(Megatron's GPTModel reads them only for learned absolute embeddings), so positions that restart
+per document (GPTDataset's `reset_position_ids`) rotate each document as if it were alone.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron.core.models.gpt import GPTModel
 
 from .. import compat
 from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group, validate_transformer_config
+from .documents import WHAT as DOC_IDS, check_document_ids, is_document_ids
 from .specs import get_tsp_block_spec
 from . import lm_head
 from .zigzag import from_zigzag, to_zigzag
@@ -54,6 +62,18 @@ class TSPGPTModel(GPTModel):
     def _postprocess(self, *args, **kwargs):
         return lm_head.postprocess(self, super()._postprocess, *args, **kwargs)
 
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if out[1] is None or not isinstance(out[1], torch.Tensor) or position_ids is None or position_ids.shape[1] < 2:
+            return out
+        positions = from_zigzag(position_ids, self.tsp_group.size(), dim=1)
+        # One sample: its rows of the table, same shape, no device sync. Several: per-sample tables
+        # (b x the RoPE memory) only when the positions are not 0..S-1 (one sync to tell).
+        if (positions.shape[0] > 1 or getattr(self.config, "rotary_interleaved", False)) and _counts_up(positions):
+            return out
+        return (out[0], rope_at_positions(out[1], positions), *out[2:])
+
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
         D = self.tsp_group.size()
         if decoder_input is not None:
@@ -63,6 +83,9 @@ class TSPGPTModel(GPTModel):
         full = next((t for t in (input_ids, labels) if t is not None), None)
         if full is not None:
             check_seq_length(full.shape[1], D, what="sequence length of the batch")
+        if is_document_ids(attention_mask):  # once here, before the first collective
+            check_document_ids(attention_mask, None if full is None else full.shape[0],
+                               attention_mask.shape[1] if full is None else full.shape[1], what=DOC_IDS)
         permute = lambda t: None if t is None else to_zigzag(t, D, dim=1)  # noqa: E731
         if position_ids is not None and position_ids.shape[1] > 1:
             position_ids = permute(position_ids)
@@ -72,3 +95,13 @@ class TSPGPTModel(GPTModel):
         if not self.post_process:
             return output  # hidden states of this stage's local tokens, [S/D, b, h]
         return from_zigzag(output, D, dim=1)  # loss [b, S] or logits [b, S, V/D]
+
+
+def _counts_up(positions: torch.Tensor) -> bool:
+    return bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
+
+
+def rope_at_positions(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's RoPE table [L, 1, 1, rot] at positions [b, S] (natural order) -> [S, b, 1, rot]
+    (positions 0..S-1 give the table's own rows: the same values)."""
+    return table.reshape(table.shape[0], table.shape[-1])[position_ids.to(table.device).t()].unsqueeze(2)

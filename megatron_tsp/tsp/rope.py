@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+from ..config import TSPConfigError
+
 try:  # moved between megatron-core releases; YaRN scaling only
     from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
 except ImportError:  # pragma: no cover
@@ -28,7 +30,8 @@ except ImportError:  # pragma: no cover
 
 class Rotary:
     """RoPE at fixed positions: `freqs` [s, 1, 1, rot] (Megatron's table rows of the local
-    tokens), for tensors [s, ..., head_dim] of `dtype`. `group` is handed to Megatron's function
+    tokens) or [s, b, 1, rot] (per sample: positions that restart per document), for tensors
+    [s, b, ..., head_dim] of `dtype`. `group` is handed to Megatron's function
     (interleaved fallback), which otherwise reads the global context-parallel group."""
 
     def __init__(self, freqs: torch.Tensor, config, dtype: torch.dtype, group=None):
@@ -36,13 +39,17 @@ class Rotary:
         self.mscale = _yarn_get_concentration_factor_from_config(config)
         self.interleaved = bool(getattr(config, "rotary_interleaved", False))
         self.rot = freqs.shape[-1]
+        self.per_sample = freqs.dim() > 1 and freqs.shape[1] > 1
+        if self.interleaved and self.per_sample:
+            raise TSPConfigError("rotary_interleaved = True cannot be combined with per-document RoPE positions "
+                                 "(data.reset_position_ids)")
         if not self.interleaved:
-            flat = freqs.reshape(freqs.shape[0], self.rot)
+            flat = freqs.reshape(freqs.shape[0], -1, self.rot)  # [s, 1 or b, rot]
             self.cos = (torch.cos(flat) * self.mscale).to(dtype)
             self.sin = (torch.sin(flat) * self.mscale).to(dtype)
 
     def _table(self, table: torch.Tensor, ndim: int) -> torch.Tensor:
-        return table.view(table.shape[0], *([1] * (ndim - 2)), self.rot)
+        return table.view(table.shape[0], table.shape[1], *([1] * (ndim - 3)), self.rot)
 
     def apply_into(self, out: torch.Tensor, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """out[...] = RoPE(t) (or its adjoint); `out` may be a strided view of a larger buffer."""
