@@ -248,8 +248,8 @@ def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeyp
 @pytest.mark.distributed
 def test_driver_packed_runs_agree_across_layouts(world):
     """megatron-tsp train on packed mock documents (data.mock_document_length) with Megatron's
-    three options: TSP, TP + SP and CP see the same documents and give the same losses; without
-    the document masks the losses differ (the data has boundaries)."""
+    three options: TSP (gathered and streamed K/V), TP + SP and CP see the same documents and give
+    the same losses; without the document masks the losses differ (the data has boundaries)."""
     import os
 
     from megatron_tsp.training.loop import run
@@ -265,7 +265,8 @@ def test_driver_packed_runs_agree_across_layouts(world):
         return [(h["loss"], h["grad_norm"]) for h in run(load_recipe(tiny, common + extra))["history"]]
 
     ref = losses(["data.reset_attention_mask=true"])
-    for extra in (["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
+    for extra in (["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"],
+                  ["parallel.tsp_attention_kv=streamed"]):
         got = losses(extra + ["data.reset_attention_mask=true"])
         assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0), f"{extra}: {got} vs TSP {ref}"
     unmasked = losses([])
