@@ -248,6 +248,17 @@ def test_streamed_equals_gathered_with_documents(world, D, layout, groups, recom
     assert err <= 1e-12, f"streamed vs gathered under document masks: relative difference {err} (seed {seed})"
 
 
+@pytest.mark.slow  # FlexAttention's first use imports torch's compiler stack (~10 s on 2 cores)
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_streamed_packed_attention_on_flex_attention(world, recompute):
+    """The `flex` kernel on the streamed blocks (block masks from the blocks' document ids, also
+    for the unmasked-causality blocks of other ranks' keys) at D = world."""
+    errors, seed = document_block_parity(world, DOCS["short"], groups=world, heads=8,
+                                         options=TSPOptions(attention_kv="streamed", attention_backend="flex",
+                                                            recompute=recompute))
+    _check(errors, seed)
+
+
 def test_chunk_links_match_the_dense_mask():
     """Which chunk sees which (skip / unmasked / masked) equals what the dense causal document
     mask says, for every layout and chunk length; and every kind occurs."""
