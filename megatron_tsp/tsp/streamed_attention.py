@@ -89,7 +89,7 @@ def _doc_blocks(shard, p: int, src: int, c: int, flex: bool, local_ids):
     alike (the links come with the shard); a wholly visible one runs without a mask (None); the
     others get the document mask of their rows and keys (flex: their ids), combined with the
     block's causal mask by the kernel. Without document ids: `_blocks`, mask None."""
-    if shard.doc_ids is None:
+    if local_ids is None:
         return [(rows, keys, causal, None) for rows, keys, causal in _blocks(p, src, c)]
     D = shard.group.size()
     mine, theirs = local_chunk_ids(D, p), local_chunk_ids(D, src)
@@ -106,6 +106,13 @@ def _doc_blocks(shard, p: int, src: int, c: int, flex: bool, local_ids):
             mask = (doc_q, doc_k) if flex else (doc_q.unsqueeze(-1) != doc_k.unsqueeze(-2)).unsqueeze(1)
         out.append((rows, keys, causal, mask))
     return out
+
+
+def _shard_ids(shard, p: int, c: int):
+    """Rank p's document ids (`_local_ids`), or None without documents: a shard may carry none
+    (`doc_ids` / `doc_links` are optional: another caller's shard object may have neither)."""
+    doc_ids = getattr(shard, "doc_ids", None)
+    return None if doc_ids is None else _local_ids(doc_ids, p, shard.group.size(), c)
 
 
 def _local_ids(doc_ids: torch.Tensor, r: int, D: int, c: int) -> torch.Tensor:
@@ -143,11 +150,12 @@ def _merge(o_acc, lse_acc, o_b, lse_b) -> None:
 def stream_forward(shard, q: torch.Tensor, kv: torch.Tensor):
     """q [s, b, heads, hn], this rank's kv [s, b, groups, 2hn] -> o [s, b, heads*hn] (q's dtype)
     and the log-sum-exp of every local row [b, heads, s] (fp32, fp64 for fp64 inputs). `shard`:
-    the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend)."""
+    the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend;
+    optionally doc_ids [b, S] and their doc_links, `documents.chunk_links(doc_ids, c)`: document masks)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     p = group.rank()
-    backend = resolve_backend(shard.backend, q, masked=shard.doc_ids is not None)
-    local_ids = None if shard.doc_ids is None else _local_ids(shard.doc_ids, p, group.size(), c)
+    local_ids = _shard_ids(shard, p, c)
+    backend = resolve_backend(shard.backend, q, masked=local_ids is not None)
     s, b = q.shape[:2]
     acc = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 (fp64 for fp64 inputs)
     o_acc = torch.zeros(s, b, H, hn, dtype=acc, device=q.device)
@@ -173,8 +181,8 @@ def stream_backward(shard, do, q, kv, o, lse):
     schedule's reduce-scatter rounds them (half the bytes of fp32 partials, buffers and hops)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     D, p = group.size(), group.rank()
-    backend = resolve_backend(shard.backend, q, masked=shard.doc_ids is not None)
-    local_ids = None if shard.doc_ids is None else _local_ids(shard.doc_ids, p, D, c)
+    local_ids = _shard_ids(shard, p, c)
+    backend = resolve_backend(shard.backend, q, masked=local_ids is not None)
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     qb, dqb, dob, ob = _bhcd(q, H), _bhcd(dq, H), _bhcd(do, H), _bhcd(o, H)
