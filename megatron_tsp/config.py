@@ -146,6 +146,8 @@ ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
 ATTENTION_KV = ("gathered", "streamed")  # parallel.tsp_attention_kv: how a head shard's K/V meet the queries
+# parallel.cp_comm_type: the CP baseline's K/V all-gathered, or streamed around the CP ring (Megatron's names)
+CP_COMM_TYPES = ("all_gather", "p2p")
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
 BACKENDS = ("auto", "cudnn", "flash", "math", "math_split", "flex")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
