@@ -72,9 +72,9 @@ def _check(errors, seed, what, tol=TOL):
 
 
 SHAPES = {
-    "mha": ModelShape(seq_length=16, hidden_size=32, ffn_hidden_size=64, vocab_size=64),
-    "gqa": ModelShape(seq_length=16, hidden_size=32, ffn_hidden_size=64, vocab_size=64, num_attention_heads=4,
-                      num_query_groups=2),
+    "mha": ModelShape(num_layers=1, seq_length=16, hidden_size=32, ffn_hidden_size=64, vocab_size=64),
+    "gqa": ModelShape(num_layers=1, seq_length=16, hidden_size=32, ffn_hidden_size=64, vocab_size=64,
+                      num_attention_heads=4, num_query_groups=2),
 }
 LAYOUTS = {"cp2": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2-sp": (2, 2, True)}
 
@@ -83,8 +83,8 @@ LAYOUTS = {"cp2": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2-sp": (2, 2, True)}
                                          ("tp2xcp2-sp", "gqa")])
 def test_p2p_matches_all_gather_and_unsharded(world, layout, name):
     tp, cp, sp = LAYOUTS[layout]
-    if world % (tp * cp):
-        pytest.skip(f"TP{tp} x CP{cp} does not fit {world} processes")
+    if world % (tp * cp) or (world == 4 and layout == "cp2"):  # CP 2 runs at world 2 (CI time)
+        pytest.skip(f"TP{tp} x CP{cp} runs at world {tp * cp}")
     shape, seed = SHAPES[name], fresh_seed()
     ref = _loss_and_grads(shape, seed)
     ring = _loss_and_grads(shape, seed, tp, cp, sp, cp_comm_type="p2p")
@@ -183,3 +183,50 @@ def test_p2p_errors_before_any_collective(world, monkeypatch):
         core(q, k, v, doc_ids)
     with pytest.raises(TSPConfigError, match=r"cp_comm_type = 'a2a' \(parallel.cp_comm_type\)"):
         _core(2, "a2a")
+
+
+# --- the driver: parallel.cp_comm_type reaches every CP layout it builds --------------------
+
+DRIVER_LAYOUTS = {  # world size: the driver's CP layouts (dp x CP, FSDP over CP, TP + SP x CP)
+    2: [["parallel.layout=dp", "parallel.context_size=2"],
+        ["parallel.layout=dp", "parallel.context_size=2", "parallel.fsdp=true"]],
+    4: [["parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=2"],
+        ["parallel.layout=tp", "parallel.size=2", "parallel.context_size=2", "parallel.fsdp=true"],
+        ["parallel.layout=dp", "parallel.context_size=4", "parallel.fsdp=true"]],
+}
+DRIVER_COMMON = ["train.steps=3", "train.micro_batch_size=1", "train.log_interval=100", "model.num_attention_heads=8",
+                 "model.num_query_groups=4"]
+
+
+def _tiny(extra):
+    import os
+
+    from megatron_tsp.training.recipe import load_recipe
+
+    return load_recipe(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"), DRIVER_COMMON + extra)
+
+
+def test_driver_builds_p2p_in_every_cp_layout(world):
+    from megatron_tsp.training.loop import build, init_groups
+
+    if world not in DRIVER_LAYOUTS:
+        pytest.skip("runs at world sizes 2 and 4")
+    for extra in DRIVER_LAYOUTS[world]:  # (all_gather, the default, is what the CP driver tests run)
+        recipe = _tiny(extra + ["parallel.cp_comm_type=p2p"])
+        init_groups(recipe)
+        model, _, _ = build(recipe)
+        cores = [m for m in model.modules() if isinstance(m, ContextParallelAttention)]
+        assert cores and {m.cp_comm_type for m in cores} == {"p2p"}, extra
+
+
+def test_driver_p2p_trains_as_data_parallel(world):
+    """Three steps of dp x CP 2 with the ring: the losses and grad norms of plain data parallelism."""
+    from megatron_tsp.training.loop import run
+
+    if world != 2:
+        pytest.skip("runs at world size 2")
+    history = lambda extra: [(h["loss"], h["grad_norm"]) for h in run(_tiny(extra))["history"]]  # noqa: E731
+    ref = history(["parallel.layout=dp"])
+    got = history(["parallel.layout=dp", "parallel.context_size=2", "parallel.cp_comm_type=p2p"])
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0), f"step {step}: {got} vs {ref}"
