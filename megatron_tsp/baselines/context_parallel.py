@@ -47,7 +47,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from ..tsp import comm
-from ..config import CP_COMM_TYPES, TSPConfigError, check_context_parallel, require_group  # noqa: F401 (check_context_parallel: torch-free, in config)
+from ..config import CP_COMM_TYPES, TSPConfigError, require_group
+from ..config import check_context_parallel  # noqa: F401 (torch-free, in config)
 from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
 from ..tsp.streamed_attention import stream_backward, stream_forward
@@ -188,8 +189,9 @@ class ContextParallelAttention(MegatronModule):
     `DotProductAttention` / `SDPACoreAttention`) with context parallelism over
     `pg_collection.cp`: K/V all-gathered along the sequence, each local zigzag chunk against its
     causal prefix (`cp_comm_type` None or "all_gather"), or streamed around the CP ring ("p2p",
-    from TransformerConfig.cp_comm_type: no document ids yet). Heads are split by TP (`pg_collection.tp`) as in Megatron; composes with
-    sequence parallelism (the layer's linear_qkv all-gathers the CP rank's tokens over TP).
+    from TransformerConfig.cp_comm_type: no document ids yet). Heads are split by TP
+    (`pg_collection.tp`) as in Megatron; composes with sequence parallelism (the layer's
+    linear_qkv all-gathers the CP rank's tokens over TP).
 
     Causal self-attention only; an attention_mask of document ids [b, S] (packed sequences,
     `megatron_tsp.tsp.documents`: the whole sequence, natural order) masks each document, any

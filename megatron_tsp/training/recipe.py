@@ -15,8 +15,8 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 import yaml
 
 from ..config import (CP_COMM_TYPES, LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe,  # noqa: F401
-                      ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions, check_seq_length,
-                      read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
+                      ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions,
+                      check_seq_length, read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
