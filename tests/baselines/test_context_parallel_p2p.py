@@ -34,16 +34,18 @@ def _groups(tp, cp):
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
 
 
-def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None, cp_comm_type=None):
+def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None, cp_comm_type=None, **kw):
     """Per-token loss [b, S] in natural order and every parameter's full gradient (summed over CP
     as DDP over data x context does, and over TP for sequence-parallel norms), float64."""
     _groups(tp, cp)
-    kw = {} if cp_comm_type is None else {"cp_comm_type": cp_comm_type}
+    kw = kw if cp_comm_type is None else {"cp_comm_type": cp_comm_type, **kw}
     model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa",
                       sequence_parallel=sp, **kw)
     if cp > 1:
         types = {layer.self_attention.core_attention.cp_comm_type for layer in model.decoder.layers}
         assert types == {cp_comm_type or "all_gather"}
+        recomputed = {layer.self_attention.checkpoint_core_attention for layer in model.decoder.layers}
+        assert recomputed == {kw.get("recompute_granularity") == "selective"}
     cp_group, tp_group = mpu.get_context_parallel_group(), mpu.get_tensor_model_parallel_group()
     tokens, labels, pos = (cp_slice(t, cp_group) for t in mock_batch(0, 2, shape, seed=seed))
     loss = model(tokens, pos, None, labels=labels)
@@ -76,19 +78,21 @@ SHAPES = {
     "gqa": ModelShape(num_layers=1, seq_length=16, hidden_size=32, ffn_hidden_size=64, vocab_size=64,
                       num_attention_heads=4, num_query_groups=2),
 }
-LAYOUTS = {"cp2": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2-sp": (2, 2, True)}
+LAYOUTS = {"cp2": (1, 2, None), "cp2-selective": (1, 2, None), "cp4": (1, 4, None), "tp2xcp2-sp": (2, 2, True)}
 
 
-@pytest.mark.parametrize("layout,name", [("cp2", "mha"), ("cp2", "gqa"), ("cp4", "mha"), ("cp4", "gqa"),
-                                         ("tp2xcp2-sp", "gqa")])
+@pytest.mark.parametrize("layout,name", [("cp2", "mha"), ("cp2", "gqa"), ("cp2-selective", "gqa"), ("cp4", "mha"),
+                                         ("cp4", "gqa"), ("tp2xcp2-sp", "gqa")])
 def test_p2p_matches_all_gather_and_unsharded(world, layout, name):
+    """`cp2-selective`: Megatron's core-attention recompute runs the ring again in backward."""
     tp, cp, sp = LAYOUTS[layout]
-    if world % (tp * cp) or (world == 4 and layout == "cp2"):  # CP 2 runs at world 2 (CI time)
+    if world % (tp * cp) or (world == 4 and cp == 2 and tp == 1):  # CP 2 runs at world 2 (CI time)
         pytest.skip(f"TP{tp} x CP{cp} runs at world {tp * cp}")
     shape, seed = SHAPES[name], fresh_seed()
+    kw = {"recompute_granularity": "selective"} if layout.endswith("selective") else {}
     ref = _loss_and_grads(shape, seed)
-    ring = _loss_and_grads(shape, seed, tp, cp, sp, cp_comm_type="p2p")
-    gathered = _loss_and_grads(shape, seed, tp, cp, sp, cp_comm_type="all_gather")
+    ring = _loss_and_grads(shape, seed, tp, cp, sp, cp_comm_type="p2p", **kw)
+    gathered = _loss_and_grads(shape, seed, tp, cp, sp, cp_comm_type="all_gather", **kw)
     _check(_errors(ring, gathered), seed, "p2p vs all_gather")
     # Megatron's TP + SP path is not float64-exact against one process (2.5e-8 measured, the
     # all_gather path alike): the ring is held to all_gather exactly, and both to that bound
