@@ -102,8 +102,8 @@ def test_p2p_matches_all_gather_and_unsharded(world, layout, name):
 def test_ring_without_hops_is_caught(world, monkeypatch):
     """Test the test: a ring whose hops deliver zeros (no rank sees another's K/V, no dK/dV partial
     comes home) differs in the loss and in the gradients."""
-    if world % 2:
-        pytest.skip("needs CP 2")
+    if world != 2:
+        pytest.skip("runs at world 2")
     shape, seed = SHAPES["gqa"], fresh_seed()
     ref = _loss_and_grads(shape, seed)
     real = comm.ring_shift
@@ -166,7 +166,9 @@ def test_p2p_never_holds_the_sequence_kv(world):
         assert not _spans(shapes, cp), f"CP {cp}: tensors of more than one rank's K/V: {_spans(shapes, cp)}"
         assert saved and all(t.dim() == 0 or t.shape[0] <= MS // cp for t in saved), \
             f"CP {cp}: saved {[tuple(t.shape) for t in saved]}: more than the local tokens"
-        # the positive control: the all-gather makes S-long K/V, and saves them without the re-gather
+        if cp != 2:  # the positive control, once (CI time)
+            continue
+        # the all-gather makes S-long K/V, and saves them without the re-gather
         shapes, _ = _footprint(cp, "all_gather")
         assert any(MS in s for s in _spans(shapes, cp)), "the check should see the gathered K/V"
         _, saved = _footprint(cp, "all_gather", regather=False)
@@ -176,8 +178,8 @@ def test_p2p_never_holds_the_sequence_kv(world):
 def test_p2p_errors_before_any_collective(world, monkeypatch):
     """Document ids with p2p, and an unknown cp_comm_type: one clear error on every rank, and no
     collective ran (a posted ring hop would hang the ranks that did not post it)."""
-    if world % 2:
-        pytest.skip("needs CP 2")
+    if world != 2:
+        pytest.skip("runs at world 2")
     core = _core(2, "p2p")
     monkeypatch.setattr(comm, "ring_shift", lambda *a: pytest.fail("a ring hop was posted"))
     s, b = 8, 2
