@@ -271,8 +271,8 @@ class ContextParallelAttention(MegatronModule):
         doc_ids = None
         if self.cp_comm_type == "p2p" and is_document_ids(attention_mask):  # before any collective
             raise TSPConfigError("document ids (packed sequences, data.reset_attention_mask) cannot run with "
-                                 "parallel.cp_comm_type = p2p in this version (the streamed blocks have no document "
-                                 "mask yet): use all_gather")
+                                 "parallel.cp_comm_type = p2p in this version (the CP ring passes no document ids "
+                                 "yet): use all_gather")
         if self.cp_comm_type == "p2p":
             shard = RingShard(group, query.shape[2], key.shape[2], hn, self.softmax_scale,
                               tuple(local_chunk_starts(S, cp, r)), s // 2)

@@ -36,7 +36,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from . import comm
 from ..config import TSPConfigError, TSPOptions, check_seq_length, require_group, validate_transformer_config
 from .exchange import Reductions, broadcast_shards, run_holder_pre_hooks
-from .documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
+from .documents import WHAT as DOC_IDS, check_document_ids, chunk_links, chunk_mask, is_document_ids, key_starts
 from .kernels import chunk_backward, chunk_forward, resolve_backend
 from .rope import Rotary
 from .streamed_attention import StreamedAttentionFunction
@@ -65,9 +65,11 @@ class AttentionShard:
     chunk_len: int
     backend: str = "auto"
     # Packed sequences: document ids [b, S] in natural order (`megatron_tsp.tsp.documents`) and,
-    # per local chunk, the first key its queries can see (the keys before are skipped).
+    # per local chunk, the first key its queries can see (the keys before are skipped); for the
+    # streamed schedule instead, which chunk sees which (`documents.chunk_links`).
     doc_ids: Optional[torch.Tensor] = None
     key_starts: Optional[tuple] = None
+    doc_links: Optional[tuple] = None
 
     def key_range(self, i: int, backend: str):
         """The keys chunk i attends to, [lo, start + c), and its document mask (None without; for
@@ -344,16 +346,15 @@ class TSPSelfAttention(SelfAttention):
         s_local = hidden_states.shape[0]
         S = s_local * D
         check_seq_length(S, D, what="sequence length (S/D local tokens x --tsp-size)")
-        doc_ids, starts = None, local_chunk_starts(S, D, p)
+        doc_ids, starts, documents = None, local_chunk_starts(S, D, p), {}
+        streamed = self.tsp_options.attention_kv == "streamed"
         if is_document_ids(attention_mask):
-            if self.tsp_options.attention_kv == "streamed":  # its blocks have no document mask yet
-                raise TSPConfigError("document masks (data.reset_attention_mask) cannot run with "
-                                     "parallel.tsp_attention_kv = streamed (--tsp-attention-kv) in this version: "
-                                     "use gathered")
             check_document_ids(attention_mask, hidden_states.shape[1], S, what=DOC_IDS)
             doc_ids = attention_mask.to(hidden_states.device)
             resolve_backend(self.tsp_options.attention_backend, hidden_states, masked=True)  # before any collective
-            first_keys = key_starts(doc_ids, starts)
+            # the streamed schedule meets keys a chunk at a time, the gathered one a key range per chunk
+            documents = ({"doc_ids": doc_ids, "doc_links": chunk_links(doc_ids, S // (2 * D))} if streamed
+                         else {"doc_ids": doc_ids, "key_starts": key_starts(doc_ids, starts)})
         freqs = None
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):
@@ -379,10 +380,10 @@ class TSPSelfAttention(SelfAttention):
             chunk_starts=starts,
             chunk_len=S // (2 * D),
             backend=self.tsp_options.attention_backend,
-            **({} if doc_ids is None else {"doc_ids": doc_ids, "key_starts": first_keys}),
+            **documents,
         )
         # parallel.tsp_attention_kv: K/V all-gathered (this module) or streamed around the ring
-        function = StreamedAttentionFunction if self.tsp_options.attention_kv == "streamed" else TSPAttentionFunction
+        function = StreamedAttentionFunction if streamed else TSPAttentionFunction
         out = function.apply(
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, shard,
             self.tsp_options.recompute,

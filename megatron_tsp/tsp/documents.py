@@ -15,7 +15,9 @@ order, on every rank (O(S) memory, never the S x S mask). A boolean mask keeps i
 
 Because ids never decrease, the keys a query chunk [start, start + c) can see begin at the
 first token of the document of `start`: everything before is skipped (`key_start`), and only
-the rest is masked elementwise.
+the rest is masked elementwise. The streamed K/V schedule meets keys a chunk at a time: for it,
+`chunk_links` tells which (query chunk, key chunk) pairs are hidden (skipped), wholly visible
+(no document mask) or partly visible (masked elementwise).
 """
 
 from __future__ import annotations
@@ -61,6 +63,35 @@ def key_starts(doc_ids: torch.Tensor, starts: Sequence[int]) -> Tuple[int, ...]:
     first = doc_ids[:, list(starts)]  # [b, n]
     lo = torch.searchsorted(doc_ids.contiguous(), first.contiguous(), right=False)  # first index of that id
     return tuple(int(v) for v in lo.min(dim=0).values.tolist())
+
+
+# chunk_links' values: no query of chunk i sees a key of chunk k (in any sample); the document
+# mask decides; every query sees every key that causality allows (one document throughout)
+HIDDEN, PARTIAL, VISIBLE = 0, 1, 2
+
+
+def chunk_links(doc_ids: torch.Tensor, c: int) -> Tuple[Tuple[int, ...], ...]:
+    """For the S/c chunks of c tokens: links[i][k] (HIDDEN, PARTIAL or VISIBLE) of query chunk i
+    and key chunk k <= i over the whole batch (k > i: HIDDEN, causality hides it). Ids never
+    decrease, so chunk i sees chunk k < i iff k's last id equals i's first (in some sample), and
+    sees it all iff k's first id equals i's last (in every sample). One device sync for all."""
+    ends = torch.stack([doc_ids[:, 0::c], doc_ids[:, c - 1 :: c]]).tolist()  # [2, b, n]
+    first, last = ends
+    n = len(first[0])
+    links = []
+    for i in range(n):
+        row = []
+        for k in range(n):
+            if k > i:
+                row.append(HIDDEN)
+            elif all(f[k] == l[i] for f, l in zip(first, last)):
+                row.append(VISIBLE)
+            elif k < i and all(l[k] != f[i] for f, l in zip(first, last)):
+                row.append(HIDDEN)
+            else:
+                row.append(PARTIAL)
+        links.append(tuple(row))
+    return tuple(links)
 
 
 def chunk_mask(doc_ids: torch.Tensor, q_start: int, c: int, k_start: int, k_end: int) -> torch.Tensor:

@@ -25,9 +25,10 @@ Backends (`backend=`):
 - `auto`: cudnn on CUDA for fp16/bf16 (cuDNN ran causal attention ~2x faster than flash on
   H200, docs/design.md §8), else math.
 Document masks (packed sequences, `megatron_tsp.tsp.documents`): `mask=` a boolean
-[b, 1, c, L] (True = masked out) combined with the lower-right causal mask; the `math` and
-`math_split` kernels take it (a row the mask empties in one part of the split gets lse -inf
-and no weight in the merge); `flash` / `cudnn` have no such mask and refuse it.
+[b, 1, c, L] (True = masked out) combined with the lower-right causal mask (chunk_*; full_*:
+no causal mask); the `math` and `math_split` kernels take it (a row the mask empties, in one
+part of the split or in a streamed block, gets lse -inf and no weight in the merge); `flash` /
+`cudnn` have no such mask and refuse it.
 Tensors: q [b, hq, c, d]; k, v [b, hk, L, d] with hq a multiple of hk (GQA: query head i uses
 KV head i // (hq/hk), Megatron's grouped layout); o like q; lse [b, hq, c] float32 (float64 for float64 inputs).
 """
@@ -317,15 +318,19 @@ def chunk_backward(do, q, k, v, o, lse, scale: float, backend: str, dq=None, dk=
 # ---- a block of keys wholly before the queries (streamed K/V) -------------------------------
 
 
-def full_forward(q, k, v, scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over every key of k, v (no mask): a block of keys that all lie before the
-    queries, as streamed K/V attention (tsp/streamed_attention.py) meets them. -> o, lse."""
+def full_forward(q, k, v, scale: float, backend: str, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over every key of k, v (no causal mask): a block of keys that all lie before
+    the queries, as streamed K/V attention (tsp/streamed_attention.py) meets them. -> o, lse. With
+    `mask` (as chunk_forward's, [b, 1, c, L]) a document mask; a row it empties gets lse -inf, o 0."""
     fwd, _ = _CALLS[backend]
-    return fwd(q, k, v, scale, False)
+    _check_mask(backend, mask)
+    return fwd(q, k, v, scale, False, **_kw(mask))
 
 
-def full_backward(do, q, k, v, o, lse, scale: float, backend: str):
+def full_backward(do, q, k, v, o, lse, scale: float, backend: str, mask=None):
     """dq, dk, dv of `full_forward`'s block, from the o and lse of the whole row (the merge of
-    every block the queries saw): each block's softmax weights are exp(s - lse), so this is exact."""
+    every block the queries saw): each block's softmax weights are exp(s - lse), so this is exact.
+    `mask` as the forward's."""
     _, bwd = _CALLS[backend]
-    return bwd(do, q, k, v, o, lse, scale, False)
+    _check_mask(backend, mask)
+    return bwd(do, q, k, v, o, lse, scale, False, **_kw(mask))

@@ -21,6 +21,10 @@ Per layer, on TSP rank p holding tokens x_p (zigzag chunks p and 2D-1-p, c = S/(
                          o = o exp(lse - lse') + o_b exp(lse_b - lse')
         out += o @ Wo_j                      # accumulates locally: no all-reduce
 
+Packed sequences (document ids, `shard.doc_ids`): each block also gets the document mask of its
+rows and keys (`_doc_blocks`); a block no query of it can see is skipped (forward and backward
+decide from the same `shard.doc_links`), a block inside one document runs unmasked.
+
 Every rank attends 3 blocks of c x c-equivalent work at t = 0 and 2 at every later step: the
 zigzag keeps the ring's steps balanced, as it keeps the gathered schedule's chunks balanced.
 
@@ -55,7 +59,9 @@ import torch.nn.functional as F
 
 from . import comm
 from .exchange import Reductions, broadcast_shards
+from .documents import HIDDEN, VISIBLE
 from .kernels import chunk_backward, chunk_forward, full_backward, full_forward, resolve_backend
+from .zigzag import local_chunk_ids, local_chunk_starts
 
 
 def _bhcd(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -76,6 +82,45 @@ def _blocks(p: int, src: int, c: int) -> List[Tuple[slice, slice, bool]]:
     return [(second, both, False)]  # src > p: both of src's chunks lie between chunk p and 2D-1-p
 
 
+def _doc_blocks(shard, p: int, src: int, c: int, flex: bool, local_ids):
+    """`_blocks` under the document mask (packed sequences): (rows, keys, causal, mask) of every
+    block rank p attends when it holds src's K/V. A block no query can see (HIDDEN for each of its
+    (query chunk, key chunk) pairs, `documents.chunk_links`) is skipped, in forward and backward
+    alike (the links come with the shard); a wholly visible one runs without a mask (None); the
+    others get the document mask of their rows and keys (flex: their ids), combined with the
+    block's causal mask by the kernel. Without document ids: `_blocks`, mask None."""
+    if local_ids is None:
+        return [(rows, keys, causal, None) for rows, keys, causal in _blocks(p, src, c)]
+    D = shard.group.size()
+    mine, theirs = local_chunk_ids(D, p), local_chunk_ids(D, src)
+    src_ids = _local_ids(shard.doc_ids, src, D, c)
+    out = []
+    for rows, keys, causal in _blocks(p, src, c):
+        links = {shard.doc_links[i][k] for i in mine[rows.start // c : rows.stop // c]
+                 for k in theirs[keys.start // c : keys.stop // c]}
+        if links == {HIDDEN}:
+            continue
+        mask = None
+        if links != {VISIBLE}:
+            doc_q, doc_k = local_ids[:, rows], src_ids[:, keys]
+            mask = (doc_q, doc_k) if flex else (doc_q.unsqueeze(-1) != doc_k.unsqueeze(-2)).unsqueeze(1)
+        out.append((rows, keys, causal, mask))
+    return out
+
+
+def _shard_ids(shard, p: int, c: int):
+    """Rank p's document ids (`_local_ids`), or None without documents: a shard may carry none
+    (`doc_ids` / `doc_links` are optional: another caller's shard object may have neither)."""
+    doc_ids = getattr(shard, "doc_ids", None)
+    return None if doc_ids is None else _local_ids(doc_ids, p, shard.group.size(), c)
+
+
+def _local_ids(doc_ids: torch.Tensor, r: int, D: int, c: int) -> torch.Tensor:
+    """The document ids [b, 2c] of rank r's tokens, in local (zigzag) order."""
+    a, z = local_chunk_starts(2 * D * c, D, r)
+    return torch.cat([doc_ids[:, a : a + c], doc_ids[:, z : z + c]], dim=1)
+
+
 def _ring(kv: torch.Tensor, group):
     """Yields (src, K/V of rank src) for src = p, p-1, ..., p-D+1 (mod D); the next hop (send to
     p+1, receive from p-1) is in flight while a step computes."""
@@ -92,20 +137,25 @@ def _ring(kv: torch.Tensor, group):
 
 
 def _merge(o_acc, lse_acc, o_b, lse_b) -> None:
-    """Online softmax, in place: (o_acc, lse_acc) <- the merge with a block's (o_b, lse_b)."""
+    """Online softmax, in place: (o_acc, lse_acc) <- the merge with a block's (o_b, lse_b). A row
+    with no visible key on either side (lse -inf on both, a document mask's) stays o 0, lse -inf:
+    its weights are taken against 0 there, so exp(-inf - 0) = 0 and never exp(-inf + inf) = nan."""
     lse = torch.logaddexp(lse_acc, lse_b.to(lse_acc.dtype))
-    o_acc.mul_(torch.exp(lse_acc - lse).unsqueeze(-1))
-    o_acc.add_(o_b.to(o_acc.dtype) * torch.exp(lse_b.to(lse.dtype) - lse).unsqueeze(-1))
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)
+    o_acc.mul_(torch.exp(lse_acc - safe).unsqueeze(-1))
+    o_acc.add_(o_b.to(o_acc.dtype) * torch.exp(lse_b.to(lse.dtype) - safe).unsqueeze(-1))
     lse_acc.copy_(lse)
 
 
 def stream_forward(shard, q: torch.Tensor, kv: torch.Tensor):
     """q [s, b, heads, hn], this rank's kv [s, b, groups, 2hn] -> o [s, b, heads*hn] (q's dtype)
     and the log-sum-exp of every local row [b, heads, s] (fp32, fp64 for fp64 inputs). `shard`:
-    the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend)."""
+    the call's attention.AttentionShard (group, heads, groups, head_dim, scale, chunk_len, backend;
+    optionally doc_ids [b, S] and their doc_links, `documents.chunk_links(doc_ids, c)`: document masks)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     p = group.rank()
-    backend = resolve_backend(shard.backend, q)
+    local_ids = _shard_ids(shard, p, c)
+    backend = resolve_backend(shard.backend, q, masked=local_ids is not None)
     s, b = q.shape[:2]
     acc = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 (fp64 for fp64 inputs)
     o_acc = torch.zeros(s, b, H, hn, dtype=acc, device=q.device)
@@ -113,9 +163,10 @@ def stream_forward(shard, q: torch.Tensor, kv: torch.Tensor):
     qb, ob = _bhcd(q, H), _bhcd(o_acc, H)
     for src, held in _ring(kv, group):
         kb = _bhcd(held, G)
-        for rows, keys, causal in _blocks(p, src, c):
+        for rows, keys, causal, mask in _doc_blocks(shard, p, src, c, backend == "flex", local_ids):
             attend = chunk_forward if causal else full_forward
-            o_b, lse_b = attend(qb[:, :, rows], kb[:, :, keys, :hn], kb[:, :, keys, hn:], shard.softmax_scale, backend)
+            o_b, lse_b = attend(qb[:, :, rows], kb[:, :, keys, :hn], kb[:, :, keys, hn:], shard.softmax_scale, backend,
+                                **({} if mask is None else {"mask": mask}))
             _merge(ob[:, :, rows], lse[:, :, rows], o_b, lse_b)
         del held, kb
     return o_acc.to(q.dtype).view(s, b, H * hn), lse
@@ -130,7 +181,8 @@ def stream_backward(shard, do, q, kv, o, lse):
     schedule's reduce-scatter rounds them (half the bytes of fp32 partials, buffers and hops)."""
     group, c, hn, H, G = shard.group, shard.chunk_len, shard.head_dim, shard.heads, shard.groups
     D, p = group.size(), group.rank()
-    backend = resolve_backend(shard.backend, q)
+    local_ids = _shard_ids(shard, p, c)
+    backend = resolve_backend(shard.backend, q, masked=local_ids is not None)
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     qb, dqb, dob, ob = _bhcd(q, H), _bhcd(dq, H), _bhcd(do, H), _bhcd(o, H)
@@ -139,10 +191,11 @@ def stream_backward(shard, do, q, kv, o, lse):
         kb = _bhcd(held, G)
         partial = torch.zeros(held.shape, dtype=acc, device=held.device)
         pb = _bhcd(partial, G)
-        for rows, keys, causal in _blocks(p, src, c):
+        for rows, keys, causal, mask in _doc_blocks(shard, p, src, c, backend == "flex", local_ids):
             grads = chunk_backward if causal else full_backward
             dq_b, dk_b, dv_b = grads(dob[:, :, rows], qb[:, :, rows], kb[:, :, keys, :hn], kb[:, :, keys, hn:],
-                                     ob[:, :, rows], lse[:, :, rows].contiguous(), shard.softmax_scale, backend)
+                                     ob[:, :, rows], lse[:, :, rows].contiguous(), shard.softmax_scale, backend,
+                                     **({} if mask is None else {"mask": mask}))
             dqb[:, :, rows].add_(dq_b)
             pb[:, :, keys, :hn].add_(dk_b)
             pb[:, :, keys, hn:].add_(dv_b)

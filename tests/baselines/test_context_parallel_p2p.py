@@ -185,7 +185,7 @@ def test_p2p_errors_before_any_collective(world, monkeypatch):
     s, b = 8, 2
     q, k, v = torch.randn(s, b, 4, 8), torch.randn(s, b, 2, 8), torch.randn(s, b, 2, 8)
     doc_ids = torch.zeros(b, 2 * s, dtype=torch.long)
-    with pytest.raises(TSPConfigError, match=r"parallel.cp_comm_type = p2p .*no document mask"):
+    with pytest.raises(TSPConfigError, match=r"parallel.cp_comm_type = p2p .*no document ids"):
         core(q, k, v, doc_ids)
     with pytest.raises(TSPConfigError, match=r"cp_comm_type = 'a2a' \(parallel.cp_comm_type\)"):
         _core(2, "a2a")

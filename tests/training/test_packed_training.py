@@ -75,12 +75,12 @@ def _outputs_and_grads(model, per_token, kind):
     return per_token, {n: gather_full(p.grad, p, tp) for n, p in model.named_parameters()}
 
 
-def packed(kind, size, shape, seed, layouts, masked=True):
+def packed(kind, size, shape, seed, layouts, masked=True, tsp_options=None):
     """The packed batch through `kind` (tsp, tp_sp, cp) at `size`: a fixed random linear function
     of the logits per token (float64: Megatron's cross entropy would cast to float32)."""
     _init(kind, size)
     model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, seed=seed,
-                      core_attention="sdpa")
+                      core_attention="sdpa", **({} if tsp_options is None else {"tsp_options": tsp_options}))
     tokens, docs, pos, w = _batch(shape, seed, layouts)
     cp = mpu.get_context_parallel_group()
     local = (lambda t: cp_slice(t, cp)) if kind == "cp" else (lambda t: t)
@@ -171,8 +171,6 @@ def test_document_ids_and_positions_match_megatrons_masks():
      r"data.reset_attention_mask = true on parallel.layout = tp needs parallel.baseline_attention = sdpa"),
     (["data.reset_attention_mask=true", "parallel.tsp_attention_backend=cudnn"],
      r"data.reset_attention_mask = true cannot run on parallel.tsp_attention_backend = cudnn"),
-    (["data.reset_attention_mask=true", "parallel.tsp_attention_kv=streamed"],
-     r"data.reset_attention_mask = true cannot run with parallel.tsp_attention_kv = streamed"),
     (["data.reset_position_ids=true", "parallel.layout=tp_sp"],
      r"data.reset_position_ids = true with RoPE on parallel.layout = tp_sp"),
 ])
@@ -186,8 +184,8 @@ def test_recipe_errors_name_the_key(overrides, match):
 def test_recipe_accepts_the_packed_keys():
     from megatron_tsp.training.recipe import load_recipe
 
-    for layout in (["parallel.layout=tsp"], ["parallel.layout=tp_sp"],
-                   ["parallel.layout=dp", "parallel.context_size=2"]):
+    for layout in (["parallel.layout=tsp"], ["parallel.layout=tsp", "parallel.tsp_attention_kv=streamed"],
+                   ["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
         load_recipe(None, layout + ["data.reset_attention_mask=true", "data.reset_position_ids=true",
                                     "data.eod_mask_loss=true", "data.mock_document_length=24"], devices=False)
 
@@ -215,16 +213,19 @@ def test_masked_kernel_refuses_flash_and_cudnn():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["tsp", "tp_sp", "cp"])
+@pytest.mark.parametrize("kind", ["tsp", "tsp-streamed", "tp_sp", "cp"])
 def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeypatch):
-    from megatron_tsp.config import TSPConfigError
+    from megatron_tsp.config import TSPConfigError, TSPOptions
 
+    options = TSPOptions(attention_kv="streamed") if kind == "tsp-streamed" else None
+    kind = kind.split("-")[0]
     size = world if kind == "tsp" else 2
     if world % size:
         pytest.skip(f"needs a multiple of {size} ranks")
     shape = SHAPES["gqa-rope"]
     _init(kind, size)
-    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, core_attention="sdpa")
+    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, core_attention="sdpa",
+                      **({} if options is None else {"tsp_options": options}))
     tokens, docs, pos, _ = _batch(shape, 1, LAYOUTS)
     docs[0, 10] = 0  # a document id that goes back (3 -> 0)
     cp = mpu.get_context_parallel_group()
@@ -233,7 +234,8 @@ def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeyp
     def forbidden(*args, **kwargs):
         raise AssertionError("a collective ran before the error")
 
-    for name in ("broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather"):
+    for name in ("broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather",
+                 "batch_isend_irecv"):
         monkeypatch.setattr(dist, name, forbidden)
     from megatron_tsp.tsp import comm
 
@@ -246,8 +248,8 @@ def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeyp
 @pytest.mark.distributed
 def test_driver_packed_runs_agree_across_layouts(world):
     """megatron-tsp train on packed mock documents (data.mock_document_length) with Megatron's
-    three options: TSP, TP + SP and CP see the same documents and give the same losses; without
-    the document masks the losses differ (the data has boundaries)."""
+    three options: TSP (gathered and streamed K/V), TP + SP and CP see the same documents and give
+    the same losses; without the document masks the losses differ (the data has boundaries)."""
     import os
 
     from megatron_tsp.training.loop import run
@@ -263,7 +265,8 @@ def test_driver_packed_runs_agree_across_layouts(world):
         return [(h["loss"], h["grad_norm"]) for h in run(load_recipe(tiny, common + extra))["history"]]
 
     ref = losses(["data.reset_attention_mask=true"])
-    for extra in (["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"]):
+    for extra in (["parallel.layout=tp_sp"], ["parallel.layout=dp", "parallel.context_size=2"],
+                  ["parallel.tsp_attention_kv=streamed"]):
         got = losses(extra + ["data.reset_attention_mask=true"])
         assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0), f"{extra}: {got} vs TSP {ref}"
     unmasked = losses([])
@@ -287,20 +290,13 @@ def test_bench_attention_probe_times_document_masks():
 
 
 @pytest.mark.distributed
-def test_streamed_kv_refuses_document_ids_before_any_collective(world, monkeypatch):
-    """The streamed schedule's blocks carry no document mask yet: document ids are refused, never ignored."""
-    from megatron_tsp.config import TSPConfigError, TSPOptions
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_streamed_kv_packed_model_equals_documents_alone(world, recompute):
+    """The streamed K/V schedule (parallel.tsp_attention_kv = streamed) under document masks, a
+    whole model at D = world (tests/tsp/test_streamed_attention.py has the block at D = 1, 2, 4)."""
+    from megatron_tsp.config import TSPOptions
 
-    shape = SHAPES["gqa-rope"]
-    _init("tsp", world)
-    model = build_gpt(shape, layout="tsp", dtype=torch.float64, tsp_options=TSPOptions(attention_kv="streamed"))
-    tokens, docs, pos, _ = _batch(shape, 1, LAYOUTS)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a collective ran before the error")
-
-    for name in ("broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "batch_isend_irecv"):
-        monkeypatch.setattr(dist, name, forbidden)
-    with pytest.raises(TSPConfigError, match=r"document masks \(data.reset_attention_mask\) cannot run with "
-                                             r"parallel.tsp_attention_kv = streamed"):
-        model(tokens, pos, docs)
+    shape, seed = SHAPES["gqa-rope"], fresh_seed()
+    options = TSPOptions(attention_kv="streamed", recompute=recompute)
+    _assert_match(packed("tsp", world, shape, seed, LAYOUTS, tsp_options=options),
+                  documents_alone(shape, seed, LAYOUTS), seed)

@@ -20,7 +20,8 @@ from megatron_tsp.tsp import streamed_attention
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.specs import get_sp_layer_spec
 from megatron_tsp.training.build import ModelShape, build_gpt
-from tests.parity import block_parity, fresh_seed, model_loss_and_grads, worst_error
+from tests.parity import (block_parity, document_block_parity, fresh_seed, lengths_to_ids, model_loss_and_grads,
+                          worst_error)
 from tests.utils import OpShapes, device, init_tsp, rel_err, skip_unless_divides, tiny_config
 
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
@@ -62,9 +63,10 @@ def test_streamed_attention_parity_variants(world, D, case):
     assert ("linear_qkv.bias" in errors) == (case == "bias")
 
 
-def _both_schedules(D, groups, heads, recompute, S=16, b=2, hidden=32):
+def _both_schedules(D, groups, heads, recompute, S=16, b=2, hidden=32, layouts=None):
     """Gathered and streamed TSPSelfAttention with the same weights on the same local tokens:
-    the relative differences of output, input gradient and every weight gradient (max over ranks)."""
+    the relative differences of output, input gradient and every weight gradient (max over ranks).
+    `layouts`: document lengths per sample (b of them): both run under those document masks."""
     init_tsp(D)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     seed = fresh_seed()
@@ -83,10 +85,11 @@ def _both_schedules(D, groups, heads, recompute, S=16, b=2, hidden=32):
     x = torch.randn(S // D, b, hidden, dtype=torch.float64, generator=gen).to(dev)
     g = torch.randn(S // D, b, hidden, dtype=torch.float64, generator=gen).to(dev)
     rope = RotaryEmbedding(kv_channels=hidden // heads, rotary_percent=1.0)(S).to(dev)
+    docs = None if layouts is None else torch.stack([lengths_to_ids(n, dev) for n in layouts])
     results = []
     for m in mods:
         xi = x.clone().requires_grad_()
-        out, _ = m(xi, None, rotary_pos_emb=rope)
+        out, _ = m(xi, docs, rotary_pos_emb=rope)
         (out * g).sum().backward()
         results.append([out.detach(), xi.grad] + [p.grad for p in m.parameters()])
     errs = torch.tensor([rel_err(a, b) for a, b in zip(results[1], results[0])], dtype=torch.float64, device=dev)
@@ -207,6 +210,126 @@ def test_dropped_dkv_hop_is_caught(world, monkeypatch):
     errors = _broken(world, monkeypatch, "ring_shift", lossy, where=streamed_attention.comm)
     assert errors["output"] <= TOL
     assert errors["linear_qkv.weight"] > 1e-3
+
+
+# --- packed sequences: document masks on the streamed blocks ------------------------------
+
+# document lengths per sample (b = 2, S = 16; chunks of c = 8, 4, 2 tokens at D = 1, 2, 4): documents
+# crossing chunks and ranks; shorter than a chunk (1-token ones included); longer than a rank's
+# share. Between them every block kind runs at D = 2 and 4: skipped (no query sees a key), wholly
+# visible (unmasked) and masked.
+DOCS = {
+    "crossing": [[5, 3, 8], [3, 7, 6]],
+    "short": [[1, 2, 1, 3, 1, 1, 4, 2, 1], [2, 1, 1, 1, 5, 1, 3, 2]],
+    "long": [[13, 1, 2], [1, 14, 1]],
+}
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("layout,groups,recompute", [("crossing", None, "none"), ("short", 2, "full"),
+                                                     ("long", 2, "none")],
+                         ids=["crossing-mha-save", "short-gqa-recompute", "long-gqa-save"])
+def test_streamed_packed_attention_equals_documents_alone(world, D, layout, groups, recompute):
+    """Streamed K/V under document masks equals Megatron's attention run on each document alone."""
+    skip_unless_divides(world, D)
+    groups, heads = _gqa(groups, D)
+    errors, seed = document_block_parity(D, DOCS[layout], groups=groups, heads=heads,
+                                         options=TSPOptions(attention_kv="streamed", recompute=recompute))
+    _check(errors, seed)
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("layout,groups,recompute", [("short", None, "full"), ("long", 2, "none")],
+                         ids=["short-mha-recompute", "long-gqa-save"])
+def test_streamed_equals_gathered_with_documents(world, D, layout, groups, recompute):
+    skip_unless_divides(world, D)
+    groups, heads = _gqa(groups, D)
+    err, seed = _both_schedules(D, groups, heads, recompute, layouts=DOCS[layout])
+    assert err <= 1e-12, f"streamed vs gathered under document masks: relative difference {err} (seed {seed})"
+
+
+@pytest.mark.slow  # FlexAttention's first use imports torch's compiler stack (~10 s on 2 cores)
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_streamed_packed_attention_on_flex_attention(world, recompute):
+    """The `flex` kernel on the streamed blocks (block masks from the blocks' document ids, also
+    for the unmasked-causality blocks of other ranks' keys) at D = world."""
+    errors, seed = document_block_parity(world, DOCS["short"], groups=world, heads=8,
+                                         options=TSPOptions(attention_kv="streamed", attention_backend="flex",
+                                                            recompute=recompute))
+    _check(errors, seed)
+
+
+def test_chunk_links_match_the_dense_mask():
+    """Which chunk sees which (skip / unmasked / masked) equals what the dense causal document
+    mask says, for every layout and chunk length; and every kind occurs."""
+    from megatron_tsp.tsp.documents import HIDDEN, PARTIAL, VISIBLE, chunk_links, full_mask
+
+    kinds = set()
+    for lengths in DOCS.values():
+        docs = torch.stack([lengths_to_ids(n) for n in lengths])
+        seen = ~full_mask(docs)[:, 0]  # [b, S, S], True = query sees key
+        causal = torch.ones(16, 16, dtype=torch.bool).tril()
+        for c in (8, 4, 2, 1):
+            links = chunk_links(docs, c)
+            for i in range(16 // c):
+                for k in range(16 // c):
+                    block, allowed = seen[:, i * c:(i + 1) * c, k * c:(k + 1) * c], causal[i * c:(i + 1) * c,
+                                                                                             k * c:(k + 1) * c]
+                    want = (HIDDEN if not block.any() else VISIBLE if bool((block == allowed).all()) else PARTIAL)
+                    assert links[i][k] == want, f"{lengths}, c = {c}: chunks {i}, {k}"
+                    kinds.add(want)
+    assert kinds == {HIDDEN, PARTIAL, VISIBLE}
+
+
+def _links_broken(how):
+    """documents.chunk_links, broken: 'skip' hides every partly visible pair of different chunks
+    (their blocks are skipped), 'unmask' calls them wholly visible (no document mask)."""
+    from megatron_tsp.tsp.documents import HIDDEN, PARTIAL, VISIBLE, chunk_links
+
+    wrong = HIDDEN if how == "skip" else VISIBLE
+
+    def links(doc_ids, c):
+        return tuple(tuple(wrong if v == PARTIAL and k != i else v for k, v in enumerate(row))
+                     for i, row in enumerate(chunk_links(doc_ids, c)))
+
+    return links
+
+
+@pytest.mark.parametrize("broken", ["skip", "unmask", "off-by-one"])
+def test_streamed_document_mask_errors_are_caught(world, monkeypatch, broken):
+    """A block skipped that some query sees, a partly visible block run unmasked, and a mask with
+    every document boundary one token late must each fail the comparison with each document alone."""
+    import megatron_tsp.tsp.attention as attention
+
+    if world != 2:  # D = 1: every block holds a diagonal chunk; D = 4 would repeat D = 2 (CI time)
+        pytest.skip("runs at world 2")
+    if broken == "off-by-one":
+        real = streamed_attention._local_ids
+
+        def late(doc_ids, r, D, c):
+            return real(torch.cat([doc_ids[:, :1], doc_ids[:, :-1]], dim=1), r, D, c)
+
+        monkeypatch.setattr(streamed_attention, "_local_ids", late)
+    else:
+        monkeypatch.setattr(attention, "chunk_links", _links_broken(broken))
+    errors, _ = document_block_parity(world, DOCS["crossing"], options=TSPOptions(attention_kv="streamed"))
+    assert errors["output"] > 1e-3 and errors["linear_qkv.weight"] > 1e-3
+
+
+def test_merge_of_rows_with_no_visible_key_is_finite():
+    """A document mask can empty a row of a block (lse -inf): merging it leaves what the row held,
+    and a row empty on both sides stays o = 0, lse = -inf, never nan."""
+    inf = float("inf")
+    o_acc = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]], dtype=torch.float64)
+    lse_acc = torch.tensor([[[0.5, -inf]]], dtype=torch.float64)
+    o_b = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    lse_b = torch.full((1, 1, 2), -inf, dtype=torch.float64)
+    streamed_attention._merge(o_acc, lse_acc, o_b, lse_b)
+    assert torch.equal(o_acc, torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]]], dtype=torch.float64))
+    assert lse_acc[0, 0, 0] == 0.5 and torch.isneginf(lse_acc[0, 0, 1])
+    o_b[..., 1, :] = torch.tensor([3.0, 4.0], dtype=torch.float64)  # the empty row's first key: it takes it all
+    streamed_attention._merge(o_acc, lse_acc, o_b, torch.tensor([[[-inf, 0.25]]], dtype=torch.float64))
+    assert torch.equal(o_acc[0, 0, 1], torch.tensor([3.0, 4.0], dtype=torch.float64)) and lse_acc[0, 0, 1] == 0.25
 
 
 # --- memory: no rank holds all S tokens' K/V or their gradients -----------------------------
