@@ -410,8 +410,8 @@ class ParallelRecipe:
     on every CP rank, dK/dV reduce-scattered; TE's all-gather CP) or p2p (ring attention: each
     rank's K/V travel around the CP ring, merged by log-sum-exp, dK/dV partials sent back to their
     owner: at most two ranks' K/V of S/CP tokens at a time; TSP's streamed K/V schedule on the CP
-    group). Same loss and gradients. Needs context_size > 1; p2p not with
-    data.reset_attention_mask yet. Default all_gather until the ring's GPU timing is measured."""
+    group; document masks as there). Same loss and gradients. Needs context_size > 1. Default
+    all_gather until the ring's GPU timing is measured."""
     fsdp: bool = False
     """Baselines: weights, gradients and optimizer state ZeRO-3-sharded over the data x context
     group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"

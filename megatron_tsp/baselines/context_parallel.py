@@ -29,7 +29,8 @@ the blocks causality allows and the results merge by log-sum-exp; in backward th
 again and the dK/dV partials go around the ring back to their owner. It is TSP's streamed K/V
 schedule (`megatron_tsp.tsp.streamed_attention`, the same zigzag layout) on the CP group: at most
 two ranks' K/V (and dK/dV partials) at a time; saved for backward: q, the local [k | v], o and
-the log-sum-exps. Same loss and gradients. No document mask yet (refused).
+the log-sum-exps. Same loss and gradients; with document ids each block gets its document mask
+and blocks no query sees are skipped, as TSP's streamed schedule.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from megatron.core.utils import divide
 from ..tsp import comm
 from ..config import CP_COMM_TYPES, TSPConfigError, require_group
 from ..config import check_context_parallel  # noqa: F401 (torch-free, in config)
-from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
+from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_links, chunk_mask, is_document_ids, key_starts
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
 from ..tsp.streamed_attention import stream_backward, stream_forward
 from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
@@ -157,8 +158,9 @@ class RingShard:
     chunk_starts: tuple  # true start positions of the two local zigzag chunks
     chunk_len: int
     backend: str = "auto"
-    doc_ids: Optional[Tensor] = None  # no document mask in the streamed blocks yet: always None
-    key_starts: Optional[tuple] = None
+    # packed sequences: document ids [b, S] (natural order) and `documents.chunk_links` of them
+    doc_ids: Optional[Tensor] = None
+    doc_links: Optional[tuple] = None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -189,7 +191,7 @@ class ContextParallelAttention(MegatronModule):
     `DotProductAttention` / `SDPACoreAttention`) with context parallelism over
     `pg_collection.cp`: K/V all-gathered along the sequence, each local zigzag chunk against its
     causal prefix (`cp_comm_type` None or "all_gather"), or streamed around the CP ring ("p2p",
-    from TransformerConfig.cp_comm_type: no document ids yet). Heads are split by TP
+    from TransformerConfig.cp_comm_type). Heads are split by TP
     (`pg_collection.tp`) as in Megatron; composes with sequence parallelism (the layer's
     linear_qkv all-gathers the CP rank's tokens over TP).
 
@@ -269,18 +271,16 @@ class ContextParallelAttention(MegatronModule):
         if s % 2:
             raise TSPConfigError(f"ContextParallelAttention needs an even number of local tokens, got {s}")
         doc_ids = None
-        if self.cp_comm_type == "p2p" and is_document_ids(attention_mask):  # before any collective
-            raise TSPConfigError("document ids (packed sequences, data.reset_attention_mask) cannot run with "
-                                 "parallel.cp_comm_type = p2p in this version (the CP ring passes no document ids "
-                                 "yet): use all_gather")
-        if self.cp_comm_type == "p2p":
-            shard = RingShard(group, query.shape[2], key.shape[2], hn, self.softmax_scale,
-                              tuple(local_chunk_starts(S, cp, r)), s // 2)
-            return _RingAttention.apply(query, key, value, shard)
-        if is_document_ids(attention_mask):  # before the all-gather
+        if is_document_ids(attention_mask):  # before the all-gather / the first ring hop
             check_document_ids(attention_mask, query.shape[1], S, what=DOC_IDS)
             doc_ids = attention_mask.to(query.device)
             resolve_backend("auto", query, masked=True)
+        if self.cp_comm_type == "p2p":
+            # the streamed blocks take each block's document mask (and skip the hidden ones) from these
+            documents = {} if doc_ids is None else {"doc_ids": doc_ids, "doc_links": chunk_links(doc_ids, s // 2)}
+            shard = RingShard(group, query.shape[2], key.shape[2], hn, self.softmax_scale,
+                              tuple(local_chunk_starts(S, cp, r)), s // 2, **documents)
+            return _RingAttention.apply(query, key, value, shard)
         kv_local = torch.cat([key, value], dim=-1)  # [s, b, ng, 2hn]: one all-gather for K and V
         kv_natural = from_zigzag(comm.all_gather_sequence(kv_local, group), cp, dim=0)
         k, v = kv_natural[..., :hn], kv_natural[..., hn:]

@@ -232,9 +232,6 @@ class Recipe:
             raise RecipeError(f"data.reset_attention_mask = true on parallel.layout = {p.layout} needs "
                               f"parallel.baseline_attention = sdpa (Megatron's local attention, "
                               f"{p.baseline_attention!r}, ignores the mask under a causal mask type)")
-        if d.reset_attention_mask and p.cp_comm_type == "p2p":
-            raise RecipeError("data.reset_attention_mask = true cannot run with parallel.cp_comm_type = p2p in this "
-                              "version (the CP ring passes no document ids yet): use all_gather")
         if d.reset_attention_mask and p.layout == "tsp" and p.tsp_attention_backend in ("cudnn", "flash"):
             raise RecipeError(f"data.reset_attention_mask = true cannot run on parallel.tsp_attention_backend = "
                               f"{p.tsp_attention_backend} (no document mask in that kernel): use auto or math")

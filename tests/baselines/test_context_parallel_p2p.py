@@ -4,7 +4,8 @@ K/V all-gathered and against the unsharded model with the same weights, float64:
 and every parameter gradient at CP 2 and 4 (and TP2 + SP x CP2), MHA and GQA; a ring that loses
 its hops is caught; memory: no tensor of the forward or backward spans more than one rank's K/V
 and nothing saved is longer than the local tokens (the all-gather, the positive control, makes
-S-long K/V); document ids and unknown types are clear errors before any collective."""
+S-long K/V); packed documents (document ids) as the all-gather's; bad ids and unknown types are
+clear errors before any collective."""
 
 import pytest
 import torch
@@ -175,18 +176,53 @@ def test_p2p_never_holds_the_sequence_kv(world):
         assert any(t.dim() and MS in t.shape for t in saved), "the check should see the saved gathered K/V"
 
 
+def _docs(b, S):
+    """Document ids [b, S]: boundaries inside chunks and on chunk edges, different per sample."""
+    ids = torch.zeros(b, S, dtype=torch.long)
+    for i, cuts in enumerate(([7, 10, 23], [15, 30, 31])[:b]):
+        for cut in cuts:
+            ids[i, cut:] += 1
+    return ids
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_p2p_document_masks_match_all_gather(world, cp):
+    """Packed documents (document ids [b, S]): the ring's masked and skipped blocks give the
+    all-gather's output and q/k/v gradients (float64; the all-gather path is checked against the
+    unsharded model in test_packed_training); the ring without the ids (positive control) differs."""
+    if world != cp:
+        pytest.skip(f"CP {cp} runs at world {cp}")
+    S, b, hn = MS, 2, 8
+    s = S // cp
+    gen = torch.Generator().manual_seed(1000 + dist.get_rank())
+    q = torch.randn(s, b, 4, hn, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(s, b, 2, hn, dtype=torch.float64, generator=gen) for _ in range(2))
+    g = torch.randn(s, b, 4 * hn, dtype=torch.float64, generator=gen)
+    doc_ids = _docs(b, S)
+    results = {}
+    for kind, ids in (("all_gather", doc_ids), ("p2p", doc_ids), ("p2p-unmasked", None)):
+        core = _core(cp, kind.split("-")[0])
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = core(*inputs, ids)
+        results[kind] = [out.detach(), *torch.autograd.grad(out, inputs, g)]
+    for a, ref, what in zip(results["p2p"], results["all_gather"], ("output", "dq", "dk", "dv")):
+        assert rel_err(a, ref) <= TOL, f"CP {cp} {what}: {rel_err(a, ref)}"
+    assert rel_err(results["p2p-unmasked"][0], results["all_gather"][0]) > 1e-3
+
+
 def test_p2p_errors_before_any_collective(world, monkeypatch):
-    """Document ids with p2p, and an unknown cp_comm_type: one clear error on every rank, and no
-    collective ran (a posted ring hop would hang the ranks that did not post it)."""
+    """Bad document ids with p2p, and an unknown cp_comm_type: one clear error on every rank, and
+    no collective ran (a posted ring hop would hang the ranks that did not post it)."""
     if world != 2:
         pytest.skip("runs at world 2")
     core = _core(2, "p2p")
     monkeypatch.setattr(comm, "ring_shift", lambda *a: pytest.fail("a ring hop was posted"))
     s, b = 8, 2
     q, k, v = torch.randn(s, b, 4, 8), torch.randn(s, b, 2, 8), torch.randn(s, b, 2, 8)
-    doc_ids = torch.zeros(b, 2 * s, dtype=torch.long)
-    with pytest.raises(TSPConfigError, match=r"parallel.cp_comm_type = p2p .*no document ids"):
-        core(q, k, v, doc_ids)
+    with pytest.raises(TSPConfigError, match=r"must be non-decreasing along the sequence"):
+        core(q, k, v, _docs(b, 2 * s).flip(1))
+    with pytest.raises(TSPConfigError, match=r"must have shape \[batch=2, sequence=16\], got \[2, 8\]"):
+        core(q, k, v, _docs(b, 2 * s)[:, :8])
     with pytest.raises(TSPConfigError, match=r"cp_comm_type = 'a2a' \(parallel.cp_comm_type\)"):
         _core(2, "a2a")
 
