@@ -146,6 +146,8 @@ ROUTER_SCORES = ("softmax", "sigmoid")  # model.moe_router_score_function
 MLP_EXCHANGES = ("ring", "broadcast", "tokens", "auto")
 LM_HEADS = ("local", "megatron")
 ATTENTION_KV = ("gathered", "streamed")  # parallel.tsp_attention_kv: how a head shard's K/V meet the queries
+# parallel.cp_comm_type: the CP baseline's K/V all-gathered, or streamed around the CP ring (Megatron's names)
+CP_COMM_TYPES = ("all_gather", "p2p")
 # the chunk-attention kernels of tsp/kernels.py (`auto` picks one per device and shape there)
 BACKENDS = ("auto", "cudnn", "flash", "math", "math_split", "flex")
 # `auto` moves the tokens when a rank holds fewer than this many (S*b/D): below it, a weight
@@ -402,6 +404,14 @@ class ParallelRecipe:
     tp or tp_sp with size 2): each sequence is cut into 2*CP zigzag chunks, rank r of the CP group
     holds chunks r and 2CP-1-r, and K/V are all-gathered over the group (torch SDPA,
     megatron_tsp.baselines.context_parallel). Not with tsp, which already splits the sequence."""
+    cp_comm_type: str = "all_gather"
+    """How the context-parallel baseline's attention meets the other CP ranks' K/V (Megatron's
+    TransformerConfig.cp_comm_type, its --cp-comm-type): all_gather (K/V of all S tokens gathered
+    on every CP rank, dK/dV reduce-scattered; TE's all-gather CP) or p2p (ring attention: each
+    rank's K/V travel around the CP ring, merged by log-sum-exp, dK/dV partials sent back to their
+    owner: at most two ranks' K/V of S/CP tokens at a time; TSP's streamed K/V schedule on the CP
+    group; document masks as there). Same loss and gradients. Needs context_size > 1. Default
+    all_gather until the ring's GPU timing is measured."""
     fsdp: bool = False
     """Baselines: weights, gradients and optimizer state ZeRO-3-sharded over the data x context
     group (torch FSDP2 through megatron-core's TorchFullyShardedDataParallel; "FSDP over CP"

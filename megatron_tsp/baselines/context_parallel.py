@@ -22,10 +22,20 @@ tokens, heads already split by TP):
 Memory: like TE, only the local K/V are kept for backward; the gathered K/V are gathered again
 in backward (a saved-tensor hook swaps every view of them for a recipe) instead of being held
 from forward to backward for every layer. The attention forward is not recomputed.
+
+`cp_comm_type="p2p"` (Megatron's name for ring attention, TE's AttnFuncWithCPAndKVP2P): no rank
+gathers the sequence's K/V. The local [k | v] travel around the CP ring, each local chunk meets
+the blocks causality allows and the results merge by log-sum-exp; in backward the K/V travel
+again and the dK/dV partials go around the ring back to their owner. It is TSP's streamed K/V
+schedule (`megatron_tsp.tsp.streamed_attention`, the same zigzag layout) on the CP group: at most
+two ranks' K/V (and dK/dV partials) at a time; saved for backward: q, the local [k | v], o and
+the log-sum-exps. Same loss and gradients; with document ids each block gets its document mask
+and blocks no query sees are skipped, as TSP's streamed schedule.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,9 +48,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from ..tsp import comm
-from ..config import TSPConfigError, check_context_parallel, require_group  # noqa: F401 (check_context_parallel: torch-free, in config)
-from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_mask, is_document_ids, key_starts
+from ..config import CP_COMM_TYPES, TSPConfigError, require_group
+from ..config import check_context_parallel  # noqa: F401 (torch-free, in config)
+from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, chunk_links, chunk_mask, is_document_ids, key_starts
 from ..tsp.kernels import chunk_backward, chunk_forward, resolve_backend
+from ..tsp.streamed_attention import stream_backward, stream_forward
 from ..tsp.zigzag import from_zigzag, local_chunk_starts, local_position_index
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
@@ -132,12 +144,56 @@ def attend_chunks_to_prefix(q: Tensor, k: Tensor, v: Tensor, chunk_starts, scale
     return torch.cat(outs, dim=0)
 
 
+@dataclass(frozen=True)
+class RingShard:
+    """What `tsp.streamed_attention.stream_forward` / `stream_backward` read of their shard
+    (`tsp.attention.AttentionShard`'s fields), for the CP group's one head set: the ring is the
+    CP group, the heads those of this TP rank."""
+
+    group: object
+    heads: int
+    groups: int
+    head_dim: int
+    softmax_scale: float
+    chunk_starts: tuple  # true start positions of the two local zigzag chunks
+    chunk_len: int
+    backend: str = "auto"
+    # packed sequences: document ids [b, S] (natural order) and `documents.chunk_links` of them
+    doc_ids: Optional[Tensor] = None
+    doc_links: Optional[tuple] = None
+
+
+class _RingAttention(torch.autograd.Function):
+    """o = ring attention of the local queries against every rank's K/V (cp_comm_type p2p).
+    Saves q, the local [k | v], o and the log-sum-exps: never K/V of other ranks."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shard: RingShard):
+        kv = torch.cat([k, v], dim=-1)  # [s, b, ng, 2hn]: one ring hop carries K and V
+        o, lse = stream_forward(shard, q, kv)
+        ctx.save_for_backward(q, kv, o, lse)
+        ctx.shard = shard
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kv, o, lse = ctx.saved_tensors
+        dq, (dkv, requests, sent) = stream_backward(ctx.shard, do.contiguous(), q, kv, o, lse)
+        comm.wait_all(requests)  # the last dK/dV hop brings this rank's sum home
+        del sent  # alive until its hop completed
+        dkv = dkv.to(kv.dtype)
+        hn = ctx.shard.head_dim
+        return dq, dkv[..., :hn], dkv[..., hn:], None
+
+
 class ContextParallelAttention(MegatronModule):
     """Core attention (Megatron's `SelfAttentionSubmodules.core_attention` contract, as
     `DotProductAttention` / `SDPACoreAttention`) with context parallelism over
     `pg_collection.cp`: K/V all-gathered along the sequence, each local zigzag chunk against its
-    causal prefix. Heads are split by TP (`pg_collection.tp`) as in Megatron; composes with
-    sequence parallelism (the layer's linear_qkv all-gathers the CP rank's tokens over TP).
+    causal prefix (`cp_comm_type` None or "all_gather"), or streamed around the CP ring ("p2p",
+    from TransformerConfig.cp_comm_type). Heads are split by TP
+    (`pg_collection.tp`) as in Megatron; composes with sequence parallelism (the layer's
+    linear_qkv all-gathers the CP rank's tokens over TP).
 
     Causal self-attention only; an attention_mask of document ids [b, S] (packed sequences,
     `megatron_tsp.tsp.documents`: the whole sequence, natural order) masks each document, any
@@ -162,8 +218,10 @@ class ContextParallelAttention(MegatronModule):
         if config.context_parallel_size != self.cp_group.size():
             raise TSPConfigError(f"TransformerConfig.context_parallel_size = {config.context_parallel_size} but the "
                                  f"context-parallel group has {self.cp_group.size()} ranks")
-        if cp_comm_type not in (None, "all_gather"):
-            raise TSPConfigError(f"cp_comm_type = {cp_comm_type!r}: ContextParallelAttention implements all_gather only")
+        if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
+            raise TSPConfigError(f"cp_comm_type = {cp_comm_type!r} (parallel.cp_comm_type): ContextParallelAttention "
+                                 f"implements {' and '.join(CP_COMM_TYPES)}")
+        self.cp_comm_type = cp_comm_type or "all_gather"
         if attn_mask_type not in _CAUSAL_TYPES:
             raise TSPConfigError(f"ContextParallelAttention supports causal masks only, got {attn_mask_type}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -213,10 +271,16 @@ class ContextParallelAttention(MegatronModule):
         if s % 2:
             raise TSPConfigError(f"ContextParallelAttention needs an even number of local tokens, got {s}")
         doc_ids = None
-        if is_document_ids(attention_mask):  # before the all-gather
+        if is_document_ids(attention_mask):  # before the all-gather / the first ring hop
             check_document_ids(attention_mask, query.shape[1], S, what=DOC_IDS)
             doc_ids = attention_mask.to(query.device)
             resolve_backend("auto", query, masked=True)
+        if self.cp_comm_type == "p2p":
+            # the streamed blocks take each block's document mask (and skip the hidden ones) from these
+            documents = {} if doc_ids is None else {"doc_ids": doc_ids, "doc_links": chunk_links(doc_ids, s // 2)}
+            shard = RingShard(group, query.shape[2], key.shape[2], hn, self.softmax_scale,
+                              tuple(local_chunk_starts(S, cp, r)), s // 2, **documents)
+            return _RingAttention.apply(query, key, value, shard)
         kv_local = torch.cat([key, value], dim=-1)  # [s, b, ng, 2hn]: one all-gather for K and V
         kv_natural = from_zigzag(comm.all_gather_sequence(kv_local, group), cp, dim=0)
         k, v = kv_natural[..., :hn], kv_natural[..., hn:]

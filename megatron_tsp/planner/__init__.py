@@ -127,6 +127,8 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
                                                       if train.tsp_lm_head == "local" else ""))
     if lay.kind == "tsp" and train.tsp_attention_kv == "streamed":
         p.notes.append("attention: K/V streamed around the ring (two ranks' K/V of a head shard at a time)")
+    if lay.cp > 1 and train.cp_comm_type == "p2p":
+        p.notes.append("attention: K/V around the CP ring (cp_comm_type p2p: two ranks' K/V at a time)")
     if train.mlp_chunk_tokens:
         p.notes.append(f"MLP: token-tiled, at most {train.mlp_chunk_tokens} local tokens per chunk")
     if mem.host_offload:

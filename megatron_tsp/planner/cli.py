@@ -19,7 +19,7 @@ import json
 import sys
 from typing import List, Optional
 
-from ..config import ATTENTION_KV, AUTO_TOKENS_BELOW, MLP_EXCHANGES, TSPConfigError
+from ..config import ATTENTION_KV, AUTO_TOKENS_BELOW, CP_COMM_TYPES, MLP_EXCHANGES, TSPConfigError
 from .model import LAYER_RECOMPUTE, LM_HEADS, NORMS, RECOMPUTE_METHODS, RECOMPUTE_MODES, TrainSpec
 
 
@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tsp-attention-kv", choices=list(ATTENTION_KV),
                    help="parallel.tsp_attention_kv: gathered (each head shard's K/V of all S tokens on every rank) or "
                         "streamed (ring attention inside the shard: two ranks' K/V at a time); TSP layouts only")
+    t.add_argument("--cp-comm-type", choices=list(CP_COMM_TYPES),
+                   help="parallel.cp_comm_type: all_gather (the CP baseline gathers all S tokens' K/V on every CP "
+                        "rank) or p2p (ring attention over the CP group: two ranks' K/V at a time); CP layouts only")
     t.add_argument("--document-length", type=int,
                    help="packed documents of this many tokens under document masks (data.reset_attention_mask): "
                         "attention FLOPs inside documents only, as a kernel that skips masked blocks "
@@ -130,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
 # the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
 _TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
                 "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
-                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv", "optimizer_cpu_offload",
+                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv", "cp_comm_type", "optimizer_cpu_offload",
                 "optimizer_offload_fraction", "document_length")
 _MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
                 "dtype")

@@ -179,7 +179,7 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
 
 
 def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool = False,
-                 moe: bool = False, tiled: bool = False) -> Dict[str, tuple]:
+                 moe: bool = False, tiled: bool = False, ring: bool = False) -> Dict[str, tuple]:
     """Megatron's local-spec layer (SDPA core attention), per token: {item: (bytes, region)}
     with region 'norm' (tokens of the norm/residual region) or 'core' (tokens of the attention
     / MLP region, widths already divided by T). `selective` (Megatron's core-attention
@@ -197,7 +197,9 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     input): (3 q + 2 kv) / T per token, not the (3 q + 3 kv) / T of the SDPA path. Evidence
     (issue 25 follow-up, benchmarks/fake_rank_memory.py, CP 4 and TP 2 x CP 2, S 4K and 8K, h 512):
     the planner was over by exactly [S / C, kv / T] at both lengths; the H100 rows at 256K (CP 4,
-    TP+SP 2 x CP 2) by 0.5 GiB = the same tensor."""
+    TP+SP 2 x CP 2) by 0.5 GiB = the same tensor. `ring` (parallel.cp_comm_type = p2p): the ring's
+    output o is linear_proj's input (one tensor, no per-chunk outputs): (2 q + 2 kv) / T; the fp32
+    log-sum-exps as the all-gather's."""
     b, T = m.dtype_bytes, lay.weight_shards
     mlp = mlp_intermediates(m)
     items = {
@@ -218,6 +220,10 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
         items = {"q after RoPE": (b * m.q_dim / T, "core"),
                  "local [k | v] (the CP all-gather's input, re-gathered in backward)": (b * 2 * m.kv_dim / T, "core"),
                  "chunk attention outputs o": (b * m.q_dim / T, "core"), **items}
+        if ring:
+            del items["chunk attention outputs o"]
+            items["local [k | v] (the ring's own K/V)"] = items.pop(
+                "local [k | v] (the CP all-gather's input, re-gathered in backward)")
     if tiled:
         del items["MLP intermediates"]
     if moe:
@@ -479,7 +485,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
                 m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe, tiled=tiled).items()}
         return {k: v * (tokens_norm if region == "norm" else tokens_core)
                 for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
-                                                   moe=moe, tiled=tiled).items()}
+                                                   moe=moe, tiled=tiled, ring=cp_ring(train, lay)).items()}
 
     dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
     # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
@@ -646,17 +652,39 @@ def baseline_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple
 CP_ATTENTION_KV_UNITS = 3.25
 
 
+def cp_ring(train: TrainSpec, lay: Layout) -> bool:
+    """The CP baseline streams K/V around the CP ring (parallel.cp_comm_type = p2p, CP layouts)."""
+    return lay.cp > 1 and train.cp_comm_type == "p2p"
+
+
 def baseline_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     """(buffers, scratch) in bytes while Megatron's attention runs its backward (the MLP's saved
     tensors are freed by then): with CP the gathered sequence's K/V and their gradients
     (CP_ATTENTION_KV_UNITS x [B S, 2 kv / T]: the planner counted [B S / C, 2 kv / T] x 2 before,
-    and was 7% LOW for FSDP over CP on 8 ranks, where this is the peak); scratch: the gradients of
-    q, k, v over the attention region and the incoming gradient [s, h]."""
+    and was 7% LOW for FSDP over CP on 8 ranks, where this is the peak), or with
+    parallel.cp_comm_type = p2p the ring's buffers (`cp_ring_kv_buffers`) and its fp32 dq;
+    scratch: the gradients of q, k, v over the attention region and the incoming gradient [s, h]."""
     b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
     comm = CP_ATTENTION_KV_UNITS * B * S * 2 * m.kv_dim / T * b if C > 1 else 0.0
     s = B * S / lay.token_shards
     scratch = B * S / C * (m.q_dim + 2 * m.kv_dim) / T * b + s * m.hidden * b
+    if cp_ring(train, lay):
+        comm = cp_ring_kv_buffers(m, train, lay)
+        scratch += B * S / C * FP32 * m.q_dim / T  # dq accumulated over the ring steps in fp32
     return comm, scratch
+
+
+def cp_ring_kv_buffers(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
+    """Bytes of K/V and dK/dV the CP ring's backward (baselines/context_parallel.py, cp_comm_type
+    p2p: tsp/streamed_attention.py's stream_backward on the CP group) holds at once, in units of one
+    rank's K/V u = [B S / C, 2 kv / T]: the K/V held and the one arriving, a block's dK/dV out of
+    the kernel, the dK/dV partial arriving and the one last sent (5 u), and the partial being built
+    in fp32 (4 / b u); `streamed_kv_buffers` less TSP's previous shard waiting for its finish (one
+    ring per layer here). It scales with S / C, where the all-gather's CP_ATTENTION_KV_UNITS x
+    [B S, 2 kv / T] does not. Not measured on the GPU yet."""
+    b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
+    u = B * S / C * 2 * m.kv_dim / T
+    return u * (5 * b + 4)
 
 
 def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
@@ -864,7 +892,18 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
         X = 2 * (T - 1) / T * B * S * m.hidden * b
         add("all-reduce (proj, fc2 outputs)", "fwd", "all_reduce", 2 * X, T, 1, False)
         add("all-reduce (qkv, fc1 input grads)", "bwd", "all_reduce", 2 * X, T, 1, False)
-    if lay.cp > 1:
+    if cp_ring(train, lay):
+        # the ring (cp_comm_type p2p): C-1 K/V hops of [B S / C, 2 kv / T] per direction (the
+        # all-gather's bytes) and C dK/dV hops (the reduce-scatter's and the hop home), each posted
+        # before the step it could hide behind. That overlap is not measured on the GPU yet: every
+        # hop is modelled exposed, as the all-gather's synchronous collectives, so the planner
+        # picks p2p only to fit
+        C, T = lay.cp, lay.weight_shards
+        u = B * S / C * 2 * m.kv_dim / T * b
+        add("CP K/V ring", "fwd", "send_recv", (C - 1) * u, C, T, False)
+        add("CP K/V ring (again in backward)", "bwd", "send_recv", (C - 1) * u, C, T, False)
+        add("CP dK/dV ring (C hops)", "bwd", "send_recv", C * u, C, T, False)
+    elif lay.cp > 1:
         C, T = lay.cp, lay.weight_shards
         KV = (C - 1) / C * B * S * 2 * m.kv_dim / T * b
         add("CP K/V all-gather", "fwd", "all_gather", KV, C, T, False)

@@ -17,6 +17,7 @@ time only of those that fit) and the fastest that fits is kept:
   offloaded inputs.
 - TSP only: `parallel.tsp_recompute` none / full, `parallel.tsp_lm_head` local / megatron and
   `parallel.tsp_attention_kv` gathered / streamed.
+- CP layouts only (cp, tp_cp, fsdp_cp): `parallel.cp_comm_type` all_gather / p2p (ring attention).
 
 Ties go to the first in that order (the simpler configuration).
 """
@@ -52,6 +53,8 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
         out["tsp_attention_kv"] = train.tsp_attention_kv
         if train.tsp_lm_head == "local":
             out["lm_head_chunk_tokens"] = train.lm_head_chunk_tokens
+    if lay.cp > 1:
+        out["cp_comm_type"] = train.cp_comm_type
     return out
 
 
@@ -67,6 +70,8 @@ def describe(opts: Dict[str, object]) -> str:
         parts += [f"tsp_recompute {opts['tsp_recompute']}", f"head {opts['tsp_lm_head']}"]
         if opts.get("tsp_attention_kv") == "streamed":
             parts.append("K/V streamed")
+    if opts.get("cp_comm_type") == "p2p":
+        parts.append("K/V ring (p2p)")
     if opts.get("mlp_chunk_tokens"):
         parts.append(f"MLP chunks of {opts['mlp_chunk_tokens']}")
     if opts.get("optimizer_cpu_offload"):
@@ -98,6 +103,8 @@ class _Search:
         if self.lay.kind == "tsp":
             inner = [{"tsp_recompute": r, "tsp_lm_head": h, "tsp_attention_kv": kv} for kv in ("gathered", "streamed")
                      for r in ("none", "full") for h in ("local", "megatron")]
+        elif self.lay.cp > 1:  # all_gather first: ties go to it
+            inner = [{"cp_comm_type": kind} for kind in ("all_gather", "p2p")]
         host_adam = self.base.optimizer == "adam" and self.m.dtype_bytes < 4 and self.lay.kind != "fsdp_cp"
         optimizer = [{"optimizer_cpu_offload": False}]
         if host_adam:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from ..config import ATTENTION_KV
+from ..config import ATTENTION_KV, CP_COMM_TYPES
 from ..config import (LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
                       RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES, ModelShape, ParallelRecipe, TrainRecipe,
                       TSPConfigError, field_default, moe_layer_pattern)
@@ -379,6 +379,7 @@ class TrainSpec:
     lm_head_chunk_tokens: int = _PARALLEL["lm_head_chunk_tokens"]
     tsp_mlp_exchange: str = _PARALLEL["tsp_mlp_exchange"]
     tsp_attention_kv: str = _PARALLEL["tsp_attention_kv"]  # gathered | streamed (TSP's K/V around the ring)
+    cp_comm_type: str = _PARALLEL["cp_comm_type"]  # all_gather | p2p (the CP baseline's K/V around the CP ring)
     mlp_chunk_tokens: int = _PARALLEL["mlp_chunk_tokens"]  # 0: untiled; every layout's dense MLP (and TSP's shared expert)
     expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
     # the optimizer's state (fp32 main weights, Adam moments) on the host for this fraction of the
@@ -412,7 +413,8 @@ class TrainSpec:
                                     ("parallel.tsp_mlp_exchange (--tsp-mlp-exchange)", self.tsp_mlp_exchange,
                                      MLP_EXCHANGES),
                                     ("parallel.tsp_attention_kv (--tsp-attention-kv)", self.tsp_attention_kv,
-                                     ATTENTION_KV)):
+                                     ATTENTION_KV),
+                                    ("parallel.cp_comm_type (--cp-comm-type)", self.cp_comm_type, CP_COMM_TYPES)):
             if value not in allowed:
                 raise PlanError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
         if self.recompute_num_layers is not None:

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the token-tiled MLP (parallel.mlp_chunk_tokens) in every layout's lean options (default 0: off)")
     f.add_argument("--tsp-attention-kv", choices=("gathered", "streamed"), default="gathered",
                    help="TSP's attention K/V (parallel.tsp_attention_kv) in its lean options (default gathered)")
+    f.add_argument("--cp-comm-type", choices=("all_gather", "p2p"), default="all_gather",
+                   help="the CP layouts' attention K/V (parallel.cp_comm_type) in their lean options: all_gather "
+                        "(default) or p2p (ring attention)")
     f.add_argument("--in-process", action="store_true",
                    help="run every probe in this process (default: each in a fresh one, so nothing of an earlier "
                         "probe stays allocated)")
@@ -288,6 +291,7 @@ def run_frontier(args) -> dict:
             start = int(args.start_seq) if args.start_seq not in (None, "auto") else recipe.model.seq_length
         row = Search(name, args.world, host, probe, offload_gib, layers=recipe.model.num_layers,
                      mlp_chunk_tokens=args.mlp_chunk_tokens, attention_kv=args.tsp_attention_kv,
+                     cp_comm_type=args.cp_comm_type,
                      optimizer_offload=args.optimizer_cpu_offload).run(
             start, args.max_seq, granularity(start, args.world), growth)
         row["growth"] = growth

@@ -58,17 +58,26 @@ def granularity(start: int, world: int) -> int:
 OPTIMIZER_ON_HOST = ["train.distributed_optimizer=true", "train.optimizer_cpu_offload=true"]
 
 
+def is_context_parallel(name: str) -> bool:
+    """A CP layout of bench.rows (cp4, tp2_cp2, tp2_cp4, tp4_cp2, fsdp_cp4)."""
+    return any(part.startswith("cp") and part[2:].isdigit() for part in name.split("_"))
+
+
 def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0,
-         attention_kv: str = "gathered", optimizer_offload: bool = False) -> List[str]:
+         attention_kv: str = "gathered", optimizer_offload: bool = False,
+         cp_comm_type: str = "all_gather") -> List[str]:
     """The leanest options of a layout: full recompute, uniform, a checkpoint every `every` layers
     (with offload, a larger N keeps fewer inputs on the host and a larger chunk on the GPU); the
     token-tiled MLP when `mlp_chunk_tokens` (every layout: TSP's and Megatron's MLP); TSP's
-    streamed K/V attention when `attention_kv` is streamed; the optimizer state on the host when
-    `optimizer_offload` (not for FSDP layouts)."""
+    streamed K/V attention when `attention_kv` is streamed; the CP layouts' ring attention when
+    `cp_comm_type` is p2p; the optimizer state on the host when `optimizer_offload` (not for FSDP
+    layouts)."""
     tsp = name.startswith("tsp")
     base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
     tiled = [f"parallel.mlp_chunk_tokens={mlp_chunk_tokens}"] if mlp_chunk_tokens else []
     streamed = ["parallel.tsp_attention_kv=streamed"] if tsp and attention_kv == "streamed" else []
+    if cp_comm_type == "p2p" and is_context_parallel(name):
+        streamed.append("parallel.cp_comm_type=p2p")
     host_adam = OPTIMIZER_ON_HOST if optimizer_offload and not name.startswith("fsdp") else []
     return (base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
             + streamed + host_adam)
@@ -82,9 +91,9 @@ class Search:
 
     def __init__(self, name: str, world: int, host_per_rank_gib: Optional[float], probe: Callable,
                  offload_gib: Callable, log: Callable = None, layers: int = 32, mlp_chunk_tokens: int = 0,
-                 attention_kv: str = "gathered", optimizer_offload: bool = False):
+                 attention_kv: str = "gathered", optimizer_offload: bool = False, cp_comm_type: str = "all_gather"):
         self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
-        self.chunk, self.kv = mlp_chunk_tokens, attention_kv
+        self.chunk, self.kv, self.cp_comm_type = mlp_chunk_tokens, attention_kv, cp_comm_type
         self.optimizer_offload = optimizer_offload and not name.startswith("fsdp")
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -103,11 +112,11 @@ class Search:
         for host_adam in ([True, False] if self.optimizer_offload else [False]):
             n = 1
             while n <= self.layers:
-                opts = lean(self.name, True, n, self.chunk, self.kv, host_adam)
+                opts = lean(self.name, True, n, self.chunk, self.kv, host_adam, self.cp_comm_type)
                 if self.layers % n == 0 and self._holds(S, opts):
                     return opts
                 n *= 2
-            opts = lean(self.name, False, 1, self.chunk, self.kv, host_adam)
+            opts = lean(self.name, False, 1, self.chunk, self.kv, host_adam, self.cp_comm_type)
             if not host_adam or self._holds(S, opts):
                 return opts
         raise AssertionError("unreachable: the last try is without the optimizer on the host")

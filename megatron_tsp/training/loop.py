@@ -200,6 +200,7 @@ def build(recipe: Recipe, pg_collection=None, host_processes: Optional[int] = No
         tsp_options=recipe.tsp_options(),
         init_method_std=m.init_method_std,
         offload_activations=p.offload_activations, **recipe.recompute_config(),
+        cp_comm_type=p.cp_comm_type if p.context_size > 1 else None,  # Megatron hands it to the core attention
         use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init,
         pg_collection=pgs,
         **({"moe_token_dispatcher_type": p.moe_dispatcher} if m.num_experts else {}),

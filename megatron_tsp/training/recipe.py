@@ -14,9 +14,9 @@ from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hi
 
 import yaml
 
-from ..config import (LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe, ModelRecipe,  # noqa: F401
-                      ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions, check_seq_length,
-                      read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
+from ..config import (CP_COMM_TYPES, LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe,  # noqa: F401
+                      ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions,
+                      check_seq_length, read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
 
 LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +72,11 @@ class Recipe:
             key = "parallel.context_size = %d" % cp if cp > 1 else "parallel.fsdp = true"
             raise RecipeError(f"{key} cannot be combined with parallel.layout = tsp: TSP already splits the sequence "
                               "and the weights over its group (context_size and fsdp are for the baselines dp, tp, tp_sp)")
+        if p.cp_comm_type not in CP_COMM_TYPES:
+            raise RecipeError(f"parallel.cp_comm_type = {p.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}")
+        if p.cp_comm_type == "p2p" and cp == 1:
+            raise RecipeError("parallel.cp_comm_type = p2p (ring attention over the context-parallel group) needs "
+                              f"parallel.context_size > 1 (got {cp})")
         if cp > 1 and p.baseline_attention != "sdpa":
             raise RecipeError(f"parallel.context_size = {cp} runs on torch SDPA: parallel.baseline_attention = "
                               f"{p.baseline_attention!r} must be sdpa")

@@ -592,6 +592,8 @@ def test_frontier_json(capsys):
                                        offload_activations=opts.get("offload_activations", False),
                                        tsp_recompute=opts.get("tsp_recompute", "none"),
                                        tsp_lm_head=opts.get("tsp_lm_head", "local"),
+                                       tsp_attention_kv=opts.get("tsp_attention_kv", "gathered"),
+                                       cp_comm_type=opts.get("cp_comm_type", "all_gather"),
                                        optimizer_cpu_offload=opts.get("optimizer_cpu_offload", False),
                                        distributed_optimizer=opts.get("optimizer_cpu_offload", False))
 
@@ -851,3 +853,97 @@ def test_streamed_kv_working_set_by_hand():
     assert 7 * GIB < peaks["gathered"].peak - peaks["streamed"].peak < 8 * GIB
     opts = options_of(TrainSpec(seq_length=S, tsp_attention_kv="streamed"), Layout("tsp", tsp_size=4))
     assert opts["tsp_attention_kv"] == "streamed" and "K/V streamed" in describe(opts)
+
+
+@pytest.mark.parametrize("layout", [Layout("cp", cp=4), Layout("tp_cp", tp=2, cp=2), Layout("fsdp_cp", cp=4)],
+                         ids=["cp4", "tp2xcp2", "fsdp_cp4"])
+def test_cp_ring_working_set_by_hand(layout):
+    """parallel.cp_comm_type = p2p: the CP attention's backward holds, in units of one rank's K/V
+    u = [B S / C, 2 kv / T], five u in the model dtype and the fp32 partial (stream_backward on
+    the CP group) instead of CP_ATTENTION_KV_UNITS x the whole sequence's K/V; dq accumulates in
+    fp32; the saved tensors lose the per-chunk outputs (the ring's o is linear_proj's input). The
+    same K/V bytes move forward; backward one more hop (dK/dV home); all modelled exposed, so
+    ties (and every context where all_gather fits) go to all_gather."""
+    from megatron_tsp.planner import formulas as F
+    from megatron_tsp.planner.frontier import _Search, describe, options_of
+
+    S, B, b = 2**20, 1, 2
+    C, T = layout.cp, layout.weight_shards
+    for model in (MHA, GQA):
+        u = B * S / C * 2 * model.kv_dim / T
+        kw = dict(seq_length=S, micro_batch_size=B)
+        g_comm, g_scratch = F.baseline_attention_in_flight(model, TrainSpec(**kw), layout)
+        r_comm, r_scratch = F.baseline_attention_in_flight(model, TrainSpec(**kw, cp_comm_type="p2p"), layout)
+        assert g_comm == pytest.approx(F.CP_ATTENTION_KV_UNITS * C * u * b)
+        assert r_comm == pytest.approx(u * (5 * b + 4)) == F.cp_ring_kv_buffers(model, TrainSpec(**kw), layout)
+        assert r_scratch - g_scratch == pytest.approx(B * S / C * 4 * model.q_dim / T)
+        saved = {k: v for k, (v, _) in F.native_saved(model, layout).items()}
+        ring_saved = {k: v for k, (v, _) in F.native_saved(model, layout, ring=True).items()}
+        assert sum(saved.values()) - sum(ring_saved.values()) == pytest.approx(b * model.q_dim / T)
+        KV = B * S * 2 * model.kv_dim / T * b
+        for kind, name in (("all_gather", "CP K/V all-gather"), ("p2p", "CP K/V ring")):
+            items = F.comm_items(model, TrainSpec(**kw, cp_comm_type=kind), layout, NODE4)
+            fwd = [i.volume for i in items if i.phase == "fwd" and i.name.startswith(name)]
+            bwd = sum(i.volume for i in items if i.phase == "bwd" and i.name.startswith("CP "))
+            assert len(fwd) == 1 and fwd[0] == pytest.approx((C - 1) / C * KV)
+            assert bwd == pytest.approx((2 * (C - 1) + (kind == "p2p")) / C * KV)
+            assert not any(i.overlapped for i in items if i.name.startswith("CP "))
+    # 1M tokens, the 7B with layer recompute: the ring lowers the attention backward's point from
+    # CP 4 on; at CP 2 two ranks' K/V are the whole sequence's, and the fp32 buffers cost more
+    kw = dict(seq_length=S, recompute="full", recompute_num_layers=1, mlp_chunk_tokens=8192)
+    mems = {k: memory(MHA, TrainSpec(**kw, cp_comm_type=k), layout, NODE4) for k in ("all_gather", "p2p")}
+    point = "checkpointed layer backward (attention)"
+    assert (mems["p2p"].points[point] < mems["all_gather"].points[point]) == (C >= 4)
+    # the frontier searches both; at a short context both fit and all_gather (first, no slower) wins
+    search = _Search(MHA, TrainSpec(seq_length=8192), layout, NODE4, hardware.load("h200x4"))
+    assert {f.get("cp_comm_type") for f in search.families()} == {"all_gather", "p2p"}
+    _, best = search.best(8192)
+    assert best.cp_comm_type == "all_gather"
+    opts = options_of(TrainSpec(seq_length=S, cp_comm_type="p2p"), layout)
+    assert opts["cp_comm_type"] == "p2p" and "K/V ring (p2p)" in describe(opts)
+    assert "cp_comm_type" not in options_of(TrainSpec(seq_length=S), Layout("tsp", tsp_size=4))
+
+
+def test_cp_ring_extends_the_cp_frontier():
+    """With p2p searched, CP 4's longest context is longer than with all_gather alone; a bad
+    value is an error naming the key and the flag."""
+    from megatron_tsp.planner.frontier import layout_frontier
+
+    hw = hardware.load("h200x4")
+    lay = Layout("cp", cp=4)
+    base = TrainSpec(seq_length=65536)
+    full = layout_frontier(MHA, base, lay, NODE4, hw)
+    # all_gather alone: the search without the ring family
+    from megatron_tsp.planner import frontier as fr
+
+    real = fr._Search.families
+    try:
+        fr._Search.families = lambda self: [f for f in real(self) if f.get("cp_comm_type") != "p2p"]
+        gathered = layout_frontier(MHA, base, lay, NODE4, hw)
+    finally:
+        fr._Search.families = real
+    # 1.20M vs 1.17M tokens on 4 x H200 (the ring's layer keeps no per-chunk outputs, its backward
+    # no sequence-long K/V): the frontier's configuration there is the ring
+    assert full["max_seq_len"] > gathered["max_seq_len"]
+    assert full["at_max"]["options"]["cp_comm_type"] == "p2p"
+    assert gathered["at_max"]["options"]["cp_comm_type"] == "all_gather"
+    with pytest.raises(PlanError, match=r"parallel.cp_comm_type \(--cp-comm-type\) = 'ring'"):
+        TrainSpec(seq_length=64, cp_comm_type="ring")
+
+
+def test_cp_comm_type_flag_and_recipe_key(capsys):
+    """`plan --cp-comm-type p2p` (and the recipe's parallel.cp_comm_type) plan the CP layouts with
+    the ring: its note, its lower peak at 1M tokens; the TSP layout is unchanged."""
+    flags = ["--json", "--gpus-per-node", "4", "--seq-len", str(2**20), "--recompute", "full",
+             "--layout", "cp4", "--layout", "tsp4"]
+    runs = {}
+    for name, args in (("all_gather", [RECIPE]), ("p2p", [RECIPE, "--cp-comm-type", "p2p"]),
+                       ("recipe", [RECIPE, "parallel.cp_comm_type=p2p"])):
+        assert plan_main(args + flags) == 0
+        runs[name] = {r["layout"]: r for r in json.loads(capsys.readouterr().out)["plans"]}
+    ring = "attention: K/V around the CP ring (cp_comm_type p2p: two ranks' K/V at a time)"
+    for name in ("p2p", "recipe"):
+        assert ring in runs[name]["CP 4"]["notes"] and ring not in runs[name]["TSP D=4"]["notes"]
+        assert runs[name]["CP 4"]["memory_gib"]["peak"] < runs["all_gather"]["CP 4"]["memory_gib"]["peak"]
+        assert runs[name]["TSP D=4"]["memory_gib"] == runs["all_gather"]["TSP D=4"]["memory_gib"]
+    assert ring not in runs["all_gather"]["CP 4"]["notes"]

@@ -80,6 +80,11 @@ def test_layout_names_and_lean_options():
     assert not any("tsp_" in o for o in lean("fsdp_cp4", True))
     assert "parallel.tsp_attention_kv=streamed" in lean("tsp", True, attention_kv="streamed")
     assert not any("attention_kv" in o for o in lean("tsp", True) + lean("fsdp_cp4", True, attention_kv="streamed"))
+    for name in ("cp4", "tp2_cp2", "fsdp_cp4"):
+        assert "parallel.cp_comm_type=p2p" in lean(name, True, cp_comm_type="p2p")
+        assert not any("cp_comm_type" in o for o in lean(name, True))
+    for name in ("tsp", "tp_sp"):
+        assert not any("cp_comm_type" in o for o in lean(name, True, cp_comm_type="p2p"))
 
 
 def test_from_a_close_guess_few_probes():

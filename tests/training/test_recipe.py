@@ -41,6 +41,10 @@ def test_every_recipe_loads(path):
     (["parallel.layout=tp", "parallel.tsp_attention_kv=streamed"],
      r"parallel.tsp_attention_kv = streamed needs parallel.layout = tsp \(got tp\)"),
     (["parallel.layout=tp", "parallel.tsp_lm_head=local"], r"parallel.tsp_lm_head = local needs parallel.layout = tsp"),
+    (["parallel.layout=dp", "parallel.context_size=2", "parallel.cp_comm_type=a2a"],
+     r"parallel.cp_comm_type = 'a2a' is not one of all_gather, p2p"),
+    (["parallel.layout=dp", "parallel.cp_comm_type=p2p"],
+     r"parallel.cp_comm_type = p2p \(ring attention over the context-parallel group\) needs parallel.context_size > 1"),
 ] + ([] if torch.cuda.is_available() else [  # the CPU machine (CI): GPU-only keys are refused
     (["parallel.gemm_sm_carveout=8"], r"parallel.gemm_sm_carveout needs GPUs"),
     (["parallel.high_priority_comm=true"], r"parallel.high_priority_comm = true needs NCCL process groups"),
