@@ -123,6 +123,23 @@ def test_planner_imports_no_torch_in_source():
     assert not bad, "\n".join(bad)
 
 
+# Megatron's global group getters: the core and the baselines take their groups as arguments
+GLOBAL_GROUP_READS = ("use_mpu_process_groups", "get_tensor_model_parallel_group", "get_context_parallel_group",
+                      "get_data_parallel_group", "get_expert_model_parallel_group", "tsp_process_groups")
+
+
+def test_core_and_baselines_read_no_global_groups():
+    bad = []
+    for name, path in modules().items():
+        if layer(name) not in ("tsp", "baselines"):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            called = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if called in GLOBAL_GROUP_READS:
+                bad.append(f"{name}:{node.lineno} reads {called}")
+    assert not bad, "\n".join(bad)
+
+
 BLOCK = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):

@@ -48,13 +48,11 @@ from ..config import (TSPConfigError, TSPOptions, check_expert_parallel, check_m
 from .mlp import TSPRingMLP
 from .zigzag import from_zigzag, to_zigzag
 
-def check_expert_groups(config, pg_collection=None) -> None:
-    """The model's expert groups against its config: EP divides the experts, expert TP is 1.
-    Group sizes are known on every rank: no collective."""
-    if pg_collection is None:
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+def check_expert_groups(config, pg_collection) -> None:
+    """The model's expert groups (`pg_collection`, required: no fallback to Megatron's global
+    groups) against its config: EP divides the experts, expert TP is 1. Group sizes are known on
+    every rank: no collective."""
+    require_group(pg_collection, "check_expert_groups", "pg_collection")
     ep, etp = getattr(pg_collection, "ep", None), getattr(pg_collection, "expt_tp", None)
     ep_size = ep.size() if ep is not None else 1
     if etp is not None and etp.size() != 1:
