@@ -150,7 +150,10 @@ SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/run/munge.sock
+# cred_expire (default 120 s) is also how long a requeued job waits before it may start again: the
+# wait keeps a relaunch of the same job id clear of its revoked credential (slurm.conf(5)); 30 s keeps
+# the requeue test short without racing that revocation
+AuthInfo=socket=$dir/run/munge.sock,cred_expire=30
 CredType=cred/munge
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/slurmd-%n

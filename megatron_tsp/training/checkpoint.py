@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import sys
+import traceback
 import warnings
 from typing import List, Optional
 
@@ -234,6 +235,34 @@ def _save_failure(error: Optional[BaseException], log: str) -> Optional[str]:
     return _first_line(error)
 
 
+# megatron-core's save has steps where the coordinator (rank 0) writes alone, then meets the others in
+# a collective: (caller, callee) -> the collective rank 0 skips when the write raises. 0.16.1-0.19.2:
+# state_dict_saver.save_state_dict_async_finalize writes `.metadata` (storage_writer.finish), then
+# broadcasts whether the save failed; serialization.save's finalize steps write metadata.json
+# (save_config) and the integrity manifest, then meet in a barrier.
+_COORDINATOR_WRITES = {("save_state_dict_async_finalize", "finish"): "broadcast",
+                       ("metadata_finalize_fn", "save_config"): "barrier",
+                       ("integrity_finalize_fn", "save_integrity_manifest"): "barrier"}
+
+
+def _release_waiting_ranks(error: BaseException) -> None:
+    """A write that failed on rank 0 inside one of megatron-core's coordinator-only steps leaves the
+    other ranks waiting in the collective after it until the collective timeout: rank 0 takes its part
+    in that collective ("the save failed", for the broadcast), so every rank reaches the agreement on
+    the failure at once."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    for (caller, _), (callee, _) in zip(frames, frames[1:]):
+        step = _COORDINATOR_WRITES.get((caller.f_code.co_name, callee.f_code.co_name))
+        if step == "broadcast":
+            wrapper = caller.f_locals["dist_wrapper"]
+            failed = torch.tensor([1], dtype=torch.int, device=torch.cuda.current_device())  # as megatron-core's
+            dist.broadcast(failed, src=wrapper.coordinator_rank, group=wrapper.group)
+            return
+        if step == "barrier":
+            dist.barrier()
+            return
+
+
 def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=None) -> str:
     """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective.
     `pg_collection`: the groups the model was built on (default `tsp_process_groups()`).
@@ -267,6 +296,7 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
                 dist_checkpointing.save(state, partial_path)  # raises on every rank when a rank's write failed
         except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
             error = e
+            _release_waiting_ranks(e)  # a coordinator-only write failed: the others wait for rank 0
         # every rank's shards are on disk, or the save failed on every rank
         if error is None and rank0:
             try:

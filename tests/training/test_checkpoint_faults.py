@@ -39,9 +39,28 @@ def _fail_file_list(monkeypatch):
     monkeypatch.setattr(ckpt_module, "write_manifest", _disk_full)
 
 
+def _fail_metadata(monkeypatch):
+    """Rank 0's `.metadata` (torch's writer's finish, which megatron-core's calls after every shard)."""
+    from torch.distributed.checkpoint import filesystem
+
+    monkeypatch.setattr(filesystem._FileSystemWriter, "finish", _disk_full)
+
+
+def _fail_config(monkeypatch):
+    """Rank 0's metadata.json (megatron-core's save_config, the save's last write)."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron.core.dist_checkpointing import core
+
+    monkeypatch.setattr(core, "json", SimpleNamespace(dump=_disk_full, load=json.load))  # the resume reads it
+
+
 def test_keep_checkpoints_and_a_full_disk_during_a_save(world, shared_tmp_path, monkeypatch):
     """At world 2 (TSP 2) the shard write fails on rank 1 alone: every rank still raises,
-    and rank 0's line quotes rank 1's errno."""
+    and rank 0's line quotes rank 1's errno. Rank 0's own writes (`.metadata`, metadata.json, the file
+    list) fail while the others wait for it in a collective of megatron-core's: they raise at once, not
+    after the collective timeout (30 s here; the test's time shows a wait)."""
     import torch.distributed as dist
 
     if world > 2:
@@ -53,13 +72,13 @@ def test_keep_checkpoints_and_a_full_disk_during_a_save(world, shared_tmp_path, 
     files_before = sorted(os.listdir(step_dir(save_dir, 6)))
 
     failing = world - 1  # the rank whose write fails (the file list: always rank 0, which writes it)
-    for fail in (_fail_shard_writes, _fail_file_list):
+    for fail in (_fail_shard_writes, _fail_metadata, _fail_config, _fail_file_list):
         with monkeypatch.context() as m:
             if dist.get_rank() == (failing if fail is _fail_shard_writes else 0):
                 fail(m)
             with pytest.raises(CheckpointSaveError) as e:
                 run(load_recipe(TINY, common + ["train.steps=8", f"train.save_dir={save_dir}", "train.resume=true",
-                                                "train.keep_checkpoints=1"]))
+                                                "train.keep_checkpoints=1", "train.collective_timeout_s=30"]))
         text = str(e.value)
         who = failing if fail is _fail_shard_writes else 0
         assert "\n" not in text, text
