@@ -44,11 +44,9 @@ is allowed with one warning, at the first import of a module that builds on mega
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-import logging
 import warnings
 
 from megatron.core import package_info
@@ -56,6 +54,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from packaging.version import Version
+
+from . import patches
 
 OLDEST = Version("0.16.1")
 NEWEST = Version("0.19.2")
@@ -134,22 +134,11 @@ def transformer_config_defaults(**kwargs) -> dict:
     return kwargs
 
 
-class _DropGPTModelDeprecation(logging.Filter):
-    def filter(self, record):
-        return not record.getMessage().startswith("GPTModel IS DEPRECATED")
-
-
-@contextlib.contextmanager
 def quiet_gpt_model_deprecation():
     """Drops megatron-core's GPTModel deprecation record, only inside this block (a subclass's
-    `super().__init__`); every other record of that logger, and plain GPTModels, are untouched."""
-    logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
-    drop = _DropGPTModelDeprecation()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    `super().__init__`); every other record of that logger, and plain GPTModels, are untouched
+    (`patches.GPT_MODEL_DEPRECATION_NOTICE`)."""
+    return patches.applied(patches.GPT_MODEL_DEPRECATION_NOTICE)
 
 
 # -- process groups passed to Megatron's training parts -------------------------------------
@@ -192,25 +181,21 @@ def schedule_group_kwargs(pg_collection, config) -> dict:
     return {"pg_collection": pg_collection, "p2p_communicator": P2PCommunicator(pp_group=pg_collection.pp, config=config)}
 
 
+def _no_te_version(version, check_equality=True):
+    return False  # Transformer Engine is not installed: no version of it is
+
+
 def te_version_check_without_te() -> None:
+    """`patches.TE_MIN_VERSION_WITHOUT_TE`, where Transformer Engine is absent."""
     from megatron.core import utils
-    from megatron.core.optimizer import optimizer_config
 
-    if utils.get_te_version() is not None or getattr(optimizer_config.is_te_min_version, "_without_te", False):
-        return
-
-    def is_te_min_version(version, check_equality=True):
-        return False  # Transformer Engine is not installed: no version of it is
-
-    is_te_min_version._without_te = True
-    optimizer_config.is_te_min_version = is_te_min_version
+    if utils.get_te_version() is None:
+        patches.install(patches.TE_MIN_VERSION_WITHOUT_TE, _no_te_version)
 
 
 def bind_missing_te_general_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    """`patches.TE_GENERAL_GEMM` (a no-op where megatron-core binds it itself)."""
+    patches.install(patches.TE_GENERAL_GEMM, None)
 
 
 check_megatron_version()

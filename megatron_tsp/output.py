@@ -9,50 +9,26 @@ The benign ones, by where they come from:
   depend on it);
 - torch's "No CUDA runtime is found, using CUDA_HOME" (a CPU machine);
 - "`sequence_parallel` is set to `True`, but tensor model parallel size is 1" from the expert
-  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see BENIGN_WARNINGS);
+  MLPs of MoE layers on an expert tensor-parallel group of size 1 (see `patches.BENIGN_WARNINGS`);
 - torch's distributed checkpoint notes while megatron-core saves and loads ("MCore's async save is
   deprecated", "torch.distributed is disabled ... load in a single process", "The argument order
   of load has been changed").
+The filters are the records `patches.BENIGN_WARNINGS` and `patches.BENIGN_LOG_RECORDS`.
 Standard library only: the launcher and `--help` import nothing heavy.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import sys
 import time
-import warnings
+
+from . import patches
 
 VERBOSE_ENV = "MEGATRON_TSP_VERBOSE"  # set by `--verbose` for the workers a launcher starts
 REPORT_DIR_ENV = "MEGATRON_TSP_REPORT_DIR"  # set by training.launch (not with --verbose): where a failure goes
 
-# Python warnings (re.match against the message text).
-BENIGN_WARNINGS = (
-    r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed",
-    r".*absl\.logging is not installed",
-    r".*CUDA_DEVICE_MAX_CONNECTIONS",
-    r".*is experimental and still under active development",
-    # Megatron's expert MLPs (SequentialMLP) are built from the model's config, whose sequence_parallel
-    # is on (TSP / TP+SP), on the expert tensor-parallel group, of size 1 here (the dispatcher hands
-    # each expert whole tokens): their linears say they turn SP off, once per rank. Megatron-LM at
-    # TP+SP with expert_tensor_parallel_size=1 prints it too; nothing to act on. Size 1 only.
-    r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel",
-    # torch's distributed checkpoint while megatron-core loads a checkpoint's common part and metadata
-    # (no_dist on purpose) and calls load with its older argument order: on every resume, per rank.
-    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single",
-    r"The argument order of load has been changed",
-)
-# logging records: (logger name, message regex).
-BENIGN_LOG_RECORDS = (
-    ("megatron.core.datasets.gpt_dataset", r"Unable to save \w+ indexes"),
-    ("megatron.core.datasets.blended_megatron_dataset_builder", r"Unable to save \w+ indexes"),
-    ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
-    # every save, per rank: megatron-core's own save path (dist_checkpointing.save) logs it
-    ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated"),
-)
 INFO_LINE = ("megatron-tsp: known-benign notices from megatron-core and torch (Transformer Engine / apex / absl "
              "absent, dataset index cache, CUDA_DEVICE_MAX_CONNECTIONS, sequence parallel off in experts of "
              "expert-TP size 1, checkpoint API notes) are hidden; --verbose shows them")
@@ -67,15 +43,6 @@ def rank() -> int:
     return 0
 
 
-class _DropMatching(logging.Filter):
-    def __init__(self, pattern: str):
-        super().__init__()
-        self.pattern = re.compile(pattern)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.match(record.getMessage())
-
-
 def verbose_requested(argv) -> bool:
     return "--verbose" in argv or os.environ.get(VERBOSE_ENV) == "1"
 
@@ -86,11 +53,8 @@ def hide_benign_output(verbose: bool = False, announce: bool = True) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return
-    for pattern in BENIGN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name, pattern in BENIGN_LOG_RECORDS:
-        logging.getLogger(name).addFilter(_DropMatching(pattern))
+    patches.install(patches.BENIGN_WARNINGS)
+    patches.install(patches.BENIGN_LOG_RECORDS)
     if announce and rank() == 0:
         print(INFO_LINE, flush=True)
 

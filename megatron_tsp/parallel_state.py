@@ -64,8 +64,7 @@ def destroy_model_parallel() -> None:
     for group in (getattr(mpu, "_global_process_group_list", None) or [])[1:]:  # [0] is WORLD
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)
-    mpu._global_process_group_list = None
-    mpu.destroy_model_parallel()
+    mpu.destroy_model_parallel()  # forgets the list too
     _forget_dtensor_meshes()
     _forget_rope_modules()
 

@@ -24,29 +24,28 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from megatron.core.distributed import torch_fully_sharded_data_parallel as _tfsdp
 from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
 
+from .. import patches
 from ..config import require_group
 
 
-@contextlib.contextmanager
-def _device_mesh_on_cpu_without_cuda():
-    if torch.cuda.is_available():
-        yield
-        return
-    real = _tfsdp.DeviceMesh
+def _on_cpu(device_mesh):
+    """Megatron's `DeviceMesh` whose `from_group` makes CPU meshes (it asks for cuda)."""
 
     class _CPUDeviceMesh:
         @staticmethod
         def from_group(group, device_type, *args, **kwargs):
-            return real.from_group(group, "cpu", *args, **kwargs)
+            return device_mesh.from_group(group, "cpu", *args, **kwargs)
 
-    _tfsdp.DeviceMesh = _CPUDeviceMesh
-    try:
-        yield
-    finally:
-        _tfsdp.DeviceMesh = real
+    return _CPUDeviceMesh
+
+
+def _device_mesh_on_cpu_without_cuda():
+    """`patches.FSDP_CPU_DEVICE_MESH` for the block, without CUDA."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return patches.applied(patches.FSDP_CPU_DEVICE_MESH, wrap=_on_cpu)
 
 
 class FullyShardedOverDataAndContext(TorchFullyShardedDataParallel):

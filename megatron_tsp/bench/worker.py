@@ -190,9 +190,9 @@ def _release_caches() -> None:
 
 
 def worker(spec_path: str) -> int:
-    import warnings
+    from .. import patches
 
-    warnings.filterwarnings("ignore")
+    patches.install(patches.BENCH_WORKER_WARNINGS)
     import torch
     import torch.distributed as dist
 

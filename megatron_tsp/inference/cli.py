@@ -26,9 +26,9 @@ import os
 import resource
 import sys
 import time
-import warnings
 from typing import List, Optional
 
+from .. import patches
 from ..config import TSPConfigError
 from ..training.recipe import RecipeError, load_recipe
 
@@ -327,8 +327,7 @@ def main(argv=None):
     else:  # argparse's own errors: rank 0 prints them
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             args = _parse(argv)
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated|DEPRECATED).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    patches.install(patches.GENERATE_WARNINGS)
     import torch.distributed as dist
 
     watch_launcher()  # started by the launcher: end with it

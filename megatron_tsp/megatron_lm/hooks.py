@@ -24,8 +24,10 @@ Supported: the Megatron-LM tags in SUPPORTED_TAGS (scripts/apply_patches.sh chec
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 
+from .. import patches
 from .arguments import add_tsp_args, install_tsp_parsing
 from ..config import TSPConfigError
 from .build import _check_builder_args, _model_kwargs, build_gpt_model, uses_tsp_builder
@@ -179,7 +181,7 @@ def _use_packaged_dataset_helpers() -> bool:
     from megatron.core.datasets import utils
 
     datasets_dir = os.path.dirname(utils.__file__)
-    if getattr(utils.compile_helpers, "tsp_skipped", False):
+    if patches.MLM_COMPILE_HELPERS.installed():
         return True
     try:
         from megatron.core.datasets import helpers_cpp  # noqa: F401
@@ -194,13 +196,11 @@ def _use_packaged_dataset_helpers() -> bool:
             return False
         import importlib.util
 
-        import megatron.core.datasets as datasets
-
         spec = importlib.util.spec_from_file_location("megatron.core.datasets.helpers_cpp", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules[spec.name] = module
-        datasets.helpers_cpp = module
+        sys.modules[spec.name] = module  # as an import would (the package's attribute: the patch)
+        patches.install(patches.MLM_DATASET_HELPERS, module)
         where = f"compiled in the installed megatron-core ({path}; same helpers.cpp)"
     elif compiled:
         where = "compiled in the megatron-core package"
@@ -210,8 +210,7 @@ def _use_packaged_dataset_helpers() -> bool:
     def compile_helpers():
         print(f"> megatron-tsp: using the dataset helpers {where}", flush=True)
 
-    compile_helpers.tsp_skipped = True
-    utils.compile_helpers = compile_helpers
+    patches.install(patches.MLM_COMPILE_HELPERS, compile_helpers)
     return True
 
 
@@ -221,39 +220,35 @@ def install() -> None:
     model paths (`gpt_builders.gpt_builder`; `argument_utils.gpt_config_from_args` where it
     exists) and the check of the built model (`training.setup_model_and_optimizer`). The
     Megatron-LM tree must be on sys.path."""
-    try:
-        import gpt_builders
-        from megatron.training import arguments as megatron_arguments
-        from megatron.training import training as megatron_training
+    try:  # the modules the records patch
+        for module in ("gpt_builders", "megatron.training.arguments", "megatron.training.training"):
+            importlib.import_module(module)
     except ImportError as e:
         raise TSPConfigError(
             f"Megatron-LM (gpt_builders.py, megatron/training) cannot be imported ({e}): run "
             f"megatron_tsp.megatron_lm.run with the path to pretrain_gpt.py of Megatron-LM {', '.join(SUPPORTED_TAGS)}"
         ) from None
-    if getattr(megatron_arguments.add_megatron_arguments, "tsp_installed", False):
+    if patches.MLM_ADD_ARGUMENTS.installed():
         return
-    add_megatron_arguments = megatron_arguments.add_megatron_arguments
 
-    def add_megatron_arguments_with_tsp(parser):
-        return add_tsp_megatron_args(add_megatron_arguments(parser))
+    def with_tsp_arguments(add_megatron_arguments):
+        def add_megatron_arguments_with_tsp(parser):
+            return add_tsp_megatron_args(add_megatron_arguments(parser))
 
-    add_megatron_arguments_with_tsp.tsp_installed = True
-    megatron_arguments.add_megatron_arguments = add_megatron_arguments_with_tsp
-    gpt_builders.gpt_builder = tsp_gpt_builder(gpt_builders.gpt_builder)
-    try:
-        from megatron.training import argument_utils  # core_v0.18+
-    except ImportError:
-        argument_utils = None
-    if hasattr(argument_utils, "gpt_config_from_args"):  # core_v0.19+: the model-builder path
-        argument_utils.gpt_config_from_args = tsp_gpt_config_from_args(argument_utils.gpt_config_from_args)
-    setup_model_and_optimizer = megatron_training.setup_model_and_optimizer
+        return add_megatron_arguments_with_tsp
 
-    def setup_model_and_optimizer_checked(*args, **kwargs):
-        from megatron.training import get_args
+    def checked(setup_model_and_optimizer):
+        def setup_model_and_optimizer_checked(*args, **kwargs):
+            from megatron.training import get_args
 
-        result = setup_model_and_optimizer(*args, **kwargs)
-        check_built_model(get_args(), result[0])
-        return result
+            result = setup_model_and_optimizer(*args, **kwargs)
+            check_built_model(get_args(), result[0])
+            return result
 
-    setup_model_and_optimizer_checked.megatron_setup_model_and_optimizer = setup_model_and_optimizer
-    megatron_training.setup_model_and_optimizer = setup_model_and_optimizer_checked
+        setup_model_and_optimizer_checked.megatron_setup_model_and_optimizer = setup_model_and_optimizer
+        return setup_model_and_optimizer_checked
+
+    patches.install(patches.MLM_ADD_ARGUMENTS, wrap=with_tsp_arguments)
+    patches.install(patches.MLM_GPT_BUILDER, wrap=tsp_gpt_builder)
+    patches.install(patches.MLM_GPT_CONFIG_FROM_ARGS, wrap=tsp_gpt_config_from_args)  # core_v0.19+ only
+    patches.install(patches.MLM_SETUP_MODEL_AND_OPTIMIZER, wrap=checked)

@@ -23,6 +23,7 @@ import statistics
 import time
 from typing import List, Optional, Sequence
 
+from .. import patches
 from ..config import TSPConfigError
 
 GIB = 2**30
@@ -50,20 +51,15 @@ def fake_world(world: int, rank: int = 0):
         raise ProbeError("torch.distributed is already initialized in this process: the probe makes its own "
                          "(fake) world; run it in a fresh process, not under torchrun")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    original = dist.new_group
-
-    def new_group(*args, backend=None, pg_options=None, **kwargs):
-        return original(*args, **kwargs)
-
-    replaced = [(dist, "new_group", new_group)] + _mirrored_integer_collectives()
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replaced]
-    for owner, name, function in replaced:
-        setattr(owner, name, function)
     try:
-        yield
+        with contextlib.ExitStack() as replaced:
+            replaced.enter_context(patches.applied(patches.FAKE_WORLD_NEW_GROUP, wrap=_without_backend))
+            for patch in (patches.FAKE_WORLD_ALL_GATHER, patches.FAKE_WORLD_MAPPINGS_ALL_GATHER,
+                          patches.FAKE_WORLD_UTILS_ALL_GATHER):
+                replaced.enter_context(patches.applied(patch, wrap=_mirrored_all_gather))
+            replaced.enter_context(patches.applied(patches.FAKE_WORLD_ALL_TO_ALL, wrap=_mirrored_all_to_all))
+            yield
     finally:
-        for owner, name, function in saved:
-            setattr(owner, name, function)
         from megatron.core import parallel_state as mpu
 
         from .. import parallel_state as tsp_state
@@ -73,61 +69,63 @@ def fake_world(world: int, rank: int = 0):
         dist.destroy_process_group()
 
 
-def _mirrored_integer_collectives():
-    """All-gathers and all-to-alls of integer tensors (the MoE dispatcher's token counts, from
-    which it sizes the tokens' all-to-all) filled as in a world symmetric under rotation of the
-    ranks: peer j's tensor is this rank's with its blocks rotated by j - me (peer j sends to rank
-    r's experts what this rank sends to rank r - j + me's). Every rank then receives as many
-    tokens as it sends, whatever the routing. Left as the fake backend leaves them (uninitialized),
-    the counts would size buffers at random. Floating tensors stay untouched (no copy, no time).
-    Megatron keeps its own reference to the all-gather (`dist_all_gather_func`), replaced too."""
+def _without_backend(new_group):
+    def new_group_without_backend(*args, backend=None, pg_options=None, **kwargs):
+        return new_group(*args, **kwargs)
+
+    return new_group_without_backend
+
+
+# All-gathers and all-to-alls of integer tensors (the MoE dispatcher's token counts, from which it
+# sizes the tokens' all-to-all) filled as in a world symmetric under rotation of the ranks: peer
+# j's tensor is this rank's with its blocks rotated by j - me (peer j sends to rank r's experts
+# what this rank sends to rank r - j + me's). Every rank then receives as many tokens as it sends,
+# whatever the routing. Left as the fake backend leaves them (uninitialized), the counts would
+# size buffers at random. Floating tensors stay untouched (no copy, no time). Megatron keeps its
+# own references to the all-gather (`dist_all_gather_func`), replaced too.
+
+def _integer(t):
     import torch
+
+    return torch.is_tensor(t) and not t.is_floating_point() and not t.is_complex()
+
+
+def _peer(mine, me, j, n):
+    """Peer j's tensor in the rotation-symmetric world (flat, n peers)."""
+    flat = mine.reshape(-1)
+    return flat.roll((j - me) * (flat.numel() // n)) if flat.numel() % n == 0 else flat
+
+
+def _mirrored_all_gather(original):
     import torch.distributed as dist
-    from megatron.core import utils as mutils
-    from megatron.core.tensor_parallel import mappings
 
-    def integer(t):
-        return torch.is_tensor(t) and not t.is_floating_point() and not t.is_complex()
+    def all_gather_mirrored(output, input, *args, **kwargs):
+        work = original(output, input, *args, **kwargs)
+        if _integer(input) and input.numel():
+            n, me = output.numel() // input.numel(), dist.get_rank(kwargs.get("group", args[0] if args else None))
+            rows = output.view(n, input.numel())
+            for j in range(n):
+                rows[j].copy_(_peer(input, me, j, n))
+        return work
 
-    def me_of(kwargs, args):
-        group = kwargs.get("group", args[0] if args else None)
-        return dist.get_rank(group)
+    return all_gather_mirrored
 
-    def peer(mine, me, j, n):
-        """Peer j's tensor in the rotation-symmetric world (flat, n peers)."""
-        flat = mine.reshape(-1)
-        return flat.roll((j - me) * (flat.numel() // n)) if flat.numel() % n == 0 else flat
 
-    def gather(original):
-        def all_gather_mirrored(output, input, *args, **kwargs):
-            work = original(output, input, *args, **kwargs)
-            if integer(input) and input.numel():
-                n, me = output.numel() // input.numel(), me_of(kwargs, args)
-                rows = output.view(n, input.numel())
+def _mirrored_all_to_all(original):
+    import torch.distributed as dist
+
+    def all_to_all_mirrored(output, input, *args, **kwargs):
+        work = original(output, input, *args, **kwargs)
+        if _integer(input) and output.numel() == input.numel() and not args and not kwargs.get("input_split_sizes"):
+            n = dist.get_world_size(kwargs.get("group"))
+            me = dist.get_rank(kwargs.get("group"))
+            if input.numel() % n == 0:  # block j = what peer j sends to this rank
+                blocks = output.view(n, -1)
                 for j in range(n):
-                    rows[j].copy_(peer(input, me, j, n))
-            return work
-        return all_gather_mirrored
+                    blocks[j].copy_(_peer(input, me, j, n).view(n, -1)[me])
+        return work
 
-    def all_to_all(original):
-        def all_to_all_mirrored(output, input, *args, **kwargs):
-            work = original(output, input, *args, **kwargs)
-            if integer(input) and output.numel() == input.numel() and not args and not kwargs.get("input_split_sizes"):
-                n = dist.get_world_size(kwargs.get("group"))
-                me = dist.get_rank(kwargs.get("group"))
-                if input.numel() % n == 0:  # block j = what peer j sends to this rank
-                    blocks = output.view(n, -1)
-                    for j in range(n):
-                        blocks[j].copy_(peer(input, me, j, n).view(n, -1)[me])
-            return work
-        return all_to_all_mirrored
-
-    out = [(dist, "all_gather_into_tensor", gather(dist.all_gather_into_tensor)),
-           (dist, "all_to_all_single", all_to_all(dist.all_to_all_single))]
-    for module in (mappings, mutils):
-        if hasattr(module, "dist_all_gather_func"):
-            out.append((module, "dist_all_gather_func", gather(module.dist_all_gather_func)))
-    return out
+    return all_to_all_mirrored
 
 
 def stage_rank(world: int, pipeline_size: int, stage: int) -> int:

@@ -7,9 +7,9 @@ megatron-core 0.19's DDP also asks for `torch.cuda.current_stream()` in every
 `start_grad_sync` (to wait on CUDA-graph events), and the MoE all-to-all dispatcher makes a
 side stream (`torch.cuda.Stream()`) for its device-to-host copies of the split sizes and enters
 it with `torch.cuda.stream(...)`: on the CPU both are the one CPU "stream". The optimizer CPU offload's
-HybridDeviceOptimizer offloads only CUDA tensors (see `_hybrid_optimizer_on_cpu`).
-`install_cpu_shims()` redirects all of these to the CPU. It is a no-op when CUDA is available
-and must never be used on a GPU run.
+HybridDeviceOptimizer offloads only CUDA tensors (see `_split_as_on_a_gpu`).
+`install_cpu_shims()` redirects all of these to the CPU (the records `patches.CPU_SHIMS` say what
+each replaces and why). It is a no-op when CUDA is available and must never be used on a GPU run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-_INSTALLED = False
+from .. import patches
+
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -109,12 +110,11 @@ def _cpu_stream_context(stream=None):
 _CPU_STREAM = _CPUStream()
 
 
-def _install_rng_tracker():
+def _cpu_rng_tracker():
+    """Megatron's RNG tracker on the CPU generator (the same seeds and names)."""
     from megatron.core.tensor_parallel import random as mrandom
 
     class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
-        """Megatron's RNG tracker on the CPU generator (the same seeds and names)."""
-
         def add(self, name, seed):
             if seed in self.seeds_:
                 raise Exception(f"seed {seed} already exists")
@@ -138,39 +138,32 @@ def _install_rng_tracker():
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(orig)
 
-    # model_parallel_cuda_manual_seed then works unchanged: it resets and fills this tracker
-    # (torch.cuda.manual_seed is a lazy no-op without CUDA).
-    mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    # Megatron's activation checkpointing (CheckpointFunction, CheckpointWithoutOutput) saves and
-    # restores "the CUDA RNG state" around the recomputation through these two module functions.
-    # On the CPU the tracker above runs on the CPU generator, so that generator is the "CUDA" one.
-    def get_cpu_as_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
-        return torch.get_rng_state()
-
-    def set_cpu_as_cuda_rng_state(new_state, device=-1, graph_safe=False):
-        torch.set_rng_state(new_state)
-
-    mrandom._get_cuda_rng_state = get_cpu_as_cuda_rng_state
-    mrandom._set_cuda_rng_state = set_cpu_as_cuda_rng_state
+    return CPURNGStatesTracker()
 
 
-def _all_to_all_single_taking_tensor_splits():
+# Megatron's activation checkpointing (CheckpointFunction, CheckpointWithoutOutput) saves and
+# restores "the CUDA RNG state" around the recomputation through two module functions. On the CPU
+# the tracker above runs on the CPU generator, so that generator is the "CUDA" one.
+def _get_cpu_as_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_cpu_as_cuda_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _taking_tensor_splits(original):
     """`torch.distributed.all_to_all_single` that also takes split sizes as tensors: the MoE
     dispatcher's split sizes are host copies of device tensors (numpy arrays) on a GPU; on the
     CPU they stay tensors, which the process group's binding refuses. (A function, not the mode
     above: the mode is not active while backward runs, and the combine's backward is an all-to-all.)"""
-    import torch.distributed as dist
-
-    original = dist.all_to_all_single
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
         as_list = lambda s: s.tolist() if torch.is_tensor(s) else s  # noqa: E731
         return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), group=group,
                         async_op=async_op)
 
-    dist.all_to_all_single = all_to_all_single
+    return all_to_all_single
 
 
 class _TheseAreOnTheDevice(TorchFunctionMode):
@@ -198,40 +191,39 @@ class _TheseAreOnTheDevice(TorchFunctionMode):
         return out
 
 
-def _hybrid_optimizer_on_cpu():
+def _split_as_on_a_gpu(split):
     """megatron-core's optimizer CPU offload (HybridDeviceOptimizer) splits its parameters by
     `param.is_cuda`: on the CPU none would be, and it would step them in place without the host
     copies (and fail in its copy-back hook). While it splits them, its own parameters count as
     device ones, so the CPU run takes the GPU run's path: host fp32 copies (main weights, Adam
     state, gradients) stepped by the CPU AdamW and copied back into the model's shards, and with
     offload_fraction < 1 the rest stepped as "device" parameters."""
-    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer
-
-    cls = hybrid_optimizer.HybridDeviceOptimizer
-    split = cls._get_sub_optimizer_param_groups
 
     def split_as_on_a_gpu(self, offload_fraction):
         with _TheseAreOnTheDevice(p for group in self.param_groups for p in group["params"]):
             return split(self, offload_fraction)
 
-    cls._get_sub_optimizer_param_groups = split_as_on_a_gpu
+    return split_as_on_a_gpu
 
 
 def install_cpu_shims() -> bool:
-    """Install the CPU redirections once per process; returns whether they are active."""
-    global _INSTALLED
+    """Install the CPU redirections (`patches.CPU_SHIMS`, each once per process); returns whether
+    they are active."""
     if torch.cuda.is_available():
         return False
-    if _INSTALLED:
-        return True
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
-    torch.cuda.Stream = _CPUStream
-    torch.cuda.stream = _cpu_stream_context
-    _install_rng_tracker()
-    _all_to_all_single_taking_tensor_splits()
-    _hybrid_optimizer_on_cpu()
-    _CudaToCpuMode().__enter__()  # process-wide: the CPU path has no CUDA to fall back on
-    _INSTALLED = True
+    patches.install(patches.CUDA_CURRENT_DEVICE, lambda: torch.device("cpu"))
+    patches.install(patches.CUDA_SYNCHRONIZE, lambda *a, **k: None)
+    patches.install(patches.CUDA_CURRENT_STREAM, lambda *a, **k: _CPU_STREAM)
+    patches.install(patches.CUDA_STREAM_CLASS, _CPUStream)
+    patches.install(patches.CUDA_STREAM_CONTEXT, _cpu_stream_context)
+    # model_parallel_cuda_manual_seed then works unchanged: it resets and fills this tracker
+    # (torch.cuda.manual_seed is a lazy no-op without CUDA).
+    if not patches.RNG_TRACKER.installed():
+        patches.install(patches.RNG_TRACKER, _cpu_rng_tracker())
+    patches.install(patches.RNG_TRACKER_INITIALIZED, True)
+    patches.install(patches.GET_CUDA_RNG_STATE, _get_cpu_as_cuda_rng_state)
+    patches.install(patches.SET_CUDA_RNG_STATE, _set_cpu_as_cuda_rng_state)
+    patches.install(patches.ALL_TO_ALL_TENSOR_SPLITS, wrap=_taking_tensor_splits)
+    patches.install(patches.HYBRID_OPTIMIZER_SPLIT, wrap=_split_as_on_a_gpu)
+    patches.install(patches.CUDA_TO_CPU_MODE, _CudaToCpuMode())  # process-wide: no CUDA to fall back on
     return True

@@ -13,13 +13,13 @@ import json
 import os
 import sys
 import time
-import warnings
 from functools import partial
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from .. import patches
 from ..config import TSPConfigError
 from ..output import hide_benign_output, print_user_error, rank, verbose_requested
 from .checkpoint import (CHECKPOINT_META, _layout_text, _saved_optimizer_format, _step_dir, check_checkpoint_matches,
@@ -490,7 +490,7 @@ def main(argv=None):
         from ..cli import main as cli_main  # -> training.launch, which starts the workers
 
         return cli_main(["train", *argv])
-    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    patches.install(patches.TRAIN_DEPRECATION_WARNINGS)
     hide_benign_output(verbose_requested(argv))
     try:
         recipe = load_recipe(recipe_path, overrides)

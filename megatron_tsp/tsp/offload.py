@@ -19,9 +19,9 @@ machine the host copy is still made (a separate CPU tensor; what the tests check
 as the saved tensor; the stream logic runs on CUDA devices only.
 
 Mechanism: `megatron.core.tensor_parallel.checkpoint` (what TransformerBlock calls per chunk, in
-megatron-core 0.16 and 0.19) is wrapped once per process; the wrapper acts only while the
-decoder of a model passed to `offload_layer_inputs` runs its forward, and otherwise calls
-Megatron's checkpoint unchanged.
+megatron-core 0.16 and 0.19) is replaced by a wrapper only while the decoder of a model passed to
+`offload_layer_inputs` runs its forward (`patches.OFFLOAD_CHECKPOINT`); Megatron's own is back
+when the outermost such forward ends, however it ends.
 
 References: the handles are reached only from the autograd graph (the packed saved tensors) and,
 during one forward, from the offloader's `_last`; nothing of the offloader reaches back into the
@@ -34,14 +34,15 @@ that Python's gc cannot see, keeping every model, graph and destroyed process gr
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
 
+from .. import patches
 from ..config import TSPConfigError
 
 _ACTIVE: List["LayerInputOffloader"] = []  # offloaders of the decoder forwards in progress
-_ORIGINAL_CHECKPOINT = None
 
 
 class OffloadedInput:
@@ -166,34 +167,23 @@ class LayerInputOffloader:
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _checkpoint(function, distribute_saved_activations, *args):
-    """Megatron's `tensor_parallel.checkpoint`, with the chunk input offloaded while an
-    offloading decoder runs."""
+def _checkpoint(megatrons, function, distribute_saved_activations, *args):
+    """Megatron's `tensor_parallel.checkpoint` (`megatrons`), with the chunk input offloaded while
+    an offloading decoder runs."""
     offloader = _ACTIVE[-1] if _ACTIVE else None
     if offloader is None or not args or not offloader.is_layer_input(args[0]) or not torch.is_grad_enabled():
-        return _ORIGINAL_CHECKPOINT(function, distribute_saved_activations, *args)
+        return megatrons(function, distribute_saved_activations, *args)
     if distribute_saved_activations:
         raise TSPConfigError("parallel.offload_activations = true cannot be combined with "
                              "distribute_saved_activations (both move the saved layer input)")
     layer_input = args[0]
     handle = offloader.offload(layer_input)  # posted before the chunk's forward: they overlap
     with offloader.hooks(handle, layer_input):
-        return _ORIGINAL_CHECKPOINT(function, distribute_saved_activations, *args)
+        return megatrons(function, distribute_saved_activations, *args)
 
 
-def _swap_checkpoint(offloading: bool) -> None:
-    """Megatron's TransformerBlock calls `tensor_parallel.checkpoint` by its module attribute: while
-    an offloading decoder's forward runs (and only then) it is `_checkpoint`; the outermost such
-    forward puts Megatron's own back when it ends, however it ends (the hook is `always_call`)."""
-    global _ORIGINAL_CHECKPOINT
-    from megatron.core import tensor_parallel
-
-    if offloading:
-        if tensor_parallel.checkpoint is not _checkpoint:
-            _ORIGINAL_CHECKPOINT = tensor_parallel.checkpoint
-        tensor_parallel.checkpoint = _checkpoint
-    elif _ORIGINAL_CHECKPOINT is not None:
-        tensor_parallel.checkpoint = _ORIGINAL_CHECKPOINT
+def _offloading(megatrons):
+    return functools.partial(_checkpoint, megatrons)
 
 
 def offload_layer_inputs(model) -> LayerInputOffloader:
@@ -212,16 +202,16 @@ def offload_layer_inputs(model) -> LayerInputOffloader:
 
     def enter(module, args):
         offloader.begin_forward()
-        if not _ACTIVE:
-            _swap_checkpoint(True)
+        if not _ACTIVE:  # Megatron's TransformerBlock calls it by module attribute
+            patches.install(patches.OFFLOAD_CHECKPOINT, wrap=_offloading)
         _ACTIVE.append(offloader)
 
     def leave(module, args, output):
         offloader.end_forward()
         if _ACTIVE and _ACTIVE[-1] is offloader:
             _ACTIVE.pop()
-        if not _ACTIVE:
-            _swap_checkpoint(False)
+        if not _ACTIVE:  # the outermost offloading forward ended, however it ended (always_call)
+            patches.undo(patches.OFFLOAD_CHECKPOINT)
 
     model.decoder.register_forward_pre_hook(enter)
     model.decoder.register_forward_hook(leave, always_call=True)

@@ -11,28 +11,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-import logging
-
-from .. import compat
+from .. import compat, patches
 from .attention import TSPSelfAttention
 from ..config import TSPOptions, require_group
 from .mlp import TSPRingMLP
 from .tiled_mlp import TiledMLP
 from .norm import TSPNorm
-
-
-class _QuietTSPMLPNotice(logging.Filter):
-    """TransformerLayer logs "Unknown MLP type" for any MLP subclass; ours is known. Added to that
-    logger once, when the first TSP spec is built (never at import)."""
-
-    def filter(self, record):
-        return "Unknown MLP type" not in record.getMessage()
-
-
-def _quiet_unknown_mlp_notice() -> None:
-    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
-    if not any(isinstance(f, _QuietTSPMLPNotice) for f in logger.filters):
-        logger.addFilter(_QuietTSPMLPNotice())
 
 
 def _local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
@@ -49,7 +33,7 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     the MLP is Megatron's MoELayer on this rank's tokens (`megatron_tsp.tsp.moe`; its groups come
     from the layer's pg_collection)."""
     require_group(tsp_group, "get_tsp_layer_spec", "tsp_group")
-    _quiet_unknown_mlp_notice()
+    patches.install(patches.UNKNOWN_MLP_NOTICE)  # TransformerLayer logs "Unknown MLP type" for ours (0.16.1)
     options = tsp_options or TSPOptions()
     spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     attention = spec.submodules.self_attention
