@@ -91,11 +91,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1))
     apply_tsp_moe_args(args, D)
-    for flag in ("reset_attention_mask", "reset_position_ids"):
-        if get(flag):
-            raise TSPConfigError(f"--{flag.replace('_', '-')} (packed sequences) cannot be combined with --tsp-size "
-                                 "in the Megatron-LM runner (pretrain_gpt would build the S x S mask); "
-                                 f"`megatron-tsp train` takes data.{flag} = true")
+    apply_tsp_document_args(args)
     if get("sft"):
         raise TSPConfigError("--sft (packed sequences, THD) cannot be combined with --tsp-size")
     if get("hybrid_context_parallel"):
@@ -120,6 +116,36 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = D
     args.sequence_parallel = True
     return args
+
+
+def apply_tsp_document_args(args: argparse.Namespace) -> None:
+    """Packed sequences under `--tsp-size` (megatron_tsp.megatron_lm.build.EODDocumentsGPTModel):
+    with `--reset-attention-mask` the model reads the document ids from the batch's EOD tokens, an
+    O(S) integer tensor; `--reset-position-ids` (RoPE reads them under TSP) and `--eod-mask-loss`
+    are the dataset's and pass through. Megatron's [b, 1, S, S] mask is turned off
+    (`create_attention_mask_in_dataloader = False`): TSP attention never reads it, and the dataset
+    would build it for every sample and broadcast it over the TSP group. Combinations the path
+    cannot honour: one TSPConfigError naming the flag."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if get("dataloader_inter_document_masking"):
+        raise TSPConfigError("--dataloader-inter-document-masking (THD, cu_seqlens) cannot be combined with "
+                             "--tsp-size: use --reset-attention-mask (TSP reads the documents from the EOD tokens)")
+    args.create_attention_mask_in_dataloader = False
+    if not get("reset_attention_mask"):
+        return
+    pp = get("pipeline_model_parallel_size", 1) or 1
+    if pp > 1:
+        raise TSPConfigError(f"--reset-attention-mask cannot be combined with --tsp-size and "
+                             f"--pipeline-model-parallel-size = {pp}: the document ids come from the tokens, which "
+                             "Megatron-LM's get_batch gives to the first and last stages only")
+    backend = tsp_options_from_args(args).attention_backend
+    if backend in ("cudnn", "flash"):
+        raise TSPConfigError(f"--reset-attention-mask cannot run on --tsp-attention-backend {backend} (no document "
+                             "mask in that kernel): use auto, math, math_split or flex")
+    if get("allow_ambiguous_pad_tokens"):
+        raise TSPConfigError("--allow-ambiguous-pad-tokens cannot be combined with --reset-attention-mask under "
+                             "--tsp-size: where the pad id is the EOD id the dataset turns the EOD tokens into 0, "
+                             "and TSP reads the document boundaries from the EOD tokens")
 
 
 # Megatron-LM builder options the TSP model runs itself (the native specs still refuse them)

@@ -94,6 +94,26 @@ def build_native_model_instead():
     megatron_lm.build_gpt_model = build_native
 
 
+def packed_test_knobs():
+    """For the packed-sequence tests (environment, so that compare_tsp_vs_tpsp.py passes them on):
+    TSP_TEST_MOCK_DOCUMENT_MAX_LENGTH=N makes Megatron's mock documents 1..N-1 tokens long (its
+    default, up to 4096, leaves a 64-token sequence with no EOD most of the time);
+    TSP_TEST_BROKEN_DOCUMENTS=1 turns the runner's conversion off by one (the EOD opens the next
+    document), a broken variant the comparison with Megatron's own mask must catch."""
+    import os
+
+    length = int(os.environ.get("TSP_TEST_MOCK_DOCUMENT_MAX_LENGTH", "0"))
+    if length:
+        from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+
+        MockGPTLowLevelDataset.max_sequence_length = length
+    if os.environ.get("TSP_TEST_BROKEN_DOCUMENTS") == "1":
+        from megatron_tsp.tsp import documents
+
+        documents.document_ids = lambda tokens, eod: torch.cumsum((tokens == eod).long(), dim=-1)
+        print("> cpu_launcher: document ids off by one (TSP_TEST_BROKEN_DOCUMENTS)", flush=True)
+
+
 if __name__ == "__main__":
     import os
     import runpy
@@ -102,6 +122,7 @@ if __name__ == "__main__":
     argv = sys.argv[2:] if mode else sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
+    packed_test_knobs()
     if mode == "--direct":
         sys.argv = argv
         runpy.run_path(argv[0], run_name="__main__")
