@@ -1,7 +1,8 @@
 """The model Megatron-LM builds when TSP (or a native spec of the plugin's) is on: the GPT model
 with the TSP or SDPA block spec, from the same arguments as Megatron-LM's own builder. Used by the
 builder hook of core_v0.16.1 ... core_v0.18.2 (`hooks.tsp_gpt_builder`) and by the model builder
-class of core_v0.19+ (`builder.TSPGPTModelBuilder`)."""
+class of core_v0.19+ (`builder.TSPGPTModelBuilder`). With `--reset-attention-mask` the TSP model is
+`EODDocumentsGPTModel`, which reads the documents from the batch's EOD tokens."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/a
 from a pretrain_gpt.py whose model path bypasses the TSP builder: the runner's check of the
 built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
-Megatron-LM-specific redirections below, then hands over to `megatron_tsp.megatron_lm.run.main`. Never for
-GPU runs.
+Megatron-LM-specific redirections below (and the packed-sequence tests' knobs, `packed_test_knobs`), then
+hands over to `megatron_tsp.megatron_lm.run.main`. Never for GPU runs.
 """
 
 import sys
@@ -83,15 +83,16 @@ def build_native_model_instead():
     model path never reaches the TSP model yet trains (TP + SP). The runner must refuse it."""
     import argparse
 
-    from megatron_tsp.megatron_lm import hooks as megatron_lm
+    from megatron_tsp.megatron_lm import build, hooks
 
-    build_gpt_model = megatron_lm.build_gpt_model
+    build_gpt_model = build.build_gpt_model
 
     def build_native(args, config, kwargs):
         native = argparse.Namespace(**{**vars(args), "tsp": False, "tsp_native_spec": "sp_norm"})
         return build_gpt_model(native, config, kwargs)
 
-    megatron_lm.build_gpt_model = build_native
+    # the builder hook (core_v0.16-0.18) calls hooks' name, TSPGPTModelBuilder (core_v0.19+) build's
+    hooks.build_gpt_model = build.build_gpt_model = build_native
 
 
 def packed_test_knobs():

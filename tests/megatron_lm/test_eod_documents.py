@@ -13,8 +13,8 @@ from megatron_tsp import TSPConfigError
 from megatron_tsp.training.build import build_gpt
 from megatron_tsp.tsp import documents
 from tests.parity import fresh_seed
-from tests.training.test_packed_training import LAYOUTS, SHAPES, _assert_match, _batch, _outputs_and_grads, \
-    documents_alone
+from tests.training.test_packed_training import (LAYOUTS, SHAPES, _assert_match, _batch, _outputs_and_grads,
+                                                 documents_alone)
 from tests.utils import init_tsp
 
 
