@@ -1,8 +1,8 @@
 """The model Megatron-LM builds when TSP (or a native spec of the plugin's) is on: the GPT model
 with the TSP or SDPA block spec, from the same arguments as Megatron-LM's own builder. Used by the
 builder hook of core_v0.16.1 ... core_v0.18.2 (`hooks.tsp_gpt_builder`) and by the model builder
-class of core_v0.19+ (`builder.TSPGPTModelBuilder`). With `--reset-attention-mask` the TSP model is
-`EODDocumentsGPTModel`, which reads the documents from the batch's EOD tokens."""
+class of core_v0.19+ (`builder.TSPGPTModelBuilder`). With `--reset-attention-mask` the model (TSP's, or the
+native one on the SDPA spec) reads the documents from the batch's EOD tokens (`with_eod_documents`)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def build_gpt_model(args, config, kwargs: dict):
         if getattr(args, "reset_attention_mask", False):
             eod = tokenizer_eod_id(args, kwargs["vocab_size"])
             print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), no S x S mask")
-            return _eod_documents_model()(config, None, tsp_options=tsp_options_from_args(args), eod_id=eod, **kwargs)
+            return with_eod_documents(TSPGPTModel)(config, None, tsp_options=tsp_options_from_args(args), eod_id=eod,
+                                                   **kwargs)
         return TSPGPTModel(config, None, tsp_options=tsp_options_from_args(args), **kwargs)
     print_rank_0(f"building GPT model with --tsp-native-spec {native_spec} ...")
     pg_collection = kwargs.get("pg_collection")
@@ -90,6 +91,10 @@ def build_gpt_model(args, config, kwargs: dict):
         tp_group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
     spec = get_sp_block_spec(config, kwargs.get("vp_stage"), pp_rank, core_attention=core_attention,
                              mlp_chunk_tokens=chunk, tp_group=tp_group)
+    if native_spec == "sdpa" and getattr(args, "reset_attention_mask", False):
+        eod = tokenizer_eod_id(args, kwargs["vocab_size"])
+        print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), SDPA's S x S mask")
+        return with_eod_documents(GPTModel)(config, spec, eod_id=eod, **kwargs)
     return GPTModel(config, spec, **kwargs)
 
 
@@ -113,18 +118,17 @@ def tokenizer_eod_id(args, vocab_size: int, tokenizer=None) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _eod_documents_model():
+def with_eod_documents(base):
+    """`base` (TSPGPTModel, or Megatron's GPTModel on the SDPA spec) for `pretrain_gpt.py
+    --reset-attention-mask`: Megatron-LM's get_batch gives no mask (`apply_tsp_document_args` turns
+    the dataset's [b, 1, S, S] one off) and the model turns the batch's EOD tokens into document
+    ids [b, S] once per micro-batch, GPTDataset's rule (`megatron_tsp.tsp.documents.document_ids`:
+    the EOD closes its document), which every attention layer applies: TSP's to its zigzag chunks,
+    SDPACoreAttention as the S x S mask. The whole sequence in natural order on every rank of the
+    TP (= TSP) group, as the tokens are. Constructor: base's, plus `eod_id`."""
     from ..tsp import documents
-    from ..tsp.model import TSPGPTModel
 
-    class EODDocumentsGPTModel(TSPGPTModel):
-        """TSPGPTModel for `pretrain_gpt.py --tsp-size D --reset-attention-mask`: Megatron-LM's
-        get_batch gives no mask (`apply_tsp_document_args` turns the dataset's [b, 1, S, S] one
-        off) and the model turns the batch's EOD tokens into document ids [b, S] once per
-        micro-batch, GPTDataset's rule (`megatron_tsp.tsp.documents.document_ids`: the EOD closes
-        its document), which every TSP attention layer applies. The whole sequence in natural
-        order on every TSP rank, as the tokens are; the zigzag share is the layers' business."""
-
+    class EODDocuments(base):
         def __init__(self, *args, eod_id: int, **kwargs):
             super().__init__(*args, **kwargs)
             self.eod_id = eod_id
@@ -132,15 +136,11 @@ def _eod_documents_model():
         def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
             if not documents.is_document_ids(attention_mask):
                 if input_ids is None:
-                    raise TSPConfigError("--reset-attention-mask with --tsp-size needs the tokens of the batch "
-                                         "(input_ids) to find the documents; this forward got none")
+                    raise TSPConfigError("--reset-attention-mask needs the tokens of the batch (input_ids) to find "
+                                         "the documents; this forward got none")
                 attention_mask = documents.document_ids(input_ids, self.eod_id)
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
 
-    return EODDocumentsGPTModel
-
-
-def __getattr__(name):  # the class imports megatron: made on first use
-    if name == "EODDocumentsGPTModel":
-        return _eod_documents_model()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    EODDocuments.__name__ = EODDocuments.__qualname__ = f"EODDocuments{base.__name__}"
+    EODDocuments.__doc__ = with_eod_documents.__doc__
+    return EODDocuments

@@ -44,6 +44,7 @@ def _megatron_like_parser():
     p.add_argument("--allow-ambiguous-pad-tokens", action="store_true")
     p.add_argument("--dataloader-inter-document-masking", action="store_true")  # core_v0.19
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion")
     p.add_argument("--sft", action="store_true")
     p.add_argument("--yaml-cfg", default=None)
     p.add_argument("--spec", nargs="*", default=None)
@@ -142,6 +143,11 @@ def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
     (["--tsp-size", "4", "--dataloader-inter-document-masking"],
      r"--dataloader-inter-document-masking \(THD, cu_seqlens\) cannot be combined with --tsp-size: use "
      r"--reset-attention-mask"),
+    (["--tsp-native-spec", "sdpa", "--reset-attention-mask", "--pipeline-model-parallel-size", "2"],
+     r"--reset-attention-mask cannot be combined with --tsp-native-spec sdpa and --pipeline-model-parallel-size"),
+    (["--tsp-native-spec", "sp_norm", "--reset-attention-mask"],
+     r"--reset-attention-mask with --tsp-native-spec sp_norm needs --no-masked-softmax-fusion: Megatron's fused "
+     r"causal softmax ignores the dataset's mask"),
     (["--tsp-size", "4", "--sft"], r"--sft \(packed sequences"),
     (["--tsp-size", "4", "--yaml-cfg", "x.yaml"], r"--yaml-cfg cannot be combined with --tsp-size"),
     (["--tsp-size", "4", "--spec", "m", "f"], r"--spec cannot be combined with --tsp-size"),
@@ -166,7 +172,7 @@ def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
 def test_packed_documents_pass_through_and_drop_the_dataset_mask():
     """Megatron's packed-sequence flags under --tsp-size (issue 27): kept as given (the dataset
     restarts the positions and masks the EOD loss; the model reads the documents from the EOD
-    tokens), the dataset's [b, 1, S, S] mask turned off; without TSP, Megatron's as they are."""
+    tokens), the dataset's [b, 1, S, S] mask turned off."""
     packed = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
     args = _megatron_like_parser().parse_args(["--tsp-size", "2"] + packed)
     assert args.reset_attention_mask and args.reset_position_ids and args.eod_mask_loss
@@ -178,8 +184,13 @@ def test_packed_documents_pass_through_and_drop_the_dataset_mask():
     args = _megatron_like_parser().parse_args(["--tsp-size", "2", "--reset-position-ids", "--allow-ambiguous-pad-tokens",
                                                "--pipeline-model-parallel-size", "2"])
     assert args.create_attention_mask_in_dataloader is False and not args.reset_attention_mask
-    for argv in ([], ["--tsp-size", "1"]):
-        args = _megatron_like_parser().parse_args(argv + packed + ["--tensor-model-parallel-size", "2"])
+    # the TP + SP baselines: SDPA (the plugin's spec) reads the ids too, so no mask; Megatron's own
+    # attention (its spec, or the local one with sequence-parallel norms) applies the dataset's
+    tp_sp = packed + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    args = _megatron_like_parser().parse_args(["--tsp-native-spec", "sdpa"] + tp_sp)
+    assert args.create_attention_mask_in_dataloader is False and args.reset_attention_mask
+    for argv in ([], ["--tsp-size", "1"], ["--tsp-native-spec", "sp_norm", "--no-masked-softmax-fusion"]):
+        args = _megatron_like_parser().parse_args(argv + tp_sp)
         assert args.create_attention_mask_in_dataloader is True and args.reset_attention_mask
 
 
