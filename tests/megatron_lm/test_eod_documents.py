@@ -2,8 +2,8 @@
 TSP's (`--tsp-size D`) and the TP + SP baseline's on SDPA (`--tsp-native-spec sdpa`). Given
 Megatron-LM's batch (tokens, the dataset's restarted positions, no mask) each reads the documents from
 the EOD tokens and equals Megatron's GPTModel run on each document alone (float64, per-token outputs
-and every gradient, D = world); an off-by-one conversion is caught. No Megatron-LM tree needed (tests/megatron_lm/test_megatron_lm_cpu.py runs
-the whole pretrain_gpt.py against Megatron's own mask)."""
+and every gradient, D = world); an off-by-one conversion is caught. No Megatron-LM tree needed
+(tests/megatron_lm/test_megatron_lm_cpu.py runs the whole pretrain_gpt.py against Megatron's own mask)."""
 
 import pytest
 import torch
