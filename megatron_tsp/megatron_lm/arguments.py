@@ -87,15 +87,18 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         if tsp_options_from_args(args).attention_kv == "streamed":
             raise TSPConfigError("--tsp-attention-kv streamed needs --tsp-size > 1: with --tsp-size 1 the model is "
                                  "Megatron's own, whose attention is not TSP's")
+        native_spec = getattr(args, "tsp_native_spec", "megatron")
+        if native_spec == "sdpa":  # the baseline's SDPA reads document ids as TSP does
+            apply_tsp_document_args(args, "--tsp-native-spec sdpa")
+        elif native_spec == "sp_norm" and getattr(args, "reset_attention_mask", False) \
+                and getattr(args, "masked_softmax_fusion", False):
+            raise TSPConfigError("--reset-attention-mask with --tsp-native-spec sp_norm needs --no-masked-softmax-"
+                                 "fusion: Megatron's fused causal softmax ignores the dataset's mask")
         return args
     get = lambda name, default=None: getattr(args, name, default)
     check_parallel_sizes(get("tensor_model_parallel_size", 1), get("context_parallel_size", 1))
     apply_tsp_moe_args(args, D)
-    for flag in ("reset_attention_mask", "reset_position_ids"):
-        if get(flag):
-            raise TSPConfigError(f"--{flag.replace('_', '-')} (packed sequences) cannot be combined with --tsp-size "
-                                 "in the Megatron-LM runner (pretrain_gpt would build the S x S mask); "
-                                 f"`megatron-tsp train` takes data.{flag} = true")
+    apply_tsp_document_args(args, "--tsp-size")
     if get("sft"):
         raise TSPConfigError("--sft (packed sequences, THD) cannot be combined with --tsp-size")
     if get("hybrid_context_parallel"):
@@ -120,6 +123,37 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = D
     args.sequence_parallel = True
     return args
+
+
+def apply_tsp_document_args(args: argparse.Namespace, what: str) -> None:
+    """Packed sequences on the plugin's attention, `what` = "--tsp-size" (TSP) or
+    "--tsp-native-spec sdpa" (the TP + SP baseline's SDPA; megatron_lm.build.with_eod_documents):
+    with `--reset-attention-mask` the model reads the document ids from the batch's EOD tokens, an
+    O(S) integer tensor; `--reset-position-ids` (RoPE reads them under TSP) and `--eod-mask-loss`
+    are the dataset's and pass through. Megatron's [b, 1, S, S] mask is turned off
+    (`create_attention_mask_in_dataloader = False`): this attention never reads it, and the dataset
+    would build it for every sample and broadcast it over the TP (= TSP) group. Combinations the
+    path cannot honour: one TSPConfigError naming the flag."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if get("dataloader_inter_document_masking"):
+        raise TSPConfigError(f"--dataloader-inter-document-masking (THD, cu_seqlens) cannot be combined with {what}: "
+                             "use --reset-attention-mask (the documents are read from the EOD tokens)")
+    args.create_attention_mask_in_dataloader = False
+    if not get("reset_attention_mask"):
+        return
+    pp = get("pipeline_model_parallel_size", 1) or 1
+    if pp > 1:
+        raise TSPConfigError(f"--reset-attention-mask cannot be combined with {what} and "
+                             f"--pipeline-model-parallel-size = {pp}: the document ids come from the tokens, which "
+                             "Megatron-LM's get_batch gives to the first and last stages only")
+    backend = tsp_options_from_args(args).attention_backend
+    if what == "--tsp-size" and backend in ("cudnn", "flash"):
+        raise TSPConfigError(f"--reset-attention-mask cannot run on --tsp-attention-backend {backend} (no document "
+                             "mask in that kernel): use auto, math, math_split or flex")
+    if get("allow_ambiguous_pad_tokens"):
+        raise TSPConfigError(f"--allow-ambiguous-pad-tokens cannot be combined with --reset-attention-mask under "
+                             f"{what}: where the pad id is the EOD id the dataset turns the EOD tokens into 0, "
+                             "and the document boundaries are read from the EOD tokens")
 
 
 # Megatron-LM builder options the TSP model runs itself (the native specs still refuse them)

@@ -1,9 +1,13 @@
 """The model Megatron-LM builds when TSP (or a native spec of the plugin's) is on: the GPT model
 with the TSP or SDPA block spec, from the same arguments as Megatron-LM's own builder. Used by the
 builder hook of core_v0.16.1 ... core_v0.18.2 (`hooks.tsp_gpt_builder`) and by the model builder
-class of core_v0.19+ (`builder.TSPGPTModelBuilder`)."""
+class of core_v0.19+ (`builder.TSPGPTModelBuilder`). With `--reset-attention-mask` the model (TSP's, or the
+native one on the SDPA spec) reads the documents from the batch's EOD tokens (`with_eod_documents`)."""
 
 from __future__ import annotations
+
+import functools
+import numbers
 
 from .arguments import tsp_options_from_args
 from ..config import REFUSED_BUILDER_FLAGS, TSPConfigError
@@ -64,6 +68,11 @@ def build_gpt_model(args, config, kwargs: dict):
             from ..parallel_state import tsp_process_groups
 
             kwargs = {**kwargs, "pg_collection": tsp_process_groups()}
+        if getattr(args, "reset_attention_mask", False):
+            eod = tokenizer_eod_id(args, kwargs["vocab_size"])
+            print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), no S x S mask")
+            return with_eod_documents(TSPGPTModel)(config, None, tsp_options=tsp_options_from_args(args), eod_id=eod,
+                                                   **kwargs)
         return TSPGPTModel(config, None, tsp_options=tsp_options_from_args(args), **kwargs)
     print_rank_0(f"building GPT model with --tsp-native-spec {native_spec} ...")
     pg_collection = kwargs.get("pg_collection")
@@ -82,4 +91,56 @@ def build_gpt_model(args, config, kwargs: dict):
         tp_group = pg_collection.tp if pg_collection is not None else mpu.get_tensor_model_parallel_group()
     spec = get_sp_block_spec(config, kwargs.get("vp_stage"), pp_rank, core_attention=core_attention,
                              mlp_chunk_tokens=chunk, tp_group=tp_group)
+    if native_spec == "sdpa" and getattr(args, "reset_attention_mask", False):
+        eod = tokenizer_eod_id(args, kwargs["vocab_size"])
+        print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), SDPA's S x S mask")
+        return with_eod_documents(GPTModel)(config, spec, eod_id=eod, **kwargs)
     return GPTModel(config, spec, **kwargs)
+
+
+def tokenizer_eod_id(args, vocab_size: int, tokenizer=None) -> int:
+    """The EOD id of Megatron-LM's tokenizer (default: its global one, whose EOD GPTDataset's
+    `reset_attention_mask` splits documents at), checked against the model's (padded) vocabulary."""
+    if tokenizer is None:
+        from megatron.training import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    what = f"--tokenizer-type {getattr(args, 'tokenizer_type', None)}"
+    try:
+        eod = tokenizer.eod
+    except (AttributeError, NotImplementedError):
+        raise TSPConfigError(f"--reset-attention-mask: the tokenizer ({what}) has no EOD token to split "
+                             "documents at") from None
+    if isinstance(eod, bool) or not isinstance(eod, numbers.Integral) or not 0 <= eod < vocab_size:
+        raise TSPConfigError(f"--reset-attention-mask: the tokenizer's EOD id {eod!r} ({what}) is outside the "
+                             f"vocabulary [0, {vocab_size})")
+    return int(eod)
+
+
+@functools.lru_cache(maxsize=None)
+def with_eod_documents(base):
+    """`base` (TSPGPTModel, or Megatron's GPTModel on the SDPA spec) for `pretrain_gpt.py
+    --reset-attention-mask`: Megatron-LM's get_batch gives no mask (`apply_tsp_document_args` turns
+    the dataset's [b, 1, S, S] one off) and the model turns the batch's EOD tokens into document
+    ids [b, S] once per micro-batch, GPTDataset's rule (`megatron_tsp.tsp.documents.document_ids`:
+    the EOD closes its document), which every attention layer applies: TSP's to its zigzag chunks,
+    SDPACoreAttention as the S x S mask. The whole sequence in natural order on every rank of the
+    TP (= TSP) group, as the tokens are. Constructor: base's, plus `eod_id`."""
+    from ..tsp import documents
+
+    class EODDocuments(base):
+        def __init__(self, *args, eod_id: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eod_id = eod_id
+
+        def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+            if not documents.is_document_ids(attention_mask):
+                if input_ids is None:
+                    raise TSPConfigError("--reset-attention-mask needs the tokens of the batch (input_ids) to find "
+                                         "the documents; this forward got none")
+                attention_mask = documents.document_ids(input_ids, self.eod_id)
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+
+    EODDocuments.__name__ = EODDocuments.__qualname__ = f"EODDocuments{base.__name__}"
+    EODDocuments.__doc__ = with_eod_documents.__doc__
+    return EODDocuments

@@ -6,8 +6,8 @@ under torchrun (`--direct`: run the script itself, e.g. one patched by scripts/a
 from a pretrain_gpt.py whose model path bypasses the TSP builder: the runner's check of the
 built model must stop it). Megatron-LM's
 training loop is written for CUDA; this installs megatron_tsp's CPU shims plus the few
-Megatron-LM-specific redirections below, then hands over to `megatron_tsp.megatron_lm.run.main`. Never for
-GPU runs.
+Megatron-LM-specific redirections below (and the packed-sequence tests' knobs, `packed_test_knobs`), then
+hands over to `megatron_tsp.megatron_lm.run.main`. Never for GPU runs.
 """
 
 import sys
@@ -83,15 +83,36 @@ def build_native_model_instead():
     model path never reaches the TSP model yet trains (TP + SP). The runner must refuse it."""
     import argparse
 
-    from megatron_tsp.megatron_lm import hooks as megatron_lm
+    from megatron_tsp.megatron_lm import build, hooks
 
-    build_gpt_model = megatron_lm.build_gpt_model
+    build_gpt_model = build.build_gpt_model
 
     def build_native(args, config, kwargs):
         native = argparse.Namespace(**{**vars(args), "tsp": False, "tsp_native_spec": "sp_norm"})
         return build_gpt_model(native, config, kwargs)
 
-    megatron_lm.build_gpt_model = build_native
+    # the builder hook (core_v0.16-0.18) calls hooks' name, TSPGPTModelBuilder (core_v0.19+) build's
+    hooks.build_gpt_model = build.build_gpt_model = build_native
+
+
+def packed_test_knobs():
+    """For the packed-sequence tests (environment, so that compare_tsp_vs_tpsp.py passes them on):
+    TSP_TEST_MOCK_DOCUMENT_MAX_LENGTH=N makes Megatron's mock documents 1..N-1 tokens long (its
+    default, up to 4096, leaves a 64-token sequence with no EOD most of the time);
+    TSP_TEST_BROKEN_DOCUMENTS=1 turns the runner's conversion off by one (the EOD opens the next
+    document), a broken variant the comparison with Megatron's own mask must catch."""
+    import os
+
+    length = int(os.environ.get("TSP_TEST_MOCK_DOCUMENT_MAX_LENGTH", "0"))
+    if length:
+        from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+
+        MockGPTLowLevelDataset.max_sequence_length = length
+    if os.environ.get("TSP_TEST_BROKEN_DOCUMENTS") == "1":
+        from megatron_tsp.tsp import documents
+
+        documents.document_ids = lambda tokens, eod: torch.cumsum((tokens == eod).long(), dim=-1)
+        print("> cpu_launcher: document ids off by one (TSP_TEST_BROKEN_DOCUMENTS)", flush=True)
 
 
 if __name__ == "__main__":
@@ -102,6 +123,7 @@ if __name__ == "__main__":
     argv = sys.argv[2:] if mode else sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # the Megatron-LM tree
     install_megatron_lm_cpu_shims()
+    packed_test_knobs()
     if mode == "--direct":
         sys.argv = argv
         runpy.run_path(argv[0], run_name="__main__")

@@ -37,6 +37,14 @@ def _megatron_like_parser():
     p.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--reset-attention-mask", action="store_true")
+    p.add_argument("--reset-position-ids", action="store_true")
+    p.add_argument("--eod-mask-loss", action="store_true")
+    p.add_argument("--no-create-attention-mask-in-dataloader", action="store_false",
+                   dest="create_attention_mask_in_dataloader")
+    p.add_argument("--allow-ambiguous-pad-tokens", action="store_true")
+    p.add_argument("--dataloader-inter-document-masking", action="store_true")  # core_v0.19
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion")
     p.add_argument("--sft", action="store_true")
     p.add_argument("--yaml-cfg", default=None)
     p.add_argument("--spec", nargs="*", default=None)
@@ -125,7 +133,21 @@ def test_moe_expert_parallel_must_fit_the_world(monkeypatch, capsys):
                                          r"--moe-shared-expert-intermediate-size"),
     (MOE + ["--moe-router-topk", "9"], r"--moe-router-topk = 9 must be between 1 and --num-experts = 8"),
     (["--tsp-size", "2", "--expert-model-parallel-size", "2"], r"--expert-model-parallel-size = 2 needs --num-experts"),
-    (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),
+    (["--tsp-size", "4", "--reset-attention-mask", "--pipeline-model-parallel-size", "2"],
+     r"--reset-attention-mask cannot be combined with --tsp-size and --pipeline-model-parallel-size = 2: the "
+     r"document ids come from the tokens"),
+    (["--tsp-size", "4", "--reset-attention-mask", "--tsp-attention-backend", "flash"],
+     r"--reset-attention-mask cannot run on --tsp-attention-backend flash \(no document mask"),
+    (["--tsp-size", "4", "--reset-attention-mask", "--allow-ambiguous-pad-tokens"],
+     r"--allow-ambiguous-pad-tokens cannot be combined with --reset-attention-mask under --tsp-size"),
+    (["--tsp-size", "4", "--dataloader-inter-document-masking"],
+     r"--dataloader-inter-document-masking \(THD, cu_seqlens\) cannot be combined with --tsp-size: use "
+     r"--reset-attention-mask"),
+    (["--tsp-native-spec", "sdpa", "--reset-attention-mask", "--pipeline-model-parallel-size", "2"],
+     r"--reset-attention-mask cannot be combined with --tsp-native-spec sdpa and --pipeline-model-parallel-size"),
+    (["--tsp-native-spec", "sp_norm", "--reset-attention-mask"],
+     r"--reset-attention-mask with --tsp-native-spec sp_norm needs --no-masked-softmax-fusion: Megatron's fused "
+     r"causal softmax ignores the dataset's mask"),
     (["--tsp-size", "4", "--sft"], r"--sft \(packed sequences"),
     (["--tsp-size", "4", "--yaml-cfg", "x.yaml"], r"--yaml-cfg cannot be combined with --tsp-size"),
     (["--tsp-size", "4", "--spec", "m", "f"], r"--spec cannot be combined with --tsp-size"),
@@ -145,6 +167,54 @@ def test_conflicts_are_one_error_line_naming_the_flag(argv, message, capsys):
     err = capsys.readouterr().err
     assert re.search(r"^pretrain_gpt.py: error: .*" + message, err, re.M), err
     assert err.count("\n") == 1, "one line, not Megatron's whole usage"
+
+
+def test_packed_documents_pass_through_and_drop_the_dataset_mask():
+    """Megatron's packed-sequence flags under --tsp-size (issue 27): kept as given (the dataset
+    restarts the positions and masks the EOD loss; the model reads the documents from the EOD
+    tokens), the dataset's [b, 1, S, S] mask turned off."""
+    packed = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
+    args = _megatron_like_parser().parse_args(["--tsp-size", "2"] + packed)
+    assert args.reset_attention_mask and args.reset_position_ids and args.eod_mask_loss
+    assert args.create_attention_mask_in_dataloader is False
+    for backend in ("auto", "math", "math_split", "flex"):
+        _megatron_like_parser().parse_args(["--tsp-size", "2", "--tsp-attention-backend", backend] + packed)
+    # the mask is never read by TSP attention: off for unpacked runs too; --pipeline-model-parallel-size
+    # and --allow-ambiguous-pad-tokens only matter with the document mask
+    args = _megatron_like_parser().parse_args(["--tsp-size", "2", "--reset-position-ids", "--allow-ambiguous-pad-tokens",
+                                               "--pipeline-model-parallel-size", "2"])
+    assert args.create_attention_mask_in_dataloader is False and not args.reset_attention_mask
+    # the TP + SP baselines: SDPA (the plugin's spec) reads the ids too, so no mask; Megatron's own
+    # attention (its spec, or the local one with sequence-parallel norms) applies the dataset's
+    tp_sp = packed + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    args = _megatron_like_parser().parse_args(["--tsp-native-spec", "sdpa"] + tp_sp)
+    assert args.create_attention_mask_in_dataloader is False and args.reset_attention_mask
+    for argv in ([], ["--tsp-size", "1"], ["--tsp-native-spec", "sp_norm", "--no-masked-softmax-fusion"]):
+        args = _megatron_like_parser().parse_args(argv + tp_sp)
+        assert args.create_attention_mask_in_dataloader is True and args.reset_attention_mask
+
+
+def test_packed_documents_take_the_tokenizers_eod():
+    import numpy
+
+    from megatron_tsp.megatron_lm.build import tokenizer_eod_id
+
+    args = argparse.Namespace(tokenizer_type="NullTokenizer")
+    assert tokenizer_eod_id(args, 128, argparse.Namespace(eod=127)) == 127
+    assert tokenizer_eod_id(args, 128, argparse.Namespace(eod=numpy.int64(0))) == 0
+    for eod in (128, -1, None, 3.0):
+        with pytest.raises(TSPConfigError, match=rf"--reset-attention-mask: the tokenizer's EOD id {eod!r} "
+                                                 r"\(--tokenizer-type NullTokenizer\) is outside the vocabulary "
+                                                 r"\[0, 128\)"):
+            tokenizer_eod_id(args, 128, argparse.Namespace(eod=eod))
+
+    class NoEOD:
+        @property
+        def eod(self):
+            raise NotImplementedError
+
+    with pytest.raises(TSPConfigError, match=r"the tokenizer \(--tokenizer-type NullTokenizer\) has no EOD token"):
+        tokenizer_eod_id(args, 128, NoEOD())
 
 
 def test_native_spec_choices(capsys):

@@ -1,7 +1,8 @@
 """Megatron-LM's pretrain_gpt.py end to end on the CPU (gloo, 2 processes, tiny recipe, mock data):
 TSP D=2 through megatron_tsp.megatron_lm.run, Megatron's TP=2 + sequence parallelism, and TSP through the
-patched script give the same losses; the runner refuses a run whose built model is not TSP's; the
-patch script refuses what it must. Needs MEGATRON_LM_DIR: a Megatron-LM tree at one of the
+patched script give the same losses; packed documents (--reset-attention-mask) under TSP D=2 give
+the losses of Megatron's own masked attention; the runner refuses a run whose built model is not
+TSP's; the patch script refuses what it must. Needs MEGATRON_LM_DIR: a Megatron-LM tree at one of the
 supported tags (core_v0.16.1, core_v0.17.1, core_v0.18.2, core_v0.19.0; recognised by its files'
 hashes, patches/<tag>/pinned.sha256), run with the Python whose megatron-core goes with it
 (docs/megatron_lm.md lists the pairs); about 5-10 minutes on 2 cores."""
@@ -154,3 +155,57 @@ def test_tsp_moe_trains(tmp_path):
         assert re.search(rf"^\s*{name} \.+ {value}\s*$", log, re.M), f"{name} is not {value} in the arguments"
     losses = run["losses"]
     assert sorted(losses, key=int) == ["1", "2", "3", "4"] and losses["4"] < losses["1"], losses
+
+
+PACKED_FLAGS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
+
+
+def _packed_run(out, runs, recipe, spec="sp_norm", broken=False, patched=None):
+    """compare_tsp_vs_tpsp.py on the packed recipe (TP + SP on --tsp-native-spec `spec`), Megatron's
+    mock documents 1..23 tokens long (about five EODs in each 64-token sequence)."""
+    env = dict(ENV, TSP_TEST_MOCK_DOCUMENT_MAX_LENGTH="24", TSP_TEST_BROKEN_DOCUMENTS="1" if broken else "0")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "compare_tsp_vs_tpsp.py"), "--cpu", "--megatron-lm", MLM,
+         "--recipe", str(recipe), "--iters", "4", "--runs", runs, "--out", str(out), "--tolerance", "1e-5",
+         "--timeout", "1500"] + (["--patched-dir", str(patched)] if patched else [])
+        + ["--"] + PACKED_FLAGS + ["--tsp-native-spec", spec],
+        capture_output=True, text=True, env=env, timeout=4600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.load(open(out / "compare.json"))
+
+
+def test_packed_documents_match_megatrons_own_mask(patched, tmp_path):
+    """`--reset-attention-mask --reset-position-ids --eod-mask-loss` (issue 27): TSP D=2, whose model
+    reads the document ids from the EOD tokens (no S x S mask: the runner turns the dataset's off),
+    through the runner and the patched script, against TP=2 + SP on Megatron's own local attention
+    applying the [b, 1, S, S] mask its dataset builds (`--tsp-native-spec sp_norm`, the mask created
+    in the dataloader), and TP=2 + SP on SDPA (`--tsp-native-spec sdpa`, document ids from the EOD
+    tokens as TSP's): the same losses. The conversion made off by one (cpu_launcher.py's
+    TSP_TEST_BROKEN_DOCUMENTS) is caught."""
+    import re
+
+    recipe = tmp_path / "tiny_packed.yaml"
+    with open(TINY) as f:  # tiny.yaml with the dataset's mask (the TP + SP run's reference)
+        recipe.write_text("".join(line for line in f if "--no-create-attention-mask-in-dataloader" not in line))
+    report = _packed_run(tmp_path / "packed", "tsp,tp_sp,patched", recipe, patched=patched)
+    logs = {run: open(tmp_path / "packed" / f"{run}.log").read() for run in ("tsp", "tp_sp", "patched")}
+    # the null tokenizer's EOD: 127 (core_v0.19.0), 128 (core_v0.16.1's, one past --vocab-size)
+    for run in ("tsp", "patched"):
+        assert re.search(r"--reset-attention-mask: document ids from the EOD tokens \(id 12[78]\), no S x S mask",
+                         logs[run])
+    assert "building GPT model with --tsp-native-spec sp_norm" in logs["tp_sp"]
+    for run, mask in (("tsp", "False"), ("patched", "False"), ("tp_sp", "True")):
+        for name, value in (("reset_attention_mask", "True"), ("reset_position_ids", "True"), ("eod_mask_loss", "True"),
+                            ("create_attention_mask_in_dataloader", mask)):
+            assert re.search(rf"^\s*{name} \.+ {value}\s*$", logs[run], re.M), f"{run}: {name} is not {value}"
+    assert len(report["comparisons"]) == 2  # tsp vs tp_sp, patched vs tsp
+    for comparison in report["comparisons"]:
+        assert comparison["ok"] and comparison["iterations_compared"] == 4, comparison
+    ref = report["runs"]["tp_sp"]["losses"]
+    sdpa = _packed_run(tmp_path / "sdpa", "tp_sp", recipe, spec="sdpa")["runs"]["tp_sp"]["losses"]
+    assert "SDPA's S x S mask" in open(tmp_path / "sdpa" / "tp_sp.log").read()
+    assert sorted(sdpa) == sorted(ref) and max(abs(sdpa[k] - ref[k]) for k in ref) <= 1e-5, (sdpa, ref)
+    broken = _packed_run(tmp_path / "broken", "tsp", recipe, broken=True)
+    assert "document ids off by one" in open(tmp_path / "broken" / "tsp.log").read()
+    off = broken["runs"]["tsp"]["losses"]
+    assert sorted(off) == sorted(ref) and max(abs(off[k] - ref[k]) for k in ref) > 1e-3, (off, ref)

@@ -42,6 +42,10 @@ def test_document_masks_count_the_pairs_inside_documents():
     assert packed_pairs(S, 0) == packed_pairs(S, S) == packed_pairs(S, 2 * S) == causal_pairs(S)
     assert packed_pairs(S, 1024) == 4 * causal_pairs(1024)
     assert packed_pairs(S, 1000) == 4 * causal_pairs(1000) + causal_pairs(96)  # the last document cut
+    # issue 27's yardstick: masked / unmasked attention = sum of n^2 / S^2 (up to the diagonal's n / S^2)
+    for seq, n in ((128 * 1024, 4096), (2**20, 64 * 1024), (2**20, 3000)):
+        docs = [n] * (seq // n) + ([seq % n] if seq % n else [])
+        assert packed_pairs(seq, n) / causal_pairs(seq) == pytest.approx(sum(d * d for d in docs) / seq**2, rel=1e-3)
     spec = ModelSpec(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024, vocab_size=1000)
     lay = Layout("tsp", tsp_size=2)
     whole = flops(spec, TrainSpec(seq_length=S), lay)
