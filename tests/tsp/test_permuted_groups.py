@@ -128,7 +128,7 @@ def test_a_missing_group_is_an_error_naming_the_argument():
     """No module falls back to Megatron's global groups: without its group it refuses, by name."""
     from megatron_tsp.config import TSPConfigError
     from megatron_tsp.tsp.model import TSPGPTModel
-    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_layer_spec
+    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_block_spec, get_tsp_layer_spec
     from megatron_tsp import compat
     from tests.utils import tiny_config
 
@@ -145,3 +145,5 @@ def test_a_missing_group_is_an_error_naming_the_argument():
         TSPRingMLP(config, compat.mlp_submodules(spec.mlp))
     with pytest.raises(TSPConfigError, match="`tsp_group`"):
         get_tsp_layer_spec(config, None)
+    with pytest.raises(TSPConfigError, match="`pp_rank`"):  # Megatron would read its global pipeline rank
+        get_tsp_block_spec(config, tsp_group=pgs.tp)
