@@ -101,17 +101,16 @@ def main():
     from megatron_tsp.training.cpu import install_cpu_shims
     install_cpu_shims()
     _cpu_flash_kernels()
-    from megatron.core import parallel_state as mpu
     from megatron_tsp.training import loop as driver
     from megatron_tsp.training.recipe import load_recipe
 
     r = load_recipe("configs/tiny.yaml", args)
     r.check(world)
-    driver.init_groups(r)
+    pgs = driver.init_groups(r)
     from torch.profiler import ProfilerActivity, profile
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     prof.__enter__()
-    model, ddp, opt = driver.build(r)
+    model, ddp, opt = driver.build(r, pgs)
     module_ranges(ddp.module)
     ddp.module.register_forward_hook(lambda *a: mark(2))
     step0 = opt.step
@@ -123,10 +122,9 @@ def main():
     opt.step = step
     ds = driver.build_train_dataset(r)
     for i in range(2):
-        b = list(driver.micro_batches(ds, i, r, mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(),
-                                      torch.device("cpu"), mpu.get_context_parallel_group()))
+        b = list(driver.micro_batches(ds, i, r, pgs.dp.rank(), pgs.dp.size(), torch.device("cpu"), pgs.cp))
         mark(10 + i)
-        driver.train_step(ddp, opt, b, r)
+        driver.train_step(ddp, opt, b, r, pgs)
     mark(20)
     prof.__exit__(None, None, None)
 

@@ -107,7 +107,6 @@ def predict(overrides: list, hardware: str, capacity_gib: float) -> dict:
 def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
     """`before_step(i)`, when given, runs before step i (benchmarks/memory_at_peak.py traces one)."""
     import torch
-    from megatron.core import parallel_state as mpu
 
     from megatron_tsp.training import loop as driver
     from megatron_tsp.training.recipe import load_recipe
@@ -116,23 +115,23 @@ def measure(overrides: list, warmup: int, steps: int, before_step=None) -> dict:
     recipe.check(1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    driver.init_groups(recipe)
+    pgs = driver.init_groups(recipe)
     model = ddp = optimizer = None
     try:
-        model, ddp, optimizer = driver.build(recipe)
+        model, ddp, optimizer = driver.build(recipe, pgs)
         dataset = driver.build_train_dataset(recipe)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for step in range(warmup + steps):
-            batches = list(driver.micro_batches(dataset, step, recipe, 0, 1, device, mpu.get_context_parallel_group()))
+            batches = list(driver.micro_batches(dataset, step, recipe, 0, 1, device, pgs.cp))
             if cuda:
                 torch.cuda.synchronize()
             if before_step is not None:
                 before_step(step)
             t0 = time.perf_counter()
-            loss, _ = driver.train_step(ddp, optimizer, batches, recipe)
+            loss, _ = driver.train_step(ddp, optimizer, batches, recipe, pgs)
             if cuda:
                 torch.cuda.synchronize()
             if step >= warmup:

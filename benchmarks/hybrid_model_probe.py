@@ -20,9 +20,9 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.identity_op import IdentityOp
-init_tsp(1)
+pgs = init_tsp(1)
 shape = ModelShape(seq_length=32)
-t = time.perf_counter(); gpt = build_gpt(shape, layout="tsp", dtype=torch.float64); t_gpt = time.perf_counter() - t
+t = time.perf_counter(); gpt = build_gpt(shape, layout="tsp", dtype=torch.float64, pg_collection=pgs); t_gpt = time.perf_counter() - t
 config = gpt.config
 layer = get_tsp_layer_spec(config, gpt.tsp_group)
 s = layer.submodules

@@ -58,6 +58,7 @@ def main(argv=None):
 
     from megatron_tsp.inference import decode_model, generate
     from megatron_tsp.inference.cli import build_and_load
+    from megatron_tsp.training.loop import init_groups
     from megatron_tsp.training.recipe import load_recipe
     from megatron_tsp.training.build import init_distributed
 
@@ -69,7 +70,7 @@ def main(argv=None):
     overrides = [f"model.num_layers={args.layers}", f"model.seq_length={-(-(max(seqs) + args.new) // 2) * 2}", "parallel.layout=tsp",
                  "parallel.size=1"] + (SMOKE if args.smoke else [])
     recipe = load_recipe(RECIPE, overrides)
-    model = build_and_load(recipe, None)
+    model = build_and_load(recipe, None, init_groups(recipe))
     decode_model(model)  # built once, before the measurements
     cuda = torch.cuda.is_available()
     m = recipe.model

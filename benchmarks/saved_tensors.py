@@ -32,11 +32,11 @@ def saved_bytes(layout: str, layers: int) -> int:
     if mpu.model_parallel_is_initialized():
         tsp_state.destroy_model_parallel()
     if layout == "tsp":
-        tsp_state.initialize_model_parallel(tsp_size=1)
-        model = build_gpt(shape, layout="tsp", dtype=torch.bfloat16)
+        model = build_gpt(shape, layout="tsp", dtype=torch.bfloat16,
+                          pg_collection=tsp_state.initialize_model_parallel(tsp_size=1))
     else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
-        model = build_gpt(shape, layout="native", dtype=torch.bfloat16, core_attention="sdpa")
+        model = build_gpt(shape, layout="native", dtype=torch.bfloat16, core_attention="sdpa",
+                          pg_collection=tsp_state.initialize_native_model_parallel(tensor_model_parallel_size=1))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

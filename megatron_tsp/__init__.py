@@ -11,8 +11,7 @@ from .config import TSPConfigError, TSPOptions, tsp_transformer_config, validate
 # megatron.core and torch take seconds to import: the process-group API and the zigzag helpers
 # load on first use, so light commands (`megatron-tsp plan`, `--help`) import neither.
 _LAZY = {name: ".parallel_state" for name in (
-    "destroy_model_parallel", "get_tsp_group", "get_tsp_rank", "get_tsp_world_size",
-    "initialize_model_parallel", "tsp_process_groups",
+    "destroy_model_parallel", "initialize_model_parallel", "initialize_native_model_parallel",
 )}
 _LAZY.update({name: ".tsp.zigzag" for name in ("from_zigzag", "local_positions", "to_zigzag", "zigzag_permutation")})
 _LAZY.update({
@@ -37,11 +36,8 @@ __all__ = [
     "tsp_transformer_config",
     "validate_transformer_config",
     "initialize_model_parallel",
+    "initialize_native_model_parallel",
     "destroy_model_parallel",
-    "get_tsp_group",
-    "get_tsp_rank",
-    "get_tsp_world_size",
-    "tsp_process_groups",
     "zigzag_permutation",
     "local_positions",
     "to_zigzag",

@@ -642,7 +642,7 @@ def require_group(group, what: str, argument: str):
     if group is None:
         raise TSPConfigError(
             f"{what} needs its process group passed explicitly as `{argument}` "
-            "(megatron_tsp.tsp_process_groups() gives the ProcessGroupCollection built by initialize_model_parallel)"
+            "(megatron_tsp.initialize_model_parallel returns the ProcessGroupCollection)"
         )
     return group
 
@@ -654,8 +654,8 @@ def require_groups(pg_collection, names, what: str):
     require_group(pg_collection, what, "pg_collection")
     missing = [n for n in names if n not in vars(pg_collection)]
     if missing:
-        raise TSPConfigError(f"{what}: `pg_collection` lacks the group(s) {', '.join(missing)} (megatron_tsp."
-                             "tsp_process_groups() / ProcessGroupCollection.use_mpu_process_groups() has them all)")
+        raise TSPConfigError(f"{what}: `pg_collection` lacks the group(s) {', '.join(missing)} (the collection "
+                             "megatron_tsp.initialize_model_parallel returns has them all)")
     return pg_collection
 
 

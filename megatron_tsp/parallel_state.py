@@ -3,11 +3,15 @@
 A TSP rank is a weight-shard owner that also owns a token shard, so Megatron's data-,
 pipeline- and expert-parallel groups, DDP, the sum of sequence-parallel norm gradients,
 grad clipping, the distributed optimizer and dist-checkpointing all apply unchanged
-(docs/design.md §9). `initialize_model_parallel` builds the groups once and keeps them as one
-`ProcessGroupCollection` (returned, and `tsp_process_groups()`; `.tp` is the TSP group), which the
-builders pass to every TSP module: no module reads Megatron's global getters. Nothing is written
-into `megatron.core.parallel_state` beyond what Megatron's own `initialize_model_parallel` sets
-(no megatron-core or Megatron-LM version reads a TSP getter there).
+(docs/design.md §9). `initialize_model_parallel` (TSP) and `initialize_native_model_parallel`
+(the baselines: DP, TP, TP + SP, CP) build the groups and return them as one
+`ProcessGroupCollection` (`.tp` is the TSP group); the caller keeps it and hands it to every
+builder, train step and checkpoint call. This module keeps no group of its own, and no module
+reads Megatron's global getters: the collection is read from them here once, right after
+Megatron's `initialize_model_parallel` set them. Nothing is written into
+`megatron.core.parallel_state` beyond what Megatron's own `initialize_model_parallel` sets (which
+Megatron-LM reads). After Megatron-LM's own initialization, megatron-core's
+`ProcessGroupCollection.use_mpu_process_groups()` gives the same collection.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
-
-from typing import Optional
 
 from . import compat  # noqa: F401  (the megatron-core version check, once)
 from .config import TSPConfigError, check_parallel_sizes, check_tsp_size, check_world_size
@@ -30,7 +32,8 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
     next to the TSP axis by Megatron's expert rank generator with expert TP = 1: EP = D gives
     EP groups equal to the TSP groups, EP = D x k spans k TSP groups of consecutive
     data-parallel ranks; expert-DP = world / (EP x PP). Validates before creating any group.
-    Returns the groups as one ProcessGroupCollection (`.tp` is the TSP group)."""
+    Returns the groups as one ProcessGroupCollection (`.tp` is the TSP group): keep it, every
+    builder takes it (`pg_collection`)."""
     from .config import check_expert_parallel
 
     check_tsp_size(tsp_size)
@@ -48,19 +51,31 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         **kwargs,
     )
-    global _PROCESS_GROUPS
-    _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
-    return _PROCESS_GROUPS
+    return _collect()
 
 
-_PROCESS_GROUPS: Optional[ProcessGroupCollection] = None
+def initialize_native_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                                     context_parallel_size: int = 1, **kwargs) -> ProcessGroupCollection:
+    """The baselines' groups (`build_gpt(layout='native')`: DP, TP, TP + SP, CP and TP x CP):
+    `megatron.core.parallel_state.initialize_model_parallel` unchanged, its groups returned as one
+    ProcessGroupCollection (`.tp` the TP group, `.cp` the context-parallel group)."""
+    if not dist.is_initialized():
+        raise TSPConfigError("torch.distributed must be initialized before initialize_native_model_parallel")
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size,
+                                  pipeline_model_parallel_size=pipeline_model_parallel_size,
+                                  context_parallel_size=context_parallel_size, **kwargs)
+    return _collect()
+
+
+def _collect() -> ProcessGroupCollection:
+    """The groups Megatron's initialize_model_parallel just built, as one collection: the one
+    read of its global getters, where they are set (the caller keeps the collection)."""
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def destroy_model_parallel() -> None:
     """Megatron's destroy_model_parallel, which only forgets the groups, plus destroying them:
     each gloo group holds threads, and re-initializing without this leaks them."""
-    global _PROCESS_GROUPS
-    _PROCESS_GROUPS = None
     for group in (getattr(mpu, "_global_process_group_list", None) or [])[1:]:  # [0] is WORLD
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)
@@ -97,28 +112,3 @@ def _forget_dtensor_meshes() -> None:
         return
     _clear_sharding_prop_cache()
 
-
-def get_tsp_group():
-    """The TSP group: `tsp_process_groups().tp`."""
-    return tsp_process_groups().tp
-
-
-def get_tsp_world_size() -> int:
-    return get_tsp_group().size()
-
-
-def get_tsp_rank() -> int:
-    return get_tsp_group().rank()
-
-
-def tsp_process_groups() -> ProcessGroupCollection:
-    """The ProcessGroupCollection of the current groups, built once; `.tp` is the TSP group.
-    Groups made by Megatron's own `initialize_model_parallel` (Megatron-LM's initialization, the
-    context-parallel baseline) are collected once on first use, and again only when Megatron's
-    groups were rebuilt since."""
-    global _PROCESS_GROUPS
-    if not mpu.model_parallel_is_initialized():
-        raise RuntimeError("the process groups are not initialized: call megatron_tsp.initialize_model_parallel")
-    if _PROCESS_GROUPS is None or _PROCESS_GROUPS.tp is not mpu.get_tensor_model_parallel_group():
-        _PROCESS_GROUPS = ProcessGroupCollection.use_mpu_process_groups()
-    return _PROCESS_GROUPS

@@ -163,10 +163,10 @@ def test_import_prints_no_deprecation_or_version_notice():
         "from megatron_tsp.training.cpu import install_cpu_shims\n"
         "install_cpu_shims()\n"
         "dist.init_process_group('gloo', init_method='file://' + tempfile.mktemp(), rank=0, world_size=1)\n"
-        "init_tsp(1)\n"
-        "build_gpt(ModelShape(seq_length=32), layout='tsp')\n"
+        "pgs = init_tsp(1)\n"
+        "build_gpt(ModelShape(seq_length=32), layout='tsp', pg_collection=pgs)\n"
         "print('@@native', file=sys.stderr, flush=True)\n"
-        "build_gpt(ModelShape(seq_length=32), layout='native')\n"
+        "build_gpt(ModelShape(seq_length=32), layout='native', pg_collection=pgs)\n"
     )
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RANK", None)

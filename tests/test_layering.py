@@ -5,6 +5,7 @@ function), so a future violation fails here before anyone runs it."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from typing import Dict, Set
@@ -123,20 +124,36 @@ def test_planner_imports_no_torch_in_source():
     assert not bad, "\n".join(bad)
 
 
-# Megatron's global group getters: the core and the baselines take their groups as arguments
-GLOBAL_GROUP_READS = ("use_mpu_process_groups", "get_tensor_model_parallel_group", "get_context_parallel_group",
-                      "get_data_parallel_group", "get_expert_model_parallel_group", "tsp_process_groups")
+# Layers that take their process groups as arguments (a ProcessGroupCollection or a group): none
+# reads Megatron's global group getters or builds a collection from them. The base layer builds the
+# collection once where the groups are made (parallel_state.py); megatron_lm/ is Megatron-LM's glue,
+# which builds its groups itself and reads them where Megatron-LM passes none.
+GROUPS_PASSED = ("tsp", "baselines", "training", "inference", "probe", "bench")
+COLLECTION_FROM_GLOBALS = ("use_mpu_process_groups", "tsp_process_groups")
+_GETTER = re.compile(r"^(get_\w*(group|groups|group_gloo|world_size|rank|ranks)|is_pipeline_(first|last)_stage"
+                     r"|is_rank_in_\w+|get_\w+_src_rank)$")
 
 
-def test_core_and_baselines_read_no_global_groups():
+def global_group_reads(layers=GROUPS_PASSED):
+    """`module:line reads name` for every use of a Megatron global group getter (by name, as an
+    attribute or a bare name) in the modules of `layers`."""
+    from megatron.core import parallel_state as mpu
+
+    getters = {name for name in vars(mpu) if _GETTER.match(name)} | set(COLLECTION_FROM_GLOBALS)
+    assert {"get_tensor_model_parallel_group", "get_data_parallel_rank", "get_context_parallel_group"} <= getters
     bad = []
     for name, path in modules().items():
-        if layer(name) not in ("tsp", "baselines"):
+        if layer(name) not in layers:
             continue
         for node in ast.walk(ast.parse(open(path).read())):
             called = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
-            if called in GLOBAL_GROUP_READS:
+            if called in getters:
                 bad.append(f"{name}:{node.lineno} reads {called}")
+    return bad
+
+
+def test_layers_read_no_global_groups():
+    bad = global_group_reads()
     assert not bad, "\n".join(bad)
 
 
@@ -173,18 +190,28 @@ except ImportError:
     assert "TSP D=4" in out.stdout  # the plan was printed
 
 
-@pytest.mark.parametrize("bad", ["tsp_imports_training", "circle"])
+@pytest.mark.parametrize("bad", ["tsp_imports_training", "circle", "training_reads_a_global_group",
+                                 "bench_collects_the_global_groups"])
 def test_the_rules_catch_a_violation(tmp_path, monkeypatch, bad):
     """Test the test: a copy of the package with one violation fails the check."""
     import shutil
     shutil.copytree(os.path.join(REPO, PKG), tmp_path / PKG)
-    if bad == "tsp_imports_training":
+    if bad == "training_reads_a_global_group":
+        with open(tmp_path / PKG / "training" / "loop.py", "a") as f:
+            f.write("\n\ndef _x():\n    from megatron.core import parallel_state as mpu\n"
+                    "    return mpu.get_data_parallel_rank()\n")
+        check = test_layers_read_no_global_groups
+    elif bad == "bench_collects_the_global_groups":
+        with open(tmp_path / PKG / "bench" / "worker.py", "a") as f:
+            f.write("\n\ndef _x():\n    return ProcessGroupCollection.use_mpu_process_groups()  # noqa\n")
+        check = test_layers_read_no_global_groups
+    elif bad == "tsp_imports_training":
         with open(tmp_path / PKG / "tsp" / "rope.py", "a") as f:
             f.write("\n\ndef _x():\n    from ..training import loop  # noqa\n")
         check = test_layers_import_only_below
     else:
         with open(tmp_path / PKG / "config.py", "a") as f:
-            f.write("\n\ndef _x():\n    from .parallel_state import get_tsp_group  # noqa\n")
+            f.write("\n\ndef _x():\n    from .parallel_state import initialize_model_parallel  # noqa\n")
         check = test_no_import_circle
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
     with pytest.raises(AssertionError):

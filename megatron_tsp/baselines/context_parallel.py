@@ -209,7 +209,8 @@ class ContextParallelAttention(MegatronModule):
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        *,
+        pg_collection: ProcessGroupCollection,
     ):
         super().__init__(config=config)
         require_group(pg_collection, "ContextParallelAttention", "pg_collection")

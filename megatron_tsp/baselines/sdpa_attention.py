@@ -63,7 +63,8 @@ class SDPACoreAttention(MegatronModule):
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        *,
+        pg_collection: ProcessGroupCollection,
     ):
         super().__init__(config=config)
         self.config: TransformerConfig = config

@@ -231,7 +231,6 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    from ..parallel_state import tsp_process_groups
     from ..training import loop as driver
     from ..training.recipe import RecipeError, load_recipe
     from ..training.build import init_distributed
@@ -256,7 +255,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
                         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
                         "peak_tflops": peak / 1e12, "peak_tflops_per_rank": [p / 1e12 for p in peaks],
                         "peak_what": peak_what})
-    groups_key = None
+    groups_key = pgs = None
     for row in spec["rows"]:
         current["row"] = row["id"]
         if rank == 0:
@@ -277,7 +276,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
                 torch.cuda.synchronize()
             if groups_key is not None:
                 dist.barrier()
-            driver.init_groups(recipe)
+            pgs = driver.init_groups(recipe)  # the groups the rows run on, handed to build and every step
             groups_key = key
         else:  # same groups: drop Megatron's global buffer (sized by the previous S)
             mpu.destroy_global_memory_buffer()
@@ -288,7 +287,6 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
             torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated() if cuda else 0
         t_build = time.perf_counter()
-        pgs = tsp_process_groups()  # the groups the row runs on, handed to build and every step
         model, ddp, optimizer = driver.build(recipe, pgs)
         dataset = driver.build_train_dataset(recipe)
         build_s = time.perf_counter() - t_build
@@ -339,7 +337,7 @@ def _worker_rows(spec: dict, state: str, jsonl: str, current: dict) -> int:
         probe = None
         if spec.get("probe") and row.get("probe"):
             try:  # no collective inside: an OOM here is this rank's alone and costs only the probe
-                probe = attention_probe(row["probe"], recipe, mpu.get_tensor_model_parallel_rank(), device,
+                probe = attention_probe(row["probe"], recipe, pgs.tp.rank(), device,
                                         reps=spec.get("probe_steps", 3))
             except torch.OutOfMemoryError as e:
                 probe = {"kind": row["probe"], "error": f"OutOfMemoryError: {str(e)[:120]}"}

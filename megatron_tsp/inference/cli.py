@@ -205,30 +205,33 @@ def check_checkpoint_shape(recipe, load_dir: str) -> int:
     return step
 
 
-def build_and_load(recipe, load_dir: Optional[str]):
-    """The TSP model of the recipe on the current groups, with the checkpoint's weights (model
-    only: no DDP, no optimizer)."""
+def build_and_load(recipe, load_dir: Optional[str], pg_collection):
+    """The TSP model of the recipe on the groups `pg_collection` (required: those
+    `training.loop.init_groups(recipe)` returned), with the checkpoint's weights (model only: no
+    DDP, no optimizer)."""
     import torch
 
+    from ..config import require_group
     from ..training.build import build_gpt
     from ..training.checkpoint import _step_dir
-    from ..training.loop import init_groups
 
+    pgs = require_group(pg_collection, "build_and_load", "pg_collection")
     step = check_checkpoint_shape(recipe, load_dir) if load_dir else None
-    init_groups(recipe)
     m = recipe.model
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         raise RecipeError("model.dtype = bfloat16 needs GPUs; use float32 on CPU")
     model = build_gpt(m.shape(), layout="tsp", dtype=dtype, seed=recipe.train.seed, tsp_options=recipe.tsp_options(),
-                      init_method_std=m.init_method_std,
+                      init_method_std=m.init_method_std, pg_collection=pgs,
                       use_cpu_initialization=(not torch.cuda.is_available()) if m.cpu_init is None else m.cpu_init)
     if load_dir:
         from megatron.core import dist_checkpointing
 
         path = _step_dir(load_dir, step)
         try:
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+            # the data x context group in the metadata: Megatron reads its global group without it
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata={"dp_cp_group": pgs.dp_cp})},
+                                             path)
         except Exception as e:
             raise RecipeError(f"--load {path!r} does not fit this model: {e}") from e
         with torch.no_grad():
@@ -253,6 +256,7 @@ def run(args) -> dict:
 
     from ..training.build import init_distributed
     from ..training.cpu import install_cpu_shims
+    from ..training.loop import init_groups
     from .decode import Sampling, generate, logprobs
 
     init_distributed()
@@ -261,7 +265,7 @@ def run(args) -> dict:
     recipe = _recipe_for(args, world)
     prompts, continuations, tokenizer = check_inputs(args, recipe)  # before the checkpoint loads
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = build_and_load(recipe, args.load)
+    model = build_and_load(recipe, args.load, init_groups(recipe))
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

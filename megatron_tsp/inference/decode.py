@@ -91,7 +91,7 @@ def decode_model(model):
     config.perform_initialization = False
     with compat.quiet_gpt_model_deprecation():
         native = GPTModel(
-            config, get_sp_block_spec(config), vocab_size=model.vocab_size,
+            config, get_sp_block_spec(config, pp_rank=model.pg_collection.pp.rank()), vocab_size=model.vocab_size,
             max_sequence_length=model.max_sequence_length, pre_process=True, post_process=True,
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type, pg_collection=model.pg_collection,

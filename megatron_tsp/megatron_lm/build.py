@@ -64,10 +64,10 @@ def build_gpt_model(args, config, kwargs: dict):
 
     if tsp:
         print_rank_0(f"building TSP GPT model (--tsp-size {args.tsp_size}) ...")
-        if kwargs.get("pg_collection") is None:  # Megatron-LM's model provider passes none: its groups, collected once
-            from ..parallel_state import tsp_process_groups
+        if kwargs.get("pg_collection") is None:  # Megatron-LM's model provider passes none: the groups it made
+            from megatron.core.process_groups_config import ProcessGroupCollection
 
-            kwargs = {**kwargs, "pg_collection": tsp_process_groups()}
+            kwargs = {**kwargs, "pg_collection": ProcessGroupCollection.use_mpu_process_groups()}
         if getattr(args, "reset_attention_mask", False):
             eod = tokenizer_eod_id(args, kwargs["vocab_size"])
             print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), no S x S mask")

@@ -147,7 +147,6 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     whose step takes hours; times then leave those kernels out. `plant(model)`: a test hook run after the build."""
     import torch
 
-    from ..parallel_state import tsp_process_groups
     from ..training import loop as driver
     from ..bench.profiling import StepProfile
     from ..training.cpu import install_cpu_shims
@@ -175,8 +174,7 @@ def measure(recipe, world: int, rank: int = 0, warmup: int = 1, steps: int = 1, 
     out = {"world": world, "rank": rank, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "warmup": warmup, "steps": steps, "memory_mode": memory_mode}
     with fake_world(world, rank):
-        driver.init_groups(recipe)
-        pgs = tsp_process_groups()
+        pgs = driver.init_groups(recipe)
         out["stage"] = pgs.pp.rank()
         out["groups"] = {"tp_or_tsp": pgs.tp.size(), "cp": pgs.cp.size(), "dp": pgs.dp.size(), "pp": pgs.pp.size()}
         model = ddp = optimizer = None
@@ -332,6 +330,7 @@ def measure_inference(recipe, world: int, rank: int = 0, prompt_tokens: Optional
     from ..inference.cli import build_and_load
     from ..inference.decode import generate
     from ..training.cpu import install_cpu_shims
+    from ..training.loop import init_groups
     from .meter import meter_for
 
     p = recipe.parallel
@@ -359,7 +358,7 @@ def measure_inference(recipe, world: int, rank: int = 0, prompt_tokens: Optional
         try:
             meter.start()
             with kernels, torch.no_grad():
-                model = build_and_load(recipe, None)
+                model = build_and_load(recipe, None, init_groups(recipe))
                 meter.mark("built")
                 meter.open_peak("generate")
                 prompt = (torch.arange(S) % (recipe.model.vocab_size - 1)).tolist()

@@ -23,7 +23,7 @@ from megatron.core.transformer import TransformerConfig
 from ..baselines.context_parallel import check_context_parallel
 from ..compat import transformer_config_defaults
 from ..config import ModelShape, TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config  # noqa: F401 (ModelShape: its old home)
-from ..parallel_state import tsp_process_groups
+from ..config import require_group
 from ..tsp.model import TSPGPTModel
 from ..tsp.specs import get_sp_block_spec
 
@@ -50,25 +50,16 @@ def init_distributed(timeout_s: Optional[float] = None) -> str:
 
 
 def transformer_config(shape: ModelShape, tp_size: int, sequence_parallel: bool, dtype=torch.float32,
-                       pipeline_size: Optional[int] = None, pg_collection: Optional[ProcessGroupCollection] = None,
-                       **kw) -> TransformerConfig:
-    """Megatron's TransformerConfig of `shape` on `tp_size` (TP or TSP) ranks; `pipeline_size`
-    and the expert sizes default to those of `pg_collection`'s groups (default:
-    `tsp_process_groups()`)."""
-    pgs = pg_collection
-    if pipeline_size is None:
-        pgs = pgs if pgs is not None else tsp_process_groups()
-        pipeline_size = pgs.pp.size()
+                       pipeline_size: int = 1, **kw) -> TransformerConfig:
+    """Megatron's TransformerConfig of `shape` on `tp_size` (TP or TSP) ranks and `pipeline_size`
+    stages; a config reads no group (`build_gpt` gives it the sizes of the groups it builds on,
+    expert sizes included)."""
     cpu_init = kw.pop("use_cpu_initialization", True)  # TP-invariant init: same weights for every layout
     kw.setdefault("transformer_impl", "local")  # the local spec (no Transformer Engine layers)
     if shape.num_experts and "num_moe_experts" not in kw:
         from ..tsp.moe import moe_config_kwargs
 
         kw = {**moe_config_kwargs(shape), **kw}
-    if kw.get("num_moe_experts"):  # experts on the groups built (megatron_tsp.tsp.moe: expert TP = 1 under TSP)
-        pgs = pgs if pgs is not None else tsp_process_groups()
-        kw.setdefault("expert_model_parallel_size", _group_size(getattr(pgs, "ep", None)))
-        kw.setdefault("expert_tensor_parallel_size", _group_size(getattr(pgs, "expt_tp", None)))
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -107,11 +98,12 @@ def _group_rank(group) -> int:
 
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local",
-              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False,
-              pg_collection: Optional[ProcessGroupCollection] = None, **config_kw):
-    """A GPT model on the process groups `pg_collection` (default: the collection built by
-    `initialize_model_parallel`, `megatron_tsp.tsp_process_groups()`); every module of the model
-    gets its group from it (`.tp` is the TSP / TP group, `.pp` the pipeline, `.cp` the context).
+              tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False, *,
+              pg_collection: ProcessGroupCollection, **config_kw):
+    """A GPT model on the process groups `pg_collection` (required: the collection
+    `megatron_tsp.initialize_model_parallel` or `initialize_native_model_parallel` returned);
+    every module of the model gets its group from it (`.tp` is the TSP / TP group, `.pp` the
+    pipeline, `.cp` the context, `.ep` / `.expt_tp` the experts').
 
     - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
       initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
@@ -124,8 +116,8 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
       Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
       (`'sdpa'`, the kernels TSP uses: for long contexts).
     - Context parallelism: `layout='native'` on groups built with `context_parallel_size=CP`
-      (`mpu.initialize_model_parallel(tensor_model_parallel_size=T, context_parallel_size=CP)`;
-      CP=4 alone, or TP2 x CP2). The core attention is then
+      (`megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=T,
+      context_parallel_size=CP)`; CP=4 alone, or TP2 x CP2). The core attention is then
       `baselines.context_parallel.ContextParallelAttention` (K/V all-gathered over the CP group,
       torch SDPA; `core_attention='sdpa'` or `'cp'`). The model takes this CP rank's tokens:
       slice tokens, labels, position ids and loss mask with `baselines.context_parallel.cp_slice`.
@@ -139,7 +131,7 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         raise TSPConfigError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                              f"checkpointed layers' inputs); got recompute_granularity = "
                              f"{config_kw.get('recompute_granularity')!r}")
-    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+    pgs = require_group(pg_collection, "build_gpt", "pg_collection")
     D, cp = pgs.tp.size(), pgs.cp.size()
     sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
     if layout not in ("tsp", "native"):
@@ -152,8 +144,12 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
             raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
                                  f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
         check_context_parallel(shape.seq_length, cp, D, sp)
+    experts = config_kw["num_moe_experts"] if "num_moe_experts" in config_kw else shape.num_experts
+    if experts:  # experts on the groups built (megatron_tsp.tsp.moe: expert TP = 1 under TSP)
+        config_kw.setdefault("expert_model_parallel_size", _group_size(getattr(pgs, "ep", None)))
+        config_kw.setdefault("expert_tensor_parallel_size", _group_size(getattr(pgs, "expt_tp", None)))
     config = transformer_config(shape, D, sequence_parallel=sp, dtype=dtype, pipeline_size=pgs.pp.size(),
-                                pg_collection=pgs, context_parallel_size=cp, **config_kw)
+                                context_parallel_size=cp, **config_kw)
     if config.num_moe_experts:
         from .. import compat
         from ..tsp.moe import forget_router_metrics
@@ -250,16 +246,15 @@ def layout_invariant_init(model, seed: int, tp_group) -> None:
 
 
 def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=True, weight_decay=0.0,
-                           overlap=False, bucket_size=None, fsdp=False,
-                           pg_collection: Optional[ProcessGroupCollection] = None,
+                           overlap=False, bucket_size=None, fsdp=False, *, pg_collection: ProcessGroupCollection,
                            optimizer_cpu_offload: bool = False, optimizer_offload_fraction: float = 1.0):
     """Megatron DDP + optimizer; gradients are averaged over the data x context-parallel group.
     `overlap`: overlap the gradient reduce-scatter with backward and (distributed optimizer) the
     parameter all-gather with the next forward. `fsdp=True`: weights, gradients and optimizer
     state ZeRO-3-sharded over the data x context group instead (`baselines.fsdp`; Megatron's
     plain optimizer over the local shards, so `use_distributed_optimizer` must be False).
-    `pg_collection`: the groups the model was built on (default: `tsp_process_groups()`),
-    handed to DDP and the optimizer, so neither reads Megatron's global groups.
+    `pg_collection`: the groups the model was built on (required), handed to DDP and the
+    optimizer, so neither reads Megatron's global groups.
     `optimizer_cpu_offload`: megatron-core's optimizer CPU offload (train.optimizer_cpu_offload):
     the precision-aware distributed optimizer hands this rank's shard to its
     HybridDeviceOptimizer, which keeps the fp32 main weights and Adam's moments in pinned host
@@ -269,8 +264,7 @@ def wrap_ddp_and_optimizer(model, lr=1e-3, clip_grad=1.0, use_distributed_optimi
     from .. import compat
     from ..config import require_groups
 
-    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
-    require_groups(pgs, compat.OPTIMIZER_GROUPS, "get_megatron_optimizer")
+    pgs = require_groups(pg_collection, compat.OPTIMIZER_GROUPS, "get_megatron_optimizer")
     config = model.config
     if optimizer_cpu_offload:
         for bad, why in ((fsdp, "parallel.fsdp = true"),

@@ -142,11 +142,9 @@ def _layout_text(parallel: dict, world_size: int) -> str:
             f"{world_size // model if world_size else '?'}")
 
 
-def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT,
-                   pg_collection=None):
-    from ..parallel_state import tsp_process_groups
-
-    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+def _sharded_state(model, optimizer, is_loading: bool, pg_collection,
+                   optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT):
+    pgs = pg_collection
     # The data x context group that sets each tensor's replica id: Megatron's way to take it is
     # the metadata (it reads the global group when the key is missing).
     model_sd = model.sharded_state_dict(metadata={"dp_cp_group": pgs.dp_cp})
@@ -263,9 +261,9 @@ def _release_waiting_ranks(error: BaseException) -> None:
             return
 
 
-def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=None) -> str:
+def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection) -> str:
     """Save step `step` to save_dir/step_NNNNNNN atomically (see above); a collective.
-    `pg_collection`: the groups the model was built on (default `tsp_process_groups()`).
+    `pg_collection`: the groups the model was built on (required).
     A write that fails on any rank (ENOSPC: the disk filled up) is a CheckpointSaveError on every
     rank naming the directory; the partial step is removed, `latest` and the checkpoint it names
     are untouched. After a complete save, train.keep_checkpoints prunes older ones."""
@@ -273,8 +271,10 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
 
     from megatron.core import dist_checkpointing
 
+    from ..config import require_group
     from .checkpoint_files import prune_checkpoints
 
+    require_group(pg_collection, "save_checkpoint", "pg_collection")  # before the directory is made
     save_dir = recipe.train.save_dir
     path = _step_dir(save_dir, step)
     partial_path = path + INCOMPLETE
@@ -289,7 +289,7 @@ def save_checkpoint(model, optimizer, recipe: Recipe, step: int, pg_collection=N
             error = e
     held = _HeldLog()
     if not _any_failed(error is not None):
-        state = _sharded_state(model, optimizer, is_loading=False, pg_collection=pg_collection)
+        state = _sharded_state(model, optimizer, False, pg_collection)
         state["step"] = step
         try:
             with held:
@@ -435,17 +435,21 @@ def _is_shape_error(error: BaseException) -> bool:
     return any(w in text for w in ("shape", "size mismatch", "missing key", "unexpected key"))
 
 
-def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT,
-                    pg_collection=None) -> int:
+def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DISTRIBUTED_OPTIMIZER_FORMAT, *,
+                    pg_collection) -> int:
     """Load the latest checkpoint of save_dir into this run's model and optimizer, at whatever
     layout this run has (the checkpoint's keys are layout-free: global layer numbers, full
-    tensors sliced per TP/TSP rank). Returns its step."""
+    tensors sliced per TP/TSP rank). Returns its step. `pg_collection`: the groups the model was
+    built on (required)."""
     from megatron.core import dist_checkpointing
 
+    from ..config import require_group
+
+    require_group(pg_collection, "load_checkpoint", "pg_collection")
     _materialize_optimizer_state(optimizer)
     step = latest_step(recipe.train.save_dir)
     path = _step_dir(recipe.train.save_dir, step)
-    state = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format, pg_collection=pg_collection)
+    state = _sharded_state(model, optimizer, True, pg_collection, optimizer_format=optimizer_format)
     state["step"] = step
     # What torch warns while a load fails (torch 2.13: "torch.distributed is disabled, unavailable
     # or uninitialized" from each rank's failing read) is part of that failure: held back, shown

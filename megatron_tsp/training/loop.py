@@ -145,7 +145,9 @@ def eod_id(recipe: Recipe) -> int:
 
 def init_groups(recipe: Recipe):
     """The process groups of `recipe` (TSP in Megatron's TP slot, or the baselines' TP / CP), rebuilt
-    when groups exist; used by `run`, bench's worker and the tests."""
+    when groups exist; used by `run`, bench's worker, the probe and the tests. Returns them as one
+    ProcessGroupCollection, which the caller keeps and hands to `build`, `train_step` and the
+    checkpoint calls (nothing else holds it)."""
     from megatron.core import parallel_state as mpu
 
     from .. import parallel_state as tsp_state
@@ -165,29 +167,28 @@ def init_groups(recipe: Recipe):
         extra["expert_model_parallel_size"] = p.expert_size
     try:
         if p.layout == "tsp":
-            tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size, **extra)
-        else:
-            mpu.initialize_model_parallel(tensor_model_parallel_size=recipe.axis_size,
-                                          pipeline_model_parallel_size=p.pipeline_size,
-                                          context_parallel_size=p.context_size, **extra)
+            return tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size,
+                                                       **extra)
+        return tsp_state.initialize_native_model_parallel(tensor_model_parallel_size=recipe.axis_size,
+                                                          pipeline_model_parallel_size=p.pipeline_size,
+                                                          context_parallel_size=p.context_size, **extra)
     finally:
         if "nccl_communicator_config_path" in extra:
             os.unlink(extra["nccl_communicator_config_path"])
 
 
-def build(recipe: Recipe, pg_collection=None, host_processes: Optional[int] = None):
-    """Model, DDP and optimizer of `recipe` on the groups `pg_collection` (default: the
-    collection `init_groups` built, `tsp_process_groups()`, read once here): the model, DDP, the
-    optimizer and `finalize_model_grads` all get them, none reads Megatron's global groups.
+def build(recipe: Recipe, pg_collection, host_processes: Optional[int] = None):
+    """Model, DDP and optimizer of `recipe` on the groups `pg_collection` (required: the
+    collection `init_groups` returned): the model, DDP, the optimizer and `finalize_model_grads`
+    all get them, none reads Megatron's global groups.
     `host_processes`: the processes of this node that pin offloaded tensors in its host memory
     (default: torchrun's LOCAL_WORLD_SIZE, else the world; the probe's fake world runs one)."""
     from .. import compat
-    from ..config import require_groups
-    from ..parallel_state import tsp_process_groups
+    from ..config import require_group, require_groups
     from .build import build_gpt, wrap_ddp_and_optimizer
     from .host_memory import check_host_memory
 
-    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
+    pgs = require_group(pg_collection, "build", "pg_collection")
     m, p, t = recipe.model, recipe.parallel, recipe.train
     dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
@@ -243,18 +244,16 @@ def _forward_step(cp_group, data_iterator, model):
     return output, partial(_loss_func, cp_group, batch["loss_mask"])
 
 
-def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe, pg_collection=None):
+def train_step(ddp, optimizer, batches: List[dict], recipe: Recipe, pg_collection):
     """One optimizer step over this DP rank's micro-batches through Megatron's schedule, on the
-    groups `pg_collection` (those `build` got; default `tsp_process_groups()`).
+    groups `pg_collection` (required: those `build` got).
     Returns (loss averaged over the global batch, grad norm); the loss is known on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .. import compat
     from ..config import require_groups
-    from ..parallel_state import tsp_process_groups
 
-    pgs = pg_collection if pg_collection is not None else tsp_process_groups()
-    require_groups(pgs, compat.SCHEDULE_GROUPS, "the forward-backward schedule")
+    pgs = require_groups(pg_collection, compat.SCHEDULE_GROUPS, "the forward-backward schedule")
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)(
@@ -356,7 +355,6 @@ def run(recipe: Recipe, out=None) -> dict:
 
 
 def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
-    from ..parallel_state import tsp_process_groups
     from .build import init_distributed
     from .cpu import install_cpu_shims
 
@@ -382,9 +380,8 @@ def _run(recipe: Recipe, stop: StopRequest, out=None) -> dict:
         for name in remove_incomplete_checkpoints(t.save_dir):
             print(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
                   "left by an interrupted run", flush=True)
-    init_groups(recipe)
+    pgs = init_groups(recipe)  # the groups built once: the model, DDP, optimizer, step and checkpoints run on them
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    pgs = tsp_process_groups()  # the groups built once: the model, DDP, optimizer and step run on them
     model, ddp, optimizer = build(recipe, pgs)
     resumed_from = fresh
     if saved is not None:

@@ -33,12 +33,14 @@ from .zigzag import from_zigzag, to_zigzag
 class TSPGPTModel(GPTModel):
     """GPTModel with the TSP decoder. Arguments as GPTModel's; `transformer_layer_spec`
     defaults to `get_tsp_block_spec(..., tsp_options=tsp_options)`. The TSP group is
-    `pg_collection.tp`; `pg_collection` is required (`megatron_tsp.tsp_process_groups()`)."""
+    `pg_collection.tp`; `pg_collection` is required (the collection
+    `megatron_tsp.initialize_model_parallel` returns), with its `.tp` and `.pp` groups."""
 
     def __init__(self, config, transformer_layer_spec=None, vocab_size=None, max_sequence_length=None,
                  tsp_options: Optional[TSPOptions] = None, **kwargs):
         pg_collection = require_group(kwargs.get("pg_collection"), "TSPGPTModel", "pg_collection")
         group = require_group(getattr(pg_collection, "tp", None), "TSPGPTModel", "pg_collection.tp")
+        pp_group = require_group(getattr(pg_collection, "pp", None), "TSPGPTModel", "pg_collection.pp")
         validate_transformer_config(config, group.size())
         if config.num_moe_experts:
             from .moe import check_expert_groups
@@ -50,9 +52,8 @@ class TSPGPTModel(GPTModel):
         lm_head.check_lm_head(config, tsp_options, vocab_size, group.size())
         if transformer_layer_spec is None:
             vp_stage = kwargs.get("vp_stage")
-            pp_rank = pg_collection.pp.rank() if getattr(pg_collection, "pp", None) is not None else None
             transformer_layer_spec = get_tsp_block_spec(
-                config, vp_stage, pp_rank, tsp_group=group, tsp_options=tsp_options
+                config, vp_stage, pp_group.rank(), tsp_group=group, tsp_options=tsp_options
             )
         with compat.quiet_gpt_model_deprecation():  # 0.19's notice, for GPTModel users
             super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)

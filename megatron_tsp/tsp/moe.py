@@ -71,7 +71,9 @@ class TSPTopKRouter(TopKRouter):
     group's zigzag shards, put back in natural order), as the single-process model does. Without
     a capacity factor, or at D = 1, it is Megatron's router unchanged."""
 
-    def __init__(self, config, pg_collection=None, **kwargs):
+    def __init__(self, config, pg_collection, **kwargs):
+        require_group(getattr(require_group(pg_collection, "TSPTopKRouter", "pg_collection"), "tp", None),
+                      "TSPTopKRouter", "pg_collection.tp")
         compat.bind_missing_te_general_gemm()
         self.capacity_factor = config.moe_expert_capacity_factor
         if self.capacity_factor is not None:
@@ -134,12 +136,12 @@ class TSPSharedExpertMLP(TSPRingMLP):
     Megatron; each rank's gradient covers its own tokens, so it is tagged `sequence_parallel`
     like the norms and the router and `finalize_model_grads` sums it over the TSP group."""
 
-    def __init__(self, config, submodules, pg_collection=None, gate: bool = False, tp_group=None,
+    def __init__(self, config, submodules, pg_collection, gate: bool = False,
                  tsp_options: Optional[TSPOptions] = None, name=None):
         config = copy.copy(config)
         config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
-        group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
-        super().__init__(config, submodules, tp_group=group if group is not None else tp_group,
+        group = getattr(require_group(pg_collection, "TSPSharedExpertMLP", "pg_collection"), "tp", None)
+        super().__init__(config, submodules, tp_group=require_group(group, "TSPSharedExpertMLP", "pg_collection.tp"),
                          tsp_options=tsp_options, name=name)
         self.use_shared_expert_gate = gate
         self.gate_weight = None

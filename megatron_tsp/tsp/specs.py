@@ -74,7 +74,12 @@ def get_sp_layer_spec(config, core_attention=None, moe: bool = False, mlp_chunk_
 
 
 def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
-    """`layer_spec(moe)` gives a layer's spec; MoE layers where `moe_layer_freq` puts them."""
+    """`layer_spec(moe)` gives a layer's spec; MoE layers where `moe_layer_freq` puts them.
+    `pp_rank` is required: Megatron reads its global pipeline rank when it is None."""
+    if pp_rank is None:
+        from ..config import TSPConfigError
+
+        raise TSPConfigError("a block spec needs `pp_rank`, this rank's pipeline stage (pg_collection.pp.rank())")
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if not config.num_moe_experts:
         return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * n, layer_norm=TSPNorm)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 
 import megatron_tsp
@@ -29,12 +28,14 @@ TOL = 1e-5
 
 
 def init_groups(tp=1, cp=1, seed=1234):
+    """The baselines' groups at TP `tp` x CP `cp` (a ProcessGroupCollection)."""
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    pgs = megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom.model_parallel_cuda_manual_seed(seed)
+    return pgs
 
 
 def skip_unless_fits(world, tp, cp):
@@ -46,8 +47,8 @@ def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None):
     """Per-token loss [b, S] in natural order and the full gradient of every parameter: the
     loss is the mean over all tokens of all CP ranks; gradients are summed over CP (what DDP
     does over the data x context group) and over TP for sequence-parallel norms."""
-    init_groups(tp, cp)
-    model = build_gpt(shape, layout="native", seed=seed, core_attention="sdpa", sequence_parallel=sp)
+    pgs = init_groups(tp, cp)
+    model = build_gpt(shape, layout="native", seed=seed, core_attention="sdpa", sequence_parallel=sp, pg_collection=pgs)
     tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in mock_batch(0, 2, shape, seed=seed))
     loss = model(tokens, pos, None, labels=labels)  # [b, S/CP], this CP rank's tokens
     (loss.sum() / (loss.shape[0] * shape.seq_length)).backward()
@@ -124,9 +125,8 @@ def test_gathered_kv_not_saved_for_backward(world, monkeypatch):
     """Like TE's all-gather CP, only the local K/V live from forward to backward; the gathered
     ones are gathered again in backward. The gradients are those of the saving variant."""
     skip_unless_fits(world, 1, 2)
-    init_groups(1, 2)
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa").config
+    pgs = init_groups(1, 2)
+    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs).config
     core = ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs)
     gathered = []
     real_from_zigzag = context_parallel.from_zigzag
@@ -150,13 +150,13 @@ def test_gathered_kv_not_saved_for_backward(world, monkeypatch):
 
 def test_bad_layouts_are_clear_errors(world):
     skip_unless_fits(world, 1, 2)
-    init_groups(1, 2)
+    pgs = init_groups(1, 2)
     with pytest.raises(TSPConfigError, match=r"model.seq_length = 34 must be divisible by 2 x parallel.context_size = 4"):
-        build_gpt(ModelShape(seq_length=34), layout="native", core_attention="sdpa")
+        build_gpt(ModelShape(seq_length=34), layout="native", core_attention="sdpa", pg_collection=pgs)
     with pytest.raises(TSPConfigError, match=r"cannot be combined with TSP"):
-        build_gpt(ModelShape(seq_length=32), layout="tsp")
+        build_gpt(ModelShape(seq_length=32), layout="tsp", pg_collection=pgs)
     with pytest.raises(TSPConfigError, match=r"core_attention = 'local' must be sdpa"):
-        build_gpt(ModelShape(seq_length=32), layout="native", core_attention="local")
+        build_gpt(ModelShape(seq_length=32), layout="native", core_attention="local", pg_collection=pgs)
 
 
 # --- training: DDP / distributed optimizer and FSDP over CP, five steps -------------------------
@@ -182,8 +182,8 @@ def test_five_steps_match_single_process(world, name):
     if world not in worlds:
         pytest.skip(f"{name} runs at world sizes {worlds}")
     ref = single_process_reference()
-    init_groups(tp, cp)
-    got = run_steps("native", distributed_optimizer=not fsdp, fsdp=fsdp, core_attention="sdpa", sequence_parallel=sp)
+    got = run_steps(init_groups(tp, cp), "native", distributed_optimizer=not fsdp, fsdp=fsdp, core_attention="sdpa",
+                    sequence_parallel=sp)
     if fsdp:
         assert mpu.get_data_parallel_group(with_context_parallel=True).size() == world // tp
     for key in ("loss", "grad_norm"):
@@ -232,10 +232,10 @@ def test_fsdp_shards_every_parameter_over_data_and_context(world):
     from megatron_tsp.training.build import wrap_ddp_and_optimizer
 
     skip_unless_fits(world, 1, 2)
-    init_groups(1, 2)
-    model = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa")
+    pgs = init_groups(1, 2)
+    model = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True)
+    ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True, pg_collection=pgs)
     params = dict(ddp.module.named_parameters())
     assert params.keys() == shapes.keys()
     for name, p in params.items():
@@ -250,15 +250,15 @@ def test_fsdp_wraps_a_bfloat16_model_with_fp32_norm_weights(world):
     from megatron_tsp.training.build import wrap_ddp_and_optimizer
 
     skip_unless_fits(world, 1, 2)
-    init_groups(1, 2)
+    pgs = init_groups(1, 2)
     shape = SHAPES["gqa"]
-    model = build_gpt(shape, layout="native", core_attention="sdpa", dtype=torch.bfloat16)
+    model = build_gpt(shape, layout="native", core_attention="sdpa", dtype=torch.bfloat16, pg_collection=pgs)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for name, p in model.named_parameters():
         if "layernorm" in name:
             p.data = p.data.float()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # the case at hand
-    ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True)
+    ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True, pg_collection=pgs)
     assert {p.dtype for p in ddp.module.parameters()} == {torch.bfloat16}
     tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in mock_batch(0, 2, shape, seed=3))
     ddp(tokens, pos, None, labels=labels).float().mean().backward()

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from torch.utils._pytree import tree_flatten
 
@@ -32,16 +31,16 @@ TOL = 1e-10
 def _groups(tp, cp):
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    return megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
 
 
 def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None, cp_comm_type=None, **kw):
     """Per-token loss [b, S] in natural order and every parameter's full gradient (summed over CP
     as DDP over data x context does, and over TP for sequence-parallel norms), float64."""
-    _groups(tp, cp)
+    pgs = _groups(tp, cp)
     kw = kw if cp_comm_type is None else {"cp_comm_type": cp_comm_type, **kw}
     model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa",
-                      sequence_parallel=sp, **kw)
+                      sequence_parallel=sp, pg_collection=pgs, **kw)
     if cp > 1:
         types = {layer.self_attention.core_attention.cp_comm_type for layer in model.decoder.layers}
         assert types == {cp_comm_type or "all_gather"}
@@ -129,9 +128,8 @@ class _FloatShapes(OpShapes):
 
 
 def _core(cp, cp_comm_type):
-    _groups(1, cp)
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa").config
+    pgs = _groups(1, cp)
+    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs).config
     return ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self", cp_comm_type=cp_comm_type, pg_collection=pgs)
 
 
@@ -256,8 +254,7 @@ def test_driver_builds_p2p_in_every_cp_layout(world):
         pytest.skip("runs at world sizes 2 and 4")
     for extra in DRIVER_LAYOUTS[world]:  # (all_gather, the default, is what the CP driver tests run)
         recipe = _tiny(extra + ["parallel.cp_comm_type=p2p"])
-        init_groups(recipe)
-        model, _, _ = build(recipe)
+        model, _, _ = build(recipe, init_groups(recipe))
         cores = [m for m in model.modules() if isinstance(m, ContextParallelAttention)]
         assert cores and {m.cp_comm_type for m in cores} == {"p2p"}, extra
 

@@ -89,9 +89,9 @@ def test_flops_match_flop_counter_on_megatron_gpt():
 
     recipe = load_recipe(None, ["parallel.layout=dp", "parallel.size=1", "model.num_query_groups=2",
                                 "model.seq_length=32", "model.ffn_hidden_size=96"])
-    driver.init_groups(recipe)
+    pgs = driver.init_groups(recipe)
     shape = recipe.model.shape()
-    model = build_gpt(shape, layout="native", core_attention="sdpa")
+    model = build_gpt(shape, layout="native", core_attention="sdpa", pg_collection=pgs)
     tokens = torch.randint(0, shape.vocab_size, (2, shape.seq_length))
     pos = torch.arange(shape.seq_length).expand(2, -1)
     with FlopCounterMode(display=False) as counter:
@@ -226,10 +226,10 @@ def test_rows_leave_no_model_memory_behind():
     recipe = load_recipe(None, ["parallel.layout=tsp", "parallel.size=1", "train.distributed_optimizer=true",
                                 "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=1",
                                 f"model.seq_length={S}"])
-    driver.init_groups(recipe)
-    model, ddp, optimizer = driver.build(recipe)
+    pgs = driver.init_groups(recipe)
+    model, ddp, optimizer = driver.build(recipe, pgs)
     batches = list(driver.micro_batches(driver.build_train_dataset(recipe), 0, recipe, 0, 1, torch.device("cpu")))
-    driver.train_step(ddp, optimizer, batches, recipe)
+    driver.train_step(ddp, optimizer, batches, recipe, pgs)
 
     def left():
         gc.collect()

@@ -41,8 +41,7 @@ def test_blocks_bf16(world, D, kind, groups, mode):
 
 
 def _gpt(layout, D, shape, seed):
-    init_tsp(D)
-    model = build_gpt(shape, layout=layout, dtype=torch.bfloat16, seed=seed)
+    model = build_gpt(shape, layout=layout, dtype=torch.bfloat16, seed=seed, pg_collection=init_tsp(D))
     tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     loss = model(tokens, pos, None, labels=labels)
     loss.float().mean().backward()

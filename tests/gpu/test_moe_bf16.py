@@ -66,9 +66,10 @@ def _loss_and_grads(model, batch):
 def moe_bf16_errors(device, monkeypatch, shape=SHAPE, seed=1234):
     """{what: relative error} of the bf16 model against the float64 one, the flips counted,
     and the experts' module name."""
-    init_tsp(1)
-    low = build_gpt(shape, layout="tsp", dtype=torch.bfloat16, seed=seed, moe_router_dtype="fp32", **MOE).to(device)
-    ref = build_gpt(shape, layout="tsp", dtype=torch.float64, seed=seed, **MOE).to(device).double()
+    pgs = init_tsp(1)
+    low = build_gpt(shape, layout="tsp", dtype=torch.bfloat16, seed=seed, moe_router_dtype="fp32", pg_collection=pgs,
+                    **MOE).to(device)
+    ref = build_gpt(shape, layout="tsp", dtype=torch.float64, seed=seed, pg_collection=pgs, **MOE).to(device).double()
     with torch.no_grad():
         params = dict(low.named_parameters())
         for name, p in ref.named_parameters():

@@ -35,9 +35,10 @@ _REFERENCE = {}
 
 
 def _model(name, D, layout="tsp"):
-    init_tsp(D)
+    pgs = init_tsp(D)
     # a large init: continuations that depend on the context (std 0.02 repeats one token)
-    return build_gpt(SHAPES[name], layout=layout, dtype=torch.float64, seed=SEED, init_method_std=0.5).eval()
+    return build_gpt(SHAPES[name], layout=layout, dtype=torch.float64, seed=SEED, init_method_std=0.5,
+                     pg_collection=pgs).eval()
 
 
 @torch.no_grad()
@@ -101,9 +102,8 @@ def test_streamed_kv_prefill_matches(world, monkeypatch):
     if D < 2:
         pytest.skip("needs D >= 2")
     want, _, want_logits, _, _ = _reference("rope-gqa-tied")
-    init_tsp(D)
     model = build_gpt(SHAPES["rope-gqa-tied"], layout="tsp", dtype=torch.float64, seed=SEED, init_method_std=0.5,
-                      tsp_options=TSPOptions(attention_kv="streamed")).eval()
+                      tsp_options=TSPOptions(attention_kv="streamed"), pg_collection=init_tsp(D)).eval()
     got = generate(model, PROMPTS, NEW, keep_logits=True)
     assert calls, "the prefill did not stream"
     assert got.tokens == want

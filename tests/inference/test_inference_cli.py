@@ -12,6 +12,7 @@ import torch
 
 from megatron_tsp.config import TSPConfigError
 from megatron_tsp.inference import cli
+from megatron_tsp.training.loop import init_groups
 from megatron_tsp.training.recipe import RecipeError, load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,8 +49,9 @@ def test_generate_loads_the_checkpoint_and_continues_greedily(checkpoint):
     assert s["decode_tokens_per_s"] > 0 and ("peak_host_rss_gb" in s or "peak_mem_gb_per_gpu" in s)
 
     # the loaded weights are the checkpoint's (not the seed's), and greedy = recomputing the whole sequence
-    model = cli.build_and_load(load_recipe(TINY, ["parallel.size=1"]), save)
-    fresh = cli.build_and_load(load_recipe(TINY, ["parallel.size=1"]), None)
+    recipe = load_recipe(TINY, ["parallel.size=1"])
+    pgs = init_groups(recipe)
+    model, fresh = cli.build_and_load(recipe, save, pgs), cli.build_and_load(recipe, None, pgs)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
     for prompt, got in zip(PROMPTS, tokens):
         seq = list(prompt)

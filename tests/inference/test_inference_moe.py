@@ -57,9 +57,10 @@ def router_softmax_in_float64(monkeypatch):
 def _model(D, layout="tsp"):
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
-    megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
+    pgs = megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
     # a large init: continuations that depend on the context (std 0.02 repeats one token)
-    return build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=SEED, init_method_std=0.5).eval()
+    return build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=SEED, init_method_std=0.5,
+                     pg_collection=pgs).eval()
 
 
 @torch.no_grad()

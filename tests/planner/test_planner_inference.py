@@ -19,8 +19,7 @@ def _bytes(tensors):
 def test_weights_and_kv_cache_are_the_tensors_the_code_holds(groups, tied):
     shape = ModelShape(hidden_size=32, num_attention_heads=4, num_query_groups=groups, ffn_hidden_size=64,
                        vocab_size=64, seq_length=64, share_embeddings_and_output_weights=tied)
-    init_tsp(1)
-    model = build_gpt(shape, layout="tsp", dtype=torch.float32).eval()
+    model = build_gpt(shape, layout="tsp", dtype=torch.float32, pg_collection=init_tsp(1)).eval()
     spec = ModelSpec(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=groups, ffn_hidden_size=64, vocab_size=64, dtype="float32",
                      share_embeddings_and_output_weights=tied)
     prompts, new = [[1, 2, 3, 4, 5], [6, 7, 8]], 4

@@ -13,8 +13,6 @@ import torch
 
 
 def main(world: int, gemms: bool, overrides):
-    from megatron.core import parallel_state as mpu
-
     from megatron_tsp.probe import fake_world
     from megatron_tsp.probe.standins import cpu_trace, memory_mode
     from megatron_tsp.training import loop
@@ -26,15 +24,14 @@ def main(world: int, gemms: bool, overrides):
     recipe = load_recipe("configs/tiny.yaml", overrides)
     recipe.check(world)
     with fake_world(world):
-        loop.init_groups(recipe)
-        model, ddp, opt = loop.build(recipe)
+        pgs = loop.init_groups(recipe)
+        model, ddp, opt = loop.build(recipe, pgs)
         data = loop.build_train_dataset(recipe)
-        dp, dps = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+        dp, dps = pgs.dp.rank(), pgs.dp.size()
 
         def step(i):
-            batches = list(loop.micro_batches(data, i, recipe, dp, dps, torch.device("cpu"),
-                                              mpu.get_context_parallel_group()))
-            return lambda: loop.train_step(ddp, opt, batches, recipe)
+            batches = list(loop.micro_batches(data, i, recipe, dp, dps, torch.device("cpu"), pgs.cp))
+            return lambda: loop.train_step(ddp, opt, batches, recipe, pgs)
 
         def grads():
             return sorted((n, list(p.main_grad.shape)) for n, p in ddp.named_parameters())

@@ -43,8 +43,7 @@ def single_process_reference():
 def test_five_steps_match_single_process(world, D, distributed_optimizer):
     skip_unless_divides(world, D, with_data_parallel=True)
     ref = single_process_reference()
-    init_tsp(D)
-    got = run_steps("tsp", distributed_optimizer=distributed_optimizer)
+    got = run_steps(init_tsp(D), "tsp", distributed_optimizer=distributed_optimizer)
     for key in ("loss", "grad_norm"):
         for step, (a, b) in enumerate(zip(got[key], ref[key])):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{key} at step {step}: TSP {a} vs single process {b}"
@@ -58,7 +57,7 @@ def test_overlapped_param_gather_matches_single_process(world):
     if world != 4:
         pytest.skip("needs data parallelism around D=2: 4 processes")
     ref = single_process_reference()
-    init_tsp(2)
-    got = run_steps("tsp", distributed_optimizer=True, overlap=True, bucket_size=1)  # a bucket per parameter
+    # a bucket per parameter
+    got = run_steps(init_tsp(2), "tsp", distributed_optimizer=True, overlap=True, bucket_size=1)
     for step, (a, b) in enumerate(zip(got["loss"], ref["loss"])):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"loss at step {step}: TSP {a} vs single process {b}"

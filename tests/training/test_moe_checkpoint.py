@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core import dist_checkpointing
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 import megatron_tsp
 from megatron_tsp.training import loop
@@ -73,16 +72,16 @@ def test_tsp_ep_checkpoint_loads_into_native_tp_sp_ep(world, shared_tmp_path, mo
 
     # Megatron's own groups and model: TP 2 + SP, EP 2, expert TP 1.
     megatron_tsp.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                  expert_tensor_parallel_size=1)
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs = megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                                        expert_tensor_parallel_size=1)
     m = recipe.model
     native = build_gpt(m.shape(), layout="native", seed=recipe.train.seed + 1, sequence_parallel=True,
                        pg_collection=pgs, moe_token_dispatcher_type="alltoall")
     assert native.config.sequence_parallel and native.config.expert_model_parallel_size == 2
     assert native.config.expert_tensor_parallel_size == 1 and type(native).__name__ == "GPTModel"
     before = full_params(native, pgs.tp, pgs.ep)
-    state = dist_checkpointing.load({"model": native.sharded_state_dict()}, os.path.join(ckpt, "step_0000002"))
+    state = dist_checkpointing.load({"model": native.sharded_state_dict(metadata={"dp_cp_group": pgs.dp_cp})},
+                                    os.path.join(ckpt, "step_0000002"))
     native.load_state_dict(state["model"])
     loaded = full_params(native, pgs.tp, pgs.ep)
     assert loaded.keys() == expected.keys()

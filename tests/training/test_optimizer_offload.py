@@ -40,27 +40,27 @@ LOSS_TOL, MAIN_TOL = 2e-5, 1e-6
 
 def _groups(layout, size, cp=1):
     """The groups of `layout` (tsp, tp, tp_sp, dp) at TSP / TP size `size` and context size `cp`;
-    data parallel takes the rest of the world."""
+    data parallel takes the rest of the world. Returns them (a ProcessGroupCollection)."""
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
     if layout == "tsp":
-        megatron_tsp.initialize_model_parallel(tsp_size=size)
-    else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=size, context_parallel_size=cp)
+        return megatron_tsp.initialize_model_parallel(tsp_size=size)
+    return megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=size, context_parallel_size=cp)
 
 
 def train(layout, size, cp=1, offload=False, fraction=1.0):
     """STEPS steps of a bf16 model on the distributed optimizer, the state offloaded or not.
     Returns (losses, {name: fp32 main weight of this rank's shard}, model, optimizer)."""
-    _groups(layout, size, cp)
+    pgs = _groups(layout, size, cp)
     model = build_gpt(SHAPE, layout="tsp" if layout == "tsp" else "native", dtype=torch.bfloat16, seed=SEED,
-                      sequence_parallel=layout in ("tsp", "tp_sp"), core_attention="sdpa")
+                      sequence_parallel=layout in ("tsp", "tp_sp"), core_attention="sdpa", pg_collection=pgs)
     ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, weight_decay=0.01, use_distributed_optimizer=True,
-                                      optimizer_cpu_offload=offload, optimizer_offload_fraction=fraction)
+                                      optimizer_cpu_offload=offload, optimizer_offload_fraction=fraction,
+                                      pg_collection=pgs)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
-    cp_group = mpu.get_context_parallel_group()
-    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    cp_group = pgs.cp
+    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
     recipe = Recipe(model=ModelRecipe(**vars(SHAPE)), parallel=ParallelRecipe(context_size=cp),
                     train=TrainRecipe(steps=STEPS, micro_batch_size=GLOBAL_BATCH // dp_size,
                                       global_batch_size=GLOBAL_BATCH, seed=SEED))
@@ -68,7 +68,7 @@ def train(layout, size, cp=1, offload=False, fraction=1.0):
     losses = []
     for step in range(STEPS):
         batches = list(micro_batches(dataset, step, recipe, dp_rank, dp_size, torch.device("cpu"), cp_group))
-        losses.append(train_step(ddp, opt, batches, recipe)[0])
+        losses.append(train_step(ddp, opt, batches, recipe, pgs)[0])
     return losses, main_weights(model, opt), model, opt
 
 
@@ -158,18 +158,18 @@ def _resumed(D, recipe, offload, steps):
     more steps; their losses."""
     from megatron_tsp.training.checkpoint import load_checkpoint
 
-    _groups("tsp", D)
-    model = build_gpt(SHAPE, layout="tsp", dtype=torch.bfloat16, seed=SEED + 1, sequence_parallel=True)
+    pgs = _groups("tsp", D)
+    model = build_gpt(SHAPE, layout="tsp", dtype=torch.bfloat16, seed=SEED + 1, sequence_parallel=True,
+                      pg_collection=pgs)
     ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, weight_decay=0.01,
-                                      use_distributed_optimizer=True, optimizer_cpu_offload=offload)
+                                      use_distributed_optimizer=True, optimizer_cpu_offload=offload, pg_collection=pgs)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
-    assert load_checkpoint(model, opt, recipe) == steps
+    assert load_checkpoint(model, opt, recipe, pg_collection=pgs) == steps
     r = Recipe(model=ModelRecipe(**vars(SHAPE)), train=TrainRecipe(micro_batch_size=GLOBAL_BATCH,
                                                                    global_batch_size=GLOBAL_BATCH, seed=SEED))
     dataset = build_train_dataset(r)
-    return [train_step(ddp, opt, list(micro_batches(dataset, step, r, 0, 1, torch.device("cpu"),
-                                                    mpu.get_context_parallel_group())), r)[0]
+    return [train_step(ddp, opt, list(micro_batches(dataset, step, r, 0, 1, torch.device("cpu"), pgs.cp)), r, pgs)[0]
             for step in range(steps, 2 * steps)]
 
 
@@ -193,7 +193,7 @@ def test_resume_with_offload_is_exact(world, shared_tmp_path):
         straight = train("tsp", D, offload=True)[0]
         STEPS = steps
         first, _, model, opt = train("tsp", D, offload=True)
-        save_checkpoint(model, opt, recipe, steps)
+        save_checkpoint(model, opt, recipe, steps, model.pg_collection)
         rest = _resumed(D, recipe, True, steps)
         in_memory = _resumed(D, recipe, False, steps)
     finally:
@@ -214,10 +214,10 @@ def test_offload_keys_are_checked(world):
              r"with parallel.fsdp = true")):
         with pytest.raises(RecipeError, match=match):
             load_recipe(TINY, base + overrides).check(world, devices=False)
-    _groups("tsp", 1)
-    model = build_gpt(SHAPE, layout="tsp", seed=SEED)  # float32
+    pgs = _groups("tsp", 1)
+    model = build_gpt(SHAPE, layout="tsp", seed=SEED, pg_collection=pgs)  # float32
     with pytest.raises(TSPConfigError, match="optimizer_cpu_offload = true cannot be combined with model.dtype"):
-        wrap_ddp_and_optimizer(model, use_distributed_optimizer=True, optimizer_cpu_offload=True)
+        wrap_ddp_and_optimizer(model, use_distributed_optimizer=True, optimizer_cpu_offload=True, pg_collection=pgs)
 
 
 def test_host_memory_need_and_the_refusal(world, tmp_path):
@@ -252,8 +252,9 @@ def test_host_memory_need_and_the_refusal(world, tmp_path):
         run(load_recipe(TINY, [f"parallel.size={min(world, 2)}", "parallel.recompute=full",  # tiny: 2 KV groups
                                "parallel.offload_activations=true",
                                "train.host_memory_gb=0.000001", "train.steps=1", "train.log_interval=100"]))
-    bf16 = build_gpt(SHAPE, layout="tsp", seed=SEED, dtype=torch.bfloat16)
+    pgs = _groups("tsp", 1)
+    bf16 = build_gpt(SHAPE, layout="tsp", seed=SEED, dtype=torch.bfloat16, pg_collection=pgs)
     norm = bf16.decoder.final_layernorm.weight
     norm.data = norm.data.float()  # as a norm that keeps fp32 weights would
     with pytest.raises(TSPConfigError, match=r"bf16 parameters only: decoder.final_layernorm.weight \(and 0 more\)"):
-        wrap_ddp_and_optimizer(bf16, use_distributed_optimizer=True, optimizer_cpu_offload=True)
+        wrap_ddp_and_optimizer(bf16, use_distributed_optimizer=True, optimizer_cpu_offload=True, pg_collection=pgs)

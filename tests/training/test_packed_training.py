@@ -49,13 +49,13 @@ def _init(kind, size):
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
     if kind == "tsp":
-        init_tsp(size)
-    else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=size if kind == "tp_sp" else 1,
-                                      context_parallel_size=size if kind == "cp" else 1)
-        from megatron.core.tensor_parallel import random as mrandom
+        return init_tsp(size)
+    pgs = megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=size if kind == "tp_sp" else 1,
+                                                        context_parallel_size=size if kind == "cp" else 1)
+    from megatron.core.tensor_parallel import random as mrandom
 
-        mrandom.model_parallel_cuda_manual_seed(1234)
+    mrandom.model_parallel_cuda_manual_seed(1234)
+    return pgs
 
 
 def _outputs_and_grads(model, per_token, kind):
@@ -78,9 +78,10 @@ def _outputs_and_grads(model, per_token, kind):
 def packed(kind, size, shape, seed, layouts, masked=True, tsp_options=None):
     """The packed batch through `kind` (tsp, tp_sp, cp) at `size`: a fixed random linear function
     of the logits per token (float64: Megatron's cross entropy would cast to float32)."""
-    _init(kind, size)
+    pgs = _init(kind, size)
     model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, seed=seed,
-                      core_attention="sdpa", **({} if tsp_options is None else {"tsp_options": tsp_options}))
+                      core_attention="sdpa", pg_collection=pgs,
+                      **({} if tsp_options is None else {"tsp_options": tsp_options}))
     tokens, docs, pos, w = _batch(shape, seed, layouts)
     cp = mpu.get_context_parallel_group()
     local = (lambda t: cp_slice(t, cp)) if kind == "cp" else (lambda t: t)
@@ -93,8 +94,8 @@ def packed(kind, size, shape, seed, layouts, masked=True, tsp_options=None):
 
 def documents_alone(shape, seed, layouts):
     """Megatron's GPTModel (one rank) on each document alone, positions from 0."""
-    _init("tsp", 1)
-    model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa")
+    model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa",
+                      pg_collection=_init("tsp", 1))
     tokens, _, _, w = _batch(shape, seed, layouts)
     out = torch.zeros(len(layouts), S, dtype=torch.float64)
     total = 0
@@ -223,9 +224,8 @@ def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeyp
     if world % size:
         pytest.skip(f"needs a multiple of {size} ranks")
     shape = SHAPES["gqa-rope"]
-    _init(kind, size)
     model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, core_attention="sdpa",
-                      **({} if options is None else {"tsp_options": options}))
+                      pg_collection=_init(kind, size), **({} if options is None else {"tsp_options": options}))
     tokens, docs, pos, _ = _batch(shape, 1, LAYOUTS)
     docs[0, 10] = 0  # a document id that goes back (3 -> 0)
     cp = mpu.get_context_parallel_group()

@@ -42,10 +42,10 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     """The loss and every full parameter gradient of a float64 model on D ranks. The loss is a
     fixed random linear function of the logits, in float64: Megatron's vocab-parallel cross
     entropy casts the logits to float32, which would hide everything below 1e-7."""
-    init_tsp(D)
+    pgs = init_tsp(D)
     options = TSPOptions(recompute=tsp_recompute) if layout == "tsp" else None
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options,
-                      offload_activations=offload_activations, **config_kw)
+                      offload_activations=offload_activations, pg_collection=pgs, **config_kw)
     model.double()  # TSPNorm's weights too (float32 whatever params_dtype says, until lean norms)
     for layer in model.decoder.layers:
         layer.hidden_dropout = hidden_dropout
@@ -115,11 +115,11 @@ def test_dropout_masks_are_replayed_in_the_recomputation(world, monkeypatch):
 
 
 def test_selective_recompute_is_refused_with_tsp():
-    init_tsp(1)
+    pgs = init_tsp(1)
     with pytest.raises(TSPConfigError, match="selective"):
-        build_gpt(SHAPES["mha"], layout="tsp", recompute_granularity="selective")
+        build_gpt(SHAPES["mha"], layout="tsp", recompute_granularity="selective", pg_collection=pgs)
     with pytest.raises(TSPConfigError, match="parallel.offload_activations = true needs parallel.recompute = full"):
-        build_gpt(SHAPES["mha"], layout="tsp", offload_activations=True)
+        build_gpt(SHAPES["mha"], layout="tsp", offload_activations=True, pg_collection=pgs)
 
 
 def _logged_exchanges(monkeypatch, shape, seed, tsp_recompute, **config_kw):
@@ -136,9 +136,10 @@ def _logged_exchanges(monkeypatch, shape, seed, tsp_recompute, **config_kw):
             return _real(t, *args, **kw)
 
         monkeypatch.setattr(comm, name, logged)
-    init_tsp(dist.get_world_size())
+    pgs = init_tsp(dist.get_world_size())
     model = build_gpt(shape, layout="tsp", dtype=torch.float64, seed=seed,
-                      tsp_options=TSPOptions(recompute=tsp_recompute, mlp_exchange="ring"), **config_kw)
+                      tsp_options=TSPOptions(recompute=tsp_recompute, mlp_exchange="ring"), pg_collection=pgs,
+                      **config_kw)
     tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     model(tokens, pos, None, labels=labels).mean().backward()
     monkeypatch.undo()
@@ -176,11 +177,9 @@ def test_ddp_hooks_fire_inside_the_checkpoint_backward(world):
     if world < 2:
         pytest.skip("needs data parallelism: 2 or 4 processes")
     D = world // 2
-    init_tsp(D)
-    plain = run_steps("tsp", distributed_optimizer=True, overlap=True, bucket_size=1)
+    plain = run_steps(init_tsp(D), "tsp", distributed_optimizer=True, overlap=True, bucket_size=1)
     for kw, offload_activations in ((recompute_kw("uniform", 1), False), (recompute_kw("block", 1), True)):
-        init_tsp(D)
-        got = run_steps("tsp", distributed_optimizer=True, overlap=True, bucket_size=1,
+        got = run_steps(init_tsp(D), "tsp", distributed_optimizer=True, overlap=True, bucket_size=1,
                         offload_activations=offload_activations, **kw)
         assert got == plain, (kw, offload_activations, got, plain)
 

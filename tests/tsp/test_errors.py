@@ -4,7 +4,6 @@
 import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_tsp import TSPConfigError
 from megatron_tsp.tsp.attention import TSPSelfAttention
@@ -19,15 +18,14 @@ def test_bad_sequence_length_raises_on_every_rank(world):
     if world < 2:
         pytest.skip("needs D >= 2")
     D = world
-    init_tsp(D)
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs = init_tsp(D)
     config = tiny_config(D)
     attn = TSPSelfAttention(config, get_sp_layer_spec(config).submodules.self_attention.submodules, layer_number=1, pg_collection=pgs)
     x = torch.randn(3, 2, 32, dtype=torch.float64)  # S = 3*D tokens: not a multiple of 2*D
     with pytest.raises(TSPConfigError, match=r"must be divisible by 2 x --tsp-size = %d" % (2 * D)):
         attn(x, None)
 
-    model = build_gpt(ModelShape(seq_length=32), layout="tsp")
+    model = build_gpt(ModelShape(seq_length=32), layout="tsp", pg_collection=pgs)
     tokens = torch.randint(0, 128, (2, 30))
     with pytest.raises(TSPConfigError, match=r"sequence length of the batch = 30 must be divisible"):
         model(tokens, None, None, labels=tokens)

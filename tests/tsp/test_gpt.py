@@ -15,8 +15,7 @@ TOL = 1e-5
 
 
 def _loss_and_grads(layout, D, shape, seed):
-    init_tsp(D)
-    model = build_gpt(shape, layout=layout, seed=seed)
+    model = build_gpt(shape, layout=layout, seed=seed, pg_collection=init_tsp(D))
     tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S], natural order on every rank
     loss.mean().backward()

@@ -58,8 +58,8 @@ def _batch(shape, seed):
 
 def loss_and_grads(layout, D, shape, seed, options=None, **config_kw):
     """Per-token loss [b, S] and every parameter's full gradient, under sum(loss * weights)."""
-    init_tsp(D)
-    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, **config_kw)
+    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options,
+                      pg_collection=init_tsp(D), **config_kw)
     model.double()  # TSPNorm's torch norms hold float32 weights whatever params_dtype says (issue 14 item 2)
     tokens, labels, pos, weights = _batch(shape, seed)
     loss = model(tokens, pos, None, labels=labels)
@@ -206,12 +206,12 @@ def test_bad_options_are_refused(world):
             lm_head.check_lm_head(config, local(), 4 * 37, world)
         lm_head.check_lm_head(config, TSPOptions(lm_head="megatron"), 4 * 37, world)
     if world > 1:  # raised by TSPGPTModel before Megatron's own assertion
-        init_tsp(world)
+        pgs = init_tsp(world)
         odd = dataclasses.replace(SHAPES["mha-untied"], vocab_size=4 * 37 + 1)
         with pytest.raises(TSPConfigError, match=f"vocabulary size 149 must be divisible by --tsp-size = {world}"):
-            build_gpt(odd, layout="tsp", dtype=torch.float64, tsp_options=local())
-    init_tsp(world)
-    model = build_gpt(SHAPES["mha-untied"], layout="tsp", dtype=torch.float64, tsp_options=local())
+            build_gpt(odd, layout="tsp", dtype=torch.float64, tsp_options=local(), pg_collection=pgs)
+    model = build_gpt(SHAPES["mha-untied"], layout="tsp", dtype=torch.float64, tsp_options=local(),
+                      pg_collection=init_tsp(world))
     model.output_layer.bias = torch.nn.Parameter(torch.zeros(4 * 37 // world, dtype=torch.float64))
     tokens, labels, pos, _ = _batch(SHAPES["mha-untied"], 0)
     with pytest.raises(TSPConfigError, match="output layer with a bias"):

@@ -123,8 +123,7 @@ def _lm_head_footprint(D, lm_head):
     """Forward + backward of a TSPGPTModel with labels -> (most tokens' logits in one allocated
     tensor, in one saved tensor, whether any tensor has all S tokens x a vocab shard). A logits
     tensor is one with a V/D dimension that is not a vocab shard's weight [V/D, h]."""
-    init_tsp(D)
-    model = build_gpt(LM_SHAPE, layout="tsp", seed=5,
+    model = build_gpt(LM_SHAPE, layout="tsp", seed=5, pg_collection=init_tsp(D),
                       tsp_options=TSPOptions(lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
     tokens, labels, pos = mock_batch(0, 2, LM_SHAPE)
     params = {p.data_ptr() for p in model.parameters()}
@@ -176,10 +175,10 @@ def _model_forward_saves(D, options=None, offload_activations=False, record_inpu
     rest of the model ('outside'). Returns (saves, the loss to call backward on, the model)."""
     from megatron_tsp.training.build import ModelShape, build_gpt
 
-    init_tsp(D)
+    pgs = init_tsp(D)
     shape = ModelShape(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=4 * H, seq_length=S)
     model = build_gpt(shape, layout="tsp", dtype=torch.float32, seed=7, tsp_options=options or TSPOptions(mlp_exchange="ring"),
-                      offload_activations=offload_activations, **config_kw)
+                      offload_activations=offload_activations, pg_collection=pgs, **config_kw)
     params = {p.data_ptr() for p in model.parameters()}
     current, inputs, recording = [None], {}, [True]
 

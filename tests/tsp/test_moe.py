@@ -63,7 +63,7 @@ def router_softmax_in_float64(monkeypatch):
 def _init(D, ep):
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
-    megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=ep)
+    return megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=ep)
 
 
 def _name(model, name, param):
@@ -75,8 +75,8 @@ def _run(layout, D, ep, moe, seed, batches, reduce=True):
     """Loss per batch, router losses per batch and the gradient of the sum over batches of the
     mean loss (`reduce`: summed over the data-parallel ranks as Megatron's DDP does, each
     rank holding its own batch; the reference runs every batch itself)."""
-    _init(D, ep)
-    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, **{**BASE, **moe})
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, pg_collection=_init(D, ep),
+                      **{**BASE, **moe})
     tsp = mpu.get_tensor_model_parallel_group()
     pop_router_losses(tsp)
     losses, router = [], []
@@ -177,8 +177,7 @@ def test_no_saved_tensor_holds_every_token(world):
         pytest.skip("needs D = 2")
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    _init(2, 2)
-    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float64, seed=1,
+    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float64, seed=1, pg_collection=_init(2, 2),
                       **{**BASE, **CASES["top1-drop-position-gated-shared"], "moe_expert_capacity_factor": None})
     saved, hooks = [], []
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
@@ -207,10 +206,10 @@ def test_no_saved_tensor_holds_every_token(world):
 def test_bad_moe_options_are_refused_on_every_rank(world, bad, match):
     if world % 2:
         pytest.skip("needs D = 2")
-    _init(2, 2)
+    pgs = _init(2, 2)
     kw = {**BASE, "moe_router_topk": 2, **bad}
     with pytest.raises(TSPConfigError, match=match):
-        build_gpt(SHAPE, layout="tsp", dtype=torch.float64, **kw)
+        build_gpt(SHAPE, layout="tsp", dtype=torch.float64, pg_collection=pgs, **kw)
     dist.barrier()  # every rank raised before any collective and is still in step
 
 
@@ -234,9 +233,9 @@ def test_moe_model_under_ddp_is_freed(world):
 
     from megatron_tsp.training.build import wrap_ddp_and_optimizer
 
-    _init(1, 1)
-    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float32, seed=1, **{**BASE, **CASES["top1"]})
-    ddp, optimizer = wrap_ddp_and_optimizer(model)
+    pgs = _init(1, 1)
+    model = build_gpt(SHAPE, layout="tsp", dtype=torch.float32, seed=1, pg_collection=pgs, **{**BASE, **CASES["top1"]})
+    ddp, optimizer = wrap_ddp_and_optimizer(model, pg_collection=pgs)
     tokens, labels, pos = mock_batch(0, 2, SHAPE)
     ddp(tokens, pos, None, labels=labels).mean().backward()
     refs = [weakref.ref(model), weakref.ref(ddp)]

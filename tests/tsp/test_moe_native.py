@@ -100,11 +100,12 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
     parameters ('router' or 'gate') whose gradient is not summed over the TSP ranks."""
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
-    megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
+    pgs = megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
     # the gated case's shared expert on the ring exchange (at this size `auto` picks Megatron's token
     # all-gather, which the other case runs); the native layout ignores TSP's options
     options = TSPOptions(mlp_exchange="ring") if moe.get("moe_shared_expert_gate") else None
-    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, **{**BASE, **moe})
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, pg_collection=pgs,
+                      **{**BASE, **moe})
     model.double()  # norms built in float32 whatever params_dtype says (issue 14 item 2): same for both
     if broken == "router":
         for router in (m for m in model.modules() if isinstance(m, TopKRouter)):

@@ -264,10 +264,10 @@ def test_float64_model_stays_float64(layout, normalization):
     from megatron_tsp.training.build import ModelShape, build_gpt
     from tests.utils import init_tsp, mock_batch
 
-    init_tsp(1)
+    pgs = init_tsp(1)
     shape = ModelShape(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=64,
                        seq_length=16, normalization=normalization)
-    model = build_gpt(shape, layout=layout, dtype=torch.float64)
+    model = build_gpt(shape, layout=layout, dtype=torch.float64, pg_collection=pgs)
     assert {n for n, p in model.named_parameters() if p.dtype != torch.float64} == set()
     tokens, labels, pos = mock_batch(0, 2, shape)
     logits = model(tokens, pos, None)

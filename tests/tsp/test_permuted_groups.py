@@ -14,7 +14,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_tsp import tsp_process_groups
 from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.mlp import TSPRingMLP
@@ -47,18 +46,17 @@ def permuted_group(D):
     return _GROUPS[D]
 
 
-def permuted_collection(D) -> ProcessGroupCollection:
-    """The collection built by initialize_model_parallel with the TSP slot (tp, and tp_cp / mp,
-    which are the same ranks at CP = PP = 1) replaced by the permuted group."""
-    base = tsp_process_groups()
+def permuted_collection(base: ProcessGroupCollection, D) -> ProcessGroupCollection:
+    """`base` (the collection initialize_model_parallel returned) with the TSP slot (tp, and tp_cp
+    / mp, which are the same ranks at CP = PP = 1) replaced by the permuted group."""
     present = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if hasattr(base, f.name)}
     group = permuted_group(D)
     return ProcessGroupCollection(**{**present, "tp": group, "tp_cp": group, "mp": group})
 
 
 def _loss_and_grads(layout, D, shape, seed):
-    init_tsp(D)  # Megatron's groups: contiguous TP of size D
-    pgs = permuted_collection(D) if layout == "tsp" else tsp_process_groups()
+    base = init_tsp(D)  # Megatron's groups: contiguous TP of size D
+    pgs = permuted_collection(base, D) if layout == "tsp" else base
     assert layout != "tsp" or dist.get_process_group_ranks(pgs.tp) != dist.get_process_group_ranks(
         mpu.get_tensor_model_parallel_group()), "the TSP group must differ from Megatron's TP group"
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, pg_collection=pgs)
@@ -130,18 +128,22 @@ def test_a_missing_group_is_an_error_naming_the_argument():
     """No module falls back to Megatron's global groups: without its group it refuses, by name."""
     from megatron_tsp.config import TSPConfigError
     from megatron_tsp.tsp.model import TSPGPTModel
-    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_layer_spec
+    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_block_spec, get_tsp_layer_spec
     from megatron_tsp import compat
     from tests.utils import tiny_config
 
-    init_tsp(1)
+    pgs = init_tsp(1)
     config = tiny_config(1)
     spec = get_sp_layer_spec(config).submodules
     with pytest.raises(TSPConfigError, match="`pg_collection`"):
         TSPGPTModel(config, vocab_size=64, max_sequence_length=32)
+    with pytest.raises(TSPConfigError, match="`pg_collection.pp`"):  # its layers' stage: never the global one
+        TSPGPTModel(config, vocab_size=64, max_sequence_length=32, pg_collection=ProcessGroupCollection(tp=pgs.tp))
     with pytest.raises(TSPConfigError, match="`pg_collection`"):
         TSPSelfAttention(config, spec.self_attention.submodules, layer_number=1)
     with pytest.raises(TSPConfigError, match="`tp_group`"):
         TSPRingMLP(config, compat.mlp_submodules(spec.mlp))
     with pytest.raises(TSPConfigError, match="`tsp_group`"):
         get_tsp_layer_spec(config, None)
+    with pytest.raises(TSPConfigError, match="`pp_rank`"):  # Megatron would read its global pipeline rank
+        get_tsp_block_spec(config, tsp_group=pgs.tp)

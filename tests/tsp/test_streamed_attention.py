@@ -112,8 +112,8 @@ GQA = ModelShape(num_layers=2, hidden_size=32, num_attention_heads=8, num_query_
 
 
 def _model(layout, D, shape, seed, **options):
-    init_tsp(D)
-    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=TSPOptions(**options))
+    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=TSPOptions(**options),
+                      pg_collection=init_tsp(D))
     model.double()
     return model_loss_and_grads(model, shape, seed)
 

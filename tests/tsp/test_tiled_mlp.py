@@ -108,8 +108,7 @@ SHAPES = {"mha": ModelShape(num_layers=2, hidden_size=32, num_attention_heads=4,
 def loss_and_grads(layout, D, shape, seed, chunk, **options):
     """The loss (a fixed random linear function of the logits, float64 throughout) and every full
     parameter gradient of a float64 model on D ranks (layout 'native': TP + SP for D > 1)."""
-    init_tsp(D)
-    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed,
+    model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, pg_collection=init_tsp(D),
                       tsp_options=TSPOptions(mlp_chunk_tokens=chunk, **options))
     model.double()
     return model_loss_and_grads(model, shape, seed)
@@ -149,10 +148,8 @@ def test_ddp_grad_ready_hooks_fire_once_per_parameter(world):
         pytest.skip("needs data parallelism")
     D = world // 2
     for layout in ("tsp", "native"):
-        init_tsp(D)
-        plain = run_steps(layout, distributed_optimizer=True, overlap=True, bucket_size=1)
-        init_tsp(D)
-        tiled = run_steps(layout, distributed_optimizer=True, overlap=True, bucket_size=1,
+        plain = run_steps(init_tsp(D), layout, distributed_optimizer=True, overlap=True, bucket_size=1)
+        tiled = run_steps(init_tsp(D), layout, distributed_optimizer=True, overlap=True, bucket_size=1,
                           tsp_options=TSPOptions(mlp_chunk_tokens=5))
         assert tiled["loss"] == pytest.approx(plain["loss"], rel=1e-5), layout
         assert tiled["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4), layout
