@@ -9,7 +9,6 @@ import pytest
 import torch
 from megatron.core import parallel_state as mpu
 
-import megatron_tsp
 from megatron_tsp import TSPConfigError
 from megatron_tsp.training.build import build_gpt
 from megatron_tsp.tsp import documents
@@ -29,13 +28,13 @@ def _runner_model(kind, shape, seed, D):
     from megatron_tsp.tsp.model import TSPGPTModel
     from megatron_tsp.tsp.specs import get_sp_block_spec
 
-    _init(kind, D)
+    pgs = _init(kind, D)
     ref = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, seed=seed,
-                    core_attention="sdpa")
+                    core_attention="sdpa", pg_collection=pgs)
     kw = dict(vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
               position_embedding_type=shape.position_embedding_type,
               share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
-              pg_collection=megatron_tsp.tsp_process_groups(), eod_id=shape.vocab_size - 1)
+              pg_collection=pgs, eod_id=shape.vocab_size - 1)
     if kind == "tsp":
         model = with_eod_documents(TSPGPTModel)(ref.config, None, tsp_options=ref.tsp_options, **kw)
     else:
