@@ -12,8 +12,8 @@ setup(
         # tested 0.16.1 <= megatron-core <= 0.19.2 (0.17+ need Python >= 3.12); a newer one
         # installs and warns once (megatron_tsp/compat.py)
         "megatron-core>=0.16.1",
-        # tested: torch 2.13.0 (CI, CPU) and 2.11.0 (the recorded GPU runs, docs/validation.md);
-        # older ones were never run. A newer torch installs (pip picks the newest) but is untested.
+        # tested: torch 2.13.0 and 2.15.0 (CI, CPU: .ci/run's TORCH_OLDEST and TORCH_NEWEST) and
+        # 2.11.0 (the recorded GPU runs, docs/validation.md); older ones were never run.
         "torch>=2.11",
         "numpy",
         "packaging",

@@ -228,8 +228,9 @@ def _mlp_memory(kind, D, chunk, S, b=2, hidden=32, ffn=256):
 def test_mlp_memory_follows_the_chunk_not_the_tokens(world, kind):
     """Tiled, the MLP saves nothing but its input, and the peak of its backward (the CPU
     allocator's own events) grows with the chunk, not with the local tokens: 4x the tokens at the
-    same chunk adds only the [s, h] input-sized buffers (dx, the incoming gradient), while the
-    untiled backward grows with every [s, f/D] piece."""
+    same chunk adds only [s, h]-sized buffers (dx, the incoming gradient; Megatron's also the
+    gathered sequence and its gradient, D local shares each), while the untiled backward grows
+    with every [s, f/D] piece."""
     D = world
     tiled_small, tiled_large = (_mlp_memory(kind, D, 16, S) for S in (64 * D, 256 * D))
     untiled_small, untiled_large = (_mlp_memory(kind, D, 0, S) for S in (64 * D, 256 * D))
@@ -240,7 +241,10 @@ def test_mlp_memory_follows_the_chunk_not_the_tokens(world, kind):
     tiled_growth, untiled_growth = tiled_large[1] - tiled_small[1], untiled_large[1] - untiled_small[1]
     per_token_h = 8 * 32  # float64 x hidden
     added = (256 - 64) * 2  # local tokens added
-    assert tiled_growth <= 6 * per_token_h * added, (tiled_growth, untiled_growth)
+    # at most 6 local [s, h] buffers for TSP; Megatron's: the gathered input, its gradient and the
+    # gathered incoming gradient (D shares each) and dx (torch 2.15's allocator peaks at 6.8 at D = 4)
+    bound = 6 if kind == "tsp" else 3 * D + 1
+    assert tiled_growth <= bound * per_token_h * added, (tiled_growth, untiled_growth)
     assert untiled_growth > 2 * tiled_growth, (tiled_growth, untiled_growth)
 
 
