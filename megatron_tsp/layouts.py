@@ -136,7 +136,8 @@ _RECORDS = (
         builder="megatron_tsp.tsp.model:build_tsp_gpt", block_spec="megatron_tsp.tsp.specs:get_tsp_block_spec",
         meshes=(Mesh("tsp", False, False, ("tsp_size",), "TSP D={tsp_size}", "tsp{tsp_size}", "TSP D={tsp_size}"),)),
     ParallelLayout(
-        "dp", "DP", "data parallelism, the weights whole on every rank (parallel.size ignored); the base of CP and FSDP",
+        "dp", "DP", "data parallelism, the weights whole on every rank (parallel.size ignored); the base of CP "
+                    "and FSDP",
         size_group=None, sequence_parallel=False, context_parallel=True, why_no_context="",
         builder=_NATIVE_BUILDER, block_spec=_NATIVE_SPEC, planned_as="tp",
         meshes=(Mesh("cp", True, False, ("cp",), "CP {cp}", "cp{cp}", "CP={cp}"),
