@@ -69,6 +69,9 @@ class Mesh:
     """How `megatron-tsp plan --layout` and `plan validate` spell it (e.g. `tsp{tsp_size}`)."""
     bench_label: str
     """How `megatron-tsp bench` names a row of it (e.g. `TSP D={tsp_size}`)."""
+    attention: str
+    """The attention kernel shape whose rate the planner's step time uses (a hardware profile's
+    `attention.<attention>_tflops`)."""
 
     def format(self, text: str, tsp_size: int = 1, tp: int = 1, cp: int = 1) -> str:
         return text.format(tsp_size=tsp_size, tp=tp, cp=cp)
@@ -134,27 +137,28 @@ _RECORDS = (
         size_group="tsp", sequence_parallel=True, context_parallel=False,
         why_no_context="TSP already splits the sequence and the weights over its group",
         builder="megatron_tsp.tsp.model:build_tsp_gpt", block_spec="megatron_tsp.tsp.specs:get_tsp_block_spec",
-        meshes=(Mesh("tsp", False, False, ("tsp_size",), "TSP D={tsp_size}", "tsp{tsp_size}", "TSP D={tsp_size}"),)),
+        meshes=(Mesh("tsp", False, False, ("tsp_size",), "TSP D={tsp_size}", "tsp{tsp_size}", "TSP D={tsp_size}",
+                     "square_causal"),)),
     ParallelLayout(
         "dp", "DP", "data parallelism, the weights whole on every rank (parallel.size ignored); the base of CP "
                     "and FSDP",
         size_group=None, sequence_parallel=False, context_parallel=True, why_no_context="",
         builder=_NATIVE_BUILDER, block_spec=_NATIVE_SPEC, planned_as="tp",
-        meshes=(Mesh("cp", True, False, ("cp",), "CP {cp}", "cp{cp}", "CP={cp}"),
+        meshes=(Mesh("cp", True, False, ("cp",), "CP {cp}", "cp{cp}", "CP={cp}", "square_causal"),
                 Mesh("fsdp_cp", True, True, ("cp",), "FSDP-over-CP {cp}", "fsdp_cp{cp}",
-                     "FSDP/ZeRO-3 over CP={cp}"))),
+                     "FSDP/ZeRO-3 over CP={cp}", "square_causal"))),
     ParallelLayout(
         "tp", "TP", "Megatron's tensor parallelism on parallel.size ranks, the tokens whole on each",
         size_group="tp", sequence_parallel=False, context_parallel=True, why_no_context="",
         builder=_NATIVE_BUILDER, block_spec=_NATIVE_SPEC,
-        meshes=(Mesh("tp", False, False, ("tp",), "TP {tp}", "tp{tp}", "TP={tp}"),)),
+        meshes=(Mesh("tp", False, False, ("tp",), "TP {tp}", "tp{tp}", "TP={tp}", "square_causal"),)),
     ParallelLayout(
         "tp_sp", "TP + SP", "Megatron's tensor and sequence parallelism on parallel.size ranks",
         size_group="tp", sequence_parallel=True, context_parallel=True, why_no_context="",
         builder=_NATIVE_BUILDER, block_spec=_NATIVE_SPEC,
-        meshes=(Mesh("tp_sp", False, False, ("tp",), "TP+SP {tp}", "tp_sp{tp}", "TP={tp}+SP"),
+        meshes=(Mesh("tp_sp", False, False, ("tp",), "TP+SP {tp}", "tp_sp{tp}", "TP={tp}+SP", "square_causal"),
                 Mesh("tp_cp", True, False, ("tp", "cp"), "TP+SP {tp} x CP {cp}", "tp{tp}xcp{cp}",
-                     "TP={tp}+SP x CP={cp}"))),
+                     "TP={tp}+SP x CP={cp}", "square_causal"))),
 )
 
 LAYOUTS: Dict[str, ParallelLayout] = {r.name: r for r in _RECORDS}

@@ -34,8 +34,10 @@ def _example_sizes(mesh: Mesh) -> dict:
 
 def problems(records) -> List[str]:
     """What the layout records `records` lack, one line each (empty: complete)."""
+    from megatron_tsp.planner import hardware
     from megatron_tsp.training.build import resolve
 
+    families = set.intersection(*(set(hardware.load(h).attention_tflops) for h in hardware.available()))
     out, kinds, spellings = [], {}, {}
     names = {r.name for r in records}
     for r in records:
@@ -79,6 +81,9 @@ def problems(records) -> List[str]:
                 if _names_in(getattr(m, what)) != set(m.sizes):
                     out.append(f"{r.name}: mesh {m.kind!r}: {what} {getattr(m, what)!r} must name its sizes "
                                f"{sorted(m.sizes)}")
+            if m.attention not in families:
+                out.append(f"{r.name}: mesh {m.kind!r}: attention {m.attention!r} is not one of the hardware "
+                           f"profiles' {sorted(families)}")
             if m.kind in kinds:
                 out.append(f"{r.name}: planner kind {m.kind!r} is {kinds[m.kind]}'s already")
             kinds[m.kind] = r.name
@@ -109,10 +114,10 @@ def _plant(kind: str):
         new = dataclasses.replace(new, meshes=(tp.meshes[0],))
     elif kind == "label_without_size":
         new = dataclasses.replace(new, meshes=(Mesh("ulysses", False, False, ("tp",), "Ulysses", "ulysses{tp}",
-                                                    "Ulysses={tp}"),))
+                                                    "Ulysses={tp}", "square_causal"),))
     elif kind == "sizes_wrong":
         new = dataclasses.replace(new, meshes=(Mesh("ulysses", False, False, ("cp",), "Ulysses {cp}", "ulysses{cp}",
-                                                    "Ulysses={cp}"),))
+                                                    "Ulysses={cp}", "square_causal"),))
     elif kind == "spelled_as_another":
         new = dataclasses.replace(new, meshes=(dataclasses.replace(tp_sp.meshes[0], kind="ulysses"),))
     elif kind == "refuses_context_silently":
@@ -120,6 +125,9 @@ def _plant(kind: str):
                                   meshes=(dataclasses.replace(tsp.meshes[0], kind="ulysses", spelling="u{tsp_size}"),))
     elif kind == "unknown_size_group":
         new = dataclasses.replace(new, size_group="sp", meshes=())
+    elif kind == "attention_unknown":
+        new = dataclasses.replace(new, meshes=(dataclasses.replace(tp_sp.meshes[0], kind="ulysses",
+                                                                   spelling="ulysses{tp}", attention="all_to_all"),))
     else:
         raise AssertionError(kind)
     return layouts._RECORDS + (new,)
@@ -127,7 +135,7 @@ def _plant(kind: str):
 
 @pytest.mark.parametrize("kind", ["no_doc", "builder_missing", "builder_signature", "no_planner_kind", "kind_taken",
                                   "label_without_size", "sizes_wrong", "spelled_as_another",
-                                  "refuses_context_silently", "unknown_size_group"])
+                                  "refuses_context_silently", "unknown_size_group", "attention_unknown"])
 def test_a_half_added_layout_is_caught(kind):
     """Test the test: the registry plus one new record lacking one thing fails the check."""
     found = problems(_plant(kind))
@@ -170,9 +178,15 @@ def test_the_recipe_accepts_the_registry_names():
 
 
 def test_the_planner_kinds_are_the_registry_meshes():
+    import importlib
+
     from megatron_tsp.planner.model import LAYOUT_KINDS, Layout
 
     assert tuple(PLANNER_KINDS) == LAYOUT_KINDS
+    planner = importlib.import_module("megatron_tsp.planner")  # its table: planner/__init__.py, or its plan module
+    family = (getattr(planner, "ATTENTION_FAMILY", None)
+              or importlib.import_module("megatron_tsp.planner.plan").ATTENTION_FAMILY)
+    assert family == {kind: mesh.attention for kind, (_, mesh) in PLANNER_KINDS.items()}
     for kind, (record, mesh) in PLANNER_KINDS.items():
         sizes = _example_sizes(mesh)
         lay = Layout(kind, **sizes)
@@ -256,3 +270,13 @@ def test_the_registry_imports_no_torch():
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == layouts.inventory()
+
+
+def test_the_checkpoint_names_the_layout_by_its_groups():
+    """A checkpoint that does not match the run names both layouts by the record's groups (dp: no
+    TP axis whatever parallel.size says); a layout this version does not know keeps its size."""
+    from megatron_tsp.training.checkpoint import _layout_text
+
+    assert _layout_text({"layout": "dp", "size": 4, "context_size": 2}, 8) == "dp 1 x pipeline 1 x context 2 x data 4"
+    assert _layout_text({"layout": "tsp", "size": 4, "pipeline_size": 2}, 16) == "tsp 4 x pipeline 2 x data 2"
+    assert _layout_text({"layout": "ulysses", "size": 4}, 8) == "ulysses 4 x pipeline 1 x data 2"
