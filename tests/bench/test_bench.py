@@ -150,7 +150,8 @@ def test_bench_cpu(tmp_path, monkeypatch):
     md = (out / "bench_t.md").read_text()
     for line in (f"| TSP D=2 | mha | 64 | {rows['tsp/mha/64']['median_step_s']:.3f} |",
                  f"| TP=2+SP | mha | 64 | {rows['tp_sp/mha/64']['median_step_s']:.3f} |",
-                 "| TSP D=2, bogus | mha | 64, 128, 256 | unavailable", "| layout | variant | S | step s | tok/s/process |",
+                 "| TSP D=2, bogus | mha | 64, 128, 256 | unavailable",
+                 "| layout | variant | S | step s | tok/s/process |",
                  "| TP=2+SP | mha | 128 | OOM |", "| TP=2+SP | mha | 256 | OOM |", "| TSP D=2 | mha | 128 | timeout |",
                  "**CPU run** (gloo)"):
         assert line in md, line
