@@ -35,7 +35,7 @@ def saved_bytes(layout: str, layers: int) -> int:
         model = build_gpt(shape, layout="tsp", dtype=torch.bfloat16,
                           pg_collection=tsp_state.initialize_model_parallel(tsp_size=1))
     else:
-        model = build_gpt(shape, layout="native", dtype=torch.bfloat16, core_attention="sdpa",
+        model = build_gpt(shape, layout="tp_sp", dtype=torch.bfloat16, core_attention="sdpa",
                           pg_collection=tsp_state.initialize_native_model_parallel(tensor_model_parallel_size=1))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -64,9 +64,9 @@ def main():
 
     kind = "lean" if hasattr(tsp_norm, "LeanRMSNorm") else "torch"
     want = {"tsp": sum(tsp_saved_per_token(m, save_activations=False, norm=kind).values()) * S,
-            "native": sum(v for v, _ in native_saved(m, lay, norm=kind).values()) * S}
+            "tp_sp": sum(v for v, _ in native_saved(m, lay, norm=kind).values()) * S}
     ok = True
-    for layout in ("tsp", "native"):
+    for layout in ("tsp", "tp_sp"):
         got = saved_bytes(layout, 2) - saved_bytes(layout, 1)
         err = (got - want[layout]) / want[layout]
         ok &= abs(err) < 0.02

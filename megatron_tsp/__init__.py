@@ -16,7 +16,8 @@ _LAZY = {name: ".parallel_state" for name in (
 _LAZY.update({name: ".tsp.zigzag" for name in ("from_zigzag", "local_positions", "to_zigzag", "zigzag_permutation")})
 _LAZY.update({
     "TSPGPTModel": ".tsp.model", "get_tsp_block_spec": ".tsp.specs", "get_tsp_layer_spec": ".tsp.specs",
-    "get_sp_block_spec": ".tsp.specs", "get_sp_layer_spec": ".tsp.specs", "TSPSelfAttention": ".tsp.attention",
+    "get_sp_block_spec": ".baselines.specs", "get_sp_layer_spec": ".baselines.specs",
+    "TSPSelfAttention": ".tsp.attention",
     "TSPRingMLP": ".tsp.mlp", "TSPNorm": ".tsp.norm", "add_tsp_args": ".megatron_lm.arguments",
     "tsp_options_from_args": ".megatron_lm.arguments", "Recipe": ".training.recipe", "RecipeError": ".training.recipe",
     "load_recipe": ".training.recipe", "install_cpu_shims": ".training.cpu",

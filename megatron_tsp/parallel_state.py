@@ -56,7 +56,7 @@ def initialize_model_parallel(tsp_size: int = 1, pipeline_model_parallel_size: i
 
 def initialize_native_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                                      context_parallel_size: int = 1, **kwargs) -> ProcessGroupCollection:
-    """The baselines' groups (`build_gpt(layout='native')`: DP, TP, TP + SP, CP and TP x CP):
+    """The baselines' groups (`build_gpt(layout='dp' | 'tp' | 'tp_sp')`, with CP and TP x CP):
     `megatron.core.parallel_state.initialize_model_parallel` unchanged, its groups returned as one
     ProcessGroupCollection (`.tp` the TP group, `.cp` the context-parallel group)."""
     if not dist.is_initialized():

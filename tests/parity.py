@@ -21,7 +21,7 @@ from megatron_tsp import compat
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.mlp import TSPRingMLP
 from megatron_tsp.tsp.tiled_mlp import TiledMLP
-from megatron_tsp.tsp.specs import get_sp_layer_spec
+from megatron_tsp.baselines.specs import get_sp_layer_spec
 from megatron_tsp.tsp.zigzag import to_zigzag
 from tests.utils import (device, gather_full, init_tsp, load_full_into, mock_batch, rel_err, singleton_pgs,
                          sum_sequence_parallel_grads, tiny_config)

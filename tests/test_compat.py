@@ -18,7 +18,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_tsp import TSPConfigError, TSPOptions, compat
 from megatron_tsp.tsp.attention import TSPSelfAttention
 from megatron_tsp.tsp.mlp import TSPRingMLP
-from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_layer_spec
+from megatron_tsp.baselines.specs import get_sp_layer_spec
+from megatron_tsp.tsp.specs import get_tsp_layer_spec
 from tests.utils import init_tsp, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +167,7 @@ def test_import_prints_no_deprecation_or_version_notice():
         "pgs = init_tsp(1)\n"
         "build_gpt(ModelShape(seq_length=32), layout='tsp', pg_collection=pgs)\n"
         "print('@@native', file=sys.stderr, flush=True)\n"
-        "build_gpt(ModelShape(seq_length=32), layout='native', pg_collection=pgs)\n"
+        "build_gpt(ModelShape(seq_length=32), layout='tp_sp', pg_collection=pgs)\n"
     )
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RANK", None)

@@ -15,8 +15,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "megatron_tsp"
 
-# folder -> the folders it may import ("" = the package's base: config, compat, parallel_state, patches, output,
-# cli, __init__). Lower layers first; see docs/architecture.md.
+# folder -> the folders it may import ("" = the package's base: config, layouts, compat, parallel_state, patches,
+# output, cli, __init__). Lower layers first; see docs/architecture.md.
 ALLOWED = {
     "": {""},
     "tsp": {"", "tsp"},

@@ -37,7 +37,7 @@ from megatron.core.utils import divide
 
 from ..config import require_group
 from ..tsp.documents import WHAT as DOC_IDS, check_document_ids, full_mask, is_document_ids
-from ..tsp.specs import get_sp_layer_spec
+from .specs import get_sp_layer_spec
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
 

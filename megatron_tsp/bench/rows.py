@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ..config import ModelRecipe, ModelShape, _yaml_value
+from ..layouts import get_layout
 from ..planner.flops import causal_area, layer_matmul_params  # noqa: F401  (causal_area: the worker's probe)
 from ..planner.flops import model_flops as flops_of
 
@@ -27,42 +28,74 @@ K = 1024
 
 @dataclass(frozen=True)
 class RowLayout:
-    label: str
-    """How the table names it ({n} = number of GPUs)."""
-    overrides: tuple
-    """Recipe overrides ({n} = number of GPUs, {half} = n // 2)."""
+    """A benchmarked layout: a layout of the registry (`megatron_tsp.layouts`) at sizes given as
+    templates over the GPUs ({n} = number of GPUs, {half} = n // 2), plus recipe overrides of
+    its own. Its label and recipe overrides follow from them."""
+
+    layout: str
+    """parallel.layout (a name of megatron_tsp.layouts.LAYOUTS)."""
+    size: str = "{n}"
+    """parallel.size."""
+    context_size: str = "1"
+    """parallel.context_size."""
+    fsdp: bool = False
+    """parallel.fsdp."""
+    extra: tuple = ()
+    """Further recipe overrides, after the layout's."""
+    suffix: str = ""
+    """Appended to the label (what the row changes)."""
     note: str = ""
     probe: Optional[str] = None
     """Attention-kernel micro-measurement: 'tsp' (a TSP shard: two zigzag chunks against their
     causal prefixes), 'sdpa' (the full-sequence causal SDPA of the TP baselines) or None."""
 
+    @property
+    def record(self):
+        return get_layout(self.layout, "bench row layout")
+
+    @property
+    def overrides(self) -> tuple:
+        """Recipe overrides ({n} = number of GPUs, {half} = n // 2)."""
+        return ((f"parallel.layout={self.layout}", f"parallel.size={self.size}")
+                + ((f"parallel.context_size={self.context_size}",) if self.context_size != "1" else ())
+                + (("parallel.fsdp=true",) if self.fsdp else ()) + tuple(self.extra))
+
+    @property
+    def label(self) -> str:
+        """How the table names it ({n} = number of GPUs): the registry's bench label of its mesh."""
+        record = self.record
+        mesh = record.mesh(2 if self.context_size != "1" else 1, self.fsdp)
+        if mesh is None:
+            raise ValueError(f"bench row layout {self.layout} with context_size {self.context_size} and fsdp "
+                             f"{self.fsdp} has no label in megatron_tsp.layouts")
+        size = {"tsp_size": self.size if record.size_group == "tsp" else "1",
+                "tp": self.size if record.size_group == "tp" else "1"}
+        label = mesh.format(mesh.bench_label, cp=self.context_size, **size)
+        return f"{label}, {self.suffix}" if self.suffix else label
+
 
 def _tsp_variant(label: str, override: str) -> RowLayout:
-    return RowLayout(f"TSP D={{n}}, {label}", ("parallel.layout=tsp", "parallel.size={n}", override))
+    return RowLayout("tsp", extra=(override,), suffix=label)
 
 
 # Declared rows. CP, FSDP-over-CP, TSP compute-only and TSP recompute rows run once the
 # installed recipe accepts their keys; until then each is reported "unavailable: <reason>".
 LAYOUTS: Dict[str, RowLayout] = {
-    "tsp": RowLayout("TSP D={n}", ("parallel.layout=tsp", "parallel.size={n}"), probe="tsp"),
-    "tp": RowLayout("TP={n}", ("parallel.layout=tp", "parallel.size={n}"), probe="sdpa"),
-    "tp_sp": RowLayout("TP={n}+SP", ("parallel.layout=tp_sp", "parallel.size={n}"), probe="sdpa"),
-    "cp4": RowLayout("CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}"),
-                  "context parallelism, K/V all-gathered, weights replicated"),
-    "tp2_cp2": RowLayout("TP={half}+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size={half}", "parallel.context_size=2"),
-                      "TP x CP mesh (the paper's TP+SP)"),
+    "tsp": RowLayout("tsp", probe="tsp"),
+    "tp": RowLayout("tp", probe="sdpa"),
+    "tp_sp": RowLayout("tp_sp", probe="sdpa"),
+    "cp4": RowLayout("dp", "1", context_size="{n}", note="context parallelism, K/V all-gathered, weights replicated"),
+    "tp2_cp2": RowLayout("tp_sp", "{half}", context_size="2", note="TP x CP mesh (the paper's TP+SP)"),
     # The paper's single-node factorizations on 8 GPUs (issue 6): explicit TP x CP meshes.
-    "tp2_cp4": RowLayout("TP=2+SP x CP=4", ("parallel.layout=tp_sp", "parallel.size=2", "parallel.context_size=4"),
-                      "TP x CP mesh, 8 GPUs"),
-    "tp4_cp2": RowLayout("TP=4+SP x CP=2", ("parallel.layout=tp_sp", "parallel.size=4", "parallel.context_size=2"),
-                      "TP x CP mesh, 8 GPUs"),
-    "fsdp_cp4": RowLayout("FSDP/ZeRO-3 over CP={n}", ("parallel.layout=dp", "parallel.size=1", "parallel.context_size={n}",
-                                                   "parallel.fsdp=true", "train.distributed_optimizer=false"),
-                       "weights, gradients and optimizer state sharded over the context-parallel group (torch FSDP2; "
-                       "it shards the optimizer state itself, so Megatron's distributed optimizer is off)"),
-    "tsp_compute_only": RowLayout("TSP D={n}, comm skipped", ("parallel.layout=tsp", "parallel.size={n}",
-                                                           "parallel.tsp_compute_only=true"),
-                               "TSP's shapes and kernels with the communication skipped (numerically meaningless)"),
+    "tp2_cp4": RowLayout("tp_sp", "2", context_size="4", note="TP x CP mesh, 8 GPUs"),
+    "tp4_cp2": RowLayout("tp_sp", "4", context_size="2", note="TP x CP mesh, 8 GPUs"),
+    "fsdp_cp4": RowLayout("dp", "1", context_size="{n}", fsdp=True, extra=("train.distributed_optimizer=false",),
+                          note="weights, gradients and optimizer state sharded over the context-parallel group "
+                               "(torch FSDP2; it shards the optimizer state itself, so Megatron's distributed "
+                               "optimizer is off)"),
+    "tsp_compute_only": RowLayout("tsp", extra=("parallel.tsp_compute_only=true",), suffix="comm skipped",
+                                  note="TSP's shapes and kernels with the communication skipped (numerically "
+                                       "meaningless)"),
     # TSP with one setting changed: the A/B rows of docs/performance.md
     **{name: _tsp_variant(label, override) for name, label, override in (
         ("tsp_mlp_broadcast", "MLP by broadcast", "parallel.tsp_mlp_exchange=broadcast"),

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .. import compat
 from ..config import TSPConfigError
-from ..tsp.specs import get_sp_block_spec
+from ..layouts import LAYOUTS
 from . import cache as kv_cache
 from .prefill import _model_parts, check_prompts, tsp_prefill
 
@@ -85,13 +85,16 @@ def decode_model(model):
         return cached.eval()
     from megatron.core.models.gpt import GPTModel
 
+    from ..training.build import resolve
+
     _model_parts(model)
     config = copy.copy(model.config)
     config.sequence_parallel = False
     config.perform_initialization = False
+    block_spec = resolve(LAYOUTS["tp"].block_spec)  # decode runs layout tp: TP = D, the tokens whole
     with compat.quiet_gpt_model_deprecation():
         native = GPTModel(
-            config, get_sp_block_spec(config, pp_rank=model.pg_collection.pp.rank()), vocab_size=model.vocab_size,
+            config, block_spec(config, pp_rank=model.pg_collection.pp.rank()), vocab_size=model.vocab_size,
             max_sequence_length=model.max_sequence_length, pre_process=True, post_process=True,
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type, pg_collection=model.pg_collection,

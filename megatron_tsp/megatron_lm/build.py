@@ -60,7 +60,7 @@ def build_gpt_model(args, config, kwargs: dict):
 
     from ..tsp.model import TSPGPTModel
     from ..baselines.sdpa_attention import SDPACoreAttention
-    from ..tsp.specs import get_sp_block_spec
+    from ..baselines.specs import get_sp_block_spec
 
     if tsp:
         print_rank_0(f"building TSP GPT model (--tsp-size {args.tsp_size}) ...")

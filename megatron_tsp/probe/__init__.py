@@ -334,7 +334,7 @@ def measure_inference(recipe, world: int, rank: int = 0, prompt_tokens: Optional
     from .meter import meter_for
 
     p = recipe.parallel
-    if p.layout != "tsp" or p.pipeline_size != 1 or p.context_size != 1:
+    if not recipe.layout().uses_tsp or p.pipeline_size != 1 or p.context_size != 1:
         raise ProbeError("--inference measures TSP prefill + TP decode: parallel.layout = tsp, one pipeline stage, "
                          f"no context parallelism (got {p.layout}, pipeline {p.pipeline_size}, context {p.context_size})")
     if world != p.size:

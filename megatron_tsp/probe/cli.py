@@ -248,12 +248,12 @@ def run_frontier(args) -> dict:
     from ..training.recipe import load_recipe
     from . import measure, predict
     from .frontier import (DEFAULT_LAYOUTS, OPTIMIZER_ON_HOST, ProbeLog, Search, extrapolated_time, granularity,
-                           layout_overrides, summary_line)
+                           host_optimizer, layout_overrides, summary_line)
 
     names = (args.layouts or DEFAULT_LAYOUTS).split(",")
     layouts = {name: layout_overrides(name, args.world) for name in names}
     for name, lay in layouts.items():  # every layout's flags and keys checked before the first probe
-        host_adam = OPTIMIZER_ON_HOST if args.optimizer_cpu_offload and not name.startswith("fsdp") else []
+        host_adam = OPTIMIZER_ON_HOST if args.optimizer_cpu_offload and host_optimizer(name) else []
         recipe = load_recipe(args.recipe, list(args.overrides) + lay + host_adam)
         check_request(args, recipe)
         recipe.check(args.world)

@@ -37,13 +37,25 @@ LEAN_TSP = ["parallel.tsp_recompute=full", "parallel.tsp_lm_head=local"]
 DEFAULT_LAYOUTS = "tsp,tp_sp,cp4,tp2_cp2,fsdp_cp4"
 
 
-def layout_overrides(name: str, world: int) -> List[str]:
-    """A bench layout name (megatron_tsp.bench.rows.LAYOUTS) as recipe overrides on `world` GPUs."""
+def bench_layout(name: str):
+    """The bench layout `name` (megatron_tsp.bench.rows.LAYOUTS: its registry layout, sizes and
+    overrides); ProbeError naming the known ones."""
     from ..bench.rows import LAYOUTS
 
     if name not in LAYOUTS:
         raise ProbeError(f"--layouts: unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
-    return [o.format(n=world, half=world // 2) for o in LAYOUTS[name].overrides]
+    return LAYOUTS[name]
+
+
+def layout_overrides(name: str, world: int) -> List[str]:
+    """A bench layout name (megatron_tsp.bench.rows.LAYOUTS) as recipe overrides on `world` GPUs."""
+    return [o.format(n=world, half=world // 2) for o in bench_layout(name).overrides]
+
+
+def host_optimizer(name: str) -> bool:
+    """Whether the optimizer state can go to the host in bench layout `name` (not under FSDP,
+    which steps its own sharded state on the GPU)."""
+    return not bench_layout(name).fsdp
 
 
 def granularity(start: int, world: int) -> int:
@@ -60,7 +72,7 @@ OPTIMIZER_ON_HOST = ["train.distributed_optimizer=true", "train.optimizer_cpu_of
 
 def is_context_parallel(name: str) -> bool:
     """A CP layout of bench.rows (cp4, tp2_cp2, tp2_cp4, tp4_cp2, fsdp_cp4)."""
-    return any(part.startswith("cp") and part[2:].isdigit() for part in name.split("_"))
+    return bench_layout(name).context_size != "1"
 
 
 def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0,
@@ -72,13 +84,13 @@ def lean(name: str, offload: bool, every: int = 1, mlp_chunk_tokens: int = 0,
     streamed K/V attention when `attention_kv` is streamed; the CP layouts' ring attention when
     `cp_comm_type` is p2p; the optimizer state on the host when `optimizer_offload` (not for FSDP
     layouts)."""
-    tsp = name.startswith("tsp")
+    tsp = bench_layout(name).record.uses_tsp
     base = LEAN[:2] + [f"parallel.recompute_num_layers={every}"]
     tiled = [f"parallel.mlp_chunk_tokens={mlp_chunk_tokens}"] if mlp_chunk_tokens else []
     streamed = ["parallel.tsp_attention_kv=streamed"] if tsp and attention_kv == "streamed" else []
     if cp_comm_type == "p2p" and is_context_parallel(name):
         streamed.append("parallel.cp_comm_type=p2p")
-    host_adam = OPTIMIZER_ON_HOST if optimizer_offload and not name.startswith("fsdp") else []
+    host_adam = OPTIMIZER_ON_HOST if optimizer_offload and host_optimizer(name) else []
     return (base + (["parallel.offload_activations=true"] if offload else []) + (LEAN_TSP if tsp else []) + tiled
             + streamed + host_adam)
 
@@ -94,7 +106,7 @@ class Search:
                  attention_kv: str = "gathered", optimizer_offload: bool = False, cp_comm_type: str = "all_gather"):
         self.name, self.world, self.host, self.layers = name, world, host_per_rank_gib, layers
         self.chunk, self.kv, self.cp_comm_type = mlp_chunk_tokens, attention_kv, cp_comm_type
-        self.optimizer_offload = optimizer_offload and not name.startswith("fsdp")
+        self.optimizer_offload = optimizer_offload and host_optimizer(name)
         self.probe, self.offload_gib = probe, offload_gib
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.tried: Dict[int, dict] = {}
@@ -208,5 +220,5 @@ def summary_line(row: dict) -> str:
             + f"; {', '.join(o.split('.', 1)[1] for o in a['options'])}")
 
 
-__all__ = ["Search", "ProbeLog", "extrapolated_time", "layout_overrides", "granularity", "lean", "GIB",
-           "DEFAULT_LAYOUTS", "OPTIMIZER_ON_HOST", "summary_line"]
+__all__ = ["Search", "ProbeLog", "extrapolated_time", "layout_overrides", "bench_layout", "host_optimizer",
+           "granularity", "lean", "GIB", "DEFAULT_LAYOUTS", "OPTIMIZER_ON_HOST", "summary_line"]

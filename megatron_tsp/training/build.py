@@ -1,11 +1,12 @@
 """Model, DDP and optimizer set-up from megatron-core's own parts (the one training step and data
-path are the driver's: training/loop.py). Layouts:
-`tsp` (TSPGPTModel on the TSP group) and `native` (Megatron's GPTModel with the local spec
-and sequence-parallel-capable norms: DP, TP or TP+SP).
+path are the driver's: training/loop.py). Layouts are those of `megatron_tsp.layouts`: `tsp`
+(TSPGPTModel on the TSP group) and the baselines `dp`, `tp`, `tp_sp` (Megatron's GPTModel with
+the local spec and sequence-parallel-capable norms), each built by its record's builder.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Optional
@@ -14,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import random as mrandom
@@ -24,8 +24,7 @@ from ..baselines.context_parallel import check_context_parallel
 from ..compat import transformer_config_defaults
 from ..config import ModelShape, TSPConfigError, TSPOptions, check_seq_length, validate_transformer_config  # noqa: F401 (ModelShape: its old home)
 from ..config import require_group
-from ..tsp.model import TSPGPTModel
-from ..tsp.specs import get_sp_block_spec
+from ..layouts import get_layout
 
 
 def init_distributed(timeout_s: Optional[float] = None) -> str:
@@ -96,6 +95,12 @@ def _group_rank(group) -> int:
     return group.rank() if group is not None else 0
 
 
+def resolve(ref: str):
+    """The object a layout record names as `module:attribute` (`megatron_tsp.layouts`)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed: int = 1234,
               sequence_parallel: Optional[bool] = None, core_attention: str = "local",
               tsp_options: Optional[TSPOptions] = None, offload_activations: bool = False, *,
@@ -103,19 +108,21 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
     """A GPT model on the process groups `pg_collection` (required: the collection
     `megatron_tsp.initialize_model_parallel` or `initialize_native_model_parallel` returned);
     every module of the model gets its group from it (`.tp` is the TSP / TP group, `.pp` the
-    pipeline, `.cp` the context, `.ep` / `.expt_tp` the experts').
+    pipeline, `.cp` the context, `.ep` / `.expt_tp` the experts'). `layout`: a name of
+    `megatron_tsp.layouts.LAYOUTS` (the recipe's parallel.layout), whose record's builder builds it.
 
     - `layout='tsp'`: TSPGPTModel, the TSP axis in the TP slot (`megatron_tsp.
       initialize_model_parallel(tsp_size=D)`), run as `tsp_options` say (recompute, attention
       kernel, compute-only). Takes full sequences.
     - Every layout: `tsp_options.mlp_chunk_tokens` > 0 runs the dense MLP on token chunks (TSP's
       exchanges tiled, or Megatron's MLP as `tsp.tiled_mlp.TiledMLP`); the other TSPOptions are
-      TSP's own and the native layout ignores them.
-    - `layout='native'`: Megatron's GPTModel with the local spec: DP, TP, or TP + sequence
-      parallelism (when the TP group has more than one rank, unless `sequence_parallel=False`).
-      Core attention: Megatron's DotProductAttention (`core_attention='local'`) or torch SDPA
-      (`'sdpa'`, the kernels TSP uses: for long contexts).
-    - Context parallelism: `layout='native'` on groups built with `context_parallel_size=CP`
+      TSP's own and the baselines ignore them.
+    - `layout='dp'`, `'tp'`, `'tp_sp'`: Megatron's GPTModel with the local spec
+      (`baselines.model.build_native_gpt`) on a TP group of one rank (dp) or more: TP, or TP +
+      sequence parallelism (tp_sp, when the TP group has more than one rank; `sequence_parallel`
+      given overrides the layout's). Core attention: Megatron's DotProductAttention
+      (`core_attention='local'`) or torch SDPA (`'sdpa'`, the kernels TSP uses: for long contexts).
+    - Context parallelism: a baseline layout on groups built with `context_parallel_size=CP`
       (`megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=T,
       context_parallel_size=CP)`; CP=4 alone, or TP2 x CP2). The core attention is then
       `baselines.context_parallel.ContextParallelAttention` (K/V all-gathered over the CP group,
@@ -131,15 +138,21 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
         raise TSPConfigError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                              f"checkpointed layers' inputs); got recompute_granularity = "
                              f"{config_kw.get('recompute_granularity')!r}")
+    record = get_layout(layout, "build_gpt: layout")
     pgs = require_group(pg_collection, "build_gpt", "pg_collection")
     D, cp = pgs.tp.size(), pgs.cp.size()
-    sp = D > 1 if sequence_parallel is None or layout == "tsp" else sequence_parallel
-    if layout not in ("tsp", "native"):
-        raise TSPConfigError(f"build_gpt: layout = {layout!r} is not one of tsp, native")
+    if record.size_group is None and D > 1:
+        raise TSPConfigError(f"build_gpt: layout = {layout!r} ({record.title}) runs on a TP group of one rank; "
+                             f"pg_collection.tp has {D}")
+    if record.uses_tsp or sequence_parallel is None:
+        sp = record.sequence_parallel and D > 1
+    else:
+        sp = sequence_parallel
     if cp > 1:
-        if layout == "tsp":
-            raise TSPConfigError(f"context parallelism (parallel.context_size / context_parallel_size = {cp}) cannot be "
-                                 "combined with TSP (parallel.layout = tsp): TSP already splits the sequence")
+        if not record.context_parallel:
+            raise TSPConfigError(f"context parallelism (parallel.context_size / context_parallel_size = {cp}) "
+                                 f"cannot be combined with {record.title} (parallel.layout = {layout}): "
+                                 f"{record.why_no_context}")
         if core_attention not in ("sdpa", "cp"):
             raise TSPConfigError(f"context parallelism (parallel.context_size = {cp}) runs on torch SDPA: "
                                  f"parallel.baseline_attention / core_attention = {core_attention!r} must be sdpa")
@@ -156,35 +169,23 @@ def build_gpt(shape: ModelShape, layout: str = "tsp", dtype=torch.float32, seed:
 
         compat.bind_missing_te_general_gemm()  # megatron-core 0.16.1's router without Transformer Engine
         forget_router_metrics()  # a new model: its own layer count
-    if layout == "tsp":
+    if record.uses_tsp:
         validate_transformer_config(config, D, shape.seq_length)
     torch.manual_seed(seed)
     # Megatron's RNG streams keyed by this rank's place in the groups built on (not the globals).
     mrandom.model_parallel_cuda_manual_seed(seed, tp_rank=pgs.tp.rank(), ep_rank=_group_rank(getattr(pgs, "ep", None)),
                                             etp_rank=_group_rank(getattr(pgs, "expt_tp", None)))
-    cls = TSPGPTModel if layout == "tsp" else GPTModel
-    extra = {}
-    if layout == "tsp":
-        spec, extra = None, {"tsp_options": tsp_options}
-    else:
-        from ..baselines.context_parallel import ContextParallelAttention
-        from ..baselines.sdpa_attention import SDPACoreAttention
-
-        core = ContextParallelAttention if cp > 1 else SDPACoreAttention if core_attention in ("sdpa", "cp") else None
-        chunk = tsp_options.mlp_chunk_tokens if tsp_options is not None else 0
-        spec = get_sp_block_spec(config, pp_rank=pgs.pp.rank(), core_attention=core, mlp_chunk_tokens=chunk,
-                                 tp_group=pgs.tp)
-    model = cls(
+    model = resolve(record.builder)(
         config,
-        spec,
+        pg_collection=pgs,
+        tsp_options=tsp_options,
+        core_attention=core_attention,
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.seq_length,
         position_embedding_type=shape.position_embedding_type,
         share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
         pre_process=pgs.pp.rank() == 0,
         post_process=pgs.pp.rank() == pgs.pp.size() - 1,
-        pg_collection=pgs,
-        **extra,
     )
     if config.use_cpu_initialization:
         layout_invariant_init(model, seed, pgs.tp)

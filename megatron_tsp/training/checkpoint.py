@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..layouts import LAYOUTS
 from ..output import verbose_requested
 from .recipe import Recipe, RecipeError
 
@@ -135,7 +136,8 @@ def check_checkpoint_matches(recipe: Recipe, save_dir: str) -> dict:
 
 def _layout_text(parallel: dict, world_size: int) -> str:
     p = parallel
-    size = 1 if p.get("layout") == "dp" else p.get("size", 1)
+    record = LAYOUTS.get(p.get("layout"))  # a layout this version does not know: its size as written
+    size = record.group_sizes(p.get("size", 1)).axis if record else p.get("size", 1)
     model = size * p.get("pipeline_size", 1) * p.get("context_size", 1)
     cp = f" x context {p['context_size']}" if p.get("context_size", 1) > 1 else ""
     return (f"{p.get('layout')} {size} x pipeline {p.get('pipeline_size', 1)}{cp} x data "

@@ -45,7 +45,8 @@ def host_need_per_rank(recipe, local_params: int, dp_cp: int) -> Dict[str, float
         stage_layers = m.num_layers // p.pipeline_size
         inputs = checkpointed_inputs(stage_layers, p.recompute, p.recompute_method, p.recompute_num_layers)
         # the norm / residual region's tokens of this rank: split by TSP / TP+SP and by CP
-        shards = (recipe.axis_size if p.layout in ("tsp", "tp_sp") else 1) * p.context_size
+        g = recipe.group_sizes()
+        shards = (g.axis if recipe.layout().sequence_parallel else 1) * g.cp
         dtype_bytes = 2 if m.dtype == "bfloat16" else 4
         # 1F1B keeps up to pipeline_size micro-batches in flight on the first stage
         out["inputs"] = (inputs * t.micro_batch_size * m.seq_length / shards * m.hidden_size * dtype_bytes

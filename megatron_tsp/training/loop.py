@@ -165,13 +165,13 @@ def init_groups(recipe: Recipe):
         extra["nccl_communicator_config_path"] = f.name
     if p.expert_size > 1:
         extra["expert_model_parallel_size"] = p.expert_size
+    g = recipe.group_sizes()
     try:
-        if p.layout == "tsp":
-            return tsp_state.initialize_model_parallel(tsp_size=p.size, pipeline_model_parallel_size=p.pipeline_size,
-                                                       **extra)
-        return tsp_state.initialize_native_model_parallel(tensor_model_parallel_size=recipe.axis_size,
-                                                          pipeline_model_parallel_size=p.pipeline_size,
-                                                          context_parallel_size=p.context_size, **extra)
+        if recipe.layout().uses_tsp:  # the TSP axis in Megatron's TP slot
+            return tsp_state.initialize_model_parallel(tsp_size=g.tsp, pipeline_model_parallel_size=g.pp, **extra)
+        return tsp_state.initialize_native_model_parallel(tensor_model_parallel_size=g.tp,
+                                                          pipeline_model_parallel_size=g.pp,
+                                                          context_parallel_size=g.cp, **extra)
     finally:
         if "nccl_communicator_config_path" in extra:
             os.unlink(extra["nccl_communicator_config_path"])
@@ -196,8 +196,8 @@ def build(recipe: Recipe, pg_collection, host_processes: Optional[int] = None):
     if torch.cuda.is_available():  # process-wide: set (or reset to cuBLAS's default) per build
         torch._C._set_sm_carveout_experimental(p.gemm_sm_carveout or None)
     model = build_gpt(
-        m.shape(), layout="tsp" if p.layout == "tsp" else "native", dtype=dtype, seed=t.seed,
-        sequence_parallel=p.layout in ("tsp", "tp_sp"), core_attention=p.baseline_attention,
+        m.shape(), layout=p.layout, dtype=dtype, seed=t.seed,
+        sequence_parallel=recipe.layout().sequence_parallel, core_attention=p.baseline_attention,
         tsp_options=recipe.tsp_options(),
         init_method_std=m.init_method_std,
         offload_activations=p.offload_activations, **recipe.recompute_config(),

@@ -17,8 +17,9 @@ import yaml
 from ..config import (CP_COMM_TYPES, LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe,  # noqa: F401
                       ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions,
                       check_seq_length, read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
+from ..layouts import GroupSizes, ParallelLayout, get_layout, names
 
-LAYOUTS = ("tsp", "dp", "tp", "tp_sp")
+LAYOUTS = names()  # parallel.layout's values: megatron_tsp.layouts
 DTYPES = ("float32", "bfloat16")
 
 
@@ -41,20 +42,19 @@ class Recipe:
         """Every check of the recipe, torch-free except `devices` (whether this machine has GPUs, for
         the GPU-only options): the launcher runs it with devices=False before any worker starts."""
         m, p, t = self.model, self.parallel, self.train
-        if p.layout not in LAYOUTS:
-            raise RecipeError(f"parallel.layout = {p.layout!r} is not one of {', '.join(LAYOUTS)}")
+        lay = self.layout()
         if p.baseline_attention not in ("sdpa", "local"):
             raise RecipeError(f"parallel.baseline_attention = {p.baseline_attention!r} is not one of sdpa, local")
         try:
             self.tsp_options()
         except TSPConfigError as e:
             raise RecipeError(recipe_words(str(e))) from None
-        if p.tsp_lm_head == "local" and p.layout != "tsp":
-            raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = tsp (got {p.layout}): the "
-                              "baselines run Megatron's LM head (leave it null or set megatron)")
-        if p.tsp_attention_kv == "streamed" and p.layout != "tsp":
-            raise RecipeError(f"parallel.tsp_attention_kv = streamed needs parallel.layout = tsp (got {p.layout}): "
-                              "the baselines run Megatron's attention")
+        if p.tsp_lm_head == "local" and not lay.uses_tsp:
+            raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = {_tsp_layouts()} (got "
+                              f"{p.layout}): the baselines run Megatron's LM head (leave it null or set megatron)")
+        if p.tsp_attention_kv == "streamed" and not lay.uses_tsp:
+            raise RecipeError(f"parallel.tsp_attention_kv = streamed needs parallel.layout = {_tsp_layouts()} (got "
+                              f"{p.layout}): the baselines run Megatron's attention")
         if m.dtype not in DTYPES:
             raise RecipeError(f"model.dtype = {m.dtype!r} is not one of {', '.join(DTYPES)}")
         if m.normalization not in NORMALIZATIONS:
@@ -68,10 +68,11 @@ class Recipe:
             if getattr(p, key) < 1:
                 raise RecipeError(f"parallel.{key} = {getattr(p, key)} must be >= 1")
         cp = p.context_size
-        if p.layout == "tsp" and (cp > 1 or p.fsdp):
+        if not lay.context_parallel and (cp > 1 or p.fsdp):
             key = "parallel.context_size = %d" % cp if cp > 1 else "parallel.fsdp = true"
-            raise RecipeError(f"{key} cannot be combined with parallel.layout = tsp: TSP already splits the sequence "
-                              "and the weights over its group (context_size and fsdp are for the baselines dp, tp, tp_sp)")
+            raise RecipeError(f"{key} cannot be combined with parallel.layout = {p.layout}: {lay.why_no_context} "
+                              f"(context_size and fsdp are for the baselines "
+                              f"{', '.join(names(lambda r: r.context_parallel))})")
         if p.cp_comm_type not in CP_COMM_TYPES:
             raise RecipeError(f"parallel.cp_comm_type = {p.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}")
         if p.cp_comm_type == "p2p" and cp == 1:
@@ -103,7 +104,7 @@ class Recipe:
                             ("model.ffn_hidden_size", m.ffn_hidden_size)):
             if value % size:
                 raise RecipeError(f"{what} = {value} must be divisible by parallel.size = {size} ({p.layout})")
-        if p.layout == "tsp":
+        if lay.uses_tsp:
             try:
                 check_seq_length(m.seq_length, size, what="model.seq_length")
             except TSPConfigError as e:
@@ -112,11 +113,12 @@ class Recipe:
             from ..config import check_context_parallel
 
             try:
-                check_context_parallel(m.seq_length, cp, size, sequence_parallel=p.layout == "tp_sp")
+                check_context_parallel(m.seq_length, cp, size, sequence_parallel=lay.sequence_parallel)
             except TSPConfigError as e:
                 raise RecipeError(str(e)) from None
-        elif p.layout == "tp_sp" and m.seq_length % size:
-            raise RecipeError(f"model.seq_length = {m.seq_length} must be divisible by parallel.size = {size} (tp_sp)")
+        elif lay.sequence_parallel and m.seq_length % size:  # TSP's zigzag already asked for 2 x size
+            raise RecipeError(f"model.seq_length = {m.seq_length} must be divisible by parallel.size = {size} "
+                              f"({p.layout})")
         if m.num_layers % p.pipeline_size:
             raise RecipeError(f"model.num_layers = {m.num_layers} must be divisible by parallel.pipeline_size = {p.pipeline_size}")
         self._check_recompute()
@@ -133,7 +135,7 @@ class Recipe:
         if t.resume_if_present and not t.save_dir:
             raise RecipeError("train.resume_if_present = true needs train.save_dir")
         if world_size is not None:
-            model = size * p.pipeline_size * cp
+            model = self.group_sizes().replica
             if world_size % model:
                 with_cp = f" x parallel.context_size ({cp})" if cp > 1 else ""
                 raise RecipeError(
@@ -172,7 +174,7 @@ class Recipe:
             if stage % ep:
                 raise RecipeError(f"parallel.expert_size = {ep} must divide the {stage} ranks of a pipeline stage "
                                   f"(world {world_size} / parallel.pipeline_size {p.pipeline_size})")
-        if p.layout != "tsp":
+        if not self.layout().uses_tsp:
             return
         from ..config import check_moe_config
 
@@ -216,6 +218,7 @@ class Recipe:
     def _check_documents(self) -> None:
         """The packed-sequence keys (data.reset_attention_mask, reset_position_ids, eod_*)."""
         d, m, p = self.data, self.model, self.parallel
+        tsp = self.layout().uses_tsp
         eod = m.vocab_size - 1 if d.eod_id is None else d.eod_id
         if not 0 <= eod < m.vocab_size:
             raise RecipeError(f"data.eod_id = {d.eod_id} is outside the vocabulary "
@@ -228,19 +231,19 @@ class Recipe:
         if d.mock_document_length and d.eod_id is not None and d.eod_id != m.vocab_size - 1:
             raise RecipeError(f"data.mock_document_length ends mock documents with model.vocab_size - 1 = "
                               f"{m.vocab_size - 1}: data.eod_id = {d.eod_id} would find no boundaries")
-        if d.reset_attention_mask and p.layout != "tsp" and p.baseline_attention != "sdpa":
+        if d.reset_attention_mask and not tsp and p.baseline_attention != "sdpa":
             raise RecipeError(f"data.reset_attention_mask = true on parallel.layout = {p.layout} needs "
                               f"parallel.baseline_attention = sdpa (Megatron's local attention, "
                               f"{p.baseline_attention!r}, ignores the mask under a causal mask type)")
-        if d.reset_attention_mask and p.layout == "tsp" and p.tsp_attention_backend in ("cudnn", "flash"):
+        if d.reset_attention_mask and tsp and p.tsp_attention_backend in ("cudnn", "flash"):
             raise RecipeError(f"data.reset_attention_mask = true cannot run on parallel.tsp_attention_backend = "
                               f"{p.tsp_attention_backend} (no document mask in that kernel): use auto or math")
-        if (d.reset_position_ids and not d.reset_attention_mask and p.layout != "tsp"
+        if (d.reset_position_ids and not d.reset_attention_mask and not tsp
                 and m.position_embedding_type == "rope"):
             raise RecipeError(f"data.reset_position_ids = true with RoPE on parallel.layout = {p.layout}: Megatron's "
                               "GPTModel does not read position ids for RoPE; set data.reset_attention_mask = true "
                               "too (RoPE is relative, so within a document restarting it changes nothing) or use "
-                              "parallel.layout = tsp")
+                              f"parallel.layout = {_tsp_layouts()}")
 
     def _check_recompute(self) -> None:
         m, p = self.model, self.parallel
@@ -249,7 +252,7 @@ class Recipe:
         if p.recompute_method not in RECOMPUTE_METHODS:
             raise RecipeError(f"parallel.recompute_method = {p.recompute_method!r} is not one of "
                               f"{', '.join(RECOMPUTE_METHODS)}")
-        if p.recompute == "selective" and p.layout == "tsp":
+        if p.recompute == "selective" and self.layout().uses_tsp:
             raise RecipeError("parallel.recompute = selective (Megatron's core-attention recompute) is for the "
                               "baselines: TSP attention never keeps S x S scores; use parallel.recompute = full "
                               "and/or parallel.tsp_recompute = full")
@@ -287,9 +290,23 @@ class Recipe:
     def tsp_options(self) -> TSPOptions:
         return tsp_options_from(lambda key: getattr(self.parallel, key))  # tsp_lm_head null: local
 
+    def layout(self) -> ParallelLayout:
+        """The record of parallel.layout (`megatron_tsp.layouts`); RecipeError naming the valid ones."""
+        return get_layout(self.parallel.layout, error=RecipeError)
+
+    def group_sizes(self) -> GroupSizes:
+        """The TSP / TP, context and pipeline group sizes of this recipe (data parallelism: the rest)."""
+        p = self.parallel
+        return self.layout().group_sizes(p.size, p.context_size, p.pipeline_size)
+
     @property
     def axis_size(self) -> int:
-        return 1 if self.parallel.layout == "dp" else self.parallel.size
+        """The ranks of Megatron's TP slot: the TSP or TP group (1 for dp)."""
+        return self.group_sizes().axis
+
+
+def _tsp_layouts() -> str:
+    return ", ".join(names(lambda r: r.uses_tsp))
 
 
 class _MoEView:

@@ -98,6 +98,15 @@ class TSPGPTModel(GPTModel):
         return from_zigzag(output, D, dim=1)  # loss [b, S] or logits [b, S, V/D]
 
 
+def build_tsp_gpt(config, *, pg_collection, tsp_options: Optional[TSPOptions] = None, core_attention: str = "local",
+                  **gpt_kwargs) -> TSPGPTModel:
+    """TSPGPTModel on `pg_collection` (`.tp` the TSP group), its decoder `get_tsp_block_spec` as
+    `tsp_options` say: the registry's builder of layout tsp (`megatron_tsp.layouts`;
+    `training.build.build_gpt` calls it). `core_attention` is the baselines' choice (TSP runs its
+    own kernels). `gpt_kwargs`: GPTModel's other keyword arguments."""
+    return TSPGPTModel(config, None, tsp_options=tsp_options, pg_collection=pg_collection, **gpt_kwargs)
+
+
 def _counts_up(positions: torch.Tensor) -> bool:
     return bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
 

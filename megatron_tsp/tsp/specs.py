@@ -1,6 +1,7 @@
 """Layer and block specs: Megatron's local GPT spec with TSP's attention, ring MLP and
 sequence-parallel-capable norms swapped in. Everything else (linear layers as shard holders,
-bias-dropout-add, checkpoint key map) stays Megatron's, so TSP checkpoints are native-TP ones."""
+bias-dropout-add, checkpoint key map) stays Megatron's, so TSP checkpoints are native-TP ones.
+The baselines' spec (Megatron's layer with these norms) is `baselines/specs.py`'s."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from .. import compat, patches
 from .attention import TSPSelfAttention
 from ..config import TSPOptions, require_group
 from .mlp import TSPRingMLP
-from .tiled_mlp import TiledMLP
 from .norm import TSPNorm
 
 
-def _local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
+def local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
+    """Megatron's local GPT layer spec with TSPNorm (sequence-parallel-capable) norms: the base
+    of TSP's layer and of the baselines' (`baselines/specs.py`)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization,
                                                   moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False))))
     spec.submodules.input_layernorm = TSPNorm
@@ -35,7 +37,7 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     require_group(tsp_group, "get_tsp_layer_spec", "tsp_group")
     patches.install(patches.UNKNOWN_MLP_NOTICE)  # TransformerLayer logs "Unknown MLP type" for ours (0.16.1)
     options = tsp_options or TSPOptions()
-    spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
+    spec = local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
     attention = spec.submodules.self_attention
     spec.submodules.self_attention = ModuleSpec(
         module=TSPSelfAttention, params={**attention.params, "tsp_options": options}, submodules=attention.submodules
@@ -54,27 +56,9 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
     return spec
 
 
-def get_sp_layer_spec(config, core_attention=None, moe: bool = False, mlp_chunk_tokens: int = 0,
-                      tp_group=None) -> ModuleSpec:
-    """Megatron's native local layer (TP, TP + sequence parallelism) with norms that accept
-    sequence parallelism: the baseline and the reference of the parity tests. `core_attention`
-    replaces Megatron's DotProductAttention (e.g. SDPACoreAttention for long contexts).
-    `moe=True`: Megatron's own local MoE MLP (MoELayer, SequentialMLP, SharedExpertMLP).
-    `mlp_chunk_tokens` > 0: the dense MLP runs on token chunks (`tiled_mlp.TiledMLP`, Megatron's
-    MLP otherwise; parallel.mlp_chunk_tokens) on `tp_group` (required then: the layer's TP group)."""
-    spec = _local_spec_with_sp_norms(config, config.num_moe_experts if moe else None)
-    if core_attention is not None:
-        spec.submodules.self_attention.submodules.core_attention = core_attention
-    if mlp_chunk_tokens and not moe:
-        require_group(tp_group, "get_sp_layer_spec(mlp_chunk_tokens > 0)", "tp_group")
-        mlp = spec.submodules.mlp
-        spec.submodules.mlp = compat.mlp_spec(mlp, TiledMLP, compat.mlp_submodules(mlp), tp_group=tp_group,
-                                              mlp_chunk_tokens=mlp_chunk_tokens)
-    return spec
-
-
-def _block(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
-    """`layer_spec(moe)` gives a layer's spec; MoE layers where `moe_layer_freq` puts them.
+def block_submodules(config, layer_spec, vp_stage: Optional[int], pp_rank: Optional[int]) -> TransformerBlockSubmodules:
+    """A decoder block (final norm TSPNorm) of this pipeline stage's layers: `layer_spec(moe)`
+    gives a layer's spec; MoE layers where `moe_layer_freq` puts them.
     `pp_rank` is required: Megatron reads its global pipeline rank when it is None."""
     if pp_rank is None:
         from ..config import TSPConfigError
@@ -97,10 +81,5 @@ def get_tsp_block_spec(config, vp_stage=None, pp_rank=None, tsp_group=None,
                        tsp_options: Optional[TSPOptions] = None) -> TransformerBlockSubmodules:
     """The decoder block of a TSP GPT model (the final norm sequence-parallel-capable too);
     with `config.num_moe_experts`, MoE layers as `config.moe_layer_freq` says."""
-    return _block(config, lambda moe: get_tsp_layer_spec(config, tsp_group, tsp_options, moe=moe), vp_stage, pp_rank)
-
-
-def get_sp_block_spec(config, vp_stage=None, pp_rank=None, core_attention=None, mlp_chunk_tokens: int = 0,
-                      tp_group=None) -> TransformerBlockSubmodules:
-    return _block(config, lambda moe: get_sp_layer_spec(config, core_attention, moe=moe, mlp_chunk_tokens=mlp_chunk_tokens,
-                                                        tp_group=tp_group), vp_stage, pp_rank)
+    return block_submodules(config, lambda moe: get_tsp_layer_spec(config, tsp_group, tsp_options, moe=moe), vp_stage,
+                            pp_rank)

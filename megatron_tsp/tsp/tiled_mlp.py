@@ -112,7 +112,7 @@ class TiledMLP(MLP):
     """Megatron's MLP (the local spec's, on `tp_group`), run on chunks of at most
     `mlp_chunk_tokens` local tokens (`tiled_megatron_mlp_forward`); 0: Megatron's forward as is.
     The baselines' layer spec puts it in place of MLP when parallel.mlp_chunk_tokens > 0
-    (`megatron_tsp.tsp.specs.get_sp_layer_spec`). Parameters, layout and checkpoints are MLP's."""
+    (`megatron_tsp.baselines.specs.get_sp_layer_spec`). Parameters, layout and checkpoints are MLP's."""
 
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
                  mlp_chunk_tokens: int = 0, name=None):

@@ -48,7 +48,7 @@ def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None):
     loss is the mean over all tokens of all CP ranks; gradients are summed over CP (what DDP
     does over the data x context group) and over TP for sequence-parallel norms."""
     pgs = init_groups(tp, cp)
-    model = build_gpt(shape, layout="native", seed=seed, core_attention="sdpa", sequence_parallel=sp, pg_collection=pgs)
+    model = build_gpt(shape, layout="tp_sp", seed=seed, core_attention="sdpa", sequence_parallel=sp, pg_collection=pgs)
     tokens, labels, pos = (cp_slice(t, mpu.get_context_parallel_group()) for t in mock_batch(0, 2, shape, seed=seed))
     loss = model(tokens, pos, None, labels=labels)  # [b, S/CP], this CP rank's tokens
     (loss.sum() / (loss.shape[0] * shape.seq_length)).backward()
@@ -126,7 +126,7 @@ def test_gathered_kv_not_saved_for_backward(world, monkeypatch):
     ones are gathered again in backward. The gradients are those of the saving variant."""
     skip_unless_fits(world, 1, 2)
     pgs = init_groups(1, 2)
-    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs).config
+    cfg = build_gpt(SHAPES["gqa"], layout="tp_sp", core_attention="sdpa", pg_collection=pgs).config
     core = ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs)
     gathered = []
     real_from_zigzag = context_parallel.from_zigzag
@@ -152,11 +152,11 @@ def test_bad_layouts_are_clear_errors(world):
     skip_unless_fits(world, 1, 2)
     pgs = init_groups(1, 2)
     with pytest.raises(TSPConfigError, match=r"model.seq_length = 34 must be divisible by 2 x parallel.context_size = 4"):
-        build_gpt(ModelShape(seq_length=34), layout="native", core_attention="sdpa", pg_collection=pgs)
+        build_gpt(ModelShape(seq_length=34), layout="tp_sp", core_attention="sdpa", pg_collection=pgs)
     with pytest.raises(TSPConfigError, match=r"cannot be combined with TSP"):
         build_gpt(ModelShape(seq_length=32), layout="tsp", pg_collection=pgs)
     with pytest.raises(TSPConfigError, match=r"core_attention = 'local' must be sdpa"):
-        build_gpt(ModelShape(seq_length=32), layout="native", core_attention="local", pg_collection=pgs)
+        build_gpt(ModelShape(seq_length=32), layout="tp_sp", core_attention="local", pg_collection=pgs)
 
 
 # --- training: DDP / distributed optimizer and FSDP over CP, five steps -------------------------
@@ -182,7 +182,7 @@ def test_five_steps_match_single_process(world, name):
     if world not in worlds:
         pytest.skip(f"{name} runs at world sizes {worlds}")
     ref = single_process_reference()
-    got = run_steps(init_groups(tp, cp), "native", distributed_optimizer=not fsdp, fsdp=fsdp, core_attention="sdpa",
+    got = run_steps(init_groups(tp, cp), "tp_sp", distributed_optimizer=not fsdp, fsdp=fsdp, core_attention="sdpa",
                     sequence_parallel=sp)
     if fsdp:
         assert mpu.get_data_parallel_group(with_context_parallel=True).size() == world // tp
@@ -233,7 +233,7 @@ def test_fsdp_shards_every_parameter_over_data_and_context(world):
 
     skip_unless_fits(world, 1, 2)
     pgs = init_groups(1, 2)
-    model = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs)
+    model = build_gpt(SHAPES["gqa"], layout="tp_sp", core_attention="sdpa", pg_collection=pgs)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     ddp, _ = wrap_ddp_and_optimizer(model, use_distributed_optimizer=False, fsdp=True, pg_collection=pgs)
     params = dict(ddp.module.named_parameters())
@@ -252,7 +252,7 @@ def test_fsdp_wraps_a_bfloat16_model_with_fp32_norm_weights(world):
     skip_unless_fits(world, 1, 2)
     pgs = init_groups(1, 2)
     shape = SHAPES["gqa"]
-    model = build_gpt(shape, layout="native", core_attention="sdpa", dtype=torch.bfloat16, pg_collection=pgs)
+    model = build_gpt(shape, layout="tp_sp", core_attention="sdpa", dtype=torch.bfloat16, pg_collection=pgs)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     for name, p in model.named_parameters():
         if "layernorm" in name:

@@ -39,7 +39,7 @@ def _loss_and_grads(shape, seed, tp=1, cp=1, sp=None, cp_comm_type=None, **kw):
     as DDP over data x context does, and over TP for sequence-parallel norms), float64."""
     pgs = _groups(tp, cp)
     kw = kw if cp_comm_type is None else {"cp_comm_type": cp_comm_type, **kw}
-    model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa",
+    model = build_gpt(shape, layout="tp_sp", dtype=torch.float64, seed=seed, core_attention="sdpa",
                       sequence_parallel=sp, pg_collection=pgs, **kw)
     if cp > 1:
         types = {layer.self_attention.core_attention.cp_comm_type for layer in model.decoder.layers}
@@ -129,7 +129,7 @@ class _FloatShapes(OpShapes):
 
 def _core(cp, cp_comm_type):
     pgs = _groups(1, cp)
-    cfg = build_gpt(SHAPES["gqa"], layout="native", core_attention="sdpa", pg_collection=pgs).config
+    cfg = build_gpt(SHAPES["gqa"], layout="tp_sp", core_attention="sdpa", pg_collection=pgs).config
     return ContextParallelAttention(cfg, 1, AttnMaskType.causal, "self", cp_comm_type=cp_comm_type, pg_collection=pgs)
 
 

@@ -14,7 +14,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_tsp.baselines.sdpa_attention import SDPACoreAttention, get_sdpa_layer_spec
-from megatron_tsp.tsp.specs import get_sp_layer_spec
+from megatron_tsp.baselines.specs import get_sp_layer_spec
 from tests.parity import fresh_seed
 from tests.utils import device, init_tsp, rel_err, singleton_pgs, skip_unless_divides, tiny_config
 

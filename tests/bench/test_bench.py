@@ -91,7 +91,7 @@ def test_flops_match_flop_counter_on_megatron_gpt():
                                 "model.seq_length=32", "model.ffn_hidden_size=96"])
     pgs = driver.init_groups(recipe)
     shape = recipe.model.shape()
-    model = build_gpt(shape, layout="native", core_attention="sdpa", pg_collection=pgs)
+    model = build_gpt(shape, layout="tp_sp", core_attention="sdpa", pg_collection=pgs)
     tokens = torch.randint(0, shape.vocab_size, (2, shape.seq_length))
     pos = torch.arange(shape.seq_length).expand(2, -1)
     with FlopCounterMode(display=False) as counter:
@@ -109,7 +109,8 @@ def test_bench_cpu(tmp_path, monkeypatch):
     S=256 then skipped), TP+SP whose S=128 row runs out of memory on rank 1 (OOM recorded, S=256
     recorded as OOM without running). The rows before the failures are measured, the benchmark
     finishes (two torchrun launches) and writes its reports."""
-    monkeypatch.setitem(bench_rows.LAYOUTS, "bogus", bench_rows.RowLayout("bogus", ("parallel.layout=tsp", "parallel.no_such_key=1")))
+    monkeypatch.setitem(bench_rows.LAYOUTS, "bogus", bench_rows.RowLayout("tsp", extra=("parallel.no_such_key=1",),
+                                                                          suffix="bogus"))
     monkeypatch.setenv(bench_rows.FAKE_HANG_ENV, "tsp:128:0")
     monkeypatch.setenv(bench_rows.FAKE_OOM_ENV, "tp_sp:128:1")
     out = tmp_path / "out"
@@ -149,7 +150,8 @@ def test_bench_cpu(tmp_path, monkeypatch):
     md = (out / "bench_t.md").read_text()
     for line in (f"| TSP D=2 | mha | 64 | {rows['tsp/mha/64']['median_step_s']:.3f} |",
                  f"| TP=2+SP | mha | 64 | {rows['tp_sp/mha/64']['median_step_s']:.3f} |",
-                 "| bogus | mha | 64, 128, 256 | unavailable", "| layout | variant | S | step s | tok/s/process |",
+                 "| TSP D=2, bogus | mha | 64, 128, 256 | unavailable",
+                 "| layout | variant | S | step s | tok/s/process |",
                  "| TP=2+SP | mha | 128 | OOM |", "| TP=2+SP | mha | 256 | OOM |", "| TSP D=2 | mha | 128 | timeout |",
                  "**CPU run** (gloo)"):
         assert line in md, line

@@ -48,7 +48,7 @@ def _reference(name, prompts=PROMPTS, new=NEW, sampling=Sampling(), stop=()):
     building the model under test."""
     key = (name, str(prompts), new, sampling, tuple(stop))
     if key not in _REFERENCE:
-        ref = _model(name, 1, "native")
+        ref = _model(name, 1, "tp_sp")
         sampler = Sampler(sampling, ref.vocab_size, torch.device("cpu"))
         seqs = [list(p) for p in prompts]
         out, reasons, done, step_logits = [[] for _ in prompts], ["length"] * len(prompts), [False] * len(prompts), []

@@ -68,7 +68,7 @@ def _reference():
     """Unsharded model (D = 1, EP = 1), whole sequence recomputed per step -> (tokens, per-step
     logits, expert load). Re-initializes the groups: call it before building the model under test."""
     if not _REFERENCE:
-        ref = _model(1, "native")
+        ref = _model(1, "tp_sp")
         seqs = [list(p) for p in PROMPTS]
         out, step_logits = [[] for _ in PROMPTS], []
         for _ in range(NEW):

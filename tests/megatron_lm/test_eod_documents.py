@@ -26,10 +26,10 @@ def _runner_model(kind, shape, seed, D):
     from megatron_tsp.baselines.sdpa_attention import SDPACoreAttention
     from megatron_tsp.megatron_lm.build import with_eod_documents
     from megatron_tsp.tsp.model import TSPGPTModel
-    from megatron_tsp.tsp.specs import get_sp_block_spec
+    from megatron_tsp.baselines.specs import get_sp_block_spec
 
     pgs = _init(kind, D)
-    ref = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, seed=seed,
+    ref = build_gpt(shape, layout="tsp" if kind == "tsp" else "tp_sp", dtype=torch.float64, seed=seed,
                     core_attention="sdpa", pg_collection=pgs)
     kw = dict(vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
               position_embedding_type=shape.position_embedding_type,

@@ -36,7 +36,7 @@ def test_tsp2_checkpoint_loads_into_native_tp1_and_tsp4(world, shared_tmp_path):
     expected = _full_params(saved)
     dist.barrier()
 
-    for layout, D in (("native", 1), ("tsp", 4)):
+    for layout, D in (("tp_sp", 1), ("tsp", 4)):
         model = build_gpt(SHAPE, layout=layout, seed=99, pg_collection=init_tsp(D))  # different init, then overwritten
         before = _full_params(model)
         _load(model, path)

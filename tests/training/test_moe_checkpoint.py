@@ -75,7 +75,7 @@ def test_tsp_ep_checkpoint_loads_into_native_tp_sp_ep(world, shared_tmp_path, mo
     pgs = megatron_tsp.initialize_native_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                                                         expert_tensor_parallel_size=1)
     m = recipe.model
-    native = build_gpt(m.shape(), layout="native", seed=recipe.train.seed + 1, sequence_parallel=True,
+    native = build_gpt(m.shape(), layout="tp_sp", seed=recipe.train.seed + 1, sequence_parallel=True,
                        pg_collection=pgs, moe_token_dispatcher_type="alltoall")
     assert native.config.sequence_parallel and native.config.expert_model_parallel_size == 2
     assert native.config.expert_tensor_parallel_size == 1 and type(native).__name__ == "GPTModel"

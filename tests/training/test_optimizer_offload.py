@@ -52,7 +52,7 @@ def train(layout, size, cp=1, offload=False, fraction=1.0):
     """STEPS steps of a bf16 model on the distributed optimizer, the state offloaded or not.
     Returns (losses, {name: fp32 main weight of this rank's shard}, model, optimizer)."""
     pgs = _groups(layout, size, cp)
-    model = build_gpt(SHAPE, layout="tsp" if layout == "tsp" else "native", dtype=torch.bfloat16, seed=SEED,
+    model = build_gpt(SHAPE, layout=layout, dtype=torch.bfloat16, seed=SEED,
                       sequence_parallel=layout in ("tsp", "tp_sp"), core_attention="sdpa", pg_collection=pgs)
     ddp, opt = wrap_ddp_and_optimizer(model, lr=3e-3, clip_grad=0.5, weight_decay=0.01, use_distributed_optimizer=True,
                                       optimizer_cpu_offload=offload, optimizer_offload_fraction=fraction,

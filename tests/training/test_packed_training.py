@@ -79,7 +79,7 @@ def packed(kind, size, shape, seed, layouts, masked=True, tsp_options=None):
     """The packed batch through `kind` (tsp, tp_sp, cp) at `size`: a fixed random linear function
     of the logits per token (float64: Megatron's cross entropy would cast to float32)."""
     pgs = _init(kind, size)
-    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, seed=seed,
+    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "tp_sp", dtype=torch.float64, seed=seed,
                       core_attention="sdpa", pg_collection=pgs,
                       **({} if tsp_options is None else {"tsp_options": tsp_options}))
     tokens, docs, pos, w = _batch(shape, seed, layouts)
@@ -94,7 +94,7 @@ def packed(kind, size, shape, seed, layouts, masked=True, tsp_options=None):
 
 def documents_alone(shape, seed, layouts):
     """Megatron's GPTModel (one rank) on each document alone, positions from 0."""
-    model = build_gpt(shape, layout="native", dtype=torch.float64, seed=seed, core_attention="sdpa",
+    model = build_gpt(shape, layout="tp_sp", dtype=torch.float64, seed=seed, core_attention="sdpa",
                       pg_collection=_init("tsp", 1))
     tokens, _, _, w = _batch(shape, seed, layouts)
     out = torch.zeros(len(layouts), S, dtype=torch.float64)
@@ -224,7 +224,7 @@ def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeyp
     if world % size:
         pytest.skip(f"needs a multiple of {size} ranks")
     shape = SHAPES["gqa-rope"]
-    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "native", dtype=torch.float64, core_attention="sdpa",
+    model = build_gpt(shape, layout="tsp" if kind == "tsp" else "tp_sp", dtype=torch.float64, core_attention="sdpa",
                       pg_collection=_init(kind, size), **({} if options is None else {"tsp_options": options}))
     tokens, docs, pos, _ = _batch(shape, 1, LAYOUTS)
     docs[0, 10] = 0  # a document id that goes back (3 -> 0)

@@ -63,7 +63,7 @@ def test_layer_recompute_matches_tsp_and_unsharded(world, heads, grid):
     """D = world size. (method, N) x offload x tsp_recompute against both references: every
     combination (`product`, slow), or each option at least once (`covering`)."""
     D, shape, seed = world, SHAPES[heads], fresh_seed()
-    unsharded = loss_and_grads("native", 1, shape, seed)
+    unsharded = loss_and_grads("tp_sp", 1, shape, seed)
     assert all(g.abs().sum() > 0 for g in unsharded[1].values())
     bad = {}
     for tsp_recompute in ("none", "full"):

@@ -17,8 +17,8 @@ GLOBAL_BATCH, STEPS, SEED = 4, 5, 4321
 
 def run_steps(pgs, layout, distributed_optimizer=True, overlap=False, bucket_size=None, fsdp=False,
               core_attention="local", sequence_parallel=None, **build_kw):
-    """On the groups `pgs` (the collection initialize_model_parallel returned): `layout` 'tsp' or
-    'native' (with context parallelism when the groups have a CP size > 1);
+    """On the groups `pgs` (the collection initialize_model_parallel returned): `layout` 'tsp' or a
+    baseline ('tp_sp': TP + SP, with context parallelism when the groups have a CP size > 1);
     `build_kw` go to build_gpt (e.g. recompute_granularity=..., offload_activations=...). The
     driver's data (MockGPTDataset, this DP / CP rank's share) and step (Megatron's schedule, the
     loss mask), one micro-batch per DP rank."""
@@ -55,4 +55,4 @@ if __name__ == "__main__":
     install_cpu_shims()  # no-op with CUDA
     groups = initialize_model_parallel(tsp_size=1)
     with open(sys.argv[1], "w") as f:
-        json.dump(run_steps(groups, "native", distributed_optimizer=False), f)
+        json.dump(run_steps(groups, "tp_sp", distributed_optimizer=False), f)

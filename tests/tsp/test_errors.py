@@ -7,7 +7,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_tsp import TSPConfigError
 from megatron_tsp.tsp.attention import TSPSelfAttention
-from megatron_tsp.tsp.specs import get_sp_layer_spec
+from megatron_tsp.baselines.specs import get_sp_layer_spec
 from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.utils import init_tsp, tiny_config
 

@@ -38,7 +38,7 @@ SHAPES = {
 def test_gpt_loss_and_every_gradient_match_unsharded(world, D, name):
     skip_unless_divides(world, D)
     shape, seed = SHAPES[name], fresh_seed()
-    ref_loss, ref_grads = _loss_and_grads("native", 1, shape, seed)
+    ref_loss, ref_grads = _loss_and_grads("tp_sp", 1, shape, seed)
     loss, grads = _loss_and_grads("tsp", D, shape, seed)
     assert loss.shape == ref_loss.shape == (2, shape.seq_length)
     assert rel_err(loss, ref_loss) <= TOL, f"loss differs (seed {seed})"

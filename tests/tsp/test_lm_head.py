@@ -90,7 +90,7 @@ def local(**kw):
 def test_local_head_matches_megatron_and_unsharded(world, D, name, megatron_ce_in_float64):
     skip_unless_divides(world, D)
     shape, seed = SHAPES[name], fresh_seed()
-    native = loss_and_grads("native", 1, shape, seed)
+    native = loss_and_grads("tp_sp", 1, shape, seed)
     assert native[0].dtype == torch.float64 and all(g.abs().sum() > 0 for g in native[1].values())
     megatron = loss_and_grads("tsp", D, shape, seed, TSPOptions(lm_head="megatron"))
     ours = loss_and_grads("tsp", D, shape, seed, local())

@@ -96,7 +96,7 @@ def aux_losses(monkeypatch):
 
 def _run(layout, D, moe, seed, aux_seen, broken=None):
     """Full parameters, per-token loss, aux losses summed over the TP group and full gradients
-    of `layout` ('tsp' or 'native') at TP / TSP = EP = D, expert TP 1. `broken`: the TSP
+    of `layout` ('tsp' or 'tp_sp') at TP / TSP = EP = D, expert TP 1. `broken`: the TSP
     parameters ('router' or 'gate') whose gradient is not summed over the TSP ranks."""
     if mpu.model_parallel_is_initialized():
         megatron_tsp.destroy_model_parallel()
@@ -151,7 +151,7 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
 
 
 def _errors(D, case, seed, aux_seen, broken=None):
-    native = _run("native", D, CASES[case], seed, aux_seen)
+    native = _run("tp_sp", D, CASES[case], seed, aux_seen)
     tsp = _run("tsp", D, CASES[case], seed, aux_seen, broken=broken)
     (n_params, n_loss, n_aux, n_grads), (t_params, t_loss, t_aux, t_grads) = native, tsp
     assert n_params.keys() == t_params.keys() == n_grads.keys() == t_grads.keys()

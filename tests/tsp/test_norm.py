@@ -256,7 +256,7 @@ def test_tsp_norm_refuses_zero_centered_gamma_without_te():
 
 
 @pytest.mark.skipif(norm._te_norm() is not None, reason="Transformer Engine installed: TSPNorm is TENorm")
-@pytest.mark.parametrize("layout", ["tsp", "native"])
+@pytest.mark.parametrize("layout", ["tsp", "tp_sp"])
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_float64_model_stays_float64(layout, normalization):
     """Every parameter of a float64 GPT (its norms included) is float64, and so are its logits

@@ -71,7 +71,7 @@ def _loss_and_grads(layout, D, shape, seed):
 def _errors(D, name):
     """Worst relative error over the loss and every gradient, the same on every rank."""
     shape, seed = SHAPES[name], fresh_seed()
-    ref_loss, ref_grads = _loss_and_grads("native", 1, shape, seed)
+    ref_loss, ref_grads = _loss_and_grads("tp_sp", 1, shape, seed)
     loss, grads = _loss_and_grads("tsp", D, shape, seed)
     assert grads.keys() == ref_grads.keys()
     assert all(g.abs().sum() > 0 for g in ref_grads.values())
@@ -128,7 +128,8 @@ def test_a_missing_group_is_an_error_naming_the_argument():
     """No module falls back to Megatron's global groups: without its group it refuses, by name."""
     from megatron_tsp.config import TSPConfigError
     from megatron_tsp.tsp.model import TSPGPTModel
-    from megatron_tsp.tsp.specs import get_sp_layer_spec, get_tsp_block_spec, get_tsp_layer_spec
+    from megatron_tsp.baselines.specs import get_sp_layer_spec
+    from megatron_tsp.tsp.specs import get_tsp_block_spec, get_tsp_layer_spec
     from megatron_tsp import compat
     from tests.utils import tiny_config
 

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 from megatron_tsp.config import TSPOptions
 from megatron_tsp.tsp import streamed_attention
 from megatron_tsp.tsp.attention import TSPSelfAttention
-from megatron_tsp.tsp.specs import get_sp_layer_spec
+from megatron_tsp.baselines.specs import get_sp_layer_spec
 from megatron_tsp.training.build import ModelShape, build_gpt
 from tests.parity import (block_parity, document_block_parity, fresh_seed, lengths_to_ids, model_loss_and_grads,
                           worst_error)
@@ -123,7 +123,7 @@ def test_streamed_model_matches_unsharded(world, D):
     skip_unless_divides(world, D)
     seed = fresh_seed()
     err = worst_error(_model("tsp", D, GQA, seed, attention_kv="streamed", recompute="full"),
-                      _model("native", 1, GQA, seed))
+                      _model("tp_sp", 1, GQA, seed))
     assert err <= TOL, f"D={D} (seed {seed}): relative error {err}"
 
 

@@ -107,7 +107,7 @@ SHAPES = {"mha": ModelShape(num_layers=2, hidden_size=32, num_attention_heads=4,
 
 def loss_and_grads(layout, D, shape, seed, chunk, **options):
     """The loss (a fixed random linear function of the logits, float64 throughout) and every full
-    parameter gradient of a float64 model on D ranks (layout 'native': TP + SP for D > 1)."""
+    parameter gradient of a float64 model on D ranks (layout 'tp_sp': TP + SP for D > 1)."""
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, pg_collection=init_tsp(D),
                       tsp_options=TSPOptions(mlp_chunk_tokens=chunk, **options))
     model.double()
@@ -122,10 +122,10 @@ def test_tiled_models_match_unsharded_and_untiled(world, D, heads):
     and their own untiled runs'."""
     skip_unless_divides(world, D)
     shape, seed = SHAPES[heads], fresh_seed()
-    unsharded = loss_and_grads("native", 1, shape, seed, 0)
+    unsharded = loss_and_grads("tp_sp", 1, shape, seed, 0)
     assert all(g.abs().sum() > 0 for g in unsharded[1].values())
     bad = {}
-    for layout, options in (("tsp", dict(mlp_exchange="ring")), ("tsp", dict(mlp_exchange="tokens")), ("native", {})):
+    for layout, options in (("tsp", dict(mlp_exchange="ring")), ("tsp", dict(mlp_exchange="tokens")), ("tp_sp", {})):
         untiled = loss_and_grads(layout, D, shape, seed, 0, **options)
         tiled = loss_and_grads(layout, D, shape, seed, 6, **options)
         for what, ref in (("unsharded", unsharded), ("untiled", untiled)):
@@ -147,7 +147,7 @@ def test_ddp_grad_ready_hooks_fire_once_per_parameter(world):
     if world < 2:
         pytest.skip("needs data parallelism")
     D = world // 2
-    for layout in ("tsp", "native"):
+    for layout in ("tsp", "tp_sp"):
         plain = run_steps(init_tsp(D), layout, distributed_optimizer=True, overlap=True, bucket_size=1)
         tiled = run_steps(init_tsp(D), layout, distributed_optimizer=True, overlap=True, bucket_size=1,
                           tsp_options=TSPOptions(mlp_chunk_tokens=5))
@@ -194,7 +194,7 @@ def _mlp_memory(kind, D, chunk, S, b=2, hidden=32, ffn=256):
     from megatron_tsp import compat
     from megatron_tsp.probe.meter import CpuMeter
     from megatron_tsp.tsp.mlp import TSPRingMLP
-    from megatron_tsp.tsp.specs import get_sp_layer_spec
+    from megatron_tsp.baselines.specs import get_sp_layer_spec
     from megatron_tsp.tsp.tiled_mlp import TiledMLP
     from tests.utils import tiny_config
 
