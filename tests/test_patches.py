@@ -183,6 +183,17 @@ SAMPLES = {
 @pytest.mark.parametrize("p", [p for p in patches.records() if isinstance(p, patches.LogFilter)],
                          ids=lambda p: p.what())
 def test_log_filter_drops_its_records_and_undo_restores(p):
+    was_installed = p.installed()  # by an earlier test of this process (a TSP spec installs its filter once)
+    if was_installed:
+        assert p.undo()
+    try:
+        _check_log_filter(p)
+    finally:
+        if was_installed:
+            p.install()
+
+
+def _check_log_filter(p):
     loggers = [logging.getLogger(name) for name, _ in p.records]
     before = [list(logger.filters) for logger in loggers]
 
