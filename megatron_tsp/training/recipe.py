@@ -99,6 +99,9 @@ class Recipe:
                     raise RecipeError(f"parallel.fsdp = true cannot be combined with {key}")
         self._check_optimizer_offload()
         size = self.axis_size
+        if lay.sequence_parallel and not lay.uses_tsp and size == 1:  # Megatron refuses SP without TP, later
+            raise RecipeError(f"parallel.layout = {p.layout} needs parallel.size >= 2: sequence parallelism shards "
+                              "over the tensor-parallel group (on one rank: parallel.layout = tp or dp)")
         for what, value in (("model.num_attention_heads", m.num_attention_heads),
                             ("model.num_query_groups", m.num_query_groups or m.num_attention_heads),
                             ("model.ffn_hidden_size", m.ffn_hidden_size)):

@@ -30,6 +30,7 @@ def test_every_recipe_loads(path):
     (["train.steps=2.5"], r"train.steps = 2.5 has the wrong type: expected int"),
     (["parallel.layout=cp"], r"parallel.layout = 'cp' is not one of tsp, dp, tp, tp_sp"),
     (["parallel.size=3"], r"model.num_attention_heads = 4 must be divisible by parallel.size = 3"),
+    (["parallel.layout=tp_sp", "parallel.size=1"], r"parallel.layout = tp_sp needs parallel.size >= 2: sequence"),
     (["model.seq_length=66"], r"model.seq_length = 66 must be divisible by 2 x parallel.size = 4"),
     (["steps=3"], r"override 'steps=3' must look like section.key=value"),
     (["train.resume=true"], r"train.resume = true needs train.save_dir"),
