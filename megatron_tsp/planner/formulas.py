@@ -423,17 +423,11 @@ def rope_table(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
     return FP32 * train.seq_length / lay.cp * m.head_dim
 
 
-def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
-    """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
-    the LM head's working set), the backward of a layer that saved its activations (the layers'
-    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
-    in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
-    still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
-    b, B, S, L = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.num_layers
-    w, C = lay.weight_shards, lay.cp
+def model_states(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Dict[str, float]:
+    """Bytes of the model states per GPU: parameters, gradients, the optimizer's state on the GPU
+    and on the host, the Adam step's transient; `stepped`: the parameters this GPU steps."""
+    b = m.dtype_bytes
     P = param_counts(m, lay, train.expert_size)["total"]
-    params = P * b
-    grads = P * (FP32 if train.grad_reduce_in_fp32 else b)
     adam = train.optimizer == "adam"
     master = FP32 if b < FP32 and adam else 0  # fp32 main params of a bf16 model
     stepped = stepped_params(m, train, lay, cluster)
@@ -442,26 +436,44 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     # and the fp32 gradient buffer: 6 bytes per parameter instead of 18) and adds a pinned fp32
     # copy of their gradients there
     on_host = train.host_optimizer_fraction
-    optimizer = stepped * (master + (2 * FP32 if adam else 0)) * (1 - on_host)
-    host_optimizer = stepped * on_host * HOST_OPTIMIZER_BYTES_PER_PARAM
-    # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps on the GPU
-    opt_step_transient = stepped * FP32 * (1 - on_host) if adam else 0.0
+    return {"params": P * b, "grads": P * (FP32 if train.grad_reduce_in_fp32 else b), "stepped": stepped,
+            "optimizer": stepped * (master + (2 * FP32 if adam else 0)) * (1 - on_host),
+            "host_optimizer": stepped * on_host * HOST_OPTIMIZER_BYTES_PER_PARAM,
+            # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps on the GPU
+            "optimizer_step_transient": stepped * FP32 * (1 - on_host) if adam else 0.0}
 
-    mode = in_layer_mode(lay, train)
+
+def layer_saved(m: ModelSpec, train: TrainSpec, lay: Layout, moe: bool = False) -> Dict[str, float]:
+    """Bytes one layer (an MoE layer with `moe`) saves for its backward on one GPU, by item:
+    TSP's per local token (tsp_saved_per_token), Megatron's per token of its region (native_saved:
+    the norm region's B S / (the token shards), the attention / MLP region's B S / C, widths / T)."""
+    mode, tiled = in_layer_mode(lay, train), bool(train.mlp_chunk_tokens)
+    B, S = train.micro_batch_size, train.seq_length
+    tokens_norm = B * S / lay.token_shards
+    if lay.kind == "tsp":
+        return {k: v * tokens_norm for k, v in tsp_saved_per_token(
+            m, save_activations=(mode == "save"), norm=train.norm, exchange=mlp_exchange(train, lay), moe=moe,
+            tiled=tiled).items()}
+    tokens_core = B * S / lay.cp
+    return {k: v * (tokens_norm if region == "norm" else tokens_core)
+            for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
+                                               moe=moe, tiled=tiled, ring=cp_ring(train, lay)).items()}
+
+
+def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
+    """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
+    the LM head's working set), the backward of a layer that saved its activations (the layers'
+    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
+    in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
+    still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
+    b, B, S, C = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp
+    states = model_states(m, train, lay, cluster)
+    params, grads, optimizer, stepped = states["params"], states["grads"], states["optimizer"], states["stepped"]
+    opt_step_transient = states["optimizer_step_transient"]
+
     rc = layer_recompute(m, train)
-    exchange = mlp_exchange(train, lay)
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
-    tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
-    tiled = bool(train.mlp_chunk_tokens)
-    def layer_items(moe: bool) -> Dict[str, float]:  # bytes one layer saves for its backward
-        if lay.kind == "tsp":
-            return {k: v * tokens_norm for k, v in tsp_saved_per_token(
-                m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe, tiled=tiled).items()}
-        return {k: v * (tokens_norm if region == "norm" else tokens_core)
-                for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
-                                                   moe=moe, tiled=tiled, ring=cp_ring(train, lay)).items()}
-
-    dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
+    dense_items, moe_items = layer_saved(m, train, lay), (layer_saved(m, train, lay, moe=True) if m.is_moe else {})
     # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
     moe_bigger = not m.dense_layers or sum(moe_items.values()) > sum(dense_items.values())
     big_items = moe_items if (m.is_moe and moe_bigger) else dense_items
@@ -497,46 +509,12 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     # Megatron's persistent all-gather buffer (sequence-parallel linears, its LM head, the
     # `tokens` MLP); TSP's own blocks and local head do not use it
     needs_buffer = lay.sequence_parallel and (lay.kind != "tsp" or not uses_local_head(train, lay)
-                                              or exchange == "tokens")
+                                              or mlp_exchange(train, lay) == "tokens")
     mpu_buffer = b * B * S / C * m.hidden_size if needs_buffer else 0.0
     rope = rope_table(m, train, lay)
 
-    # what is in flight while one layer runs its backward: (buffers, scratch, point, frees the
-    # MLP's saved tensors) for each block; the MLP's backward runs first, the attention's after it
-    s = tokens_norm
-    if lay.kind == "tsp":
-        # the attention and the MLP backward run one after the other: the larger of the two
-        # (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)
-        blocks = [(*tsp_attention_in_flight(m, train, lay), "layer backward (attention)", True)]
-        if m.dense_layers:
-            blocks.append((*tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)", False))
-        if m.is_moe:
-            blocks.append((*moe_in_flight(m, train, lay), "layer backward (MoE)", False))
-            if m.moe_shared_expert_intermediate_size:
-                blocks.append((*tsp_mlp_in_flight(shared_expert_model(m), train, lay),
-                               "layer backward (shared expert)", False))
-    else:
-        fsdp = 0.0
-        if lay.kind == "fsdp_cp":
-            # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
-            # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
-            # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
-            # post-backward buffers 1.25 P_l at C = 4; not 2 gathered layers + fp32 grads), and the
-            # root's gathered output layer (V x h)
-            fsdp = (2 + 1 / C) * m.layer_matmul_params * b + m.embedding_params * b
-        dense_mlp = baseline_mlp_in_flight(m, train, lay) if m.dense_layers else (0.0, 0.0)
-        mlp_comm, mlp_scratch = dense_mlp
-        if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
-            moe_comm, moe_scratch = moe_in_flight(m, train, lay)
-            # the baselines' shared expert is Megatron's SharedExpertMLP: never tiled
-            shared = baseline_mlp_in_flight(shared_expert_model(m), dataclasses.replace(train, mlp_chunk_tokens=0),
-                                            lay)[1] if m.moe_shared_expert_intermediate_size else 0.0
-            if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
-                mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
-        blocks = [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
-                  (*[x + y for x, y in zip(baseline_attention_in_flight(m, train, lay), (fsdp, 0.0))],
-                   "layer backward (attention)", True)]
-    blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in blocks]
+    # what is in flight while one layer runs its backward, block by block
+    blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in backward_blocks(m, train, lay)]
     comm, scratch, point, _ = max(blocks, key=lambda x: x[0] + x[1] - (layer_mlp if x[3] else 0.0))
     static = params + grads + optimizer + rope
     step_extra = 0.0
@@ -580,12 +558,61 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         comm_buffers=comm, logits=logits, other_transient=scratch,
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
         recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
-        host_optimizer=host_optimizer,
+        host_optimizer=states["host_optimizer"],
         at_peak=at_peak, points={k: static_fb + sum(v) for k, v in points.items()} | {"optimizer step": step_peak},
         persistent_buffers=mpu_buffer + rope, kept_at_loss=kept_at_loss,
         step_start=static_fb + step_extra + mpu_buffer,
         forward_end=static_fb + mpu_buffer + kept_at_loss,
     )
+
+
+def backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """What is in flight while one layer runs its backward: [(buffers, scratch, point, frees the
+    MLP's saved tensors)] for each block of the layout's layer (the MLP's backward runs first, the
+    attention's after it), Megatron's all-gather buffer aside."""
+    if lay.kind == "tsp":
+        return tsp_backward_blocks(m, train, lay)
+    return baseline_backward_blocks(m, train, lay)
+
+
+def tsp_backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """TSP: the attention and the MLP backward run one after the other: the larger of the two
+    (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)."""
+    blocks = [(*tsp_attention_in_flight(m, train, lay), "layer backward (attention)", True)]
+    if m.dense_layers:
+        blocks.append((*tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)", False))
+    if m.is_moe:
+        blocks.append((*moe_in_flight(m, train, lay), "layer backward (MoE)", False))
+        if m.moe_shared_expert_intermediate_size:
+            blocks.append((*tsp_mlp_in_flight(shared_expert_model(m), train, lay),
+                           "layer backward (shared expert)", False))
+    return blocks
+
+
+def baseline_backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """TP, TP+SP, CP, TP x CP, FSDP over CP: Megatron's MLP (or the MoE layer) and attention
+    backward, with FSDP's gathered layer beside each."""
+    b, C = m.dtype_bytes, lay.cp
+    fsdp = 0.0
+    if lay.kind == "fsdp_cp":
+        # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
+        # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
+        # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
+        # post-backward buffers 1.25 P_l at C = 4; not 2 gathered layers + fp32 grads), and the
+        # root's gathered output layer (V x h)
+        fsdp = (2 + 1 / C) * m.layer_matmul_params * b + m.embedding_params * b
+    dense_mlp = baseline_mlp_in_flight(m, train, lay) if m.dense_layers else (0.0, 0.0)
+    mlp_comm, mlp_scratch = dense_mlp
+    if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
+        moe_comm, moe_scratch = moe_in_flight(m, train, lay)
+        # the baselines' shared expert is Megatron's SharedExpertMLP: never tiled
+        shared = baseline_mlp_in_flight(shared_expert_model(m), dataclasses.replace(train, mlp_chunk_tokens=0),
+                                        lay)[1] if m.moe_shared_expert_intermediate_size else 0.0
+        if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
+            mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
+    return [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
+            (*[x + y for x, y in zip(baseline_attention_in_flight(m, train, lay), (fsdp, 0.0))],
+             "layer backward (attention)", True)]
 
 
 def _is_mlp_item(key: str) -> bool:
