@@ -25,7 +25,7 @@ Measured at D = 1 (one H200, docs/inference.md) the model is within a few percen
 
 Time: forward only, the training model's rates (planner.step_time): matmul FLOPs 2 T N / n,
 attention 2 B S^2 q / n (causal half of QK^T and PV), the forward's memory-bound bytes, and
-the forward's communication items of planner.formulas.comm_items (TSP: the attention weight
+the forward's communication items of planner.comm.comm_items (TSP: the attention weight
 broadcast, the K/V all-gather with one exposed shard, the MLP weight ring hidden behind its
 GEMMs; TP: two all-reduces of the S x h activations per layer; CP: the K/V all-gather).
 Chunked TP prefill runs the same FLOPs (the causal area summed over the chunks is S (S+1)/2)
