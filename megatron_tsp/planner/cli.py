@@ -20,7 +20,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from ..config import RECIPE_SECTIONS, TSPConfigError, field_docs
+from ..config import RECIPE_SECTIONS, TSPConfigError, _yaml_value, field_docs
 from .model import CHOICES, FLAG_ALIASES, MODEL_KEYS, NULL_MEANS, TRAIN_KEYS, ModelSpec, TrainSpec
 
 # TrainSpec's own settings without a flag: the driver always reduces gradients in fp32
@@ -86,11 +86,11 @@ def add_input_flags(group, spec, keys: Dict[str, Optional[str]]) -> None:
     for name, section in keys.items():
         f = fields[name]
         doc = docs[section][name]
-        default = "required" if f.default is dataclasses.MISSING else _yaml(f.default)
+        default = "required" if f.default is dataclasses.MISSING else _yaml_value(f.default)
         if name in NULL_MEANS and f.default is None:
             default += f": {NULL_MEANS[name]}"
-        text = f"{section}.{name}. {doc}" if section else doc
-        text += f" (default: {'the recipe' + chr(39) + 's, else ' if section else ''}{default})"
+        text = (f"{section}.{name}. {doc} (default: the recipe's, else {default})" if section
+                else f"{doc} (default: {default})")
         flags = ["--" + name.replace("_", "-")] + ([FLAG_ALIASES[name]] if name in FLAG_ALIASES else [])
         kind = f.type.replace("Optional[", "").rstrip("]")
         if kind == "bool":
@@ -99,10 +99,6 @@ def add_input_flags(group, spec, keys: Dict[str, Optional[str]]) -> None:
         else:
             group.add_argument(*flags, dest=name, type={"int": int, "float": float, "str": str}[kind],
                                choices=CHOICES.get(name), default=None, help=text.replace("%", "%%"))
-
-
-def _yaml(value) -> str:
-    return "null" if value is None else "true" if value is True else "false" if value is False else str(value)
 
 
 def check_flags(args) -> None:
@@ -186,8 +182,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.frontier:
         if args.json:
-            import dataclasses
-
             print(json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
                               "cluster": dataclasses.asdict(cluster), "hardware": hw.name,
                               "host_copy_gb_s": hw.host_gb_s, "max_seq_len_searched": args.max_seq_len,
