@@ -569,6 +569,29 @@ def field_default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def recipe_fields(keys: Dict[str, str], defaults: Optional[Dict[str, object]] = None):
+    """A class decorator (under `@dataclass`) for another front end's inputs that are recipe keys:
+    the fields `keys` ({name: its recipe section}, in this order) with the type and default the
+    recipe declares, put before the class's own fields. `defaults` holds the front end's own
+    defaults where they differ (dataclasses.MISSING: a required field). The meanings stay in the
+    recipe's docstrings (`field_docs(RECIPE_SECTIONS[section])[name]`)."""
+    defaults = defaults or {}
+
+    def add(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        annotations = {}
+        for name, section in keys.items():
+            f = {f.name: f for f in dataclasses.fields(RECIPE_SECTIONS[section])}[name]
+            annotations[name] = f.type
+            default = defaults.get(name, field_default(f))
+            if default is not dataclasses.MISSING:
+                setattr(cls, name, default)
+        cls.__annotations__ = {**annotations, **own}
+        return cls
+
+    return add
+
+
 def recipe_keys() -> Dict[str, Tuple[object, str]]:
     """{"section.key": (default, meaning)} of every recipe key, in declaration order."""
     out = {}

@@ -15,12 +15,16 @@ Formulas: docs/planner.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from ..config import ATTENTION_KV, AUTO_TOKENS_BELOW, CP_COMM_TYPES, MLP_EXCHANGES, TSPConfigError
-from .model import LAYER_RECOMPUTE, LM_HEADS, NORMS, RECOMPUTE_METHODS, RECOMPUTE_MODES, TrainSpec
+from ..config import RECIPE_SECTIONS, TSPConfigError, _yaml_value, field_docs
+from .model import CHOICES, FLAG_ALIASES, MODEL_KEYS, NULL_MEANS, TRAIN_KEYS, ModelSpec, TrainSpec
+
+# TrainSpec's own settings without a flag: the driver always reduces gradients in fp32
+_NO_FLAG = ("grad_reduce_in_fp32",)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,78 +32,17 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples (each runs as written; tests/planner/test_plan_help.py runs them):\n"
                                        + __doc__.split("\n\n")[1].rstrip()
-                                       + "\n\nSubcommand: `megatron-tsp plan validate [--out FILE]`. Formulas: docs/planner.md")
+                                       + "\n\nSubcommand: `megatron-tsp plan validate [--out FILE]`. "
+                                       "Formulas: docs/planner.md")
     p.add_argument("recipe", nargs="?", help="a training recipe (configs/*.yaml); flags below override it")
     p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value")
-    m = p.add_argument_group("model (without a recipe: --layers, --hidden, --heads are required)")
-    # dest: the ModelSpec field (the recipe's model.<key>) each flag sets
-    m.add_argument("--layers", type=int, dest="num_layers", help="model.num_layers")
-    m.add_argument("--hidden", type=int, dest="hidden_size", help="model.hidden_size")
-    m.add_argument("--heads", type=int, dest="num_attention_heads", help="model.num_attention_heads")
-    m.add_argument("--kv-groups", type=int, dest="num_query_groups",
-                   help="model.num_query_groups: KV groups (GQA); default: --heads (MHA)")
-    m.add_argument("--ffn", type=int, dest="ffn_hidden_size", help="model.ffn_hidden_size: MLP width f; default 4 x hidden")
-    m.add_argument("--vocab", type=int, dest="vocab_size", help="model.vocab_size (default without a recipe: 32000)")
-    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    m.add_argument("--no-gated", action="store_true", help="GELU MLP instead of SwiGLU")
-    t = p.add_argument_group("training")
-    # dest: the TrainSpec field (the recipe's parallel.<key> / train.<key> of that name) each flag sets
-    t.add_argument("--seq-len", type=int, dest="seq_length", help="model.seq_length: context length S (default: "
-                                                                   "the recipe's)")
-    t.add_argument("--micro-batch", type=int, dest="micro_batch_size",
-                   help="train.micro_batch_size: sequences per micro-batch (default: the recipe's, else 1)")
-    t.add_argument("--global-batch", type=int, dest="global_batch_size",
-                   help="sequences per step (default: micro-batch x data parallel)")
-    t.add_argument("--optimizer", default="adam", help="adam, or none (forward + backward only)")
-    t.add_argument("--distributed-optimizer", action="store_true", default=None,
-                   help="shard fp32 master params and Adam state over data parallel (x CP) (default: the "
-                        "recipe's train.distributed_optimizer)")
-    t.add_argument("--optimizer-cpu-offload", action=argparse.BooleanOptionalAction, default=None,
-                   dest="optimizer_cpu_offload",
-                   help="train.optimizer_cpu_offload: fp32 main weights and Adam state on the host (bf16 model, "
-                        "needs --distributed-optimizer; default: the recipe's). --frontier tries it either way")
-    t.add_argument("--optimizer-offload-fraction", type=float, dest="optimizer_offload_fraction",
-                   help="train.optimizer_offload_fraction: the offloaded share of the state, in (0, 1] (default 1)")
-    t.add_argument("--recompute", choices=list(LAYER_RECOMPUTE),
-                   help="parallel.recompute: Megatron's layer recompute for every layout (full: keep each "
-                        "checkpointed layer's input only; selective: core attention, baselines only)")
-    t.add_argument("--recompute-method", choices=list(RECOMPUTE_METHODS), help="parallel.recompute_method")
-    t.add_argument("--recompute-num-layers", type=int,
-                   help="parallel.recompute_num_layers: uniform: layers per checkpointed chunk (default 1); "
-                        "block: the first N layers are recomputed (default all)")
-    t.add_argument("--tsp-recompute", choices=list(RECOMPUTE_MODES),
-                   help="parallel.tsp_recompute: TSP's in-layer mode (none: save per-shard activations; full: "
-                        "recompute each shard from the block input)")
-    t.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
-                   help="parallel.offload_activations: checkpointed layer inputs to pinned host memory (needs "
-                        "--recompute full)")
-    t.add_argument("--tsp-lm-head", choices=list(LM_HEADS),
-                   help="parallel.tsp_lm_head: local (sequence-local head, chunked logits) or megatron (S x V/D "
-                        "logits); TSP layouts only, the baselines run Megatron's")
-    t.add_argument("--lm-head-chunk-tokens", type=int,
-                   help=f"parallel.lm_head_chunk_tokens (default {TrainSpec.lm_head_chunk_tokens})")
-    t.add_argument("--mlp-chunk-tokens", type=int,
-                   help="parallel.mlp_chunk_tokens: the token-tiled MLP of every layout (0: untiled, the default): "
-                        "the MLP keeps only its input and its backward works on one chunk of this many local tokens")
-    t.add_argument("--tsp-attention-kv", choices=list(ATTENTION_KV),
-                   help="parallel.tsp_attention_kv: gathered (each head shard's K/V of all S tokens on every rank) or "
-                        "streamed (ring attention inside the shard: two ranks' K/V at a time); TSP layouts only")
-    t.add_argument("--cp-comm-type", choices=list(CP_COMM_TYPES),
-                   help="parallel.cp_comm_type: all_gather (the CP baseline gathers all S tokens' K/V on every CP "
-                        "rank) or p2p (ring attention over the CP group: two ranks' K/V at a time); CP layouts only")
-    t.add_argument("--document-length", type=int,
-                   help="packed documents of this many tokens under document masks (data.reset_attention_mask): "
-                        "attention FLOPs inside documents only, as a kernel that skips masked blocks "
-                        "(0: one document per sequence, the default)")
-    t.add_argument("--norm", choices=list(NORMS), default="lean",
-                   help="lean: TSPNorm keeps its input + per-token fp32 statistics (issue 14); torch: torch's "
-                        "composite norm (two fp32 copies; TSPNorm before lean norms); fused: TE's kernel")
-    t.add_argument("--tsp-mlp-exchange", choices=list(MLP_EXCHANGES),
-                   help="how TSP's MLP meets its weights (default: the recipe's parallel.tsp_mlp_exchange, else "
-                        f"auto: tokens below {AUTO_TOKENS_BELOW} tokens per rank, else ring)")
-    t.add_argument("--expert-size", type=int,
-                   help="parallel.expert_size: expert-parallel size EP of an MoE model, for every layout planned "
-                        "(E / EP experts per GPU; TSP: D or D x k)")
+    add_input_flags(p.add_argument_group(
+        "model: the recipe's model keys, each flag overrides the recipe's (without a recipe --layers, --hidden, "
+        "--heads are required)"), ModelSpec, MODEL_KEYS)
+    add_input_flags(p.add_argument_group(
+        "training: the recipe's keys (the recipe's value, else the default shown), then the planner's own"),
+        TrainSpec, {**TRAIN_KEYS, **{f.name: None for f in dataclasses.fields(TrainSpec)
+                                     if f.name not in TRAIN_KEYS and f.name not in _NO_FLAG}})
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus-per-node", type=int, help="default: the hardware profile's")
     c.add_argument("--nodes", type=int, default=1)
@@ -115,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="JSON instead of tables")
     o.add_argument("--frontier", action="store_true",
                    help="per layout the longest context that fits (powers of two from the recipe's S to "
-                        "--max-seq-len, then refined) and the fastest fitting recompute / offload / LM-head "
-                        "configuration at each context (docs/frontier.md)")
+                        "--max-seq-len, then refined) and the fastest fitting configuration of the memory options at "
+                        "each context: recompute, offload, the optimizer state on the host (either way, whatever "
+                        "--optimizer-cpu-offload says), TSP's LM head and K/V, the CP ring (docs/frontier.md)")
     o.add_argument("--max-seq-len", type=int, default=4 * 2**20, help="--frontier: largest context searched (4M)")
     i = p.add_argument_group("inference (issue 17; docs/inference.md)")
     i.add_argument("--inference", action="store_true",
@@ -130,13 +74,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# the TrainSpec fields a flag sets (argparse dest = field name); a flag given overrides the recipe's key
-_TRAIN_FLAGS = ("micro_batch_size", "distributed_optimizer", "recompute", "recompute_method", "recompute_num_layers",
-                "tsp_recompute", "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens", "tsp_mlp_exchange",
-                "mlp_chunk_tokens", "expert_size", "tsp_attention_kv", "cp_comm_type", "optimizer_cpu_offload",
-                "optimizer_offload_fraction", "document_length")
-_MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
-                "dtype")
+def add_input_flags(group, spec, keys: Dict[str, Optional[str]]) -> None:
+    """A flag per field `keys` names of the planner's input `spec` ({field: its recipe section, or
+    None for the planner's own}): `--name-in-dashes` (and its short spelling, FLAG_ALIASES), the
+    field's type, CHOICES, and as help the field's docstring: the recipe's (megatron_tsp.config,
+    as `megatron-tsp train --help` prints it) or the planner's own (model.py). Every flag defaults
+    to None: not given (the recipe's value, else the field's default)."""
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    docs = {section: field_docs(RECIPE_SECTIONS[section]) for section in set(keys.values()) if section}
+    docs[None] = field_docs(spec)
+    for name, section in keys.items():
+        f = fields[name]
+        doc = docs[section][name]
+        default = "required" if f.default is dataclasses.MISSING else _yaml_value(f.default)
+        if name in NULL_MEANS and f.default is None:
+            default += f": {NULL_MEANS[name]}"
+        text = (f"{section}.{name}. {doc} (default: the recipe's, else {default})" if section
+                else f"{doc} (default: {default})")
+        flags = ["--" + name.replace("_", "-")] + ([FLAG_ALIASES[name]] if name in FLAG_ALIASES else [])
+        kind = f.type.replace("Optional[", "").rstrip("]")
+        if kind == "bool":
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text.replace("%", "%%"))
+        else:
+            group.add_argument(*flags, dest=name, type={"int": int, "float": float, "str": str}[kind],
+                               choices=CHOICES.get(name), default=None, help=text.replace("%", "%%"))
 
 
 def check_flags(args) -> None:
@@ -144,8 +106,7 @@ def check_flags(args) -> None:
     is an error naming the flag (never a plan of nonsense, never a silent default)."""
     import math
 
-    from . import PlanError
-    from .model import check_seq_len
+    from .model import PlanError, check_seq_len
 
     for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--host-memory-gb", args.host_memory_gb)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -162,40 +123,33 @@ def check_flags(args) -> None:
 
 
 def build_inputs(args):
-    from . import Cluster, Layout, ModelSpec, PlanError, TrainSpec, hardware
-    from .model import recipe_train_options
+    from . import hardware
+    from .model import Cluster, Layout, PlanError, recipe_train_options
 
     check_flags(args)
 
     hw = hardware.load(args.hardware)
     seq = None
-    tsp = {}
-    kw = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
-    if args.no_gated:
-        kw["swiglu"] = False
+    train = {}
+    model = {k: getattr(args, k) for k in MODEL_KEYS if getattr(args, k) is not None}
     if args.recipe:
-        model, seq = ModelSpec.from_recipe(args.recipe, args.overrides)
-        tsp = recipe_train_options(args.recipe, args.overrides)
-        if kw:
-            import dataclasses
-
-            model = dataclasses.replace(model, **kw)
+        spec, seq = ModelSpec.from_recipe(args.recipe, args.overrides)
+        train = recipe_train_options(args.recipe, args.overrides)
+        model = dataclasses.replace(spec, **model)
     else:
         if args.overrides:
             raise PlanError(f"overrides {args.overrides} need a recipe")
-        missing = [flag for flag, k in (("--layers", "num_layers"), ("--hidden", "hidden_size"),
-                                        ("--heads", "num_attention_heads")) if k not in kw]
+        missing = [FLAG_ALIASES[k] for k in ("num_layers", "hidden_size", "num_attention_heads") if k not in model]
         if missing:
             raise PlanError("without a recipe give the model: missing " + ", ".join(missing))
-        model = ModelSpec(**kw, name="model")
+        model = ModelSpec(**model, name="model")
     seq = args.seq_length if args.seq_length is not None else seq
     if seq is None:
         raise PlanError("--seq-len is required without a recipe")
-    for name in _TRAIN_FLAGS:
-        if getattr(args, name) is not None:
-            tsp[name] = getattr(args, name)
-    train = TrainSpec(seq_length=seq, global_batch_size=args.global_batch_size, optimizer=args.optimizer,
-                      norm=args.norm, **tsp)
+    for f in dataclasses.fields(TrainSpec):
+        if f.name != "seq_length" and getattr(args, f.name, None) is not None:
+            train[f.name] = getattr(args, f.name)
+    train = TrainSpec(seq_length=seq, **train)
     cluster = Cluster(gpus_per_node=hw.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node,
                       nodes=args.nodes,
                       gpu_memory_gib=args.gpu_memory_gb, host_memory_gib=args.host_memory_gb)
@@ -211,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return validate_main(argv[1:])
     args = parser().parse_args(argv)
     try:
-        from . import plan_all
+        from .plan import plan_all
         from .report import render, render_detail, to_json
 
         if args.inference:
@@ -228,8 +182,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.frontier:
         if args.json:
-            import dataclasses
-
             print(json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
                               "cluster": dataclasses.asdict(cluster), "hardware": hw.name,
                               "host_copy_gb_s": hw.host_gb_s, "max_seq_len_searched": args.max_seq_len,
@@ -251,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _inference(args) -> int:
     """`--inference`: one row per layout (planner.prefill)."""
-    from . import Layout, PlanError
+    from .model import Layout, PlanError
     from .prefill import prefill_plan
 
     if args.prompt_tokens is not None:

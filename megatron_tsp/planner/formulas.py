@@ -1,4 +1,5 @@
-"""Memory, communication and time of one training step, per GPU, for each layout.
+"""Memory and compute of one training step, per GPU, for each layout (communication:
+planner.comm; the step time and the plan: planner.plan).
 
 Symbols (docs/planner.md): L layers, h hidden, a heads, g KV groups, d = h/a head dim,
 q = a*d, kv = g*d, f MLP width, V vocab, b bytes per parameter/activation element (bf16: 2),
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..config import resolve_mlp_exchange
 from .flops import causal_pairs, model_flops, packed_pairs
@@ -33,8 +34,8 @@ def norm_saved(m: ModelSpec, impl: str = "lean") -> float:
     copies of its input width (the upcast input and the normalized value) and an fp32 rstd.
     The norm's output is saved by the next op (counted there)."""
     if impl == "torch":
-        return 2 * FP32 * m.hidden + FP32
-    return m.dtype_bytes * m.hidden + FP32 * m.norm_stats
+        return 2 * FP32 * m.hidden_size + FP32
+    return m.dtype_bytes * m.hidden_size + FP32 * m.norm_stats
 
 
 def rope_saved(m: ModelSpec) -> float:
@@ -48,7 +49,8 @@ def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if lay.kind != "tsp":
         return None
-    return resolve_mlp_exchange(train.tsp_mlp_exchange, train.micro_batch_size * train.seq_length // lay.tsp_size, lay.tsp_size)
+    local_tokens = train.micro_batch_size * train.seq_length // lay.tsp_size
+    return resolve_mlp_exchange(train.tsp_mlp_exchange, local_tokens, lay.tsp_size)
 
 
 def mlp_intermediates(m: ModelSpec, f: Optional[int] = None) -> int:
@@ -56,7 +58,7 @@ def mlp_intermediates(m: ModelSpec, f: Optional[int] = None) -> int:
     megatron_tsp.training.build builds it) of width f (default the model's) saves past its input:
     gated: the fc1 output 2f (the activation keeps a view of it), act(gate) f, up + offset f,
     their product f (fc2's input); GELU: the fc1 output and the activation output."""
-    return (5 if m.gated else 2) * (m.f if f is None else f)
+    return (5 if m.swiglu else 2) * (m.f if f is None else f)
 
 
 def mlp_chunk(train: TrainSpec, tokens: float, batch: int = 1) -> float:
@@ -89,31 +91,31 @@ def moe_saved_per_token(m: ModelSpec) -> Dict[str, float]:
     routing map [E] as bool and the probabilities [E] in fp32 instead of one int64 index per
     copy: within 2% of this at the test's shape. A gated shared expert (SharedExpertMLP's gate,
     TSP's the same) keeps its output (h) and the sigmoid score (1) for the product's backward."""
-    b, k, E = m.dtype_bytes, m.topk, m.num_experts
-    if m.router_score == "sigmoid":
+    b, k, E = m.dtype_bytes, m.moe_router_topk, m.num_experts
+    if m.moe_router_score_function == "sigmoid":
         probs = FP32 * (E + k) + 2 * FP32
     else:
-        probs = FP32 * (E if m.router_pre_softmax else k)
+        probs = FP32 * (E if m.moe_router_pre_softmax else k)
     router = probs + 8 * k
     if m.router_aux_loss:
         router += FP32 * E + 8 * k
     if m.router_z_loss:
         router += FP32 * (E + 1)
-    gate = {"MoE shared expert gate (output and score)": b * (m.hidden + 1)} if m.shared_gate_params else {}
+    gate = {"MoE shared expert gate (output and score)": b * (m.hidden_size + 1)} if m.shared_gate_params else {}
     return {
         **gate,
         "MoE router (probabilities, top-k indices, loss scores)": router,
         "MoE dispatcher permutation indices": 8 * k + 8 * E,
-        "MoE permuted tokens (k copies, expert fc1 input)": b * k * m.hidden,
+        "MoE permuted tokens (k copies, expert fc1 input)": b * k * m.hidden_size,
         "MoE routed probabilities (k copies)": b * k,
-        "MoE expert intermediates (k copies)": b * k * ((6 if m.gated else 3) * m.fe),
+        "MoE expert intermediates (k copies)": b * k * ((6 if m.swiglu else 3) * m.fe),
     }
 
 
 def shared_expert_model(m: ModelSpec) -> ModelSpec:
     """The model whose (dense) MLP is the shared expert: TSP runs it as its ring MLP, the
     baselines as Megatron's SharedExpertMLP (a TP+SP MLP of width fs)."""
-    return dataclasses.replace(m, ffn_hidden_size=m.shared_ffn, num_experts=None)
+    return dataclasses.replace(m, ffn_hidden_size=m.moe_shared_expert_intermediate_size, num_experts=None)
 
 
 def layer_counts_saved(m: ModelSpec, train: TrainSpec) -> Tuple[int, int]:
@@ -121,7 +123,7 @@ def layer_counts_saved(m: ModelSpec, train: TrainSpec) -> Tuple[int, int]:
     without it, none with uniform, the layers after the first N with block."""
     rc = layer_recompute(m, train)
     pattern = m.moe_pattern
-    saved = pattern[m.layers - rc.saved:] if rc.saved else []
+    saved = pattern[m.num_layers - rc.saved:] if rc.saved else []
     return len(saved) - sum(saved), sum(saved)
 
 
@@ -131,12 +133,12 @@ def moe_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     buffer of [s k, h]), the permuted tokens' gradient [s k, h], one expert's intermediate
     gradients (SequentialMLP runs its E / EP experts one after the other: s k EP / E tokens
     each, gated 5 fe, GELU 2 fe) and dx and the incoming gradient [s, h]."""
-    b, h, k = m.dtype_bytes, m.hidden, m.topk
+    b, h, k = m.dtype_bytes, m.hidden_size, m.moe_router_topk
     s = train.micro_batch_size * train.seq_length / lay.token_shards
     ep = train.expert_size
     comm = 2 * s * k * h * b if ep > 1 else 0.0
     one_expert = s * k * ep / m.num_experts
-    scratch = s * k * h * b + one_expert * (5 if m.gated else 2) * m.fe * b + 2 * s * h * b
+    scratch = s * k * h * b + one_expert * (5 if m.swiglu else 2) * m.fe * b + 2 * s * h * b
     return comm, scratch
 
 
@@ -155,21 +157,22 @@ def tsp_saved_per_token(m: ModelSpec, save_activations: bool, norm: str = "lean"
     b = m.dtype_bytes
     items = {
         "norms": 2 * norm_saved(m, norm),
-        "attention block input x_p": b * m.hidden,
-        "MLP block input x_p": b * m.hidden,  # the MLP function's: freed by its backward
+        "attention block input x_p": b * m.hidden_size,
+        "MLP block input x_p": b * m.hidden_size,  # the MLP function's: freed by its backward
         "RoPE table slice": rope_saved(m),
     }
-    f_mlp = (m.shared_ffn or 0) if moe else m.f  # the TSP MLP of the layer: dense, or the shared expert
+    # the TSP MLP of the layer: dense, or the shared expert
+    f_mlp = (m.moe_shared_expert_intermediate_size or 0) if moe else m.f
     if save_activations:
         items.update({
             "q (all shards)": b * m.q_dim,
             "local k, v (all shards)": b * 2 * m.kv_dim,
             "attention output o (all shards)": b * m.q_dim,
-            "softmax log-sum-exp": FP32 * m.heads,
+            "softmax log-sum-exp": FP32 * m.num_attention_heads,
         })
         if exchange != "tokens" and f_mlp and not tiled:
             items["shared expert fc1 output (all shards)" if moe else "MLP fc1 output (all shards)"] = \
-                b * (2 if m.gated else 1) * f_mlp
+                b * (2 if m.swiglu else 1) * f_mlp
     if exchange == "tokens" and f_mlp and not tiled:
         items[("shared expert" if moe else "MLP") + " intermediates (tokens exchange, S tokens x f/D)"] = \
             b * mlp_intermediates(m, f_mlp)
@@ -204,12 +207,12 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
     mlp = mlp_intermediates(m)
     items = {
         "norms": (2 * norm_saved(m, norm), "norm"),
-        "input of linear_qkv": (b * m.hidden, "norm"),
-        "input of linear_fc1 (MLP)": (b * m.hidden, "norm"),  # freed by the MLP's backward
+        "input of linear_qkv": (b * m.hidden_size, "norm"),
+        "input of linear_fc1 (MLP)": (b * m.hidden_size, "norm"),  # freed by the MLP's backward
         "mixed qkv (v is a view of it)": (b * (m.q_dim + 2 * m.kv_dim) / T, "core"),
         "q, k after RoPE": (b * (m.q_dim + m.kv_dim) / T, "core"),
         "attention output (linear_proj input)": (b * m.q_dim / T, "core"),
-        "softmax log-sum-exp": (FP32 * m.heads / T, "core"),
+        "softmax log-sum-exp": (FP32 * m.num_attention_heads / T, "core"),
         "RoPE cos/sin of q and k": (4 * b * m.head_dim, "core"),
         "MLP intermediates": (b * mlp / T, "core"),
     }
@@ -228,8 +231,9 @@ def native_saved(m: ModelSpec, lay: Layout, norm: str = "lean", selective: bool 
         del items["MLP intermediates"]
     if moe:
         items.pop("MLP intermediates", None)
-        if m.shared_ffn:
-            items["shared expert intermediates"] = (b * mlp_intermediates(m, m.shared_ffn) / T, "core")
+        fs = m.moe_shared_expert_intermediate_size
+        if fs:
+            items["shared expert intermediates"] = (b * mlp_intermediates(m, fs) / T, "core")
         items.update({k: (v, "norm") for k, v in moe_saved_per_token(m).items()})
     return items
 
@@ -285,37 +289,6 @@ class Memory:
         return self.host_offload + self.host_optimizer
 
 
-@dataclass
-class CommItem:
-    name: str
-    phase: str  # fwd, bwd, step
-    collective: str  # all_gather, reduce_scatter, all_reduce, broadcast, reduce, send_recv
-    volume: float  # bytes each rank receives (per layer for fwd/bwd, per step for step)
-    time_bytes: float  # bytes / bus bandwidth = seconds (NCCL bus-bandwidth convention)
-    group: int
-    link: str  # intra or inter
-    overlapped: bool  # overlapped with compute as the code runs today
-    per_layer: bool = True
-    # matmul FLOPs (per layer, like volume) that run beside it: at most their time hides it;
-    # None: any compute of the step may
-    overlap_flops: Optional[float] = None
-    per_micro: bool = False  # once per micro-batch (the LM head, activation offload), not per layer
-
-
-@dataclass
-class Plan:
-    layout: Layout
-    dp: int
-    micro_batches: int
-    memory: Memory
-    comm: List[CommItem]
-    flops: Dict[str, float]
-    time: Dict[str, float]
-    fits: bool = False
-    fastest: bool = False
-    notes: List[str] = field(default_factory=list)
-
-
 # -- memory -------------------------------------------------------------------------------------
 
 def param_counts(m: ModelSpec, lay: Layout, expert_size: int = 1) -> Dict[str, float]:
@@ -325,13 +298,13 @@ def param_counts(m: ModelSpec, lay: Layout, expert_size: int = 1) -> Dict[str, f
     replicated, E / EP whole experts (`experts`, stepped over expert-DP, not DP x CP)."""
     w = lay.weight_shards
     shard = lay.cp if lay.kind == "fsdp_cp" else 1
-    heads = 1 if m.tied_embeddings else 2
+    heads = 1 if m.share_embeddings_and_output_weights else 2
     layers = m.dense_layers * (m.layer_matmul_params / w + m.layer_norm_params)
     if m.is_moe:
         layers += m.moe_layers * ((m.attn_params + m.shared_params) / w + m.router_params + m.shared_gate_params
                                   + m.layer_norm_params)
     experts = m.moe_layers * m.num_experts / expert_size * m.expert_params if m.is_moe else 0.0
-    embed = heads * m.embedding_params / w + m.hidden
+    embed = heads * m.embedding_params / w + m.hidden_size
     return {"layers": layers / shard, "embeddings": embed / shard, "experts": experts,
             "total": (layers + embed) / shard + experts}
 
@@ -372,7 +345,7 @@ class LayerRecompute:
 def layer_recompute(m: ModelSpec, train: TrainSpec) -> LayerRecompute:
     """uniform N (default 1): ceil(L/N) chunks of N layers, each keeps its input only; block N
     (default L): the first N layers each keep their input, the other L-N save everything."""
-    L = m.layers
+    L = m.num_layers
     if train.recompute != "full":
         return LayerRecompute(saved=L, label=train.recompute)
     inputs = checkpointed_inputs(L, train.recompute, train.recompute_method, train.recompute_num_layers)
@@ -422,10 +395,11 @@ def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str
     b, w = m.dtype_bytes, lay.weight_shards
     if uses_local_head(train, lay):
         chunk = min(train.lm_head_chunk_tokens, train.micro_batch_size * train.seq_length // lay.tsp_size)
-        return {"logits chunk (fp32)": FP32 * chunk * m.vocab / w,
-                "vocab shard and its gradient in flight": 2 * b * m.vocab / w * m.hidden}
+        return {"logits chunk (fp32)": FP32 * chunk * m.vocab_size / w,
+                "vocab shard and its gradient in flight": 2 * b * m.vocab_size / w * m.hidden_size}
     tokens = train.micro_batch_size * train.seq_length / lay.cp
-    return {"logits (fp32 softmax)": FP32 * tokens * m.vocab / w, "logits (model dtype)": b * tokens * m.vocab / w}
+    return {"logits (fp32 softmax)": FP32 * tokens * m.vocab_size / w,
+            "logits (model dtype)": b * tokens * m.vocab_size / w}
 
 
 def lm_head_kept(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
@@ -437,7 +411,7 @@ def lm_head_kept(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
     TP+SP x CP (FSDP over CP too, less the gradients zero_grad frees), TSP's local head 0."""
     if uses_local_head(train, lay):
         return 0.0
-    return FP32 * train.micro_batch_size * train.seq_length / lay.cp * m.vocab / lay.weight_shards
+    return FP32 * train.micro_batch_size * train.seq_length / lay.cp * m.vocab_size / lay.weight_shards
 
 
 def rope_table(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
@@ -449,17 +423,11 @@ def rope_table(m: ModelSpec, train: TrainSpec, lay: Layout) -> float:
     return FP32 * train.seq_length / lay.cp * m.head_dim
 
 
-def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
-    """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
-    the LM head's working set), the backward of a layer that saved its activations (the layers'
-    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
-    in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
-    still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
-    b, B, S, L = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.layers
-    w, C = lay.weight_shards, lay.cp
+def model_states(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Dict[str, float]:
+    """Bytes of the model states per GPU: parameters, gradients, the optimizer's state on the GPU
+    and on the host, the Adam step's transient; `stepped`: the parameters this GPU steps."""
+    b = m.dtype_bytes
     P = param_counts(m, lay, train.expert_size)["total"]
-    params = P * b
-    grads = P * (FP32 if train.grad_reduce_in_fp32 else b)
     adam = train.optimizer == "adam"
     master = FP32 if b < FP32 and adam else 0  # fp32 main params of a bf16 model
     stepped = stepped_params(m, train, lay, cluster)
@@ -468,36 +436,54 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     # and the fp32 gradient buffer: 6 bytes per parameter instead of 18) and adds a pinned fp32
     # copy of their gradients there
     on_host = train.host_optimizer_fraction
-    optimizer = stepped * (master + (2 * FP32 if adam else 0)) * (1 - on_host)
-    host_optimizer = stepped * on_host * HOST_OPTIMIZER_BYTES_PER_PARAM
-    # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps on the GPU
-    opt_step_transient = stepped * FP32 * (1 - on_host) if adam else 0.0
+    return {"params": P * b, "grads": P * (FP32 if train.grad_reduce_in_fp32 else b), "stepped": stepped,
+            "optimizer": stepped * (master + (2 * FP32 if adam else 0)) * (1 - on_host),
+            "host_optimizer": stepped * on_host * HOST_OPTIMIZER_BYTES_PER_PARAM,
+            # torch Adam (foreach) allocates sqrt(exp_avg_sq) for every parameter it steps on the GPU
+            "optimizer_step_transient": stepped * FP32 * (1 - on_host) if adam else 0.0}
 
-    mode = in_layer_mode(lay, train)
+
+def layer_saved(m: ModelSpec, train: TrainSpec, lay: Layout, moe: bool = False) -> Dict[str, float]:
+    """Bytes one layer (an MoE layer with `moe`) saves for its backward on one GPU, by item:
+    TSP's per local token (tsp_saved_per_token), Megatron's per token of its region (native_saved:
+    the norm region's B S / (the token shards), the attention / MLP region's B S / C, widths / T)."""
+    mode, tiled = in_layer_mode(lay, train), bool(train.mlp_chunk_tokens)
+    B, S = train.micro_batch_size, train.seq_length
+    tokens_norm = B * S / lay.token_shards
+    if lay.kind == "tsp":
+        return {k: v * tokens_norm for k, v in tsp_saved_per_token(
+            m, save_activations=(mode == "save"), norm=train.norm, exchange=mlp_exchange(train, lay), moe=moe,
+            tiled=tiled).items()}
+    tokens_core = B * S / lay.cp
+    return {k: v * (tokens_norm if region == "norm" else tokens_core)
+            for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
+                                               moe=moe, tiled=tiled, ring=cp_ring(train, lay)).items()}
+
+
+def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Memory:
+    """Per-GPU bytes. Peak = model state + the largest of: the loss point (saved activations +
+    the LM head's working set), the backward of a layer that saved its activations (the layers'
+    saved tensors, without the final norm's and LM head's, whose backward has freed them, + its
+    in-flight buffers and scratch), the backward of a checkpointed chunk (the checkpointed inputs
+    still on the GPU + the chunk's rebuilt activations + in-flight), the optimizer step."""
+    b, B, S, C = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp
+    states = model_states(m, train, lay, cluster)
+    params, grads, optimizer, stepped = states["params"], states["grads"], states["optimizer"], states["stepped"]
+    opt_step_transient = states["optimizer_step_transient"]
+
     rc = layer_recompute(m, train)
-    exchange = mlp_exchange(train, lay)
     tokens_norm = B * S / lay.token_shards  # norm / residual region, per GPU
-    tokens_core = B * S / C  # attention / MLP region of the TP family (widths / T)
-    tiled = bool(train.mlp_chunk_tokens)
-    def layer_items(moe: bool) -> Dict[str, float]:  # bytes one layer saves for its backward
-        if lay.kind == "tsp":
-            return {k: v * tokens_norm for k, v in tsp_saved_per_token(
-                m, save_activations=(mode == "save"), norm=train.norm, exchange=exchange, moe=moe, tiled=tiled).items()}
-        return {k: v * (tokens_norm if region == "norm" else tokens_core)
-                for k, (v, region) in native_saved(m, lay, train.norm, selective=(mode == "selective"),
-                                                   moe=moe, tiled=tiled, ring=cp_ring(train, lay)).items()}
-
-    dense_items, moe_items = layer_items(False), (layer_items(True) if m.is_moe else {})
+    dense_items, moe_items = layer_saved(m, train, lay), (layer_saved(m, train, lay, moe=True) if m.is_moe else {})
     # the largest layer's: a checkpointed chunk of N layers rebuilds at most N of these
-    big_items = moe_items if (m.is_moe and (not m.dense_layers or sum(moe_items.values()) > sum(dense_items.values()))) \
-        else dense_items
+    moe_bigger = not m.dense_layers or sum(moe_items.values()) > sum(dense_items.values())
+    big_items = moe_items if (m.is_moe and moe_bigger) else dense_items
     layer_act = sum(big_items.values())
     # what the layer's MLP (MoE layer, shared expert) saves: its backward runs first and frees them,
     # so they are gone when the attention's backward runs (issue 25: the CPU fake-group probe,
     # benchmarks/fake_rank_memory.py, finds the attention-backward peak of TSP and of CP one layer's
     # MLP intermediates below a count that keeps them)
     layer_mlp = sum(v for k, v in big_items.items() if _is_mlp_item(k))
-    layer_input = b * m.hidden * tokens_norm  # [s, b, h]: what a checkpointed layer keeps
+    layer_input = b * m.hidden_size * tokens_norm  # [s, b, h]: what a checkpointed layer keeps
     inputs_on_gpu = min(2, rc.inputs) if train.offload_activations else rc.inputs
     saved_dense, saved_moe = layer_counts_saved(m, train)
     detail: Dict[str, float] = {}
@@ -510,7 +496,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
             inputs_on_gpu * layer_input
     # final norm + the output layer's (local) input; the local head adds lse and the target logit.
     # Their backward runs before any layer's, and releases them: they count at the loss point only
-    head_saved = {"final norm and LM-head input": (norm_saved(m, train.norm) + b * m.hidden) * tokens_norm}
+    head_saved = {"final norm and LM-head input": (norm_saved(m, train.norm) + b * m.hidden_size) * tokens_norm}
     if uses_local_head(train, lay):
         head_saved["LM-head log-sum-exp"] = FP32 * tokens_norm  # (its input is counted above; labels are the batch's)
     detail.update(head_saved)
@@ -523,46 +509,12 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     # Megatron's persistent all-gather buffer (sequence-parallel linears, its LM head, the
     # `tokens` MLP); TSP's own blocks and local head do not use it
     needs_buffer = lay.sequence_parallel and (lay.kind != "tsp" or not uses_local_head(train, lay)
-                                              or exchange == "tokens")
-    mpu_buffer = b * B * S / C * m.hidden if needs_buffer else 0.0
+                                              or mlp_exchange(train, lay) == "tokens")
+    mpu_buffer = b * B * S / C * m.hidden_size if needs_buffer else 0.0
     rope = rope_table(m, train, lay)
 
-    # what is in flight while one layer runs its backward: (buffers, scratch, point, frees the
-    # MLP's saved tensors) for each block; the MLP's backward runs first, the attention's after it
-    s = tokens_norm
-    if lay.kind == "tsp":
-        # the attention and the MLP backward run one after the other: the larger of the two
-        # (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)
-        blocks = [(*tsp_attention_in_flight(m, train, lay), "layer backward (attention)", True)]
-        if m.dense_layers:
-            blocks.append((*tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)", False))
-        if m.is_moe:
-            blocks.append((*moe_in_flight(m, train, lay), "layer backward (MoE)", False))
-            if m.shared_ffn:
-                blocks.append((*tsp_mlp_in_flight(shared_expert_model(m), train, lay),
-                               "layer backward (shared expert)", False))
-    else:
-        fsdp = 0.0
-        if lay.kind == "fsdp_cp":
-            # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
-            # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
-            # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
-            # post-backward buffers 1.25 P_l at C = 4; not 2 gathered layers + fp32 grads), and the
-            # root's gathered output layer (V x h)
-            fsdp = (2 + 1 / C) * m.layer_matmul_params * b + m.embedding_params * b
-        dense_mlp = baseline_mlp_in_flight(m, train, lay) if m.dense_layers else (0.0, 0.0)
-        mlp_comm, mlp_scratch = dense_mlp
-        if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
-            moe_comm, moe_scratch = moe_in_flight(m, train, lay)
-            # the baselines' shared expert is Megatron's SharedExpertMLP: never tiled
-            shared = baseline_mlp_in_flight(shared_expert_model(m), dataclasses.replace(train, mlp_chunk_tokens=0),
-                                            lay)[1] if m.shared_ffn else 0.0
-            if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
-                mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
-        blocks = [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
-                  (*[x + y for x, y in zip(baseline_attention_in_flight(m, train, lay), (fsdp, 0.0))],
-                   "layer backward (attention)", True)]
-    blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in blocks]
+    # what is in flight while one layer runs its backward, block by block
+    blocks = [(c + mpu_buffer, sc, name, frees) for c, sc, name, frees in backward_blocks(m, train, lay)]
     comm, scratch, point, _ = max(blocks, key=lambda x: x[0] + x[1] - (layer_mlp if x[3] else 0.0))
     static = params + grads + optimizer + rope
     step_extra = 0.0
@@ -606,12 +558,61 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
         comm_buffers=comm, logits=logits, other_transient=scratch,
         optimizer_step_transient=opt_step_transient, peak=peak, peak_point=point, detail=detail,
         recompute_working_set=working, host_offload=(rc.inputs * layer_input if train.offload_activations else 0.0),
-        host_optimizer=host_optimizer,
+        host_optimizer=states["host_optimizer"],
         at_peak=at_peak, points={k: static_fb + sum(v) for k, v in points.items()} | {"optimizer step": step_peak},
         persistent_buffers=mpu_buffer + rope, kept_at_loss=kept_at_loss,
         step_start=static_fb + step_extra + mpu_buffer,
         forward_end=static_fb + mpu_buffer + kept_at_loss,
     )
+
+
+def backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """What is in flight while one layer runs its backward: [(buffers, scratch, point, frees the
+    MLP's saved tensors)] for each block of the layout's layer (the MLP's backward runs first, the
+    attention's after it), Megatron's all-gather buffer aside."""
+    if lay.kind == "tsp":
+        return tsp_backward_blocks(m, train, lay)
+    return baseline_backward_blocks(m, train, lay)
+
+
+def tsp_backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """TSP: the attention and the MLP backward run one after the other: the larger of the two
+    (an MoE layer: the MoE layer's, its shared expert's, run as the TSP MLP)."""
+    blocks = [(*tsp_attention_in_flight(m, train, lay), "layer backward (attention)", True)]
+    if m.dense_layers:
+        blocks.append((*tsp_mlp_in_flight(m, train, lay), "layer backward (MLP)", False))
+    if m.is_moe:
+        blocks.append((*moe_in_flight(m, train, lay), "layer backward (MoE)", False))
+        if m.moe_shared_expert_intermediate_size:
+            blocks.append((*tsp_mlp_in_flight(shared_expert_model(m), train, lay),
+                           "layer backward (shared expert)", False))
+    return blocks
+
+
+def baseline_backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
+    """TP, TP+SP, CP, TP x CP, FSDP over CP: Megatron's MLP (or the MoE layer) and attention
+    backward, with FSDP's gathered layer beside each."""
+    b, C = m.dtype_bytes, lay.cp
+    fsdp = 0.0
+    if lay.kind == "fsdp_cp":
+        # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
+        # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
+        # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
+        # post-backward buffers 1.25 P_l at C = 4; not 2 gathered layers + fp32 grads), and the
+        # root's gathered output layer (V x h)
+        fsdp = (2 + 1 / C) * m.layer_matmul_params * b + m.embedding_params * b
+    dense_mlp = baseline_mlp_in_flight(m, train, lay) if m.dense_layers else (0.0, 0.0)
+    mlp_comm, mlp_scratch = dense_mlp
+    if m.is_moe:  # the larger of a dense layer's MLP and an MoE layer's backward
+        moe_comm, moe_scratch = moe_in_flight(m, train, lay)
+        # the baselines' shared expert is Megatron's SharedExpertMLP: never tiled
+        shared = baseline_mlp_in_flight(shared_expert_model(m), dataclasses.replace(train, mlp_chunk_tokens=0),
+                                        lay)[1] if m.moe_shared_expert_intermediate_size else 0.0
+        if moe_comm + max(moe_scratch, shared) > sum(dense_mlp):
+            mlp_comm, mlp_scratch = moe_comm, max(moe_scratch, shared)
+    return [(mlp_comm + fsdp, mlp_scratch, "layer backward (MLP)", False),
+            (*[x + y for x, y in zip(baseline_attention_in_flight(m, train, lay), (fsdp, 0.0))],
+             "layer backward (attention)", True)]
 
 
 def _is_mlp_item(key: str) -> bool:
@@ -636,10 +637,10 @@ def baseline_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple
     s = B * S / lay.token_shards
     core = B * S / C * mlp_chunk(train, s, B) / s  # tokens of the MLP region in one chunk (all of them untiled)
     f_c = core * m.f / T * b
-    gathered = core * m.hidden * b if lay.sequence_parallel else 0.0
-    scratch = max(f_c + gathered, 2 * f_c if m.gated else 0.0) + s * m.hidden * b
+    gathered = core * m.hidden_size * b if lay.sequence_parallel else 0.0
+    scratch = max(f_c + gathered, 2 * f_c if m.swiglu else 0.0) + s * m.hidden_size * b
     if train.mlp_chunk_tokens:
-        scratch += core * mlp_intermediates(m) / T * b + s * m.hidden * b
+        scratch += core * mlp_intermediates(m) / T * b + s * m.hidden_size * b
     return 0.0, scratch
 
 
@@ -667,7 +668,7 @@ def baseline_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) ->
     b, B, S, C, T = m.dtype_bytes, train.micro_batch_size, train.seq_length, lay.cp, lay.weight_shards
     comm = CP_ATTENTION_KV_UNITS * B * S * 2 * m.kv_dim / T * b if C > 1 else 0.0
     s = B * S / lay.token_shards
-    scratch = B * S / C * (m.q_dim + 2 * m.kv_dim) / T * b + s * m.hidden * b
+    scratch = B * S / C * (m.q_dim + 2 * m.kv_dim) / T * b + s * m.hidden_size * b
     if cp_ring(train, lay):
         comm = cp_ring_kv_buffers(m, train, lay)
         scratch += B * S / C * FP32 * m.q_dim / T  # dq accumulated over the ring steps in fp32
@@ -711,7 +712,7 @@ def tsp_attention_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tupl
     kv_bytes = streamed_kv_buffers(m, train, lay) if streamed else kv_buffers * kv
     comm = (shards + grads) * shard + kv_bytes
     # dx, the incoming gradient, do and two shards' dq, d(mixed qkv); recompute adds j's q, k/v, o
-    scratch = s * b * (2 * m.hidden + 3 * m.q_dim / D + (m.q_dim + 2 * m.kv_dim) / D)
+    scratch = s * b * (2 * m.hidden_size + 3 * m.q_dim / D + (m.q_dim + 2 * m.kv_dim) / D)
     if streamed:  # dq accumulated over the ring steps in fp32
         scratch += s * 4 * m.q_dim / D
     if not save:
@@ -744,9 +745,9 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
         # (TiledMLP's function) those of one chunk all-gathered (D chunks), the chunk's rebuilt
         # intermediates and the input gradient the chunks fill
         gathered = D * mlp_chunk(train, s, B)
-        scratch = 2 * gathered * 2 * m.f / D * b + 2 * s * m.hidden * b
+        scratch = 2 * gathered * 2 * m.f / D * b + 2 * s * m.hidden_size * b
         if tiled:
-            scratch += gathered * mlp_intermediates(m) / D * b + s * m.hidden * b
+            scratch += gathered * mlp_intermediates(m) / D * b + s * m.hidden_size * b
         return 0.0, scratch
     shard = m.mlp_params / D * b
     if exchange == "ring":
@@ -763,232 +764,10 @@ def tsp_mlp_in_flight(m: ModelSpec, train: TrainSpec, lay: Layout) -> tuple:
     # Tiled (parallel.mlp_chunk_tokens): the [., f/D] pieces and the rebuilt fc1 output (always
     # rebuilt then) of one chunk c = min(chunk, s) instead of s
     c = mlp_chunk(train, s)
-    scratch = c * b * (6 if m.gated else 3) * m.f / D + s * b * 2 * m.hidden
+    scratch = c * b * (6 if m.swiglu else 3) * m.f / D + s * b * 2 * m.hidden_size
     if in_layer_mode(lay, train) != "save" or tiled:
-        scratch += c * b * (2 if m.gated else 1) * m.f / D
+        scratch += c * b * (2 if m.swiglu else 1) * m.f / D
     return comm, scratch
-
-
-# -- communication ---------------------------------------------------------------------------
-
-def _link(group: int, stride: int, cluster: Cluster) -> str:
-    return "intra" if group * stride <= cluster.gpus_per_node else "inter"
-
-
-def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> List[CommItem]:
-    """Per-layer (and per-step) traffic of one GPU. `volume`: bytes it receives; `time_bytes`:
-    bytes over the collective's NCCL bus bandwidth gives its time."""
-    b, B, S = m.dtype_bytes, train.micro_batch_size, train.seq_length
-    mode = in_layer_mode(lay, train)
-    out: List[CommItem] = []
-
-    def add(name, phase, coll, volume, group, stride, overlapped, time_bytes=None, per_layer=True,
-            overlap_flops=None, per_micro=False, frac=1.0, link=None):
-        # frac: the share of the layers that run it (an MLP of dense layers only, the MoE
-        # layer's all-to-alls): per-layer items are per layer on average
-        if group > 1 and volume > 0 and frac > 0:
-            out.append(CommItem(name, phase, coll, volume * frac,
-                                (volume if time_bytes is None else time_bytes) * frac,
-                                group, link or _link(group, stride, cluster), overlapped, per_layer,
-                                None if overlap_flops is None else overlap_flops * frac, per_micro))
-
-    L = m.layers
-    dense_frac = m.dense_layers / L
-    moe_frac = m.moe_layers / L
-    # the layers whose MLP is a dense MLP of the layout (TSP's exchange, TP+SP's gathers): the dense
-    # layers, and the MoE layers' shared experts
-    mlps = [(m, dense_frac)] if m.dense_layers else []
-    if m.is_moe and m.shared_ffn:
-        mlps.append((shared_expert_model(m), moe_frac))
-
-    if lay.kind == "tsp":
-        D = lay.tsp_size
-        r = (D - 1) / D
-        Pa, Pm, KV = m.attn_params * b, m.mlp_params * b, B * S * 2 * m.kv_dim * b
-        exchange = mlp_exchange(train, lay)
-        # K/V: one shard of lag both ways (attention.py): shard j's all-gather is in flight while
-        # j-1 attends, j's dK/dV reduce-scatter while j-1 finishes. Modelled simply: one shard's
-        # transfer per layer and direction waits with nothing beside it (the forward's last
-        # gather, the backward's first re-gather and last reduce-scatter), the other D-1 overlap.
-        # With recompute the backward re-gathers synchronously (no prefetch).
-        prefetched = mode == "save"
-        streamed = train.tsp_attention_kv == "streamed"
-        for phase in ("fwd", "bwd"):
-            # D broadcasts of Pa/D: each rank receives (D-1)/D Pa; NCCL time = D x (Pa/D) / busbw
-            add("attention weight broadcast", phase, "broadcast", r * Pa, D, 1, True, time_bytes=Pa)
-            if streamed:
-                # per shard D-1 hops of [B S / D, 2 kv / D], each posted before the step it hides
-                # behind; with recompute the backward runs the forward's ring again. The overlap is
-                # not measured on the GPU yet: modelled as the gathered schedule's (one shard's
-                # transfer exposed per direction), so the planner prefers streaming only to fit
-                hops = 2 if phase == "bwd" and not prefetched else 1
-                add("K/V ring (D-1 shards, overlapped)", phase, "send_recv", hops * r * KV * (D - 1) / D, D, 1, True)
-                add("K/V ring (one shard, exposed)", phase, "send_recv", hops * r * KV / D, D, 1, False)
-            elif phase == "fwd" or prefetched:
-                add("K/V all-gather (D-1 shards, overlapped)", phase, "all_gather", r * KV * (D - 1) / D, D, 1, True)
-                add("K/V all-gather (one shard, exposed)", phase, "all_gather", r * KV / D, D, 1, False)
-            else:
-                add("K/V all-gather (synchronous with recompute)", phase, "all_gather", r * KV, D, 1, False)
-        if streamed:
-            # D hops per shard of the dK/dV partials (KV in all: the reduce-scatter's r KV and the
-            # hop home); as the K/V, one shard's modelled exposed
-            add("dK/dV ring (D-1 shards, overlapped)", "bwd", "send_recv", KV * (D - 1) / D, D, 1, True)
-            add("dK/dV ring (one shard, exposed)", "bwd", "send_recv", KV / D, D, 1, False)
-        else:
-            add("dK/dV reduce-scatter (D-1 shards, overlapped)", "bwd", "reduce_scatter", r * KV * (D - 1) / D, D, 1,
-                True)
-            add("dK/dV reduce-scatter (last shard, exposed)", "bwd", "reduce_scatter", r * KV / D, D, 1, False)
-        add("attention weight-grad reduce", "bwd", "reduce", r * Pa, D, 1, True, time_bytes=Pa)
-
-        def tsp_mlp_items(mm, frac, what="MLP"):
-            """TSP's MLP exchange for an MLP `mm` (a dense layer's, or the shared expert's) run by
-            `frac` of the layers."""
-            Pm = mm.mlp_params * b
-            s = B * S / D
-            fc1 = (2 if mm.gated else 1) * mm.f * mm.hidden / D  # fc1 elements of one shard
-            if exchange == "ring":
-                # each hop is posted a step ahead: it hides behind one shard's GEMMs (forward
-                # 2 s Pm/D) when those take longer. Backward: the D-1 weight hops and the D hops of
-                # the travelling gradient share the D shards' backward GEMMs (dgrad + wgrad, and fc1
-                # again with recompute); the last gradient hop has only the last dx GEMM beside it,
-                # so the share is spread evenly over the 2D - 1 hops.
-                shard_fwd = 2 * s * mm.mlp_params / D
-                bwd = D * (2 * shard_fwd + (0 if mode == "save" and not train.mlp_chunk_tokens else 2 * s * fc1))
-                add(f"{what} weight ring", "fwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
-                    overlap_flops=(D - 1) * shard_fwd)
-                add(f"{what} weight ring", "bwd", "send_recv", (D - 1) * Pm / D, D, 1, True, frac=frac,
-                    overlap_flops=bwd * (D - 1) / (2 * D - 1))
-                add(f"{what} grad ring (D hops)", "bwd", "send_recv", Pm, D, 1, True, frac=frac,
-                    overlap_flops=bwd * D / (2 * D - 1))
-            elif exchange == "broadcast":  # attention's exchange: prefetched broadcasts, asynchronous reduces
-                for phase in ("fwd", "bwd"):
-                    add(f"{what} weight broadcast", phase, "broadcast", r * Pm, D, 1, True, time_bytes=Pm, frac=frac)
-                add(f"{what} weight-grad reduce", "bwd", "reduce", r * Pm, D, 1, True, time_bytes=Pm, frac=frac)
-            elif exchange == "tokens":
-                # Megatron's sequence-parallel MLP on the TSP group, synchronous like TP+SP's:
-                # forward gathers its input and reduce-scatters its output; backward re-gathers the
-                # input (wgrad), gathers the output gradient and reduce-scatters the input gradient
-                X = r * B * S * mm.hidden * b
-                add(f"{what} input all-gather (tokens)", "fwd", "all_gather", X, D, 1, False, frac=frac)
-                add(f"{what} output reduce-scatter (tokens)", "fwd", "reduce_scatter", X, D, 1, False, frac=frac)
-                add(f"{what} all-gather (input for wgrad; output grad) (tokens)", "bwd", "all_gather", 2 * X, D, 1,
-                    False, frac=frac)
-                add(f"{what} input-grad reduce-scatter (tokens)", "bwd", "reduce_scatter", X, D, 1, False, frac=frac)
-
-        for mm, frac in mlps:
-            tsp_mlp_items(mm, frac, "shared expert" if mm is not m else "MLP")
-    if lay.kind in ("tp_sp", "tp_cp") and lay.tp > 1:
-        T = lay.tp
-        X = (T - 1) / T * B * S / lay.cp * m.hidden * b
-        # attention's gathers, and the MLP's where the layer has one (an MoE layer without a shared
-        # expert gathers nothing around its MLP: ETP = 1, the router and dispatcher see local tokens)
-        n = 1 + sum(frac for _, frac in mlps)
-        add("sequence all-gather (qkv, fc1 inputs)", "fwd", "all_gather", n * X, T, 1, False)
-        add("sequence reduce-scatter (proj, fc2 outputs)", "fwd", "reduce_scatter", n * X, T, 1, False)
-        add("all-gather (inputs for wgrad; output grads)", "bwd", "all_gather", 2 * n * X, T, 1, False)
-        add("reduce-scatter (input grads)", "bwd", "reduce_scatter", n * X, T, 1, False)
-    if lay.kind == "tp" and lay.tp > 1:
-        T = lay.tp
-        X = 2 * (T - 1) / T * B * S * m.hidden * b
-        add("all-reduce (proj, fc2 outputs)", "fwd", "all_reduce", 2 * X, T, 1, False)
-        add("all-reduce (qkv, fc1 input grads)", "bwd", "all_reduce", 2 * X, T, 1, False)
-    if cp_ring(train, lay):
-        # the ring (cp_comm_type p2p): C-1 K/V hops of [B S / C, 2 kv / T] per direction (the
-        # all-gather's bytes) and C dK/dV hops (the reduce-scatter's and the hop home), each posted
-        # before the step it could hide behind. That overlap is not measured on the GPU yet: every
-        # hop is modelled exposed, as the all-gather's synchronous collectives, so the planner
-        # picks p2p only to fit
-        C, T = lay.cp, lay.weight_shards
-        u = B * S / C * 2 * m.kv_dim / T * b
-        add("CP K/V ring", "fwd", "send_recv", (C - 1) * u, C, T, False)
-        add("CP K/V ring (again in backward)", "bwd", "send_recv", (C - 1) * u, C, T, False)
-        add("CP dK/dV ring (C hops)", "bwd", "send_recv", C * u, C, T, False)
-    elif lay.cp > 1:
-        C, T = lay.cp, lay.weight_shards
-        KV = (C - 1) / C * B * S * 2 * m.kv_dim / T * b
-        add("CP K/V all-gather", "fwd", "all_gather", KV, C, T, False)
-        add("CP K/V re-gather", "bwd", "all_gather", KV, C, T, False)
-        add("CP dK/dV reduce-scatter", "bwd", "reduce_scatter", KV, C, T, False)
-    if lay.kind == "fsdp_cp":
-        C = lay.cp
-        W = (C - 1) / C * m.layer_matmul_params
-        add("FSDP weight all-gather", "fwd", "all_gather", W * b, C, 1, True)
-        add("FSDP weight re-gather", "bwd", "all_gather", W * b, C, 1, True)
-        add("FSDP grad reduce-scatter (fp32)", "bwd", "reduce_scatter", W * FP32, C, 1, True)
-    if m.is_moe and train.expert_size > 1:
-        # the alltoall dispatcher: each GPU sends the k copies of its s tokens to the experts' GPUs
-        # (forward dispatch and combine, backward their adjoints), synchronous. Balanced routing:
-        # 1/EP of the copies stay, the rest go to each other GPU of the EP group alike; the EP
-        # group is EP consecutive ranks (TSP, TP and CP fastest), so min(EP, G) - 1 of its peers
-        # share this GPU's node and the other EP - min(EP, G) are reached over the inter-node link.
-        # The routing probabilities travel with the tokens (forward) and their gradients back.
-        EP, G = train.expert_size, cluster.gpus_per_node
-        s_moe = B * S / lay.token_shards
-        tokens, probs = s_moe * m.topk * m.hidden * b, s_moe * m.topk * b
-        for link, peers in (("intra", min(EP, G) - 1), ("inter", EP - min(EP, G))):
-            if peers:
-                for phase, what in (("fwd", "dispatch"), ("fwd", "combine"), ("bwd", "combine gradient"),
-                                    ("bwd", "dispatch gradient")):
-                    add(f"MoE all-to-all {what} ({link}-node peers)", phase, "all_to_all", tokens * peers / EP, EP, 1,
-                        False, frac=moe_frac, link=link)
-                for phase in ("fwd", "bwd"):
-                    add(f"MoE all-to-all routing probabilities ({link}-node peers)", phase, "all_to_all",
-                        probs * peers / EP, EP, 1, False, frac=moe_frac, link=link)
-    # Megatron's layer recompute runs the forward of each recomputed layer again in backward,
-    # with its communication (TSP's K/V gathers and weight exchange; TP+SP's gathers; CP's K/V)
-    rc = layer_recompute(m, train)
-    if rc.recomputed:
-        frac = rc.recomputed / m.layers  # per-layer items are per layer on average
-        for i in [i for i in out if i.per_layer and i.phase == "fwd"]:
-            out.append(CommItem(i.name + " (forward re-run by layer recompute)", "bwd", i.collective, i.volume * frac,
-                                i.time_bytes * frac, i.group, i.link, i.overlapped, True,
-                                None if i.overlap_flops is None else i.overlap_flops * frac))
-    if uses_local_head(train, lay) and lay.tsp_size > 1:
-        # the local head's vocab shards travel like attention's weight shards: D broadcasts in
-        # forward, again in backward, the gradients reduced onto their owners
-        D, Pv = lay.tsp_size, m.vocab * m.hidden * b
-        for phase in ("fwd", "bwd"):
-            add("LM-head vocab shard broadcast", phase, "broadcast", (D - 1) / D * Pv, D, 1, True, time_bytes=Pv,
-                per_layer=False, per_micro=True)
-        add("LM-head vocab-grad reduce", "bwd", "reduce", (D - 1) / D * Pv, D, 1, True, time_bytes=Pv,
-            per_layer=False, per_micro=True)
-    if train.offload_activations and rc.inputs:
-        # every checkpointed input goes to host in forward and comes back in backward, on copy
-        # engines beside the compute (hidden by it where the compute is longer)
-        x = rc.inputs * b * m.hidden * B * S / lay.token_shards
-        for phase, what in (("fwd", "device to host"), ("bwd", "host to device")):
-            out.append(CommItem(f"activation offload ({what})", phase, "host_copy", x, x, 1, "host", True,
-                                per_layer=False, per_micro=True))
-    # data-parallel gradient sync, once per step, over DP x CP (not FSDP: its grads are reduced above)
-    dp = cluster.world // lay.size
-    n = dp * (lay.cp if lay.kind != "fsdp_cp" else 1)
-    counts = param_counts(m, lay, train.expert_size)
-    P = counts["total"] - counts["experts"]
-    g = FP32 if train.grad_reduce_in_fp32 else b
-    stride = lay.weight_shards if lay.kind != "fsdp_cp" else lay.cp
-    if lay.kind == "fsdp_cp":
-        stride, n = lay.size, dp
-    if train.distributed_optimizer:
-        add("DP grad reduce-scatter", "step", "reduce_scatter", (n - 1) / n * P * g, n, stride, False, per_layer=False)
-        add("DP param all-gather", "step", "all_gather", (n - 1) / n * P * b, n, stride, False, per_layer=False)
-    else:
-        add("DP grad all-reduce", "step", "all_reduce", 2 * (n - 1) / n * P * g, n, stride, False, per_layer=False)
-    if counts["experts"]:
-        # the experts' gradients over expert-DP (GPUs / EP ranks, stride EP)
-        Pe, ne, EP = counts["experts"], cluster.world // train.expert_size, train.expert_size
-        if train.distributed_optimizer:
-            add("expert-DP grad reduce-scatter", "step", "reduce_scatter", (ne - 1) / ne * Pe * g, ne, EP, False,
-                per_layer=False)
-            add("expert-DP param all-gather", "step", "all_gather", (ne - 1) / ne * Pe * b, ne, EP, False,
-                per_layer=False)
-        else:
-            add("expert-DP grad all-reduce", "step", "all_reduce", 2 * (ne - 1) / ne * Pe * g, ne, EP, False,
-                per_layer=False)
-    return out
-
-
-def volume_per_layer(items: List[CommItem], phase: str) -> float:
-    return sum(i.volume for i in items if i.per_layer and i.phase == phase)
 
 
 # -- compute -----------------------------------------------------------------------------------
@@ -999,7 +778,7 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
     kernels execute, for the time model. `model_flops` (MFU) is planner/flops.py's count.
     MoE layers count the active weights (router, k experts, shared expert): balanced routing
     gives every GPU s k expert tokens."""
-    B, S, L = train.micro_batch_size, train.seq_length, m.layers
+    B, S, L = train.micro_batch_size, train.seq_length, m.num_layers
     mode = in_layer_mode(lay, train)
     n = lay.size  # every layout divides the work evenly over its GPUs
     active = m.active_matmul_params  # summed over the L layers
@@ -1021,20 +800,21 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
         if lay.kind != "tsp" or tokens:
             extra_mm += m.dense_layers * m.mlp_params / active
         elif mode == "save":
-            fc1_share = 2 / 3 if m.gated else 1 / 2
+            fc1_share = 2 / 3 if m.swiglu else 1 / 2
             extra_mm += fc1_share * (m.dense_layers * m.mlp_params + m.moe_layers * m.shared_params) / active
     # Megatron's layer recompute: one more forward of the recomputed layers (inside which TSP's
     # block mode still recomputes in its backward); selective: one more core-attention forward
     rerun = layer_recompute(m, train).recomputed / L
     extra_attn = extra + rerun + (1.0 if mode == "selective" else 0.0)
-    head = 2 * B * S * m.hidden * m.vocab / n * (4 if uses_local_head(train, lay) else 3)  # local: logits again
+    # the LM head (local: its logits again in backward)
+    head = 2 * B * S * m.hidden_size * m.vocab_size / n * (4 if uses_local_head(train, lay) else 3)
     return {
         "matmul": fwd_mm * (3 + extra_mm + rerun) + head,
         "attention": fwd_attn * (1 + extra_attn) + 2.5 * fwd_attn,
         # for MFU: the one model-FLOP count bench uses too (planner/flops.py: attention backward
         # = 2 x forward, no recompute, the LM head once), per GPU
         "model_flops": model_flops(layers=L, matmul_params_per_layer=active / L, q_dim=m.q_dim,
-                                   hidden=m.hidden, vocab=m.vocab, seq=S, batch=B,
+                                   hidden=m.hidden_size, vocab=m.vocab_size, seq=S, batch=B,
                                    document_length=train.document_length)["total"] / n,
     }
 
@@ -1043,7 +823,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     """HBM traffic of the memory-bound kernels per GPU per micro-batch (bytes), counted per op
     of the code path (docs/planner.md, "time"); the profile's `elementwise_efficiency` turns
     it into seconds."""
-    b, B, S, L, h = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.layers, m.hidden
+    b, B, S, L, h = m.dtype_bytes, train.micro_batch_size, train.seq_length, m.num_layers, m.hidden_size
     mode = in_layer_mode(lay, train)
     s = B * S / lay.token_shards
     w = lay.weight_shards
@@ -1056,24 +836,25 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     # and the shared expert; the dispatcher's permute / unpermute copies read and write the s
     # tokens and their k copies once each way; the layers' figures below are per layer on average
     Lm = m.moe_layers
-    f_act = ((L - Lm) * m.f + Lm * (m.topk * m.fe + (m.shared_ffn or 0))) / L
-    f_tsp = ((L - Lm) * m.f + Lm * (m.shared_ffn or 0)) / L  # width of the MLP TSP recomputes and rings
+    f_act = ((L - Lm) * m.f + Lm * (m.moe_router_topk * m.fe + (m.moe_shared_expert_intermediate_size or 0))) / L
+    # width of the MLP TSP recomputes and rings (dense, shared expert)
+    f_tsp = ((L - Lm) * m.f + Lm * (m.moe_shared_expert_intermediate_size or 0)) / L
     m_act = dataclasses.replace(m, ffn_hidden_size=max(1, round(f_act)), num_experts=None)
     # composite fp32: fwd 36h + bwd 72h bytes per token; lean (estimated, not profiled): the same
     # ops, plus the backward rebuilding the fp32 normalized value from the saved input (+18h);
     # fused: one read and one write each way
     norm = {"torch": 108 * h, "lean": 126 * h, "fused": 6 * h * b}[train.norm]
     rope = 28 * (m.q_dim + m.kv_dim) * b / 2  # per token, one direction
-    act = (16 if m.gated else 4) * m_act.f * b / 2  # fwd
-    act_bwd = (26 if m.gated else 6) * m_act.f * b / 2
-    act_tsp = (16 if m.gated else 4) * f_tsp * b / 2  # the part TSP's block mode recomputes
+    act = (16 if m.swiglu else 4) * m_act.f * b / 2  # fwd
+    act_bwd = (26 if m.swiglu else 6) * m_act.f * b / 2
+    act_tsp = (16 if m.swiglu else 4) * f_tsp * b / 2  # the part TSP's block mode recomputes
     resid = 24 * h * b / 2
     per_layer = 2 * norm * s + resid * s
     per_layer += s_core_width * (rope * (2 + refwd) + act + (0 if tokens_mlp else refwd) * act_tsp + act_bwd)
     if train.mlp_chunk_tokens:  # the tiled MLP's activation again in backward (TSP's block mode already reruns it)
         per_layer += s_core_width * ((L - Lm) / L * act * m.f / m_act.f if (lay.kind != "tsp" or tokens_mlp)
                                      else (0 if refwd else act_tsp))
-    per_layer += Lm / L * 4 * (1 + m.topk) * h * b * s  # MoE permute / unpermute, forward and backward
+    per_layer += Lm / L * 4 * (1 + m.moe_router_topk) * h * b * s  # MoE permute / unpermute, forward and backward
     P_layer = (m.dense_layers * m.layer_matmul_params / w + (m.moe_layers * (
         (m.attn_params + m.shared_params) / w + m.router_params + m.shared_gate_params
         + m.num_experts / train.expert_size * m.expert_params)
@@ -1084,17 +865,18 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
         blocks = 1 if tokens_mlp else 2
         per_layer += (2 * D - 1) * blocks * 6 * h * b / 2 * s  # out.add_ / dx.add_ per shard
         per_layer += (2 + refwd) * (2 * 2 * m.kv_dim * b * D + 2 * m.q_dim * b) * s  # zigzag K/V copy, cat
-        mlp_tsp = 3 * h * f_tsp if m.gated else 2 * h * f_tsp  # the TSP MLP's weights (dense, shared expert)
+        mlp_tsp = 3 * h * f_tsp if m.swiglu else 2 * h * f_tsp  # the TSP MLP's weights (dense, shared expert)
         packed = m.attn_params if tokens_mlp else m.attn_params + mlp_tsp
         per_layer += packed / D * b * (2 * 2 + 2)  # pack (fwd, bwd), cat of grads
         if mlp_exchange(train, lay) == "ring":
             per_layer += (D - 1) * 3 * mlp_tsp / D * b  # ring gradient adds
     # Megatron's layer recompute reruns the forward's memory-bound ops of the recomputed layers
-    fwd_part = 2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act) + Lm / L * 2 * (1 + m.topk) * h * b * s
+    fwd_part = (2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act)
+                + Lm / L * 2 * (1 + m.moe_router_topk) * h * b * s)
     if lay.kind == "tsp":
         fwd_part += (lay.tsp_size * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp_size + 2 * m.q_dim * b) * s
     per_layer += fwd_part * layer_recompute(m, train).recomputed / L
-    logits = 60 * B * S / lay.cp * m.vocab / w
+    logits = 60 * B * S / lay.cp * m.vocab_size / w
     return {"layers": per_layer * L, "logits": logits, "total": per_layer * L + logits}
 
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .formulas import GIB, memory
 from .model import Cluster, Layout, ModelSpec, PlanError, TrainSpec, candidate_layouts, check_layout
+from .plan import fits, plan_layout
 
 MAX_SEQ = 4 * 2**20
 CONTEXTS_REPORTED = (65536, 131072, 262144)
@@ -87,14 +88,10 @@ class _Search:
         return dataclasses.replace(self.base, seq_length=S, global_batch_size=None, **kw)
 
     def _fits(self, t: TrainSpec) -> bool:
-        from . import fits
-
         return fits(memory(self.m, t, self.lay, self.cluster), self.cluster, self.hw)
 
     def _fits_gpu(self, t: TrainSpec) -> bool:
         """GPU memory only: monotone in block's N (host memory for offload rises with N)."""
-        from . import fits
-
         return fits(memory(self.m, t, self.lay, self.cluster), dataclasses.replace(self.cluster, host_memory_gib=None),
                     dataclasses.replace(self.hw, host_memory_gib=None))
 
@@ -114,7 +111,7 @@ class _Search:
     def fitting(self, S: int) -> List[TrainSpec]:
         """The configurations worth timing at S: every family's fitting ones (the smallest fitting
         N of uniform and of block)."""
-        L = self.m.layers
+        L = self.m.num_layers
         out: List[TrainSpec] = []
         for fam in self.families():
             plain = self._train(S, recompute="none", recompute_method="uniform", recompute_num_layers=None,
@@ -153,8 +150,6 @@ class _Search:
 
     def best(self, S: int):
         """(Plan, TrainSpec) of the fastest configuration that fits at S, or None."""
-        from . import plan_layout
-
         try:
             check_layout(self.m, self._train(S), self.lay, self.cluster)
         except PlanError:
@@ -235,7 +230,8 @@ def render(m: ModelSpec, train: TrainSpec, cluster: Cluster, hw, rows: List[dict
     from .report import _table
 
     cap = cluster.gpu_memory_gib or hw.gpu_memory_gib
-    head = (f"{m.name}: L={m.layers} h={m.hidden} heads={m.heads} kv_groups={m.groups} ffn={m.f} V={m.vocab} "
+    head = (f"{m.name}: L={m.num_layers} h={m.hidden_size} heads={m.num_attention_heads} kv_groups={m.groups} "
+            f"ffn={m.f} V={m.vocab_size} "
             f"{m.dtype} | {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware "
             f"{hw.name} (host copies {hw.host_gb_s:g} GB/s, host memory "
             f"{_host(cluster, hw)}) | norms {train.norm}, micro-batch {train.micro_batch_size}, "

@@ -1,27 +1,70 @@
-"""The planner's inputs: a model shape, the training settings, and a parallel layout.
+"""The planner's inputs: a model, the training settings, a parallel layout and a cluster.
+
+The model and the training settings are recipe keys: `ModelSpec` and `TrainSpec` take the fields
+MODEL_KEYS and TRAIN_KEYS name from the recipe's dataclasses (megatron_tsp.config: ModelRecipe,
+ParallelRecipe, TrainRecipe) with the types, defaults and meanings declared there
+(`config.recipe_fields`), and declare only the planner's own settings and defaults. Their
+properties are what the formulas derive from the keys (docs/planner.md's symbols: g, f, d, ...).
 
 Pure Python (no torch, no megatron import): the planner runs anywhere in well under a second.
-Every check raises `PlanError` (a `TSPConfigError`) naming the flag at fault.
+Every check raises `PlanError` (a `TSPConfigError`) naming the key or the flag at fault.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
-from ..config import ATTENTION_KV, CP_COMM_TYPES
-from ..config import (LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES, NORMALIZATIONS,  # noqa: F401
-                      RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES, ModelShape, ParallelRecipe, TrainRecipe,
-                      TSPConfigError, field_default, moe_layer_pattern)
+from ..config import (ATTENTION_KV, CP_COMM_TYPES, LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES,
+                      NORMALIZATIONS, RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES,
+                      TSPConfigError, moe_layer_pattern, recipe_fields)
 from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
 NORMS = ("lean", "torch", "fused")
-# the CLI flags of ModelSpec's fields (errors name the flag a user typed; from a recipe, the key reads the same)
-_FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "num_attention_heads": "--heads",
-          "num_query_groups": "--kv-groups", "ffn_hidden_size": "--ffn", "vocab_size": "--vocab"}
+OPTIMIZERS = ("adam", "none")
+REQUIRED = dataclasses.MISSING
+
+# The recipe keys the planner models ({key: its section}, in the order of the planner's output).
+MODEL_KEYS = {k: "model" for k in (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size", "dtype",
+    "swiglu", "share_embeddings_and_output_weights", "normalization", "num_experts", "moe_ffn_hidden_size",
+    "moe_router_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_layer_freq",
+    "moe_router_score_function", "moe_router_pre_softmax", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+    "moe_z_loss_coeff")}
+TRAIN_KEYS = {"seq_length": "model", "micro_batch_size": "train", "distributed_optimizer": "train",
+              **{k: "parallel" for k in ("recompute", "recompute_method", "recompute_num_layers", "tsp_recompute",
+                                         "offload_activations", "tsp_lm_head", "lm_head_chunk_tokens",
+                                         "tsp_mlp_exchange", "tsp_attention_kv", "cp_comm_type", "mlp_chunk_tokens",
+                                         "expert_size")},
+              "optimizer_cpu_offload": "train", "optimizer_offload_fraction": "train"}
+# The planner's defaults where the recipe's (the tiny CPU recipe's) are none for what it plans: a
+# model given by flags is a real one on GPUs; one sequence per micro-batch; tsp's head.
+MODEL_DEFAULTS = {"num_layers": REQUIRED, "hidden_size": REQUIRED, "num_attention_heads": REQUIRED,
+                  "ffn_hidden_size": None,  # 4 x hidden_size, Megatron's default
+                  "vocab_size": 32000, "dtype": "bfloat16"}
+TRAIN_DEFAULTS = {"seq_length": REQUIRED, "micro_batch_size": 1,
+                  "tsp_lm_head": "local"}  # the recipe's null: local under tsp (the baselines run Megatron's)
+# what a null default stands for, where the recipe's docstring does not say it
+NULL_MEANS = {"ffn_hidden_size": "4 x hidden_size"}
+# the values a key or setting may take (the checks below and the command line's choices)
+CHOICES = {"dtype": tuple(DTYPE_BYTES), "normalization": NORMALIZATIONS, "moe_router_score_function": ROUTER_SCORES,
+           "recompute": LAYER_RECOMPUTE, "recompute_method": RECOMPUTE_METHODS, "tsp_recompute": RECOMPUTE_MODES,
+           "tsp_lm_head": LM_HEADS, "tsp_mlp_exchange": MLP_EXCHANGES, "tsp_attention_kv": ATTENTION_KV,
+           "cp_comm_type": CP_COMM_TYPES, "optimizer": OPTIMIZERS, "norm": NORMS}
+# The command line's flag of each input is `--` + its name in dashes (`--num-query-groups`); these
+# shorter spellings, the planner's own since its first version, name them too (and in its errors).
+FLAG_ALIASES = {"num_layers": "--layers", "hidden_size": "--hidden", "num_attention_heads": "--heads",
+                "num_query_groups": "--kv-groups", "ffn_hidden_size": "--ffn", "vocab_size": "--vocab",
+                "swiglu": "--gated", "seq_length": "--seq-len", "micro_batch_size": "--micro-batch",
+                "global_batch_size": "--global-batch"}
+
+
+def flag(name: str) -> str:
+    """The flag an error names for the input `name`: its short spelling, else --name-in-dashes."""
+    return FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
 
 
 def _positive(flag: str, value) -> None:
@@ -44,143 +87,108 @@ def check_seq_len(flag: str, value) -> None:
                         "(2^24: Megatron's RoPE positions are float32, exact integers only up to 2^24)")
 
 
-# recipe defaults (megatron_tsp.config): the planner's inputs take the recipe's names and defaults
-_SHAPE = {f.name: field_default(f) for f in dataclasses.fields(ModelShape)}
-_PARALLEL = {f.name: field_default(f) for f in dataclasses.fields(ParallelRecipe)}
-_TRAIN = {f.name: field_default(f) for f in dataclasses.fields(TrainRecipe)}
-
-
 @dataclass(frozen=True)
+@recipe_fields(MODEL_KEYS, MODEL_DEFAULTS)
 class ModelSpec:
     """A GPT: Megatron's local spec, RMSNorm or LayerNorm, RoPE, untied embeddings by default.
 
-    The fields are the recipe's `model` keys (megatron_tsp.config.ModelShape: names, meanings
-    and defaults declared there), plus the planner's `dtype` (GPUs: bfloat16 by default) and a
-    `name`. The formulas read the symbols of docs/planner.md (properties below: `layers` L,
-    `hidden` h, `heads`, `groups`, `f`, `vocab` V, ...). A gated (SwiGLU) MLP has fc1 of 2f x h.
-    With `num_experts` E the layers `moe_layer_freq` picks are mixture-of-experts layers
-    (Megatron's MoELayer: a router h x E, E routed experts of width fe of which each token takes
-    k, an optional shared expert of width fs); the others stay dense."""
+    Its fields are the recipe's `model` keys MODEL_KEYS (ModelRecipe's: meanings and defaults
+    declared there; a model without a recipe: MODEL_DEFAULTS, ffn_hidden_size None = 4h) and a
+    `name`. A gated (swiglu) MLP has fc1 of 2f x h. With `num_experts` E the layers
+    `moe_layer_freq` picks are mixture-of-experts layers (Megatron's MoELayer: a router h x E, E
+    routed experts of width fe of which each token takes k = moe_router_topk, an optional shared
+    expert of width fs = moe_shared_expert_intermediate_size); the others stay dense. Lists of
+    the recipe (moe_layer_freq, moe_router_load_balancing_type) are tuples here."""
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: Optional[int] = _SHAPE["num_query_groups"]  # None: MHA
-    ffn_hidden_size: Optional[int] = None  # None: 4h (Megatron's default; the tiny recipe's 128 is not a default here)
-    vocab_size: int = 32000  # a real tokenizer's, not the tiny recipe's 128
-    dtype: str = "bfloat16"  # the recipe's model.dtype; the planner plans GPUs
-    swiglu: bool = _SHAPE["swiglu"]
-    share_embeddings_and_output_weights: bool = _SHAPE["share_embeddings_and_output_weights"]
-    normalization: str = _SHAPE["normalization"]  # RMSNorm (one fp32 statistic per token: rstd) or LayerNorm
     name: str = "model"
-    # mixture of experts; num_experts None: dense
-    num_experts: Optional[int] = _SHAPE["num_experts"]
-    moe_ffn_hidden_size: Optional[int] = _SHAPE["moe_ffn_hidden_size"]
-    moe_router_topk: int = _SHAPE["moe_router_topk"]
-    moe_shared_expert_intermediate_size: Optional[int] = _SHAPE["moe_shared_expert_intermediate_size"]
-    moe_shared_expert_gate: bool = _SHAPE["moe_shared_expert_gate"]
-    moe_layer_freq: Union[int, Tuple[int, ...]] = _SHAPE["moe_layer_freq"]  # every N layers, or one 0/1 per layer
-    moe_router_score_function: str = _SHAPE["moe_router_score_function"]
-    moe_router_pre_softmax: bool = _SHAPE["moe_router_pre_softmax"]
-    moe_router_load_balancing_type: Union[str, Tuple[str, ...]] = _SHAPE["moe_router_load_balancing_type"]
-    moe_aux_loss_coeff: float = _SHAPE["moe_aux_loss_coeff"]
-    moe_z_loss_coeff: Optional[float] = _SHAPE["moe_z_loss_coeff"]
 
     def __post_init__(self):
-        for key, v in (("num_layers", self.num_layers), ("hidden_size", self.hidden_size),
-                       ("num_attention_heads", self.num_attention_heads), ("vocab_size", self.vocab_size)):
-            _positive(_FLAGS.get(key, f"model.{key}"), v)
-        if self.num_query_groups is not None:
-            _positive(_FLAGS["num_query_groups"], self.num_query_groups)
-        if self.ffn_hidden_size is not None:
-            _positive(_FLAGS["ffn_hidden_size"], self.ffn_hidden_size)
-        if self.hidden % self.heads:
-            raise PlanError(f"--hidden = {self.hidden} must be divisible by --heads = {self.heads}")
-        if self.heads % self.groups:
-            raise PlanError(f"--heads = {self.heads} must be divisible by --kv-groups = {self.groups}")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+            _positive(flag(key), getattr(self, key))
+        for key in ("num_query_groups", "ffn_hidden_size"):
+            if getattr(self, key) is not None:
+                _positive(flag(key), getattr(self, key))
+        if self.hidden_size % self.num_attention_heads:
+            raise PlanError(f"--hidden = {self.hidden_size} must be divisible by --heads = {self.num_attention_heads}")
+        if self.num_attention_heads % self.groups:
+            raise PlanError(f"--heads = {self.num_attention_heads} must be divisible by --kv-groups = {self.groups}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"--dtype = {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.normalization not in NORMALIZATIONS:
             raise PlanError(f"model.normalization = {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.num_experts is not None:
-            _positive("model.num_experts", self.num_experts)
-            _positive("model.moe_router_topk", self.topk)
-            if self.topk > self.num_experts:
-                raise PlanError(f"model.moe_router_topk = {self.topk} must be at most model.num_experts = "
-                                f"{self.num_experts}")
-            for key, v in (("model.moe_ffn_hidden_size", self.moe_ffn),
-                           ("model.moe_shared_expert_intermediate_size", self.shared_ffn)):
-                if v is not None:
-                    _positive(key, v)
-            if self.router_score not in ROUTER_SCORES:
-                raise PlanError(f"model.moe_router_score_function = {self.router_score!r} is not one of "
-                                f"{', '.join(ROUTER_SCORES)}")
-            for t in self.load_balancing_types:
-                if t not in LOAD_BALANCING:
-                    raise PlanError(f"model.moe_router_load_balancing_type = {t!r} is not modelled by the planner "
-                                    f"(one of {', '.join(LOAD_BALANCING)})")
-            freq = list(self.moe_layer_freq) if isinstance(self.moe_layer_freq, (list, tuple)) else self.moe_layer_freq
-            try:
-                moe_layer_pattern(_Freq(freq, self.layers))
-            except TSPConfigError as e:
-                raise PlanError(f"model.moe_layer_freq: {e}") from None
+            self._check_experts()
 
-    # symbols of docs/planner.md
-    @property
-    def layers(self) -> int:
-        return self.num_layers
+    def _check_experts(self):
+        E, k = self.num_experts, self.moe_router_topk
+        _positive("model.num_experts", E)
+        _positive("model.moe_router_topk", k)
+        if k > E:
+            raise PlanError(f"model.moe_router_topk = {k} must be at most model.num_experts = {E}")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, key) is not None:
+                _positive(f"model.{key}", getattr(self, key))
+        if self.moe_router_score_function not in ROUTER_SCORES:
+            raise PlanError(f"model.moe_router_score_function = {self.moe_router_score_function!r} is not one of "
+                            f"{', '.join(ROUTER_SCORES)}")
+        for t in self.load_balancing_types:
+            if t not in LOAD_BALANCING:
+                raise PlanError(f"model.moe_router_load_balancing_type = {t!r} is not modelled by the planner "
+                                f"(one of {', '.join(LOAD_BALANCING)})")
+        try:
+            moe_layer_pattern(self)
+        except TSPConfigError as e:
+            raise PlanError(f"model.moe_layer_freq: {e}") from None
 
+    # what the formulas derive (docs/planner.md's symbols)
     @property
-    def hidden(self) -> int:
-        return self.hidden_size
+    def groups(self) -> int:
+        """KV groups g: num_query_groups, or the heads (MHA)."""
+        return self.num_query_groups or self.num_attention_heads
 
     @property
-    def heads(self) -> int:
-        return self.num_attention_heads
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
     @property
-    def kv_groups(self) -> Optional[int]:
-        return self.num_query_groups
+    def f(self) -> int:
+        """MLP width f: ffn_hidden_size, or 4h."""
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
 
     @property
-    def ffn(self) -> Optional[int]:
-        return self.ffn_hidden_size
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
 
     @property
-    def vocab(self) -> int:
-        return self.vocab_size
+    def kv_dim(self) -> int:
+        """Width of K (and of V): g x head_dim."""
+        return self.groups * self.head_dim
 
     @property
-    def gated(self) -> bool:
-        return self.swiglu
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
 
     @property
-    def tied_embeddings(self) -> bool:
-        return self.share_embeddings_and_output_weights
+    def norm_stats(self) -> int:
+        """fp32 statistics per token a lean norm keeps: RMSNorm rstd; LayerNorm mean and rstd."""
+        return 2 if self.normalization == "LayerNorm" else 1
 
     @property
-    def moe_ffn(self) -> Optional[int]:
-        return self.moe_ffn_hidden_size
+    def attn_params(self) -> int:
+        """Wqkv (h x (q + 2 kv)) + Wo (q x h), no biases."""
+        h = self.hidden_size
+        return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
 
     @property
-    def topk(self) -> int:
-        """Experts per token k."""
-        return self.moe_router_topk
+    def mlp_params(self) -> int:
+        return (3 if self.swiglu else 2) * self.hidden_size * self.f
 
     @property
-    def shared_ffn(self) -> Optional[int]:
-        """Shared expert width fs; None: no shared expert."""
-        return self.moe_shared_expert_intermediate_size
+    def layer_matmul_params(self) -> int:
+        """Matmul weights of a dense layer (attention + MLP)."""
+        return self.attn_params + self.mlp_params
 
-    @property
-    def router_score(self) -> str:
-        return self.moe_router_score_function
-
-    @property
-    def router_pre_softmax(self) -> bool:
-        """Softmax over all E before the top-k (saves [E] per token, not [k])."""
-        return self.moe_router_pre_softmax
-
+    # mixture of experts (all 0 / empty for a dense model)
     @property
     def load_balancing_types(self) -> Tuple[str, ...]:
         t = self.moe_router_load_balancing_type
@@ -196,62 +204,13 @@ class ModelSpec:
         return bool(self.moe_z_loss_coeff or 0)
 
     @property
-    def norm_stats(self) -> int:
-        """fp32 statistics per token a lean norm keeps: RMSNorm rstd; LayerNorm mean and rstd."""
-        return 2 if self.normalization == "LayerNorm" else 1
-
-    @property
-    def groups(self) -> int:
-        return self.kv_groups or self.heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def f(self) -> int:
-        return self.ffn if self.ffn is not None else 4 * self.hidden
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of K (and of V): kv_groups x head_dim."""
-        return self.groups * self.head_dim
-
-    @property
-    def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype]
-
-    @property
-    def attn_params(self) -> int:
-        """Wqkv (h x (q + 2 kv)) + Wo (q x h), no biases."""
-        h = self.hidden
-        return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h
-
-    @property
-    def mlp_params(self) -> int:
-        return (3 if self.gated else 2) * self.hidden * self.f
-
-    @property
-    def layer_matmul_params(self) -> int:
-        """Matmul weights of a dense layer (attention + MLP)."""
-        return self.attn_params + self.mlp_params
-
-    # mixture of experts (all 0 / empty for a dense model)
-    @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
 
     @property
     def moe_pattern(self) -> List[int]:
         """1 for an MoE layer, 0 for a dense one (Megatron's reading of moe_layer_freq)."""
-        if not self.is_moe:
-            return [0] * self.layers
-        freq = list(self.moe_layer_freq) if isinstance(self.moe_layer_freq, (list, tuple)) else self.moe_layer_freq
-        return moe_layer_pattern(_Freq(freq, self.layers))
+        return moe_layer_pattern(self) if self.is_moe else [0] * self.num_layers
 
     @property
     def moe_layers(self) -> int:
@@ -259,31 +218,33 @@ class ModelSpec:
 
     @property
     def dense_layers(self) -> int:
-        return self.layers - self.moe_layers
+        return self.num_layers - self.moe_layers
 
     @property
     def fe(self) -> int:
-        """Width of one routed expert's MLP."""
-        return self.moe_ffn if self.moe_ffn is not None else self.f
+        """Width of one routed expert's MLP: moe_ffn_hidden_size, or f."""
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.f
 
     @property
     def expert_params(self) -> int:
         """One routed expert (ETP = 1: whole on its rank)."""
-        return (3 if self.gated else 2) * self.hidden * self.fe if self.is_moe else 0
+        return (3 if self.swiglu else 2) * self.hidden_size * self.fe if self.is_moe else 0
 
     @property
     def shared_params(self) -> int:
-        return (3 if self.gated else 2) * self.hidden * self.shared_ffn if self.is_moe and self.shared_ffn else 0
+        fs = self.moe_shared_expert_intermediate_size
+        return (3 if self.swiglu else 2) * self.hidden_size * fs if self.is_moe and fs else 0
 
     @property
     def shared_gate_params(self) -> int:
         """The shared expert's gate, a [1, h] weight (replicated on every rank of the layer, like the router)."""
-        return self.hidden if self.is_moe and self.shared_ffn and self.moe_shared_expert_gate else 0
+        shared = self.is_moe and self.moe_shared_expert_intermediate_size
+        return self.hidden_size if shared and self.moe_shared_expert_gate else 0
 
     @property
     def router_params(self) -> int:
         """The router's h x E weight (replicated on every rank of the layer)."""
-        return self.hidden * self.num_experts if self.is_moe else 0
+        return self.hidden_size * self.num_experts if self.is_moe else 0
 
     @property
     def moe_layer_params(self) -> int:
@@ -294,7 +255,7 @@ class ModelSpec:
     @property
     def moe_active_params(self) -> int:
         """Matmul weights one token passes in an MoE layer: attention, router, k experts, shared (and its gate)."""
-        return (self.attn_params + self.router_params + self.topk * self.expert_params + self.shared_params
+        return (self.attn_params + self.router_params + self.moe_router_topk * self.expert_params + self.shared_params
                 + self.shared_gate_params)
 
     @property
@@ -311,37 +272,38 @@ class ModelSpec:
 
     @property
     def layer_norm_params(self) -> int:
-        return 2 * self.hidden
+        return 2 * self.hidden_size
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab * self.hidden
+        return self.vocab_size * self.hidden_size
 
     @property
     def total_params(self) -> int:
-        heads = 1 if self.tied_embeddings else 2
-        return (self.matmul_params_total + self.layers * self.layer_norm_params
-                + heads * self.embedding_params + self.hidden)
+        heads = 1 if self.share_embeddings_and_output_weights else 2
+        return (self.matmul_params_total + self.num_layers * self.layer_norm_params
+                + heads * self.embedding_params + self.hidden_size)
 
     @classmethod
     def from_recipe(cls, path: str, overrides: List[str] = ()):
         """(ModelSpec, seq_length) of a training recipe (configs/*.yaml) with overrides, read
-        without torch or megatron (planner/recipe_reader.py): every `model` key that is a field
-        here, by its name. Values the planner cannot model are a PlanError naming the key."""
+        without torch or megatron (planner/recipe_reader.py): its MODEL_KEYS. Values the planner
+        cannot model are a PlanError naming the key."""
         from .recipe_reader import read_recipe
 
         m = read_recipe(path, list(overrides))["model"]
         for key, bad, why in (
                 ("add_bias_linear", m["add_bias_linear"], "linear biases are not modelled by the planner"),
                 ("position_embedding_type", m["position_embedding_type"] != "rope", "the planner models rope only"),
-                ("moe_expert_capacity_factor", m["num_experts"] is not None and m["moe_expert_capacity_factor"] is not None,
+                ("moe_expert_capacity_factor",
+                 m["num_experts"] is not None and m["moe_expert_capacity_factor"] is not None,
                  "token dropping is not modelled by the planner (it assumes balanced routing, under which nothing "
                  "is dropped; plan without it)")):
             if bad:
                 raise PlanError(f"model.{key} = {_yaml(m[key])}: {why}")
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
             _positive(f"model.{key}", m[key])
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in MODEL_FIELDS}
+        kw = {k: tuple(m[k]) if isinstance(m[k], list) else m[k] for k in MODEL_KEYS}
         return cls(**kw, name=path.rsplit("/", 1)[-1].rsplit(".", 1)[0]), m["seq_length"]
 
 
@@ -349,50 +311,29 @@ def _yaml(value) -> str:
     return "true" if value is True else repr(value) if isinstance(value, str) else str(value)
 
 
-class _Freq:
-    """What megatron_tsp.config.moe_layer_pattern reads of a config."""
-
-    def __init__(self, moe_layer_freq, num_layers):
-        self.moe_layer_freq, self.num_layers = moe_layer_freq, num_layers
-
-
 @dataclass(frozen=True)
+@recipe_fields(TRAIN_KEYS, TRAIN_DEFAULTS)
 class TrainSpec:
     """One optimizer step: `micro_batch_size` sequences of `seq_length` tokens per micro-batch
-    and model replica, `global_batch_size` sequences per step (default: micro-batch x data
-    parallel). The fields named as a recipe `parallel` / `train` key are that key (meaning and
-    default in megatron_tsp.config); the others are the planner's own."""
+    and model replica. Its fields are the recipe keys TRAIN_KEYS (meanings and defaults in
+    megatron_tsp.config; the planner's own defaults: TRAIN_DEFAULTS) and the planner's own
+    settings below."""
 
-    seq_length: int  # model.seq_length (the context S)
-    micro_batch_size: int = 1  # train.micro_batch_size (the planner's default: one sequence)
-    # the planner plans every data-parallel size; None: one micro-batch per replica (the recipe's
-    # train.global_batch_size is for the recipe's own layout: not read)
     global_batch_size: Optional[int] = None
-    optimizer: str = "adam"  # adam; none: forward + backward only (no optimizer state, no step)
-    distributed_optimizer: bool = _TRAIN["distributed_optimizer"]
-    recompute: str = _PARALLEL["recompute"]
-    recompute_method: str = _PARALLEL["recompute_method"]
-    recompute_num_layers: Optional[int] = _PARALLEL["recompute_num_layers"]  # None: 1 (uniform), L (block)
-    tsp_recompute: str = _PARALLEL["tsp_recompute"]
-    offload_activations: bool = _PARALLEL["offload_activations"]
-    tsp_lm_head: str = "local"  # the recipe's null: local under tsp (the baselines run Megatron's)
-    lm_head_chunk_tokens: int = _PARALLEL["lm_head_chunk_tokens"]
-    tsp_mlp_exchange: str = _PARALLEL["tsp_mlp_exchange"]
-    tsp_attention_kv: str = _PARALLEL["tsp_attention_kv"]  # gathered | streamed (TSP's K/V around the ring)
-    cp_comm_type: str = _PARALLEL["cp_comm_type"]  # all_gather | p2p (the CP baseline's K/V around the CP ring)
-    mlp_chunk_tokens: int = _PARALLEL["mlp_chunk_tokens"]  # 0: untiled; every layout's dense MLP (and TSP's shared expert)
-    expert_size: int = _PARALLEL["expert_size"]  # EP of MoE models, the same for every layout planned
-    # the optimizer's state (fp32 main weights, Adam moments) on the host for this fraction of the
-    # stepped parameters (megatron-core's HybridDeviceOptimizer); needs the distributed optimizer
-    optimizer_cpu_offload: bool = _TRAIN["optimizer_cpu_offload"]
-    optimizer_offload_fraction: float = _TRAIN["optimizer_offload_fraction"]
-    grad_reduce_in_fp32: bool = True  # megatron_tsp.training.build.wrap_ddp_and_optimizer sets it
-    # lean: TSPNorm saves its input (model dtype) + per-token fp32 statistics; torch: torch's
-    # composite norm before lean norms (two fp32 copies); fused: TE's kernel (as lean in memory)
+    """Sequences per step (the recipe's train.global_batch_size is for its own layout; the planner
+    plans every data-parallel size); null: one micro-batch per model replica."""
+    optimizer: str = "adam"
+    """adam, or none: forward and backward only (no optimizer state, no step)."""
+    grad_reduce_in_fp32: bool = True
+    """Gradients reduced and kept in fp32 (megatron_tsp.training.build.wrap_ddp_and_optimizer sets it)."""
     norm: str = "lean"
-    # packed documents of this many tokens under document masks (data.reset_attention_mask): the
-    # attention FLOPs are those inside documents; 0: one document per sequence
+    """How a norm saves its input: lean (TSPNorm: its input in the model dtype and per-token fp32
+    statistics), torch (torch's composite norm, TSPNorm before lean norms: two fp32 copies) or
+    fused (TE's kernel: as lean in memory)."""
     document_length: int = 0
+    """Packed documents of this many tokens under document masks (data.reset_attention_mask): the
+    attention FLOPs are those inside documents only, as a kernel that skips masked blocks;
+    0: one document per sequence."""
 
     def __post_init__(self):
         check_seq_len("--seq-len (model.seq_length)", self.seq_length)
@@ -401,24 +342,16 @@ class TrainSpec:
             _positive("--global-batch", self.global_batch_size)
         if self.document_length < 0:
             raise PlanError(f"--document-length = {self.document_length} must be >= 0 (0: one document per sequence)")
-        if self.optimizer not in ("adam", "none"):
+        if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"--optimizer = {self.optimizer!r}: only adam (or none: no optimizer) is modelled")
         if self.norm not in NORMS:
             raise PlanError(f"--norm = {self.norm!r} is not one of {', '.join(NORMS)}")
-        for key, value, allowed in (("parallel.recompute (--recompute)", self.recompute, LAYER_RECOMPUTE),
-                                    ("parallel.recompute_method (--recompute-method)", self.recompute_method,
-                                     RECOMPUTE_METHODS),
-                                    ("parallel.tsp_recompute (--tsp-recompute)", self.tsp_recompute, RECOMPUTE_MODES),
-                                    ("parallel.tsp_lm_head (--tsp-lm-head)", self.tsp_lm_head, LM_HEADS),
-                                    ("parallel.tsp_mlp_exchange (--tsp-mlp-exchange)", self.tsp_mlp_exchange,
-                                     MLP_EXCHANGES),
-                                    ("parallel.tsp_attention_kv (--tsp-attention-kv)", self.tsp_attention_kv,
-                                     ATTENTION_KV),
-                                    ("parallel.cp_comm_type (--cp-comm-type)", self.cp_comm_type, CP_COMM_TYPES)):
-            if value not in allowed:
-                raise PlanError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+        for key in ("recompute", "recompute_method", "tsp_recompute", "tsp_lm_head", "tsp_mlp_exchange",
+                    "tsp_attention_kv", "cp_comm_type"):
+            if getattr(self, key) not in CHOICES[key]:
+                raise PlanError(f"{_key(key)} = {getattr(self, key)!r} is not one of {', '.join(CHOICES[key])}")
         if self.recompute_num_layers is not None:
-            _positive("parallel.recompute_num_layers (--recompute-num-layers)", self.recompute_num_layers)
+            _positive(_key("recompute_num_layers"), self.recompute_num_layers)
             if self.recompute != "full":
                 raise PlanError(f"parallel.recompute_num_layers = {self.recompute_num_layers} needs "
                                 f"parallel.recompute = full (got {self.recompute!r})")
@@ -427,23 +360,22 @@ class TrainSpec:
         if self.offload_activations and self.recompute != "full":
             raise PlanError("parallel.offload_activations = true needs parallel.recompute = full (it offloads the "
                             f"checkpointed layers' inputs); got parallel.recompute = {self.recompute!r}")
-        _positive("parallel.lm_head_chunk_tokens (--lm-head-chunk-tokens)", self.lm_head_chunk_tokens)
+        _positive(_key("lm_head_chunk_tokens"), self.lm_head_chunk_tokens)
         chunk = self.mlp_chunk_tokens
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-            raise PlanError(f"parallel.mlp_chunk_tokens (--mlp-chunk-tokens) must be a non-negative integer "
-                            f"(0: untiled), got {chunk!r}")
-        _positive("parallel.expert_size (--expert-size)", self.expert_size)
+            raise PlanError(f"{_key('mlp_chunk_tokens')} must be a non-negative integer (0: untiled), got {chunk!r}")
+        _positive(_key("expert_size"), self.expert_size)
         if not isinstance(self.optimizer_cpu_offload, bool):
             raise PlanError(f"train.optimizer_cpu_offload must be true or false, got {self.optimizer_cpu_offload!r}")
         f = self.optimizer_offload_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             raise PlanError(f"train.optimizer_offload_fraction must be a number in (0, 1], got {f!r}")
         if self.optimizer_cpu_offload and self.optimizer != "adam":
-            raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) offloads Adam's state: "
-                            f"--optimizer = {self.optimizer!r} has none")
+            raise PlanError(f"{_key('optimizer_cpu_offload')} offloads Adam's state: --optimizer = {self.optimizer!r} "
+                            "has none")
         if self.optimizer_cpu_offload and not self.distributed_optimizer:
-            raise PlanError("train.optimizer_cpu_offload (--optimizer-cpu-offload) needs train.distributed_optimizer "
-                            "(--distributed-optimizer): megatron-core offloads the distributed optimizer's shard")
+            raise PlanError(f"{_key('optimizer_cpu_offload')} needs {_key('distributed_optimizer')}: megatron-core "
+                            "offloads the distributed optimizer's shard")
 
     @property
     def host_optimizer_fraction(self) -> float:
@@ -451,25 +383,24 @@ class TrainSpec:
         return float(self.optimizer_offload_fraction) if self.optimizer_cpu_offload else 0.0
 
 
-# The recipe keys the planner reads: a ModelSpec / TrainSpec field of the same name (their
-# meanings and defaults: megatron_tsp.config's recipe dataclasses).
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name in _SHAPE or f.name == "dtype")
-_NOT_FROM_RECIPE = ("global_batch_size",)  # see TrainSpec
-TRAIN_FIELDS = {f.name: section for f in dataclasses.fields(TrainSpec) if f.name not in _NOT_FROM_RECIPE
-                for section, names in (("parallel", _PARALLEL), ("train", _TRAIN)) if f.name in names}
-RECIPE_KEYS = tuple([f"model.{k}" for k in MODEL_FIELDS] + ["model.seq_length"]
-                    + [f"{section}.{k}" for k, section in TRAIN_FIELDS.items()])
+def _key(name: str) -> str:
+    """A training input in an error: its recipe key and its flag (`parallel.recompute (--recompute)`)."""
+    return f"{TRAIN_KEYS[name]}.{name} ({flag(name)})"
+
+
+# Every recipe key the planner models (the others it refuses or has no use for: tests/planner/test_plan.py)
+RECIPE_KEYS = tuple([f"model.{k}" for k in MODEL_KEYS] + [f"{section}.{k}" for k, section in TRAIN_KEYS.items()])
 
 
 def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
-    """The TrainSpec fields a recipe sets (TRAIN_FIELDS: the parallel / train keys of the same
-    name). Recipe values the planner cannot model are a PlanError naming the key: pipeline
-    stages, Megatron's local core attention (S x S scores), TSP's compute-only benchmark mode,
-    a dispatcher other than alltoall."""
+    """The TrainSpec fields a recipe's parallel and train sections set (TRAIN_KEYS; its
+    model.seq_length comes with `ModelSpec.from_recipe`). Recipe values the planner cannot model
+    are a PlanError naming the key: pipeline stages, Megatron's local core attention (S x S
+    scores), TSP's compute-only benchmark mode, a dispatcher other than alltoall."""
     from .recipe_reader import read_recipe
 
     r = read_recipe(path, list(overrides))
-    out = {name: r[section][name] for name, section in TRAIN_FIELDS.items()}
+    out = {name: r[section][name] for name, section in TRAIN_KEYS.items() if section != "model"}
     if out["tsp_lm_head"] is None:  # a per-layout default: local for tsp
         out["tsp_lm_head"] = "local"
     p = r["parallel"]
@@ -487,6 +418,7 @@ def recipe_train_options(path: str, overrides: List[str] = ()) -> dict:
         if bad:
             raise PlanError(why)
     return out
+
 
 
 @dataclass(frozen=True)
@@ -610,10 +542,10 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
     if layout.kind == "tp_cp" and layout.tp > cluster.gpus_per_node:
         raise PlanError(f"{where}: the TP axis ({layout.tp}) must fit in one node (--gpus-per-node = "
                         f"{cluster.gpus_per_node})")
-    for flag, value in (("--heads", model.heads), ("--kv-groups", model.groups), ("--ffn", model.f),
-                        ("--vocab", model.vocab)):
+    for name, value in (("--heads", model.num_attention_heads), ("--kv-groups", model.groups), ("--ffn", model.f),
+                        ("--vocab", model.vocab_size)):
         if value % w:
-            raise PlanError(f"{flag} = {value} must be divisible by the {where} weight split {w}")
+            raise PlanError(f"{name} = {value} must be divisible by the {where} weight split {w}")
     check_experts(model, train, layout, cluster)
     if train.optimizer_cpu_offload and layout.kind == "fsdp_cp":
         raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) cannot be combined with {where} "
@@ -632,11 +564,12 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
     if layout.kind == "tsp" and train.recompute == "selective":
         raise PlanError(f"parallel.recompute = selective is for the baselines ({where}): TSP attention never "
                         "keeps S x S scores; use full (or parallel.tsp_recompute)")
-    if train.recompute_num_layers is not None and train.recompute_num_layers > model.layers:
+    if train.recompute_num_layers is not None and train.recompute_num_layers > model.num_layers:
         raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} is more than the layers "
-                        f"per stage ({model.layers})")
-    if train.recompute_num_layers and train.recompute_method == "uniform" and model.layers % train.recompute_num_layers:
-        raise PlanError(f"parallel.recompute_num_layers = {train.recompute_num_layers} must divide the {model.layers} "
+                        f"per stage ({model.num_layers})")
+    N, L = train.recompute_num_layers, model.num_layers
+    if N and train.recompute_method == "uniform" and L % N:
+        raise PlanError(f"parallel.recompute_num_layers = {N} must divide the {L} "
                         "layers per stage with parallel.recompute_method = uniform (checkpointed chunks of N layers)")
     dp = cluster.world // layout.size
     if train.global_batch_size is not None and train.global_batch_size % (train.micro_batch_size * dp):
@@ -665,8 +598,9 @@ def check_experts(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: C
     if layout.kind == "tsp" and ep % layout.tsp_size:
         raise PlanError(f"parallel.expert_size = {ep} must be D or D x k under TSP ({where}: the expert group is "
                         "the TSP group, or spans k of them over data-parallel ranks)")
-    if model.shared_ffn and model.shared_ffn % layout.weight_shards:
-        raise PlanError(f"model.moe_shared_expert_intermediate_size = {model.shared_ffn} must be divisible by the "
+    fs = model.moe_shared_expert_intermediate_size
+    if fs and fs % layout.weight_shards:
+        raise PlanError(f"model.moe_shared_expert_intermediate_size = {fs} must be divisible by the "
                         f"{where} weight split {layout.weight_shards}")
 
 

@@ -25,7 +25,7 @@ Measured at D = 1 (one H200, docs/inference.md) the model is within a few percen
 
 Time: forward only, the training model's rates (planner.step_time): matmul FLOPs 2 T N / n,
 attention 2 B S^2 q / n (causal half of QK^T and PV), the forward's memory-bound bytes, and
-the forward's communication items of planner.formulas.comm_items (TSP: the attention weight
+the forward's communication items of planner.comm.comm_items (TSP: the attention weight
 broadcast, the K/V all-gather with one exposed shard, the MLP weight ring hidden behind its
 GEMMs; TP: two all-reduces of the S x h activations per layer; CP: the K/V all-gather).
 Chunked TP prefill runs the same FLOPs (the causal area summed over the chunks is S (S+1)/2)
@@ -36,13 +36,13 @@ hand-over (TSP's cache all-to-all), the last-token LM head, sampling.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional
 
-from . import ATTENTION_FAMILY, hardware
-from .formulas import comm_items
+from . import hardware
+from .comm import comm_items
 from .inference import inference_memory
 from .model import Cluster, Layout, ModelSpec, PlanError, TrainSpec
+from .plan import ATTENTION_FAMILY
 
 GIB = 2**30
 
@@ -60,7 +60,7 @@ def working_set(m: ModelSpec, lay: Layout, prompt_tokens: int, batch: int = 1,
         raise PlanError(f"prefill is modelled for tsp, tp and cp layouts, not {lay.kind!r}")
     if chunk_tokens is not None and (lay.kind != "tp" or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise PlanError(f"chunk tokens: a positive integer, for a tp layout only; got {chunk_tokens!r} with {lay.kind}")
-    b, h, B, S = m.dtype_bytes, m.hidden, batch, prompt_tokens
+    b, h, B, S = m.dtype_bytes, m.hidden_size, batch, prompt_tokens
     if lay.kind == "tsp":
         D = lay.tsp_size
         S = -(-S // (2 * D)) * (2 * D)
@@ -70,7 +70,7 @@ def working_set(m: ModelSpec, lay: Layout, prompt_tokens: int, batch: int = 1,
     else:
         s, w = B * S / lay.cp, 1
     stream = (4 if lay.kind == "tsp" else 3) * s * h * b
-    inter = (5 if m.gated else 2) * s * m.f / w * b
+    inter = (5 if m.swiglu else 2) * s * m.f / w * b
     partial = s * h * b if (lay.kind == "tsp" and lay.tsp_size > 1) or (lay.kind == "tp" and lay.tp > 1) else 0.0
     shards = min(lay.tsp_size, 3) * m.mlp_params / lay.tsp_size * b if lay.kind == "tsp" else 0.0
     mlp = inter + partial + shards
@@ -87,7 +87,7 @@ def prefill_time(m: ModelSpec, lay: Layout, prompt_tokens: int, hw: hardware.Har
     """Seconds of a forward-only prefill (module docstring); comm as implemented (overlapped
     items hidden up to the compute beside them)."""
     train = _spec(prompt_tokens, batch)
-    B, S, L, b, h = batch, prompt_tokens, m.layers, m.dtype_bytes, m.hidden
+    B, S, L, b, h = batch, prompt_tokens, m.num_layers, m.dtype_bytes, m.hidden_size
     n = lay.size
     t_mm = 2 * B * S * m.layer_matmul_params * L / n / (hw.matmul_tflops * 1e12)
     t_attn = 2 * B * S * S * m.q_dim * L / n / (hw.attention(ATTENTION_FAMILY[lay.kind]) * 1e12)
@@ -95,7 +95,7 @@ def prefill_time(m: ModelSpec, lay: Layout, prompt_tokens: int, hw: hardware.Har
     # them for a recomputed forward: two norms, the residual adds, RoPE, the activation
     norm = {"torch": 108 * h, "lean": 126 * h, "fused": 6 * h * b}[train.norm]
     rope = 28 * (m.q_dim + m.kv_dim) * b / 2
-    act = (16 if m.gated else 4) * m.f * b / 2
+    act = (16 if m.swiglu else 4) * m.f * b / 2
     s = B * S / n
     per_layer = (2 * norm / 3 + 24 * h * b / 4 + rope + act) * s
     t_ew = per_layer * L / (hw.hbm_tb_s * 1e12 * hw.elementwise_efficiency)

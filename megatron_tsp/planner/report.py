@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import List
 
-from .formulas import GIB, Plan, volume_per_layer
+from .comm import volume_per_layer
+from .formulas import GIB
 from .model import Cluster, ModelSpec, Skipped, TrainSpec
+from .plan import Plan
 
 MB = 1e6
 
@@ -54,8 +56,9 @@ def _links(p: Plan) -> str:
 
 def render(model: ModelSpec, train: TrainSpec, cluster: Cluster, hw, plans: List[Plan], skipped: List[Skipped]) -> str:
     cap = cluster.gpu_memory_gib or hw.gpu_memory_gib
-    head = (f"{model.name}: L={model.layers} h={model.hidden} heads={model.heads} kv_groups={model.groups} "
-            f"ffn={model.f}{' gated' if model.gated else ''} V={model.vocab} {model.dtype}, "
+    head = (f"{model.name}: L={model.num_layers} h={model.hidden_size} heads={model.num_attention_heads} "
+            f"kv_groups={model.groups} "
+            f"ffn={model.f}{' gated' if model.swiglu else ''} V={model.vocab_size} {model.dtype}, "
             f"{model.total_params / 1e9:.2f}B params | S={train.seq_length} micro-batch={train.micro_batch_size} "
             f"| {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, {cap:.1f} GiB each, hardware {hw.name} "
             f"| Adam{' (distributed)' if train.distributed_optimizer else ''}"

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 from . import hardware as hw_mod
 from .formulas import GIB, mlp_exchange
-from .model import MODEL_FIELDS, Cluster, Layout, ModelSpec, PlanError, TrainSpec
-from . import plan_layout
+from .model import MODEL_KEYS, Cluster, Layout, ModelSpec, PlanError, TrainSpec
+from .plan import plan_layout
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MEMORY_BOUND, TIME_BOUND = 0.10, 0.25
@@ -105,7 +105,7 @@ def _model(spec: dict) -> Tuple[ModelSpec, Optional[int]]:
     kw = {}
     for k, v in spec.items():
         k = _OLD_MODEL_KEYS.get(k, k)
-        if k in MODEL_FIELDS:
+        if k in MODEL_KEYS:
             kw[k] = v
     return ModelSpec(**kw), spec.get("seq_length") or spec.get("seq_len")
 
@@ -267,8 +267,6 @@ def _pct(x: Optional[float]) -> str:
 def paper_section() -> List[str]:
     """The paper's 8-GPU 7B setting: our predictions against the published peaks, with the
     norms as they run here (torch composite) and fused (TE / apex, as a ROCm or TE build has)."""
-    from . import plan_layout as pl
-
     hw = hw_mod.load("h200x4")
     model = ModelSpec(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384, vocab_size=32000, name="7b")
     cluster = Cluster(gpus_per_node=8, gpu_memory_gib=192 * 1e9 / GIB)
@@ -280,7 +278,7 @@ def paper_section() -> List[str]:
             lay = Layout.parse(key)
             cells = []
             for norm in ("torch", "fused"):  # TSP with the paper's exchange: weights move (the ring)
-                gb = pl(model, TrainSpec(seq_length=S, norm=norm, tsp_mlp_exchange="ring", tsp_recompute="full", tsp_lm_head="megatron"),
+                gb = plan_layout(model, TrainSpec(seq_length=S, norm=norm, tsp_mlp_exchange="ring", tsp_recompute="full", tsp_lm_head="megatron"),
                         lay, cluster, hw).memory.peak / 1e9
                 preds[(norm, S, key)] = gb
                 pub = table.get(key)
@@ -320,7 +318,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
     for (_, model, S), tsp, alone in sorted(pairs, key=lambda x: (x[0][1].groups, x[0][2])):
         t = tsp["plan"].time
         diff = tsp["m"].step_time_s - alone["m"].step_time_s
-        kv = "MHA" if model.groups == model.heads else f"GQA {model.groups}"
+        kv = "MHA" if model.groups == model.num_attention_heads else f"GQA {model.groups}"
         out.append(f"| {S // 1024}K | {kv} | {mlp_exchange(tsp['m'].train, tsp['m'].layout)} | "
                    f"{tsp['m'].step_time_s:.3f} | {alone['m'].step_time_s:.3f} | {1e3 * diff:.1f} ms | "
                    f"{alone['pred_time']:.3f} | {_pct(alone['time_err'])} | {1e3 * t['comm_exposed_s']:.1f} ms |")

@@ -721,7 +721,7 @@ def test_attention_backward_point_excludes_the_mlp_saved_tensors():
     from megatron_tsp.planner import formulas as F
 
     model, _ = ModelSpec.from_recipe(RECIPE, ["model.num_layers=4"])
-    S, b, h = 2**19, model.dtype_bytes, model.hidden
+    S, b, h = 2**19, model.dtype_bytes, model.hidden_size
     s = S / 4
     train = TrainSpec(seq_length=S, recompute="full", recompute_method="uniform", recompute_num_layers=1)
     # TSP: the fc1 outputs of all shards and the MLP function's input; Megatron: the MLP's
@@ -741,7 +741,7 @@ def test_attention_backward_point_excludes_the_mlp_saved_tensors():
     (["--seq-len", "0"], "--seq-len (model.seq_length) must be a positive integer, got 0"),  # was: the recipe's
     (["--seq-len", str(10**12)], f"--seq-len (model.seq_length) = {10**12} exceeds the longest context the planner "
                                  "models, 16777216 tokens"),  # was: a table with "MFU 62%", exit 0
-    (["--seq-len", "1e12"], "argument --seq-len: invalid int value: '1e12'"),
+    (["--seq-len", "1e12"], "argument --seq-length/--seq-len: invalid int value: '1e12'"),
     (["model.seq_length=33554432"], "model.seq_length) = 33554432 exceeds the longest context"),
     (["--gpu-memory-gb", "nan"], "--gpu-memory-gb must be a positive number of GiB, got nan"),
     (["--host-memory-gb", "-1"], "--host-memory-gb must be a positive number of GiB, got -1.0"),
@@ -842,7 +842,7 @@ def test_streamed_kv_working_set_by_hand():
                 assert s_scratch - g_scratch == pytest.approx(B * S / D * 4 * model.q_dim / D)
             KV = B * S * 2 * model.kv_dim * b
             for kv, name in (("gathered", "K/V all-gather"), ("streamed", "K/V ring")):
-                items = F.comm_items(model, TrainSpec(**kw, tsp_attention_kv=kv), lay, Cluster(gpus_per_node=8))
+                items = comm_items(model, TrainSpec(**kw, tsp_attention_kv=kv), lay, Cluster(gpus_per_node=8))
                 fwd = [i.volume for i in items if i.phase == "fwd" and i.name.startswith(name)]
                 assert len(fwd) == 2 and sum(fwd) == pytest.approx((D - 1) / D * KV)  # the same bytes forward
     # D = 4, 2.5M tokens, the 7B with layer recompute: the attention backward's peak falls by ~7.5 GiB
@@ -882,7 +882,7 @@ def test_cp_ring_working_set_by_hand(layout):
         assert sum(saved.values()) - sum(ring_saved.values()) == pytest.approx(b * model.q_dim / T)
         KV = B * S * 2 * model.kv_dim / T * b
         for kind, name in (("all_gather", "CP K/V all-gather"), ("p2p", "CP K/V ring")):
-            items = F.comm_items(model, TrainSpec(**kw, cp_comm_type=kind), layout, NODE4)
+            items = comm_items(model, TrainSpec(**kw, cp_comm_type=kind), layout, NODE4)
             fwd = [i.volume for i in items if i.phase == "fwd" and i.name.startswith(name)]
             bwd = sum(i.volume for i in items if i.phase == "bwd" and i.name.startswith("CP "))
             assert len(fwd) == 1 and fwd[0] == pytest.approx((C - 1) / C * KV)

@@ -48,11 +48,11 @@ def test_working_set_per_layout():
     S = 131072
     one = working_set(m, Layout("tsp", tsp_size=1), S)
     # D = 1: the MLP at its multiply dominates: fc1's S x 2f + 3 S x f + 4 S h + the packed MLP weights (bf16)
-    assert one["total"] == 2 * S * (5 * m.f + 4 * m.hidden) + 2 * m.mlp_params
+    assert one["total"] == 2 * S * (5 * m.f + 4 * m.hidden_size) + 2 * m.mlp_params
     four = working_set(m, Layout("tsp", tsp_size=4), S)
     assert four["total"] < one["total"] / 3
     tp = working_set(m, Layout("tp", tp=4), S)
-    assert tp["stream"] == 3 * 2 * S * m.hidden  # every rank holds the whole sequence
+    assert tp["stream"] == 3 * 2 * S * m.hidden_size  # every rank holds the whole sequence
     chunked = working_set(m, Layout("tp", tp=4), S, chunk_tokens=4096)
     assert chunked["total"] == working_set(m, Layout("tp", tp=4), 2 * S, chunk_tokens=4096)["total"]
     assert chunked["total"] < tp["total"] / 30
