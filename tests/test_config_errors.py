@@ -75,6 +75,13 @@ def _parser():
     return add_tsp_args(p)
 
 
+def test_packed_sequences_pass_under_tsp_size():
+    """--reset-attention-mask runs under --tsp-size (document ids from the EOD tokens; the runner's own
+    refusals of combinations it cannot honour: tests/megatron_lm/test_arguments.py)."""
+    args = apply_tsp_args(_parser().parse_args(["--tsp-size", "4", "--reset-attention-mask"]))
+    assert args.tsp and args.reset_attention_mask
+
+
 def test_tsp_size_maps_to_the_tp_slot():
     args = apply_tsp_args(_parser().parse_args(["--tsp-size", "4", "--group-query-attention", "--num-query-groups", "8"]))
     assert args.tsp and args.tensor_model_parallel_size == 4 and args.sequence_parallel
@@ -85,7 +92,6 @@ def test_tsp_size_maps_to_the_tp_slot():
 @pytest.mark.parametrize("argv,message", [
     (["--tsp-size", "4", "--tensor-model-parallel-size", "2"], r"--tensor-model-parallel-size = 2 cannot be combined"),
     (["--tsp-size", "4", "--context-parallel-size", "2"], r"--context-parallel-size = 2 cannot be combined"),
-    (["--tsp-size", "4", "--reset-attention-mask"], r"--reset-attention-mask \(packed sequences\)"),
     # MoE runs under --tsp-size; Megatron-LM's default dispatcher (allgather) gathers the sequence
     (["--tsp-size", "4", "--num-experts", "8"], r"--moe-token-dispatcher-type = 'allgather' \(Megatron-LM's default\)"),
     (["--tsp-size", "3", "--num-attention-heads", "32"], r"--num-attention-heads = 32 must be divisible by --tsp-size = 3"),

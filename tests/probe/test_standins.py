@@ -120,13 +120,18 @@ def test_standin_takes_no_time():
     run()
     with memory_mode():
         run()
-    t0 = time.perf_counter()
-    run()
-    real = time.perf_counter() - t0
+
+    def fastest(repeats=3):  # the least of a few: a busy machine (CI's 2 cores) only slows a run down
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    real = fastest()
     with memory_mode():
-        t0 = time.perf_counter()
-        run()
-        stub = time.perf_counter() - t0
+        stub = fastest()
     assert stub < real / 10, (stub, real)
 
 
