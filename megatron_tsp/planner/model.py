@@ -625,19 +625,27 @@ def divisors(n: int) -> List[int]:
 def candidate_layouts(cluster: Cluster) -> List[Layout]:
     """Every layout the issue asks about on this cluster (whether it fits the model or not):
     TSP for every D > 1 dividing the node, TP and TP+SP likewise, CP and FSDP-over-CP for every
-    C > 1 dividing the world, and TP x CP factorizations (T > 1 in a node, C > 1)."""
-    G, W = cluster.gpus_per_node, cluster.world
+    C > 1 dividing the world, and TP x CP factorizations (T > 1 in a node, C > 1): each registry
+    mesh over its sizes, the meshes of the same sizes side by side at each size."""
+    kinds: Dict[Tuple[str, ...], List[str]] = {}  # the kinds by the sizes they take, in registry order
+    for kind, (_, mesh) in layouts.PLANNER_KINDS.items():
+        kinds.setdefault(mesh.sizes, []).append(kind)
     out: List[Layout] = []
-    for d in divisors(G)[1:]:
-        out.append(Layout("tsp", tsp_size=d))
-    for t in divisors(G)[1:]:
-        out += [Layout("tp", tp=t), Layout("tp_sp", tp=t)]
-    for c in divisors(W)[1:]:
-        out += [Layout("cp", cp=c), Layout("fsdp_cp", cp=c)]
-    for t in divisors(G)[1:]:
-        for c in divisors(W // t)[1:]:
-            out.append(Layout("tp_cp", tp=t, cp=c))
+    for sizes, same in kinds.items():
+        for values in _size_choices(sizes, cluster.gpus_per_node, cluster.world):
+            out += [Layout(kind, **values) for kind in same]
     return out
+
+
+def _size_choices(sizes: Tuple[str, ...], node: int, world: int):
+    """Every {size: value > 1} of `sizes` in order: the TSP / TP axis dividing the node, CP the
+    world (left after the sizes before it)."""
+    if not sizes:
+        yield {}
+        return
+    for v in divisors(world if sizes[0] == "cp" else node)[1:]:
+        for rest in _size_choices(sizes[1:], node, world // v):
+            yield {sizes[0]: v, **rest}
 
 
 @dataclass
