@@ -218,7 +218,7 @@ def _inference(args) -> int:
         if lay.kind not in ("tsp", "tp", "cp"):
             raise PlanError(f"--inference models tsp, tp and cp layouts, not --layout {lay.kind}")
         runs.append((lay, None))
-        if lay.kind == "tp" and args.chunk_tokens and args.chunk_tokens < train.seq_length:
+        if lay.tp_without_sp and args.chunk_tokens and args.chunk_tokens < train.seq_length:
             runs.append((lay, args.chunk_tokens))
     rows = [prefill_plan(model, lay, train.seq_length, hw, cluster, args.batch, args.new_tokens, chunk)
             for lay, chunk in runs]

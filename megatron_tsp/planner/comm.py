@@ -58,17 +58,17 @@ def comm_items(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) ->
     """Per-layer (and per-step) traffic of one GPU. `volume`: bytes it receives; `time_bytes`:
     bytes over the collective's NCCL bus bandwidth gives its time."""
     items = _Items(cluster)
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         tsp_attention_items(items, m, train, lay)
         for mm, frac in layout_mlps(m):
             tsp_mlp_items(items, mm, frac, "shared expert" if mm is not m else "MLP", train, lay)
-    if lay.kind in ("tp_sp", "tp_cp") and lay.tp > 1:
+    if lay.sequence_parallel and not lay.record.uses_tsp:  # Megatron's TP + SP, T > 1
         tp_sp_items(items, m, train, lay)
-    if lay.kind == "tp" and lay.tp > 1:
+    if lay.tp_without_sp and lay.tp > 1:
         tp_items(items, m, train, lay)
     if lay.cp > 1:
         cp_items(items, m, train, lay)
-    if lay.kind == "fsdp_cp":
+    if lay.mesh.fsdp:
         fsdp_items(items, m, lay)
     if m.is_moe and train.expert_size > 1:
         moe_items(items, m, train, lay)
@@ -287,12 +287,12 @@ def dp_sync_items(items: _Items, m: ModelSpec, train: TrainSpec, lay: Layout) ->
     reduced per layer), and the experts' over expert-DP (GPUs / EP ranks, stride EP)."""
     b, world = m.dtype_bytes, items.cluster.world
     dp = world // lay.size
-    n = dp * (lay.cp if lay.kind != "fsdp_cp" else 1)
+    n = dp * (lay.cp if not lay.mesh.fsdp else 1)
     counts = param_counts(m, lay, train.expert_size)
     P = counts["total"] - counts["experts"]
     g = FP32 if train.grad_reduce_in_fp32 else b
-    stride = lay.weight_shards if lay.kind != "fsdp_cp" else lay.cp
-    if lay.kind == "fsdp_cp":
+    stride = lay.weight_shards if not lay.mesh.fsdp else lay.cp
+    if lay.mesh.fsdp:
         stride, n = lay.size, dp
     if train.distributed_optimizer:
         items.add("DP grad reduce-scatter", "step", "reduce_scatter", (n - 1) / n * P * g, n, stride, False,

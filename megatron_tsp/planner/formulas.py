@@ -47,7 +47,7 @@ def rope_saved(m: ModelSpec) -> float:
 def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     """The MLP exchange a TSP layout runs (None for the other layouts): `auto` resolves as
     megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
-    if lay.kind != "tsp":
+    if not lay.record.uses_tsp:
         return None
     local_tokens = train.micro_batch_size * train.seq_length // lay.tsp_size
     return resolve_mlp_exchange(train.tsp_mlp_exchange, local_tokens, lay.tsp_size)
@@ -297,7 +297,7 @@ def param_counts(m: ModelSpec, lay: Layout, expert_size: int = 1) -> Dict[str, f
     MoE layers: attention and the shared expert split like the dense layer's, the router
     replicated, E / EP whole experts (`experts`, stepped over expert-DP, not DP x CP)."""
     w = lay.weight_shards
-    shard = lay.cp if lay.kind == "fsdp_cp" else 1
+    shard = lay.cp if lay.mesh.fsdp else 1
     heads = 1 if m.share_embeddings_and_output_weights else 2
     layers = m.dense_layers * (m.layer_matmul_params / w + m.layer_norm_params)
     if m.is_moe:
@@ -313,7 +313,7 @@ def stepped_params(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster
     """Parameters whose optimizer state this GPU holds and steps: with the distributed optimizer
     the dense ones / (DP x C) and the experts / expert-DP (GPUs / EP); all of them without."""
     P = param_counts(m, lay, train.expert_size)
-    if not train.distributed_optimizer or lay.kind == "fsdp_cp":
+    if not train.distributed_optimizer or lay.mesh.fsdp:
         return P["total"]
     dp = cluster.world // lay.size
     return (P["total"] - P["experts"]) / (dp * lay.cp) + P["experts"] / (cluster.world // train.expert_size)
@@ -323,7 +323,7 @@ def in_layer_mode(lay: Layout, train: TrainSpec) -> str:
     """What one layer keeps inside itself: TSP 'save' (parallel.tsp_recompute = none: per-shard
     activations) or 'block' (tsp_recompute = full: each block recomputed from its input); the
     baselines 'none', or 'selective' (Megatron's core-attention recompute)."""
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         return "save" if train.tsp_recompute == "none" else "block"
     return "selective" if train.recompute == "selective" else "none"
 
@@ -370,7 +370,7 @@ def checkpointed_inputs(layers: int, recompute: str, method: str, num_layers: Op
 def recompute_mode(lay: Layout, train: TrainSpec) -> str:
     """The recompute a plan runs, in words (its notes)."""
     parts = []
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         parts.append(f"TSP in-layer {'none (save activations)' if train.tsp_recompute == 'none' else 'full (block)'}")
     parts.append(f"layers {train.recompute if train.recompute != 'full' else train.recompute_method}"
                  + (f" N={train.recompute_num_layers}" if train.recompute_num_layers else ""))
@@ -382,7 +382,7 @@ def recompute_mode(lay: Layout, train: TrainSpec) -> str:
 def uses_local_head(train: TrainSpec, lay: Layout) -> bool:
     """The sequence-local LM head (megatron_tsp/lm_head.py) runs only on TSP layouts; the
     baselines run Megatron's."""
-    return lay.kind == "tsp" and train.tsp_lm_head == "local"
+    return lay.record.uses_tsp and train.tsp_lm_head == "local"
 
 
 def lm_head_working_set(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
@@ -450,7 +450,7 @@ def layer_saved(m: ModelSpec, train: TrainSpec, lay: Layout, moe: bool = False) 
     mode, tiled = in_layer_mode(lay, train), bool(train.mlp_chunk_tokens)
     B, S = train.micro_batch_size, train.seq_length
     tokens_norm = B * S / lay.token_shards
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         return {k: v * tokens_norm for k, v in tsp_saved_per_token(
             m, save_activations=(mode == "save"), norm=train.norm, exchange=mlp_exchange(train, lay), moe=moe,
             tiled=tiled).items()}
@@ -508,7 +508,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     logits = sum(head.values())
     # Megatron's persistent all-gather buffer (sequence-parallel linears, its LM head, the
     # `tokens` MLP); TSP's own blocks and local head do not use it
-    needs_buffer = lay.sequence_parallel and (lay.kind != "tsp" or not uses_local_head(train, lay)
+    needs_buffer = lay.sequence_parallel and (not lay.record.uses_tsp or not uses_local_head(train, lay)
                                               or mlp_exchange(train, lay) == "tokens")
     mpu_buffer = b * B * S / C * m.hidden_size if needs_buffer else 0.0
     rope = rope_table(m, train, lay)
@@ -518,7 +518,7 @@ def memory(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster) -> Mem
     comm, scratch, point, _ = max(blocks, key=lambda x: x[0] + x[1] - (layer_mlp if x[3] else 0.0))
     static = params + grads + optimizer + rope
     step_extra = 0.0
-    if lay.kind == "fsdp_cp":
+    if lay.mesh.fsdp:
         # FSDP2's sharded gradients are set to None by the optimizer's zero_grad and appear layer
         # by layer as each reduce-scatter lands, after the first layers' backward (the peak): they
         # do not count in forward and backward (probe: FSDP over CP at 4 and 32 layers on the GPU
@@ -570,7 +570,7 @@ def backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> list:
     """What is in flight while one layer runs its backward: [(buffers, scratch, point, frees the
     MLP's saved tensors)] for each block of the layout's layer (the MLP's backward runs first, the
     attention's after it), Megatron's all-gather buffer aside."""
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         return tsp_backward_blocks(m, train, lay)
     return baseline_backward_blocks(m, train, lay)
 
@@ -594,7 +594,7 @@ def baseline_backward_blocks(m: ModelSpec, train: TrainSpec, lay: Layout) -> lis
     backward, with FSDP's gathered layer beside each."""
     b, C = m.dtype_bytes, lay.cp
     fsdp = 0.0
-    if lay.kind == "fsdp_cp":
+    if lay.mesh.fsdp:
         # torch FSDP2 without a mixed-precision policy (Megatron's wrapper sets none): the layer's
         # all-gathered weights, its unsharded gradients, the previous layer's reduce-scatter
         # input and output, all in the parameter dtype (probe: all_gather_copy_out P_l, the
@@ -797,7 +797,7 @@ def flops(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, float]:
         # the token-tiled MLP runs forward again chunk by chunk in backward: Megatron's MLP (the
         # baselines', TSP's tokens exchange) all of it; TSP's exchanges fc1 (what block mode
         # already reruns)
-        if lay.kind != "tsp" or tokens:
+        if not lay.record.uses_tsp or tokens:
             extra_mm += m.dense_layers * m.mlp_params / active
         elif mode == "save":
             fc1_share = 2 / 3 if m.swiglu else 1 / 2
@@ -828,7 +828,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     s = B * S / lay.token_shards
     w = lay.weight_shards
     s_core_width = B * S / lay.cp / w  # tokens x (1/T) of the TP family's core region
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         s_core_width = s  # each rank runs all D shards on its s tokens
     refwd = 1 if mode == "block" else 0
     tokens_mlp = mlp_exchange(train, lay) == "tokens"  # Megatron's MLP: no TSP recompute, no per-shard adds
@@ -852,7 +852,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     per_layer = 2 * norm * s + resid * s
     per_layer += s_core_width * (rope * (2 + refwd) + act + (0 if tokens_mlp else refwd) * act_tsp + act_bwd)
     if train.mlp_chunk_tokens:  # the tiled MLP's activation again in backward (TSP's block mode already reruns it)
-        per_layer += s_core_width * ((L - Lm) / L * act * m.f / m_act.f if (lay.kind != "tsp" or tokens_mlp)
+        per_layer += s_core_width * ((L - Lm) / L * act * m.f / m_act.f if (not lay.record.uses_tsp or tokens_mlp)
                                      else (0 if refwd else act_tsp))
     per_layer += Lm / L * 4 * (1 + m.moe_router_topk) * h * b * s  # MoE permute / unpermute, forward and backward
     P_layer = (m.dense_layers * m.layer_matmul_params / w + (m.moe_layers * (
@@ -860,7 +860,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
         + m.num_experts / train.expert_size * m.expert_params)
         if m.is_moe else 0)) / L
     per_layer += P_layer * (b + 2 * FP32)  # add the weight grads into the fp32 main grads
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         D = lay.tsp_size
         blocks = 1 if tokens_mlp else 2
         per_layer += (2 * D - 1) * blocks * 6 * h * b / 2 * s  # out.add_ / dx.add_ per shard
@@ -873,7 +873,7 @@ def elementwise_bytes(m: ModelSpec, train: TrainSpec, lay: Layout) -> Dict[str, 
     # Megatron's layer recompute reruns the forward's memory-bound ops of the recomputed layers
     fwd_part = (2 * norm / 3 * s + resid / 2 * s + s_core_width * (rope + act)
                 + Lm / L * 2 * (1 + m.moe_router_topk) * h * b * s)
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         fwd_part += (lay.tsp_size * 6 * h * b / 2 + 2 * 2 * m.kv_dim * b * lay.tsp_size + 2 * m.q_dim * b) * s
     per_layer += fwd_part * layer_recompute(m, train).recomputed / L
     logits = 60 * B * S / lay.cp * m.vocab_size / w

@@ -48,7 +48,7 @@ def options_of(train: TrainSpec, lay: Layout) -> Dict[str, object]:
         out["optimizer_cpu_offload"] = True  # a train.* key (with train.distributed_optimizer = true)
         if train.optimizer_offload_fraction != 1:
             out["optimizer_offload_fraction"] = train.optimizer_offload_fraction
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         out["tsp_recompute"] = train.tsp_recompute
         out["tsp_lm_head"] = train.tsp_lm_head
         out["tsp_attention_kv"] = train.tsp_attention_kv
@@ -97,12 +97,12 @@ class _Search:
 
     def families(self) -> List[dict]:
         inner = [{}]
-        if self.lay.kind == "tsp":
+        if self.lay.record.uses_tsp:
             inner = [{"tsp_recompute": r, "tsp_lm_head": h, "tsp_attention_kv": kv} for kv in ("gathered", "streamed")
                      for r in ("none", "full") for h in ("local", "megatron")]
         elif self.lay.cp > 1:  # all_gather first: ties go to it
             inner = [{"cp_comm_type": kind} for kind in ("all_gather", "p2p")]
-        host_adam = self.base.optimizer == "adam" and self.m.dtype_bytes < 4 and self.lay.kind != "fsdp_cp"
+        host_adam = self.base.optimizer == "adam" and self.m.dtype_bytes < 4 and not self.lay.mesh.fsdp
         optimizer = [{"optimizer_cpu_offload": False}]
         if host_adam:
             optimizer.append({"optimizer_cpu_offload": True, "distributed_optimizer": True})
@@ -119,7 +119,7 @@ class _Search:
             if self._fits(plain):
                 out.append(plain)
                 continue  # recomputing only costs time
-            if self.lay.kind != "tsp":
+            if not self.lay.record.uses_tsp:
                 sel = dataclasses.replace(plain, recompute="selective")
                 if self._fits(sel):
                     out.append(sel)

@@ -31,11 +31,11 @@ def inference_memory(m: ModelSpec, lay: Layout, prompt_tokens: int, batch: int =
     if not isinstance(new_tokens, int) or new_tokens < 0:
         raise PlanError(f"new tokens must be an integer >= 0, got {new_tokens!r}")
     b, D = m.dtype_bytes, lay.size
-    S = -(-prompt_tokens // (2 * lay.tsp_size)) * (2 * lay.tsp_size) if lay.kind == "tsp" else prompt_tokens
+    S = -(-prompt_tokens // (2 * lay.tsp_size)) * (2 * lay.tsp_size) if lay.record.uses_tsp else prompt_tokens
     per_token = 2 * m.num_layers * batch * m.kv_dim * b / D
     kv_prefill = per_token * S
     kv_decode = per_token * (prompt_tokens + new_tokens)
     weights = param_counts(m, lay)["total"] * b
-    handover = kv_decode + kv_prefill / m.num_layers if lay.kind == "tsp" else kv_decode
+    handover = kv_decode + kv_prefill / m.num_layers if lay.record.uses_tsp else kv_decode
     return {"weights": weights, "kv_prefill": kv_prefill, "kv_decode": kv_decode, "handover": handover,
             "decode_total": weights + kv_decode}

@@ -13,16 +13,18 @@ Every check raises `PlanError` (a `TSPConfigError`) naming the key or the flag a
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from .. import layouts
 from ..config import (ATTENTION_KV, CP_COMM_TYPES, LAYER_RECOMPUTE, LM_HEADS, LOAD_BALANCING, MLP_EXCHANGES,
                       NORMALIZATIONS, RECOMPUTE_METHODS, RECOMPUTE_MODES, ROUTER_SCORES,
                       TSPConfigError, moe_layer_pattern, recipe_fields)
 from .errors import PlanError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-LAYOUT_KINDS = ("tsp", "tp", "tp_sp", "cp", "tp_cp", "fsdp_cp")
+LAYOUT_KINDS = tuple(layouts.PLANNER_KINDS)  # the registry's meshes: alone, with CP, with FSDP over CP
 NORMS = ("lean", "torch", "fused")
 OPTIMIZERS = ("adam", "none")
 REQUIRED = dataclasses.MISSING
@@ -426,7 +428,8 @@ class Layout:
     """A parallel layout of one model replica. `tsp`: D = `tsp_size`; `tp` / `tp_sp`: T = `tp`
     (without / with Megatron sequence parallelism); `cp`: C = `cp` (K/V all-gather, full
     weights); `tp_cp`: T x C (TP + SP inside, CP across); `fsdp_cp`: C, weights, gradients and
-    optimizer state sharded over the CP group (ZeRO-3 inside CP)."""
+    optimizer state sharded over the CP group (ZeRO-3 inside CP). The kinds are the meshes of the
+    layout registry (megatron_tsp.layouts.PLANNER_KINDS): the code asks `record` and `mesh`."""
 
     kind: str
     tsp_size: int = 1
@@ -438,6 +441,24 @@ class Layout:
             raise PlanError(f"--layout kind {self.kind!r} is not one of {', '.join(LAYOUT_KINDS)}")
         for flag, v in (("tsp size", self.tsp_size), ("tp size", self.tp), ("cp size", self.cp)):
             _positive(f"--layout {self.kind}: {flag}", v)
+        for name, v in (("tsp_size", self.tsp_size), ("tp", self.tp), ("cp", self.cp)):
+            if v != 1 and name not in self.mesh.sizes:  # the formulas read the sizes the kind takes only
+                raise PlanError(f"--layout {self.kind}: {name} = {v}, but the kind takes {', '.join(self.mesh.sizes)}")
+
+    @property
+    def record(self) -> layouts.ParallelLayout:
+        """The parallel.layout record this kind runs (its predicates: uses_tsp, sequence_parallel, size_group)."""
+        return layouts.PLANNER_KINDS[self.kind][0]
+
+    @property
+    def mesh(self) -> layouts.Mesh:
+        """The registry's mesh of this kind (context, fsdp, sizes, label, spelling, attention)."""
+        return layouts.PLANNER_KINDS[self.kind][1]
+
+    @property
+    def tp_without_sp(self) -> bool:
+        """Megatron's tensor parallelism with the tokens whole on each TP rank (no sequence parallelism)."""
+        return self.record.size_group == "tp" and not self.record.sequence_parallel
 
     @property
     def size(self) -> int:
@@ -452,36 +473,37 @@ class Layout:
     @property
     def token_shards(self) -> int:
         """How many ways the tokens of a sequence are split in the norm / residual regions."""
-        if self.kind == "tp":
-            return self.cp
-        return self.tsp_size * self.tp * self.cp
+        return (self.weight_shards if self.record.sequence_parallel else 1) * self.cp
 
     @property
     def sequence_parallel(self) -> bool:
-        return self.kind in ("tsp", "tp_sp", "tp_cp") and self.weight_shards > 1
+        return self.record.sequence_parallel and self.weight_shards > 1
 
     @property
     def label(self) -> str:
-        return {"tsp": f"TSP D={self.tsp_size}", "tp": f"TP {self.tp}", "tp_sp": f"TP+SP {self.tp}",
-                "cp": f"CP {self.cp}", "tp_cp": f"TP+SP {self.tp} x CP {self.cp}",
-                "fsdp_cp": f"FSDP-over-CP {self.cp}"}[self.kind]
+        return self.mesh.format(self.mesh.planner_label, tsp_size=self.tsp_size, tp=self.tp, cp=self.cp)
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
-        """`tsp4`, `tp4`, `tp_sp4`, `cp4`, `tp2xcp4` (or `tp_cp2x4`), `fsdp_cp4`."""
-        import re
-
+        """A mesh's spelling (`tsp4`, `tp4`, `tp_sp4`, `cp4`, `tp2xcp4`, `fsdp_cp4`; also `tp_cp2x4`)."""
         t = text.strip().lower().replace("-", "_").replace("+", "_")
-        m = re.fullmatch(r"(?:tp_?cp|tp)(\d+)x(?:cp)?(\d+)", t)
-        if m:
-            return cls("tp_cp", tp=int(m.group(1)), cp=int(m.group(2)))
-        m = re.fullmatch(r"(tsp|tp_sp|tp|cp|fsdp_cp)(\d+)", t)
-        if not m:
-            raise PlanError(f"--layout {text!r}: expected one of tspD, tpT, tp_spT, cpC, tpTxcpC, fsdp_cpC "
-                            "(e.g. tsp4, tp_sp8, tp2xcp4)")
-        kind, n = m.group(1), int(m.group(2))
-        key = {"tsp": "tsp_size", "tp": "tp", "tp_sp": "tp", "cp": "cp", "fsdp_cp": "cp"}[kind]
-        return cls(kind, **{key: n})
+        t = re.sub(r"^(?:tp_?cp|tp)(\d+)x(?:cp)?(\d+)$", r"tp\1xcp\2", t)  # the older spellings of tp_cp
+        for kind, pattern in _SPELLINGS.items():
+            m = pattern.fullmatch(t)
+            if m:
+                return cls(kind, **{k: int(v) for k, v in m.groupdict().items()})
+        spelled = ", ".join(m.format(m.spelling, tsp_size="D", tp="T", cp="C")
+                            for _, m in layouts.PLANNER_KINDS.values())
+        raise PlanError(f"--layout {text!r}: expected one of {spelled} (e.g. tsp4, tp_sp8, tp2xcp4)")
+
+
+def _spelling_pattern(mesh: layouts.Mesh) -> "re.Pattern":
+    """`tp{tp}xcp{cp}` -> `tp(?P<tp>\\d+)xcp(?P<cp>\\d+)`."""
+    parts = re.split(r"\{(\w+)\}", mesh.spelling)  # text, size, text, size, ..., text
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts)))
+
+
+_SPELLINGS: Dict[str, "re.Pattern"] = {kind: _spelling_pattern(m) for kind, (_, m) in layouts.PLANNER_KINDS.items()}
 
 
 def recipe_layout(path: str, overrides: List[str] = ()) -> Layout:
@@ -492,20 +514,14 @@ def recipe_layout(path: str, overrides: List[str] = ()) -> Layout:
     from .recipe_reader import read_recipe
 
     p = read_recipe(path, list(overrides))["parallel"]
-    kind, n, cp = p["layout"], p["size"], p["context_size"]
-    if kind == "tsp":
-        return Layout("tsp", tsp_size=n)
-    if kind == "dp" and cp > 1:
-        return Layout("fsdp_cp" if p["fsdp"] else "cp", cp=cp)
-    if kind == "dp" and not p["fsdp"]:
-        return Layout("tp", tp=1)
+    found = layouts.planner_layout(p)
+    if found is not None:
+        kind, sizes = found
+        return Layout(kind, **sizes)
+    kind, cp = p["layout"], p["context_size"]
     if cp > 1 or p["fsdp"]:
-        if kind == "tp_sp" and not p["fsdp"]:
-            return Layout("tp_cp", tp=n, cp=cp)
         raise PlanError(f"parallel.layout = {kind} with parallel.context_size = {cp}"
                         + (" and parallel.fsdp = true" if p["fsdp"] else "") + ": not modelled by the planner")
-    if kind in ("tp", "tp_sp"):
-        return Layout(kind, tp=n)
     raise PlanError(f"parallel.layout = {kind!r} is not modelled by the planner")
 
 
@@ -536,32 +552,30 @@ def check_layout(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: Cl
     if cluster.world % layout.size:
         raise PlanError(f"{where} needs {layout.size} GPUs per replica, which does not divide "
                         f"--gpus-per-node x --nodes = {cluster.world}")
-    if layout.kind in ("tsp", "tp", "tp_sp") and w > cluster.gpus_per_node:
-        raise PlanError(f"{where}: the {'TSP' if layout.kind == 'tsp' else 'TP'} axis ({w}) must fit in one node "
+    if layout.record.size_group and w > cluster.gpus_per_node:  # the TSP / TP axis (also TP's inside TP x CP)
+        raise PlanError(f"{where}: the {'TSP' if layout.record.uses_tsp else 'TP'} axis ({w}) must fit in one node "
                         f"(--gpus-per-node = {cluster.gpus_per_node})")
-    if layout.kind == "tp_cp" and layout.tp > cluster.gpus_per_node:
-        raise PlanError(f"{where}: the TP axis ({layout.tp}) must fit in one node (--gpus-per-node = "
-                        f"{cluster.gpus_per_node})")
     for name, value in (("--heads", model.num_attention_heads), ("--kv-groups", model.groups), ("--ffn", model.f),
                         ("--vocab", model.vocab_size)):
         if value % w:
             raise PlanError(f"{name} = {value} must be divisible by the {where} weight split {w}")
     check_experts(model, train, layout, cluster)
-    if train.optimizer_cpu_offload and layout.kind == "fsdp_cp":
+    if train.optimizer_cpu_offload and layout.mesh.fsdp:
         raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) cannot be combined with {where} "
                         "(parallel.fsdp: FSDP steps its own sharded optimizer state on the GPU)")
     if train.optimizer_cpu_offload and model.dtype_bytes >= 4:
         raise PlanError(f"train.optimizer_cpu_offload (--optimizer-cpu-offload) needs a bf16 model (model.dtype = "
                         f"bfloat16; got {model.dtype}): the host keeps the fp32 main weights of bf16 weights")
-    if layout.kind == "tsp" and train.seq_length % (2 * layout.tsp_size):
+    if layout.record.uses_tsp and train.seq_length % (2 * layout.tsp_size):
         raise PlanError(f"--seq-len = {train.seq_length} must be divisible by 2 x D = {2 * layout.tsp_size} "
                         f"({where}: zigzag cuts each sequence into 2D chunks)")
     if layout.cp > 1 and train.seq_length % (2 * layout.cp * layout.tp):
         raise PlanError(f"--seq-len = {train.seq_length} must be divisible by 2 x CP x TP = "
                         f"{2 * layout.cp * layout.tp} ({where}: zigzag chunks, then TP sequence split)")
-    if layout.kind == "tp_sp" and train.seq_length % layout.tp:
+    rec = layout.record
+    if rec.sequence_parallel and not rec.uses_tsp and not layout.mesh.context and train.seq_length % layout.tp:
         raise PlanError(f"--seq-len = {train.seq_length} must be divisible by TP = {layout.tp} ({where})")
-    if layout.kind == "tsp" and train.recompute == "selective":
+    if layout.record.uses_tsp and train.recompute == "selective":
         raise PlanError(f"parallel.recompute = selective is for the baselines ({where}): TSP attention never "
                         "keeps S x S scores; use full (or parallel.tsp_recompute)")
     if train.recompute_num_layers is not None and train.recompute_num_layers > model.num_layers:
@@ -586,16 +600,16 @@ def check_experts(model: ModelSpec, train: TrainSpec, layout: Layout, cluster: C
         if ep > 1:
             raise PlanError(f"parallel.expert_size = {ep} needs model.num_experts (a dense model has no experts)")
         return
-    if layout.kind == "fsdp_cp":
+    if layout.mesh.fsdp:
         raise PlanError(f"{where}: mixture-of-experts layers are not modelled with FSDP-over-CP")
-    if layout.kind == "tp" and layout.tp > 1:
+    if layout.tp_without_sp and layout.tp > 1:
         raise PlanError(f"{where}: Megatron's MoE layer under tensor parallelism needs sequence parallelism "
                         "(plan tp_sp instead)")
     if model.num_experts % ep:
         raise PlanError(f"model.num_experts = {model.num_experts} must be divisible by parallel.expert_size = {ep}")
     if cluster.world % ep:
         raise PlanError(f"parallel.expert_size = {ep} must divide --gpus-per-node x --nodes = {cluster.world}")
-    if layout.kind == "tsp" and ep % layout.tsp_size:
+    if layout.record.uses_tsp and ep % layout.tsp_size:
         raise PlanError(f"parallel.expert_size = {ep} must be D or D x k under TSP ({where}: the expert group is "
                         "the TSP group, or spans k of them over data-parallel ranks)")
     fs = model.moe_shared_expert_intermediate_size
@@ -611,19 +625,27 @@ def divisors(n: int) -> List[int]:
 def candidate_layouts(cluster: Cluster) -> List[Layout]:
     """Every layout the issue asks about on this cluster (whether it fits the model or not):
     TSP for every D > 1 dividing the node, TP and TP+SP likewise, CP and FSDP-over-CP for every
-    C > 1 dividing the world, and TP x CP factorizations (T > 1 in a node, C > 1)."""
-    G, W = cluster.gpus_per_node, cluster.world
+    C > 1 dividing the world, and TP x CP factorizations (T > 1 in a node, C > 1): each registry
+    mesh over its sizes, the meshes of the same sizes side by side at each size."""
+    kinds: Dict[Tuple[str, ...], List[str]] = {}  # the kinds by the sizes they take, in registry order
+    for kind, (_, mesh) in layouts.PLANNER_KINDS.items():
+        kinds.setdefault(mesh.sizes, []).append(kind)
     out: List[Layout] = []
-    for d in divisors(G)[1:]:
-        out.append(Layout("tsp", tsp_size=d))
-    for t in divisors(G)[1:]:
-        out += [Layout("tp", tp=t), Layout("tp_sp", tp=t)]
-    for c in divisors(W)[1:]:
-        out += [Layout("cp", cp=c), Layout("fsdp_cp", cp=c)]
-    for t in divisors(G)[1:]:
-        for c in divisors(W // t)[1:]:
-            out.append(Layout("tp_cp", tp=t, cp=c))
+    for sizes, same in kinds.items():
+        for values in _size_choices(sizes, cluster.gpus_per_node, cluster.world):
+            out += [Layout(kind, **values) for kind in same]
     return out
+
+
+def _size_choices(sizes: Tuple[str, ...], node: int, world: int):
+    """Every {size: value > 1} of `sizes` in order: the TSP / TP axis dividing the node, CP the
+    world (left after the sizes before it)."""
+    if not sizes:
+        yield {}
+        return
+    for v in divisors(world if sizes[0] == "cp" else node)[1:]:
+        for rest in _size_choices(sizes[1:], node, world // v):
+            yield {sizes[0]: v, **rest}
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from .. import layouts
 from ..config import AUTO_TOKENS_BELOW
 from . import hardware
 from .comm import CommItem, comm_items
@@ -30,15 +31,13 @@ class Plan:
     notes: List[str] = field(default_factory=list)
 
 
-ATTENTION_FAMILY = {  # which kernel rate each layout's attention runs at
-    # TSP and the CP baselines: each local chunk against its causal prefix through
-    # megatron_tsp.tsp.kernels' cuDNN split (an unmasked prefix + a square causal block): cuDNN's
-    # square-causal rate (555-590 TFLOP/s measured for the split from 64K,
-    # benchmarks/results/attention_kernels_h200.md; flash's lower-right kernel,
-    # `rect_lower_right`, ran at ~245 and is no longer used)
-    "tsp": "square_causal", "cp": "square_causal", "tp_cp": "square_causal", "fsdp_cp": "square_causal",
-    "tp": "square_causal", "tp_sp": "square_causal",  # the whole sequence, square causal
-}
+# Which kernel rate each layout kind's attention runs at: its registry mesh's `attention`. TSP and
+# the CP baselines run each local chunk against its causal prefix through megatron_tsp.tsp.kernels'
+# cuDNN split (an unmasked prefix + a square causal block): cuDNN's square-causal rate (555-590
+# TFLOP/s measured for the split from 64K, benchmarks/results/attention_kernels_h200.md; flash's
+# lower-right kernel, `rect_lower_right`, ran at ~245 and is no longer used); TP / TP+SP the whole
+# sequence, square causal.
+ATTENTION_FAMILY = {kind: mesh.attention for kind, (_, mesh) in layouts.PLANNER_KINDS.items()}
 
 
 def step_time(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, hw: hardware.Hardware,
@@ -127,10 +126,10 @@ def plan_layout(m: ModelSpec, train: TrainSpec, lay: Layout, cluster: Cluster, h
              flops=flops(m, train, lay), time=t)
     p.fits = fits(mem, cluster, hw)
     p.notes.append(f"recompute: {recompute_mode(lay, train)}")
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         p.notes.append(f"LM head: {train.tsp_lm_head}" + (f" ({train.lm_head_chunk_tokens} tokens per chunk)"
                                                       if train.tsp_lm_head == "local" else ""))
-    if lay.kind == "tsp" and train.tsp_attention_kv == "streamed":
+    if lay.record.uses_tsp and train.tsp_attention_kv == "streamed":
         p.notes.append("attention: K/V streamed around the ring (two ranks' K/V of a head shard at a time)")
     if lay.cp > 1 and train.cp_comm_type == "p2p":
         p.notes.append("attention: K/V around the CP ring (cp_comm_type p2p: two ranks' K/V at a time)")

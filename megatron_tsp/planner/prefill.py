@@ -58,26 +58,26 @@ def working_set(m: ModelSpec, lay: Layout, prompt_tokens: int, batch: int = 1,
     """Bytes per GPU of one layer's transient activations at the peak (module docstring)."""
     if lay.kind not in ("tsp", "tp", "cp"):
         raise PlanError(f"prefill is modelled for tsp, tp and cp layouts, not {lay.kind!r}")
-    if chunk_tokens is not None and (lay.kind != "tp" or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+    if chunk_tokens is not None and (not lay.tp_without_sp or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise PlanError(f"chunk tokens: a positive integer, for a tp layout only; got {chunk_tokens!r} with {lay.kind}")
     b, h, B, S = m.dtype_bytes, m.hidden_size, batch, prompt_tokens
-    if lay.kind == "tsp":
+    if lay.record.uses_tsp:
         D = lay.tsp_size
         S = -(-S // (2 * D)) * (2 * D)
         s, w = B * S / D, D
-    elif lay.kind == "tp":
+    elif lay.tp_without_sp:
         s, w = B * min(S, chunk_tokens or S), lay.tp
     else:
         s, w = B * S / lay.cp, 1
-    stream = (4 if lay.kind == "tsp" else 3) * s * h * b
+    stream = (4 if lay.record.uses_tsp else 3) * s * h * b
     inter = (5 if m.swiglu else 2) * s * m.f / w * b
-    partial = s * h * b if (lay.kind == "tsp" and lay.tsp_size > 1) or (lay.kind == "tp" and lay.tp > 1) else 0.0
-    shards = min(lay.tsp_size, 3) * m.mlp_params / lay.tsp_size * b if lay.kind == "tsp" else 0.0
+    partial = s * h * b if (lay.record.uses_tsp and lay.tsp_size > 1) or (lay.tp_without_sp and lay.tp > 1) else 0.0
+    shards = min(lay.tsp_size, 3) * m.mlp_params / lay.tsp_size * b if lay.record.uses_tsp else 0.0
     mlp = inter + partial + shards
     attn = s * b * ((m.q_dim + 2 * m.kv_dim) / w + (m.q_dim + m.kv_dim) / w + m.q_dim / w + h)
-    if lay.kind == "tsp" and lay.tsp_size > 1:
+    if lay.record.uses_tsp and lay.tsp_size > 1:
         attn += 2 * B * S * 2 * m.kv_dim / lay.tsp_size * b
-    elif lay.kind == "cp" and lay.cp > 1:
+    elif lay.mesh.context and lay.cp > 1:  # CP all-gathers K/V
         attn += B * S * 2 * m.kv_dim * b
     return {"stream": stream, "mlp": mlp, "attention": attn, "total": stream + max(mlp, attn)}
 

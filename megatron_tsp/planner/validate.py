@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from .. import layouts
 from . import hardware as hw_mod
 from .formulas import GIB, mlp_exchange
 from .model import MODEL_KEYS, Cluster, Layout, ModelSpec, PlanError, TrainSpec
@@ -110,20 +111,23 @@ def _model(spec: dict) -> Tuple[ModelSpec, Optional[int]]:
     return ModelSpec(**kw), spec.get("seq_length") or spec.get("seq_len")
 
 
+_OLD_KINDS = {"cp_fsdp": "fsdp_cp", "fsdp": "fsdp_cp", "tpxcp": "tp_cp"}  # older files' names of planner kinds
+
+
 def _layout(row: dict) -> Layout:
+    """A measurement row's layout: a spelling with its sizes (`tsp4`, Layout.parse), or a planner
+    kind with each size in its own column (`tsp_size`, `tp_size`, `cp_size`; a kind of one size
+    also `size`, TP x CP also `tp`, `cp`)."""
     text = str(row.get("layout", "")).strip().lower().replace("+", "_").replace("-", "_").replace(" ", "")
     size = row.get("size")
     if any(ch.isdigit() for ch in text):
         return Layout.parse(text)
-    if text == "tsp":
-        return Layout("tsp", tsp_size=int(row.get("tsp_size") or size))
-    if text in ("tp", "tp_sp"):
-        return Layout(text, tp=int(row.get("tp_size") or size))
-    if text in ("cp", "fsdp_cp", "cp_fsdp", "fsdp"):
-        return Layout("fsdp_cp" if "fsdp" in text else "cp", cp=int(row.get("cp_size") or size))
-    if text in ("tp_cp", "tpxcp"):
-        return Layout("tp_cp", tp=int(row.get("tp_size") or row.get("tp")), cp=int(row.get("cp_size") or row.get("cp")))
-    raise PlanError(f"layout {row.get('layout')!r} is not understood")
+    kind = _OLD_KINDS.get(text, text)
+    if kind not in layouts.PLANNER_KINDS:
+        raise PlanError(f"layout {row.get('layout')!r} is not understood")
+    sizes = layouts.PLANNER_KINDS[kind][1].sizes
+    return Layout(kind, **{s: int(row.get(s if s.endswith("_size") else f"{s}_size")
+                                   or (size if len(sizes) == 1 else row.get(s))) for s in sizes})
 
 
 _BENCH_LAYOUTS = {"tsp": "tsp4", "tp": "tp4", "tp_sp": "tp_sp4", "cp4": "cp4", "tp2_cp2": "tp2xcp2",
@@ -303,7 +307,7 @@ def tsp_overlap_section(rows: List[dict]) -> List[str]:
     by = {}
     for r in rows:
         m = r["m"]
-        if m.layout.kind == "tsp" and m.step_time_s is not None:
+        if m.layout.record.uses_tsp and m.step_time_s is not None:
             by.setdefault((m.source.split("#")[0], m.model, m.train.seq_length), {})[m.compute_only] = r
     pairs = [(k, v[False], v[True]) for k, v in by.items() if len(v) == 2]
     if not pairs:

@@ -140,6 +140,10 @@ def test_measured_rows_within_bounds():
      r"--seq-len = 1004 must be divisible by 2 x D = 8"),
     (lambda: hardware.load("mi300x_nonexistent"), r"--hardware 'mi300x_nonexistent': no such profile; available: .*h200x4"),
     (lambda: Layout.parse("zp4"), r"--layout 'zp4': expected one of"),
+    (lambda: Layout("cp", tp=2, cp=2), r"--layout cp: tp = 2, but the kind takes cp$"),  # its mesh's sizes only
+    (lambda: plan_all(MHA, TrainSpec(seq_length=4096), Cluster(gpus_per_node=4, nodes=4), hardware.load("h200x4"),
+                      [Layout("tp_cp", tp=8, cp=2)]),
+     r"layout TP\+SP 8 x CP 2: the TP axis \(8\) must fit in one node"),
     (lambda: plan_all(MHA, TrainSpec(seq_length=16384), Cluster(gpus_per_node=4, nodes=2), hardware.load("h200x4"),
                       [Layout("cp", cp=8)]), r"no inter-node link"),
     (lambda: TrainSpec(seq_length=16384, recompute="some"), r"parallel.recompute \(--recompute\) = 'some'"),
