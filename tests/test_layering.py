@@ -6,11 +6,12 @@ function), so a future violation fails here before anyone runs it."""
 import ast
 import os
 import re
-import subprocess
 import sys
 from typing import Dict, Set
 
 import pytest
+
+from tests.utils import run_with_torch_blocked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "megatron_tsp"
@@ -157,20 +158,12 @@ def test_layers_read_no_global_groups():
     assert not bad, "\n".join(bad)
 
 
-BLOCK = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "megatron"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Block())
-"""
 
 
 def test_plan_runs_with_torch_and_megatron_blocked():
     """`megatron-tsp plan` and every planner module, in a process where importing torch or
     megatron raises; the finder is tested too (torch does fail to import there)."""
-    code = BLOCK + """
+    code = """
 import importlib, pkgutil
 import megatron_tsp.planner as planner
 for m in pkgutil.walk_packages(planner.__path__, "megatron_tsp.planner."):
@@ -183,8 +176,7 @@ try:
 except ImportError:
     print("TORCH BLOCKED")
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    out = run_with_torch_blocked(code, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TORCH BLOCKED" in out.stdout
     assert "TSP D=4" in out.stdout  # the plan was printed

@@ -8,8 +8,6 @@ import dataclasses
 import inspect
 import os
 import string
-import subprocess
-import sys
 import types
 from typing import List
 
@@ -17,6 +15,7 @@ import pytest
 
 from megatron_tsp import layouts
 from megatron_tsp.layouts import LAYOUTS, PLANNER_KINDS, Mesh, ParallelLayout
+from tests.utils import run_with_torch_blocked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE_GROUPS = ("tsp", "tp", None)
@@ -258,16 +257,7 @@ def test_the_docs_table_is_the_registry():
 
 def test_the_registry_imports_no_torch():
     """The planner and `--help` read it where torch is not installed."""
-    code = ("import importlib.abc, sys\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'megatron'):\n"
-            "            raise ImportError(name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "from megatron_tsp import layouts\n"
-            "print(layouts.inventory(), end='')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    out = run_with_torch_blocked("from megatron_tsp import layouts\nprint(layouts.inventory(), end='')\n")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == layouts.inventory()
 

@@ -10,7 +10,6 @@ import ast
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import types
 import warnings
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from megatron_tsp import patches
+from tests.utils import run_with_torch_blocked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "megatron_tsp")
@@ -443,18 +443,10 @@ def test_the_inventory_in_the_docs_is_the_records():
 def test_patch_module_imports_no_torch_or_megatron():
     """output.py (the launcher, `--help`) installs its filters through patches.py: neither imports
     torch or megatron; installing a filter record works with both blocked."""
-    block = ("import importlib.abc, sys\n"
-             "class Block(importlib.abc.MetaPathFinder):\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('torch', 'megatron'):\n"
-             "            raise ImportError(name)\n"
-             "sys.meta_path.insert(0, Block())\n"
-             "from megatron_tsp import output, patches\n"
-             "output.hide_benign_output(announce=False)\n"
-             "assert patches.BENIGN_WARNINGS.installed() and patches.BENIGN_LOG_RECORDS.installed()\n"
-             "print(patches.inventory(), end='')\n")
-    out = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    out = run_with_torch_blocked("from megatron_tsp import output, patches\n"
+                                 "output.hide_benign_output(announce=False)\n"
+                                 "assert patches.BENIGN_WARNINGS.installed() and patches.BENIGN_LOG_RECORDS.installed()\n"
+                                 "print(patches.inventory(), end='')\n")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == patches.inventory()
 

@@ -3,6 +3,10 @@ from a full weight and to gather full weights back)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -162,3 +166,22 @@ def saved_by_layer(layer, x, rope):
     activations = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
                    if t.data_ptr() not in params and t.numel() > 1}
     return saved, params, sum(activations.values())
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Prepended to code run by `run_with_torch_blocked`: importing torch or megatron raises.
+TORCH_BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "megatron"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_with_torch_blocked(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter of this repo where importing torch or megatron raises."""
+    return subprocess.run([sys.executable, "-c", TORCH_BLOCKED + code], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": REPO})

@@ -294,24 +294,25 @@ def dp_sync_items(items: _Items, m: ModelSpec, train: TrainSpec, lay: Layout) ->
     stride = lay.weight_shards if not lay.mesh.fsdp else lay.cp
     if lay.mesh.fsdp:
         stride, n = lay.size, dp
-    if train.distributed_optimizer:
-        items.add("DP grad reduce-scatter", "step", "reduce_scatter", (n - 1) / n * P * g, n, stride, False,
+    _sync(items, "DP", P, n, stride, g, b, train.distributed_optimizer)
+    if counts["experts"]:
+        _sync(items, "expert-DP", counts["experts"], world // train.expert_size, train.expert_size, g, b,
+              train.distributed_optimizer)
+
+
+def _sync(items: _Items, name: str, params: float, n: int, stride: int, grad_bytes: float, param_bytes: float,
+          distributed_optimizer: bool) -> None:
+    """One step's sync of `params` over `n` ranks: the distributed optimizer's gradient
+    reduce-scatter and parameter all-gather, else a gradient all-reduce."""
+    share = (n - 1) / n * params
+    if distributed_optimizer:
+        items.add(f"{name} grad reduce-scatter", "step", "reduce_scatter", share * grad_bytes, n, stride, False,
                   per_layer=False)
-        items.add("DP param all-gather", "step", "all_gather", (n - 1) / n * P * b, n, stride, False,
+        items.add(f"{name} param all-gather", "step", "all_gather", share * param_bytes, n, stride, False,
                   per_layer=False)
     else:
-        items.add("DP grad all-reduce", "step", "all_reduce", 2 * (n - 1) / n * P * g, n, stride, False,
-                  per_layer=False)
-    if counts["experts"]:
-        Pe, ne, EP = counts["experts"], world // train.expert_size, train.expert_size
-        if train.distributed_optimizer:
-            items.add("expert-DP grad reduce-scatter", "step", "reduce_scatter", (ne - 1) / ne * Pe * g, ne, EP, False,
-                      per_layer=False)
-            items.add("expert-DP param all-gather", "step", "all_gather", (ne - 1) / ne * Pe * b, ne, EP, False,
-                      per_layer=False)
-        else:
-            items.add("expert-DP grad all-reduce", "step", "all_reduce", 2 * (ne - 1) / ne * Pe * g, ne, EP, False,
-                      per_layer=False)
+        items.add(f"{name} grad all-reduce", "step", "all_reduce", 2 * (n - 1) / n * params * grad_bytes, n, stride,
+                  False, per_layer=False)
 
 
 def volume_per_layer(items: List[CommItem], phase: str) -> float:
