@@ -2,17 +2,14 @@
 definition (the dataclasses of megatron_tsp.config): a key added without a docstring fails here."""
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 from typing import Optional
 
 import pytest
 
 from megatron_tsp import config
 from megatron_tsp.training.command import parser
-from tests.test_layering import BLOCK, REPO
+from tests.utils import run_with_torch_blocked
 
 
 def undocumented(help_text: str):
@@ -68,7 +65,7 @@ def test_help_imports_neither_torch_nor_megatron(command):
     """`megatron-tsp COMMAND --help` in a process where importing torch or megatron raises (the
     planner's check, tests/test_layering.py): the help comes from the option dataclasses, and for
     `train` it still gives every recipe key its meaning and default."""
-    code = BLOCK + f"""
+    code = f"""
 from megatron_tsp import cli
 try:
     rc = cli.main({command!r})
@@ -80,8 +77,7 @@ try:
 except ImportError:
     print("TORCH BLOCKED", file=sys.stderr)
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": REPO})
+    out = run_with_torch_blocked(code)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TORCH BLOCKED" in out.stderr  # the blocker works: the help really ran without torch
     assert out.stdout.startswith("usage: ") and command[0] in out.stdout.splitlines()[0]
