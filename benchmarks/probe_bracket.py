@@ -26,6 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--host-memory-gb", type=float, default=400.0)
     p.add_argument("--gpu-memory-gb", type=float, default=None)
     p.add_argument("--step", type=float, default=1.06)
+    # the levers of issue 26, as `megatron-tsp probe --frontier` takes them
+    p.add_argument("--mlp-chunk-tokens", type=int, default=0)
+    p.add_argument("--tsp-attention-kv", default="gathered", choices=("gathered", "streamed"))
+    p.add_argument("--cp-comm-type", default="all_gather", choices=("all_gather", "p2p"))
+    p.add_argument("--optimizer-cpu-offload", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import torch
@@ -36,6 +41,8 @@ def main(argv=None) -> int:
 
     capacity = args.gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
     base = ["train.global_batch_size=1", "train.micro_batch_size=1"]
+    if args.mlp_chunk_tokens:  # the planner's guess then counts the tiled MLP too
+        base.append(f"parallel.mlp_chunk_tokens={args.mlp_chunk_tokens}")
     ns = argparse.Namespace(recipe=RECIPE, overrides=base, world=args.world, gpus_per_node=args.world,
                             host_memory_gb=args.host_memory_gb, max_seq=16 * 2**20, hardware="h200x4")
     host = args.host_memory_gb / args.world
@@ -49,11 +56,18 @@ def main(argv=None) -> int:
 
         def offload_gib(S, opts, lay=lay):
             return predict(RECIPE, base + lay + opts + [f"model.seq_length={S}"], args.world, args.world, capacity,
-                           "h200x4").get("host_offload_gib")
+                           "h200x4").get("host_gib")  # offloaded inputs + optimizer state
 
         unit = granularity(guess, args.world)
-        plans[name] = {"lay": lay, "search": Search(name, args.world, host, None, offload_gib), "unit": unit,
+        plans[name] = {"lay": lay, "search": Search(name, args.world, host, None, offload_gib, mlp_chunk_tokens=args.mlp_chunk_tokens,
+                                         attention_kv=args.tsp_attention_kv, cp_comm_type=args.cp_comm_type,
+                                         optimizer_offload=args.optimizer_cpu_offload), "unit": unit,
                        "points": [guess // unit * unit]}
+    prior = {}  # resume: a later run with the same --out re-reads the points it measured
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            for r in map(json.loads, f):
+                prior.setdefault(r["layout"], []).append(r)
     for round_ in range(2):
         for name, plan in plans.items():
             if round_ == 1:
@@ -62,6 +76,12 @@ def main(argv=None) -> int:
                 nxt = int(k * args.step) if first["oom"] is None else int(k / args.step)
                 plan["points"].append(max(1, nxt) * plan["unit"])
             S = plan["points"][round_]
+            done = prior.get(name, [])
+            if round_ < len(done):  # measured by an earlier run
+                plan.setdefault("result", []).append({"seq_len": done[round_]["seq_len"],
+                                                      "oom": done[round_]["measured"].get("oom")})
+                plan["points"][round_] = done[round_]["seq_len"]
+                continue
             opts = plan["search"].options(S)
             t0 = time.time()
             m = measure_in_child(RECIPE, base + plan["lay"] + opts + [f"model.seq_length={S}"], args.world, 1, "all",

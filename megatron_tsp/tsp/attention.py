@@ -77,9 +77,10 @@ class AttentionShard:
         start, c = self.chunk_starts[i], self.chunk_len
         if self.doc_ids is None:
             return 0, start + c, None
+        if backend == "flex":  # every key from 0: the block mask skips what the documents hide, and a
+            # key length fixed per chunk keeps compiled FlexAttention from recompiling at every batch
+            return 0, start + c, (self.doc_ids[:, start : start + c], self.doc_ids[:, : start + c])
         lo = self.key_starts[i]
-        if backend == "flex":
-            return lo, start + c, (self.doc_ids[:, start : start + c], self.doc_ids[:, lo : start + c])
         return lo, start + c, chunk_mask(self.doc_ids, start, c, lo, start + c)
 
     def rotary(self, freqs, dtype) -> Optional[Rotary]:
