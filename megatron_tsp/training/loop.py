@@ -98,8 +98,8 @@ def build_train_dataset(recipe: Recipe):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    cls = GPTDataset if data.path else MockGPTDataset if not data.mock_document_length else \
-        _mock_documents_dataset(data.mock_document_length, t.seed)
+    cls = (GPTDataset if data.path else MockGPTDataset if not data.mock_document_length
+           else _mock_documents_dataset(data.mock_document_length, t.seed))
     try:
         train, _, _ = BlendedMegatronDatasetBuilder(cls, [t.steps * t.global_batch_size, 0, 0], lambda: True, config).build()
     except (OSError, ValueError, AssertionError) as e:
