@@ -254,7 +254,7 @@ class TSPRingMLP(MLP):
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
                  tsp_options: Optional[TSPOptions] = None, name=None):
         if is_expert:
-            raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
+            raise TSPConfigError("MoE experts are not supported by the TSP MLP in this version")
         require_group(tp_group, "TSPRingMLP", "tp_group")
         validate_transformer_config(config, tp_group.size())
         super().__init__(

@@ -58,7 +58,7 @@ def check_expert_groups(config, pg_collection) -> None:
     if etp is not None and etp.size() != 1:
         raise TSPConfigError(
             f"the expert tensor-parallel group has {etp.size()} ranks: build the groups with "
-            f"megatron_tsp.initialize_model_parallel (expert TP = 1 under --tsp-size)"
+            f"megatron_tsp.initialize_model_parallel (expert TP = 1 under TSP)"
         )
     if config.num_moe_experts % ep_size:
         raise TSPConfigError(
