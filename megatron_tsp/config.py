@@ -69,7 +69,7 @@ def check_parallel_sizes(
 
 
 def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int] = None) -> None:
-    """Reject every TransformerConfig option the TSP attention and ring MLP do not implement."""
+    """Reject every TransformerConfig option the TSP attention and MLP do not implement."""
     check_tsp_size(tsp_size)
     D = tsp_size
     heads = config.num_attention_heads
@@ -310,7 +310,7 @@ class ModelShape:
     last in the sequence) (--moe-token-drop-policy)."""
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Width of the shared expert every token also passes (--moe-shared-expert-intermediate-size;
-    under TSP a ring MLP, divisible by the TSP size); null: none."""
+    under TSP it runs as the TSP MLP, so divisible by the TSP size); null: none."""
     moe_shared_expert_gate: bool = False
     """Scale the shared expert's output per token by sigmoid(x . g), g a learned [h] weight
     (--moe-shared-expert-gate, the Qwen2-MoE family); needs a shared expert."""
@@ -762,7 +762,7 @@ def check_moe_config(config, tsp_size: int) -> None:
         if shared % tsp_size:
             raise TSPConfigError(
                 f"--moe-shared-expert-intermediate-size = {shared} must be divisible by parallel.size = {tsp_size} "
-                f"(the shared expert runs as the TSP ring MLP)"
+                f"(the shared expert runs as the TSP MLP)"
             )
         if config.add_bias_linear:
             raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
