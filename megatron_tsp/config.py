@@ -16,20 +16,28 @@ from typing import Dict, List, Optional, Tuple
 
 
 class TSPConfigError(ValueError):
-    """A configuration TSP cannot run. The message names the flag or shape at fault."""
+    """A configuration TSP cannot run. The message names the option or shape at fault: a
+    megatron-tsp option by its recipe key (`parallel.tsp_recompute`, the degree `parallel.size`),
+    which each front end says in its own spelling (pretrain_gpt.py's `--tsp-*` flags:
+    megatron_lm.arguments.in_flags); Megatron's own options by Megatron's flags. `option`: the
+    recipe key at fault, where one is."""
+
+    def __init__(self, message: str = "", option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
 
 
 def check_tsp_size(tsp_size: int) -> None:
     if not isinstance(tsp_size, int) or isinstance(tsp_size, bool) or tsp_size < 1:
-        raise TSPConfigError(f"--tsp-size must be a positive integer, got {tsp_size!r}")
+        raise TSPConfigError(f"parallel.size must be a positive integer, got {tsp_size!r}", option="parallel.size")
 
 
 def check_seq_length(seq_length: int, tsp_size: int, what: str = "--seq-length") -> None:
     """Zigzag needs 2*D equal chunks per sequence."""
     if seq_length % (2 * tsp_size) != 0:
         raise TSPConfigError(
-            f"{what} = {seq_length} must be divisible by 2 x --tsp-size = {2 * tsp_size} "
-            f"(the zigzag layout cuts each sequence into 2*D equal chunks)"
+            f"{what} = {seq_length} must be divisible by 2 x parallel.size = {2 * tsp_size} "
+            f"(the zigzag layout cuts each sequence into 2*D equal chunks)", option="parallel.size"
         )
 
 
@@ -37,7 +45,7 @@ def check_world_size(world_size: int, tsp_size: int, pipeline_model_parallel_siz
     model_size = tsp_size * pipeline_model_parallel_size
     if world_size % model_size != 0:
         raise TSPConfigError(
-            f"world size {world_size} is not divisible by --tsp-size ({tsp_size}) x "
+            f"world size {world_size} is not divisible by parallel.size ({tsp_size}) x "
             f"--pipeline-model-parallel-size ({pipeline_model_parallel_size}) = {model_size}"
         )
 
@@ -51,33 +59,33 @@ def check_parallel_sizes(
     if tensor_model_parallel_size not in (None, 1):
         raise TSPConfigError(
             f"--tensor-model-parallel-size = {tensor_model_parallel_size} cannot be combined with "
-            f"--tsp-size: TSP takes the tensor-parallel slot (leave it at 1)"
+            f"parallel.size: TSP takes the tensor-parallel slot (leave it at 1)"
         )
     if context_parallel_size not in (None, 1):
         raise TSPConfigError(
             f"--context-parallel-size = {context_parallel_size} cannot be combined with "
-            f"--tsp-size: TSP already splits the sequence (leave it at 1)"
+            f"parallel.size: TSP already splits the sequence (leave it at 1)"
         )
 
 
 def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int] = None) -> None:
-    """Reject every TransformerConfig option the TSP attention and ring MLP do not implement."""
+    """Reject every TransformerConfig option the TSP attention and MLP do not implement."""
     check_tsp_size(tsp_size)
     D = tsp_size
     heads = config.num_attention_heads
     groups = config.num_query_groups or heads
     if heads % D != 0:
         raise TSPConfigError(
-            f"--num-attention-heads = {heads} must be divisible by --tsp-size = {D}"
+            f"--num-attention-heads = {heads} must be divisible by parallel.size = {D}"
         )
     if groups % D != 0:
         raise TSPConfigError(
-            f"--num-query-groups = {groups} must be divisible by --tsp-size = {D} "
+            f"--num-query-groups = {groups} must be divisible by parallel.size = {D} "
             f"(each TSP weight shard holds whole KV groups)"
         )
     ffn = config.ffn_hidden_size
     if ffn % D != 0:
-        raise TSPConfigError(f"--ffn-hidden-size = {ffn} must be divisible by --tsp-size = {D}")
+        raise TSPConfigError(f"--ffn-hidden-size = {ffn} must be divisible by parallel.size = {D}")
     if seq_length is not None:
         check_seq_length(seq_length, D)
     check_parallel_sizes(
@@ -89,12 +97,12 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
     if D > 1 and config.tensor_model_parallel_size != D:
         raise TSPConfigError(
             f"TransformerConfig.tensor_model_parallel_size = {config.tensor_model_parallel_size} "
-            f"but --tsp-size = {D}: build the config with megatron_tsp.tsp_transformer_config "
+            f"but parallel.size = {D}: build the config with megatron_tsp.tsp_transformer_config "
             f"(TSP runs in the tensor-parallel slot)"
         )
     if D > 1 and not config.sequence_parallel:
         raise TSPConfigError(
-            "TransformerConfig.sequence_parallel must be True with --tsp-size > 1 "
+            "TransformerConfig.sequence_parallel must be True with parallel.size > 1 "
             "(norm gradients are summed over the TSP group like Megatron's sequence parallelism)"
         )
     unsupported = {
@@ -112,15 +120,15 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
         value = getattr(config, field, None)
         if bad(value):
             raise TSPConfigError(
-                f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version"
+                f"{flag} ({field}={value!r}) is not supported with parallel.size in this version"
             )
     if config.recompute_granularity == "selective":
         # Megatron's selective recompute checkpoints core_attention, which TSP attention never
         # calls (and TSP never keeps S x S scores): it would silently do nothing.
         raise TSPConfigError(
             "--recompute-granularity selective (parallel.recompute = selective) is not supported with "
-            "--tsp-size: use full (layer recompute) and/or --tsp-recompute full"
-        )
+            "parallel.size: use full (layer recompute) and/or parallel.tsp_recompute = full",
+            option="parallel.recompute")
 
 
 def tsp_transformer_config(tsp_size: int, seq_length: Optional[int] = None, **kwargs):
@@ -166,9 +174,16 @@ def resolve_mlp_exchange(exchange: str, local_tokens: int, tsp_size: int, comput
     return "tokens" if small and not compute_only else "ring"
 
 
+def check_choice(key: str, value, choices) -> None:
+    """`value` one of `choices`, or one TSPConfigError naming the recipe key `key` ("parallel.tsp_lm_head")."""
+    if value not in choices:
+        raise TSPConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}", option=key)
+
+
 def check_mlp_chunk_tokens(chunk) -> None:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-        raise TSPConfigError(f"--tsp-mlp-chunk-tokens must be a non-negative integer (0: untiled), got {chunk!r}")
+        raise TSPConfigError(f"parallel.mlp_chunk_tokens must be a non-negative integer (0: untiled), got {chunk!r}",
+                             option="parallel.mlp_chunk_tokens")
 
 
 @dataclass(frozen=True)
@@ -217,29 +232,20 @@ class TSPOptions:
     compute_only: bool = False
 
     def __post_init__(self):
-        if self.recompute not in RECOMPUTE_MODES:
-            raise TSPConfigError(f"--tsp-recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
-        if self.mlp_exchange not in MLP_EXCHANGES:
-            raise TSPConfigError(
-                f"--tsp-mlp-exchange must be one of {', '.join(MLP_EXCHANGES)}, got {self.mlp_exchange!r}"
-            )
-        if self.lm_head not in LM_HEADS:
-            raise TSPConfigError(f"--tsp-lm-head must be one of {', '.join(LM_HEADS)}, got {self.lm_head!r}")
+        check_choice("parallel.tsp_recompute", self.recompute, RECOMPUTE_MODES)
+        check_choice("parallel.tsp_mlp_exchange", self.mlp_exchange, MLP_EXCHANGES)
+        check_choice("parallel.tsp_lm_head", self.lm_head, LM_HEADS)
         chunk = self.lm_head_chunk_tokens
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise TSPConfigError(f"--tsp-lm-head-chunk-tokens must be a positive integer, got {chunk!r}")
+            raise TSPConfigError(f"parallel.lm_head_chunk_tokens must be a positive integer, got {chunk!r}",
+                                 option="parallel.lm_head_chunk_tokens")
         check_mlp_chunk_tokens(self.mlp_chunk_tokens)
         if self.compute_only and self.mlp_exchange == "tokens":
-            raise TSPConfigError("--tsp-mlp-exchange tokens runs Megatron's own collectives, which the compute-only "
-                                 "benchmark mode cannot skip: use ring, broadcast or auto")
-        if self.attention_kv not in ATTENTION_KV:
-            raise TSPConfigError(
-                f"--tsp-attention-kv must be one of {', '.join(ATTENTION_KV)}, got {self.attention_kv!r}"
-            )
-        if self.attention_backend not in BACKENDS:
-            raise TSPConfigError(
-                f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {self.attention_backend!r}"
-            )
+            raise TSPConfigError("parallel.tsp_mlp_exchange = tokens runs Megatron's own collectives, which the "
+                                 "compute-only benchmark mode cannot skip: use ring, broadcast or auto",
+                                 option="parallel.tsp_mlp_exchange")
+        check_choice("parallel.tsp_attention_kv", self.attention_kv, ATTENTION_KV)
+        check_choice("parallel.tsp_attention_backend", self.attention_backend, BACKENDS)
 
 
 # -- the options, declared once -------------------------------------------------------------
@@ -304,7 +310,7 @@ class ModelShape:
     last in the sequence) (--moe-token-drop-policy)."""
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Width of the shared expert every token also passes (--moe-shared-expert-intermediate-size;
-    under TSP a ring MLP, divisible by the TSP size); null: none."""
+    under TSP it runs as the TSP MLP, so divisible by the TSP size); null: none."""
     moe_shared_expert_gate: bool = False
     """Scale the shared expert's output per token by sigmoid(x . g), g a learned [h] weight
     (--moe-shared-expert-gate, the Qwen2-MoE family); needs a shared expert."""
@@ -619,8 +625,8 @@ def recipe_help(width: int = 100) -> str:
 
 
 # parallel.<key> of the recipe -> (TSPOptions field, --tsp-* flag of pretrain_gpt.py, choices): the
-# recipe's tsp_options(), its error messages and megatron_lm/arguments.py's flags (their help and
-# default from the recipe field) all read this table.
+# recipe's tsp_options() and megatron_lm/arguments.py's flags (their help and default from the recipe
+# field, and the flags its errors say for the recipe keys the core's name: in_flags) read this table.
 TSP_OPTION_KEYS = {
     "tsp_recompute": ("recompute", "--tsp-recompute", RECOMPUTE_MODES),
     "tsp_attention_backend": ("attention_backend", "--tsp-attention-backend", BACKENDS),
@@ -649,14 +655,6 @@ def tsp_options_from(get) -> TSPOptions:
         if value is not None:
             kw[name] = value
     return TSPOptions(**kw)
-
-
-def recipe_words(message: str) -> str:
-    """A TSPConfigError's message with each --tsp-* flag replaced by its recipe key."""
-    for key, (_, flag, _) in sorted(TSP_OPTION_KEYS.items(), key=lambda kv: -len(kv[1][1] or "")):
-        if flag:
-            message = message.replace(flag, f"parallel.{key}")
-    return message.replace("--tsp-size", "parallel.size")
 
 
 def require_group(group, what: str, argument: str):
@@ -711,7 +709,7 @@ def check_expert_parallel(num_experts: Optional[int], expert_model_parallel_size
         raise TSPConfigError(f"--expert-model-parallel-size must be a positive integer, got {ep!r}")
     if expert_tensor_parallel_size not in (None, 1):
         raise TSPConfigError(
-            f"--expert-tensor-parallel-size = {expert_tensor_parallel_size} cannot be combined with --tsp-size: "
+            f"--expert-tensor-parallel-size = {expert_tensor_parallel_size} cannot be combined with parallel.size: "
             f"expert tensor parallelism all-gathers each rank's tokens over its group; use 1 (the default with TSP)"
         )
     if num_experts is not None and ep > 1 and not num_experts:
@@ -741,12 +739,12 @@ def check_moe_config(config, tsp_size: int) -> None:
             "flex": "DeepEP / HybridEP is not tested with TSP in this version",
         }.get(dispatcher, "unknown dispatcher")
         raise TSPConfigError(
-            f"--moe-token-dispatcher-type = {dispatcher!r} is not supported with --tsp-size ({why}): use alltoall"
+            f"--moe-token-dispatcher-type = {dispatcher!r} is not supported with parallel.size ({why}): use alltoall"
         )
     etp = getattr(config, "expert_tensor_parallel_size", 1)
     if etp not in (None, 1):
         raise TSPConfigError(
-            f"--expert-tensor-parallel-size = {etp} cannot be combined with --tsp-size: expert tensor "
+            f"--expert-tensor-parallel-size = {etp} cannot be combined with parallel.size: expert tensor "
             f"parallelism all-gathers each rank's tokens over its group; use 1"
         )
     k = config.moe_router_topk
@@ -756,15 +754,15 @@ def check_moe_config(config, tsp_size: int) -> None:
     for t in types if isinstance(types, list) else [types]:
         if t not in LOAD_BALANCING:
             raise TSPConfigError(
-                f"--moe-router-load-balancing-type = {t!r} is not supported with --tsp-size "
+                f"--moe-router-load-balancing-type = {t!r} is not supported with parallel.size "
                 f"(use one of {', '.join(LOAD_BALANCING)}; sinkhorn normalises over each rank's tokens)"
             )
     shared = config.moe_shared_expert_intermediate_size
     if shared is not None:
         if shared % tsp_size:
             raise TSPConfigError(
-                f"--moe-shared-expert-intermediate-size = {shared} must be divisible by --tsp-size = {tsp_size} "
-                f"(the shared expert runs as the TSP ring MLP)"
+                f"--moe-shared-expert-intermediate-size = {shared} must be divisible by parallel.size = {tsp_size} "
+                f"(the shared expert runs as the TSP MLP)"
             )
         if config.add_bias_linear:
             raise TSPConfigError("shared experts need --disable-bias-linear (add_bias_linear = False), as in Megatron")
@@ -781,10 +779,10 @@ def check_moe_config(config, tsp_size: int) -> None:
     for field, flag in unsupported.items():
         value = getattr(config, field, None)
         if value:
-            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with --tsp-size in this version")
+            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with parallel.size in this version")
     if tsp_size > 1 and config.moe_expert_capacity_factor is not None and config.moe_pad_expert_input_to_capacity:
         raise TSPConfigError(
-            "--moe-pad-expert-input-to-capacity is not supported with --tsp-size > 1: the capacity is decided over "
+            "--moe-pad-expert-input-to-capacity is not supported with parallel.size > 1: the capacity is decided over "
             "the whole micro-batch, so a rank's share of an expert's capacity varies (drop without padding)"
         )
     policy = config.moe_token_drop_policy

@@ -19,7 +19,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megatron_tsp import compat
 from megatron_tsp.tsp.attention import TSPSelfAttention
-from megatron_tsp.tsp.mlp import TSPRingMLP
+from megatron_tsp.tsp.mlp import TSPMLP
 from megatron_tsp.tsp.tiled_mlp import TiledMLP
 from megatron_tsp.baselines.specs import get_sp_layer_spec
 from megatron_tsp.tsp.zigzag import to_zigzag
@@ -62,7 +62,7 @@ def block_parity(kind, D, *, groups=None, bias=False, rope=True, gated=True, S=1
             tsp = TiledMLP(tsp_cfg, sub, ffn_hidden_size=ffn, tp_group=group,
                            mlp_chunk_tokens=(options.mlp_chunk_tokens if options is not None else 0))
         else:
-            tsp = TSPRingMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
+            tsp = TSPMLP(tsp_cfg, sub, tp_group=group, tsp_options=options)
     ref, tsp = ref.to(dev, dtype), tsp.to(dev, dtype)
     load_full_into(tsp, dict(ref.named_parameters()), group)
 

@@ -17,7 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_tsp import TSPConfigError, TSPOptions, compat
 from megatron_tsp.tsp.attention import TSPSelfAttention
-from megatron_tsp.tsp.mlp import TSPRingMLP
+from megatron_tsp.tsp.mlp import TSPMLP
 from megatron_tsp.baselines.specs import get_sp_layer_spec
 from megatron_tsp.tsp.specs import get_tsp_layer_spec
 from tests.utils import init_tsp, tiny_config
@@ -41,7 +41,7 @@ def test_layer_spec_of_installed_megatron_builds_tsp_mlp_on_the_group(group_and_
     options = TSPOptions(mlp_exchange="broadcast")
     spec = get_tsp_layer_spec(config, group, options)
     layer = build_module(spec, config=config, layer_number=1, pg_collection=pgs)
-    assert type(layer.mlp) is TSPRingMLP and type(layer.self_attention) is TSPSelfAttention
+    assert type(layer.mlp) is TSPMLP and type(layer.self_attention) is TSPSelfAttention
     assert layer.mlp.tsp_group is group and layer.self_attention.tsp_group is group
     assert layer.mlp.tsp_options is options
     # The spec keeps the style of the installed local spec.
@@ -59,17 +59,17 @@ def test_both_mlp_spec_styles_build_tsp_mlp_on_the_group(style, group_and_pgs):
     options = TSPOptions()
     if style == "modulespec":
         local = ModuleSpec(module=MLP, submodules=submodules)
-        entry = compat.mlp_spec(local, TSPRingMLP, compat.mlp_submodules(local), tp_group=group, tsp_options=options)
+        entry = compat.mlp_spec(local, TSPMLP, compat.mlp_submodules(local), tp_group=group, tsp_options=options)
         assert isinstance(entry, ModuleSpec)
         mlp = build_module(entry, config=config)
     else:
         local = functools.partial(MLP.as_mlp_submodule if hasattr(MLP, "as_mlp_submodule") else MLP,
                                   submodules=submodules)
         assert compat.mlp_submodules(local) is submodules
-        entry = compat.mlp_spec(local, TSPRingMLP, submodules, tp_group=None, tsp_options=options)
+        entry = compat.mlp_spec(local, TSPMLP, submodules, tp_group=None, tsp_options=options)
         assert not isinstance(entry, ModuleSpec)
         mlp = entry(config=config, pg_collection=pgs, is_mtp_layer=False, name="decoder.layers.0.mlp")
-    assert type(mlp) is TSPRingMLP and mlp.tsp_group is group and mlp.tsp_options is options
+    assert type(mlp) is TSPMLP and mlp.tsp_group is group and mlp.tsp_options is options
     assert mlp.linear_fc1.weight.shape == (2 * config.ffn_hidden_size, config.hidden_size)
 
 
@@ -77,7 +77,7 @@ def test_callable_style_without_pg_collection_tp_uses_spec_group(group_and_pgs):
     group, _ = group_and_pgs
     config = tiny_config(1)
     submodules = compat.mlp_submodules(get_sp_layer_spec(config).submodules.mlp)
-    mlp = TSPRingMLP.as_mlp_submodule(submodules, config, None, False, tp_group=group)
+    mlp = TSPMLP.as_mlp_submodule(submodules, config, None, False, tp_group=group)
     assert mlp.tsp_group is group
 
 
@@ -149,7 +149,7 @@ def test_mismatched_spec_group_is_an_error():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dist, "get_process_group_ranks", ranks)
         with pytest.raises(TSPConfigError, match=r"spec names group ranks \[7\] but the layer's pg_collection.tp"):
-            TSPRingMLP.as_mlp_submodule(submodules, config, pgs, False, tp_group=OtherRanks())
+            TSPMLP.as_mlp_submodule(submodules, config, pgs, False, tp_group=OtherRanks())
 
 
 def test_import_prints_no_deprecation_or_version_notice():

@@ -1,6 +1,8 @@
-"""Every bad configuration is one clear error naming the flag at fault."""
+"""Every bad configuration is one clear error naming the option at fault: the core says its recipe key
+(parallel.size), pretrain_gpt.py's glue (apply_tsp_args) the flag (--tsp-size)."""
 
 import argparse
+import sys
 
 import pytest
 from megatron.core.transformer import TransformerConfig
@@ -19,9 +21,11 @@ def _config(D=2, **kw):
 
 
 @pytest.mark.parametrize("kw,D,message", [
-    (dict(num_attention_heads=6, tensor_model_parallel_size=1, sequence_parallel=False), 4, r"--num-attention-heads = 6 must be divisible by --tsp-size = 4"),
-    (dict(num_attention_heads=8, num_query_groups=2), 4, r"--num-query-groups = 2 must be divisible by --tsp-size = 4"),
-    (dict(ffn_hidden_size=66), 4, r"--ffn-hidden-size = 66 must be divisible by --tsp-size = 4"),
+    (dict(num_attention_heads=6, tensor_model_parallel_size=1, sequence_parallel=False), 4,
+     r"--num-attention-heads = 6 must be divisible by parallel.size = 4"),
+    (dict(num_attention_heads=8, num_query_groups=2), 4,
+     r"--num-query-groups = 2 must be divisible by parallel.size = 4"),
+    (dict(ffn_hidden_size=66), 4, r"--ffn-hidden-size = 66 must be divisible by parallel.size = 4"),
     (dict(qk_layernorm=True), 2, r"--qk-layernorm"),
     (dict(attention_dropout=0.1), 2, r"--attention-dropout"),
     (dict(sequence_parallel=False), 2, r"sequence_parallel must be True"),
@@ -34,14 +38,14 @@ def test_transformer_config_errors(kw, D, message):
 
 
 def test_sequence_length_error():
-    with pytest.raises(TSPConfigError, match=r"--seq-length = 30 must be divisible by 2 x --tsp-size = 4"):
+    with pytest.raises(TSPConfigError, match=r"--seq-length = 30 must be divisible by 2 x parallel.size = 4"):
         validate_transformer_config(_config(2), 2, seq_length=30)
 
 
 def test_tsp_transformer_config_refuses_native_tp_and_cp():
-    with pytest.raises(TSPConfigError, match=r"--tensor-model-parallel-size = 2 cannot be combined with --tsp-size"):
+    with pytest.raises(TSPConfigError, match=r"--tensor-model-parallel-size = 2 cannot be combined with parallel.size"):
         tsp_transformer_config(2, num_layers=1, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=2)
-    with pytest.raises(TSPConfigError, match=r"--context-parallel-size = 2 cannot be combined with --tsp-size"):
+    with pytest.raises(TSPConfigError, match=r"--context-parallel-size = 2 cannot be combined with parallel.size"):
         tsp_transformer_config(2, num_layers=1, hidden_size=32, num_attention_heads=4, context_parallel_size=2)
     config = tsp_transformer_config(2, num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                                     attention_dropout=0.0)
@@ -49,11 +53,11 @@ def test_tsp_transformer_config_refuses_native_tp_and_cp():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(tsp_size=3), r"world size 1 is not divisible by --tsp-size \(3\) x --pipeline-model-parallel-size \(1\)"),
+    (dict(tsp_size=3), r"world size 1 is not divisible by parallel.size \(3\) x --pipeline-model-parallel-size \(1\)"),
     (dict(tsp_size=1, pipeline_model_parallel_size=2), r"world size 1 is not divisible"),
     (dict(tsp_size=1, tensor_model_parallel_size=2), r"--tensor-model-parallel-size = 2 cannot be combined"),
     (dict(tsp_size=1, context_parallel_size=2), r"--context-parallel-size = 2 cannot be combined"),
-    (dict(tsp_size=0), r"--tsp-size must be a positive integer"),
+    (dict(tsp_size=0), r"parallel.size must be a positive integer"),
 ])
 def test_initialize_model_parallel_errors(kwargs, message):
     with pytest.raises(TSPConfigError, match=message):
@@ -101,3 +105,51 @@ def test_tsp_size_maps_to_the_tp_slot():
 def test_tsp_args_conflicts(argv, message):
     with pytest.raises(TSPConfigError, match=message):
         apply_tsp_args(_parser().parse_args(argv))
+
+
+def test_one_core_check_in_each_front_ends_spelling(tmp_path, monkeypatch, capsys):
+    """TSPOptions' check of parallel.mlp_chunk_tokens (the core names the recipe key and sets
+    `option`) raised through each front end: the YAML recipe says the recipe key, every door of
+    pretrain_gpt.py's glue (the parser, the model builder, the runner) says its flag."""
+    from megatron_tsp import TSPOptions
+    from megatron_tsp.megatron_lm import build, hooks, run
+    from megatron_tsp.megatron_lm.arguments import TSP_FLAGS, in_flags, install_tsp_parsing
+    from megatron_tsp.training.recipe import RecipeError, load_recipe
+
+    key, flag = "parallel.mlp_chunk_tokens", "--tsp-mlp-chunk-tokens"
+    why = " must be a non-negative integer (0: untiled), got -4"
+    with pytest.raises(TSPConfigError) as core:
+        TSPOptions(mlp_chunk_tokens=-4)
+    assert str(core.value) == key + why and core.value.option == key
+
+    with pytest.raises(RecipeError) as recipe:
+        load_recipe(None, [f"{key}=-4"], devices=False)
+    assert str(recipe.value) == key + why and recipe.value.option == key
+
+    with pytest.raises(TSPConfigError) as parsed:
+        apply_tsp_args(_parser().parse_args(["--tsp-size", "2", flag, "-4"]))
+    assert str(parsed.value) == flag + why and parsed.value.option == key and parsed.value.flag == flag
+    with pytest.raises(SystemExit) as exit_:
+        install_tsp_parsing(_parser()).parse_args(["--tsp-size", "2", flag, "-4"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.endswith(f"error: {flag}{why}\n")
+
+    bad = argparse.Namespace(tsp=True, tsp_size=2, tsp_native_spec="megatron", tsp_mlp_chunk_tokens=-4)
+    with pytest.raises(TSPConfigError) as built:  # the builder checks what reached it before building
+        build.build_gpt_model(bad, None, {})
+    assert str(built.value) == flag + why
+
+    script = tmp_path / "pretrain_gpt.py"  # a core error at run time (in the model, say): the runner's line
+    script.write_text("from megatron_tsp import TSPOptions\nTSPOptions(mlp_chunk_tokens=-4)\n")
+    monkeypatch.setattr(hooks, "install", lambda: None)
+    path = list(sys.path)
+    try:
+        assert run.main([str(script)]) == 2
+    finally:
+        sys.path[:] = path
+    assert capsys.readouterr().err == f"megatron_tsp.megatron_lm.run: error: {flag}{why}\n"
+
+    # every key the mapping knows is a flag pretrain_gpt.py declares; a key without one stays a key
+    declared = {a for action in _parser()._actions for a in action.option_strings}
+    assert set(TSP_FLAGS.values()) <= declared and TSP_FLAGS["parallel.size"] == "--tsp-size"
+    e = in_flags(TSPConfigError("parallel.tsp_compute_only = true with parallel.size = 2", option="parallel.size"))
+    assert str(e) == "parallel.tsp_compute_only = true with --tsp-size = 2" and e.flag == "--tsp-size"

@@ -93,3 +93,20 @@ def test_readme_lists_every_public_name():
 
     readme = open(os.path.join(REPO, "README.md")).read()
     assert [n for n in megatron_tsp.__all__ if f"`{n}`" not in readme] == []
+
+
+def test_old_names_import_with_a_deprecation_warning():
+    """TSPRingMLP (TSPMLP's name until issue 29) still imports, from the package and its module,
+    as TSPMLP itself with a DeprecationWarning; it is not a public name any more."""
+    import megatron_tsp
+    from megatron_tsp.tsp.mlp import TSPMLP
+
+    with pytest.warns(DeprecationWarning, match="TSPRingMLP is deprecated: it is TSPMLP"):
+        from megatron_tsp import TSPRingMLP
+    assert TSPRingMLP is TSPMLP
+    with pytest.warns(DeprecationWarning, match="TSPRingMLP is deprecated"):
+        from megatron_tsp.tsp.mlp import TSPRingMLP as old
+    assert old is TSPMLP
+    assert "TSPMLP" in megatron_tsp.__all__ and "TSPRingMLP" not in megatron_tsp.__all__
+    with pytest.raises(AttributeError):
+        megatron_tsp.tsp.mlp.TSPNoSuchMLP

@@ -156,7 +156,7 @@ def test_applied_undoes_only_what_it_installed(monkeypatch):
 # What megatron-core and torch say, as they say it: each filter's pattern must drop its message.
 SAMPLES = {
     r"GPTModel IS DEPRECATED": "GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes",
-    r".*Unknown MLP type": "Unknown MLP type: <class 'megatron_tsp.tsp.mlp.TSPRingMLP'>. Using default kwargs.",
+    r".*Unknown MLP type": "Unknown MLP type: <class 'megatron_tsp.tsp.mlp.TSPMLP'>. Using default kwargs.",
     r"Unable to save \w+ indexes": "Unable to save MockGPTDataset indexes because path_to_cache is None",
     r"No CUDA runtime is found": "No CUDA runtime is found, using CUDA_HOME='/usr/local'",
     r"MCore's async save is deprecated": "MCore's async save is deprecated and will be removed in the future releases.",

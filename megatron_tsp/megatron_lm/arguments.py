@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -69,13 +70,48 @@ def _add_option_flags(group, keys) -> None:
                            + f" (default: {default})")
 
 
+# The recipe keys the core's errors name (config.TSPConfigError) -> this front end's flags.
+TSP_FLAGS = {"parallel.size": "--tsp-size",
+             **{f"parallel.{key}": flag for key, (_, flag, _) in TSP_OPTION_KEYS.items() if flag}}
+_RECIPE_KEY = re.compile(r"\bparallel\.\w+")
+
+
+def flag_words(text: str) -> str:
+    """`text` with each recipe key that pretrain_gpt.py takes as a flag (TSP_FLAGS) said as the flag."""
+    return _RECIPE_KEY.sub(lambda m: TSP_FLAGS.get(m.group(0), m.group(0)), text)
+
+
+def in_flags(error: TSPConfigError) -> TSPConfigError:
+    """`error`, in place, as pretrain_gpt.py says it: its message with the flags for the recipe
+    keys the core names, and `error.flag`, the flag of `error.option` (None where it has none)."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (flag_words(error.args[0]),) + error.args[1:]
+    error.flag = TSP_FLAGS.get(getattr(error, "option", None))
+    return error
+
+
+def flag_errors(fn):
+    """`fn` whose TSPConfigErrors say pretrain_gpt.py's flags (in_flags)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TSPConfigError as e:
+            in_flags(e)
+            raise
+
+    return wrapper
+
+
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
     return tsp_options_from(lambda key: getattr(args, TSP_OPTION_KEYS[key][1][2:].replace("-", "_"), None)
                             if TSP_OPTION_KEYS[key][1] else None)
 
 
+@flag_errors
 def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Validate and map `--tsp-size` onto Megatron's arguments, in place. Raises TSPConfigError."""
+    """Validate and map `--tsp-size` onto Megatron's arguments, in place. Raises TSPConfigError
+    naming the flag."""
     D = getattr(args, "tsp_size", None)
     D = 1 if D is None else D  # --tsp-size 0 is an error, not "off"
     check_tsp_size(D)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import numbers
 
-from .arguments import tsp_options_from_args
+from .arguments import flag_errors, tsp_options_from_args
 from ..config import REFUSED_BUILDER_FLAGS, TSPConfigError
 
 
@@ -48,13 +48,16 @@ def uses_tsp_builder(args) -> bool:
     return bool(getattr(args, "tsp", False)) or getattr(args, "tsp_native_spec", "megatron") != "megatron"
 
 
+@flag_errors
 def build_gpt_model(args, config, kwargs: dict):
     """TSPGPTModel (`--tsp-size > 1`) or the native GPTModel on the local spec with
     sequence-parallel norms (`--tsp-native-spec sp_norm|sdpa`): the one place both Megatron-LM
-    paths (model provider, model builder) build the plugin's model. `kwargs`: GPTModel's."""
+    paths (model provider, model builder) build the plugin's model. `kwargs`: GPTModel's. Its
+    TSPConfigErrors, the core's too, name pretrain_gpt.py's flags (arguments.flag_errors)."""
     tsp = bool(getattr(args, "tsp", False))
     native_spec = getattr(args, "tsp_native_spec", "megatron")
     _check_builder_args(args, "--tsp-size" if tsp else f"--tsp-native-spec {native_spec}", tsp=tsp)
+    options = tsp_options_from_args(args)  # checked before anything is built
     from megatron.core.models.gpt import GPTModel
     from megatron.training import print_rank_0
 
@@ -71,9 +74,8 @@ def build_gpt_model(args, config, kwargs: dict):
         if getattr(args, "reset_attention_mask", False):
             eod = tokenizer_eod_id(args, kwargs["vocab_size"])
             print_rank_0(f"--reset-attention-mask: document ids from the EOD tokens (id {eod}), no S x S mask")
-            return with_eod_documents(TSPGPTModel)(config, None, tsp_options=tsp_options_from_args(args), eod_id=eod,
-                                                   **kwargs)
-        return TSPGPTModel(config, None, tsp_options=tsp_options_from_args(args), **kwargs)
+            return with_eod_documents(TSPGPTModel)(config, None, tsp_options=options, eod_id=eod, **kwargs)
+        return TSPGPTModel(config, None, tsp_options=options, **kwargs)
     print_rank_0(f"building GPT model with --tsp-native-spec {native_spec} ...")
     pg_collection = kwargs.get("pg_collection")
     if pg_collection is not None:
@@ -83,7 +85,7 @@ def build_gpt_model(args, config, kwargs: dict):
 
         pp_rank = mpu.get_pipeline_model_parallel_rank()
     core_attention = SDPACoreAttention if native_spec == "sdpa" else None
-    chunk = tsp_options_from_args(args).mlp_chunk_tokens
+    chunk = options.mlp_chunk_tokens
     tp_group = None
     if chunk:
         from megatron.core import parallel_state as mpu

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(script))
 
     from ..config import TSPConfigError
+    from .arguments import in_flags
     from .hooks import install
 
     try:
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     sys.argv = [script] + argv[1:]
     try:
         runpy.run_path(script, run_name="__main__")
-    except TSPConfigError as e:  # e.g. the built model is not the one --tsp-size asks for
-        print(f"megatron_tsp.megatron_lm.run: error: {e}", file=sys.stderr, flush=True)
+    except TSPConfigError as e:  # e.g. the built model is not the one --tsp-size asks for, or a kernel's refusal
+        print(f"megatron_tsp.megatron_lm.run: error: {in_flags(e)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -46,7 +46,7 @@ def rope_saved(m: ModelSpec) -> float:
 
 def mlp_exchange(train: TrainSpec, lay: Layout) -> Optional[str]:
     """The MLP exchange a TSP layout runs (None for the other layouts): `auto` resolves as
-    megatron_tsp.tsp.mlp.TSPRingMLP.exchange does, by the tokens a rank holds (B S / D)."""
+    megatron_tsp.tsp.mlp.TSPMLP.exchange does, by the tokens a rank holds (B S / D)."""
     if not lay.record.uses_tsp:
         return None
     local_tokens = train.micro_batch_size * train.seq_length // lay.tsp_size

@@ -145,7 +145,7 @@ def _bench_rows(data: dict) -> List[dict]:
         layout = "tsp4" if compute_only else _BENCH_LAYOUTS.get(row.get("layout"))
         exchange = (row.get("recipe_parallel") or {}).get("tsp_mlp_exchange", "auto")
         if compute_only and exchange == "auto":
-            exchange = "ring"  # TSPRingMLP.exchange: compute-only keeps TSP's own exchanges
+            exchange = "ring"  # TSPMLP.exchange: compute-only keeps TSP's own exchanges
         if layout is None:
             r["unsupported"] = f"bench layout {row.get('layout')!r} is not a planner layout"
         elif row.get("status") not in ("ok", "oom"):

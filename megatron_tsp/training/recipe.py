@@ -16,7 +16,7 @@ import yaml
 
 from ..config import (CP_COMM_TYPES, LAYER_RECOMPUTE, NORMALIZATIONS, RECOMPUTE_METHODS, DataRecipe,  # noqa: F401
                       ModelRecipe, ModelShape, ParallelRecipe, TrainRecipe, TSPConfigError, TSPOptions,
-                      check_seq_length, read_yaml_file, recipe_words, tsp_options_from, yaml_problem)
+                      check_seq_length, read_yaml_file, tsp_options_from, yaml_problem)
 from ..layouts import GroupSizes, ParallelLayout, get_layout, names
 
 LAYOUTS = names()  # parallel.layout's values: megatron_tsp.layouts
@@ -47,8 +47,8 @@ class Recipe:
             raise RecipeError(f"parallel.baseline_attention = {p.baseline_attention!r} is not one of sdpa, local")
         try:
             self.tsp_options()
-        except TSPConfigError as e:
-            raise RecipeError(recipe_words(str(e))) from None
+        except TSPConfigError as e:  # the core names the recipe keys (parallel.tsp_*) already
+            raise RecipeError(str(e), option=e.option) from None
         if p.tsp_lm_head == "local" and not lay.uses_tsp:
             raise RecipeError(f"parallel.tsp_lm_head = local needs parallel.layout = {_tsp_layouts()} (got "
                               f"{p.layout}): the baselines run Megatron's LM head (leave it null or set megatron)")
@@ -111,7 +111,7 @@ class Recipe:
             try:
                 check_seq_length(m.seq_length, size, what="model.seq_length")
             except TSPConfigError as e:
-                raise RecipeError(recipe_words(str(e))) from None
+                raise RecipeError(str(e), option=e.option) from None
         if cp > 1:
             from ..config import check_context_parallel
 
@@ -185,8 +185,7 @@ class Recipe:
                 "--moe-shared-expert-intermediate-size": "model.moe_shared_expert_intermediate_size",
                 "--moe-shared-expert-gate": "model.moe_shared_expert_gate",
                 "--moe-router-load-balancing-type": "model.moe_router_load_balancing_type",
-                "--moe-router-topk": "model.moe_router_topk", "--moe-token-drop-policy": "model.moe_token_drop_policy",
-                "--tsp-size": "parallel.size"}
+                "--moe-router-topk": "model.moe_router_topk", "--moe-token-drop-policy": "model.moe_token_drop_policy"}
         try:
             config = _MoEView(self)
             check_moe_config(config, p.size)
@@ -194,7 +193,7 @@ class Recipe:
             text = str(e)
             for flag, key in keys.items():
                 text = text.replace(flag, key)
-            raise RecipeError(text) from None
+            raise RecipeError(text, option=e.option) from None
 
     def _check_optimizer_offload(self) -> None:
         """train.optimizer_cpu_offload runs megatron-core's HybridDeviceOptimizer behind the

@@ -334,9 +334,9 @@ class TSPSelfAttention(SelfAttention):
         # attention to each document; any other mask is ignored: TSP attention is causal (as
         # Megatron's flash/TE paths).
         if inference_context is not None or inference_params is not None:
-            raise TSPConfigError("inference (KV cache) is not supported with --tsp-size in this version")
+            raise TSPConfigError("inference (KV cache) is not supported by TSP attention in this version")
         if packed_seq_params is not None:
-            raise TSPConfigError("packed sequences (packed_seq_params / THD) are not supported with --tsp-size")
+            raise TSPConfigError("packed sequences (packed_seq_params / THD) are not supported by TSP attention")
         if attention_bias is not None or key_value_states is not None:
             raise TSPConfigError("attention_bias / cross-attention are not supported by TSP attention")
         if rotary_pos_cos is not None or rotary_pos_sin is not None or rotary_pos_cos_sin is not None:
@@ -346,7 +346,7 @@ class TSPSelfAttention(SelfAttention):
         D, p = group.size(), group.rank()
         s_local = hidden_states.shape[0]
         S = s_local * D
-        check_seq_length(S, D, what="sequence length (S/D local tokens x --tsp-size)")
+        check_seq_length(S, D, what="sequence length (S/D local tokens x parallel.size)")
         doc_ids, starts, documents = None, local_chunk_starts(S, D, p), {}
         streamed = self.tsp_options.attention_kv == "streamed"
         if is_document_ids(attention_mask):

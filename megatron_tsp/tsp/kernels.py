@@ -40,13 +40,12 @@ from typing import Tuple
 
 import torch
 
-from ..config import BACKENDS, TSPConfigError
+from ..config import BACKENDS, TSPConfigError, check_choice
 
 
 def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
     """The kernel `backend` names for q; `masked`: a document mask will be passed (auto -> math)."""
-    if backend not in BACKENDS:
-        raise TSPConfigError(f"--tsp-attention-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_choice("parallel.tsp_attention_backend", backend, BACKENDS)
     fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
     if backend == "flex":
         return backend
@@ -57,9 +56,9 @@ def resolve_backend(backend: str, q: torch.Tensor, masked: bool = False) -> str:
         return "cudnn" if fast else "math"
     if backend in ("cudnn", "flash") and not fast:
         raise TSPConfigError(
-            f"--tsp-attention-backend {backend} needs CUDA tensors in fp16/bf16 with head dim <= 256, "
-            f"got {q.device.type} {q.dtype} head dim {q.shape[-1]}: use auto or math"
-        )
+            f"parallel.tsp_attention_backend = {backend} needs CUDA tensors in fp16/bf16 with head dim <= 256, "
+            f"got {q.device.type} {q.dtype} head dim {q.shape[-1]}: use auto or math",
+            option="parallel.tsp_attention_backend")
     return backend
 
 
@@ -243,8 +242,9 @@ _TAKES_MASK = {"math", "math_split", "flex"}  # kernels that take a document mas
 
 def _check_mask(backend: str, mask) -> None:
     if mask is not None and backend not in _TAKES_MASK:
-        raise TSPConfigError(f"--tsp-attention-backend {backend} cannot apply a document mask (packed sequences, "
-                             f"data.reset_attention_mask): use {' or '.join(sorted(_TAKES_MASK))}")
+        raise TSPConfigError(f"parallel.tsp_attention_backend = {backend} cannot apply a document mask (packed "
+                             f"sequences, data.reset_attention_mask): use {' or '.join(sorted(_TAKES_MASK))}",
+                             option="parallel.tsp_attention_backend")
 
 
 def _part(mask, lo, hi):

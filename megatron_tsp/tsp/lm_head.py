@@ -154,16 +154,16 @@ class SequenceLocalLMHead:
 def check_lm_head(config, options: TSPOptions, vocab_size: Optional[int], tsp_size: int) -> None:
     """What TSPGPTModel checks before it builds anything (every rank, before any collective)."""
     if vocab_size is not None and vocab_size % tsp_size:
-        raise TSPConfigError(f"vocabulary size {vocab_size} must be divisible by --tsp-size = {tsp_size} (each "
+        raise TSPConfigError(f"vocabulary size {vocab_size} must be divisible by parallel.size = {tsp_size} (each "
                              "rank holds V/D rows of the embedding and LM head): pad it, e.g. with Megatron's "
-                             "--make-vocab-size-divisible-by")
+                             "--make-vocab-size-divisible-by", option="parallel.size")
     if options.lm_head != "local":
         return
     for field, flag in (("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute"),
                         ("mtp_num_layers", "--mtp-num-layers")):
         if getattr(config, field, None):
-            raise TSPConfigError(f"{flag} is not supported by the sequence-local LM head (--tsp-lm-head local / "
-                                 "parallel.tsp_lm_head = local): use --tsp-lm-head megatron")
+            raise TSPConfigError(f"{flag} is not supported by the sequence-local LM head (parallel.tsp_lm_head = "
+                                 "local): use parallel.tsp_lm_head = megatron", option="parallel.tsp_lm_head")
 
 
 def logit_scale(config) -> float:
@@ -185,7 +185,8 @@ def postprocess(model, megatron_postprocess, *args, **kwargs):
         return megatron_postprocess(*args, **kwargs)
     if bound.get("output_processor") is not None:
         raise TSPConfigError("output_processor is not supported by the sequence-local LM head "
-                             "(--tsp-lm-head local / parallel.tsp_lm_head = local): use --tsp-lm-head megatron")
+                             "(parallel.tsp_lm_head = local): use parallel.tsp_lm_head = megatron",
+                             option="parallel.tsp_lm_head")
     hidden_states = bound["hidden_states"]  # [S/D, b, h], this rank's tokens
     group = model.tsp_group
     if model.tsp_options.compute_only:
@@ -195,7 +196,8 @@ def postprocess(model, megatron_postprocess, *args, **kwargs):
         raise TSPConfigError(f"labels cover {labels.shape[1]} tokens but the decoder's output covers {D} x {s}")
     if getattr(model.output_layer, "bias", None) is not None:
         raise TSPConfigError("an output layer with a bias is not supported by the sequence-local LM head "
-                             "(--tsp-lm-head local / parallel.tsp_lm_head = local): use --tsp-lm-head megatron")
+                             "(parallel.tsp_lm_head = local): use parallel.tsp_lm_head = megatron",
+                             option="parallel.tsp_lm_head")
     if model.share_embeddings_and_output_weights:
         weight = model.shared_embedding_or_output_weight()
     else:

@@ -1,4 +1,7 @@
-"""TSP ring MLP: weight shards travel around the ring, tokens never leave their rank.
+"""TSP MLP (`TSPMLP`): every exchange of the MLP with its weight shards. The ring (below) is
+the default at long sequences; broadcast and tokens are at the end.
+
+Ring: weight shards travel around the ring, tokens never leave their rank.
 
 Shard j = rows [gate_j; up_j] of fc1 (Megatron's stride-2 GLU layout on TP rank j) and the
 matching columns of fc2. On TSP rank p, at ring step t it holds shard j = (p - t) mod D:
@@ -35,6 +38,7 @@ shard j broadcast from its owner, its gradient reduced onto the owner (`TSPBroad
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -245,17 +249,18 @@ class TSPRingMLPFunction(torch.autograd.Function):
         return dx.view_as(x), dw_fc1, db_fc1, dw_fc2, None, None, None, None
 
 
-class TSPRingMLP(MLP):
+class TSPMLP(MLP):
     """Megatron's MLP whose `linear_fc1` / `linear_fc2` hold this rank's shard (native TP
-    layout), with the TSP ring as forward. Input and output: this rank's tokens, [S/D, b, h].
+    layout), with TSP's exchange as forward: the ring, the broadcast or the tokens
+    (`TSPOptions.mlp_exchange`). Input and output: this rank's tokens, [S/D, b, h].
     The TSP group comes in as `tp_group`: from the spec's params (megatron-core <= 0.17), or
     from the layer's `pg_collection.tp` through `as_mlp_submodule` (0.18+); required."""
 
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None, tp_group=None,
                  tsp_options: Optional[TSPOptions] = None, name=None):
         if is_expert:
-            raise TSPConfigError("MoE experts are not supported with --tsp-size in this version")
-        require_group(tp_group, "TSPRingMLP", "tp_group")
+            raise TSPConfigError("MoE experts are not supported by the TSP MLP in this version")
+        require_group(tp_group, "TSPMLP", "tp_group")
         validate_transformer_config(config, tp_group.size())
         super().__init__(
             config, submodules, input_size=input_size,
@@ -295,7 +300,7 @@ class TSPRingMLP(MLP):
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:
-            raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP ring MLP")
+            raise TSPConfigError("per_token_scale (MoE) is not supported by the TSP MLP")
         exchange = self.exchange(hidden_states)
         chunk_tokens = self.tsp_options.mlp_chunk_tokens
         if exchange == "tokens":  # Megatron's sequence-parallel MLP: all-gather in, reduce-scatter out
@@ -309,3 +314,16 @@ class TSPRingMLP(MLP):
             self.activation, self.tsp_group, self.tsp_options.recompute, chunk_tokens,
         )
         return out, self.linear_fc2.bias
+
+
+# TSPMLP's name until issue 29 (it runs every exchange, not only the ring): docs/python_api.md
+# listed it as public, so it still imports (here and from megatron_tsp), with a DeprecationWarning.
+DEPRECATED_NAMES = {"TSPRingMLP": "TSPRingMLP is deprecated: it is TSPMLP (the same class; it runs every MLP "
+                                  "exchange, not only the ring)"}
+
+
+def __getattr__(name):
+    if name in DEPRECATED_NAMES:
+        warnings.warn(DEPRECATED_NAMES[name], DeprecationWarning, stacklevel=2)
+        return TSPMLP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

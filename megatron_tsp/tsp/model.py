@@ -47,7 +47,7 @@ class TSPGPTModel(GPTModel):
 
             check_expert_groups(config, pg_collection)
         if kwargs.get("mtp_block_spec") is not None:
-            raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported with --tsp-size")
+            raise TSPConfigError("multi-token prediction (--mtp-num-layers) is not supported by the TSP model")
         tsp_options = tsp_options or TSPOptions()
         lm_head.check_lm_head(config, tsp_options, vocab_size, group.size())
         if transformer_layer_spec is None:
@@ -80,7 +80,7 @@ class TSPGPTModel(GPTModel):
         if decoder_input is not None:
             raise TSPConfigError("decoder_input is not supported by TSPGPTModel: pass input_ids")
         if kwargs.get("packed_seq_params") is not None:
-            raise TSPConfigError("packed sequences (packed_seq_params) are not supported with --tsp-size")
+            raise TSPConfigError("packed sequences (packed_seq_params) are not supported by the TSP model")
         full = next((t for t in (input_ids, labels) if t is not None), None)
         if full is not None:
             check_seq_length(full.shape[1], D, what="sequence length of the batch")

@@ -6,7 +6,7 @@ with the `alltoall` dispatcher on the tokens this rank holds, experts 1/EP per r
 TSP group when EP = D, or D x k ranks over TSP x DP). No sequence is gathered.
 
 What differs from Megatron's TP+SP MoE layer, and why:
-- Shared experts run as the TSP ring MLP (`TSPSharedExpertMLP`), not Megatron's
+- Shared experts run as the TSP MLP (`TSPSharedExpertMLP`), not Megatron's
   `SharedExpertMLP`, which all-gathers the sequence over the TP group. Its gate
   (`--moe-shared-expert-gate`) is SharedExpertMLP's: a replicated [1, h] weight whose
   per-rank gradient is summed over the TSP group with the norms' and the router's.
@@ -45,7 +45,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from .. import compat
 from ..config import (TSPConfigError, TSPOptions, check_expert_parallel, check_moe_config,  # noqa: F401
                       moe_config_kwargs, moe_layer_pattern, require_group)  # moe_config_kwargs: torch-free, in config
-from .mlp import TSPRingMLP
+from .mlp import TSPMLP
 from .zigzag import from_zigzag, to_zigzag
 
 def check_expert_groups(config, pg_collection) -> None:
@@ -58,7 +58,7 @@ def check_expert_groups(config, pg_collection) -> None:
     if etp is not None and etp.size() != 1:
         raise TSPConfigError(
             f"the expert tensor-parallel group has {etp.size()} ranks: build the groups with "
-            f"megatron_tsp.initialize_model_parallel (expert TP = 1 under --tsp-size)"
+            f"megatron_tsp.initialize_model_parallel (expert TP = 1 under TSP)"
         )
     if config.num_moe_experts % ep_size:
         raise TSPConfigError(
@@ -125,8 +125,8 @@ class TSPTopKRouter(TopKRouter):
         return keep.reshape(-1, E)
 
 
-class TSPSharedExpertMLP(TSPRingMLP):
-    """The shared expert of an MoE layer as the TSP ring MLP (width
+class TSPSharedExpertMLP(TSPMLP):
+    """The shared expert of an MoE layer as the TSP MLP (width
     `moe_shared_expert_intermediate_size`), on the layer's TSP group; same parameters and
     checkpoint keys as Megatron's SharedExpertMLP (linear_fc1, linear_fc2, and `gate_weight`
     with `gate`). Returns the output alone, as SharedExpertMLP does.

@@ -1,4 +1,4 @@
-"""Layer and block specs: Megatron's local GPT spec with TSP's attention, ring MLP and
+"""Layer and block specs: Megatron's local GPT spec with TSP's attention, MLP and
 sequence-parallel-capable norms swapped in. Everything else (linear layers as shard holders,
 bias-dropout-add, checkpoint key map) stays Megatron's, so TSP checkpoints are native-TP ones.
 The baselines' spec (Megatron's layer with these norms) is `baselines/specs.py`'s."""
@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from .. import compat, patches
 from .attention import TSPSelfAttention
 from ..config import TSPOptions, require_group
-from .mlp import TSPRingMLP
+from .mlp import TSPMLP
 from .norm import TSPNorm
 
 
@@ -30,7 +30,7 @@ def local_spec_with_sp_norms(config, num_experts=None) -> ModuleSpec:
 
 
 def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions] = None, moe: bool = False) -> ModuleSpec:
-    """A TransformerLayer spec running TSP attention and the ring MLP on `tsp_group` (required;
+    """A TransformerLayer spec running TSP attention and the TSP MLP on `tsp_group` (required;
     the layer's `pg_collection.tp` must be the same group), as `tsp_options` says. `moe=True`:
     the MLP is Megatron's MoELayer on this rank's tokens (`megatron_tsp.tsp.moe`; its groups come
     from the layer's pg_collection)."""
@@ -49,9 +49,9 @@ def get_tsp_layer_spec(config, tsp_group=None, tsp_options: Optional[TSPOptions]
         spec.submodules.mlp = tsp_moe_mlp_spec(mlp, options)
         return spec
     # Up to megatron-core 0.17 TransformerLayer builds the MLP with `config` only, so the group
-    # rides in params; from 0.18 it passes `pg_collection` (TSPRingMLP.as_mlp_submodule).
+    # rides in params; from 0.18 it passes `pg_collection` (TSPMLP.as_mlp_submodule).
     spec.submodules.mlp = compat.mlp_spec(
-        mlp, TSPRingMLP, compat.mlp_submodules(mlp), tp_group=tsp_group, tsp_options=options
+        mlp, TSPMLP, compat.mlp_submodules(mlp), tp_group=tsp_group, tsp_options=options
     )
     return spec
 

@@ -96,8 +96,9 @@ def tiled_megatron_mlp_forward(mlp: MLP, hidden_states, chunk_tokens: int):
     """Megatron's `MLP.forward` of `mlp` on token chunks of `hidden_states` [s, b, h] (its tokens,
     sequence-parallel or not): (output, output bias), as the untiled MLP returns them."""
     if mlp.config.gradient_accumulation_fusion:
-        raise TSPConfigError("the token-tiled MLP (--tsp-mlp-chunk-tokens > 0) needs --no-gradient-accumulation-fusion: "
-                             "the fused kernel writes each chunk's weight gradient into main_grad itself")
+        raise TSPConfigError("the token-tiled MLP (parallel.mlp_chunk_tokens > 0) needs --no-gradient-accumulation-"
+                             "fusion: the fused kernel writes each chunk's weight gradient into main_grad itself",
+                             option="parallel.mlp_chunk_tokens")
     chunks = sequence_chunks(hidden_states.shape[0], hidden_states.shape[1], chunk_tokens)
 
     def run(x):

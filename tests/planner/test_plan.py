@@ -205,7 +205,7 @@ def test_whole_step_crossover_at_13h_tokens_for_d4():
 
 
 def test_auto_mlp_exchange_moves_tokens_below_the_threshold():
-    """`auto` resolves as TSPRingMLP.exchange does: tokens when a rank holds fewer than
+    """`auto` resolves as TSPMLP.exchange does: tokens when a rank holds fewer than
     AUTO_TOKENS_BELOW tokens (B S / D), else the ring; the planner's items and memory follow."""
     from megatron_tsp.config import AUTO_TOKENS_BELOW
     from megatron_tsp.planner import mlp_exchange

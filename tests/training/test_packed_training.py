@@ -209,7 +209,8 @@ def test_masked_kernel_refuses_flash_and_cudnn():
     q = torch.zeros(1, 1, 2, 4)
     assert resolve_backend("auto", q, masked=True) == "math"
     for backend in ("flash", "cudnn"):
-        with pytest.raises(TSPConfigError, match=rf"--tsp-attention-backend {backend} cannot apply a document mask"):
+        with pytest.raises(TSPConfigError,
+                           match=rf"parallel.tsp_attention_backend = {backend} cannot apply a document mask"):
             chunk_forward(q, q, q, 1.0, backend, mask=torch.zeros(1, 1, 2, 2, dtype=torch.bool))
 
 

@@ -61,7 +61,7 @@ def test_attention_parity_split_kernel(world, D, options):
                                                  TSPOptions(mlp_exchange="broadcast", recompute="full"),
                                                  TSPOptions(mlp_exchange="tokens"), TSPOptions(mlp_exchange="auto")],
                          ids=["save", "recompute", "broadcast-save", "broadcast-recompute", "tokens", "auto"])
-def test_ring_mlp_parity(world, D, gated, bias, options):
+def test_mlp_parity(world, D, gated, bias, options):
     skip_unless_divides(world, D)
     errors, seed = block_parity("mlp", D, gated=gated, bias=bias, options=options)
     _check(errors, seed)
@@ -79,7 +79,7 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold(world, monkeypatch):
     D = world
     if D < 2:
         pytest.skip("needs D >= 2")
-    module = mlp.TSPRingMLP.__new__(mlp.TSPRingMLP)
+    module = mlp.TSPMLP.__new__(mlp.TSPMLP)
     torch.nn.Module.__init__(module)
     x = torch.zeros(16, 2, 8)  # 32 local tokens
     for threshold, options, want in ((33, TSPOptions(mlp_exchange="auto"), "tokens"),

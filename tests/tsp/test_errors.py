@@ -22,7 +22,7 @@ def test_bad_sequence_length_raises_on_every_rank(world):
     config = tiny_config(D)
     attn = TSPSelfAttention(config, get_sp_layer_spec(config).submodules.self_attention.submodules, layer_number=1, pg_collection=pgs)
     x = torch.randn(3, 2, 32, dtype=torch.float64)  # S = 3*D tokens: not a multiple of 2*D
-    with pytest.raises(TSPConfigError, match=r"must be divisible by 2 x --tsp-size = %d" % (2 * D)):
+    with pytest.raises(TSPConfigError, match=r"must be divisible by 2 x parallel.size = %d" % (2 * D)):
         attn(x, None)
 
     model = build_gpt(ModelShape(seq_length=32), layout="tsp", pg_collection=pgs)

@@ -66,10 +66,11 @@ def test_chunk_attention_writes_into_strided_outputs(backend):
         torch.testing.assert_close(dkv_buf[L:], before[L:], rtol=0, atol=0)  # rows beyond L untouched
 
 
-def test_backend_errors_name_the_flag():
+def test_backend_errors_name_the_option():
     q = torch.zeros(1, 1, 2, 4)
-    with pytest.raises(TSPConfigError, match="--tsp-attention-backend"):
+    with pytest.raises(TSPConfigError, match="parallel.tsp_attention_backend must be one of") as e:
         resolve_backend("bogus", q)
-    with pytest.raises(TSPConfigError, match="--tsp-attention-backend cudnn needs CUDA"):
+    assert e.value.option == "parallel.tsp_attention_backend"
+    with pytest.raises(TSPConfigError, match="parallel.tsp_attention_backend = cudnn needs CUDA"):
         resolve_backend("cudnn", q)
     assert resolve_backend("auto", q) == "math"

@@ -195,20 +195,22 @@ def test_function_against_dense_cross_entropy(world, scale, chunk):
 
 
 def test_bad_options_are_refused(world):
-    for kw, flag in ((dict(lm_head="fused"), "--tsp-lm-head"), (dict(lm_head_chunk_tokens=0), "--tsp-lm-head-chunk-tokens"),
-                     (dict(lm_head_chunk_tokens=2.5), "--tsp-lm-head-chunk-tokens")):
-        with pytest.raises(TSPConfigError, match=flag):
+    for kw, key in ((dict(lm_head="fused"), "parallel.tsp_lm_head"),
+                    (dict(lm_head_chunk_tokens=0), "parallel.lm_head_chunk_tokens"),
+                    (dict(lm_head_chunk_tokens=2.5), "parallel.lm_head_chunk_tokens")):
+        with pytest.raises(TSPConfigError, match=key) as e:
             TSPOptions(**kw)
+        assert e.value.option == key
     for field, flag in (("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute"),
                         ("mtp_num_layers", "--mtp-num-layers")):
         config = SimpleNamespace(**{field: 1})
-        with pytest.raises(TSPConfigError, match=flag + ".*--tsp-lm-head megatron"):
+        with pytest.raises(TSPConfigError, match=flag + ".*parallel.tsp_lm_head = megatron"):
             lm_head.check_lm_head(config, local(), 4 * 37, world)
         lm_head.check_lm_head(config, TSPOptions(lm_head="megatron"), 4 * 37, world)
     if world > 1:  # raised by TSPGPTModel before Megatron's own assertion
         pgs = init_tsp(world)
         odd = dataclasses.replace(SHAPES["mha-untied"], vocab_size=4 * 37 + 1)
-        with pytest.raises(TSPConfigError, match=f"vocabulary size 149 must be divisible by --tsp-size = {world}"):
+        with pytest.raises(TSPConfigError, match=f"vocabulary size 149 must be divisible by parallel.size = {world}"):
             build_gpt(odd, layout="tsp", dtype=torch.float64, tsp_options=local(), pg_collection=pgs)
     model = build_gpt(SHAPES["mha-untied"], layout="tsp", dtype=torch.float64, tsp_options=local(),
                       pg_collection=init_tsp(world))

@@ -16,7 +16,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_tsp.training.build import ModelShape, build_gpt
 from megatron_tsp.tsp.attention import TSPSelfAttention
-from megatron_tsp.tsp.mlp import TSPRingMLP
+from megatron_tsp.tsp.mlp import TSPMLP
 from tests.parity import fresh_seed
 from tests.tsp.test_lm_head import megatron_ce_in_float64  # noqa: F401  (fixture: the reference's CE in float64)
 from tests.utils import gather_full, init_tsp, mock_batch, rel_err, sum_sequence_parallel_grads
@@ -106,12 +106,12 @@ def _attention_reads_global_group(monkeypatch):
 
 
 def _mlp_reads_global_group(monkeypatch):
-    init = TSPRingMLP.__init__
+    init = TSPMLP.__init__
 
     def patched(self, config, submodules, *args, tp_group=None, **kwargs):
         init(self, config, submodules, *args, tp_group=mpu.get_tensor_model_parallel_group(), **kwargs)
 
-    monkeypatch.setattr(TSPRingMLP, "__init__", patched)
+    monkeypatch.setattr(TSPMLP, "__init__", patched)
 
 
 @pytest.mark.parametrize("D,broken", [(2, _mlp_reads_global_group), (4, _attention_reads_global_group)],
@@ -143,7 +143,7 @@ def test_a_missing_group_is_an_error_naming_the_argument():
     with pytest.raises(TSPConfigError, match="`pg_collection`"):
         TSPSelfAttention(config, spec.self_attention.submodules, layer_number=1)
     with pytest.raises(TSPConfigError, match="`tp_group`"):
-        TSPRingMLP(config, compat.mlp_submodules(spec.mlp))
+        TSPMLP(config, compat.mlp_submodules(spec.mlp))
     with pytest.raises(TSPConfigError, match="`tsp_group`"):
         get_tsp_layer_spec(config, None)
     with pytest.raises(TSPConfigError, match="`pp_rank`"):  # Megatron would read its global pipeline rank

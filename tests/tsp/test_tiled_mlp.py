@@ -193,7 +193,7 @@ def _mlp_memory(kind, D, chunk, S, b=2, hidden=32, ffn=256):
 
     from megatron_tsp import compat
     from megatron_tsp.probe.meter import CpuMeter
-    from megatron_tsp.tsp.mlp import TSPRingMLP
+    from megatron_tsp.tsp.mlp import TSPMLP
     from megatron_tsp.baselines.specs import get_sp_layer_spec
     from megatron_tsp.tsp.tiled_mlp import TiledMLP
     from tests.utils import tiny_config
@@ -203,7 +203,7 @@ def _mlp_memory(kind, D, chunk, S, b=2, hidden=32, ffn=256):
     cfg = tiny_config(D, hidden=hidden, ffn=ffn)
     sub = compat.mlp_submodules(get_sp_layer_spec(tiny_config(1, hidden=hidden, ffn=ffn)).submodules.mlp)
     if kind == "tsp":
-        mlp = TSPRingMLP(cfg, sub, tp_group=pgs.tp, tsp_options=TSPOptions(mlp_exchange="ring", mlp_chunk_tokens=chunk))
+        mlp = TSPMLP(cfg, sub, tp_group=pgs.tp, tsp_options=TSPOptions(mlp_exchange="ring", mlp_chunk_tokens=chunk))
     else:
         mlp = TiledMLP(cfg, sub, ffn_hidden_size=ffn, tp_group=pgs.tp, mlp_chunk_tokens=chunk)
     mlp = mlp.double()

@@ -29,5 +29,6 @@ def test_every_rank_has_equal_causal_work():
 
 @pytest.mark.parametrize("S,D", [(10, 2), (12, 4), (7, 1)])
 def test_bad_sequence_length_is_a_clear_error(S, D):
-    with pytest.raises(TSPConfigError, match=r"--seq-length = %d must be divisible by 2 x --tsp-size = %d" % (S, 2 * D)):
+    with pytest.raises(TSPConfigError,
+                       match=r"--seq-length = %d must be divisible by 2 x parallel.size = %d" % (S, 2 * D)):
         zigzag_permutation(S, D)
