@@ -130,8 +130,15 @@ def _layout(row: dict) -> Layout:
                                    or (size if len(sizes) == 1 else row.get(s))) for s in sizes})
 
 
-_BENCH_LAYOUTS = {"tsp": "tsp4", "tp": "tp4", "tp_sp": "tp_sp4", "cp4": "cp4", "tp2_cp2": "tp2xcp2",
-                  "fsdp_cp4": "fsdp_cp4"}
+def _bench_layout(parallel: Optional[dict]) -> Optional[str]:
+    """The planner spelling (`tsp4`, `tp2xcp2`, ...) of a bench row's recipe `parallel` section,
+    from the layout registry; None where the planner has no model of it."""
+    found = layouts.planner_layout(parallel) if parallel else None
+    if found is None:
+        return None
+    kind, sizes = found
+    mesh = layouts.PLANNER_KINDS[kind][1]
+    return mesh.format(mesh.spelling, **sizes)
 
 
 def _bench_rows(data: dict) -> List[dict]:
@@ -141,9 +148,10 @@ def _bench_rows(data: dict) -> List[dict]:
     out = []
     for row in data.get("rows", []):
         r = {"bench_id": row.get("id")}
-        compute_only = row.get("layout") == "tsp_compute_only"
-        layout = "tsp4" if compute_only else _BENCH_LAYOUTS.get(row.get("layout"))
-        exchange = (row.get("recipe_parallel") or {}).get("tsp_mlp_exchange", "auto")
+        parallel = row.get("recipe_parallel") or {}
+        compute_only = bool(parallel.get("tsp_compute_only"))
+        layout = _bench_layout(parallel)
+        exchange = parallel.get("tsp_mlp_exchange", "auto")
         if compute_only and exchange == "auto":
             exchange = "ring"  # TSPMLP.exchange: compute-only keeps TSP's own exchanges
         if layout is None:
