@@ -157,7 +157,7 @@ def check_lm_head(config, options: TSPOptions, vocab_size: Optional[int], tsp_si
         raise TSPConfigError(f"vocabulary size {vocab_size} must be divisible by parallel.size = {tsp_size} (each "
                              "rank holds V/D rows of the embedding and LM head): pad it, e.g. with Megatron's "
                              "--make-vocab-size-divisible-by", option="parallel.size")
-    if options.tsp_lm_head != "local":
+    if options.tsp_lm_head == "megatron":  # null (a recipe's parallel section): local
         return
     for field, flag in (("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute"),
                         ("mtp_num_layers", "--mtp-num-layers")):
@@ -181,7 +181,7 @@ def postprocess(model, megatron_postprocess, *args, **kwargs):
     0.19.2 adds padding_mask and output_processor); they are bound by name."""
     bound = inspect.signature(megatron_postprocess).bind(*args, **kwargs).arguments
     labels = bound.get("labels")
-    if model.tsp_options.tsp_lm_head != "local" or labels is None or not model.post_process:
+    if model.tsp_options.tsp_lm_head == "megatron" or labels is None or not model.post_process:
         return megatron_postprocess(*args, **kwargs)
     if bound.get("output_processor") is not None:
         raise TSPConfigError("output_processor is not supported by the sequence-local LM head "
