@@ -23,9 +23,9 @@ OTHER = {"tsp_recompute": "full", "tsp_attention_backend": "math_split", "tsp_ml
          "tsp_compute_only": True}
 
 
-def declarations(name):
-    """The classes of megatron_tsp.config whose bodies declare a field `name`."""
-    tree = ast.parse(inspect.getsource(config))
+def declarations(name, source=None):
+    """The classes of megatron_tsp.config (or of `source`) whose bodies declare a field `name`."""
+    tree = ast.parse(source or inspect.getsource(config))
     return [c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for s in c.body
             if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.target.id == name]
 
@@ -43,6 +43,11 @@ def test_each_option_is_declared_once_and_is_a_recipe_key():
     assert names[:5] == ["layout", "size", "pipeline_size", "expert_size", "moe_dispatcher"]
     assert names[5:5 + len(KEYS)] == KEYS
     assert isinstance(ParallelRecipe(), TSPOptions) and ParallelRecipe().tsp_lm_head is None  # null: the layout's
+
+
+def test_a_second_declaration_is_caught():
+    twice = inspect.getsource(config) + '\n\nclass Again:\n    tsp_attention_kv: str = "gathered"\n    """Again."""\n'
+    assert declarations("tsp_attention_kv", twice) == ["TSPOptions", "Again"]
 
 
 def test_train_help_and_the_flags_list_each_option_once():
