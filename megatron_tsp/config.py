@@ -9,8 +9,10 @@ from __future__ import annotations
 import ast
 import os
 import dataclasses
+import functools
 import inspect
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -186,66 +188,105 @@ def check_mlp_chunk_tokens(chunk) -> None:
                              option="parallel.mlp_chunk_tokens")
 
 
-@dataclass(frozen=True)
+def _option(default, choices=None, flag: Optional[str] = None):
+    """A TSPOptions field: its default, the values it takes (checked by TSPOptions.check) and its
+    pretrain_gpt.py flag (None: none)."""
+    return field(default=default, metadata={"choices": choices, "flag": flag})
+
+
+# The old keyword names of TSPOptions (until the recipe keys became its field names); still
+# accepted by TSPOptions(...) and dataclasses.replace, with a DeprecationWarning, for one release.
+OLD_OPTION_NAMES = {"recompute": "tsp_recompute", "attention_backend": "tsp_attention_backend",
+                    "mlp_exchange": "tsp_mlp_exchange", "lm_head": "tsp_lm_head", "attention_kv": "tsp_attention_kv",
+                    "compute_only": "tsp_compute_only"}
+
+
+@dataclass
 class TSPOptions:
-    """How the TSP blocks run; passed explicitly through the layer spec (no global state).
+    """How the TSP blocks run, each option declared once: these fields are the recipe's
+    `parallel` keys of the same names (ParallelRecipe inherits them), pretrain_gpt.py's `--tsp-*`
+    flags (megatron_lm/arguments.py) and what the TSP core takes, passed explicitly through the
+    layer spec (no global state). Checked when built (`check`: one TSPConfigError naming the
+    recipe key); build a new one (dataclasses.replace) rather than changing one in place."""
 
-    recompute: `none` saves, per weight shard, what the backward reads (attention: q and the
-      local k/v after RoPE, the attention output and its log-sum-exp; MLP: the fc1 output), as
-      Megatron does without recompute; `full` saves only the block input and recomputes each
-      shard's forward in backward (least memory, one more forward of GEMMs and attention).
-    attention_backend: the chunk-attention kernel (BACKENDS).
-    mlp_exchange: how the MLP meets its weights: `ring` (weight shards travel to the next rank,
-      gradients travel with the shard), `broadcast` (from the owner, as attention does;
-      gradients reduced onto the owner), `tokens` (the weights stay; the tokens are all-gathered
-      and the output reduce-scattered: Megatron's sequence-parallel MLP on the TSP group, for
-      short sequences where moving tokens is cheaper than moving weights), or `auto` (`tokens`
-      when a rank holds fewer than AUTO_TOKENS_BELOW tokens, else `ring`). The same math.
-    lm_head: `local` (default): the sequence-local LM head and cross entropy (megatron_tsp.tsp.lm_head:
-      each rank computes logits for its own tokens only, the vocab shards travel over the group,
-      online log-sum-exp); `megatron`: Megatron's output layer + vocab-parallel cross entropy
-      (all S tokens' logits, S x V/D per rank). The same loss and gradients.
-    lm_head_chunk_tokens: local tokens per chunk of the local head: at most this many x V/D logits
-      exist at a time (forward and backward).
-    mlp_chunk_tokens: token-tiled MLP (every exchange; the baselines' Megatron MLP too, through
-      `megatron_tsp.tiled_mlp`): 0 = untiled; N > 0 = the MLP runs on chunks of at most N local
-      tokens, its forward saves only its input, and its backward rebuilds one chunk at a time
-      (fc1, the activation) and accumulates the weight gradients, so the MLP's working set is one
-      chunk's, not the rank's tokens'. The same math (up to the order of the weight-gradient sums).
-    attention_kv: how each head shard's K/V reach the queries: `gathered` (all-gathered over the
-      group into the whole sequence, S x kv per rank; backward reduce-scatters dK/dV) or `streamed`
-      (ring attention inside the shard, tsp/streamed_attention.py: each rank's K/V travel around
-      the ring, partial outputs merged by their log-sum-exps; the backward streams them again and
-      sends dK/dV back around the ring, so a rank holds at most two ranks' K/V, S/D x kv each). The
-      same math (up to the order of the softmax sums).
-    compute_only: benchmark only. Every TSP collective is skipped (shards and K/V stay local, so
-      the numbers are wrong) to time the same kernels without communication.
-    """
-
-    recompute: str = "none"
-    attention_backend: str = "auto"
-    mlp_exchange: str = "auto"
-    lm_head: str = "local"
-    lm_head_chunk_tokens: int = 4096
-    mlp_chunk_tokens: int = 0
-    attention_kv: str = "gathered"
-    compute_only: bool = False
+    tsp_recompute: str = _option("none", RECOMPUTE_MODES, "--tsp-recompute")
+    """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
+    does without recompute) or full (save only block inputs, recompute each shard's forward)."""
+    tsp_attention_backend: str = _option("auto", BACKENDS, "--tsp-attention-backend")
+    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math; math under document
+    masks), cudnn, flash, math, math_split, flex (torch FlexAttention, block mask from the document
+    ids; exact on CPU, untested on GPUs)."""
+    tsp_mlp_exchange: str = _option("auto", MLP_EXCHANGES, "--tsp-mlp-exchange")
+    """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
+    the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
+    all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
+    below AUTO_TOKENS_BELOW tokens per rank, else ring)."""
+    tsp_lm_head: Optional[str] = _option(None, LM_HEADS, "--tsp-lm-head")
+    """TSP's LM head and cross entropy: local (the default with layout tsp; each rank computes
+    logits for its own tokens only, vocab shards travel over the TSP group, online log-sum-exp
+    chunked along tokens: at most lm_head_chunk_tokens x V/D logits at a time) or megatron
+    (Megatron's output layer + vocab-parallel cross entropy: all S tokens' logits, S x V/D per
+    rank). Same loss and gradients. null: local. local needs layout tsp."""
+    lm_head_chunk_tokens: int = _option(4096, None, "--tsp-lm-head-chunk-tokens")
+    """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
+    mlp_chunk_tokens: int = _option(0, None, "--tsp-mlp-chunk-tokens")
+    """Token-tiled MLP, every layout (TSP's ring / broadcast / tokens exchanges, the baselines'
+    Megatron MLP alike): 0 = untiled; N > 0 = the MLP runs on chunks of at most N of the rank's
+    tokens (the baselines cut along the sequence: max(1, N // micro-batch) positions per chunk;
+    TP+SP all-gathers and reduce-scatters chunk by chunk). Its forward keeps only its input; its
+    backward rebuilds one chunk at a time and accumulates the weight gradients, so the MLP's
+    backward working set (fc1 output, activation, their gradients: six [s, f/D] pieces) is one
+    chunk's instead of the rank's s tokens', for one more fc1 + activation per chunk (TSP with
+    tsp_recompute = full already pays it). Same loss and gradients. Default 0 until the GPU
+    measurement picks a chunk (time within 3% of untiled at 128K tokens per rank)."""
+    tsp_attention_kv: str = _option("gathered", ATTENTION_KV, "--tsp-attention-kv")
+    """How TSP attention meets each head shard's K/V: gathered (all-gathered into the whole
+    sequence: S tokens' K/V and their gradients on every rank, the peak at D = 4 and millions of
+    tokens) or streamed (ring attention inside the shard: K/V travel around the TSP ring chunk by
+    chunk, merged by log-sum-exp; dK/dV travel back the same way; at most two ranks' K/V, S/D
+    tokens each, at a time). Same loss and gradients. Default gathered until the GPU timing of
+    the ring's overlap with the attention kernels is measured."""
+    tsp_compute_only: bool = _option(False)  # no pretrain_gpt.py flag: the benchmarks' switch
+    """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
 
     def __post_init__(self):
-        check_choice("parallel.tsp_recompute", self.recompute, RECOMPUTE_MODES)
-        check_choice("parallel.tsp_mlp_exchange", self.mlp_exchange, MLP_EXCHANGES)
-        check_choice("parallel.tsp_lm_head", self.lm_head, LM_HEADS)
+        if self.tsp_lm_head is None:  # the core sees the head it runs (the recipe keeps null: ParallelRecipe)
+            self.tsp_lm_head = "local"
+        self.check()
+
+    def check(self) -> None:
+        """Every TSP option's values, one TSPConfigError naming the first bad one by its recipe key."""
+        for f in dataclasses.fields(TSPOptions):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and not (f.name == "tsp_lm_head" and value is None):  # null: local
+                check_choice(f"parallel.{f.name}", value, f.metadata["choices"])
         chunk = self.lm_head_chunk_tokens
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise TSPConfigError(f"parallel.lm_head_chunk_tokens must be a positive integer, got {chunk!r}",
                                  option="parallel.lm_head_chunk_tokens")
         check_mlp_chunk_tokens(self.mlp_chunk_tokens)
-        if self.compute_only and self.mlp_exchange == "tokens":
+        if self.tsp_compute_only and self.tsp_mlp_exchange == "tokens":
             raise TSPConfigError("parallel.tsp_mlp_exchange = tokens runs Megatron's own collectives, which the "
                                  "compute-only benchmark mode cannot skip: use ring, broadcast or auto",
                                  option="parallel.tsp_mlp_exchange")
-        check_choice("parallel.tsp_attention_kv", self.attention_kv, ATTENTION_KV)
-        check_choice("parallel.tsp_attention_backend", self.attention_backend, BACKENDS)
+
+
+def _old_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        old = sorted(k for k in kwargs if k in OLD_OPTION_NAMES)
+        if old:
+            warnings.warn(f"TSPOptions({'=, '.join(old)}=) is deprecated: the options take their recipe keys' names "
+                          f"({'=, '.join(OLD_OPTION_NAMES[k] for k in old)}=)", DeprecationWarning, stacklevel=2)
+            # the old names win: dataclasses.replace passes every other field under its new name too
+            kwargs = {**{k: v for k, v in kwargs.items() if k not in old},
+                      **{OLD_OPTION_NAMES[k]: kwargs[k] for k in old}}
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TSPOptions.__init__ = _old_names(TSPOptions.__init__)  # TSPOptions' own: ParallelRecipe's __init__ is its own
 
 
 # -- the options, declared once -------------------------------------------------------------
@@ -336,8 +377,8 @@ class ModelRecipe(ModelShape):
 
 
 @dataclass
-class ParallelRecipe:
-    """How the model is split: the layout, its sizes and the TSP options (TSPOptions)."""
+class ParallelSizes:
+    """The parallel section's first keys: the layout and its sizes (ParallelRecipe)."""
 
     layout: str = "tsp"
     """tsp (the product), or the baselines dp, tp (tensor parallel), tp_sp (tensor + sequence parallel)."""
@@ -352,45 +393,14 @@ class ParallelRecipe:
     moe_dispatcher: str = "alltoall"
     """MoE token dispatcher (--moe-token-dispatcher-type): alltoall (tokens sent to their experts'
     ranks). tsp refuses allgather (it gathers every rank's hidden states) and flex (untested)."""
-    tsp_recompute: str = "none"
-    """TSP backward: none (save each shard's q, k/v, attention output and fc1 output, as Megatron
-    does without recompute) or full (save only block inputs, recompute each shard's forward)."""
-    tsp_attention_backend: str = "auto"
-    """TSP chunk-attention kernel: auto (cudnn on GPUs in bf16/fp16, else math; math under document
-    masks), cudnn, flash, math, math_split, flex (torch FlexAttention, block mask from the document
-    ids; exact on CPU, untested on GPUs)."""
-    tsp_mlp_exchange: str = "auto"
-    """How TSP's MLP meets its weights: ring (weight shards sent to the next rank), broadcast (from
-    the owner, as attention; gradients reduced onto the owner), tokens (weights stay; tokens
-    all-gathered, outputs reduce-scattered: Megatron's sequence-parallel MLP) or auto (tokens
-    below AUTO_TOKENS_BELOW tokens per rank, else ring)."""
-    tsp_lm_head: Optional[str] = None
-    """TSP's LM head and cross entropy: local (the default with layout tsp; each rank computes
-    logits for its own tokens only, vocab shards travel over the TSP group, online log-sum-exp
-    chunked along tokens: at most lm_head_chunk_tokens x V/D logits at a time) or megatron
-    (Megatron's output layer + vocab-parallel cross entropy: all S tokens' logits, S x V/D per
-    rank). Same loss and gradients. null: local. local needs layout tsp."""
-    lm_head_chunk_tokens: int = 4096
-    """Local tokens per chunk of the local LM head (parallel.tsp_lm_head = local), >= 1."""
-    mlp_chunk_tokens: int = 0
-    """Token-tiled MLP, every layout (TSP's ring / broadcast / tokens exchanges, the baselines'
-    Megatron MLP alike): 0 = untiled; N > 0 = the MLP runs on chunks of at most N of the rank's
-    tokens (the baselines cut along the sequence: max(1, N // micro-batch) positions per chunk;
-    TP+SP all-gathers and reduce-scatters chunk by chunk). Its forward keeps only its input; its
-    backward rebuilds one chunk at a time and accumulates the weight gradients, so the MLP's
-    backward working set (fc1 output, activation, their gradients: six [s, f/D] pieces) is one
-    chunk's instead of the rank's s tokens', for one more fc1 + activation per chunk (TSP with
-    tsp_recompute = full already pays it). Same loss and gradients. Default 0 until the GPU
-    measurement picks a chunk (time within 3% of untiled at 128K tokens per rank)."""
-    tsp_attention_kv: str = "gathered"
-    """How TSP attention meets each head shard's K/V: gathered (all-gathered into the whole
-    sequence: S tokens' K/V and their gradients on every rank, the peak at D = 4 and millions of
-    tokens) or streamed (ring attention inside the shard: K/V travel around the TSP ring chunk by
-    chunk, merged by log-sum-exp; dK/dV travel back the same way; at most two ranks' K/V, S/D
-    tokens each, at a time). Same loss and gradients. Default gathered until the GPU timing of
-    the ring's overlap with the attention kernels is measured."""
-    tsp_compute_only: bool = False
-    """Benchmarks only: skip every TSP collective (results are wrong) to time compute alone."""
+
+
+@dataclass
+class ParallelRecipe(TSPOptions, ParallelSizes):
+    """How the model is split: the layout, its sizes, the TSP options (TSPOptions' fields, the
+    tsp_* keys below) and the memory and communication levers."""
+    # fields: ParallelSizes', then TSPOptions', then these (dataclasses take the bases' in reverse MRO)
+
     high_priority_comm: bool = False
     """Create the TSP / tensor-parallel group's NCCL stream at high CUDA priority (Megatron's
     high_priority_stream_groups=['tp']), so its kernels get SMs ahead of queued compute blocks
@@ -442,6 +452,11 @@ class ParallelRecipe:
     """With recompute = full, every layout: the checkpointed layers' saved inputs go to pinned host
     memory in forward and come back ahead of their layer's backward on a side stream (prefetched
     one layer ahead: at most two on the GPU during backward). On CPU a host copy."""
+
+    def __post_init__(self):
+        """Nothing here: a recipe is filled key by key and checked as a whole (Recipe.check, whose
+        RecipeError names the key; tsp_options() builds the core's TSPOptions), and keeps its
+        nulls (tsp_lm_head: the layout's head)."""
 
 
 @dataclass
@@ -624,19 +639,10 @@ def recipe_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
-# parallel.<key> of the recipe -> (TSPOptions field, --tsp-* flag of pretrain_gpt.py, choices): the
-# recipe's tsp_options() and megatron_lm/arguments.py's flags (their help and default from the recipe
-# field, and the flags its errors say for the recipe keys the core's name: in_flags) read this table.
-TSP_OPTION_KEYS = {
-    "tsp_recompute": ("recompute", "--tsp-recompute", RECOMPUTE_MODES),
-    "tsp_attention_backend": ("attention_backend", "--tsp-attention-backend", BACKENDS),
-    "tsp_mlp_exchange": ("mlp_exchange", "--tsp-mlp-exchange", MLP_EXCHANGES),
-    "tsp_lm_head": ("lm_head", "--tsp-lm-head", LM_HEADS),
-    "lm_head_chunk_tokens": ("lm_head_chunk_tokens", "--tsp-lm-head-chunk-tokens", None),
-    "mlp_chunk_tokens": ("mlp_chunk_tokens", "--tsp-mlp-chunk-tokens", None),
-    "tsp_attention_kv": ("attention_kv", "--tsp-attention-kv", ATTENTION_KV),
-    "tsp_compute_only": ("compute_only", None, None),  # benchmarks only: no flag for pretrain_gpt.py
-}
+# parallel.<key> of each TSP option (TSPOptions' fields) -> (its --tsp-* flag of pretrain_gpt.py, its
+# choices), from the fields' declaration: megatron_lm/arguments.py's flags and the flags its errors say
+# for the recipe keys the core names (in_flags) read this.
+TSP_OPTION_KEYS = {f.name: (f.metadata["flag"], f.metadata["choices"]) for f in dataclasses.fields(TSPOptions)}
 
 # Megatron-LM options whose model builder paths the TSP model and our native specs do not take
 # (each has a spec of its own in Megatron's gpt_builder): refused at parse time with --tsp-size and
@@ -649,12 +655,7 @@ REFUSED_BUILDER_FLAGS = (("yaml_cfg", "--yaml-cfg"), ("use_legacy_models", "--us
 
 def tsp_options_from(get) -> TSPOptions:
     """TSPOptions from `get(recipe key)` (a parallel.<key> of TSP_OPTION_KEYS; None: the default)."""
-    kw = {}
-    for key, (name, _, _) in TSP_OPTION_KEYS.items():
-        value = get(key)
-        if value is not None:
-            kw[name] = value
-    return TSPOptions(**kw)
+    return TSPOptions(**{key: value for key in TSP_OPTION_KEYS if (value := get(key)) is not None})
 
 
 def require_group(group, what: str, argument: str):

@@ -38,7 +38,7 @@ def group_and_pgs():
 def test_layer_spec_of_installed_megatron_builds_tsp_mlp_on_the_group(group_and_pgs):
     group, pgs = group_and_pgs
     config = tiny_config(1)
-    options = TSPOptions(mlp_exchange="broadcast")
+    options = TSPOptions(tsp_mlp_exchange="broadcast")
     spec = get_tsp_layer_spec(config, group, options)
     layer = build_module(spec, config=config, layer_number=1, pg_collection=pgs)
     assert type(layer.mlp) is TSPMLP and type(layer.self_attention) is TSPSelfAttention

@@ -6,8 +6,8 @@ position from every real token, so nothing else masks them, and the padded rows 
 
     x_p   = embedding of the local tokens (vocab shards broadcast in turn, as the local LM head
             does: no [S, b, h] partial-sum tensor as Megatron's sequence-parallel embedding makes)
-    per layer: TSP attention + ring MLP (no autograd state: recompute='full' semantics, and
-            `mlp_exchange='auto'` runs the ring, never the token all-gather); each shard j's
+    per layer: TSP attention + ring MLP (no autograd state: tsp_recompute='full' semantics, and
+            `tsp_mlp_exchange='auto'` runs the ring, never the token all-gather); each shard j's
             K (before RoPE) and V of the local tokens are kept: [s_local, b, groups/D, 2, hn],
             so a rank keeps 1/D of the cache (its tokens, every KV group)
     last logits: each prompt's last real position lives on one rank; its final hidden state
@@ -95,7 +95,7 @@ class Prefill:
 
 @contextlib.contextmanager
 def _prefill_mode(model, sinks: Optional[list]):
-    """For the call: no autograd saves (recompute='full' options: each shard's activations are
+    """For the call: no autograd saves (tsp_recompute='full' options: each shard's activations are
     dropped as soon as used), the ring MLP (`auto` would gather all S tokens below a threshold),
     and, with `sinks`, K/V-keeping attention shards. Restores the modules afterwards."""
     saved = []
@@ -103,9 +103,9 @@ def _prefill_mode(model, sinks: Optional[list]):
         for module in model.modules():
             options = getattr(module, "tsp_options", None)
             if options is not None and module is not model:
-                exchange = "ring" if options.mlp_exchange == "auto" else options.mlp_exchange
+                exchange = "ring" if options.tsp_mlp_exchange == "auto" else options.tsp_mlp_exchange
                 saved.append((module, "tsp_options", options))
-                module.tsp_options = dataclasses.replace(options, recompute="full", mlp_exchange=exchange)
+                module.tsp_options = dataclasses.replace(options, tsp_recompute="full", tsp_mlp_exchange=exchange)
         if sinks is not None:
             for layer in model.decoder.layers:
                 attention = layer.self_attention

@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from ..config import (REFUSED_BUILDER_FLAGS, TSP_OPTION_KEYS, ParallelRecipe, TSPConfigError, TSPOptions,
+from ..config import (REFUSED_BUILDER_FLAGS, TSP_OPTION_KEYS, TSPConfigError, TSPOptions,
                       check_expert_parallel, check_moe_config, check_parallel_sizes, check_seq_length, check_tsp_size,
                       field_default, field_docs, tsp_options_from)
 
@@ -57,14 +57,14 @@ def add_tsp_args(parser: argparse.ArgumentParser, megatron_lm: bool = False) -> 
 
 
 def _add_option_flags(group, keys) -> None:
-    """The --tsp-* flags of these parallel.<key>s of the recipe (config.TSP_OPTION_KEYS): help and
-    default from the recipe field (ParallelRecipe), declared once in megatron_tsp.config."""
-    docs, fields = field_docs(ParallelRecipe), {f.name: f for f in dataclasses.fields(ParallelRecipe)}
+    """The --tsp-* flags of these TSP options (config.TSPOptions' fields, the recipe's parallel.<key>s):
+    flag, choices, help and default from the field, declared once in megatron_tsp.config."""
+    docs, fields = field_docs(TSPOptions), {f.name: f for f in dataclasses.fields(TSPOptions)}
     for key in keys:
-        name, flag, choices = TSP_OPTION_KEYS[key]
+        flag, choices = TSP_OPTION_KEYS[key]
         default = field_default(fields[key])
-        if default is None:  # a per-layout recipe default (tsp_lm_head: null = local): TSPOptions'
-            default = getattr(TSPOptions(), name)
+        if default is None:  # a per-layout recipe default (tsp_lm_head: null = local): the core's
+            default = getattr(TSPOptions(), key)
         group.add_argument(flag, choices=choices, default=default, type=None if choices else type(default),
                            help=f"Recipe key parallel.{key}. " + docs[key].replace("%", "%%")
                            + f" (default: {default})")
@@ -72,7 +72,7 @@ def _add_option_flags(group, keys) -> None:
 
 # The recipe keys the core's errors name (config.TSPConfigError) -> this front end's flags.
 TSP_FLAGS = {"parallel.size": "--tsp-size",
-             **{f"parallel.{key}": flag for key, (_, flag, _) in TSP_OPTION_KEYS.items() if flag}}
+             **{f"parallel.{key}": flag for key, (flag, _) in TSP_OPTION_KEYS.items() if flag}}
 _RECIPE_KEY = re.compile(r"\bparallel\.\w+")
 
 
@@ -104,8 +104,8 @@ def flag_errors(fn):
 
 
 def tsp_options_from_args(args: argparse.Namespace) -> TSPOptions:
-    return tsp_options_from(lambda key: getattr(args, TSP_OPTION_KEYS[key][1][2:].replace("-", "_"), None)
-                            if TSP_OPTION_KEYS[key][1] else None)
+    return tsp_options_from(lambda key: getattr(args, TSP_OPTION_KEYS[key][0][2:].replace("-", "_"), None)
+                            if TSP_OPTION_KEYS[key][0] else None)
 
 
 @flag_errors
@@ -120,7 +120,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         if tsp_options_from_args(args).mlp_chunk_tokens and getattr(args, "tsp_native_spec", "megatron") == "megatron":
             raise TSPConfigError("--tsp-mlp-chunk-tokens needs the plugin's model: --tsp-size > 1, or "
                                  "--tsp-native-spec sp_norm|sdpa for the baselines (Megatron's own spec is not tiled)")
-        if tsp_options_from_args(args).attention_kv == "streamed":
+        if tsp_options_from_args(args).tsp_attention_kv == "streamed":
             raise TSPConfigError("--tsp-attention-kv streamed needs --tsp-size > 1: with --tsp-size 1 the model is "
                                  "Megatron's own, whose attention is not TSP's")
         native_spec = getattr(args, "tsp_native_spec", "megatron")
@@ -153,7 +153,7 @@ def apply_tsp_args(args: argparse.Namespace) -> argparse.Namespace:
         raise TSPConfigError(f"--num-query-groups = {groups} must be divisible by --tsp-size = {D}")
     if get("seq_length") is not None:
         check_seq_length(args.seq_length, D)
-    if tsp_options_from_args(args).lm_head == "local" and get("defer_embedding_wgrad_compute"):
+    if tsp_options_from_args(args).tsp_lm_head == "local" and get("defer_embedding_wgrad_compute"):
         raise TSPConfigError("--defer-embedding-wgrad-compute is not supported by the sequence-local LM head "
                              "(--tsp-lm-head local): use --tsp-lm-head megatron")
     args.tensor_model_parallel_size = D
@@ -182,7 +182,7 @@ def apply_tsp_document_args(args: argparse.Namespace, what: str) -> None:
         raise TSPConfigError(f"--reset-attention-mask cannot be combined with {what} and "
                              f"--pipeline-model-parallel-size = {pp}: the document ids come from the tokens, which "
                              "Megatron-LM's get_batch gives to the first and last stages only")
-    backend = tsp_options_from_args(args).attention_backend
+    backend = tsp_options_from_args(args).tsp_attention_backend
     if what == "--tsp-size" and backend in ("cudnn", "flash"):
         raise TSPConfigError(f"--reset-attention-mask cannot run on --tsp-attention-backend {backend} (no document "
                              "mask in that kernel): use auto, math, math_split or flex")

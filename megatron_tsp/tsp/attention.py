@@ -307,7 +307,7 @@ class TSPSelfAttention(SelfAttention):
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         self.tsp_options = tsp_options or TSPOptions()
         self.tsp_group = self.pg_collection.tp
-        if self.tsp_options.compute_only:
+        if self.tsp_options.tsp_compute_only:
             self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         hn = self.hidden_size_per_attention_head
         self.softmax_scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(hn)
@@ -348,11 +348,11 @@ class TSPSelfAttention(SelfAttention):
         S = s_local * D
         check_seq_length(S, D, what="sequence length (S/D local tokens x parallel.size)")
         doc_ids, starts, documents = None, local_chunk_starts(S, D, p), {}
-        streamed = self.tsp_options.attention_kv == "streamed"
+        streamed = self.tsp_options.tsp_attention_kv == "streamed"
         if is_document_ids(attention_mask):
             check_document_ids(attention_mask, hidden_states.shape[1], S, what=DOC_IDS)
             doc_ids = attention_mask.to(hidden_states.device)
-            resolve_backend(self.tsp_options.attention_backend, hidden_states, masked=True)  # before any collective
+            resolve_backend(self.tsp_options.tsp_attention_backend, hidden_states, masked=True)  # before any collective
             # the streamed schedule meets keys a chunk at a time, the gathered one a key range per chunk
             documents = ({"doc_ids": doc_ids, "doc_links": chunk_links(doc_ids, S // (2 * D))} if streamed
                          else {"doc_ids": doc_ids, "key_starts": key_starts(doc_ids, starts)})
@@ -380,13 +380,13 @@ class TSPSelfAttention(SelfAttention):
             softmax_scale=self.softmax_scale,
             chunk_starts=starts,
             chunk_len=S // (2 * D),
-            backend=self.tsp_options.attention_backend,
+            backend=self.tsp_options.tsp_attention_backend,
             **documents,
         )
         # parallel.tsp_attention_kv: K/V all-gathered (this module) or streamed around the ring
         function = StreamedAttentionFunction if streamed else TSPAttentionFunction
         out = function.apply(
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight, freqs, shard,
-            self.tsp_options.recompute,
+            self.tsp_options.tsp_recompute,
         )
         return out, self.linear_proj.bias

@@ -1,4 +1,4 @@
-"""Sequence-local LM head and cross entropy (`TSPOptions(lm_head='local')`, docs/design.md §10).
+"""Sequence-local LM head and cross entropy (`TSPOptions(tsp_lm_head='local')`, docs/design.md §10).
 
 Rank p holds its tokens' final hidden states x_p [S/D, b, h] (zigzag, as the decoder leaves
 them) and vocabulary shard p, W_p [V/D, h] (Megatron's vocab-parallel output weight, or the
@@ -157,7 +157,7 @@ def check_lm_head(config, options: TSPOptions, vocab_size: Optional[int], tsp_si
         raise TSPConfigError(f"vocabulary size {vocab_size} must be divisible by parallel.size = {tsp_size} (each "
                              "rank holds V/D rows of the embedding and LM head): pad it, e.g. with Megatron's "
                              "--make-vocab-size-divisible-by", option="parallel.size")
-    if options.lm_head != "local":
+    if options.tsp_lm_head == "megatron":  # null (a recipe's parallel section): local
         return
     for field, flag in (("defer_embedding_wgrad_compute", "--defer-embedding-wgrad-compute"),
                         ("mtp_num_layers", "--mtp-num-layers")):
@@ -175,13 +175,13 @@ def logit_scale(config) -> float:
 
 
 def postprocess(model, megatron_postprocess, *args, **kwargs):
-    """GPTModel._postprocess with the local head when `model.tsp_options.lm_head == 'local'`,
+    """GPTModel._postprocess with the local head when `model.tsp_options.tsp_lm_head == 'local'`,
     labels are given and this is the last stage; Megatron's otherwise (logits, or `megatron`).
     The one place that knows the arguments of `_postprocess` (0.16.1: hidden_states, labels, ...;
     0.19.2 adds padding_mask and output_processor); they are bound by name."""
     bound = inspect.signature(megatron_postprocess).bind(*args, **kwargs).arguments
     labels = bound.get("labels")
-    if model.tsp_options.lm_head != "local" or labels is None or not model.post_process:
+    if model.tsp_options.tsp_lm_head == "megatron" or labels is None or not model.post_process:
         return megatron_postprocess(*args, **kwargs)
     if bound.get("output_processor") is not None:
         raise TSPConfigError("output_processor is not supported by the sequence-local LM head "
@@ -189,7 +189,7 @@ def postprocess(model, megatron_postprocess, *args, **kwargs):
                              option="parallel.tsp_lm_head")
     hidden_states = bound["hidden_states"]  # [S/D, b, h], this rank's tokens
     group = model.tsp_group
-    if model.tsp_options.compute_only:
+    if model.tsp_options.tsp_compute_only:
         group = comm.ComputeOnlyGroup(group)
     D, p, s = group.size(), group.rank(), hidden_states.shape[0]
     if labels.shape[1] != D * s:

@@ -29,7 +29,7 @@ run in chunks c of at most N, and nothing but x_p is saved (fc1 always runs agai
 so the shard step's working set is one chunk's [N, f/D] pieces, not [S/D, f/D]. The weight
 shards move exactly as untiled: one ring pass (or D broadcasts) per direction, not per chunk.
 
-`TSPOptions(mlp_exchange='broadcast')` runs the same math with attention's exchange instead:
+`TSPOptions(tsp_mlp_exchange='broadcast')` runs the same math with attention's exchange instead:
 shard j broadcast from its owner, its gradient reduced onto the owner (`TSPBroadcastMLPFunction`).
 `'tokens'` keeps the weights and moves the tokens (Megatron's sequence-parallel MLP forward);
 `'auto'` (the default) picks `tokens` below AUTO_TOKENS_BELOW local tokens, else the ring; tiled,
@@ -252,7 +252,7 @@ class TSPRingMLPFunction(torch.autograd.Function):
 class TSPMLP(MLP):
     """Megatron's MLP whose `linear_fc1` / `linear_fc2` hold this rank's shard (native TP
     layout), with TSP's exchange as forward: the ring, the broadcast or the tokens
-    (`TSPOptions.mlp_exchange`). Input and output: this rank's tokens, [S/D, b, h].
+    (`TSPOptions.tsp_mlp_exchange`). Input and output: this rank's tokens, [S/D, b, h].
     The TSP group comes in as `tp_group`: from the spec's params (megatron-core <= 0.17), or
     from the layer's `pg_collection.tp` through `as_mlp_submodule` (0.18+); required."""
 
@@ -269,7 +269,7 @@ class TSPMLP(MLP):
         )
         self.tsp_options = tsp_options or TSPOptions()
         self.tsp_group = self.tp_group
-        if self.tsp_options.compute_only:
+        if self.tsp_options.tsp_compute_only:
             self.tsp_group = comm.ComputeOnlyGroup(self.tsp_group)
         self.activation = Activation(config)
 
@@ -295,8 +295,8 @@ class TSPMLP(MLP):
     def exchange(self, hidden_states) -> str:
         """The exchange this call runs: `auto` resolves by the local token count (compute-only
         runs keep to TSP's own exchanges, which it can skip)."""
-        return resolve_mlp_exchange(self.tsp_options.mlp_exchange, hidden_states.shape[0] * hidden_states.shape[1],
-                                    self.tsp_group.size(), self.tsp_options.compute_only)
+        return resolve_mlp_exchange(self.tsp_options.tsp_mlp_exchange, hidden_states.shape[0] * hidden_states.shape[1],
+                                    self.tsp_group.size(), self.tsp_options.tsp_compute_only)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:
@@ -311,7 +311,7 @@ class TSPMLP(MLP):
         function = TSPBroadcastMLPFunction if exchange == "broadcast" else TSPRingMLPFunction
         out = function.apply(
             hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
-            self.activation, self.tsp_group, self.tsp_options.recompute, chunk_tokens,
+            self.activation, self.tsp_group, self.tsp_options.tsp_recompute, chunk_tokens,
         )
         return out, self.linear_fc2.bias
 

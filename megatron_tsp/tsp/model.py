@@ -5,8 +5,8 @@ The zigzag layout is a permutation of the full sequence: tokens, positions, labe
 loss mask are permuted before the model, so Megatron's contiguous sequence-parallel scatter
 hands rank r chunks r and 2D-1-r; the per-token output is un-permuted on the way out.
 Embedding: Megatron's, on the same group. With labels, the loss comes from the sequence-local
-LM head (`megatron_tsp.tsp.lm_head`, `TSPOptions(lm_head='local')`, the default) or Megatron's
-output layer and vocab-parallel cross entropy (`lm_head='megatron'`); logits are Megatron's.
+LM head (`megatron_tsp.tsp.lm_head`, `TSPOptions(tsp_lm_head='local')`, the default) or Megatron's
+output layer and vocab-parallel cross entropy (`tsp_lm_head='megatron'`); logits are Megatron's.
 
 Packed sequences: `attention_mask` may be document ids [b, S] (natural order, every rank;
 `megatron_tsp.tsp.documents`), which every attention layer applies; RoPE reads `position_ids`

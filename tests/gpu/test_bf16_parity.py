@@ -27,7 +27,8 @@ def _record(name, D, errors, seed):
     assert not bad, f"{name} D={D} (seed {seed}): {bad}"
 
 
-OPTIONS = {"cudnn-save": TSPOptions(), "flash-recompute": TSPOptions(attention_backend="flash", recompute="full")}
+OPTIONS = {"cudnn-save": TSPOptions(),
+           "flash-recompute": TSPOptions(tsp_attention_backend="flash", tsp_recompute="full")}
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])

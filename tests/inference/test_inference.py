@@ -103,7 +103,7 @@ def test_streamed_kv_prefill_matches(world, monkeypatch):
         pytest.skip("needs D >= 2")
     want, _, want_logits, _, _ = _reference("rope-gqa-tied")
     model = build_gpt(SHAPES["rope-gqa-tied"], layout="tsp", dtype=torch.float64, seed=SEED, init_method_std=0.5,
-                      tsp_options=TSPOptions(attention_kv="streamed"), pg_collection=init_tsp(D)).eval()
+                      tsp_options=TSPOptions(tsp_attention_kv="streamed"), pg_collection=init_tsp(D)).eval()
     got = generate(model, PROMPTS, NEW, keep_logits=True)
     assert calls, "the prefill did not stream"
     assert got.tokens == want

@@ -512,8 +512,8 @@ def test_tsp_schedule_flags_reach_the_options(capsys):
     parser = add_tsp_args(argparse.ArgumentParser(prog="pretrain_gpt.py"))
     args = parser.parse_args(["--tsp-size", "2", "--tsp-recompute", "full", "--tsp-attention-backend", "flash"])
     options = tsp_options_from_args(args)
-    assert (options.recompute, options.attention_backend, options.compute_only) == ("full", "flash", False)
-    assert tsp_options_from_args(parser.parse_args([])).recompute == "none"
+    assert (options.tsp_recompute, options.tsp_attention_backend, options.tsp_compute_only) == ("full", "flash", False)
+    assert tsp_options_from_args(parser.parse_args([])).tsp_recompute == "none"
     with pytest.raises(SystemExit):
         parser.parse_args(["--tsp-recompute", "some"])
     assert "--tsp-recompute" in capsys.readouterr().err
@@ -527,5 +527,5 @@ def test_mlp_chunk_tokens_serves_the_native_specs_too():
 
 def test_attention_kv_reaches_the_options():
     args = _megatron_like_parser().parse_args(["--tsp-size", "2", "--tsp-attention-kv", "streamed"])
-    assert tsp_options_from_args(args).attention_kv == "streamed"
+    assert tsp_options_from_args(args).tsp_attention_kv == "streamed"
     assert _megatron_like_parser().parse_args(["--tsp-size", "2"]).tsp_attention_kv == "gathered"  # the default

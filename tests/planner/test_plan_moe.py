@@ -55,7 +55,7 @@ def _saved_bytes_of_one_moe_layer(moe_kwargs, recompute):
               expert_tensor_parallel_size=1)
     config = tiny_config(1, heads=HEADS, hidden=HID, ffn=64, dtype=torch.float32, **{**kw, **moe_kwargs})
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    spec = get_tsp_layer_spec(config, pgs.tp, TSPOptions(recompute=recompute, mlp_exchange="ring"), moe=True)
+    spec = get_tsp_layer_spec(config, pgs.tp, TSPOptions(tsp_recompute=recompute, tsp_mlp_exchange="ring"), moe=True)
     layer = TransformerLayer(config, spec.submodules, pg_collection=pgs)
     x = torch.randn(S, 1, HID).requires_grad_()
     rope = RotaryEmbedding(kv_channels=HID // HEADS, rotary_percent=1.0)(S)

@@ -219,7 +219,7 @@ def test_masked_kernel_refuses_flash_and_cudnn():
 def test_decreasing_document_ids_fail_before_any_collective(world, kind, monkeypatch):
     from megatron_tsp.config import TSPConfigError, TSPOptions
 
-    options = TSPOptions(attention_kv="streamed") if kind == "tsp-streamed" else None
+    options = TSPOptions(tsp_attention_kv="streamed") if kind == "tsp-streamed" else None
     kind = kind.split("-")[0]
     size = world if kind == "tsp" else 2
     if world % size:
@@ -298,6 +298,6 @@ def test_streamed_kv_packed_model_equals_documents_alone(world, recompute):
     from megatron_tsp.config import TSPOptions
 
     shape, seed = SHAPES["gqa-rope"], fresh_seed()
-    options = TSPOptions(attention_kv="streamed", recompute=recompute)
+    options = TSPOptions(tsp_attention_kv="streamed", tsp_recompute=recompute)
     _assert_match(packed("tsp", world, shape, seed, LAYOUTS, tsp_options=options),
                   documents_alone(shape, seed, LAYOUTS), seed)

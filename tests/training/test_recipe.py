@@ -56,15 +56,15 @@ def test_bad_overrides(override, message):
 
 
 def test_lm_head_keys_reach_the_tsp_options():
-    assert load_recipe(None, []).tsp_options().lm_head == "local"
+    assert load_recipe(None, []).tsp_options().tsp_lm_head == "local"
     options = load_recipe(None, ["parallel.tsp_lm_head=megatron", "parallel.lm_head_chunk_tokens=7"]).tsp_options()
-    assert (options.lm_head, options.lm_head_chunk_tokens) == ("megatron", 7)
+    assert (options.tsp_lm_head, options.lm_head_chunk_tokens) == ("megatron", 7)
     assert load_recipe(None, ["parallel.layout=dp", "parallel.tsp_lm_head=megatron"]).parallel.layout == "dp"
 
 
 def test_attention_kv_reaches_the_tsp_options():
-    assert load_recipe(None, []).tsp_options().attention_kv == "gathered"
-    assert load_recipe(None, ["parallel.tsp_attention_kv=streamed"]).tsp_options().attention_kv == "streamed"
+    assert load_recipe(None, []).tsp_options().tsp_attention_kv == "gathered"
+    assert load_recipe(None, ["parallel.tsp_attention_kv=streamed"]).tsp_options().tsp_attention_kv == "streamed"
 
 
 def test_mlp_chunk_tokens_reaches_the_options_of_every_layout():

@@ -43,7 +43,7 @@ def loss_and_grads(layout, D, shape, seed, tsp_recompute="none", offload_activat
     fixed random linear function of the logits, in float64: Megatron's vocab-parallel cross
     entropy casts the logits to float32, which would hide everything below 1e-7."""
     pgs = init_tsp(D)
-    options = TSPOptions(recompute=tsp_recompute) if layout == "tsp" else None
+    options = TSPOptions(tsp_recompute=tsp_recompute) if layout == "tsp" else None
     model = build_gpt(shape, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options,
                       offload_activations=offload_activations, pg_collection=pgs, **config_kw)
     model.double()  # TSPNorm's weights too (float32 whatever params_dtype says, until lean norms)
@@ -138,7 +138,7 @@ def _logged_exchanges(monkeypatch, shape, seed, tsp_recompute, **config_kw):
         monkeypatch.setattr(comm, name, logged)
     pgs = init_tsp(dist.get_world_size())
     model = build_gpt(shape, layout="tsp", dtype=torch.float64, seed=seed,
-                      tsp_options=TSPOptions(recompute=tsp_recompute, mlp_exchange="ring"), pg_collection=pgs,
+                      tsp_options=TSPOptions(tsp_recompute=tsp_recompute, tsp_mlp_exchange="ring"), pg_collection=pgs,
                       **config_kw)
     tokens, labels, pos = mock_batch(0, 2, shape, seed=seed)
     model(tokens, pos, None, labels=labels).mean().backward()

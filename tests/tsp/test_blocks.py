@@ -18,7 +18,7 @@ def _check(errors, seed, tol=TOL):
     assert not bad, f"relative errors above {tol} (seed {seed}): {bad}"
 
 
-RECOMPUTE = [TSPOptions(recompute="none"), TSPOptions(recompute="full")]
+RECOMPUTE = [TSPOptions(tsp_recompute="none"), TSPOptions(tsp_recompute="full")]
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])
@@ -44,8 +44,8 @@ def test_attention_parity_without_rope(world, D):
 
 
 @pytest.mark.parametrize("D", [2, 4])
-@pytest.mark.parametrize("options", [TSPOptions(attention_backend="math_split"),
-                                     TSPOptions(attention_backend="math_split", recompute="full")],
+@pytest.mark.parametrize("options", [TSPOptions(tsp_attention_backend="math_split"),
+                                     TSPOptions(tsp_attention_backend="math_split", tsp_recompute="full")],
                          ids=["save", "recompute"])
 def test_attention_parity_split_kernel(world, D, options):
     """The prefix + square-causal split with log-sum-exp merge (the cuDNN path) on CPU."""
@@ -57,9 +57,10 @@ def test_attention_parity_split_kernel(world, D, options):
 @pytest.mark.parametrize("D", [1, 2, 4])
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("options", RECOMPUTE + [TSPOptions(mlp_exchange="broadcast"),
-                                                 TSPOptions(mlp_exchange="broadcast", recompute="full"),
-                                                 TSPOptions(mlp_exchange="tokens"), TSPOptions(mlp_exchange="auto")],
+@pytest.mark.parametrize("options", RECOMPUTE + [TSPOptions(tsp_mlp_exchange="broadcast"),
+                                                 TSPOptions(tsp_mlp_exchange="broadcast", tsp_recompute="full"),
+                                                 TSPOptions(tsp_mlp_exchange="tokens"),
+                                                 TSPOptions(tsp_mlp_exchange="auto")],
                          ids=["save", "recompute", "broadcast-save", "broadcast-recompute", "tokens", "auto"])
 def test_mlp_parity(world, D, gated, bias, options):
     skip_unless_divides(world, D)
@@ -82,10 +83,10 @@ def test_auto_mlp_exchange_moves_tokens_below_the_threshold(world, monkeypatch):
     module = mlp.TSPMLP.__new__(mlp.TSPMLP)
     torch.nn.Module.__init__(module)
     x = torch.zeros(16, 2, 8)  # 32 local tokens
-    for threshold, options, want in ((33, TSPOptions(mlp_exchange="auto"), "tokens"),
-                                     (32, TSPOptions(mlp_exchange="auto"), "ring"),
-                                     (33, TSPOptions(mlp_exchange="auto", compute_only=True), "ring"),
-                                     (10**9, TSPOptions(mlp_exchange="broadcast"), "broadcast")):
+    for threshold, options, want in ((33, TSPOptions(tsp_mlp_exchange="auto"), "tokens"),
+                                     (32, TSPOptions(tsp_mlp_exchange="auto"), "ring"),
+                                     (33, TSPOptions(tsp_mlp_exchange="auto", tsp_compute_only=True), "ring"),
+                                     (10**9, TSPOptions(tsp_mlp_exchange="broadcast"), "broadcast")):
         monkeypatch.setattr(config, "AUTO_TOKENS_BELOW", threshold)
         module.tsp_options = options
         module.tsp_group = ComputeOnlyGroup(torch.distributed.group.WORLD)
@@ -114,7 +115,7 @@ def test_dropped_weight_gradient_reduction_is_caught(world, monkeypatch, kind, w
     from megatron_tsp.tsp import comm
 
     monkeypatch.setattr(comm, "reduce_to", lambda buf, dst, group, async_op=False: None)
-    errors, _ = block_parity(kind, D, options=TSPOptions(mlp_exchange="broadcast"))
+    errors, _ = block_parity(kind, D, options=TSPOptions(tsp_mlp_exchange="broadcast"))
     assert errors["output"] <= TOL  # the forward is untouched ...
     assert all(errors[w] > 1e-3 for w in weights)  # ... the grads are not
 
@@ -135,7 +136,7 @@ def test_dropped_ring_gradient_hop_is_caught(world, monkeypatch):
         return real(send, recv, group)
 
     monkeypatch.setattr(mlp.comm, "ring_shift", lossy_ring_shift)
-    errors, _ = block_parity("mlp", D, options=TSPOptions(mlp_exchange="ring"))
+    errors, _ = block_parity("mlp", D, options=TSPOptions(tsp_mlp_exchange="ring"))
     assert errors["output"] <= TOL
     assert errors["linear_fc1.weight"] > 1e-3
 
@@ -167,7 +168,7 @@ def test_compute_only_mode_skips_every_collective(world, kind, monkeypatch):
     monkeypatch.setattr("tests.parity.fresh_seed", lambda: 7)
     monkeypatch.setattr("tests.parity.load_full_into", lambda *a: None)
     monkeypatch.setattr("tests.parity.rel_err", lambda a, b: float(torch.isfinite(a).all()))
-    errors, _ = block_parity(kind, D, options=TSPOptions(compute_only=True))
+    errors, _ = block_parity(kind, D, options=TSPOptions(tsp_compute_only=True))
     assert errors["output"] == 1.0 and errors["input_grad"] == 1.0  # ran, finite
 
 

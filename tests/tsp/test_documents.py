@@ -43,8 +43,8 @@ def test_packed_attention_equals_documents_alone(world, D, groups, layout):
 
 
 @pytest.mark.parametrize("D", [2, 4])
-@pytest.mark.parametrize("options", [TSPOptions(recompute="full"),
-                                     TSPOptions(attention_backend="math_split", recompute="full")],
+@pytest.mark.parametrize("options", [TSPOptions(tsp_recompute="full"),
+                                     TSPOptions(tsp_attention_backend="math_split", tsp_recompute="full")],
                          ids=["recompute", "split-recompute"])
 def test_packed_attention_every_recompute_mode_and_the_split_kernel(world, D, options):
     skip_unless_divides(world, D)
@@ -60,7 +60,7 @@ def test_packed_attention_on_flex_attention(world, D, recompute):
     backward on CPU is the math kernel's, torch has none there)."""
     skip_unless_divides(world, D)
     errors, seed = document_block_parity(D, LAYOUTS["short" if D == 4 else "crossing"], groups=D, heads=8,
-                                         options=TSPOptions(attention_backend="flex", recompute=recompute))
+                                         options=TSPOptions(tsp_attention_backend="flex", tsp_recompute=recompute))
     _check(errors, seed)
 
 

@@ -1,6 +1,6 @@
-"""The sequence-local LM head (`TSPOptions(lm_head='local')`): TSPGPTModel's per-token loss and
+"""The sequence-local LM head (`TSPOptions(tsp_lm_head='local')`): TSPGPTModel's per-token loss and
 every gradient (embedding and output weight included) equal those of TSPGPTModel with Megatron's
-head (`lm_head='megatron'`) and of the unsharded native GPTModel, float64, at D = 1, 2, 4, MHA
+head (`tsp_lm_head='megatron'`) and of the unsharded native GPTModel, float64, at D = 1, 2, 4, MHA
 and GQA, tied and untied embeddings, with a token chunk that does not divide the local tokens
 (the last chunk shorter) and V/D odd; and deliberately broken variants fail the same check.
 
@@ -82,7 +82,7 @@ def worst_error(result, reference):
 
 
 def local(**kw):
-    return TSPOptions(lm_head="local", lm_head_chunk_tokens=CHUNK, **kw)
+    return TSPOptions(tsp_lm_head="local", lm_head_chunk_tokens=CHUNK, **kw)
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])
@@ -92,7 +92,7 @@ def test_local_head_matches_megatron_and_unsharded(world, D, name, megatron_ce_i
     shape, seed = SHAPES[name], fresh_seed()
     native = loss_and_grads("tp_sp", 1, shape, seed)
     assert native[0].dtype == torch.float64 and all(g.abs().sum() > 0 for g in native[1].values())
-    megatron = loss_and_grads("tsp", D, shape, seed, TSPOptions(lm_head="megatron"))
+    megatron = loss_and_grads("tsp", D, shape, seed, TSPOptions(tsp_lm_head="megatron"))
     ours = loss_and_grads("tsp", D, shape, seed, local())
     for what, reference in (("unsharded native", native), ("TSP with Megatron's head", megatron)):
         err, where = worst_error(ours, reference)
@@ -142,7 +142,7 @@ def test_broken_local_head_is_caught(world, D, breakage, megatron_ce_in_float64,
     if D < min_d:
         pytest.skip(f"{breakage} changes nothing at D = {D}")
     shape, seed = SHAPES["mha-untied"], fresh_seed()
-    reference = loss_and_grads("tsp", D, shape, seed, TSPOptions(lm_head="megatron"))
+    reference = loss_and_grads("tsp", D, shape, seed, TSPOptions(tsp_lm_head="megatron"))
     breaker(monkeypatch)
     err, where = worst_error(loss_and_grads("tsp", D, shape, seed, local()), reference)
     assert err > 1e-3, f"{breakage} at D={D} went unnoticed (worst {where}: {err:.3e})"
@@ -156,7 +156,7 @@ def test_mup_output_multiplier(world, megatron_ce_in_float64, monkeypatch):
     if "use_mup" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
         pytest.skip("this megatron-core has no MuP")
     shape, seed, mup = SHAPES["mha-untied"], fresh_seed(), dict(use_mup=True, mup_base_hidden_size=16)
-    reference = loss_and_grads("tsp", world, shape, seed, TSPOptions(lm_head="megatron"), **mup)
+    reference = loss_and_grads("tsp", world, shape, seed, TSPOptions(tsp_lm_head="megatron"), **mup)
     err, where = worst_error(loss_and_grads("tsp", world, shape, seed, local(), **mup), reference)
     assert err <= TOL, f"{where} differs from Megatron's head with MuP by {err:.3e} (seed {seed})"
     monkeypatch.setattr(lm_head, "logit_scale", lambda config: 1.0)
@@ -195,7 +195,7 @@ def test_function_against_dense_cross_entropy(world, scale, chunk):
 
 
 def test_bad_options_are_refused(world):
-    for kw, key in ((dict(lm_head="fused"), "parallel.tsp_lm_head"),
+    for kw, key in ((dict(tsp_lm_head="fused"), "parallel.tsp_lm_head"),
                     (dict(lm_head_chunk_tokens=0), "parallel.lm_head_chunk_tokens"),
                     (dict(lm_head_chunk_tokens=2.5), "parallel.lm_head_chunk_tokens")):
         with pytest.raises(TSPConfigError, match=key) as e:
@@ -206,7 +206,7 @@ def test_bad_options_are_refused(world):
         config = SimpleNamespace(**{field: 1})
         with pytest.raises(TSPConfigError, match=flag + ".*parallel.tsp_lm_head = megatron"):
             lm_head.check_lm_head(config, local(), 4 * 37, world)
-        lm_head.check_lm_head(config, TSPOptions(lm_head="megatron"), 4 * 37, world)
+        lm_head.check_lm_head(config, TSPOptions(tsp_lm_head="megatron"), 4 * 37, world)
     if world > 1:  # raised by TSPGPTModel before Megatron's own assertion
         pgs = init_tsp(world)
         odd = dataclasses.replace(SHAPES["mha-untied"], vocab_size=4 * 37 + 1)

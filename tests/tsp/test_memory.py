@@ -39,7 +39,7 @@ _BYTES = {}
 def test_saved_activations_shrink_with_D(world, recompute, kv):
     if world != 4:
         pytest.skip("needs D = 4")
-    options = TSPOptions(recompute=recompute, mlp_exchange="ring", attention_kv=kv)
+    options = TSPOptions(tsp_recompute=recompute, tsp_mlp_exchange="ring", tsp_attention_kv=kv)
     init_tsp(1)
     _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
     init_tsp(4)
@@ -63,7 +63,7 @@ def test_tokens_mlp_saves_its_share_too(world):
     of the D = 1 layer's (gathered K/V stay unsaved: the attention is TSP's)."""
     if world != 4:
         pytest.skip("needs D = 4")
-    options = TSPOptions(mlp_exchange="tokens")
+    options = TSPOptions(tsp_mlp_exchange="tokens")
     init_tsp(1)
     _, _, bytes_d1, _ = _saved_by_layer_forward(1, singleton_pgs(), options)
     init_tsp(4)
@@ -105,7 +105,7 @@ def test_at_most_two_shards_of_gathered_kv_alive(world, recompute, monkeypatch):
     monkeypatch.setattr(attention, "from_zigzag", natural)
     init_tsp(4)
     _saved_by_layer_forward(4, ProcessGroupCollection.use_mpu_process_groups(),
-                            TSPOptions(recompute=recompute, mlp_exchange="ring"))
+                            TSPOptions(tsp_recompute=recompute, tsp_mlp_exchange="ring"))
     assert len(live) >= 2 * 4, "the attention should have gathered K/V at least once per shard"
     assert worst["n"] <= 2, f"{worst['n']} gathered K/V buffers alive when the next all-gather was posted"
 
@@ -124,7 +124,7 @@ def _lm_head_footprint(D, lm_head):
     tensor, in one saved tensor, whether any tensor has all S tokens x a vocab shard). A logits
     tensor is one with a V/D dimension that is not a vocab shard's weight [V/D, h]."""
     model = build_gpt(LM_SHAPE, layout="tsp", seed=5, pg_collection=init_tsp(D),
-                      tsp_options=TSPOptions(lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
+                      tsp_options=TSPOptions(tsp_lm_head=lm_head, lm_head_chunk_tokens=LM_CHUNK))
     tokens, labels, pos = mock_batch(0, 2, LM_SHAPE)
     params = {p.data_ptr() for p in model.parameters()}
     saved, allocations = [], OpShapes()
@@ -144,7 +144,7 @@ def _lm_head_footprint(D, lm_head):
 
 
 def test_local_lm_head_never_holds_more_than_one_chunk_of_logits(world):
-    """With `lm_head='local'` every logits tensor of forward and backward has at most
+    """With `tsp_lm_head='local'` every logits tensor of forward and backward has at most
     lm_head_chunk_tokens rows and none is saved; Megatron's head (all S tokens' logits, saved for
     its backward) fails the same checks: the test of the test."""
     allocated, kept, whole_sequence = _lm_head_footprint(world, "local")
@@ -177,7 +177,8 @@ def _model_forward_saves(D, options=None, offload_activations=False, record_inpu
 
     pgs = init_tsp(D)
     shape = ModelShape(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=4 * H, seq_length=S)
-    model = build_gpt(shape, layout="tsp", dtype=torch.float32, seed=7, tsp_options=options or TSPOptions(mlp_exchange="ring"),
+    model = build_gpt(shape, layout="tsp", dtype=torch.float32, seed=7,
+                      tsp_options=options or TSPOptions(tsp_mlp_exchange="ring"),
                       offload_activations=offload_activations, pg_collection=pgs, **config_kw)
     params = {p.data_ptr() for p in model.parameters()}
     current, inputs, recording = [None], {}, [True]
@@ -243,7 +244,7 @@ def check_layer_recompute_saves(plain, got, chunks, D):
 @pytest.mark.parametrize("method, n", [("uniform", 1), ("uniform", 2), ("block", 2)])
 @pytest.mark.parametrize("tsp_recompute", ["none", "full"])
 def test_layer_recompute_keeps_one_input_per_chunk(world, method, n, tsp_recompute):
-    options = TSPOptions(recompute=tsp_recompute, mlp_exchange="ring")
+    options = TSPOptions(tsp_recompute=tsp_recompute, tsp_mlp_exchange="ring")
     plain, loss, _ = _model_forward_saves(world, options)
     loss.backward()
     got, loss, _ = _model_forward_saves(world, options, recompute_granularity="full", recompute_method=method,

@@ -103,7 +103,7 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
     pgs = megatron_tsp.initialize_model_parallel(tsp_size=D, expert_model_parallel_size=D)
     # the gated case's shared expert on the ring exchange (at this size `auto` picks Megatron's token
     # all-gather, which the other case runs); the native layout ignores TSP's options
-    options = TSPOptions(mlp_exchange="ring") if moe.get("moe_shared_expert_gate") else None
+    options = TSPOptions(tsp_mlp_exchange="ring") if moe.get("moe_shared_expert_gate") else None
     model = build_gpt(SHAPE, layout=layout, dtype=torch.float64, seed=seed, tsp_options=options, pg_collection=pgs,
                       **{**BASE, **moe})
     model.double()  # norms built in float32 whatever params_dtype says (issue 14 item 2): same for both
@@ -124,7 +124,7 @@ def _run(layout, D, moe, seed, aux_seen, broken=None):
     gated = bool(moe.get("moe_shared_expert_gate"))
     assert all((m.shared_experts.gate_weight is not None) == gated for m in moe_layers), layout
     if layout == "tsp" and gated:
-        assert all(m.shared_experts.tsp_options.mlp_exchange == "ring" for m in moe_layers)
+        assert all(m.shared_experts.tsp_options.tsp_mlp_exchange == "ring" for m in moe_layers)
     del aux_seen[:]
     tokens, labels, pos = mock_batch(0, 2, SHAPE, seed=seed)
     loss = model(tokens, pos, None, labels=labels)  # [b, S] natural order on every rank

@@ -27,7 +27,7 @@ from tests.utils import OpShapes, device, init_tsp, rel_err, skip_unless_divides
 pytestmark = pytest.mark.distributed  # runs under torchrun at every world size (scripts/test.sh N)
 
 TOL = 1e-10
-STREAMED = [TSPOptions(attention_kv="streamed"), TSPOptions(attention_kv="streamed", recompute="full")]
+STREAMED = [TSPOptions(tsp_attention_kv="streamed"), TSPOptions(tsp_attention_kv="streamed", tsp_recompute="full")]
 
 
 def _check(errors, seed, tol=TOL):
@@ -56,7 +56,7 @@ def test_streamed_attention_parity_variants(world, D, case):
     """Biases, no RoPE, and the cuDNN path's split kernel (prefix + square block merged by lse)."""
     skip_unless_divides(world, D)
     split = case == "split"
-    options = TSPOptions(attention_kv="streamed", attention_backend="math_split" if split else "auto")
+    options = TSPOptions(tsp_attention_kv="streamed", tsp_attention_backend="math_split" if split else "auto")
     errors, seed = block_parity("attention", D, groups=D if split else None, heads=8 if split else 4,
                                 bias=case == "bias", rope=case != "norope", S=8 * D, options=options)
     _check(errors, seed)
@@ -76,8 +76,8 @@ def _both_schedules(D, groups, heads, recompute, S=16, b=2, hidden=32, layouts=N
     sub = sub.self_attention.submodules
     dev = device()
     mods = [TSPSelfAttention(config, sub, layer_number=1, pg_collection=pgs,
-                             tsp_options=TSPOptions(recompute=recompute, attention_kv=kv)).to(dev, torch.float64)
-            for kv in ("gathered", "streamed")]
+                             tsp_options=TSPOptions(tsp_recompute=recompute, tsp_attention_kv=kv))
+            .to(dev, torch.float64) for kv in ("gathered", "streamed")]
     with torch.no_grad():
         for p, q in zip(mods[0].parameters(), mods[1].parameters()):
             q.copy_(p)
@@ -122,7 +122,7 @@ def _model(layout, D, shape, seed, **options):
 def test_streamed_model_matches_unsharded(world, D):
     skip_unless_divides(world, D)
     seed = fresh_seed()
-    err = worst_error(_model("tsp", D, GQA, seed, attention_kv="streamed", recompute="full"),
+    err = worst_error(_model("tsp", D, GQA, seed, tsp_attention_kv="streamed", tsp_recompute="full"),
                       _model("tp_sp", 1, GQA, seed))
     assert err <= TOL, f"D={D} (seed {seed}): relative error {err}"
 
@@ -146,7 +146,7 @@ def test_compute_only_streams_without_a_collective(world, monkeypatch):
     config = tiny_config(D)
     sub = get_sp_layer_spec(tiny_config(1)).submodules.self_attention.submodules
     attn = TSPSelfAttention(config, sub, layer_number=1, pg_collection=pgs,
-                            tsp_options=TSPOptions(attention_kv="streamed", compute_only=True)).to(device())
+                            tsp_options=TSPOptions(tsp_attention_kv="streamed", tsp_compute_only=True)).to(device())
     x = torch.randn(16 // D, 2, 32, dtype=torch.float64, device=device()).requires_grad_()
     out, _ = attn(x, None)
     out.sum().backward()
@@ -161,7 +161,7 @@ def _broken(world, monkeypatch, name, replacement, where=streamed_attention):
     if D < 2:
         pytest.skip("needs D >= 2: at D = 1 every row has one block, nothing to merge or skip")
     monkeypatch.setattr(where, name, replacement)
-    errors, _ = block_parity("attention", D, options=TSPOptions(attention_kv="streamed"))
+    errors, _ = block_parity("attention", D, options=TSPOptions(tsp_attention_kv="streamed"))
     return errors
 
 
@@ -234,7 +234,7 @@ def test_streamed_packed_attention_equals_documents_alone(world, D, layout, grou
     skip_unless_divides(world, D)
     groups, heads = _gqa(groups, D)
     errors, seed = document_block_parity(D, DOCS[layout], groups=groups, heads=heads,
-                                         options=TSPOptions(attention_kv="streamed", recompute=recompute))
+                                         options=TSPOptions(tsp_attention_kv="streamed", tsp_recompute=recompute))
     _check(errors, seed)
 
 
@@ -254,8 +254,8 @@ def test_streamed_packed_attention_on_flex_attention(world, recompute):
     """The `flex` kernel on the streamed blocks (block masks from the blocks' document ids, also
     for the unmasked-causality blocks of other ranks' keys) at D = world."""
     errors, seed = document_block_parity(world, DOCS["short"], groups=world, heads=8,
-                                         options=TSPOptions(attention_kv="streamed", attention_backend="flex",
-                                                            recompute=recompute))
+                                         options=TSPOptions(tsp_attention_kv="streamed", tsp_attention_backend="flex",
+                                                            tsp_recompute=recompute))
     _check(errors, seed)
 
 
@@ -312,7 +312,7 @@ def test_streamed_document_mask_errors_are_caught(world, monkeypatch, broken):
         monkeypatch.setattr(streamed_attention, "_local_ids", late)
     else:
         monkeypatch.setattr(attention, "chunk_links", _links_broken(broken))
-    errors, _ = document_block_parity(world, DOCS["crossing"], options=TSPOptions(attention_kv="streamed"))
+    errors, _ = document_block_parity(world, DOCS["crossing"], options=TSPOptions(tsp_attention_kv="streamed"))
     assert errors["output"] > 1e-3 and errors["linear_qkv.weight"] > 1e-3
 
 
@@ -355,7 +355,7 @@ def _attention_footprint(D, kv, recompute, ring_log=None):
     config = tiny_config(D, heads=MHEADS, hidden=MH, dtype=torch.float32)
     sub = get_sp_layer_spec(tiny_config(1, heads=MHEADS, hidden=MH)).submodules.self_attention.submodules
     attn = TSPSelfAttention(config, sub, layer_number=1, pg_collection=pgs,
-                            tsp_options=TSPOptions(attention_kv=kv, recompute=recompute)).to(device())
+                            tsp_options=TSPOptions(tsp_attention_kv=kv, tsp_recompute=recompute)).to(device())
     x = torch.randn(MS // D, MB, MH, device=device()).requires_grad_()
     rope = RotaryEmbedding(kv_channels=MH // MHEADS, rotary_percent=1.0)(MS).to(device())
     saved, seen = [], _FloatShapes()

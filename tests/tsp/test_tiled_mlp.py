@@ -29,8 +29,9 @@ def _check(errors, seed, tol=TOL):
     assert not bad, f"relative errors above {tol} (seed {seed}): {bad}"
 
 
-EXCHANGES = {"ring": dict(mlp_exchange="ring"), "ring-recompute": dict(mlp_exchange="ring", recompute="full"),
-             "broadcast": dict(mlp_exchange="broadcast"), "tokens": dict(mlp_exchange="tokens")}
+EXCHANGES = {"ring": dict(tsp_mlp_exchange="ring"),
+             "ring-recompute": dict(tsp_mlp_exchange="ring", tsp_recompute="full"),
+             "broadcast": dict(tsp_mlp_exchange="broadcast"), "tokens": dict(tsp_mlp_exchange="tokens")}
 
 
 @pytest.mark.parametrize("D", [1, 2, 4])
@@ -72,7 +73,7 @@ def test_tsp_chunks_overwriting_the_weight_gradient_are_caught(world, monkeypatc
 
     real = mlp.shard_backward
     monkeypatch.setattr(mlp, "shard_backward", lambda *a, accumulate=False: real(*a, accumulate=False))
-    errors, _ = block_parity("mlp", world, options=TSPOptions(mlp_chunk_tokens=4, mlp_exchange="ring"))
+    errors, _ = block_parity("mlp", world, options=TSPOptions(mlp_chunk_tokens=4, tsp_mlp_exchange="ring"))
     assert errors["output"] <= TOL and errors["input_grad"] <= TOL
     assert errors["linear_fc1.weight"] > 1e-3 and errors["linear_fc2.weight"] > 1e-3
 
@@ -94,7 +95,7 @@ def test_tsp_dropped_chunk_is_caught(world, monkeypatch):
 
     real = mlp.token_chunks
     monkeypatch.setattr(mlp, "token_chunks", lambda *a: real(*a)[:-1] if a[1] else real(*a))
-    errors, _ = block_parity("mlp", world, options=TSPOptions(mlp_chunk_tokens=4, mlp_exchange="broadcast"))
+    errors, _ = block_parity("mlp", world, options=TSPOptions(mlp_chunk_tokens=4, tsp_mlp_exchange="broadcast"))
     assert errors["output"] > 1e-3 and errors["linear_fc1.weight"] > 1e-3
 
 
@@ -125,7 +126,8 @@ def test_tiled_models_match_unsharded_and_untiled(world, D, heads):
     unsharded = loss_and_grads("tp_sp", 1, shape, seed, 0)
     assert all(g.abs().sum() > 0 for g in unsharded[1].values())
     bad = {}
-    for layout, options in (("tsp", dict(mlp_exchange="ring")), ("tsp", dict(mlp_exchange="tokens")), ("tp_sp", {})):
+    for layout, options in (("tsp", dict(tsp_mlp_exchange="ring")), ("tsp", dict(tsp_mlp_exchange="tokens")),
+                            ("tp_sp", {})):
         untiled = loss_and_grads(layout, D, shape, seed, 0, **options)
         tiled = loss_and_grads(layout, D, shape, seed, 6, **options)
         for what, ref in (("unsharded", unsharded), ("untiled", untiled)):
@@ -203,7 +205,7 @@ def _mlp_memory(kind, D, chunk, S, b=2, hidden=32, ffn=256):
     cfg = tiny_config(D, hidden=hidden, ffn=ffn)
     sub = compat.mlp_submodules(get_sp_layer_spec(tiny_config(1, hidden=hidden, ffn=ffn)).submodules.mlp)
     if kind == "tsp":
-        mlp = TSPMLP(cfg, sub, tp_group=pgs.tp, tsp_options=TSPOptions(mlp_exchange="ring", mlp_chunk_tokens=chunk))
+        mlp = TSPMLP(cfg, sub, tp_group=pgs.tp, tsp_options=TSPOptions(tsp_mlp_exchange="ring", mlp_chunk_tokens=chunk))
     else:
         mlp = TiledMLP(cfg, sub, ffn_hidden_size=ffn, tp_group=pgs.tp, mlp_chunk_tokens=chunk)
     mlp = mlp.double()
@@ -267,7 +269,7 @@ def test_tiled_shared_expert_of_an_moe_layer_matches_single_process(world, D, mo
     monkeypatch.setattr(torch, "softmax", softmax_keeping_float64)
     # tiled on D ranks only: the single-process reference runs untiled
     monkeypatch.setattr(tsp_model, "TSPOptions", lambda: TSPOptions(
-        mlp_chunk_tokens=6 if mpu.get_tensor_model_parallel_world_size() > 1 else 0, mlp_exchange="ring"))
+        mlp_chunk_tokens=6 if mpu.get_tensor_model_parallel_world_size() > 1 else 0, tsp_mlp_exchange="ring"))
     seed = fresh_seed()
     errors, worst, model = test_moe._check(test_moe.CASES["top2-shared-zloss"], D, D, seed)
     bad = {n: e for n, e in errors.items() if not e <= test_moe.TOL}
