@@ -118,11 +118,11 @@ def validate_transformer_config(config, tsp_size: int, seq_length: Optional[int]
         "flash_decode": ("--flash-decode", bool),
         "mrope_section": ("--mrope-section", lambda v: v is not None),
     }
-    for field, (flag, bad) in unsupported.items():
-        value = getattr(config, field, None)
+    for name, (flag, bad) in unsupported.items():
+        value = getattr(config, name, None)
         if bad(value):
             raise TSPConfigError(
-                f"{flag} ({field}={value!r}) is not supported with parallel.size in this version"
+                f"{flag} ({name}={value!r}) is not supported with parallel.size in this version"
             )
     if config.recompute_granularity == "selective":
         # Megatron's selective recompute checkpoints core_attention, which TSP attention never
@@ -777,10 +777,10 @@ def check_moe_config(config, tsp_size: int) -> None:
         "moe_use_upcycling": "--moe-use-upcycling",
         "moe_enable_routing_replay": "--moe-enable-routing-replay",
     }
-    for field, flag in unsupported.items():
-        value = getattr(config, field, None)
+    for name, flag in unsupported.items():
+        value = getattr(config, name, None)
         if value:
-            raise TSPConfigError(f"{flag} ({field}={value!r}) is not supported with parallel.size in this version")
+            raise TSPConfigError(f"{flag} ({name}={value!r}) is not supported with parallel.size in this version")
     if tsp_size > 1 and config.moe_expert_capacity_factor is not None and config.moe_pad_expert_input_to_capacity:
         raise TSPConfigError(
             "--moe-pad-expert-input-to-capacity is not supported with parallel.size > 1: the capacity is decided over "

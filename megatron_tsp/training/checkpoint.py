@@ -478,3 +478,38 @@ def load_checkpoint(model, optimizer, recipe: Recipe, optimizer_format: str = DI
         model.load_state_dict(loaded["model"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
     return int(loaded["step"])
+
+
+# -- the driver's resume, before and after the model is built -----------------------------------
+
+def prepare_resume(recipe: Recipe, print_fn=print):
+    """Before any group or model: the checkpoint this run continues (its metadata, checked against
+    the recipe: `check_checkpoint_matches`), or None, and a note for the start line; refuses a
+    train.save_dir that holds checkpoints when the recipe does not resume (never overwritten);
+    removes what an interrupted save left (said with `print_fn`)."""
+    t = recipe.train
+    saved, note = None, ""
+    if not t.save_dir:
+        return saved, note
+    resuming = t.resume or t.resume_if_present
+    found = latest_step(t.save_dir)
+    if resuming and found is not None:
+        saved = check_checkpoint_matches(recipe, t.save_dir)
+    elif resuming:  # check_resume let it through: train.resume_if_present
+        note = f" (no checkpoint in {t.save_dir} yet: a fresh start, train.resume_if_present)"
+    elif found is not None or os.path.isfile(os.path.join(t.save_dir, CHECKPOINT_META)):
+        raise RecipeError(f"train.save_dir = {t.save_dir!r} already holds checkpoints: set train.resume=true "
+                          "to continue them, or choose another directory (they are never overwritten)")
+    for name in remove_incomplete_checkpoints(t.save_dir):
+        print_fn(f"megatron-tsp train: removed {os.path.join(t.save_dir, name)}, an incomplete checkpoint "
+                 "left by an interrupted run", flush=True)
+    return saved, note
+
+
+def resume(model, optimizer, recipe: Recipe, saved: dict, world_size: int, pg_collection):
+    """Load `saved` (prepare_resume's) into the built model and optimizer: (the step it holds, the
+    start line's note, naming the layout that wrote it when it is not this run's)."""
+    start = load_checkpoint(model, optimizer, recipe, _saved_optimizer_format(saved), pg_collection=pg_collection)
+    theirs = _layout_text(saved["parallel"], saved.get("world_size"))
+    mine = _layout_text(recipe.to_dict()["parallel"], world_size)
+    return start, f" (resumed from {recipe.train.save_dir}" + (f", written by {theirs}" if theirs != mine else "") + ")"

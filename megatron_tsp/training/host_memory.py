@@ -7,7 +7,6 @@ rank raises the same one-line RecipeError before the first step, naming the keys
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 from .recipe import RecipeError

@@ -8,7 +8,6 @@ layouts raise one `RecipeError` that names the key and lists what is valid.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
