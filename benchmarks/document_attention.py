@@ -36,6 +36,22 @@ def parse_tokens(text: str) -> int:
     return int(text.rstrip("KM")) * mult
 
 
+DEVICE = "cuda"
+
+
+def _timed(fn, warmup, iters):
+    if DEVICE == "cuda":
+        return timed(fn, warmup=warmup, iters=iters)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def documents(S: int, lo: int, hi: int, seed: int = 0) -> torch.Tensor:
     """Document ids [1, S] (int32, non-decreasing) of lengths uniform in [lo, hi], the last cut at S."""
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +61,7 @@ def documents(S: int, lo: int, hi: int, seed: int = 0) -> torch.Tensor:
         lengths.append(min(n, S - total))
         total += lengths[-1]
     ids = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
-    return ids.unsqueeze(0).cuda()
+    return ids.unsqueeze(0).to(DEVICE)
 
 
 def pairs(doc_ids: torch.Tensor, start: int, c: int) -> tuple:
@@ -66,8 +82,9 @@ def check_flex(S=8192, D=2, d=128, heads=4):
     c = S // (2 * D)
     start = (2 * D - 1) * c
     lo = 0  # as key_range gives flex
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype, generator=g)  # noqa: E731
     q, k, v, do = mk(1, heads, c, d), mk(1, heads, start + c - lo, d), mk(1, heads, start + c - lo, d), mk(1, heads, c, d)
     scale = d ** -0.5
     ids = (doc[:, start:start + c], doc[:, lo:start + c])
@@ -85,7 +102,8 @@ def time_rank(S, D, doc, heads=32, d=128, repeats=3):
     """Forward + backward of rank 0's two chunks: masked (flex), unmasked (cudnn, flex)."""
     c = S // (2 * D)
     starts = (0, (2 * D - 1) * c)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype)  # noqa: E731
     k, v = mk(1, heads, S, d), mk(1, heads, S, d)
     qs = [mk(1, heads, c, d) for _ in starts]
     dos = [mk(1, heads, c, d) for _ in starts]
@@ -99,21 +117,24 @@ def time_rank(S, D, doc, heads=32, d=128, repeats=3):
             chunk_backward(do, q, kk, vv, o, lse, scale, backend, **kw)
 
     row = {}
-    runs = [("cudnn", "cudnn", False), ("flex", "flex", False), ("flex_documents", "flex", True)]
+    unmasked = "cudnn" if DEVICE == "cuda" else "math"  # the CPU smoke run: the math kernel
+    runs = [(unmasked, unmasked, False), ("flex", "flex", False), ("flex_documents", "flex", True)]
     if S > 256 * 1024:  # an unmasked step takes seconds there: cuDNN once, flex unmasked not
         runs, repeats = [runs[0], runs[2]], 1
     for name, backend, masked in runs:
         t0 = time.time()
-        torch.cuda.reset_peak_memory_stats()
-        row[f"{name}_s"] = timed(lambda b=backend, m=masked: step(b, m), warmup=1, iters=repeats)
-        row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row[f"{name}_s"] = _timed(lambda b=backend, m=masked: step(b, m), warmup=1, iters=repeats)
+        if DEVICE == "cuda":
+            row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row[f"{name}_wall_s"] = time.time() - t0
     causal = masked = 0
     for s in starts:
         a, b = pairs(doc, s, c)
         causal, masked = causal + a, masked + b
     row.update({"causal_pairs": causal, "document_pairs": masked, "work_share": masked / causal})
-    row["masked_over_unmasked"] = row["flex_documents_s"] / row["cudnn_s"]
+    row["masked_over_unmasked"] = row["flex_documents_s"] / row[f"{unmasked}_s"]
     row["bound"] = 1.25 * row["work_share"]  # the issue's: at most 1.25 x (sum doc^2 / S^2) x unmasked
     row["within_bound"] = row["masked_over_unmasked"] <= row["bound"]
     return row
@@ -126,11 +147,16 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="S:D pairs (e.g. 128K:1,128K:4,1M:4) instead of --seq x --world")
     p.add_argument("--min-doc", default="4K")
     p.add_argument("--max-doc", default="64K")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (math for the unmasked "
+                   "kernel, wall-clock timing), tiny shapes only")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    global DEVICE
+    DEVICE = args.device
+    info = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
             "commit": os.environ.get("TSP_COMMIT", "unknown")}
-    err = check_flex()
+    err = check_flex(S=8192 if DEVICE == "cuda" else 1024)
     print(f"[document_attention] flex vs float32 math (rel. error): {err}", flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps({"check": err, **info}) + "\n")
@@ -140,10 +166,11 @@ def main(argv=None) -> int:
     for S, D in cases:
         doc = documents(S, lo, hi)
         try:
-            row = time_rank(S, D, doc)
+            row = time_rank(S, D, doc, heads=args.heads)
         except torch.OutOfMemoryError as e:
             row = {"oom": str(e).splitlines()[0]}
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         row.update({"seq_len": S, "world": D, "documents": int(doc.max()) + 1, "doc_tokens": [lo, hi], **info})
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
