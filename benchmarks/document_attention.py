@@ -26,14 +26,9 @@ from measure_hardware import (
     timed,  # this folder's timing helper (median of CUDA-event timings)
 )
 
+from megatron_tsp.bench.rows import parse_seq
 from megatron_tsp.tsp.documents import chunk_mask
 from megatron_tsp.tsp.kernels import chunk_backward, chunk_forward
-
-
-def parse_tokens(text: str) -> int:
-    text = text.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}.get(text[-1], 1)
-    return int(text.rstrip("KM")) * mult
 
 
 DEVICE = "cuda"
@@ -160,9 +155,9 @@ def main(argv=None) -> int:
     print(f"[document_attention] flex vs float32 math (rel. error): {err}", flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps({"check": err, **info}) + "\n")
-    lo, hi = parse_tokens(args.min_doc), parse_tokens(args.max_doc)
-    cases = ([(parse_tokens(a), int(b)) for a, b in (x.split(":") for x in args.cases.split(","))] if args.cases
-             else [(parse_tokens(s), int(d)) for s in args.seq.split(",") for d in args.world.split(",")])
+    lo, hi = parse_seq(args.min_doc), parse_seq(args.max_doc)
+    cases = ([(parse_seq(a), int(b)) for a, b in (x.split(":") for x in args.cases.split(","))] if args.cases
+             else [(parse_seq(s), int(d)) for s in args.seq.split(",") for d in args.world.split(",")])
     for S, D in cases:
         doc = documents(S, lo, hi)
         try:

@@ -24,20 +24,18 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 RECIPE = os.path.join(ROOT, "configs", "7b_16k.yaml")
-LEAN = ["parallel.recompute=full", "parallel.recompute_method=uniform", "parallel.recompute_num_layers=1"]
-LEAN_TSP = ["parallel.tsp_recompute=full", "parallel.tsp_lm_head=local"]
-HOST_ADAM = ["train.distributed_optimizer=true", "train.optimizer_cpu_offload=true"]
 
 
 def configs(layout: str, chunks):
     """(name, overrides, memory modes) per lever for one bench layout."""
+    from megatron_tsp.probe.frontier import OPTIMIZER_ON_HOST
     tsp = layout == "tsp"
     out = [("base", [], (None, "attention"))]
     out += [(f"mlp_chunk_{c}", [f"parallel.mlp_chunk_tokens={c}"], (None, "attention") if c == chunks[0]
              else ("attention",)) for c in chunks]
     if tsp:
         out.append(("kv_streamed", ["parallel.tsp_attention_kv=streamed"], (None,)))
-    out.append(("optimizer_on_host", HOST_ADAM, ("attention",)))
+    out.append(("optimizer_on_host", OPTIMIZER_ON_HOST, ("attention",)))
     return out
 
 
@@ -54,9 +52,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from megatron_tsp.probe import ProbeError
     from megatron_tsp.probe.cli import measure_in_child
-    from megatron_tsp.probe.frontier import layout_overrides
+    from megatron_tsp.bench.rows import parse_seq
+    from megatron_tsp.probe.frontier import LEAN, LEAN_TSP, layout_overrides
 
-    S = int(args.seq.upper().rstrip("KM")) * {"K": 1024, "M": 2**20}.get(args.seq.upper()[-1], 1)
+    S = parse_seq(args.seq)
     chunks = [int(c) for c in args.chunks.split(",")]
     done = set()
     if os.path.exists(args.out):  # resume: a later run with the same file skips what it holds
