@@ -202,14 +202,24 @@ def planner_layout(parallel: Mapping) -> Optional[Tuple[str, Dict[str, int]]]:
     return mesh.kind, {"tsp_size": g.tsp, "tp": g.tp, "cp": g.cp}
 
 
-def bench_label(parallel: Mapping) -> Optional[str]:
-    """Bench's label of a recipe's `parallel` section (None where no mesh names it)."""
+def _mesh_name(parallel: Mapping, which: str) -> Optional[str]:
     found = planner_layout(parallel)
     if found is None:
         return None
     kind, sizes = found
     mesh = PLANNER_KINDS[kind][1]
-    return mesh.format(mesh.bench_label, **sizes)
+    return mesh.format(getattr(mesh, which), **sizes)
+
+
+def bench_label(parallel: Mapping) -> Optional[str]:
+    """Bench's label of a recipe's `parallel` section (None where no mesh names it)."""
+    return _mesh_name(parallel, "bench_label")
+
+
+def planner_spelling(parallel: Mapping) -> Optional[str]:
+    """The planner's `--layout` spelling (`tsp4`, `tp2xcp2`, ...) of a recipe's `parallel` section
+    (None where the planner has no model of it)."""
+    return _mesh_name(parallel, "spelling")
 
 
 

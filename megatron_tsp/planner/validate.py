@@ -130,17 +130,6 @@ def _layout(row: dict) -> Layout:
                                    or (size if len(sizes) == 1 else row.get(s))) for s in sizes})
 
 
-def _bench_layout(parallel: Optional[dict]) -> Optional[str]:
-    """The planner spelling (`tsp4`, `tp2xcp2`, ...) of a bench row's recipe `parallel` section,
-    from the layout registry; None where the planner has no model of it."""
-    found = layouts.planner_layout(parallel) if parallel else None
-    if found is None:
-        return None
-    kind, sizes = found
-    mesh = layouts.PLANNER_KINDS[kind][1]
-    return mesh.format(mesh.spelling, **sizes)
-
-
 def _bench_rows(data: dict) -> List[dict]:
     """`megatron-tsp bench` JSON -> this module's row format (model, layout, train per row)."""
     meta = data["meta"]
@@ -150,7 +139,7 @@ def _bench_rows(data: dict) -> List[dict]:
         r = {"bench_id": row.get("id")}
         parallel = row.get("recipe_parallel") or {}
         compute_only = bool(parallel.get("tsp_compute_only"))
-        layout = _bench_layout(parallel)
+        layout = layouts.planner_spelling(parallel) if parallel else None
         exchange = parallel.get("tsp_mlp_exchange", "auto")
         if compute_only and exchange == "auto":
             exchange = "ring"  # TSPMLP.exchange: compute-only keeps TSP's own exchanges
